@@ -1,0 +1,514 @@
+"""``NMF``: a scikit-learn-compatible, streaming, device-agnostic NMF estimator."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_non_negative, validate_data
+from torch import Tensor
+
+from captum_nmf._utils import solvers
+from captum_nmf.exceptions import NotFittedError
+
+__all__ = ["NMF"]
+
+ArrayLike = Any  # numpy array, torch tensor or anything numpy.asarray accepts
+InitName = Literal["nndsvda", "nndsvd", "random"]
+_INITS = ("nndsvda", "nndsvd", "random")
+_ROW_BLOCK = 1 << 16  # rows per block when a full-size temporary would be wasteful
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to give results back: as the caller's array kind, dtype and device."""
+
+    is_numpy: bool
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _sq_norm(v: Tensor) -> Tensor:
+    """``||v||_F^2`` in float64, in row blocks so no full-size copy is made."""
+    total = torch.zeros((), dtype=torch.float64, device=v.device)
+    for start in range(0, v.shape[0], _ROW_BLOCK):
+        block = v[start : start + _ROW_BLOCK].double()
+        total += torch.sum(block * block)
+    return total
+
+
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
+    r"""Non-negative matrix factorisation ``X ~ W H`` in torch, in memory or streamed.
+
+    Minimises ``0.5 * ||X - W H||_F^2`` over ``W >= 0`` (n x K) and ``H >= 0``
+    (K x C). ``fit`` runs accelerated HALS on a matrix held in memory;
+    ``partial_fit`` streams chunks of rows and keeps only the sufficient
+    statistics ``W^T W`` (K x K) and ``W^T X`` (K x C), so memory is
+    ``O(K * C)`` whatever the number of rows (online NMF, Mairal et al. 2010).
+    ``transform`` keeps ``H`` fixed and solves the non-negative least-squares
+    problem for ``W`` exactly (block principal pivoting).
+
+    The fitted concept vectors (rows of ``components_``) have unit Euclidean
+    norm, so ``W`` carries the intensities, and are sorted by decreasing mean
+    weight over the fitted rows: two fits with the same ``random_state`` give
+    the same concepts in the same order.
+
+    Works on CPU and CUDA, in float32 and float64. Accepts numpy arrays and
+    torch tensors and returns the kind it was given (numpy in, numpy out;
+    tensors come back on their own device).
+
+    Args:
+        n_components (int, optional): number of components K. ``None`` uses
+                    the number of features.
+                    Default: None
+        init (str, optional): initialisation: ``"nndsvda"`` (NNDSVD with
+                    zeros filled by the mean of X, as scikit-learn), ``"nndsvd"``
+                    or ``"random"``.
+                    Default: ``"nndsvda"``
+        max_iter (int, optional): maximum number of outer iterations of ``fit``
+                    (and of the first ``partial_fit`` chunk).
+                    Default: 200
+        tol (float, optional): stop when one iteration lowers the objective
+                    by less than ``tol`` times its value.
+                    Default: 1e-4
+        random_state (int, RandomState or None, optional): seed of the
+                    randomised SVD and of ``init="random"``.
+                    Default: None
+        device (str or torch.device, optional): where to compute. ``None``
+                    computes where the data is (numpy arrays: CPU).
+                    Default: None
+        forget_factor (float, optional): weight in (0, 1] that ``partial_fit``
+                    gives the statistics of earlier chunks at each new chunk;
+                    1 keeps exact sums.
+                    Default: 1.0
+
+    Attributes:
+        components_ (ndarray or Tensor): K x C concept vectors, unit norm,
+                    of the kind (numpy or torch) passed to ``fit``.
+        n_components_ (int): K.
+        n_features_in_ (int): C.
+        reconstruction_err_ (float): Frobenius norm ``||X - W H||_F`` of the
+                    fitted data. After ``partial_fit`` it is measured with the
+                    ``W`` each chunk got when it was seen and the final ``H``
+                    (an upper bound on the best ``W``).
+        n_iter_ (int): outer iterations run by the last ``fit``.
+        n_samples_seen_ (int): rows seen by ``fit``/``partial_fit``.
+
+    Raises:
+        TypeError: ``n_components`` or ``max_iter`` is not an integer.
+        ValueError: a hyper-parameter is out of range, ``X`` is empty, has
+                    negative, NaN or infinite values, or has another number
+                    of features than at fit time.
+        NotFittedError: ``transform`` or ``inverse_transform`` before ``fit``.
+
+    Examples::
+
+        >>> import torch
+        >>> from captum_nmf import NMF
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.rand(100, 3, generator=g, dtype=torch.float64) @ torch.rand(
+        ...     3, 8, generator=g, dtype=torch.float64)
+        >>> model = NMF(3, tol=1e-7, max_iter=1000, random_state=0).fit(X)
+        >>> W = model.transform(X)
+        >>> tuple(W.shape), bool((W >= 0).all())
+        ((100, 3), True)
+        >>> bool(torch.allclose(model.inverse_transform(W), X, atol=1e-3))
+        True
+    """
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        init: InitName = "nndsvda",
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        random_state: int | np.random.RandomState | None = None,
+        device: str | torch.device | None = None,
+        forget_factor: float = 1.0,
+    ) -> None:
+        self.n_components = n_components
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.device = device
+        self.forget_factor = forget_factor
+
+    # ------------------------------------------------------------------ checks
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = False
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _check_params(self) -> None:
+        k = self.n_components
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+                raise TypeError(
+                    f"n_components must be an int >= 1 or None, got {k!r} "
+                    f"({type(k).__name__}); pass e.g. n_components=6."
+                )
+            if k < 1:
+                raise ValueError(f"n_components must be >= 1, got {k}; pass e.g. n_components=6.")
+        if self.init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {self.init!r}.")
+        mi = self.max_iter
+        if isinstance(mi, bool) or not isinstance(mi, numbers.Integral):
+            raise TypeError(f"max_iter must be an int >= 1, got {mi!r} ({type(mi).__name__}).")
+        if mi < 1:
+            raise ValueError(f"max_iter must be >= 1, got {mi}.")
+        if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+            raise ValueError(f"tol must be a float >= 0, got {self.tol!r}.")
+        ff = self.forget_factor
+        if not isinstance(ff, numbers.Real) or not 0.0 < ff <= 1.0:
+            raise ValueError(f"forget_factor must be in (0, 1], got {ff!r}.")
+
+    def _input(self, x: ArrayLike, *, reset: bool) -> tuple[Tensor, _Kind]:
+        """Validate ``x`` and return it as a 2-D floating tensor on the compute device."""
+        if isinstance(x, Tensor):
+            t = self._check_tensor(x, reset=reset)
+            kind = _Kind(False, t.dtype, x.device)
+        else:
+            arr = validate_data(self, x, reset=reset, dtype=[np.float64, np.float32])
+            check_non_negative(arr, "NMF (input X)")
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            kind = _Kind(True, t.dtype, t.device)
+        if self.device is not None:
+            t = t.to(self.device)
+        elif reset is False and hasattr(self, "_h"):
+            t = t.to(self._h.device)
+        return t, kind
+
+    def _check_tensor(self, x: Tensor, *, reset: bool) -> Tensor:
+        if x.layout != torch.strided:
+            raise TypeError(
+                f"NMF needs a dense tensor, got layout {x.layout}; call X.to_dense() first."
+            )
+        if x.ndim != 2:
+            raise ValueError(
+                f"Expected a 2-D tensor (n_samples x n_features), got shape {tuple(x.shape)}; "
+                "reshape your data with X.reshape(-1, n_features)."
+            )
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        elif not x.is_floating_point():
+            x = x.double()
+        n, c = x.shape
+        if n < 1:
+            raise ValueError(
+                f"Found array with 0 sample(s) (shape={tuple(x.shape)}) while a minimum of 1 "
+                "is required by NMF."
+            )
+        if c < 1:
+            raise ValueError(
+                f"Found array with 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 "
+                "is required by NMF."
+            )
+        if not bool(torch.isfinite(x).all()):
+            what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
+            raise ValueError(f"Input X contains {what}; NMF needs finite values.")
+        if bool((x < 0).any()):
+            raise ValueError("Negative values in data passed to NMF (input X).")
+        if reset:
+            self.n_features_in_ = c
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        elif c != self.n_features_in_:
+            raise ValueError(
+                f"X has {c} features, but NMF is expecting {self.n_features_in_} features as input."
+            )
+        return x
+
+    def _output(self, t: Tensor, kind: _Kind) -> ArrayLike:
+        t = t.to(dtype=kind.dtype)
+        if kind.is_numpy:
+            out: NDArray[Any] = t.cpu().numpy()
+            return out
+        return t.to(kind.device)
+
+    def _rank(self, n_samples: int, n_features: int) -> int:
+        k = n_features if self.n_components is None else int(self.n_components)
+        if k > n_features:
+            raise ValueError(
+                f"n_components={k} exceeds the {n_features} features of X; "
+                f"choose n_components <= {n_features}."
+            )
+        if self.init != "random" and k > n_samples:
+            raise ValueError(
+                f"init={self.init!r} needs n_components <= min(n_samples, n_features), got "
+                f"n_components={k} with {n_samples} samples; pass more rows or init='random'."
+            )
+        return k
+
+    def _generator(self) -> torch.Generator:
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        return torch.Generator().manual_seed(seed)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "_h"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' or "
+                "'partial_fit' with appropriate arguments before using this estimator."
+            )
+
+    # ------------------------------------------------------------- algorithms
+    def _initialise(self, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        gen = self._generator()
+        if self.init == "random":
+            return solvers.random_init(v, k, generator=gen)
+        return solvers.nndsvd_init(v, k, generator=gen, fill_average=self.init == "nndsvda")
+
+    def _hals(self, v: Tensor, wt: Tensor, h: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Accelerated HALS on rows held in memory; returns ``Wt``, ``H``, iterations."""
+        n, c = v.shape
+        k = h.shape[0]
+        sq = _sq_norm(v)
+        # Inner sweeps are cheap next to the two n x C x K products (Gillis & Glineur).
+        inner_w = min(1 + (c // (2 * k)), 20)
+        inner_h = min(1 + (n // (2 * k)), 20)
+        prev = math.inf
+        n_iter = 0
+        for n_iter in range(1, self.max_iter + 1):  # noqa: B007
+            wt = solvers.hals_sweeps(wt, h @ h.T, h @ v.T, inner_w)
+            wtw, wtv = wt @ wt.T, wt @ v
+            h = solvers.hals_sweeps(h, wtw, wtv, inner_h)
+            obj = float(solvers.objective_from_stats(sq, h, wtw, wtv))
+            if math.isfinite(prev) and prev - obj <= self.tol * prev:
+                break
+            prev = obj
+        return wt, h, n_iter
+
+    def _solve_w(self, v: Tensor, h: Tensor) -> Tensor:
+        """Exact ``argmin_{W >= 0} ||V - W H||`` (n x K, float64)."""
+        return solvers.nnls(h @ h.T, v @ h.T)
+
+    def _set_state(self, h: Tensor, weight_sums: Tensor, kind: _Kind) -> Tensor:
+        """Normalise and order ``H`` canonically; return the K x K map applied to weights.
+
+        Concept k of the result is ``H[order[k]] / ||H[order[k]]||``; the returned
+        ``scale`` vector s (already permuted) converts old weights: ``w_new = w_old[:, order] * s``.
+        """
+        norms = torch.linalg.vector_norm(h.double(), dim=1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        sums = weight_sums.double() * norms
+        order = torch.argsort(-sums, stable=True)
+        self._h = (h.double() / norms[:, None])[order].to(h.dtype)
+        self._weight_sums = sums[order]
+        self.n_components_ = int(h.shape[0])
+        self.components_ = self._output(self._h, kind) if kind.is_numpy else self._h.clone()
+        self._components_is_numpy = kind.is_numpy
+        scale: Tensor = norms[order]
+        self._order = order
+        return scale
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: ArrayLike, y: Any = None) -> NMF:  # noqa: N803
+        """Fit the factorisation on rows held in memory.
+
+        Args:
+            X (ndarray or Tensor): n x C non-negative matrix.
+            y (None): ignored (scikit-learn convention).
+
+        Returns:
+            *NMF*: ``self``.
+
+        Raises:
+            ValueError: ``X`` is empty, negative, not finite, or ``n_components``
+                        is larger than the number of features (or samples with
+                        an SVD-based ``init``).
+        """
+        self.fit_transform(X)
+        return self
+
+    def fit_transform(self, X: ArrayLike, y: Any = None, **params: Any) -> ArrayLike:  # noqa: N803
+        """Fit on ``X`` and return its exact non-negative weights ``W`` (n x K).
+
+        Returns:
+            *ndarray or Tensor*: ``W`` of the kind, dtype and device of ``X``.
+
+        Raises:
+            ValueError: as :meth:`fit`.
+        """
+        self._check_params()
+        v, kind = self._input(X, reset=True)
+        k = self._rank(*v.shape)
+        wt, h = self._initialise(v, k)
+        wt, h, n_iter = self._hals(v, wt, h)
+        w = self._solve_w(v, h)
+        scale = self._set_state(h, w.sum(dim=0), kind)
+        w = w[:, self._order] * scale
+        self.n_iter_ = n_iter
+        self.n_samples_seen_ = int(v.shape[0])
+        self._reset_stream()
+        self.reconstruction_err_ = self._frobenius(v, w)
+        return self._output(w, kind)
+
+    def _frobenius(self, v: Tensor, w: Tensor) -> float:
+        """``||V - W H||_F`` with the fitted ``H``, from ``W^T W`` and ``W^T V``."""
+        wv = w.to(v.dtype)
+        obj = solvers.objective_from_stats(_sq_norm(v), self._h, (wv.T @ wv), (wv.T @ v))
+        return math.sqrt(float(obj))
+
+    def _reset_stream(self) -> None:
+        """Forget streaming statistics (a fresh ``fit`` restarts ``partial_fit``)."""
+        for name in ("_a", "_b", "_a_sum", "_b_sum", "_sq_sum"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def partial_fit(self, X: ArrayLike, y: Any = None) -> NMF:  # noqa: N803
+        """Update the factorisation with one chunk of rows (online NMF).
+
+        The first chunk is factorised in memory (up to ``max_iter`` HALS
+        iterations) and must have at least K rows with an SVD-based ``init``.
+        Each later chunk gets its exact weights ``W_t`` for the current ``H``;
+        ``W_t^T W_t`` and ``W_t^T X_t`` are added to the running statistics and
+        ``H`` is updated from them by HALS. Nothing else is kept.
+
+        Args:
+            X (ndarray or Tensor): n_t x C non-negative chunk.
+            y (None): ignored.
+
+        Returns:
+            *NMF*: ``self``.
+
+        Raises:
+            ValueError: as :meth:`fit`, or a chunk with another number of features.
+        """
+        first = not hasattr(self, "_a")
+        if first:
+            self._check_params()
+        v, kind = self._input(X, reset=first)
+        if first:
+            k = self._rank(*v.shape)
+            wt, h = self._initialise(v, k)
+            wt, h, n_iter = self._hals(v, wt, h)
+            w = self._solve_w(v, h).to(v.dtype)
+            self.n_iter_ = n_iter
+            self.n_samples_seen_ = 0
+            kd = dict(dtype=torch.float64, device=v.device)
+            self._a = torch.zeros(k, k, **kd)
+            self._b = torch.zeros(k, v.shape[1], **kd)
+            self._a_sum = torch.zeros(k, k, **kd)
+            self._b_sum = torch.zeros(k, v.shape[1], **kd)
+            self._sq_sum = torch.zeros((), **kd)
+            self._weight_sums = torch.zeros(k, **kd)
+            self._components_is_numpy = kind.is_numpy
+        else:
+            self._check_fitted()
+            h = self._h
+            w = self._solve_w(v, h).to(v.dtype)
+        rho = self.forget_factor
+        wtw = (w.T @ w).double()
+        wtv = (w.T @ v).double()
+        self._a = rho * self._a + wtw
+        self._b = rho * self._b + wtv
+        self._a_sum += wtw
+        self._b_sum += wtv
+        self._sq_sum += _sq_norm(v)
+        weight_sums = self._weight_sums + w.double().sum(dim=0)
+        h64 = solvers.hals_sweeps(h.double().clone(), self._a, self._b, 50)
+        out_kind = _Kind(self._components_is_numpy, v.dtype, v.device)
+        scale = self._set_state(h64.to(v.dtype), weight_sums, out_kind)
+        # Keep the statistics consistent with the rescaled, reordered concepts.
+        o = self._order
+        s = scale.to(self._a)
+        self._a = self._a[o][:, o] * s[:, None] * s[None, :]
+        self._a_sum = self._a_sum[o][:, o] * s[:, None] * s[None, :]
+        self._b = self._b[o] * s[:, None]
+        self._b_sum = self._b_sum[o] * s[:, None]
+        self.n_samples_seen_ += int(v.shape[0])
+        self.reconstruction_err_ = math.sqrt(
+            float(solvers.objective_from_stats(self._sq_sum, self._h, self._a_sum, self._b_sum))
+        )
+        return self
+
+    @classmethod
+    def from_components(cls, components: ArrayLike, **params: Any) -> NMF:
+        """An estimator that transforms with given concept vectors (no fitting).
+
+        Args:
+            components (ndarray or Tensor): K x C non-negative, finite concept
+                        vectors, used as they are (not re-normalised).
+            **params: hyper-parameters of :class:`NMF`, recorded unchanged.
+
+        Returns:
+            *NMF*: a fitted estimator whose ``transform`` uses ``components``.
+
+        Raises:
+            ValueError: ``components`` is not a 2-D finite non-negative matrix.
+        """
+        is_numpy = not isinstance(components, Tensor)
+        h = torch.as_tensor(np.asarray(components)) if is_numpy else components.detach()
+        if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1:
+            raise ValueError(f"components must be a K x C matrix, got shape {tuple(h.shape)}.")
+        if not h.is_floating_point():
+            h = h.double()
+        if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+            raise ValueError("components must be finite and non-negative.")
+        model = cls(n_components=int(h.shape[0]), **params)
+        model._check_params()
+        model._h = h.clone()
+        model._weight_sums = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+        model._components_is_numpy = is_numpy
+        model.components_ = h.cpu().numpy() if is_numpy else model._h.clone()
+        model.n_components_ = int(h.shape[0])
+        model.n_features_in_ = int(h.shape[1])
+        model.n_samples_seen_ = 0
+        return model
+
+    # ------------------------------------------------------------ inference
+    def transform(self, X: ArrayLike) -> ArrayLike:  # noqa: N803
+        """Concept weights of new rows with ``H`` fixed: exact ``argmin_{W>=0} ||X - W H||``.
+
+        Args:
+            X (ndarray or Tensor): n x C non-negative matrix.
+
+        Returns:
+            *ndarray or Tensor*: ``W`` (n x K) of the kind, dtype and device of ``X``.
+
+        Raises:
+            NotFittedError: before ``fit``/``partial_fit``.
+            ValueError: ``X`` is invalid or has another number of features.
+        """
+        self._check_fitted()
+        v, kind = self._input(X, reset=False)
+        h = self._h.to(device=v.device, dtype=v.dtype)
+        return self._output(self._solve_w(v, h), kind)
+
+    def inverse_transform(self, X: ArrayLike) -> ArrayLike:  # noqa: N803
+        """Reconstruct rows ``W H`` from weights ``W`` (n x K).
+
+        Returns:
+            *ndarray or Tensor*: n x C reconstruction of the kind of ``X``.
+
+        Raises:
+            NotFittedError: before ``fit``/``partial_fit``.
+            ValueError: ``X`` does not have ``n_components_`` columns.
+        """
+        self._check_fitted()
+        is_numpy = not isinstance(X, Tensor)
+        w = torch.as_tensor(np.asarray(X)) if is_numpy else X
+        if w.ndim != 2 or w.shape[1] != self.n_components_:
+            raise ValueError(
+                f"inverse_transform expects an n x {self.n_components_} weight matrix, got "
+                f"shape {tuple(w.shape)}."
+            )
+        if not w.is_floating_point():
+            w = w.double()
+        h = self._h.to(device=w.device, dtype=w.dtype)
+        out = w @ h
+        if is_numpy:
+            result: NDArray[Any] = out.cpu().numpy()
+            return result
+        return out

@@ -1,0 +1,180 @@
+"""Capturing and checking a layer's activations.
+
+Activations are captured with Captum's public :class:`captum.attr.LayerActivation`,
+which registers its forward hook for one call and removes it in ``finally``.
+This module adds what NMF needs on top: the model in eval mode for the call
+(every module's ``training`` flag restored afterwards, even on error), a check
+that the layer ran, that its output is N x C x H x W, finite and non-negative
+(or an explicit ``negative="relu"`` policy), and the reshaping of maps into
+rows of feature vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from captum.attr import LayerActivation
+from torch import Tensor, nn
+
+from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFiniteActivationError
+
+__all__ = [
+    "NegativePolicy",
+    "capture",
+    "check_activations",
+    "eval_mode",
+    "layer_name",
+    "maps_to_rows",
+    "models_of",
+    "rows_to_maps",
+]
+
+NegativePolicy = Literal["raise", "relu"]
+_NEGATIVE_POLICIES = ("raise", "relu")
+_NOT_EXECUTED = "Forward hook did not obtain any outputs"
+
+
+def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Module]:
+    """Modules whose train/eval state a call of ``forward_func`` depends on."""
+    roots: list[nn.Module] = []
+    if isinstance(forward_func, nn.Module):
+        roots.append(forward_func)
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        roots.append(owner)
+    if not roots:
+        roots.append(layer)
+    return roots
+
+
+def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None:
+    """Dotted name of ``layer`` inside ``forward_func`` (``None`` when unknown)."""
+    for root in models_of(forward_func, layer):
+        for name, module in root.named_modules():
+            if module is layer:
+                return name
+    return None
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put ``modules`` in eval mode; restore every submodule's ``training`` flag on exit."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def capture(
+    forward_func: Callable[..., Any],
+    layer: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    device_ids: list[int] | None = None,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+    name: str | None = None,
+) -> Tensor:
+    """Run ``forward_func`` in eval mode and return the layer's N x C x H x W activations.
+
+    Raises:
+        LayerError: the layer did not run, produced several tensors, or its
+                    (reshaped) output is not a 4-D tensor.
+    """
+    label = repr(name) if name else type(layer).__name__
+    with eval_mode(models_of(forward_func, layer)):
+        try:
+            act = LayerActivation(forward_func, layer, device_ids).attribute(
+                inputs,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+            )
+        except AssertionError as exc:  # Captum signals a silent hook this way
+            if _NOT_EXECUTED in str(exc):
+                raise LayerError(
+                    f"Layer {label} was not executed during the forward pass; pass a module "
+                    "that forward_func actually calls."
+                ) from exc
+            raise
+    if isinstance(act, (tuple, list)):
+        if len(act) != 1:
+            raise LayerError(
+                f"Layer {label} produced {len(act)} tensors; NMF concepts need one N x C x H x W "
+                "tensor. Hook a module with a single output."
+            )
+        act = act[0]
+    if reshape_transform is not None:
+        act = reshape_transform(act)
+    if not isinstance(act, Tensor) or act.ndim != 4:
+        shape = tuple(act.shape) if isinstance(act, Tensor) else type(act).__name__
+        raise LayerError(
+            f"NMF concepts need a 4-D N x C x H x W activation; layer {label} produced shape "
+            f"{shape}. Hook a convolutional layer, or pass reshape_transform=... to map "
+            "tokens to a grid."
+        )
+    if act.shape[1] == 0 or act.shape[2] * act.shape[3] == 0:
+        raise LayerError(
+            f"Layer {label} produced an empty activation of shape {tuple(act.shape)}; "
+            "use larger inputs or an earlier layer."
+        )
+    return act
+
+
+def check_activations(act: Tensor, *, negative: NegativePolicy, name: str | None) -> Tensor:
+    """Check finiteness and sign; apply the negative-value policy without touching ``act``.
+
+    Raises:
+        NonFiniteActivationError: NaN or infinite values.
+        NegativeActivationError: negative values with ``negative="raise"``.
+    """
+    label = repr(name) if name else "the hooked layer"
+    if act.dtype in (torch.float16, torch.bfloat16):
+        act = act.float()
+    finite = torch.isfinite(act)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(act).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        items = torch.nonzero((~finite).flatten(1).any(dim=1)).flatten().tolist()
+        raise NonFiniteActivationError(
+            f"Layer {label} produced {n_nan} NaN and {n_inf} Inf values (batch items "
+            f"{items[:10]}); check the input normalisation and the model's dtype."
+        )
+    if negative == "relu":
+        return torch.relu(act)
+    negative_mask = act < 0
+    if bool(negative_mask.any()):
+        share = 100.0 * float(negative_mask.float().mean())
+        raise NegativeActivationError(
+            f"Layer {label} produced negative activations (min={float(act.min()):.4g}, "
+            f"{share:.1f} % of values < 0). NMF needs non-negative input: hook the ReLU that "
+            "follows this layer, or pass negative='relu' (saved with the concepts)."
+        )
+    return act
+
+
+def maps_to_rows(act: Tensor) -> Tensor:
+    """N x C x H x W maps -> (N*H*W) x C rows, one feature vector per location."""
+    return act.permute(0, 2, 3, 1).reshape(-1, act.shape[1])
+
+
+def rows_to_maps(rows: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """(N*H*W) x K rows -> N x K x H x W maps for a batch of ``shape`` (N, H, W)."""
+    n, h, w = shape
+    return rows.reshape(n, h, w, rows.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
+def validate_negative(negative: str) -> None:
+    """Raise ``ValueError`` for an unknown negative-activation policy."""
+    if negative not in _NEGATIVE_POLICIES:
+        raise ValueError(
+            f"negative must be one of {_NEGATIVE_POLICIES}, got {negative!r}. 'raise' refuses "
+            "negative activations; 'relu' clips them to 0 in fit and attribute alike."
+        )

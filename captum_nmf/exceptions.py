@@ -1,0 +1,122 @@
+"""Every error and warning captum_nmf raises.
+
+Each class also subclasses the builtin that matches its meaning, so callers that
+already catch ``ValueError``, ``FileNotFoundError`` or ``OSError`` keep working::
+
+    CaptumNMFError(Exception)
+    ├── SlideError
+    │   ├── SlideNotFoundError(SlideError, FileNotFoundError)
+    │   ├── UnsupportedSlideError(SlideError, ValueError)
+    │   ├── SlideReadError(SlideError, OSError)
+    │   └── NoTissueError(SlideError, ValueError)
+    ├── NotFittedError(CaptumNMFError, sklearn NotFittedError(ValueError, AttributeError))
+    ├── ActivationError(CaptumNMFError, ValueError)
+    │   ├── NegativeActivationError
+    │   ├── NonFiniteActivationError
+    │   └── LayerError                  # layer not executed / output not N x C x H x W
+    ├── ConceptModelError(CaptumNMFError, ValueError)
+    │   ├── ConceptModelFormatError     # corrupt, unknown or unsafe file
+    │   └── ConceptModelMismatchError   # layer / channel count mismatch
+    └── RunStateError(CaptumNMFError, ValueError)
+
+    CaptumNMFWarning(UserWarning)
+    ├── EmptyTileGridWarning
+    └── LayerNameMismatchWarning
+"""
+
+from __future__ import annotations
+
+from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+
+__all__ = [
+    "ActivationError",
+    "CaptumNMFError",
+    "CaptumNMFWarning",
+    "ConceptModelError",
+    "ConceptModelFormatError",
+    "ConceptModelMismatchError",
+    "EmptyTileGridWarning",
+    "LayerError",
+    "LayerNameMismatchWarning",
+    "NegativeActivationError",
+    "NoTissueError",
+    "NonFiniteActivationError",
+    "NotFittedError",
+    "RunStateError",
+    "SlideError",
+    "SlideNotFoundError",
+    "SlideReadError",
+    "UnsupportedSlideError",
+]
+
+
+class CaptumNMFError(Exception):
+    """Base class of every error raised by captum_nmf."""
+
+
+class SlideError(CaptumNMFError):
+    """Raised when a slide cannot be opened, read or used."""
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """Raised when a slide path does not exist (checked before OpenSlide is called)."""
+
+
+class UnsupportedSlideError(SlideError, ValueError):
+    """Raised when a file is not an image or whole-slide format that can be read."""
+
+
+class SlideReadError(SlideError, OSError):
+    """Raised when pixels cannot be read from an open slide."""
+
+
+class NoTissueError(SlideError, ValueError):
+    """Raised when a slide has no tile with enough tissue to fit or explain."""
+
+
+class NotFittedError(CaptumNMFError, _SklearnNotFittedError):
+    """Raised when concepts are used before ``fit`` or ``load`` (also ValueError, AttributeError)."""
+
+
+class ActivationError(CaptumNMFError, ValueError):
+    """Raised when a layer's activations cannot be factorised."""
+
+
+class NegativeActivationError(ActivationError):
+    """Raised when a layer produced negative activations and ``negative="raise"``."""
+
+
+class NonFiniteActivationError(ActivationError):
+    """Raised when a layer produced NaN or infinite activations."""
+
+
+class LayerError(ActivationError):
+    """Raised when a layer is not executed or its output is not an N x C x H x W tensor."""
+
+
+class ConceptModelError(CaptumNMFError, ValueError):
+    """Raised when a saved concept model cannot be used."""
+
+
+class ConceptModelFormatError(ConceptModelError):
+    """Raised when a file is not a valid captum_nmf ``.safetensors`` concept model."""
+
+
+class ConceptModelMismatchError(ConceptModelError):
+    """Raised when a concept model does not fit the layer it is bound to."""
+
+
+class RunStateError(CaptumNMFError, ValueError):
+    """Raised when an output directory was produced with a different configuration."""
+
+
+class CaptumNMFWarning(UserWarning):
+    """Base class of every warning emitted by captum_nmf."""
+
+
+class EmptyTileGridWarning(CaptumNMFWarning):
+    """Emitted when a tiler keeps no tile of a slide."""
+
+
+class LayerNameMismatchWarning(CaptumNMFWarning):
+    """Emitted when a concept model is bound to a layer of another name but equal width."""
