@@ -74,8 +74,8 @@ class NoTissueError(SlideError, ValueError):
     """Raised when a slide has no tile with enough tissue to fit or explain."""
 
 
-class NotFittedError(CaptumNMFError, _SklearnNotFittedError):
-    """Raised when concepts are used before ``fit`` or ``load`` (also ValueError, AttributeError)."""
+class NotFittedError(CaptumNMFError, _SklearnNotFittedError):  # type: ignore[misc]
+    """Raised when concepts are used before ``fit`` or ``load`` (a ValueError, AttributeError)."""
 
 
 class ActivationError(CaptumNMFError, ValueError):

@@ -4,7 +4,8 @@ A concept model file is a ``.safetensors`` file (a JSON header and raw tensor
 bytes), so loading one cannot run code. Pickle-based files (``.pt``, ``.pth``,
 ``.pkl``, torch zip archives) are refused before anything is read from them.
 Writes are atomic: the file is written next to its destination and moved into
-place with :func:`os.replace`, so an interrupted save never leaves half a file.
+place with an atomic rename (:meth:`pathlib.Path.replace`), so an interrupted
+save never leaves half a file.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def save_tensors(
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         save_file(data, str(tmp), metadata=header)
-        os.replace(tmp, target)
+        tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -97,8 +98,10 @@ def load_tensors(
         raise FileNotFoundError(f"Concept model file not found: {source}")
     with source.open("rb") as fh:
         head = fh.read(8)
-    if source.suffix.lower() in _PICKLE_SUFFIXES or head.startswith(_ZIP_MAGIC) or (
-        head[:1] and head[0] == _PICKLE_PROTO
+    if (
+        source.suffix.lower() in _PICKLE_SUFFIXES
+        or head.startswith(_ZIP_MAGIC)
+        or (head[:1] and head[0] == _PICKLE_PROTO)
     ):
         raise ConceptModelFormatError(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "

