@@ -122,8 +122,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         >>> W = model.transform(X)
         >>> tuple(W.shape), bool((W >= 0).all())
         ((100, 3), True)
-        >>> relative_error = torch.linalg.norm(model.inverse_transform(W) - X) / torch.linalg.norm(X)
-        >>> bool(relative_error < 0.01)
+        >>> residual = torch.linalg.norm(model.inverse_transform(W) - X)
+        >>> bool(residual / torch.linalg.norm(X) < 0.01)
         True
     """
 
@@ -222,11 +222,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
                 f"Found array with 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 "
                 "is required by NMF."
             )
-        if not bool(torch.isfinite(x).all()):
-            what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
-            raise ValueError(f"Input X contains {what}; NMF needs finite values.")
-        if bool((x < 0).any()):
-            raise ValueError("Negative values in data passed to NMF (input X).")
+        for start in range(0, n, _ROW_BLOCK):  # blockwise: no full-size boolean temporaries
+            block = x[start : start + _ROW_BLOCK]
+            if not bool(torch.isfinite(block).all()):
+                what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
+                raise ValueError(f"Input X contains {what}; NMF needs finite values.")
+            if bool((block < 0).any()):
+                raise ValueError("Negative values in data passed to NMF (input X).")
         if reset:
             self.n_features_in_ = c
             if hasattr(self, "feature_names_in_"):

@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _INNER_DELTA = 0.01  # accelerated-HALS inner stop: change below 1 % of the first change
+_MAX_PACKED = 62  # passive sets of up to this many concepts are packed into int64 codes
+_SOLVE_BLOCK_ELEMENTS = 1 << 22  # gathered K x K inverses per block of rows (32 MiB in float64)
 
 
 def hals_sweeps(
@@ -202,25 +204,29 @@ def random_init(v: Tensor, rank: int, *, generator: torch.Generator) -> tuple[Te
 def _solve_passive(gram: Tensor, cross: Tensor, passive: Tensor) -> Tensor:
     """Solve ``gram_FF x_F = cross_F`` row by row with ``x = 0`` off the passive set F.
 
-    Rows are grouped by their passive pattern, so each distinct pattern costs
-    one small pseudo-inverse and one matrix product.
+    Each distinct passive pattern costs one small pseudo-inverse (all of them in
+    one batched call); each row then costs one K x K matrix-vector product.
     """
-    n = cross.shape[0]
+    n, k = cross.shape
     x = torch.zeros_like(cross)
     if n == 0:
         return x
-    patterns, inverse = torch.unique(passive, dim=0, return_inverse=True)
-    order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=patterns.shape[0]).tolist()
-    start = 0
-    for pattern, count in zip(patterns, counts, strict=True):
-        rows = order[start : start + count]
-        start += count
-        cols = torch.nonzero(pattern).squeeze(1)
-        if cols.numel() == 0:
-            continue
-        inv = torch.linalg.pinv(gram[cols][:, cols], hermitian=True)
-        x[rows.unsqueeze(1), cols.unsqueeze(0)] = cross[rows][:, cols] @ inv
+    if k <= _MAX_PACKED:  # one int64 code per row: a 1-D unique, much cheaper than dim=0
+        bits = torch.ones(k, dtype=torch.long, device=passive.device) << torch.arange(
+            k, device=passive.device
+        )
+        codes, inverse = torch.unique(passive.long() @ bits, return_inverse=True)
+        patterns = (codes.unsqueeze(1) & bits) != 0
+    else:
+        patterns, inverse = torch.unique(passive, dim=0, return_inverse=True)
+    m = patterns.to(gram.dtype)
+    outer = m.unsqueeze(2) * m.unsqueeze(1)
+    # pinv(blockdiag(G_FF, I)) masked back to F x F is pinv(G_FF) embedded in K x K.
+    inverses = torch.linalg.pinv(gram * outer + torch.diag_embed(1.0 - m), hermitian=True) * outer
+    block = max(1, _SOLVE_BLOCK_ELEMENTS // (k * k))
+    for start in range(0, n, block):
+        rows = slice(start, start + block)
+        x[rows] = torch.einsum("nij,nj->ni", inverses[inverse[rows]], cross[rows])
     return x
 
 
