@@ -29,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "hals_sweeps",
+    "objective_from_products",
     "nndsvd_init",
     "nnls",
     "objective_from_stats",
@@ -100,6 +101,22 @@ def objective_from_stats(sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: T
         + torch.sum((h64 @ h64.T) * wtw.double())
     )
     return torch.clamp_min(value, 0.0)
+
+
+def objective_from_products(sq_norm: Tensor, wt: Tensor, p: Tensor, hht: Tensor) -> Tensor:
+    """``||V - W H||_F^2`` from ``||V||^2``, ``Wt`` (K x n), ``P = H V^T`` and ``H H^T``.
+
+    ``||V||^2 - 2 <W, V H^T> + <W^T W, H H^T>`` with every reduction over the n rows done
+    in float64, so unlike the form with a float32 ``W^T V`` it does not lose the
+    residual to cancellation; it costs O(nK), no pass over ``V``.
+
+    Returns:
+        *Tensor*: a 0-d float64 tensor, clamped at 0.
+    """
+    w64 = wt.double()
+    cross = torch.sum(w64 * p.double())
+    quad = torch.sum((w64 @ w64.T) * hht.double())
+    return torch.clamp_min(sq_norm.double() - 2.0 * cross + quad, 0.0)
 
 
 def residual_sq(v: Tensor, wt: Tensor, h: Tensor, *, block: int = 1 << 16) -> Tensor:
