@@ -222,11 +222,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
                 "is required by NMF."
             )
         for start in range(0, n, _ROW_BLOCK):  # blockwise: no full-size boolean temporaries
-            block = x[start : start + _ROW_BLOCK]
-            if not bool(torch.isfinite(block).all()):
+            # One pass: NaN propagates into min/max, infinities show in them.
+            low, high = (float(t) for t in torch.aminmax(x[start : start + _ROW_BLOCK]))
+            if not (math.isfinite(low) and math.isfinite(high)):
                 what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
                 raise ValueError(f"Input X contains {what}; NMF needs finite values.")
-            if bool((block < 0).any()):
+            if low < 0:
                 raise ValueError("Negative values in data passed to NMF (input X).")
         if reset:
             self.n_features_in_ = c
@@ -277,11 +278,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
             return solvers.random_init(v, k, generator=gen)
         return solvers.nndsvd_init(v, k, generator=gen, fill_average=self.init == "nndsvda")
 
-    def _hals(self, v: Tensor, wt: Tensor, h: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Accelerated HALS on rows held in memory; returns ``Wt``, ``H``, iterations."""
+    def _hals(self, v: Tensor, wt: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Accelerated HALS in memory (``sq`` = ``||V||^2``); returns ``Wt``, ``H``, iterations."""
         n = v.shape[0]
         k = h.shape[0]
-        sq = _sq_norm(v)
         # Inner sweeps are cheap next to the two n x C x K products (Gillis & Glineur).
         inner_w = _INNER_W
         inner_h = min(1 + (n // (2 * k)), 20)
@@ -305,6 +305,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
     def _solve_w(self, v: Tensor, h: Tensor) -> Tensor:
         """Exact ``argmin_{W >= 0} ||V - W H||`` (n x K, float64)."""
         return solvers.nnls(h @ h.T, v @ h.T)
+
+    def _solve_w_and_error(self, v: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, float]:
+        """Exact ``W`` and ``||V - W H||_F`` from the same ``V H^T`` (one pass over V)."""
+        hht, p = h @ h.T, v @ h.T
+        w = solvers.nnls(hht, p)
+        obj = solvers.objective_from_products(sq, w.T.to(v.dtype), p.T, hht)
+        return w, math.sqrt(float(obj))
 
     def _set_state(self, h: Tensor, weight_sums: Tensor, kind: _Kind) -> Tensor:
         """Normalise and order ``H`` canonically; return the K x K map applied to weights.
@@ -357,19 +364,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         v, kind = self._input(X, reset=True)
         k = self._rank(*v.shape)
         wt, h = self._initialise(v, k)
-        wt, h, n_iter = self._hals(v, wt, h)
-        w = self._solve_w(v, h)
+        sq = _sq_norm(v)
+        wt, h, n_iter = self._hals(v, wt, h, sq)
+        w, error = self._solve_w_and_error(v, h, sq)
         scale = self._set_state(h, w.sum(dim=0), kind)
         w = w[:, self._order] * scale
         self.n_iter_ = n_iter
         self.n_samples_seen_ = int(v.shape[0])
         self._reset_stream()
-        self.reconstruction_err_ = self._frobenius(v, w)
+        self.reconstruction_err_ = error
         return self._output(w, kind)
-
-    def _frobenius(self, v: Tensor, w: Tensor) -> float:
-        """Exact ``||V - W H||_F`` with the fitted ``H`` (the W^T V form cancels in float32)."""
-        return math.sqrt(float(solvers.residual_sq(v, w.T.to(v.dtype), self._h)))
 
     def _reset_stream(self) -> None:
         """Forget streaming statistics (a fresh ``fit`` restarts ``partial_fit``)."""
@@ -407,10 +411,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         if first:
             self._check_params()
         v, kind = self._input(X, reset=first)
+        sq = _sq_norm(v)
         if first:
             k = self._rank(*v.shape)
             wt, h = self._initialise(v, k)
-            wt, h, n_iter = self._hals(v, wt, h)
+            wt, h, n_iter = self._hals(v, wt, h, sq)
             w = self._solve_w(v, h).to(v.dtype)
             self.n_iter_ = n_iter
             self.n_samples_seen_ = 0
@@ -433,7 +438,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self._b = rho * self._b + wtv
         self._a_sum += wtw
         self._b_sum += wtv
-        self._sq_sum += _sq_norm(v)
+        self._sq_sum += sq
         weight_sums = self._weight_sums + w.double().sum(dim=0)
         h64 = solvers.hals_sweeps(h.double().clone(), self._a, self._b, 50)
         out_kind = _Kind(self._components_is_numpy, v.dtype, v.device)

@@ -21,6 +21,7 @@ are the standard algorithms, vectorised over rows in torch:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 
 __all__ = [
     "hals_sweeps",
+    "mean",
     "objective_from_products",
     "nndsvd_init",
     "nnls",
@@ -40,6 +42,7 @@ __all__ = [
 
 _INNER_DELTA = 0.01  # accelerated-HALS inner stop: change below 1 % of the first change
 _MAX_PACKED = 62  # passive sets of up to this many concepts are packed into int64 codes
+_CD_SWEEPS = 2000  # coordinate-descent sweeps for the rare rows where pivoting cycles
 _SOLVE_BLOCK_ELEMENTS = 1 << 22  # gathered K x K inverses per block of rows (32 MiB in float64)
 
 
@@ -101,6 +104,14 @@ def objective_from_stats(sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: T
         + torch.sum((h64 @ h64.T) * wtw.double())
     )
     return torch.clamp_min(value, 0.0)
+
+
+def mean(v: Tensor, *, block: int = 1 << 16) -> Tensor:
+    """Mean of all entries as a float64 0-d tensor, by row blocks (no float64 copy of ``v``)."""
+    total = torch.zeros((), dtype=torch.float64, device=v.device)
+    for start in range(0, v.shape[0], block):
+        total += torch.sum(v[start : start + block]).double()
+    return total / max(v.numel(), 1)
 
 
 def objective_from_products(sq_norm: Tensor, wt: Tensor, p: Tensor, hht: Tensor) -> Tensor:
@@ -204,7 +215,7 @@ def nndsvd_init(
     wt[wt < eps] = 0.0
     h[h < eps] = 0.0
     if fill_average:
-        avg = v.double().mean()
+        avg = mean(v)
         wt[wt == 0] = avg
         h[h == 0] = avg
     return wt.to(v.dtype), h.to(v.dtype)
@@ -216,7 +227,7 @@ def random_init(v: Tensor, rank: int, *, generator: torch.Generator) -> tuple[Te
     Returns:
         *tuple[Tensor, Tensor]*: ``Wt`` (rank x n) and ``H`` (rank x C) in ``v``'s dtype.
     """
-    avg = torch.sqrt(v.double().mean() / rank).item()
+    avg = math.sqrt(float(mean(v)) / rank)
     h = avg * torch.abs(torch.randn(rank, v.shape[1], generator=generator, dtype=torch.float64))
     wt = avg * torch.abs(torch.randn(rank, v.shape[0], generator=generator, dtype=torch.float64))
     return wt.to(device=v.device, dtype=v.dtype), h.to(device=v.device, dtype=v.dtype)
@@ -307,11 +318,35 @@ def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
         single[torch.arange(rows.numel(), device=b.device), last] = True
         passive[rows] = passive[rows] ^ torch.where(full.unsqueeze(1), infeasible, single)
         x[rows] = _solve_passive(g, b[rows], passive[rows])
+    x = torch.clamp_min(x, 0.0)
     if rows.numel() > 0:
-        warnings.warn(
-            f"NNLS did not converge for {rows.numel()} of {n} rows in {max_iter} pivoting "
-            "iterations; their solutions were clipped to the non-negative orthant.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    return torch.clamp_min(x, 0.0)
+        # Pivoting can cycle in floating point on (nearly) degenerate rows. Finish those
+        # few rows by exact coordinate descent, which converges on any convex QP.
+        x[rows] = _coordinate_descent(g, b[rows], x[rows])
+        y = x[rows] @ g - b[rows]
+        slack = 1e-6 * scale[rows]
+        bad = ((x[rows] > 0) & (torch.abs(y) > slack)) | ((x[rows] == 0) & (y < -slack))
+        n_bad = int(bad.any(dim=1).sum())
+        if n_bad:
+            warnings.warn(
+                f"NNLS did not converge for {n_bad} of {n} rows ({max_iter} pivoting "
+                f"iterations, then {_CD_SWEEPS} coordinate-descent sweeps); their "
+                "solutions are the best non-negative iterates found.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+    return x
+
+
+def _coordinate_descent(gram: Tensor, cross: Tensor, x: Tensor) -> Tensor:
+    """Projected exact coordinate descent for ``min_{x >= 0} 0.5 x^T G x - c^T x`` per row."""
+    x = torch.clamp_min(x.clone(), 0.0)
+    diag = torch.diagonal(gram).clamp_min(torch.finfo(gram.dtype).tiny)
+    for sweep in range(_CD_SWEEPS):
+        before = x.clone()
+        for j in range(x.shape[1]):
+            step = (cross[:, j] - x @ gram[:, j]) / diag[j]
+            x[:, j] = torch.clamp_min(x[:, j] + step, 0.0)
+        if sweep % 50 == 49 and bool(torch.equal(x, before)):
+            break  # a fixed point of the sweep: the exact solution in floating point
+    return x
