@@ -219,7 +219,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             )
 
     @staticmethod
-    def _split_batch(batch: Any) -> Inputs:
+    def _split_batch(batch: Any) -> Tensor:
         if isinstance(batch, Tensor):
             return batch
         if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
@@ -318,8 +318,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             )
             for batch in bar:
                 x = self._split_batch(batch)
-                first = x[0] if isinstance(x, tuple) else x
-                if first.shape[0] == 0:
+                if x.shape[0] == 0:
                     continue
                 act = self._activations(x, additional_forward_args, attribute_to_layer_input)
                 channels = act.shape[1]

@@ -37,7 +37,6 @@ __all__ = [
     "objective_from_stats",
     "random_init",
     "randomized_svd",
-    "residual_sq",
 ]
 
 _INNER_DELTA = 0.01  # accelerated-HALS inner stop: change below 1 % of the first change
@@ -128,21 +127,6 @@ def objective_from_products(sq_norm: Tensor, wt: Tensor, p: Tensor, hht: Tensor)
     cross = torch.sum(w64 * p.double())
     quad = torch.sum((w64 @ w64.T) * hht.double())
     return torch.clamp_min(sq_norm.double() - 2.0 * cross + quad, 0.0)
-
-
-def residual_sq(v: Tensor, wt: Tensor, h: Tensor, *, block: int = 1 << 16) -> Tensor:
-    """Exact ``||V - W H||_F^2`` (float64 sum), computed in row blocks of ``V``.
-
-    Returns:
-        *Tensor*: a 0-d float64 tensor.
-    """
-    total = torch.zeros((), dtype=torch.float64, device=v.device)
-    for start in range(0, v.shape[0], block):
-        rows = slice(start, start + block)
-        r = torch.addmm(v[rows], wt[:, rows].T, h, alpha=-1.0)  # computed directly: no cancellation
-        # torch.sum's cascade summation stays exact to ~1e-7; vector_norm's does not.
-        total += torch.sum(r * r).double()
-    return total
 
 
 def randomized_svd(
