@@ -37,15 +37,6 @@ class _Kind:
     device: torch.device
 
 
-def _sq_norm(v: Tensor) -> Tensor:
-    """``||v||_F^2`` in float64, in row blocks so no full-size copy is made."""
-    total = torch.zeros((), dtype=torch.float64, device=v.device)
-    for start in range(0, v.shape[0], _ROW_BLOCK):
-        block = v[start : start + _ROW_BLOCK]
-        total += torch.sum(block * block).double()  # cascade summation: accurate in float32
-    return total
-
-
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
     r"""Non-negative matrix factorisation ``X ~ W H`` in torch, in memory or streamed.
 
@@ -313,11 +304,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         obj = solvers.objective_from_products(sq, w.T.to(v.dtype), p.T, hht)
         return w, math.sqrt(float(obj))
 
-    def _set_state(self, h: Tensor, weight_sums: Tensor, kind: _Kind) -> Tensor:
-        """Normalise and order ``H`` canonically; return the K x K map applied to weights.
+    def _set_state(self, h: Tensor, weight_sums: Tensor, kind: _Kind) -> tuple[Tensor, Tensor]:
+        """Normalise and order ``H`` canonically; return ``order`` and ``scale``.
 
-        Concept k of the result is ``H[order[k]] / ||H[order[k]]||``; the returned
-        ``scale`` vector s (already permuted) converts old weights: ``w_new = w_old[:, order] * s``.
+        Concept k of the result is ``H[order[k]] / ||H[order[k]]||``, so weights of the old
+        concepts convert as ``w_new = w_old[:, order] * scale``.
         """
         norms = torch.linalg.vector_norm(h.double(), dim=1)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -328,9 +319,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self.n_components_ = int(h.shape[0])
         self.components_ = self._output(self._h, kind) if kind.is_numpy else self._h.clone()
         self._components_is_numpy = kind.is_numpy
-        scale: Tensor = norms[order]
-        self._order = order
-        return scale
+        return order, norms[order]
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: ArrayLike, y: Any = None) -> NMF:
@@ -364,11 +353,11 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         v, kind = self._input(X, reset=True)
         k = self._rank(*v.shape)
         wt, h = self._initialise(v, k)
-        sq = _sq_norm(v)
+        sq = solvers.sq_norm(v)
         wt, h, n_iter = self._hals(v, wt, h, sq)
         w, error = self._solve_w_and_error(v, h, sq)
-        scale = self._set_state(h, w.sum(dim=0), kind)
-        w = w[:, self._order] * scale
+        order, scale = self._set_state(h, w.sum(dim=0), kind)
+        w = w[:, order] * scale
         self.n_iter_ = n_iter
         self.n_samples_seen_ = int(v.shape[0])
         self._reset_stream()
@@ -411,7 +400,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         if first:
             self._check_params()
         v, kind = self._input(X, reset=first)
-        sq = _sq_norm(v)
+        sq = solvers.sq_norm(v)
         if first:
             k = self._rank(*v.shape)
             wt, h = self._initialise(v, k)
@@ -442,9 +431,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         weight_sums = self._weight_sums + w.double().sum(dim=0)
         h64 = solvers.hals_sweeps(h.double().clone(), self._a, self._b, 50)
         out_kind = _Kind(self._components_is_numpy, v.dtype, v.device)
-        scale = self._set_state(h64.to(v.dtype), weight_sums, out_kind)
+        o, scale = self._set_state(h64.to(v.dtype), weight_sums, out_kind)
         # Keep the statistics consistent with the rescaled, reordered concepts.
-        o = self._order
         s = scale.to(self._a)
         self._a = self._a[o][:, o] * s[:, None] * s[None, :]
         self._a_sum = self._a_sum[o][:, o] * s[:, None] * s[None, :]

@@ -37,6 +37,7 @@ __all__ = [
     "objective_from_stats",
     "random_init",
     "randomized_svd",
+    "sq_norm",
 ]
 
 _INNER_DELTA = 0.01  # accelerated-HALS inner stop: change below 1 % of the first change
@@ -103,6 +104,18 @@ def objective_from_stats(sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: T
         + torch.sum((h64 @ h64.T) * wtw.double())
     )
     return torch.clamp_min(value, 0.0)
+
+
+def sq_norm(v: Tensor, *, block: int = 1 << 16) -> Tensor:
+    """``||v||_F^2`` as a float64 0-d tensor, by row blocks (no float64 copy of ``v``).
+
+    Per block, ``torch.sum``'s cascade summation keeps float32 accurate to ~1e-7.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=v.device)
+    for start in range(0, v.shape[0], block):
+        rows = v[start : start + block]
+        total += torch.sum(rows * rows).double()
+    return total
 
 
 def mean(v: Tensor, *, block: int = 1 << 16) -> Tensor:
