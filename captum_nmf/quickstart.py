@@ -114,7 +114,7 @@ def run(
     n_nest = nest.shape[0]
     density = neoplastic_density(nest_corners, maps.shape[-1])
 
-    labels = torch.where(maps.amax(dim=1) > 0, maps.argmax(dim=1), -1)  # as concepts.assign
+    labels = NMFConceptAttribution.labels(maps)
     rows = []
     for k in range(n_concepts):
         rows.append(

@@ -424,9 +424,19 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         Raises:
             NotFittedError: before ``fit`` or ``load``; other errors as :meth:`attribute`.
         """
-        maps = self.attribute(inputs, additional_forward_args, attribute_to_layer_input)
-        labels = torch.argmax(maps, dim=1)
-        return torch.where(maps.amax(dim=1) > 0, labels, torch.full_like(labels, -1))
+        return self.labels(
+            self.attribute(inputs, additional_forward_args, attribute_to_layer_input)
+        )
+
+    @staticmethod
+    def labels(maps: Tensor) -> Tensor:
+        """Concept (cluster) of every location of N x K x h x w maps, as :meth:`assign`.
+
+        Returns:
+            *Tensor*: N x h x w ``int64`` argmax over K, -1 where every weight is 0.
+        """
+        winner = torch.argmax(maps, dim=1)
+        return torch.where(maps.amax(dim=1) > 0, winner, torch.full_like(winner, -1))
 
     # ---------------------------------------------------------------- persist
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -318,8 +318,10 @@ def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
     x = torch.clamp_min(x, 0.0)
     if rows.numel() > 0:
         # Pivoting can cycle in floating point on (nearly) degenerate rows. Finish those
-        # few rows by exact coordinate descent, which converges on any convex QP.
-        x[rows] = _coordinate_descent(g, b[rows], x[rows])
+        # few rows by exact coordinate descent (HALS sweeps on their transpose), which
+        # converges on any convex QP; delta=0 runs until a sweep changes nothing.
+        xt = x[rows].T.contiguous()
+        x[rows] = hals_sweeps(xt, g, b[rows].T.contiguous(), _CD_SWEEPS, delta=0.0).T
         y = x[rows] @ g - b[rows]
         slack = 1e-6 * scale[rows]
         bad = ((x[rows] > 0) & (torch.abs(y) > slack)) | ((x[rows] == 0) & (y < -slack))
@@ -332,18 +334,4 @@ def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
                 ConvergenceWarning,
                 stacklevel=2,
             )
-    return x
-
-
-def _coordinate_descent(gram: Tensor, cross: Tensor, x: Tensor) -> Tensor:
-    """Projected exact coordinate descent for ``min_{x >= 0} 0.5 x^T G x - c^T x`` per row."""
-    x = torch.clamp_min(x.clone(), 0.0)
-    diag = torch.diagonal(gram).clamp_min(torch.finfo(gram.dtype).tiny)
-    for sweep in range(_CD_SWEEPS):
-        before = x.clone()
-        for j in range(x.shape[1]):
-            step = (cross[:, j] - x @ gram[:, j]) / diag[j]
-            x[:, j] = torch.clamp_min(x[:, j] + step, 0.0)
-        if sweep % 50 == 49 and bool(torch.equal(x, before)):
-            break  # a fixed point of the sweep: the exact solution in floating point
     return x
