@@ -67,7 +67,38 @@ class UnsupportedSlideError(SlideError, ValueError):
 
 
 class SlideReadError(SlideError, OSError):
-    """Raised when pixels cannot be read from an open slide."""
+    """Raised when pixels cannot be read from an open slide (after one retry on a new handle).
+
+    Attributes ``path``, ``level``, ``location`` (level-0 x, y) and ``size``
+    (width, height) say which read failed; ``__cause__`` is the reader's error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        level: int | None = None,
+        location: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.level = level
+        self.location = location
+        self.size = size
+
+    def __reduce__(self) -> tuple[object, ...]:  # survive DataLoader workers and pickling
+        return (
+            _slide_read_error,
+            (
+                str(self.args[0]) if self.args else "",
+                self.path,
+                self.level,
+                self.location,
+                self.size,
+            ),
+        )
 
 
 class NoTissueError(SlideError, ValueError):
@@ -120,3 +151,13 @@ class EmptyTileGridWarning(CaptumNMFWarning):
 
 class LayerNameMismatchWarning(CaptumNMFWarning):
     """Emitted when a concept model is bound to a layer of another name but equal width."""
+
+
+def _slide_read_error(
+    message: str,
+    path: str | None,
+    level: int | None,
+    location: tuple[int, int] | None,
+    size: tuple[int, int] | None,
+) -> SlideReadError:
+    return SlideReadError(message, path=path, level=level, location=location, size=size)

@@ -31,7 +31,11 @@ _PICKLE_PROTO = 0x80
 
 
 def save_tensors(
-    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    *,
+    format_name: str = FORMAT_NAME,
 ) -> Path:
     """Write ``tensors`` and ``metadata`` to a ``.safetensors`` file atomically.
 
@@ -40,6 +44,8 @@ def save_tensors(
         tensors (Mapping[str, Tensor]): tensors to store (copied to CPU, contiguous).
         metadata (Mapping[str, str]): string metadata; the format name, format
                     version and library version are added.
+        format_name (str, optional): the kind of file, checked by :func:`load_tensors`.
+                    Default: ``"captum-nmf/concepts"``
 
     Returns:
         *Path*: the path written.
@@ -51,7 +57,7 @@ def save_tensors(
     target = Path(path)
     if target.suffix != ".safetensors":
         raise ValueError(
-            f"Concept models are saved as .safetensors files, got path {str(target)!r}; "
+            f"captum_nmf saves .safetensors files, got path {str(target)!r}; "
             f"use e.g. {target.with_suffix('.safetensors').name!r}."
         )
     for key, value in metadata.items():
@@ -59,7 +65,7 @@ def save_tensors(
             raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}.")
     header = {
         **metadata,
-        "format": FORMAT_NAME,
+        "format": format_name,
         "format_version": str(FORMAT_VERSION),
         "captum_nmf_version": __version__,
     }
@@ -75,7 +81,10 @@ def save_tensors(
 
 
 def load_tensors(
-    path: str | os.PathLike[str], *, required: tuple[str, ...] = ()
+    path: str | os.PathLike[str],
+    *,
+    required: tuple[str, ...] = (),
+    format_name: str = FORMAT_NAME,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a concept-model file written by :func:`save_tensors`.
 
@@ -83,6 +92,8 @@ def load_tensors(
         path (str or PathLike): the ``.safetensors`` file.
         required (tuple[str, ...], optional): tensor names that must be present.
                     Default: ``()``
+        format_name (str, optional): the kind of file expected.
+                    Default: ``"captum-nmf/concepts"``
 
     Returns:
         *tuple[dict[str, Tensor], dict[str, str]]*: CPU tensors and metadata.
@@ -115,10 +126,10 @@ def load_tensors(
         raise ConceptModelFormatError(
             f"{source} is not a valid .safetensors concept model ({exc})."
         ) from exc
-    if metadata.get("format") != FORMAT_NAME:
+    if metadata.get("format") != format_name:
         raise ConceptModelFormatError(
-            f"{source} is a safetensors file but not a captum_nmf concept model "
-            f"(format={metadata.get('format')!r}, expected {FORMAT_NAME!r})."
+            f"{source} is a safetensors file but not a {format_name} file "
+            f"(format={metadata.get('format')!r}, expected {format_name!r})."
         )
     try:
         version = int(metadata.get("format_version", ""))

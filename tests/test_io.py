@@ -139,7 +139,7 @@ def test_corrupt_and_foreign_files(
         NMFConceptAttribution.load(garbage, net, net.relu)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.ones(2)}, str(foreign))
-    with pytest.raises(ConceptModelFormatError, match="not a captum_nmf concept model"):
+    with pytest.raises(ConceptModelFormatError, match="not a captum-nmf/concepts file"):
         NMFConceptAttribution.load(foreign, net, net.relu)
     with pytest.raises(FileNotFoundError, match="Concept model file not found"):
         NMFConceptAttribution.load(tmp_path / "missing.safetensors", net, net.relu)
@@ -177,7 +177,7 @@ def test_bad_metadata(
 
 
 def test_save_needs_safetensors_suffix_and_string_metadata(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="saved as .safetensors files.*'c.safetensors'"):
+    with pytest.raises(ValueError, match="saves .safetensors files.*'c.safetensors'"):
         save_tensors(tmp_path / "c.pt", {"concepts": torch.ones(1, 1)}, {})
     with pytest.raises(TypeError, match="metadata\\['k'\\] must be a str"):
         save_tensors(tmp_path / "c.safetensors", {"concepts": torch.ones(1, 1)}, {"k": 1})  # type: ignore[dict-item]

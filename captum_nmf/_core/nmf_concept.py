@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf import NMF, InitName
@@ -232,12 +233,13 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
     # ---------------------------------------------------------------------- fit
     def fit(
         self,
-        inputs: Tensor | Iterable[Any],
+        inputs: Tensor | Iterable[Any] | Dataset[Any],
         *,
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         max_locations_per_batch: int | None = None,
         n_epochs: int = 1,
+        batch_size: int = 32,
         progress: bool = True,
     ) -> NMFConceptAttribution:
         r"""Learn the K concept vectors from the layer's activations on ``inputs``.
@@ -245,7 +247,11 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         A tensor is one batch, factorised in memory. Any other iterable (a
         ``DataLoader``, a list, a generator) is streamed: each batch's
         activations go into :meth:`NMF.partial_fit` and are released, so only
-        the K x C statistics are kept, whatever the number of batches.
+        the K x C statistics are kept, whatever the number of batches. A
+        map-style ``torch.utils.data.Dataset`` (e.g.
+        :class:`captum_nmf.wsi.SlideTiles`) is streamed through a
+        ``DataLoader`` with ``batch_size`` and the dataset's ``collate_fn``
+        attribute when it has one.
 
         Args:
             inputs (Tensor or Iterable): an N x ... batch, or an iterable of
@@ -265,6 +271,9 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                         Default: None
             n_epochs (int, optional): passes over a re-iterable ``inputs``.
                         Default: 1
+            batch_size (int, optional): batch size used when ``inputs`` is a
+                        map-style ``Dataset``; ignored otherwise.
+                        Default: 32
             progress (bool, optional): show a tqdm progress bar.
                         Default: True
 
@@ -294,6 +303,12 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             raise ValueError(f"n_epochs must be an int >= 1, got {n_epochs!r}.")
         for name in _FITTED_ATTRIBUTES:  # a fit that raises leaves the instance unfitted
             self.__dict__.pop(name, None)
+        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+            inputs = DataLoader(
+                inputs, batch_size=batch_size, collate_fn=getattr(inputs, "collate_fn", None)
+            )
         in_memory = isinstance(inputs, Tensor)
         if in_memory:  # one batch, factorised exactly in memory: more epochs add nothing
             epochs: list[Iterable[Any]] = [[inputs]]
@@ -401,6 +416,51 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         maps = acts.rows_to_maps(weights.to(act.dtype), (n, h, w))
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
         return maps.to(device)
+
+    def features(
+        self,
+        inputs: Inputs,
+        additional_forward_args: Any = None,
+        *,
+        return_output: bool = False,
+    ) -> Tensor | tuple[Tensor, Any]:
+        r"""The checked layer activations that :meth:`attribute` factorises.
+
+        Whole-slide stitching averages these feature vectors over overlapping
+        tiles before solving for concept weights (``self.nmf_.transform``).
+        The negative-activation policy is applied; the model runs in eval mode
+        and once, even with ``return_output=True``.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): as :meth:`attribute`.
+            additional_forward_args (Any, optional): as :meth:`attribute`.
+                        Default: None
+            return_output (bool, optional): also return ``forward_func``'s
+                        output for the same forward pass.
+                        Default: False
+
+        Returns:
+            *Tensor* or *tuple*: the N x C x h x w activations (on the model's
+            device), and with ``return_output=True`` also the model's output.
+
+        Raises:
+            NegativeActivationError: negative activations with ``negative="raise"``.
+            NonFiniteActivationError: NaN or Inf activations.
+            LayerError: the layer did not run or its output is not N x C x H x W.
+        """
+        to_input = bool(getattr(self, "attribute_to_layer_input_", False))
+        if not return_output:
+            return self._activations(inputs, additional_forward_args, to_input)
+        act, output = acts.capture_with_output(
+            self.forward_func,
+            self.layer,
+            inputs,
+            additional_forward_args=additional_forward_args,
+            attribute_to_layer_input=to_input,
+            reshape_transform=self.reshape_transform,
+            name=self._layer_name,
+        )
+        return acts.check_activations(act, negative=self.negative, name=self._layer_name), output
 
     def assign(
         self,

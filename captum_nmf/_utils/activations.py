@@ -24,6 +24,7 @@ from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFinite
 __all__ = [
     "NegativePolicy",
     "capture",
+    "capture_with_output",
     "check_activations",
     "eval_mode",
     "layer_name",
@@ -104,6 +105,62 @@ def capture(
                     "that forward_func actually calls."
                 ) from exc
             raise
+    return _as_4d(act, reshape_transform, label)
+
+
+def capture_with_output(
+    forward_func: Callable[..., Any],
+    layer: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
+    reshape_transform: Callable[[Tensor], Tensor] | None = None,
+    name: str | None = None,
+) -> tuple[Tensor, Any]:
+    """Like :func:`capture`, and also return what ``forward_func`` returned, from one forward.
+
+    Captum's ``LayerActivation`` discards the model's output; whole-slide runs
+    keep it per tile, so this registers its own forward hook for the call
+    (removed in ``finally``) and clones what it saw, as Captum does.
+
+    Raises:
+        LayerError: as :func:`capture`.
+    """
+    label = repr(name) if name else type(layer).__name__
+    seen: list[Any] = []
+
+    def hook(_module: nn.Module, layer_in: tuple[Any, ...], layer_out: Any) -> None:
+        seen.append(layer_in if attribute_to_layer_input else layer_out)
+
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    extra = (
+        ()
+        if additional_forward_args is None
+        else additional_forward_args
+        if isinstance(additional_forward_args, tuple)
+        else (additional_forward_args,)
+    )
+    handle = layer.register_forward_hook(hook)
+    try:
+        with eval_mode(models_of(forward_func, layer)), torch.no_grad():
+            output = forward_func(*args, *extra)
+    finally:
+        handle.remove()
+    if not seen:
+        raise LayerError(
+            f"Layer {label} was not executed during the forward pass; pass a module "
+            "that forward_func actually calls."
+        )
+    act = seen[-1]
+    if isinstance(act, (tuple, list)):
+        act = type(act)(a.clone() if isinstance(a, Tensor) else a for a in act)
+    elif isinstance(act, Tensor):
+        act = act.clone()
+    return _as_4d(act, reshape_transform, label), output
+
+
+def _as_4d(act: Any, reshape_transform: Callable[[Tensor], Tensor] | None, label: str) -> Tensor:
     if isinstance(act, (tuple, list)):
         if len(act) != 1:
             raise LayerError(
