@@ -1,0 +1,494 @@
+"""Opening slides: OpenSlide formats and plain images, always in the level-0 frame.
+
+:class:`Slide` wraps :class:`openslide.OpenSlide` (SVS, NDPI, MRXS, generic
+tiled TIFF, DICOM, ...) and, for plain JPEG/PNG/TIFF images, OpenSlide's own
+:class:`openslide.ImageSlide` as a one-level slide, behind one small API:
+
+- file existence is checked before OpenSlide is called (a missing file is a
+  :class:`~captum_nmf.exceptions.SlideNotFoundError`, not "unsupported");
+- levels and target resolutions are validated against the slide's metadata
+  before anything is read (OpenSlide itself returns blank pixels for a level
+  the slide does not have);
+- pixels come back as ``uint8`` RGB arrays with OpenSlide's transparent
+  out-of-slide pixels composited onto a white background, never black;
+- OpenSlide errors are sticky (after one failed read every later call on the
+  handle fails), so a failed read closes and reopens the handle and retries
+  once before raising :class:`~captum_nmf.exceptions.SlideReadError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import openslide
+from numpy.typing import NDArray
+from openslide import ImageSlide, OpenSlide, OpenSlideError
+from PIL import Image, UnidentifiedImageError
+
+from captum_nmf.exceptions import SlideNotFoundError, SlideReadError, UnsupportedSlideError
+
+__all__ = ["PLAIN_IMAGE_SUFFIXES", "Resolution", "Slide"]
+
+PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+_SUPPORTED = (
+    ".svs, .tif/.tiff (tiled pyramids), .ndpi, .vms, .vmu, .scn, .mrxs, .svslide, .bif, "
+    ".dcm, and plain .jpg/.jpeg/.png/.tif/.tiff/.bmp images"
+)
+_MPP_TOLERANCE = 0.02  # relative: a level within 2 % of the asked mpp is used as is
+
+RGB = NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where tiles are read from and how they are resampled.
+
+    Attributes:
+        level (int): pyramid level read.
+        downsample (float): level-0 pixels per pixel of ``level``.
+        resample (float): extra downsampling applied after reading (1 = none;
+                    > 1 when the asked mpp lies between two levels).
+        mpp (float or None): microns per output pixel, when the slide's mpp is known.
+    """
+
+    level: int
+    downsample: float
+    resample: float
+    mpp: float | None
+
+    @property
+    def scale(self) -> float:
+        """Level-0 pixels per output pixel."""
+        return self.downsample * self.resample
+
+
+class Slide:
+    r"""A whole-slide image (or plain image) opened for reading, in level-0 coordinates.
+
+    Use it as a context manager, or call :meth:`close`. After ``close`` every
+    method raises ``ValueError("slide is closed")``. A handle must not be
+    shared between processes: :class:`~captum_nmf.wsi.SlideTiles` opens one
+    per DataLoader worker.
+
+    Args:
+        path (str or PathLike): slide file.
+        mpp (float, optional): microns per level-0 pixel, overriding (or, for
+                    plain images, supplying) the slide's ``openslide.mpp-x``.
+                    Default: None
+        allow_plain_images (bool, optional): open JPEG/PNG/TIFF/BMP files that
+                    OpenSlide does not read as one-level slides (through
+                    :class:`openslide.ImageSlide`). With False they raise
+                    :class:`~captum_nmf.exceptions.UnsupportedSlideError`.
+                    Default: True
+        background (tuple[int, int, int], optional): RGB colour that
+                    transparent (out-of-slide) pixels are composited onto.
+                    Default: ``(255, 255, 255)``
+
+    Attributes:
+        path (Path): the slide file.
+        vendor (str): OpenSlide's format name (e.g. ``"aperio"``), or
+                    ``"image"`` for a plain image.
+        read_retries (int): reads that failed once and were retried on a
+                    reopened handle.
+
+    Raises:
+        SlideNotFoundError: ``path`` does not exist (checked before OpenSlide is called).
+        UnsupportedSlideError: the file is a directory, not a slide or image
+                    format that can be read, or corrupt beyond opening.
+        ValueError: ``mpp`` is not a positive number or ``background`` is not RGB.
+
+    Examples::
+
+        >>> from captum_nmf.wsi import Slide
+        >>> from captum_nmf.data import path
+        >>> with Slide(path("hgsc_nest.jpg"), mpp=0.5) as slide:
+        ...     pixels = slide.read_region((0, 0), 0, (4, 2))
+        ...     print(slide.dimensions, slide.level_count, pixels.shape)
+        (1500, 1500) 1 (2, 4, 3)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mpp: float | None = None,
+        allow_plain_images: bool = True,
+        background: tuple[int, int, int] = (255, 255, 255),
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideNotFoundError(f"Slide file not found: {self.path}")
+        if self.path.is_dir():
+            raise UnsupportedSlideError(
+                f"{self.path} is a directory; pass the slide file itself (for MRXS the .mrxs "
+                "file beside its data directory)."
+            )
+        if mpp is not None and not (
+            isinstance(mpp, numbers.Real) and not isinstance(mpp, bool) and mpp > 0
+        ):
+            raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}.")
+        if len(background) != 3 or not all(
+            isinstance(v, numbers.Integral) and 0 <= int(v) <= 255 for v in background
+        ):
+            raise ValueError(f"background must be three ints in [0, 255], got {background!r}.")
+        self._mpp_override = None if mpp is None else float(mpp)
+        self._allow_plain = bool(allow_plain_images)
+        self.background = tuple(int(v) for v in background)
+        self.read_retries = 0
+        self._handle: OpenSlide | ImageSlide | None = None
+        self.vendor = self._open()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> str:
+        vendor = OpenSlide.detect_format(str(self.path))
+        if vendor is not None:
+            try:
+                self._handle = OpenSlide(str(self.path))
+            except OpenSlideError as exc:
+                raise UnsupportedSlideError(
+                    f"{self.path} looks like a {vendor!r} slide but OpenSlide cannot open it "
+                    f"({exc}); the file is corrupt or uses an unsupported encoding."
+                ) from exc
+            return str(vendor)
+        if self._allow_plain and self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+            try:
+                with Image.open(self.path) as image:
+                    image.load()  # decode now: a truncated file fails here, naming the file
+                    self._handle = ImageSlide(image.copy())
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+                raise UnsupportedSlideError(
+                    f"{self.path} is not a readable image ({exc}). Supported: {_SUPPORTED}."
+                ) from exc
+            return "image"
+        raise UnsupportedSlideError(
+            f"{self.path} is not a whole-slide image OpenSlide can read (detected vendor: None). "
+            f"Supported: {_SUPPORTED}."
+            + ("" if self._allow_plain else " Plain images need allow_plain_images=True.")
+        )
+
+    def _reopen(self) -> None:
+        handle = self._handle
+        self._handle = None
+        if handle is not None:
+            handle.close()
+        self._open()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._handle is None
+
+    def _osr(self) -> OpenSlide | ImageSlide:
+        if self._handle is None:
+            raise ValueError(f"slide is closed: {self.path}; open a new Slide to read it again.")
+        return self._handle
+
+    def close(self) -> None:
+        """Release the file handle (idempotent)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.dimensions[0]} x {self.dimensions[1]} px"
+        return f"Slide({str(self.path)!r}, vendor={self.vendor!r}, {state})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Handles cannot cross processes; a copy reopens the file.
+        return (
+            _reopen_slide,
+            (str(self.path), self._mpp_override, self._allow_plain, self.background),
+        )
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        w, h = self._osr().dimensions
+        return int(w), int(h)
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return int(self._osr().level_count)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of every level."""
+        return tuple((int(w), int(h)) for w, h in self._osr().level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per pixel of every level."""
+        return tuple(float(d) for d in self._osr().level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """OpenSlide's metadata properties (empty for plain images)."""
+        return dict(self._osr().properties)
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel (the override, else ``openslide.mpp-x``), or None."""
+        if self._mpp_override is not None:
+            return self._mpp_override
+        value = self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X)
+        try:
+            mpp = float(value) if value is not None else None
+        except ValueError:
+            return None
+        return mpp if mpp is not None and math.isfinite(mpp) and mpp > 0 else None
+
+    def level_mpps(self) -> tuple[float, ...] | None:
+        """Microns per pixel of every level, or None when the slide's mpp is unknown."""
+        mpp = self.mpp
+        return None if mpp is None else tuple(mpp * d for d in self.level_downsamples)
+
+    def fingerprint(self) -> str:
+        """A content hash identifying the slide (OpenSlide's quickhash-1, else SHA-256).
+
+        Returns:
+            *str*: ``"quickhash-1:<hex>"`` for OpenSlide formats that have it,
+            else ``"sha256:<hex>"`` of the whole file (plain images).
+        """
+        quick = self._osr().properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+        if quick:
+            return f"quickhash-1:{quick}"
+        digest = hashlib.sha256()
+        with self.path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return f"sha256:{digest.hexdigest()}"
+
+    def _levels_text(self) -> str:
+        downs = ", ".join(f"{d:.4g}" for d in self.level_downsamples)
+        n = self.level_count
+        text = f"slide {self.path.name} has {n} level{'s' if n != 1 else ''} (0-{n - 1}) with "
+        text += f"downsamples ({downs})"
+        mpps = self.level_mpps()
+        if mpps is not None:
+            text += " and mpp (" + ", ".join(f"{m:.4g}" for m in mpps) + ")"
+        return text
+
+    def check_level(self, level: Any) -> int:
+        """Validate a level index against this slide.
+
+        Returns:
+            *int*: ``level``.
+
+        Raises:
+            TypeError: ``level`` is not an int.
+            ValueError: ``level`` is out of range (the message lists the levels).
+        """
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+            raise TypeError(
+                f"level must be an int, got {level!r} ({type(level).__name__}); "
+                f"{self._levels_text()}."
+            )
+        if not 0 <= int(level) < self.level_count:
+            raise ValueError(f"level={level} out of range; {self._levels_text()}.")
+        return int(level)
+
+    def resolve(self, *, level: int | None = None, mpp: float | None = None) -> Resolution:
+        """The level to read and the resampling that give the asked resolution.
+
+        With ``mpp``, the coarsest level whose mpp is at or finer than ``mpp``
+        (within 2 %) is read and then downsampled by the remaining factor; a
+        level within 2 % of ``mpp`` is read without resampling (the returned
+        ``mpp`` is then the level's). With neither, level 0 is used.
+
+        Args:
+            level (int, optional): a pyramid level.
+                        Default: None
+            mpp (float, optional): microns per output pixel.
+                        Default: None
+
+        Returns:
+            *Resolution*: level, its downsample, the extra resampling and the mpp.
+
+        Raises:
+            TypeError: ``level`` is not an int.
+            ValueError: both given; ``level`` out of range; ``mpp`` not
+                        positive, finer than level 0, or the slide has no mpp
+                        metadata (the message lists what the slide has).
+        """
+        if level is not None and mpp is not None:
+            raise ValueError(f"pass level= or mpp=, not both (got level={level}, mpp={mpp}).")
+        mpps = self.level_mpps()
+        if mpp is None:
+            lv = self.check_level(0 if level is None else level)
+            down = self.level_downsamples[lv]
+            return Resolution(lv, down, 1.0, None if mpps is None else mpps[lv])
+        if isinstance(mpp, bool) or not isinstance(mpp, numbers.Real) or not mpp > 0:
+            raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
+        if mpps is None:
+            raise ValueError(
+                f"{self.path.name} has no microns-per-pixel metadata (openslide.mpp-x), so "
+                f"mpp={mpp} cannot be resolved; pass level= instead, or Slide(path, mpp=...) "
+                f"to declare it. {self._levels_text()}."
+            )
+        if mpp < mpps[0] * (1 - _MPP_TOLERANCE):
+            raise ValueError(
+                f"mpp={mpp} is finer than level 0; {self._levels_text()}. Pass mpp >= "
+                f"{mpps[0]:.4g}."
+            )
+        candidates = [i for i, m in enumerate(mpps) if m <= mpp * (1 + _MPP_TOLERANCE)]
+        lv = max(candidates, key=lambda i: mpps[i])
+        resample = float(mpp) / mpps[lv]
+        if abs(resample - 1) <= _MPP_TOLERANCE:  # close enough: read the level as it is
+            return Resolution(lv, self.level_downsamples[lv], 1.0, mpps[lv])
+        return Resolution(lv, self.level_downsamples[lv], resample, float(mpp))
+
+    # -------------------------------------------------------------------- reading
+    def _composite(self, rgba: NDArray[np.uint8]) -> RGB:
+        alpha = rgba[..., 3:4]
+        if bool((alpha == 255).all()):
+            return np.ascontiguousarray(rgba[..., :3])
+        a = alpha.astype(np.uint16)
+        bg = np.asarray(self.background, dtype=np.uint16)
+        out = (rgba[..., :3].astype(np.uint16) * a + bg * (255 - a) + 127) // 255
+        return out.astype(np.uint8)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> RGB:
+        """Read a region as RGB, out-of-slide pixels composited onto the background.
+
+        Args:
+            location (tuple[int, int]): (x, y) of the top-left pixel in the
+                        level-0 frame (may be negative or beyond the slide).
+            level (int): pyramid level.
+            size (tuple[int, int]): (width, height) in pixels of ``level``.
+
+        Returns:
+            *ndarray*: height x width x 3 ``uint8``.
+
+        Raises:
+            ValueError: the slide is closed, ``level`` is out of range or
+                        ``size`` is not two positive ints.
+            TypeError: ``level`` is not an int.
+            SlideReadError: the read failed twice (once more on a reopened
+                        handle); carries ``path``, ``level``, ``location``,
+                        ``size`` and is chained from the reader's error.
+        """
+        osr = self._osr()
+        level = self.check_level(level)
+        if len(size) != 2 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size
+        ):
+            raise ValueError(f"size must be two positive ints (width, height), got {size!r}.")
+        loc = (int(location[0]), int(location[1]))
+        dims = (int(size[0]), int(size[1]))
+        try:
+            image = osr.read_region(loc, level, dims)
+        except (OpenSlideError, OSError) as first:
+            self.read_retries += 1
+            try:  # OpenSlide errors are sticky: only a fresh handle can read again
+                self._reopen()
+                image = self._osr().read_region(loc, level, dims)
+            except (OpenSlideError, OSError, UnsupportedSlideError) as exc:
+                if self._handle is None:  # leave the slide usable for the next tile
+                    self._open()
+                else:
+                    self._reopen()
+                raise _read_error(self.path, level, loc, dims, exc) from exc
+            del first
+        return self._composite(np.asarray(image))
+
+    def read_tile(
+        self, location: tuple[int, int], resolution: Resolution, size: int | tuple[int, int]
+    ) -> RGB:
+        """Read a tile of ``size`` output pixels at ``resolution``.
+
+        Reads ``size * resolution.resample`` pixels of ``resolution.level`` and,
+        when ``resample != 1``, downsamples them to ``size`` by area averaging
+        (PIL's box filter).
+
+        Args:
+            location (tuple[int, int]): (x, y) of the tile's corner in level 0.
+            resolution (Resolution): from :meth:`resolve`.
+            size (int or tuple[int, int]): output (width, height); an int is square.
+
+        Returns:
+            *ndarray*: height x width x 3 ``uint8``.
+
+        Raises:
+            SlideReadError: as :meth:`read_region`.
+        """
+        out: tuple[int, int] = (int(size), int(size)) if isinstance(size, int) else size
+        if resolution.resample == 1.0:
+            return self.read_region(location, resolution.level, (int(out[0]), int(out[1])))
+        read = tuple(max(1, round(v * resolution.resample)) for v in out)
+        pixels = self.read_region(location, resolution.level, (read[0], read[1]))
+        image = Image.fromarray(pixels).resize((int(out[0]), int(out[1])), Image.Resampling.BOX)
+        return np.array(image)  # a writable copy
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[RGB, tuple[float, float]]:
+        """A downsampled RGB view of the whole slide, composited onto the background.
+
+        Args:
+            max_size (int, optional): the longer side of the thumbnail in pixels.
+                        Default: 2048
+
+        Returns:
+            *tuple*: the height x width x 3 ``uint8`` thumbnail and its
+            (x, y) downsample: level-0 pixels per thumbnail pixel.
+
+        Raises:
+            ValueError: the slide is closed or ``max_size`` < 1.
+            SlideReadError: the pixels cannot be read.
+        """
+        osr = self._osr()
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size must be an int >= 1, got {max_size!r}.")
+        w, h = self.dimensions
+        try:
+            image = osr.get_thumbnail((max_size, max_size))
+        except (OpenSlideError, OSError) as exc:
+            self._reopen()
+            raise _read_error(self.path, None, (0, 0), (w, h), exc) from exc
+        if image.mode != "RGBA":
+            image = image.convert("RGBA")
+        pixels = self._composite(np.asarray(image))
+        return pixels, (w / pixels.shape[1], h / pixels.shape[0])
+
+
+def _read_error(
+    path: Path,
+    level: int | None,
+    location: tuple[int, int],
+    size: tuple[int, int],
+    exc: BaseException,
+) -> SlideReadError:
+    return SlideReadError(
+        f"Cannot read {size[0]} x {size[1]} px at level-0 location {location} (level "
+        f"{level}) of {path}: {exc}. The file may be corrupt; pass on_tile_error='skip' to "
+        "record and skip unreadable tiles.",
+        path=str(path),
+        level=level,
+        location=location,
+        size=size,
+    )
+
+
+def _reopen_slide(
+    path: str, mpp: float | None, allow_plain: bool, background: tuple[int, int, int]
+) -> Slide:
+    return Slide(path, mpp=mpp, allow_plain_images=allow_plain, background=background)

@@ -1,0 +1,689 @@
+"""``explain_slide``: concept maps of a whole slide, streamed, bounded in memory, resumable.
+
+The run reads the slide's tissue tiles in raster order through a
+``DataLoader`` (workers overlap reading with the forward pass), runs the model
+once per batch (keeping the layer's activations and the model's output),
+stitches the activations into cells (:class:`FeatureStitcher`) and, as soon
+as a row of cells is final, solves its concept weights with the fitted
+concepts and drops its C-dimensional features. Only the K-channel maps of the
+slide are kept.
+
+With ``out_dir`` the work is done in chunks of whole tile rows. After each
+chunk its finished rows, per-tile outputs and the stitcher's pending rows are
+written with atomic replaces, and then ``manifest.json`` records the chunk as
+done, together with hashes of the configuration and of the slide. A run
+interrupted at any point and continued with ``resume=True`` skips the done
+chunks and gives the same bits as an uninterrupted run (the batches, the
+summation order and the per-row solves are the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.activations import models_of
+from captum_nmf._version import __version__
+from captum_nmf.exceptions import (
+    ConceptModelMismatchError,
+    EmptyTileGridWarning,
+    NotFittedError,
+    NoTissueError,
+    RunStateError,
+)
+from captum_nmf.io import load_tensors, save_tensors
+from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
+from captum_nmf.wsi.reader import Slide
+from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand
+from captum_nmf.wsi.tiling import (
+    EdgePolicy,
+    SlideTiles,
+    TileErrorPolicy,
+    TileGrid,
+    TissueOption,
+    tile_grid,
+)
+
+__all__ = ["MANIFEST_FILE", "explain_slide"]
+
+MANIFEST_FILE = "manifest.json"
+_RUN_FORMAT = "captum-nmf/slide-run"
+_RUN_VERSION = 1
+_CHUNK_FORMAT = "captum-nmf/slide-chunk"
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def model_fingerprint(attr: NMFConceptAttribution) -> str:
+    """SHA-256 of the model's parameters and buffers, the layer and the concepts.
+
+    Returns:
+        *str*: hex digest.
+    """
+    digest = hashlib.sha256()
+    for root in models_of(attr.forward_func, attr.layer):
+        for name, tensor in root.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    digest.update(f"layer={attr.layer_name_}|".encode())
+    concepts = attr.concepts_.detach().to("cpu", torch.float32).contiguous()
+    digest.update(concepts.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _model_device(attr: NMFConceptAttribution) -> torch.device:
+    for root in models_of(attr.forward_func, attr.layer):
+        for param in root.parameters():
+            return param.device
+        for buffer in root.buffers():
+            return buffer.device
+    return torch.device("cpu")
+
+
+def _chunks(grid: TileGrid, chunk_tiles: int) -> list[tuple[int, int]]:
+    """Consecutive whole tile rows, each chunk holding at least ``chunk_tiles`` tiles."""
+    bounds = []
+    start = 0
+    n = len(grid)
+    while start < n:
+        end = min(start + chunk_tiles, n)
+        while end < n and grid.rows[end] == grid.rows[end - 1]:
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class _Run:
+    """The state of one slide run: output arrays, stitcher, chunk files."""
+
+    def __init__(
+        self,
+        attr: NMFConceptAttribution,
+        grid: TileGrid,
+        border: int,
+        work_dir: Path | None,
+    ) -> None:
+        self.attr = attr
+        self.grid = grid
+        self.border = border
+        self.work_dir = work_dir
+        self.k = int(attr.concepts_.shape[0])
+        self.stitcher: FeatureStitcher | None = None
+        self.cell = 0
+        self.maps: NDArray[np.float32] | None = None
+        self.counts: NDArray[np.int32] | None = None
+        self.outputs: NDArray[np.float32] | None = None
+        self.n_outputs = -1  # unknown until the first batch; 0 = model output not kept
+        self.failed: list[int] = []
+        self.chunk_rows: list[int] = []
+
+    # ----------------------------------------------------------------- geometry
+    def setup(self, h: int, w: int, n_outputs: int) -> None:
+        g = self.grid
+        if g.tile_size % h or g.tile_size % w or g.tile_size // h != g.tile_size // w:
+            raise ValueError(
+                f"tile_size={g.tile_size} is not a whole number of the layer's {h} x {w} "
+                "feature-map cells; choose a tile size the network divides exactly (e.g. a "
+                "multiple of its total stride)."
+            )
+        self.cell = g.tile_size // h
+        if g.stride % self.cell:
+            raise ValueError(
+                f"stride={g.stride} is not a multiple of the cell size {self.cell} px "
+                f"(tile_size {g.tile_size} / {h} cells); use e.g. stride={g.tile_size // 2}."
+            )
+        ext_w, ext_h = g.extent
+        hc = max(1, int(np.ceil(ext_h / self.cell - 1e-9)))
+        wc = max(1, int(np.ceil(ext_w / self.cell - 1e-9)))
+        self.maps = np.zeros((self.k, hc, wc), dtype=np.float32)
+        self.counts = np.zeros((hc, wc), dtype=np.int32)
+        self.n_outputs = n_outputs
+        if n_outputs:
+            self.outputs = np.full((len(g), n_outputs), np.nan, dtype=np.float32)
+        if self.stitcher is None:
+            self.stitcher = FeatureStitcher(
+                (hc, wc), int(self.attr.n_channels_in_), border=self.border
+            )
+
+    def ready(self) -> tuple[NDArray[np.float32], NDArray[np.int32], FeatureStitcher]:
+        """The output arrays and the stitcher, once the first batch has set them up."""
+        if self.maps is None or self.counts is None or self.stitcher is None:
+            raise RuntimeError("internal error: the slide run was used before its first batch")
+        return self.maps, self.counts, self.stitcher
+
+    def origins(self, idx: NDArray[np.int64]) -> NDArray[np.int64]:
+        step = self.grid.stride // self.cell
+        return np.stack([self.grid.rows[idx] * step, self.grid.cols[idx] * step], axis=1)
+
+    # -------------------------------------------------------------------- solve
+    def solve(self, bands: list[StitchedBand]) -> None:
+        maps, counts, _ = self.ready()
+        nmf = self.attr.nmf_
+        for band in bands:
+            have = band.counts > 0
+            counts[band.row] = band.counts
+            if have.any():
+                weights = np.asarray(nmf.transform(np.ascontiguousarray(band.features[have])))
+                maps[:, band.row, have] = weights.T.astype(np.float32)
+            self.chunk_rows.append(band.row)
+
+    def add_batch(
+        self, act: Tensor, output: Any, idx: NDArray[np.int64], failed: NDArray[np.int64]
+    ) -> None:
+        self.failed.extend(int(i) for i in failed)
+        if act.shape[0] == 0:
+            return
+        n, c, h, w = act.shape
+        if c != self.attr.n_channels_in_:
+            raise ConceptModelMismatchError(
+                f"The concepts expect {self.attr.n_channels_in_} channels but the layer "
+                f"produced {c}; use concepts fitted on this layer."
+            )
+        if self.maps is None:
+            keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
+            self.setup(h, w, int(output[:1].numel()) if keep else 0)
+        if self.n_outputs and self.outputs is not None:
+            self.outputs[idx] = output.detach().reshape(n, -1).float().cpu().numpy()
+        feats = act.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+        stitcher = self.ready()[2]
+        stitcher.add(feats, self.origins(idx))
+        self.solve(stitcher.pop_final())
+
+    # ------------------------------------------------------------------- chunks
+    def chunk_path(self, i: int, kind: str) -> Path:
+        if self.work_dir is None:
+            raise RuntimeError("internal error: chunk files need an out_dir")
+        return self.work_dir / "chunks" / f"{kind}_{i:05d}.safetensors"
+
+    def write_chunk(self, i: int, bounds: tuple[int, int]) -> None:
+        if self.work_dir is None or self.maps is None or self.counts is None:
+            self.chunk_rows = []
+            return
+        rows = np.asarray(self.chunk_rows, dtype=np.int64)
+        start, end = bounds
+        tensors = {
+            "rows": rows,
+            "maps": np.ascontiguousarray(self.maps[:, rows, :]),
+            "counts": np.ascontiguousarray(self.counts[rows]),
+            "failed": np.asarray([f for f in self.failed if start <= f < end], dtype=np.int64),
+        }
+        if self.outputs is not None:
+            tensors["outputs"] = np.ascontiguousarray(self.outputs[start:end])
+        _save(self.chunk_path(i, "chunk"), tensors, {"chunk": str(i)}, _CHUNK_FORMAT)
+        _save(
+            self.chunk_path(i, "carry"),
+            dict(self.ready()[2].state()),
+            {"chunk": str(i)},
+            _CHUNK_FORMAT,
+        )
+        self.chunk_rows = []
+
+    def restore(self, manifest: dict[str, Any], chunks: list[tuple[int, int]]) -> None:
+        done = int(manifest["done"])
+        if done == 0 or manifest.get("cell") is None:
+            return
+        self.cell = int(manifest["cell"])
+        carry, _ = load_tensors(self.chunk_path(done - 1, "carry"), format_name=_CHUNK_FORMAT)
+        state = {k: v.numpy() for k, v in carry.items()}
+        self.stitcher = FeatureStitcher.from_state(state, int(self.attr.n_channels_in_))
+        h = self.grid.tile_size // self.cell
+        self.setup(h, h, int(manifest["n_outputs"]))
+        maps, counts, _ = self.ready()
+        for i in range(done):
+            tensors, _ = load_tensors(self.chunk_path(i, "chunk"), format_name=_CHUNK_FORMAT)
+            rows = tensors["rows"].numpy()
+            maps[:, rows, :] = tensors["maps"].numpy()
+            counts[rows] = tensors["counts"].numpy()
+            self.failed.extend(int(f) for f in tensors["failed"].numpy())
+            if self.outputs is not None and "outputs" in tensors:
+                start, end = chunks[i]
+                self.outputs[start:end] = tensors["outputs"].numpy()
+
+
+def _save(path: Path, arrays: dict[str, Any], meta: dict[str, str], fmt: str) -> None:
+    save_tensors(
+        path,
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        meta,
+        format_name=fmt,
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _prepare_dir(
+    out_dir: Path, resume: bool, overwrite: bool
+) -> tuple[Path, dict[str, Any] | None]:
+    """The directory to work in, and the manifest to resume from (if any)."""
+    if resume and overwrite:
+        raise ValueError("pass resume=True or overwrite=True, not both.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir {out_dir} exists and is not a directory.")
+    occupied = out_dir.is_dir() and any(out_dir.iterdir())
+    if not occupied:
+        return out_dir, None
+    if overwrite:  # the old outputs are replaced only once the new run completes
+        return out_dir.with_name(f".{out_dir.name}.new-{os.getpid()}"), None
+    manifest_path = out_dir / MANIFEST_FILE
+    if not resume:
+        raise FileExistsError(
+            f"out_dir {out_dir} already holds files; pass resume=True to continue its run, "
+            "overwrite=True to replace it when the new run completes, or another directory."
+        )
+    if not manifest_path.is_file():
+        raise RunStateError(
+            f"out_dir {out_dir} holds files but no {MANIFEST_FILE}; it was not written by "
+            "explain_slide, so it cannot be resumed. Use another directory."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunStateError(f"{manifest_path} is unreadable ({exc}); cannot resume.") from exc
+    if (
+        manifest.get("format") != _RUN_FORMAT
+        or int(manifest.get("format_version", 0)) > _RUN_VERSION
+    ):
+        raise RunStateError(f"{manifest_path} is not a run manifest this version can resume.")
+    return out_dir, manifest
+
+
+def explain_slide(
+    attr: NMFConceptAttribution,
+    path: str | os.PathLike[str],
+    *,
+    tile_size: int = 512,
+    stride: int = 256,
+    level: int | None = None,
+    mpp: float | None = None,
+    border: int = 2,
+    edge: EdgePolicy = "pad",
+    min_tissue: float = 0.25,
+    tissue_mask: TissueOption = "otsu",
+    transform: Callable[[Tensor], Tensor] | None = None,
+    slide_mpp: float | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    on_tile_error: TileErrorPolicy = "raise",
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_tiles: int = 256,
+    progress: bool = True,
+) -> SlideExplanation:
+    r"""Concept maps of a whole slide from overlapping tiles, as in the paper.
+
+    The slide's tissue tiles (``tile_size`` px, every ``stride`` px, at
+    ``level`` or ``mpp``) go through the model in raster order. Each tile's
+    layer activations, minus ``border`` cells on every side, are averaged
+    over all tiles covering the same cell; the concept weights of each cell
+    are then solved with the fitted concepts (exact NNLS). Memory is bounded
+    by the band of cells the current tile row can touch, not by the slide.
+
+    Args:
+        attr (NMFConceptAttribution): fitted (or loaded) concepts; the model
+                    runs on the device of its parameters.
+        path (str or PathLike): the slide (any OpenSlide format, or a plain image).
+        tile_size (int, optional): tile side in output pixels.
+                    Default: 512
+        stride (int, optional): step between tiles; a multiple of the cell size.
+                    Default: 256
+        level (int, optional): pyramid level to read (the paper: level 1 = 10x).
+                    Default: None (level 0 unless ``mpp`` is given)
+        mpp (float, optional): target microns per pixel instead of ``level``.
+                    Default: None
+        border (int, optional): feature-map cells dropped on each tile side.
+                    Default: 2
+        edge (str, optional): ``"pad"`` or ``"drop"`` tiles reaching past the
+                    slide (see :func:`~captum_nmf.wsi.tile_grid`).
+                    Default: ``"pad"``
+        min_tissue (float, optional): smallest tissue fraction of a tile.
+                    Default: 0.25
+        tissue_mask (TissueMask, "otsu" or None, optional): the tissue mask;
+                    None uses every tile.
+                    Default: ``"otsu"``
+        transform (Callable, optional): applied to each 3 x T x T tile in [0, 1]
+                    (e.g. the model's normalisation); picklable for workers.
+                    Default: None
+        slide_mpp (float, optional): microns per level-0 pixel for slides
+                    without that metadata.
+                    Default: None
+        batch_size (int, optional): tiles per forward pass.
+                    Default: 16
+        num_workers (int, optional): DataLoader worker processes reading tiles
+                    while the model runs (0 reads in this process).
+                    Default: 0
+        on_tile_error (str, optional): after a failed read and a failed retry
+                    on a reopened handle, ``"raise"`` or ``"skip"`` (the tile is
+                    recorded in ``failed_tiles`` and its cells become NaN when no
+                    other tile covers them).
+                    Default: ``"raise"``
+        out_dir (str or PathLike, optional): write chunks, a manifest and the
+                    final explanation here.
+                    Default: None (keep everything in memory)
+        resume (bool, optional): continue the run in ``out_dir``.
+                    Default: False
+        overwrite (bool, optional): replace ``out_dir``'s content, but only
+                    after the new run completes.
+                    Default: False
+        chunk_tiles (int, optional): tiles per chunk (rounded up to whole tile rows).
+                    Default: 256
+        progress (bool, optional): show a tqdm progress bar.
+                    Default: True
+
+    Returns:
+        *SlideExplanation*: the maps, assignment, counts, tiles and their outputs.
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        SlideNotFoundError: ``path`` does not exist.
+        UnsupportedSlideError: the file cannot be opened.
+        NoTissueError: no tile has enough tissue (nothing is written).
+        SlideReadError: a tile could not be read twice, with ``on_tile_error="raise"``.
+        FileExistsError: ``out_dir`` holds files and neither ``resume`` nor ``overwrite``.
+        RunStateError: ``resume`` with a different configuration or slide.
+        ValueError: bad tiling arguments, a level or mpp the slide does not
+                    have, or tile and stride that do not fit the layer's cells.
+        TypeError: a non-int size, level or count.
+    """
+    if not hasattr(attr, "concepts_"):
+        raise NotFittedError(
+            "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
+            "'NMFConceptAttribution.load' before 'explain_slide'."
+        )
+    _int_arg("border", border, 0)
+    _int_arg("batch_size", batch_size, 1)
+    _int_arg("num_workers", num_workers, 0)
+    _int_arg("chunk_tiles", chunk_tiles, 1)
+    if on_tile_error not in ("raise", "skip"):
+        raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
+    with Slide(path, mpp=slide_mpp) as slide:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyTileGridWarning)
+            grid = tile_grid(
+                slide,
+                tile_size=tile_size,
+                stride=stride,
+                level=level,
+                mpp=mpp,
+                edge=edge,
+                tissue_mask=tissue_mask,
+                min_tissue=min_tissue,
+            )
+        fingerprint = slide.fingerprint()
+        if len(grid) == 0:
+            raise NoTissueError(
+                f"No tissue found in {slide.path.name} at level {grid.resolution.level}: 0 of "
+                f"{grid.n_rows * grid.n_cols} tiles of {grid.tile_size} px have tissue fraction "
+                f">= {min_tissue} (edge={edge!r}). Lower min_tissue, pass tissue_mask=None, or "
+                "check the file."
+            )
+    config = {
+        "library_version": __version__,
+        "layer": attr.layer_name_,
+        "n_concepts": int(attr.concepts_.shape[0]),
+        "negative": attr.negative,
+        "tile_size": grid.tile_size,
+        "stride": grid.stride,
+        "level": grid.resolution.level,
+        "mpp": grid.resolution.mpp,
+        "resample": grid.resolution.resample,
+        "border": border,
+        "edge": edge,
+        "min_tissue": float(min_tissue),
+        "n_tiles": len(grid),
+        "batch_size": batch_size,
+        "chunk_tiles": chunk_tiles,
+        "transform": None if transform is None else repr(transform),
+        "on_tile_error": on_tile_error,
+    }
+    chunks = _chunks(grid, chunk_tiles)
+    target = None if out_dir is None else Path(out_dir)
+    work_dir, manifest = (None, None) if target is None else _prepare_dir(target, resume, overwrite)
+    if work_dir is not None:
+        run_hash = _config_hash(attr, config, grid)
+        if manifest is not None:
+            if manifest.get("config_hash") != run_hash:
+                raise RunStateError(
+                    f"out_dir {work_dir} was produced with a different configuration (model, "
+                    "layer, concepts, tiling or library version); pass resume=False with "
+                    "another directory, or overwrite=True."
+                )
+            if manifest.get("slide_fingerprint") != fingerprint:
+                raise RunStateError(
+                    f"out_dir {work_dir} was produced from another slide (fingerprint "
+                    f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
+                )
+            if manifest.get("status") == "complete" and (work_dir / EXPLANATION_FILE).is_file():
+                return SlideExplanation.load(work_dir)
+        else:
+            manifest = {
+                "format": _RUN_FORMAT,
+                "format_version": _RUN_VERSION,
+                "config_hash": run_hash,
+                "config": config,
+                "slide": str(Path(path)),
+                "slide_fingerprint": fingerprint,
+                "chunks": [list(c) for c in chunks],
+                "done": 0,
+                "cell": None,
+                "n_outputs": None,
+                "status": "running",
+            }
+            (work_dir / "chunks").mkdir(parents=True, exist_ok=True)
+            _write_json(work_dir / MANIFEST_FILE, manifest)
+    run = _Run(attr, grid, border, work_dir)
+    done = 0
+    if manifest is not None and work_dir is not None:
+        run.restore(manifest, chunks)
+        done = int(manifest["done"])
+    try:
+        _process(
+            run,
+            chunks,
+            done,
+            manifest,
+            transform,
+            slide_mpp,
+            on_tile_error,
+            batch_size,
+            num_workers,
+            progress,
+        )
+    except BaseException:
+        if work_dir is not None and work_dir != target:  # an interrupted overwrite leaves no debris
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    result = _finish(run, grid, config, fingerprint)
+    if work_dir is not None and manifest is not None and target is not None:
+        result.save(work_dir)
+        manifest["status"] = "complete"
+        _write_json(work_dir / MANIFEST_FILE, manifest)
+        shutil.rmtree(work_dir / "chunks", ignore_errors=True)
+        if work_dir != target:  # overwrite: swap only now that the new run is complete
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.replace(old)
+            work_dir.replace(target)
+            shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def _config_hash(attr: NMFConceptAttribution, config: dict[str, Any], grid: TileGrid) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(model_fingerprint(attr).encode())
+    digest.update(grid.rows.tobytes() + grid.cols.tobytes())
+    return digest.hexdigest()
+
+
+def _process(
+    run: _Run,
+    chunks: list[tuple[int, int]],
+    done: int,
+    manifest: dict[str, Any] | None,
+    transform: Callable[[Tensor], Tensor] | None,
+    slide_mpp: float | None,
+    on_tile_error: TileErrorPolicy,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    todo = chunks[done:]
+    if not todo:
+        return
+    batches = [
+        list(range(s, min(s + batch_size, end)))
+        for start, end in todo
+        for s in range(start, end, batch_size)
+    ]
+    chunk_end = {end: i + done for i, (_, end) in enumerate(todo)}
+    tiles = SlideTiles.from_grids(
+        [run.grid], transform=transform, on_tile_error=on_tile_error, slide_mpp=slide_mpp
+    )
+    device = _model_device(run.attr)
+    loader = DataLoader(
+        tiles,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=SlideTiles.collate_fn,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(
+        total=sum(e - s for s, e in todo),
+        disable=not progress,
+        desc=f"explain {Path(run.grid.path).name}",
+        unit="tile",
+    )
+    batches_in = loader if num_workers else _prefetched(loader)
+    try:
+        for images, idx, failed in batches_in:
+            ids = idx.numpy()
+            if ids.size:
+                act, output = run.attr.features(
+                    images.to(device, non_blocking=True), return_output=True
+                )
+            else:
+                act, output = torch.empty(0, 0, 0, 0), None
+            run.add_batch(act, output, ids, failed.numpy())
+            bar.update(len(ids) + len(failed))
+            last = int(max(ids.max(initial=-1), failed.numpy().max(initial=-1))) + 1
+            if last in chunk_end:
+                i = chunk_end[last]
+                run.write_chunk(i, chunks[i])
+                if manifest is not None and run.work_dir is not None:
+                    manifest.update(
+                        done=i + 1, cell=run.cell or None, n_outputs=max(run.n_outputs, 0)
+                    )
+                    _write_json(run.work_dir / MANIFEST_FILE, manifest)
+                    previous = run.chunk_path(i - 1, "carry") if i else None
+                    if previous is not None:
+                        previous.unlink(missing_ok=True)
+    finally:
+        if isinstance(batches_in, Generator):  # stop the reader thread before closing its slide
+            batches_in.close()
+        bar.close()
+        tiles.close()
+
+
+_END = object()
+
+
+def _prefetched(iterable: Iterable[Any]) -> Generator[Any, None, None]:
+    """Yield ``iterable``'s items, reading the next one in a background thread meanwhile.
+
+    With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
+    PIL release the GIL) with the forward pass without a worker process.
+    Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
+    """
+    iterator = iter(iterable)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captum-nmf-read") as pool:
+        pending = pool.submit(next, iterator, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, iterator, _END)
+            yield item
+
+
+def _finish(
+    run: _Run, grid: TileGrid, config: dict[str, Any], fingerprint: str
+) -> SlideExplanation:
+    if run.stitcher is None or run.maps is None or run.counts is None:
+        raise NoTissueError(
+            f"No tile of {Path(grid.path).name} could be read ({len(run.failed)} of {len(grid)} "
+            "failed); nothing to explain."
+        )
+    run.solve(run.stitcher.finish())
+    maps, counts = run.maps, run.counts
+    if run.failed:  # cells only failed tiles would have covered: no data, never zero
+        lost = np.zeros(counts.shape, dtype=bool)
+        b = run.border
+        h = grid.tile_size // run.cell
+        for r0, c0 in run.origins(np.asarray(sorted(set(run.failed)), dtype=np.int64)):
+            lost[max(r0 + b, 0) : max(r0 + h - b, 0), max(c0 + b, 0) : max(c0 + h - b, 0)] = True
+        maps[:, lost & (counts == 0)] = np.nan
+    cell_size = run.cell * grid.resolution.scale
+    tissue_cells = np.ones(counts.shape, dtype=bool)
+    assignment = np.full(counts.shape, -1, dtype=np.int16)
+    wc = counts.shape[1]
+    for r in np.flatnonzero(counts.any(axis=1)):  # row by row: no slide-sized temporaries
+        if grid.tissue_mask is not None:
+            boxes = np.stack(
+                [
+                    np.arange(wc) * cell_size,
+                    np.full(wc, r * cell_size),
+                    np.full(wc, cell_size),
+                    np.full(wc, cell_size),
+                ],
+                axis=1,
+            )
+            tissue_cells[r] = grid.tissue_mask.fractions(boxes) >= 0.5
+        row = np.nan_to_num(maps[:, r, :], nan=0.0)
+        best = np.argmax(row, axis=0)
+        top = np.take_along_axis(row, best[None], axis=0)[0]
+        assignment[r] = np.where((top > 0) & tissue_cells[r], best, -1)
+    failed = np.asarray(sorted(set(run.failed)), dtype=np.int64)
+    locations = grid.locations
+    return SlideExplanation(
+        concept_maps=maps,
+        assignment=assignment,
+        counts=counts,
+        tissue_cells=tissue_cells,
+        cell_size=float(cell_size),
+        origin=(0.0, 0.0),
+        tile_locations=locations,
+        tile_outputs=run.outputs,
+        failed_tiles=locations[failed].reshape(-1, 2),
+        concepts=run.attr.concepts_.detach().to("cpu", torch.float32).numpy().copy(),
+        slide_path=grid.path,
+        slide_fingerprint=fingerprint,
+        dimensions=grid.dimensions,
+        config={**config, "cell_px": run.cell, "border": run.border},
+        tissue=grid.tissue_mask,
+    )

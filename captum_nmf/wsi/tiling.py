@@ -1,0 +1,456 @@
+"""Overlapping tile grids over slides, and a picklable ``Dataset`` of their tissue tiles."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
+from captum_nmf.wsi.reader import Resolution, Slide
+from captum_nmf.wsi.tissue import TissueMask, detect_tissue
+
+__all__ = ["EdgePolicy", "SlideTiles", "TileGrid", "TileErrorPolicy", "tile_grid"]
+
+EdgePolicy = Literal["pad", "drop"]
+TileErrorPolicy = Literal["raise", "skip"]
+TissueOption = TissueMask | Literal["otsu"] | None
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The kept tiles of one slide, in raster order (row by row, left to right).
+
+    Positions are in *output pixels* (the slide resampled to ``resolution``):
+    tile ``(row, col)`` covers output pixels ``[row * stride, row * stride +
+    tile_size)`` vertically and likewise horizontally, which is level-0 pixel
+    ``round(col * stride * scale)``, ``round(row * stride * scale)``.
+
+    Attributes:
+        path (str): the slide file.
+        dimensions (tuple[int, int]): level-0 (width, height).
+        resolution (Resolution): level read and resampling.
+        tile_size (int): tile side in output pixels.
+        stride (int): step between tiles in output pixels.
+        edge (str): ``"pad"`` (tiles reaching past the slide are padded with
+                    background, so every part of the slide is covered) or
+                    ``"drop"`` (only tiles fully inside the slide).
+        min_tissue (float): tiles with a smaller tissue fraction were dropped.
+        n_rows (int): rows of the full grid, before the tissue filter.
+        n_cols (int): columns of the full grid.
+        rows (ndarray): grid row of every kept tile (int64).
+        cols (ndarray): grid column of every kept tile (int64).
+        tissue (ndarray): tissue fraction of every kept tile (over its part
+                    inside the slide).
+        tissue_mask (TissueMask or None): the mask used, if any.
+    """
+
+    path: str
+    dimensions: tuple[int, int]
+    resolution: Resolution
+    tile_size: int
+    stride: int
+    edge: EdgePolicy
+    min_tissue: float
+    n_rows: int
+    n_cols: int
+    rows: NDArray[np.int64]
+    cols: NDArray[np.int64]
+    tissue: NDArray[np.float64]
+    tissue_mask: TissueMask | None
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def extent(self) -> tuple[float, float]:
+        """(width, height) of the slide in output pixels."""
+        s = self.resolution.scale
+        return self.dimensions[0] / s, self.dimensions[1] / s
+
+    @property
+    def locations(self) -> NDArray[np.int64]:
+        """Level-0 (x, y) of every kept tile's top-left corner (n x 2)."""
+        step = self.stride * self.resolution.scale
+        xy = np.stack([self.cols * step, self.rows * step], axis=1)
+        return np.rint(xy).astype(np.int64)
+
+    @property
+    def tile_size_level0(self) -> float:
+        """Tile side in level-0 pixels."""
+        return self.tile_size * self.resolution.scale
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return int(value)
+
+
+def _axis_count(extent: float, tile: int, stride: int, edge: EdgePolicy) -> int:
+    if edge == "pad":
+        return max(math.ceil((extent - tile) / stride - 1e-9), 0) + 1
+    return math.floor((extent - tile) / stride + 1e-9) + 1 if extent >= tile - 1e-9 else 0
+
+
+def tile_grid(
+    slide: Slide,
+    *,
+    tile_size: int = 512,
+    stride: int = 256,
+    level: int | None = None,
+    mpp: float | None = None,
+    edge: EdgePolicy = "pad",
+    tissue_mask: TissueOption = "otsu",
+    min_tissue: float = 0.25,
+) -> TileGrid:
+    r"""The overlapping tiles of a slide that contain enough tissue.
+
+    Args:
+        slide (Slide): an open slide.
+        tile_size (int, optional): tile side in output pixels.
+                    Default: 512
+        stride (int, optional): step between tiles in output pixels (the
+                    paper: half a tile).
+                    Default: 256
+        level (int, optional): pyramid level to read (see :meth:`Slide.resolve`).
+                    Default: None (level 0 unless ``mpp`` is given)
+        mpp (float, optional): target microns per pixel instead of ``level``.
+                    Default: None
+        edge (str, optional): ``"pad"`` covers the whole slide, padding
+                    tiles that reach past it with background; ``"drop"``
+                    keeps only tiles fully inside (a slide smaller than a
+                    tile then has none).
+                    Default: ``"pad"``
+        tissue_mask (TissueMask, "otsu" or None, optional): the tissue mask;
+                    ``"otsu"`` runs :func:`detect_tissue`; None treats the
+                    whole slide as tissue.
+                    Default: ``"otsu"``
+        min_tissue (float, optional): smallest tissue fraction of a kept tile.
+                    Default: 0.25
+
+    Returns:
+        *TileGrid*: the kept tiles. An empty grid also warns
+        :class:`~captum_nmf.exceptions.EmptyTileGridWarning`.
+
+    Raises:
+        TypeError: ``tile_size``, ``stride`` or ``level`` is not an int.
+        ValueError: a non-positive size, an unknown ``edge``, ``min_tissue``
+                    outside [0, 1], or a level / mpp the slide does not have.
+    """
+    tile = _positive_int("tile_size", tile_size)
+    step = _positive_int("stride", stride)
+    if edge not in ("pad", "drop"):
+        raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
+    if not isinstance(min_tissue, numbers.Real) or not 0.0 <= float(min_tissue) <= 1.0:
+        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}.")
+    resolution = slide.resolve(level=level, mpp=mpp)
+    if isinstance(tissue_mask, str):
+        if tissue_mask != "otsu":
+            raise ValueError(
+                f"tissue_mask must be a TissueMask, 'otsu' or None, got {tissue_mask!r}."
+            )
+        mask: TissueMask | None = detect_tissue(slide)
+    elif tissue_mask is None or isinstance(tissue_mask, TissueMask):
+        mask = tissue_mask
+    else:
+        raise TypeError(
+            "tissue_mask must be a TissueMask, 'otsu' or None, got "
+            f"{type(tissue_mask).__name__}; wrap an array with TissueMask.from_array(...)."
+        )
+    scale = resolution.scale
+    width, height = slide.dimensions
+    n_cols = _axis_count(width / scale, tile, step, edge)
+    n_rows = _axis_count(height / scale, tile, step, edge)
+    rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rr.ravel().astype(np.int64), cc.ravel().astype(np.int64)
+    if mask is None:
+        tissue = np.ones(rows.shape[0])
+    else:
+        side = tile * scale
+        boxes = np.stack(
+            [
+                cols * step * scale,
+                rows * step * scale,
+                np.full(rows.shape, side),
+                np.full(rows.shape, side),
+            ],
+            axis=1,
+        )
+        tissue = mask.fractions(boxes)
+    keep = (tissue >= float(min_tissue)) & (tissue > 0)  # never a tile of pure background
+    grid = TileGrid(
+        path=str(slide.path),
+        dimensions=(width, height),
+        resolution=resolution,
+        tile_size=tile,
+        stride=step,
+        edge=edge,
+        min_tissue=float(min_tissue),
+        n_rows=n_rows,
+        n_cols=n_cols,
+        rows=rows[keep],
+        cols=cols[keep],
+        tissue=tissue[keep],
+        tissue_mask=mask,
+    )
+    if len(grid) == 0:
+        warnings.warn(
+            f"No tile of {slide.path.name} has tissue fraction >= {min_tissue} ({n_rows * n_cols} "
+            f"candidate tiles of {tile} px at level {resolution.level}, edge={edge!r}).",
+            EmptyTileGridWarning,
+            stacklevel=2,
+        )
+    return grid
+
+
+def _check_policy(on_tile_error: str, transform: object) -> None:
+    if on_tile_error not in ("raise", "skip"):
+        raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
+    if transform is not None and not callable(transform):
+        raise TypeError("transform must be callable or None.")
+
+
+def _to_tensor(pixels: NDArray[np.uint8]) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+
+
+class SlideTiles(Dataset[tuple[Tensor | None, int]]):
+    r"""The tissue tiles of one or many slides as a picklable map-style ``Dataset``.
+
+    Item ``i`` is ``(image, i)``: ``image`` is the tile as a 3 x T x T float
+    tensor in [0, 1] (after ``transform``, if given). Tiles are ordered slide
+    by slide, each slide in raster order. No slide handle is opened until an
+    item is read, and each process (each ``DataLoader`` worker) opens its
+    own, so ``DataLoader(tiles, num_workers=...)`` is safe; a pickled copy
+    carries only paths and the tile tables. Pass it directly to
+    :meth:`NMFConceptAttribution.fit <captum_nmf.NMFConceptAttribution.fit>`
+    or wrap it with :meth:`loader`.
+
+    A read that fails is retried once on a reopened handle; if it fails
+    again, ``on_tile_error="raise"`` raises
+    :class:`~captum_nmf.exceptions.SlideReadError` and ``"skip"`` returns
+    ``(None, i)``, which :meth:`collate_fn` moves into the batch's list of
+    failed tiles (so a default-collate ``DataLoader`` needs
+    ``collate_fn=tiles.collate_fn`` with ``"skip"``).
+
+    Args:
+        paths (str, PathLike or sequence of them): slide files.
+        tile_size (int, optional): tile side in output pixels.
+                    Default: 512
+        stride (int, optional): step between tiles in output pixels.
+                    Default: 256
+        level (int, optional): pyramid level; see :func:`tile_grid`.
+                    Default: None
+        mpp (float, optional): target microns per pixel instead of ``level``.
+                    Default: None
+        edge (str, optional): ``"pad"`` or ``"drop"``; see :func:`tile_grid`.
+                    Default: ``"pad"``
+        min_tissue (float, optional): smallest tissue fraction of a tile.
+                    Default: 0.25
+        tissue_mask (TissueMask, "otsu" or None, optional): see :func:`tile_grid`
+                    (a TissueMask only with one slide).
+                    Default: ``"otsu"``
+        transform (Callable, optional): applied to each 3 x T x T tile tensor
+                    in [0, 1] (e.g. the model's normalisation). Must be
+                    picklable for ``num_workers > 0``.
+                    Default: None
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"``.
+                    Default: ``"raise"``
+        slide_mpp (float, optional): microns per level-0 pixel for slides
+                    without that metadata (plain images).
+                    Default: None
+
+    Attributes:
+        grids (list[TileGrid]): one per slide.
+
+    Raises:
+        SlideNotFoundError: a path does not exist.
+        UnsupportedSlideError: a file cannot be opened.
+        ValueError: bad tiling arguments (see :func:`tile_grid`), an unknown
+                    ``on_tile_error``, or no paths.
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        tile_size: int = 512,
+        stride: int = 256,
+        level: int | None = None,
+        mpp: float | None = None,
+        edge: EdgePolicy = "pad",
+        min_tissue: float = 0.25,
+        tissue_mask: TissueOption = "otsu",
+        transform: Callable[[Tensor], Tensor] | None = None,
+        on_tile_error: TileErrorPolicy = "raise",
+        slide_mpp: float | None = None,
+    ) -> None:
+        _check_policy(on_tile_error, transform)
+        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not items:
+            raise ValueError("paths is empty; pass at least one slide file.")
+        if isinstance(tissue_mask, TissueMask) and len(items) > 1:
+            raise ValueError("one TissueMask cannot serve several slides; pass 'otsu' or None.")
+        grids = []
+        for item in items:
+            with Slide(item, mpp=slide_mpp) as slide:
+                grids.append(
+                    tile_grid(
+                        slide,
+                        tile_size=tile_size,
+                        stride=stride,
+                        level=level,
+                        mpp=mpp,
+                        edge=edge,
+                        tissue_mask=tissue_mask,
+                        min_tissue=min_tissue,
+                    )
+                )
+        self._setup(grids, transform, on_tile_error, slide_mpp)
+
+    @classmethod
+    def from_grids(
+        cls,
+        grids: Sequence[TileGrid],
+        *,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        on_tile_error: TileErrorPolicy = "raise",
+        slide_mpp: float | None = None,
+    ) -> SlideTiles:
+        """Tiles of already computed grids (e.g. with a hand-made tissue mask).
+
+        Returns:
+            *SlideTiles*: the dataset.
+
+        Raises:
+            ValueError: an unknown ``on_tile_error`` or no grids.
+        """
+        if not grids:
+            raise ValueError("grids is empty; pass at least one TileGrid.")
+        tiles = cls.__new__(cls)
+        tiles._setup(list(grids), transform, on_tile_error, slide_mpp)
+        return tiles
+
+    def _setup(
+        self,
+        grids: list[TileGrid],
+        transform: Callable[[Tensor], Tensor] | None,
+        on_tile_error: TileErrorPolicy,
+        slide_mpp: float | None,
+    ) -> None:
+        _check_policy(on_tile_error, transform)
+        self.grids = grids
+        self.transform = transform
+        self.on_tile_error: TileErrorPolicy = on_tile_error
+        self.slide_mpp = slide_mpp
+        sizes = [len(g) for g in grids]
+        self._slide_of = np.repeat(np.arange(len(grids)), sizes)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._handles: dict[int, Slide] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(slide index, tile index within that slide's grid) of item ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"tile index {index} out of range for {len(self)} tiles.")
+        index = index % len(self)
+        s = int(self._slide_of[index])
+        return s, index - int(self._offsets[s])
+
+    def _slide(self, s: int) -> Slide:
+        if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
+            self._handles = {}
+            self._pid = os.getpid()
+        slide = self._handles.get(s)
+        if slide is None or slide.closed:
+            slide = Slide(self.grids[s].path, mpp=self.slide_mpp)
+            self._handles[s] = slide
+        return slide
+
+    def read(self, index: int) -> NDArray[np.uint8]:
+        """The raw ``uint8`` pixels (T x T x 3) of item ``index``.
+
+        Raises:
+            SlideReadError: the read failed twice (see :meth:`Slide.read_region`).
+        """
+        s, t = self.locate(index)
+        grid = self.grids[s]
+        x, y = (int(v) for v in grid.locations[t])
+        return self._slide(s).read_tile((x, y), grid.resolution, grid.tile_size)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
+        try:
+            pixels = self.read(index)
+        except SlideReadError:
+            if self.on_tile_error == "raise":
+                raise
+            return None, int(index)
+        image = _to_tensor(pixels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(index)
+
+    @staticmethod
+    def collate_fn(items: Sequence[tuple[Tensor | None, int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch items into ``(images, indices, failed_indices)``, leaving out skipped tiles.
+
+        Returns:
+            *tuple*: N x 3 x T x T images, their N item indices, and the item
+            indices of tiles that could not be read (``int64`` tensors).
+        """
+        good = [(img, i) for img, i in items if img is not None]
+        failed = torch.tensor([i for img, i in items if img is None], dtype=torch.int64)
+        if not good:
+            return torch.empty(0), torch.empty(0, dtype=torch.int64), failed
+        images = torch.stack([img for img, _ in good])
+        return images, torch.tensor([i for _, i in good], dtype=torch.int64), failed
+
+    def loader(
+        self, batch_size: int = 16, num_workers: int = 0, **kwargs: Any
+    ) -> DataLoader[tuple[Tensor | None, int]]:
+        """A ``DataLoader`` in tile order with :meth:`collate_fn` (extra kwargs passed on).
+
+        Returns:
+            *DataLoader*: yields ``(images, indices, failed_indices)``.
+        """
+        return DataLoader(
+            self,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=self.collate_fn,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        """Close the handles this process opened."""
+        for slide in self._handles.values():
+            slide.close()
+        self._handles = {}
+
+    def __repr__(self) -> str:
+        return f"SlideTiles({len(self.grids)} slide(s), {len(self)} tiles)"

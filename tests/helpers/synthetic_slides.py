@@ -1,0 +1,83 @@
+"""Slides written by the tests from real images, and corrupted copies of real slides.
+
+Nothing here downloads anything and nothing generated is committed: every file
+is written under pytest's ``tmp_path``. The real inputs are
+``tests/data/cmu_small_region.svs`` (a real Aperio SVS) and the H&E JPEGs
+packaged in ``captum_nmf/data`` (see ``tests/data/SOURCES.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from captum_nmf.data import path as data_path
+from captum_nmf.wsi import Slide, write_pyramid
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+CMU = DATA / "cmu_small_region.svs"
+CMU_MPP = 0.499
+
+
+def he_image(name: str = "hgsc_nest.jpg") -> np.ndarray:
+    """A packaged real 1500 x 1500 H&E image as H x W x 3 uint8."""
+    return np.array(Image.open(data_path(name)).convert("RGB"))
+
+
+def cmu_pixels() -> np.ndarray:
+    """Level 0 of the real CMU-1 small-region SVS (2967 x 2220 x 3 uint8)."""
+    with Slide(CMU) as slide:
+        return slide.read_region((0, 0), 0, slide.dimensions)
+
+
+def cmu_pyramid(path: Path, levels: int | None = None) -> Path:
+    """The real CMU SVS rewritten as a multi-level pyramid (4 levels, downsample 2)."""
+    return write_pyramid(cmu_pixels(), path, mpp=CMU_MPP, levels=levels)
+
+
+def tissue_on_white(
+    path: Path, size: tuple[int, int], box: tuple[int, int, int, int], *, mpp: float = 0.5
+) -> Path:
+    """A white slide of ``size`` (w, h) with real H&E pasted into ``box`` (x, y, w, h)."""
+    canvas = np.full((size[1], size[0], 3), 255, dtype=np.uint8)
+    x, y, w, h = box
+    canvas[y : y + h, x : x + w] = he_image()[:h, :w]
+    return write_pyramid(canvas, path, mpp=mpp)
+
+
+def blank_slide(path: Path, size: tuple[int, int] = (1024, 768)) -> Path:
+    """An all-white slide (no tissue)."""
+    return write_pyramid(np.full((size[1], size[0], 3), 255, np.uint8), path, mpp=0.5)
+
+
+def flip_tile_marker(src: Path, dst: Path, tile_index: int) -> tuple[int, int]:
+    """Copy an Aperio JPEG SVS, breaking one level-0 JPEG tile the way ``unreadable.svs`` is made.
+
+    The JPEG Start-of-Scan marker ``FF DA`` of tile ``tile_index`` becomes
+    ``FF DB``: the slide still opens, but reading pixels of that tile fails.
+
+    Returns:
+        the level-0 (x, y) of the broken tile's corner.
+    """
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[tile_index], page.databytecounts[tile_index]
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        tw, th = page.tilewidth, page.tilelength
+    sos = data.find(b"\xff\xda", offset, offset + count)
+    if sos < 0:
+        raise RuntimeError(f"no SOS marker in tile {tile_index} of {src}")
+    data[sos + 1] = 0xDB
+    dst.write_bytes(bytes(data))
+    return (tile_index % tiles_across) * tw, (tile_index // tiles_across) * th
+
+
+def truncated_copy(src: Path, dst: Path, fraction: float = 0.6) -> Path:
+    """The first ``fraction`` of a file's bytes."""
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst

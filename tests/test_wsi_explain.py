@@ -1,0 +1,364 @@
+"""``explain_slide``: exact maps, the paper's geometry, failures, resumable runs, persistence."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.data import path as data_path
+from captum_nmf.exceptions import (
+    ConceptModelFormatError,
+    NotFittedError,
+    NoTissueError,
+    RunStateError,
+    SlideNotFoundError,
+    SlideReadError,
+)
+from captum_nmf.wsi import Slide, SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi.reader import Slide as SlideClass
+from tests.helpers.synthetic_slides import CMU, blank_slide, cmu_pixels, flip_tile_marker, he_image
+from tests.helpers.wsi_models import PoolNet
+
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def he_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 512 x 384 px of real H&E: tiles of 64 px every 16 px fit exactly (29 x 21 tiles)
+    return write_pyramid(he_image()[:384, :512], tmp_path_factory.mktemp("he") / "he.svs", mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def pool_attr(he_slide: Path) -> NMFConceptAttribution:
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    tiles = SlideTiles(he_slide, tile_size=64, stride=32, tissue_mask=None)
+    return attr.fit(tiles, batch_size=32, progress=False)
+
+
+def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> SlideExplanation:
+    options: dict[str, object] = {
+        "tile_size": 64,
+        "stride": 16,
+        "tissue_mask": None,
+        "batch_size": 32,
+        "progress": False,
+    }
+    options.update(kwargs)
+    return explain_slide(attr, path, **options)  # type: ignore[arg-type]
+
+
+def test_maps_equal_nnls_of_whole_image_features(
+    he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    ex = _explain(pool_attr, he_slide)
+    assert ex.grid_shape == (48, 64)
+    assert ex.cell_size == 8.0
+    assert ex.origin == (0.0, 0.0)
+    assert len(ex.tile_locations) == 21 * 29
+    net = pool_attr.forward_func
+    image = torch.from_numpy(he_image()[:384, :512]).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        whole = net.features(image)[0].permute(1, 2, 0).reshape(-1, 4)  # type: ignore[operator]
+    expected = pool_attr.nmf_.transform(whole).reshape(48, 64, 3).permute(2, 0, 1).numpy()
+    covered = ex.counts > 0
+    assert covered.sum() == 44 * 60
+    np.testing.assert_allclose(
+        ex.concept_maps[:, covered], expected[:, covered], rtol=1e-4, atol=1e-4
+    )
+    assert np.all(ex.concept_maps[:, ~covered] == 0)
+    assert np.all(ex.assignment[~covered] == -1)
+    np.testing.assert_array_equal(
+        ex.assignment[covered], np.argmax(ex.concept_maps[:, covered], axis=0)
+    )
+    # the model's output of each tile is kept, in tile order
+    x, y = ex.tile_locations[100]
+    tile = torch.from_numpy(he_image()[y : y + 64, x : x + 64]).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        np.testing.assert_allclose(ex.tile_outputs[100], net(tile)[0].numpy(), rtol=1e-5)  # type: ignore[index, operator]
+
+
+def test_workers_give_the_same_result(he_slide: Path, pool_attr: NMFConceptAttribution) -> None:
+    single = _explain(pool_attr, he_slide, stride=32)
+    multi = _explain(pool_attr, he_slide, stride=32, num_workers=2)
+    assert np.array_equal(single.concept_maps, multi.concept_maps)
+    assert np.array_equal(single.tile_outputs, multi.tile_outputs)  # type: ignore[arg-type]
+
+
+def test_paper_geometry_vgg16_features_29(tmp_path: Path) -> None:
+    """VGG16 (random weights), features[29], 512 px tiles every 256 px -> 16 px cells."""
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None).eval()
+    attr = NMFConceptAttribution(vgg, vgg.features[29], n_concepts=4, random_state=0)
+    region = cmu_pixels()[1100:1868, 600:1624]  # 1024 x 768 px of real tissue
+    path = write_pyramid(region, tmp_path / "vgg.svs")
+    first = torch.from_numpy(region[:512, :512].copy()).permute(2, 0, 1)[None].float() / 255
+    attr.fit(first, progress=False)
+    ex = explain_slide(
+        attr, path, tile_size=512, stride=256, tissue_mask=None, batch_size=3, progress=False
+    )
+    assert ex.cell_size == 16.0
+    assert ex.grid_shape == (48, 64)
+    assert len(ex.tile_locations) == 6
+    assert ex.tile_outputs is not None
+    assert ex.tile_outputs.shape == (6, 1000)
+    rows = [0] * 2 + [1] * 16 + [2] * 12 + [1] * 16 + [0] * 2
+    cols = [0] * 2 + [1] * 16 + [2] * 12 + [1] * 4 + [2] * 12 + [1] * 16 + [0] * 2
+    np.testing.assert_array_equal(ex.counts, np.outer(rows, cols))
+    # cells only the first tile covers carry exactly its own concept weights
+    tile_maps = attr.attribute(first)[0].numpy()  # 4 x 32 x 32
+    only_first = (ex.counts[:18, :18] == 1)[None]
+    np.testing.assert_allclose(
+        np.where(only_first, ex.concept_maps[:, :18, :18], 0),
+        np.where(only_first, tile_maps[:, :18, :18], 0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert (ex.assignment[ex.counts > 0] >= 0).mean() > 0.9
+
+
+def test_real_svs_with_tissue_detection(pool_attr: NMFConceptAttribution) -> None:
+    ex = explain_slide(pool_attr, CMU, tile_size=256, stride=128, level=0, progress=False)
+    assert ex.tissue is not None
+    assert ex.slide_fingerprint.startswith("quickhash-1:")
+    share = ex.tissue_mask.mean()
+    assert 0.2 < share < 0.7  # the CMU region is about 40 % tissue
+    # tissue cells are where the thumbnail mask says tissue
+    centres = ex.cell_to_level0(*np.nonzero(ex.tissue_mask))
+    dx, dy = ex.tissue.downsample
+    ij = (centres[:, 1] / dy).astype(int), (centres[:, 0] / dx).astype(int)
+    assert ex.tissue.mask[ij].mean() > 0.9
+    assert (ex.assignment[~ex.tissue_mask] == -1).all()
+    assert (ex.counts[~ex.tissue_cells] > 0).any()  # background inside tissue tiles keeps weights
+
+
+def test_plain_jpeg_at_a_target_mpp(pool_attr: NMFConceptAttribution) -> None:
+    ex = explain_slide(
+        pool_attr,
+        data_path("hgsc_stromal_he.jpg"),
+        slide_mpp=0.5,
+        mpp=1.0,
+        tile_size=128,
+        stride=64,
+        progress=False,
+    )
+    # 1500 px at 0.5 um/px read at 1 um/px: 750 output px, cells of 8 output px = 16 level-0 px
+    assert ex.cell_size == 16.0
+    assert ex.grid_shape == (94, 94)
+    assert len(ex.tile_locations) == 11 * 11  # ceil((750 - 128) / 64) + 1 per axis
+    assert ex.tile_locations[1].tolist() == [128, 0]
+    assert (ex.config["mpp"], ex.config["resample"]) == (1.0, 2.0)
+    assert ex.slide_fingerprint.startswith("sha256:")
+    assert ex.tissue_mask[2:92, 2:92].all()
+
+
+# ---------------------------------------------------------------- bad input (rows 1-6)
+def test_missing_slide(tmp_path: Path, pool_attr: NMFConceptAttribution) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SlideNotFoundError, match=r"Slide file not found: .*nope\.svs"):
+        explain_slide(pool_attr, tmp_path / "nope.svs", out_dir=out, progress=False)
+    assert not out.exists()
+
+
+def test_blank_slide_is_no_tissue_and_writes_nothing(
+    tmp_path: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    path = blank_slide(tmp_path / "blank.svs")
+    out = tmp_path / "out"
+    with pytest.raises(NoTissueError, match=r"No tissue found in blank\.svs at level 0: 0 of"):
+        _explain(pool_attr, path, tissue_mask="otsu", out_dir=out)
+    assert not out.exists()
+
+
+def test_slide_smaller_than_a_tile(tmp_path: Path, pool_attr: NMFConceptAttribution) -> None:
+    path = write_pyramid(he_image()[:80, :100], tmp_path / "tiny.svs", mpp=0.5)
+    ex = _explain(pool_attr, path, tile_size=224, stride=112)
+    assert len(ex.tile_locations) == 1
+    assert ex.grid_shape == (10, 13)  # ceil(80 / 8) x ceil(100 / 8) cells of 8 px
+    assert ex.counts[2:10, 2:13].min() == 1  # the tile's inner cells, cropped to the slide
+    with pytest.raises(NoTissueError, match="edge='drop'"):
+        _explain(pool_attr, path, tile_size=224, stride=112, edge="drop")
+
+
+def test_level_the_slide_does_not_have(he_slide: Path, pool_attr: NMFConceptAttribution) -> None:
+    with pytest.raises(ValueError, match=r"level=9 out of range; slide he\.svs has 1 level"):
+        _explain(pool_attr, he_slide, level=9)
+    with pytest.raises(ValueError, match="finer than level 0"):
+        _explain(pool_attr, he_slide, mpp=0.1)
+
+
+def test_tile_and_stride_must_fit_the_cells(
+    he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    with pytest.raises(
+        ValueError, match=r"tile_size=60 is not a whole number of the layer's 7 x 7"
+    ):
+        _explain(pool_attr, he_slide, tile_size=60, stride=30)
+    with pytest.raises(ValueError, match=r"stride=20 is not a multiple of the cell size 8 px"):
+        _explain(pool_attr, he_slide, stride=20)
+
+
+def test_unfitted_and_bad_arguments(he_slide: Path, pool_attr: NMFConceptAttribution) -> None:
+    net = PoolNet()
+    with pytest.raises(NotFittedError, match="before 'explain_slide'"):
+        explain_slide(NMFConceptAttribution(net, net.relu, 2), he_slide)
+    for kwargs, error, match in [
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1, got 0"),
+        ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
+        ({"border": 1.5}, TypeError, "border must be an int"),
+        ({"on_tile_error": "log"}, ValueError, "on_tile_error must be 'raise' or 'skip'"),
+        ({"resume": True, "overwrite": True, "out_dir": "x"}, ValueError, "not both"),
+    ]:
+        with pytest.raises(error, match=match):
+            _explain(pool_attr, he_slide, **kwargs)
+
+
+def test_unreadable_tiles_raise_or_become_nan(
+    tmp_path: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    broken = tmp_path / "broken.svs"
+    bx, by = flip_tile_marker(CMU, broken, tile_index=52)  # 240 px JPEG tile at (960, 1200)
+    kwargs = {"tile_size": 240, "stride": 240, "border": 0, "tissue_mask": None}
+    with pytest.raises(SlideReadError, match=r"broken\.svs"):
+        _explain(pool_attr, broken, **kwargs)
+    ex = _explain(pool_attr, broken, on_tile_error="skip", **kwargs)
+    assert ex.failed_tiles.tolist() == [[bx, by]]
+    r0, c0 = by // 8, bx // 8
+    lost = ex.concept_maps[:, r0 : r0 + 30, c0 : c0 + 30]
+    assert np.isnan(lost).all()  # never silently zero
+    assert (ex.assignment[r0 : r0 + 30, c0 : c0 + 30] == -1).all()
+    assert np.isnan(ex.tile_outputs).any(axis=1).sum() == 1  # type: ignore[union-attr]
+    assert np.isfinite(np.delete(ex.concept_maps, np.s_[r0 : r0 + 30], axis=1)).all()
+
+
+def test_missing_wsi_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m.startswith("captum_nmf.wsi")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    with pytest.raises(
+        ImportError, match=r"needs the 'wsi' extra: pip install 'captum-nmf\[wsi\]'"
+    ):
+        importlib.import_module("captum_nmf.wsi")
+
+
+# ---------------------------------------------------------------- persistence (row 14)
+def test_save_and_load_round_trip(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    ex = _explain(pool_attr, he_slide, stride=32, tissue_mask="otsu", min_tissue=0.0)
+    ex.save(tmp_path / "ex")
+    back = SlideExplanation.load(tmp_path / "ex")
+    for name in ("concept_maps", "assignment", "counts", "tile_locations", "concepts"):
+        assert np.array_equal(getattr(ex, name), getattr(back, name))
+    assert np.array_equal(ex.tile_outputs, back.tile_outputs)  # type: ignore[arg-type]
+    assert back.config == ex.config
+    assert back.tissue is not None
+    assert ex.tissue is not None
+    assert np.array_equal(back.tissue.mask, ex.tissue.mask)
+    summary = json.loads((tmp_path / "ex" / "explanation.json").read_text())
+    assert (summary["grid_shape"], summary["n_concepts"]) == ([48, 64], 3)
+    pool_attr.save(tmp_path / "concepts.safetensors")
+    with pytest.raises(ConceptModelFormatError, match="not a captum-nmf/slide-explanation file"):
+        SlideExplanation.load(tmp_path / "concepts.safetensors")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "explanation.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(ConceptModelFormatError, match="not a valid .safetensors"):
+        SlideExplanation.load(tmp_path / "bad")
+
+
+class _Interrupt:
+    """Counts tile reads; raises KeyboardInterrupt at read number ``at`` (1-based)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int | None) -> None:
+        self.at, self.calls = at, 0
+        original = SlideClass.read_tile
+
+        def read_tile(slide: Slide, *args: object, **kwargs: object) -> np.ndarray:
+            self.calls += 1
+            if self.at is not None and self.calls == self.at:
+                raise KeyboardInterrupt
+            return original(slide, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(SlideClass, "read_tile", read_tile)
+
+
+def test_interrupted_run_resumes_bit_identical(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference = _explain(pool_attr, he_slide, chunk_tiles=50)  # chunks of 2 tile rows = 58 tiles
+    out = tmp_path / "run"
+    counter = _Interrupt(monkeypatch, at=100)  # inside the second chunk (tiles 58-115)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["done"], manifest["status"]) == (1, "running")
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == [
+        "carry_00000.safetensors",
+        "chunk_00000.safetensors",
+    ]  # the interrupted chunk left nothing half-written
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out)
+    other = NMFConceptAttribution(pool_attr.forward_func, pool_attr.layer, 2, random_state=0)
+    other.fit(SlideTiles(he_slide, tile_size=64, stride=64, tissue_mask=None), progress=False)
+    with pytest.raises(RunStateError, match="different configuration"):
+        _explain(other, he_slide, chunk_tiles=50, out_dir=out, resume=True)
+    with pytest.raises(RunStateError, match="different configuration"):
+        _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out, resume=True, border=1)
+    counter.calls, counter.at = 0, None
+    resumed = _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out, resume=True)
+    assert counter.calls == 21 * 29 - 58  # the finished chunk was not recomputed
+    for name in ("concept_maps", "assignment", "counts", "tile_outputs"):
+        assert np.array_equal(getattr(resumed, name), getattr(reference, name)), name
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not (out / "chunks").exists()
+    counter.calls = 0
+    again = _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out, resume=True)
+    assert counter.calls == 0  # a complete run is loaded, not recomputed
+    assert np.array_equal(again.concept_maps, reference.concept_maps)
+
+
+def test_resume_refuses_another_slide_and_foreign_dirs(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, stride=32, out_dir=out)
+    other = write_pyramid(he_image()[:384, :512][::-1].copy(), tmp_path / "other.svs", mpp=0.5)
+    with pytest.raises(RunStateError, match="another slide"):
+        _explain(pool_attr, other, stride=32, out_dir=out, resume=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RunStateError, match="no manifest.json"):
+        _explain(pool_attr, he_slide, out_dir=foreign, resume=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_after_completion(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    first = _explain(pool_attr, he_slide, stride=32, out_dir=out)
+    _Interrupt(monkeypatch, at=5)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
+    kept = SlideExplanation.load(out)  # the old result survives the failed overwrite
+    assert np.array_equal(kept.concept_maps, first.concept_maps)
+    monkeypatch.undo()
+    second = _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
+    assert SlideExplanation.load(out).config["stride"] == 16
+    assert np.array_equal(SlideExplanation.load(out).concept_maps, second.concept_maps)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no debris

@@ -1,0 +1,295 @@
+"""Opening and reading slides: real SVS, written pyramids, plain images, and every bad file."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+
+from captum_nmf.data import path as data_path
+from captum_nmf.exceptions import SlideNotFoundError, SlideReadError, UnsupportedSlideError
+from captum_nmf.wsi import Slide, write_pyramid
+from tests.helpers.synthetic_slides import (
+    CMU,
+    CMU_MPP,
+    DATA,
+    cmu_pixels,
+    cmu_pyramid,
+    flip_tile_marker,
+    truncated_copy,
+)
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cmu_pyramid(tmp_path_factory.mktemp("pyr") / "cmu_pyramid.svs")
+
+
+def test_real_aperio_svs_metadata() -> None:
+    with Slide(CMU) as slide:
+        assert slide.vendor == "aperio"
+        assert slide.dimensions == (2220, 2967)
+        assert slide.level_count == 1
+        assert slide.mpp == pytest.approx(CMU_MPP)
+        assert slide.fingerprint().startswith("quickhash-1:6335ea0e")
+        region = slide.read_region((1000, 1200), 0, (64, 32))
+    assert region.shape == (32, 64, 3)
+    assert region.dtype == np.uint8
+
+
+def test_written_pyramid_levels_and_pixels(pyramid: Path) -> None:
+    pixels = cmu_pixels()
+    with Slide(pyramid) as slide:
+        assert slide.vendor == "aperio"
+        assert slide.level_count == 4
+        assert slide.level_dimensions[1] == (1110, 1483)
+        assert slide.level_downsamples[1] == pytest.approx(2.0, rel=1e-3)
+        assert slide.mpp == pytest.approx(CMU_MPP)
+        np.testing.assert_array_equal(
+            slide.read_region((100, 200), 0, (300, 150)), pixels[200:350, 100:400]
+        )
+        # level-1 pixels at level-0 coordinates: the 2x box average of level 0
+        level1 = slide.read_region((400, 600), 1, (8, 8)).astype(float)
+        expected = pixels[600:616, 400:416].reshape(8, 2, 8, 2, 3).mean(axis=(1, 3))
+        assert np.abs(level1 - expected).max() <= 1.0
+
+
+def test_out_of_slide_pixels_are_white_not_black(pyramid: Path) -> None:
+    with Slide(pyramid) as slide:
+        w, h = slide.dimensions
+        region = slide.read_region((w - 10, h - 10), 0, (40, 40))
+        with openslide.OpenSlide(str(pyramid)) as raw:  # OpenSlide's own: transparent black
+            assert np.asarray(raw.read_region((w - 10, h - 10), 0, (40, 40)))[30, 30, 3] == 0
+    assert (region[10:, :] == 255).all()
+    assert (region[:, 10:] == 255).all()
+    with Slide(pyramid, background=(0, 0, 255)) as slide:
+        assert slide.read_region((-5, -5), 0, (4, 4)).tolist() == [[[0, 0, 255]] * 4] * 4
+
+
+def test_plain_jpeg_is_a_one_level_slide() -> None:
+    with Slide(data_path("hgsc_nest.jpg")) as slide:
+        assert slide.vendor == "image"
+        assert slide.dimensions == (1500, 1500)
+        assert slide.mpp is None
+        assert slide.fingerprint().startswith("sha256:")
+        assert slide.read_region((1490, 0), 0, (20, 2))[:, 10:].min() == 255
+
+
+def test_plain_image_refused_when_not_allowed(tmp_path: Path) -> None:
+    png = tmp_path / "tile.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    with pytest.raises(UnsupportedSlideError, match=r"tile\.png.*allow_plain_images=True"):
+        Slide(png, allow_plain_images=False)
+    with Slide(png) as slide:
+        assert slide.dimensions == (8, 8)
+
+
+# ----------------------------------------------------------------- bad files (rows 1-3)
+def test_missing_file_is_file_not_found_before_openslide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*_: object) -> None:
+        raise AssertionError("OpenSlide was called")
+
+    monkeypatch.setattr(openslide.OpenSlide, "detect_format", boom)
+    missing = tmp_path / "nope.svs"
+    with pytest.raises(SlideNotFoundError, match=r"Slide file not found: .*nope\.svs") as info:
+        Slide(missing)
+    assert isinstance(info.value, FileNotFoundError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedSlideError, match="is a directory"):
+        Slide(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("x.svs", b"123"), ("notes.txt", b"hello"), ("fake.png", b"not a png at all")],
+)
+def test_unsupported_files(tmp_path: Path, name: str, content: bytes) -> None:
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    with pytest.raises(UnsupportedSlideError, match=rf"{name}.*Supported: \.svs") as info:
+        Slide(bad)
+    assert isinstance(info.value, ValueError)
+
+
+def test_openslide_fixture_unopenable_tiff() -> None:
+    with pytest.raises(UnsupportedSlideError, match=r"unopenable\.tiff.*generic-tiff.*cannot open"):
+        Slide(DATA / "unopenable.tiff")
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.95])
+def test_truncated_svs_is_refused_naming_the_file(tmp_path: Path, fraction: float) -> None:
+    cut = truncated_copy(CMU, tmp_path / "cut.svs", fraction)
+    with pytest.raises(UnsupportedSlideError, match=r"cut\.svs"):
+        Slide(cut)
+
+
+def test_truncated_jpeg_is_refused_naming_the_file(tmp_path: Path) -> None:
+    cut = truncated_copy(data_path("hgsc_nest.jpg"), tmp_path / "cut.jpg", 0.5)
+    with pytest.raises(UnsupportedSlideError, match=r"cut\.jpg is not a readable image"):
+        Slide(cut)
+
+
+def test_unreadable_svs_reopens_retries_once_then_raises() -> None:
+    with Slide(DATA / "unreadable.svs") as slide:
+        with pytest.raises(SlideReadError, match=r"unreadable\.svs.*on_tile_error='skip'") as info:
+            slide.read_region((0, 0), 0, (16, 16))
+        err = info.value
+        assert isinstance(err, OSError)
+        assert isinstance(err.__cause__, openslide.OpenSlideError)
+        assert (err.path, err.level, err.location, err.size) == (
+            str(DATA / "unreadable.svs"),
+            0,
+            (0, 0),
+            (16, 16),
+        )
+        assert slide.read_retries == 1
+        # the handle was reopened: metadata works again (OpenSlide's own handle stays dead)
+        assert slide.properties["openslide.vendor"] == "aperio"
+    copy = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker processes intact
+    assert isinstance(copy, SlideReadError)
+    assert (str(copy), copy.location, copy.size) == (str(err), (0, 0), (16, 16))
+
+
+def test_one_broken_tile_does_not_poison_the_handle(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.svs"
+    x, y = flip_tile_marker(CMU, broken, tile_index=52)
+    good = cmu_pixels()[0:64, 0:64]
+    with Slide(broken) as slide:
+        with pytest.raises(SlideReadError, match=r"broken\.svs"):
+            slide.read_region((x + 8, y + 8), 0, (32, 32))
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (64, 64)), good)
+        assert slide.read_retries == 1
+
+
+# --------------------------------------------------------------- levels and mpp (row 6)
+@pytest.mark.parametrize(
+    ("level", "error", "match"),
+    [
+        (-1, ValueError, r"level=-1 out of range; slide cmu_pyramid\.svs has 4 levels \(0-3\)"),
+        (4, ValueError, r"level=4 out of range.*downsamples \(1, 2, 4\.002, 8\.017\)"),
+        (99, ValueError, "level=99 out of range"),
+        (1.5, TypeError, "level must be an int, got 1.5"),
+        ("0", TypeError, "level must be an int, got '0'"),
+        (True, TypeError, "level must be an int, got True"),
+    ],
+)
+def test_bad_levels_are_refused_before_reading(
+    pyramid: Path, level: object, error: type[Exception], match: str
+) -> None:
+    with Slide(pyramid) as slide:
+        with pytest.raises(error, match=match):
+            slide.read_region((0, 0), level, (4, 4))  # type: ignore[arg-type]
+        with pytest.raises(error, match=match):
+            slide.resolve(level=level)  # type: ignore[arg-type]
+
+
+def test_resolve_by_mpp(pyramid: Path) -> None:
+    with Slide(pyramid) as slide:
+        exact = slide.resolve(mpp=CMU_MPP * 2)
+        assert (exact.level, exact.resample) == (1, 1.0)
+        between = slide.resolve(mpp=1.5)  # between level 1 (~1.0) and level 2 (~2.0)
+        assert between.level == 1
+        assert between.scale == pytest.approx(1.5 / CMU_MPP)
+        coarse = slide.resolve(mpp=100.0)
+        assert coarse.level == 3
+        assert slide.resolve().level == 0
+        with pytest.raises(ValueError, match=r"mpp=0\.1 is finer than level 0.*mpp \(0\.499"):
+            slide.resolve(mpp=0.1)
+        with pytest.raises(ValueError, match="pass level= or mpp=, not both"):
+            slide.resolve(level=1, mpp=1.0)
+        with pytest.raises(ValueError, match="mpp must be a positive number"):
+            slide.resolve(mpp=-1.0)
+
+
+def test_mpp_without_metadata_needs_a_declared_mpp() -> None:
+    with (
+        Slide(data_path("hgsc_nest.jpg")) as slide,
+        pytest.raises(ValueError, match=r"no microns-per-pixel metadata.*Slide\(path, mpp"),
+    ):
+        slide.resolve(mpp=1.0)
+    with Slide(data_path("hgsc_nest.jpg"), mpp=0.5) as slide:
+        res = slide.resolve(mpp=1.0)
+        assert (res.level, res.resample) == (0, 2.0)
+        assert slide.read_tile((0, 0), res, 16).shape == (16, 16, 3)
+
+
+def test_read_tile_resamples_by_area(pyramid: Path) -> None:
+    pixels = cmu_pixels().astype(float)
+    with Slide(pyramid) as slide:
+        res = slide.resolve(mpp=CMU_MPP * 3)  # level 1 then a further 1.5x
+        tile = slide.read_tile((600, 900), res, 20).astype(float)
+    expected = pixels[900:960, 600:660].reshape(20, 3, 20, 3, 3).mean(axis=(1, 3))
+    assert np.abs(tile - expected).mean() < 3.0
+
+
+# ------------------------------------------------------------- closed handles (row 21)
+def test_use_after_close_raises(pyramid: Path) -> None:
+    slide = Slide(pyramid)
+    slide.close()
+    slide.close()  # idempotent
+    assert slide.closed
+    for call in (
+        lambda: slide.read_region((0, 0), 0, (4, 4)),
+        lambda: slide.dimensions,
+        lambda: slide.thumbnail(),
+        lambda: slide.fingerprint(),
+    ):
+        with pytest.raises(ValueError, match="slide is closed"):
+            call()
+    assert "closed" in repr(slide)
+
+
+def test_pickled_slide_reopens_its_own_handle(pyramid: Path) -> None:
+    with Slide(pyramid) as slide:
+        copy = pickle.loads(pickle.dumps(slide))
+        assert copy._handle is not slide._handle
+        np.testing.assert_array_equal(
+            copy.read_region((5, 5), 1, (9, 9)), slide.read_region((5, 5), 1, (9, 9))
+        )
+        copy.close()
+        assert not slide.closed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mpp": 0}, "mpp must be a positive number"),
+        ({"mpp": "0.5"}, "mpp must be a positive number"),
+        ({"background": (255, 255)}, "background must be three ints"),
+        ({"background": (0, 0, 256)}, "background must be three ints"),
+    ],
+)
+def test_bad_slide_options(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Slide(CMU, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [(0, 4), (4, -1), (2.5, 4)])
+def test_bad_region_sizes(size: tuple[int, int]) -> None:
+    with Slide(CMU) as slide, pytest.raises(ValueError, match="size must be two positive ints"):
+        slide.read_region((0, 0), 0, size)
+
+
+def test_thumbnail_downsample(pyramid: Path) -> None:
+    with Slide(pyramid) as slide:
+        thumb, (dx, dy) = slide.thumbnail(256)
+    assert max(thumb.shape[:2]) == 256
+    assert dx == pytest.approx(2220 / thumb.shape[1])
+    assert dy == pytest.approx(2967 / thumb.shape[0])
+
+
+def test_write_pyramid_rejects_bad_images(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"H x W x 3 uint8, got shape \(4, 4\)"):
+        write_pyramid(np.zeros((4, 4), np.uint8), tmp_path / "x.svs")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        write_pyramid(np.zeros((4, 4, 3), np.uint8), tmp_path / "x.svs", tile=10)
