@@ -105,8 +105,9 @@ def load_tensors(
                     format version, or lacks a required tensor.
     """
     source = Path(path)
+    kind = "concept model" if format_name == FORMAT_NAME else format_name
     if not source.is_file():
-        raise FileNotFoundError(f"Concept model file not found: {source}")
+        raise FileNotFoundError(f"{kind[:1].upper()}{kind[1:]} file not found: {source}")
     with source.open("rb") as fh:
         head = fh.read(8)
     if (
@@ -124,7 +125,7 @@ def load_tensors(
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ConceptModelFormatError(
-            f"{source} is not a valid .safetensors concept model ({exc})."
+            f"{source} is not a valid .safetensors {kind} file ({exc})."
         ) from exc
     if metadata.get("format") != format_name:
         raise ConceptModelFormatError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,8 +25,15 @@ from captum_nmf.exceptions import (
 )
 from captum_nmf.wsi import Slide, SlideExplanation, SlideTiles, explain_slide, write_pyramid
 from captum_nmf.wsi.reader import Slide as SlideClass
-from tests.helpers.synthetic_slides import CMU, blank_slide, cmu_pixels, flip_tile_marker, he_image
-from tests.helpers.wsi_models import PoolNet
+from tests.helpers.synthetic_slides import (
+    CMU,
+    blank_slide,
+    cmu_pixels,
+    flip_tile_marker,
+    flip_tile_markers,
+    he_image,
+)
+from tests.helpers.wsi_models import PoolNet, halve
 
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 
@@ -184,7 +192,7 @@ def test_slide_smaller_than_a_tile(tmp_path: Path, pool_attr: NMFConceptAttribut
     assert len(ex.tile_locations) == 1
     assert ex.grid_shape == (10, 13)  # ceil(80 / 8) x ceil(100 / 8) cells of 8 px
     assert ex.counts[2:10, 2:13].min() == 1  # the tile's inner cells, cropped to the slide
-    with pytest.raises(NoTissueError, match="edge='drop'"):
+    with pytest.raises(NoTissueError, match=r"tiny\.svs is smaller than one tile.*edge='pad'"):
         _explain(pool_attr, path, tile_size=224, stride=112, edge="drop")
 
 
@@ -216,6 +224,7 @@ def test_unfitted_and_bad_arguments(he_slide: Path, pool_attr: NMFConceptAttribu
         ({"border": 1.5}, TypeError, "border must be an int"),
         ({"on_tile_error": "log"}, ValueError, "on_tile_error must be 'raise' or 'skip'"),
         ({"resume": True, "overwrite": True, "out_dir": "x"}, ValueError, "not both"),
+        ({"resume": True}, ValueError, "need out_dir"),
     ]:
         with pytest.raises(error, match=match):
             _explain(pool_attr, he_slide, **kwargs)
@@ -362,3 +371,83 @@ def test_overwrite_replaces_only_after_completion(
     assert SlideExplanation.load(out).config["stride"] == 16
     assert np.array_equal(SlideExplanation.load(out).concept_maps, second.concept_maps)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no debris
+
+
+def test_resume_when_the_first_chunks_could_not_be_read(
+    tmp_path: Path, pool_attr: NMFConceptAttribution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "top_row_broken.svs"
+    flip_tile_markers(CMU, broken, list(range(10)))  # every 240 px JPEG tile of the top row
+    kwargs = {
+        "tile_size": 240,
+        "stride": 240,
+        "border": 0,
+        "on_tile_error": "skip",
+        "chunk_tiles": 1,  # one tile row (10 tiles) per chunk
+    }
+    reference = _explain(pool_attr, broken, **kwargs)
+    assert len(reference.failed_tiles) == 10
+    out = tmp_path / "run"
+    _Interrupt(monkeypatch, at=25)  # in the third chunk: the first holds only failed tiles
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, broken, out_dir=out, **kwargs)
+    monkeypatch.undo()
+    resumed = _explain(pool_attr, broken, out_dir=out, resume=True, **kwargs)
+    assert np.array_equal(resumed.failed_tiles, reference.failed_tiles)
+    assert np.array_equal(resumed.concept_maps, reference.concept_maps, equal_nan=True)
+    assert np.isnan(resumed.concept_maps[:, :30]).all()
+    assert np.array_equal(resumed.tile_outputs, reference.tile_outputs, equal_nan=True)  # type: ignore[arg-type]
+
+
+def test_resume_in_a_new_process_with_a_function_transform(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    concepts = tmp_path / "pool.safetensors"
+    pool_attr.save(concepts)
+    code = f"""
+import pytest
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.wsi import explain_slide
+from captum_nmf.wsi.reader import Slide
+from tests.helpers.wsi_models import PoolNet, halve
+net = PoolNet().eval()
+attr = NMFConceptAttribution.load({str(concepts)!r}, net, net.relu)
+calls = [0]
+original = Slide.read_tile
+def read_tile(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 80:
+        raise KeyboardInterrupt
+    return original(self, *args, **kwargs)
+Slide.read_tile = read_tile
+try:
+    explain_slide(attr, {str(he_slide)!r}, tile_size=64, stride=32, tissue_mask=None,
+                  transform=halve, chunk_tiles=30, batch_size=32, out_dir={str(out)!r},
+                  progress=False)
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 130, done.stderr
+    assert json.loads((out / "manifest.json").read_text())["done"] == 2
+    resumed = _explain(
+        pool_attr, he_slide, stride=32, transform=halve, chunk_tiles=30, out_dir=out, resume=True
+    )
+    reference = _explain(pool_attr, he_slide, stride=32, transform=halve, chunk_tiles=30)
+    assert np.array_equal(resumed.concept_maps, reference.concept_maps)
+    assert resumed.config["transform"] == "tests.helpers.wsi_models.halve"
+
+
+def test_overwrite_refuses_a_directory_it_did_not_write(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="did not write"):
+        _explain(pool_attr, he_slide, stride=32, out_dir=mine, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "precious"

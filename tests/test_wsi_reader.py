@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -265,6 +266,7 @@ def test_pickled_slide_reopens_its_own_handle(pyramid: Path) -> None:
     [
         ({"mpp": 0}, "mpp must be a positive number"),
         ({"mpp": "0.5"}, "mpp must be a positive number"),
+        ({"mpp": float("inf")}, "mpp must be a positive number"),
         ({"background": (255, 255)}, "background must be three ints"),
         ({"background": (0, 0, 256)}, "background must be three ints"),
     ],
@@ -293,3 +295,36 @@ def test_write_pyramid_rejects_bad_images(tmp_path: Path) -> None:
         write_pyramid(np.zeros((4, 4), np.uint8), tmp_path / "x.svs")
     with pytest.raises(ValueError, match="multiple of 16"):
         write_pyramid(np.zeros((4, 4, 3), np.uint8), tmp_path / "x.svs", tile=10)
+
+
+def test_thumbnail_matches_openslide_and_never_upsamples() -> None:
+    with Slide(CMU) as slide, openslide.OpenSlide(str(CMU)) as raw:
+        ours, _ = slide.thumbnail(300)
+        theirs = np.asarray(raw.get_thumbnail((300, 300)).convert("RGB"))
+    assert ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - theirs.astype(int)).mean() < 4.0  # box vs Lanczos
+    with Slide(DATA / "boxes.tiff") as slide:
+        thumb, down = slide.thumbnail(2048)
+    assert thumb.shape == (250, 300, 3)
+    assert down == (1.0, 1.0)
+
+
+def test_failed_reopen_during_retry_is_a_read_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Slide(DATA / "unreadable.svs") as slide:
+
+        def vanish(self: Slide) -> None:
+            raise SlideNotFoundError(f"Slide file not found: {self.path}")
+
+        monkeypatch.setattr(Slide, "_reopen", vanish)
+        with pytest.raises(SlideReadError, match=r"unreadable\.svs") as info:
+            slide.read_region((0, 0), 0, (16, 16))
+        assert isinstance(info.value.__cause__, SlideNotFoundError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_permissions(tmp_path: Path) -> None:
+    locked = tmp_path / "locked.svs"
+    locked.write_bytes(CMU.read_bytes())
+    locked.chmod(0)
+    with pytest.raises(PermissionError, match=r"locked\.svs is not readable"):
+        Slide(locked)

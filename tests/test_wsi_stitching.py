@@ -70,7 +70,9 @@ def test_state_round_trip_continues_bit_for_bit() -> None:
     for i in range(5):
         first.add(feats[i : i + 1], origins[i : i + 1])
         resumed_bands += first.pop_final()
-    second = FeatureStitcher.from_state(first.state(), 5)
+    state = first.state()
+    assert state["cols"].tolist() == list(range(1, 13))  # only columns holding data
+    second = FeatureStitcher.from_state(state, 5)
     for i in range(5, 12):
         second.add(feats[i : i + 1], origins[i : i + 1])
         resumed_bands += second.pop_final()

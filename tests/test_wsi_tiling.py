@@ -282,3 +282,18 @@ def test_dataset_needs_paths_and_one_mask_per_slide() -> None:
         warnings.simplefilter("error")
         # 2220 x 2967 px, pad: (ceil(1708 / 512) + 1) x (ceil(2455 / 512) + 1) = 5 x 6 tiles
         assert len(SlideTiles(CMU, tissue_mask=mask, tile_size=512, stride=512)) == 30
+
+
+def test_handles_are_bounded_per_process(slide_1000x700: Path) -> None:
+    tiles = SlideTiles(
+        [slide_1000x700, CMU, slide_1000x700],
+        tile_size=512,
+        stride=512,
+        tissue_mask=None,
+        max_open_slides=2,
+    )
+    for i in range(len(tiles)):
+        tiles[i]
+    assert list(tiles._handles) == [1, 2]  # least recently used closed
+    with pytest.raises(ValueError, match="max_open_slides must be >= 1"):
+        SlideTiles(CMU, max_open_slides=0)

@@ -33,9 +33,9 @@ class SlideExplanation:
     vectors of every tile that covered it (minus each tile's border).
 
     Attributes:
-        concept_maps (ndarray): K x Hc x Wc float32 concept weights; 0 outside
-                    tissue, NaN where the only covering tiles could not be
-                    read (``on_tile_error="skip"``).
+        concept_maps (ndarray): K x Hc x Wc float32 concept weights; 0 where
+                    no tile landed, NaN where the only covering tiles could not
+                    be read (``on_tile_error="skip"``).
         assignment (ndarray): Hc x Wc ``int16`` concept index (argmax), -1
                     outside tissue (:attr:`tissue_mask`), or where every weight is
                     0 or NaN. ``concept_maps`` keep the weights of every covered

@@ -18,6 +18,7 @@ tiled TIFF, DICOM, ...) and, for plain JPEG/PNG/TIFF images, OpenSlide's own
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -33,7 +34,12 @@ from numpy.typing import NDArray
 from openslide import ImageSlide, OpenSlide, OpenSlideError
 from PIL import Image, UnidentifiedImageError
 
-from captum_nmf.exceptions import SlideNotFoundError, SlideReadError, UnsupportedSlideError
+from captum_nmf.exceptions import (
+    SlideError,
+    SlideNotFoundError,
+    SlideReadError,
+    UnsupportedSlideError,
+)
 
 __all__ = ["PLAIN_IMAGE_SUFFIXES", "Resolution", "Slide"]
 
@@ -126,13 +132,18 @@ class Slide:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideNotFoundError(f"Slide file not found: {self.path}")
+        if not os.access(self.path, os.R_OK):
+            raise PermissionError(f"Slide file {self.path} is not readable (permission denied).")
         if self.path.is_dir():
             raise UnsupportedSlideError(
                 f"{self.path} is a directory; pass the slide file itself (for MRXS the .mrxs "
                 "file beside its data directory)."
             )
         if mpp is not None and not (
-            isinstance(mpp, numbers.Real) and not isinstance(mpp, bool) and mpp > 0
+            isinstance(mpp, numbers.Real)
+            and not isinstance(mpp, bool)
+            and math.isfinite(mpp)
+            and mpp > 0
         ):
             raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}.")
         if len(background) != 3 or not all(
@@ -163,7 +174,13 @@ class Slide:
                 with Image.open(self.path) as image:
                     image.load()  # decode now: a truncated file fails here, naming the file
                     self._handle = ImageSlide(image.copy())
-            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            except Image.DecompressionBombError as exc:
+                raise UnsupportedSlideError(
+                    f"{self.path} is too large to decode whole as a plain image ({exc}). "
+                    "Convert it to a tiled pyramid (captum_nmf.wsi.write_pyramid, or vips "
+                    "tiffsave --tile --pyramid) so that it is read tile by tile."
+                ) from exc
+            except (OSError, UnidentifiedImageError) as exc:
                 raise UnsupportedSlideError(
                     f"{self.path} is not a readable image ({exc}). Supported: {_SUPPORTED}."
                 ) from exc
@@ -175,11 +192,10 @@ class Slide:
         )
 
     def _reopen(self) -> None:
-        handle = self._handle
-        self._handle = None
+        handle, self._handle = self._handle, None
         if handle is not None:
             handle.close()
-        self._open()
+        self.vendor = self._open()
 
     @property
     def closed(self) -> bool:
@@ -338,7 +354,12 @@ class Slide:
             lv = self.check_level(0 if level is None else level)
             down = self.level_downsamples[lv]
             return Resolution(lv, down, 1.0, None if mpps is None else mpps[lv])
-        if isinstance(mpp, bool) or not isinstance(mpp, numbers.Real) or not mpp > 0:
+        if (
+            isinstance(mpp, bool)
+            or not isinstance(mpp, numbers.Real)
+            or not math.isfinite(mpp)
+            or not mpp > 0
+        ):
             raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
         if mpps is None:
             raise ValueError(
@@ -398,18 +419,15 @@ class Slide:
         dims = (int(size[0]), int(size[1]))
         try:
             image = osr.read_region(loc, level, dims)
-        except (OpenSlideError, OSError) as first:
+        except (OpenSlideError, OSError):
             self.read_retries += 1
             try:  # OpenSlide errors are sticky: only a fresh handle can read again
                 self._reopen()
                 image = self._osr().read_region(loc, level, dims)
-            except (OpenSlideError, OSError, UnsupportedSlideError) as exc:
-                if self._handle is None:  # leave the slide usable for the next tile
-                    self._open()
-                else:
-                    self._reopen()
+            except (OpenSlideError, OSError, SlideError, ValueError) as exc:
+                with contextlib.suppress(OpenSlideError, OSError, SlideError):
+                    self._reopen()  # leave the slide usable for the next tile
                 raise _read_error(self.path, level, loc, dims, exc) from exc
-            del first
         return self._composite(np.asarray(image))
 
     def read_tile(
@@ -444,7 +462,8 @@ class Slide:
         """A downsampled RGB view of the whole slide, composited onto the background.
 
         Args:
-            max_size (int, optional): the longer side of the thumbnail in pixels.
+            max_size (int, optional): the longer side of the thumbnail in
+                        pixels (a smaller slide is returned at level 0).
                         Default: 2048
 
         Returns:
@@ -459,15 +478,26 @@ class Slide:
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
             raise ValueError(f"max_size must be an int >= 1, got {max_size!r}.")
         w, h = self.dimensions
-        try:
-            image = osr.get_thumbnail((max_size, max_size))
-        except (OpenSlideError, OSError) as exc:
-            self._reopen()
-            raise _read_error(self.path, None, (0, 0), (w, h), exc) from exc
-        if image.mode != "RGBA":
-            image = image.convert("RGBA")
-        pixels = self._composite(np.asarray(image))
-        return pixels, (w / pixels.shape[1], h / pixels.shape[0])
+        scale = max(max(w, h) / max_size, 1.0)  # never larger than level 0
+        tw, th = max(1, round(w / scale)), max(1, round(h / scale))
+        level = int(osr.get_best_level_for_downsample(max(scale, 1.0)))
+        lw, lh = self.level_dimensions[level]
+        down = self.level_downsamples[level]
+        fy = lh / th
+        # Read the level in horizontal strips of about 16 M pixels and shrink each strip,
+        # so a huge single-level file never has to fit in memory at once.
+        rows_per_strip = max(1, int((1 << 24) / max(lw, 1) / max(fy, 1.0)))
+        strips = []
+        for t0 in range(0, th, rows_per_strip):
+            t1 = min(th, t0 + rows_per_strip)
+            y0, y1 = math.floor(t0 * fy), min(lh, math.ceil(t1 * fy))
+            pixels = self.read_region((0, round(y0 * down)), level, (lw, max(1, y1 - y0)))
+            strip = Image.fromarray(pixels).resize(
+                (tw, t1 - t0), Image.Resampling.BOX, box=(0, t0 * fy - y0, lw, t1 * fy - y0)
+            )
+            strips.append(np.asarray(strip))
+        thumb = np.concatenate(strips, axis=0)
+        return thumb, (w / tw, h / th)
 
 
 def _read_error(

@@ -167,19 +167,29 @@ class FeatureStitcher:
     def state(self) -> dict[str, NDArray[np.generic]]:
         """The pending rows and position, to resume stitching exactly (see :meth:`from_state`).
 
+        Only the columns that hold data are stored.
+
         Returns:
-            *dict[str, ndarray]*: ``rows``, ``sums``, ``counts`` and ``position``.
+            *dict[str, ndarray]*: ``rows``, ``cols``, ``sums``, ``counts`` and ``position``.
         """
         rows = sorted(self._sums)
-        wc, c = self.grid_shape[1], self.n_channels
+        c = self.n_channels
+        counts = (
+            np.stack([self._counts[r] for r in rows])
+            if rows
+            else np.zeros((0, self.grid_shape[1]), np.int32)
+        )
+        cols = np.flatnonzero(counts.any(axis=0)).astype(np.int64)
+        sums = (
+            np.stack([self._sums[r][cols] for r in rows])
+            if rows
+            else np.zeros((0, 0, c), np.float32)
+        )
         return {
             "rows": np.asarray(rows, dtype=np.int64),
-            "sums": np.stack([self._sums[r] for r in rows])
-            if rows
-            else np.zeros((0, wc, c), np.float32),
-            "counts": np.stack([self._counts[r] for r in rows])
-            if rows
-            else np.zeros((0, wc), np.int32),
+            "cols": cols,
+            "sums": sums,
+            "counts": np.ascontiguousarray(counts[:, cols]),
             "position": np.asarray(
                 [self._last_origin, self._final_below, self.border, *self.grid_shape],
                 dtype=np.int64,
@@ -196,7 +206,11 @@ class FeatureStitcher:
         last, final_below, border, hc, wc = (int(v) for v in state["position"])
         st = cls((hc, wc), n_channels, border=border)
         st._last_origin, st._final_below = last, final_below
+        cols = np.asarray(state["cols"], dtype=np.int64)
         for i, r in enumerate(np.asarray(state["rows"]).tolist()):
-            st._sums[int(r)] = np.array(state["sums"][i], dtype=np.float32)
-            st._counts[int(r)] = np.array(state["counts"][i], dtype=np.int32)
+            sums = np.zeros((wc, n_channels), dtype=np.float32)
+            counts = np.zeros(wc, dtype=np.int32)
+            sums[cols] = state["sums"][i]
+            counts[cols] = state["counts"][i]
+            st._sums[int(r)], st._counts[int(r)] = sums, counts
         return st

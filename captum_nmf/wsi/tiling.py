@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class TileGrid:
         step = self.stride * self.resolution.scale
         xy = np.stack([self.cols * step, self.rows * step], axis=1)
         return np.rint(xy).astype(np.int64)
+
+    def location(self, index: int) -> tuple[int, int]:
+        """Level-0 (x, y) of kept tile ``index``'s top-left corner."""
+        step = self.stride * self.resolution.scale
+        return int(np.rint(self.cols[index] * step)), int(np.rint(self.rows[index] * step))
 
     @property
     def tile_size_level0(self) -> float:
@@ -272,6 +278,9 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         slide_mpp (float, optional): microns per level-0 pixel for slides
                     without that metadata (plain images).
                     Default: None
+        max_open_slides (int, optional): slide handles each process keeps open
+                    (least recently used ones are closed beyond that).
+                    Default: 8
 
     Attributes:
         grids (list[TileGrid]): one per slide.
@@ -297,6 +306,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         transform: Callable[[Tensor], Tensor] | None = None,
         on_tile_error: TileErrorPolicy = "raise",
         slide_mpp: float | None = None,
+        max_open_slides: int = 8,
     ) -> None:
         _check_policy(on_tile_error, transform)
         items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -319,7 +329,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
                         min_tissue=min_tissue,
                     )
                 )
-        self._setup(grids, transform, on_tile_error, slide_mpp)
+        self._setup(grids, transform, on_tile_error, slide_mpp, max_open_slides)
 
     @classmethod
     def from_grids(
@@ -329,6 +339,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         transform: Callable[[Tensor], Tensor] | None = None,
         on_tile_error: TileErrorPolicy = "raise",
         slide_mpp: float | None = None,
+        max_open_slides: int = 8,
     ) -> SlideTiles:
         """Tiles of already computed grids (e.g. with a hand-made tissue mask).
 
@@ -341,7 +352,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         if not grids:
             raise ValueError("grids is empty; pass at least one TileGrid.")
         tiles = cls.__new__(cls)
-        tiles._setup(list(grids), transform, on_tile_error, slide_mpp)
+        tiles._setup(list(grids), transform, on_tile_error, slide_mpp, max_open_slides)
         return tiles
 
     def _setup(
@@ -350,8 +361,10 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         transform: Callable[[Tensor], Tensor] | None,
         on_tile_error: TileErrorPolicy,
         slide_mpp: float | None,
+        max_open_slides: int,
     ) -> None:
         _check_policy(on_tile_error, transform)
+        self.max_open_slides = _positive_int("max_open_slides", max_open_slides)
         self.grids = grids
         self.transform = transform
         self.on_tile_error: TileErrorPolicy = on_tile_error
@@ -359,7 +372,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         sizes = [len(g) for g in grids]
         self._slide_of = np.repeat(np.arange(len(grids)), sizes)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._handles: dict[int, Slide] = {}
+        self._handles: OrderedDict[int, Slide] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -367,7 +380,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"] = OrderedDict()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -384,12 +397,15 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
 
     def _slide(self, s: int) -> Slide:
         if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
-            self._handles = {}
+            self._handles = OrderedDict()
             self._pid = os.getpid()
         slide = self._handles.get(s)
         if slide is None or slide.closed:
             slide = Slide(self.grids[s].path, mpp=self.slide_mpp)
             self._handles[s] = slide
+            while len(self._handles) > self.max_open_slides:  # bounded file handles per process
+                self._handles.popitem(last=False)[1].close()
+        self._handles.move_to_end(s)
         return slide
 
     def read(self, index: int) -> NDArray[np.uint8]:
@@ -400,8 +416,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         """
         s, t = self.locate(index)
         grid = self.grids[s]
-        x, y = (int(v) for v in grid.locations[t])
-        return self._slide(s).read_tile((x, y), grid.resolution, grid.tile_size)
+        return self._slide(s).read_tile(grid.location(t), grid.resolution, grid.tile_size)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
         try:
@@ -447,10 +462,10 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         )
 
     def close(self) -> None:
-        """Close the handles this process opened."""
+        """Close the handles this process opened (a later read opens a new one)."""
         for slide in self._handles.values():
             slide.close()
-        self._handles = {}
+        self._handles = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SlideTiles({len(self.grids)} slide(s), {len(self)} tiles)"

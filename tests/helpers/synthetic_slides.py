@@ -53,27 +53,36 @@ def blank_slide(path: Path, size: tuple[int, int] = (1024, 768)) -> Path:
     return write_pyramid(np.full((size[1], size[0], 3), 255, np.uint8), path, mpp=0.5)
 
 
-def flip_tile_marker(src: Path, dst: Path, tile_index: int) -> tuple[int, int]:
-    """Copy an Aperio JPEG SVS, breaking one level-0 JPEG tile the way ``unreadable.svs`` is made.
+def flip_tile_markers(src: Path, dst: Path, tile_indices: list[int]) -> list[tuple[int, int]]:
+    """Copy an Aperio JPEG SVS, breaking level-0 JPEG tiles the way ``unreadable.svs`` is made.
 
-    The JPEG Start-of-Scan marker ``FF DA`` of tile ``tile_index`` becomes
-    ``FF DB``: the slide still opens, but reading pixels of that tile fails.
+    The JPEG Start-of-Scan marker ``FF DA`` of each listed tile becomes
+    ``FF DB``: the slide still opens, but reading pixels of those tiles fails.
 
     Returns:
-        the level-0 (x, y) of the broken tile's corner.
+        the level-0 (x, y) of each broken tile's corner.
     """
     data = bytearray(src.read_bytes())
+    corners = []
     with tifffile.TiffFile(src) as tif:
         page = tif.pages[0]
-        offset, count = page.dataoffsets[tile_index], page.databytecounts[tile_index]
         tiles_across = -(-page.imagewidth // page.tilewidth)
-        tw, th = page.tilewidth, page.tilelength
-    sos = data.find(b"\xff\xda", offset, offset + count)
-    if sos < 0:
-        raise RuntimeError(f"no SOS marker in tile {tile_index} of {src}")
-    data[sos + 1] = 0xDB
+        for index in tile_indices:
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            sos = data.find(b"\xff\xda", offset, offset + count)
+            if sos < 0:
+                raise RuntimeError(f"no SOS marker in tile {index} of {src}")
+            data[sos + 1] = 0xDB
+            corners.append(
+                ((index % tiles_across) * page.tilewidth, (index // tiles_across) * page.tilelength)
+            )
     dst.write_bytes(bytes(data))
-    return (tile_index % tiles_across) * tw, (tile_index // tiles_across) * th
+    return corners
+
+
+def flip_tile_marker(src: Path, dst: Path, tile_index: int) -> tuple[int, int]:
+    """:func:`flip_tile_markers` for one tile."""
+    return flip_tile_markers(src, dst, [tile_index])[0]
 
 
 def truncated_copy(src: Path, dst: Path, fraction: float = 0.6) -> Path:
