@@ -223,6 +223,17 @@ def test_two_worker_loader_equals_single_process(slide_1000x700: Path) -> None:
     assert float(single[0][0].max()) <= 0.5
 
 
+def test_spawned_workers_open_their_own_handles(slide_1000x700: Path) -> None:
+    tiles = SlideTiles(
+        slide_1000x700, tile_size=256, stride=256, transform=_halve, tissue_mask=None
+    )
+    single = list(tiles.loader(batch_size=4))
+    spawned = list(tiles.loader(batch_size=4, num_workers=2, multiprocessing_context="spawn"))
+    for (a, ia, _), (b, ib, _) in zip(single, spawned, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(ia, ib)
+
+
 def test_fit_takes_slide_tiles_directly(slide_1000x700: Path) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.AvgPool2d(16), nn.Conv2d(3, 4, 1), nn.ReLU())
