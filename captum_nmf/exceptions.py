@@ -30,6 +30,7 @@ from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 __all__ = [
     "ActivationError",
+    "CamScaleWarning",
     "CaptumNMFError",
     "CaptumNMFWarning",
     "ConceptModelError",
@@ -147,6 +148,10 @@ class CaptumNMFWarning(UserWarning):
 
 class EmptyTileGridWarning(CaptumNMFWarning):
     """Emitted when a tiler keeps no tile of a slide."""
+
+
+class CamScaleWarning(CaptumNMFWarning):
+    """Warned when a CAM looks ReLU'd and min-max scaled, so that "> 0" means almost everywhere."""
 
 
 class LayerNameMismatchWarning(CaptumNMFWarning):

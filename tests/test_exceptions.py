@@ -24,6 +24,7 @@ from captum_nmf import exceptions as ex
         (ex.RunStateError, (ValueError,)),
         (ex.EmptyTileGridWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.LayerNameMismatchWarning, (ex.CaptumNMFWarning, UserWarning)),
+        (ex.CamScaleWarning, (ex.CaptumNMFWarning, UserWarning)),
     ],
 )
 def test_mro(cls: type, bases: tuple[type, ...]) -> None:

@@ -1,0 +1,329 @@
+"""``analyse``: the paper's three analyses in one call, and reproducible tile samples."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf.compare.cams import CAM_METHODS, CamMethod, cam_maps
+from captum_nmf.compare.metrics import (
+    CamAgreement,
+    ConceptCorrelation,
+    ConceptSimilarity,
+    SurrogateFeature,
+    SurrogateReport,
+    Table,
+    cam_agreement,
+    concept_similarity,
+    surrogate_report,
+    weight_correlation,
+)
+
+__all__ = ["AnalysisResult", "TileSample", "analyse", "sample_tiles"]
+
+_CAM_NAMES = {"gradcam": "GradCAM", "gradcam++": "GradCAM++", "hirescam": "HiResCAM"}
+
+
+@dataclass
+class TileSample:
+    """A reproducible random sample of tiles.
+
+    Attributes:
+        indices (ndarray): the chosen positions in the source (sorted).
+        inputs (Tensor or None): the tiles themselves (from a tensor or a Dataset).
+        maps (ndarray or None): N x K x h x w concept maps (from slide explanations).
+        outputs (ndarray or None): N x O model outputs (from slide explanations).
+        groups (ndarray or None): a group (slide) id per tile, when known.
+        locations (ndarray or None): level-0 (x, y) per tile, for slides.
+    """
+
+    indices: NDArray[np.int64]
+    inputs: Tensor | None = None
+    maps: NDArray[np.float32] | None = None
+    outputs: NDArray[np.float32] | None = None
+    groups: NDArray[np.int64] | None = None
+    locations: NDArray[np.int64] | None = None
+
+
+def _choose(total: int, n: int | None, random_state: int) -> NDArray[np.int64]:
+    if total == 0:
+        raise ValueError("the source holds 0 tiles; nothing to sample.")
+    if n is None or n >= total:
+        return np.arange(total, dtype=np.int64)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int or None, got {n!r}.")
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+
+
+def _first(item: Any) -> Tensor:
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            f"dataset items must be tensors or (tensor, ...), got {type(image).__name__}."
+        )
+    return image
+
+
+def sample_tiles(source: Any, n: int | None, *, random_state: int = 0) -> TileSample:
+    r"""Draw ``n`` tiles without replacement, reproducibly (the paper: 10,000 tiles).
+
+    Args:
+        source: an N x ... tensor of tiles; a map-style ``Dataset`` of tiles
+                    (e.g. :class:`captum_nmf.wsi.SlideTiles`, whose slide index
+                    becomes the group); or a sequence of
+                    :class:`captum_nmf.wsi.SlideExplanation`, whose tiles' windows
+                    of the stitched concept maps and kept model outputs are
+                    returned (tiles that could not be read are left out).
+        n (int or None): tiles to draw; None or more than available takes all.
+        random_state (int, optional): seed.
+                    Default: 0
+
+    Returns:
+        *TileSample*: indices and, by source, ``inputs`` or ``maps`` and ``outputs``.
+
+    Raises:
+        ValueError: an empty source or a bad ``n``.
+        TypeError: an unsupported source.
+    """
+    if isinstance(source, Tensor):
+        idx = _choose(source.shape[0], n, random_state)
+        return TileSample(idx, inputs=source[torch.from_numpy(idx).to(source.device)])
+    if isinstance(source, Dataset):
+        idx = _choose(len(source), n, random_state)  # type: ignore[arg-type]
+        inputs = torch.stack([_first(source[int(i)]) for i in idx])
+        groups = None
+        if hasattr(source, "locate"):
+            groups = np.asarray([source.locate(int(i))[0] for i in idx], dtype=np.int64)
+        return TileSample(idx, inputs=inputs, groups=groups)
+    if (
+        isinstance(source, Sequence)
+        and source
+        and all(hasattr(e, "tile_locations") for e in source)
+    ):
+        return _sample_explanations(source, n, random_state)
+    raise TypeError(
+        "source must be a tensor of tiles, a map-style Dataset or a sequence of "
+        f"SlideExplanation, got {type(source).__name__}."
+    )
+
+
+def _sample_explanations(explanations: Sequence[Any], n: int | None, seed: int) -> TileSample:
+    pairs = []
+    for s, ex in enumerate(explanations):
+        ok = np.ones(len(ex.tile_locations), bool)
+        if ex.tile_outputs is not None:
+            ok = np.isfinite(ex.tile_outputs).all(axis=1)
+        pairs += [(s, t) for t in np.flatnonzero(ok)]
+    chosen = _choose(len(pairs), n, seed)
+    maps, outputs, groups, locations = [], [], [], []
+    for i in chosen:
+        s, t = pairs[int(i)]
+        ex = explanations[s]
+        cells = int(ex.config["tile_size"]) // int(ex.config["cell_px"])
+        x, y = (int(v) for v in ex.tile_locations[t])
+        r0, c0 = round(y / ex.cell_size), round(x / ex.cell_size)
+        window = np.zeros((ex.n_concepts, cells, cells), np.float32)
+        part = ex.concept_maps[:, r0 : r0 + cells, c0 : c0 + cells]
+        window[:, : part.shape[1], : part.shape[2]] = np.nan_to_num(part)
+        maps.append(window)
+        if ex.tile_outputs is not None:
+            outputs.append(ex.tile_outputs[t])
+        groups.append(s)
+        locations.append((x, y))
+    return TileSample(
+        chosen,
+        maps=np.stack(maps),
+        outputs=np.stack(outputs) if len(outputs) == len(maps) else None,
+        groups=np.asarray(groups, np.int64),
+        locations=np.asarray(locations, np.int64),
+    )
+
+
+@dataclass
+class AnalysisResult:
+    """The three analyses of :func:`analyse`, renderable as markdown and savable.
+
+    Attributes:
+        similarity (ConceptSimilarity): cosine similarity of concept vectors.
+        correlation (ConceptCorrelation): correlation of concept weights.
+        surrogate (SurrogateReport or None): the surrogate model (None with a
+                    reason in ``notes`` when the tiles hold one predicted label).
+        cams (dict[str, CamAgreement]): agreement with each CAM method.
+        predictions (ndarray): the model's predicted label per tile.
+        n_tiles (int): tiles analysed.
+        notes (list[str]): anything left out, and why.
+    """
+
+    similarity: ConceptSimilarity
+    correlation: ConceptCorrelation
+    surrogate: SurrogateReport | None
+    cams: dict[str, CamAgreement]
+    predictions: NDArray[np.int64]
+    n_tiles: int
+    notes: list[str] = field(default_factory=list)
+
+    def tables(self) -> dict[str, Table]:
+        """Every table by a file-friendly name."""
+        out = {
+            "concept_similarity": self.similarity.table,
+            "weight_correlation": self.correlation.table,
+        }
+        if self.surrogate is not None:
+            out["surrogate"] = self.surrogate.table
+        for name, agreement in self.cams.items():
+            out[f"cam_{name.replace('++', 'pp')}"] = agreement.table
+        return out
+
+    def to_markdown(self) -> str:
+        """All tables as markdown, with the notes."""
+        parts = [f"Analysis of {self.n_tiles} tiles"]
+        parts += [t.to_markdown() for t in self.tables().values()]
+        parts += [f"Note: {note}" for note in self.notes]
+        return "\n\n".join(parts) + "\n"
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``analysis.json`` (all tables and numbers), one CSV per table and ``analysis.md``.
+
+        Returns:
+            *Path*: the directory.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in self.tables().items():
+            (out / f"{name}.csv").write_text(table.to_csv(), encoding="utf-8")
+        data = {
+            "n_tiles": self.n_tiles,
+            "notes": self.notes,
+            "tables": {name: t.to_dict() for name, t in self.tables().items()},
+            "surrogate_metrics": None if self.surrogate is None else self.surrogate.metrics,
+            "predicted_label_counts": {
+                str(int(v)): int((self.predictions == v).sum()) for v in np.unique(self.predictions)
+            },
+        }
+        (out / "analysis.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+        (out / "analysis.md").write_text(self.to_markdown(), encoding="utf-8")
+        return out
+
+
+def analyse(
+    attr: NMFConceptAttribution,
+    data: Any,
+    *,
+    target: int = 1,
+    cam_methods: Sequence[CamMethod] = CAM_METHODS,
+    n_tiles: int | None = None,
+    groups: Any = None,
+    surrogate_feature: SurrogateFeature = "sum",
+    batch_size: int = 16,
+    random_state: int = 0,
+    progress: bool = True,
+) -> AnalysisResult:
+    r"""Run the paper's three analyses on tiles: structure, surrogate, CAM agreement.
+
+    Tiles are drawn with :func:`sample_tiles`; for each batch the concept
+    maps, the model's output (its predicted label = argmax) and the CAMs of
+    ``target`` at the concepts' layer are computed; then
+    :func:`concept_similarity`, :func:`weight_correlation`,
+    :func:`surrogate_report` (predicting the model's label) and
+    :func:`cam_agreement` per CAM method.
+
+    Args:
+        attr (NMFConceptAttribution): fitted concepts; its model and layer are used.
+        data (Tensor or Dataset): N x 3 x H x W tiles, or a map-style Dataset
+                    of tiles (e.g. :class:`captum_nmf.wsi.SlideTiles`: the
+                    slide becomes the group of the surrogate's split).
+        target (int, optional): the output explained by the CAMs (the positive class).
+                    Default: 1
+        cam_methods (sequence of str, optional): any of ``"gradcam"``,
+                    ``"gradcam++"``, ``"hirescam"``.
+                    Default: all three
+        n_tiles (int, optional): tiles drawn (None: all).
+                    Default: None
+        groups (array-like, optional): group ids of the drawn tiles for the
+                    surrogate's split (overrides the dataset's slides).
+                    Default: None
+        surrogate_feature (str, optional): see :func:`surrogate_features`.
+                    Default: ``"sum"``
+        batch_size (int, optional): tiles per forward pass.
+                    Default: 16
+        random_state (int, optional): seed of the sample and of the split.
+                    Default: 0
+        progress (bool, optional): show a tqdm progress bar.
+                    Default: True
+
+    Returns:
+        *AnalysisResult*: the tables, numbers and notes.
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        ValueError: an unknown CAM method, an empty source, or a model whose
+                    output is not N x (classes >= 2).
+    """
+    attr._check_fitted()
+    for method in cam_methods:
+        if method not in CAM_METHODS:
+            raise ValueError(f"cam_methods must be among {CAM_METHODS}, got {method!r}.")
+    sample = sample_tiles(data, n_tiles, random_state=random_state)
+    if sample.inputs is None:
+        raise TypeError("analyse needs tiles (a tensor or a Dataset), not slide explanations.")
+    x_all = sample.inputs
+    maps, outputs = [], []
+    cams: dict[str, list[Tensor]] = {m: [] for m in cam_methods}
+    starts = range(0, x_all.shape[0], batch_size)
+    for start in tqdm(starts, disable=not progress, desc="analyse", unit="batch"):
+        x = x_all[start : start + batch_size]
+        maps.append(attr.attribute(x).detach().cpu())
+        _, out = attr.features(x, return_output=True)
+        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:
+            raise ValueError(
+                "analyse needs a classifier whose output is N x classes (>= 2) scores; got "
+                f"{type(out).__name__} {tuple(out.shape) if isinstance(out, Tensor) else ''}."
+            )
+        outputs.append(out.detach().cpu())
+        for method in cam_methods:
+            cams[method].append(cam_maps(attr.forward_func, attr.layer, x, method, target).cpu())
+    m = torch.cat(maps).numpy()
+    predictions = torch.cat(outputs).argmax(dim=1).numpy().astype(np.int64)
+    notes = []
+    group_ids = groups if groups is not None else sample.groups
+    if group_ids is not None and len(np.unique(np.asarray(group_ids))) < 2:
+        notes.append("all tiles come from one group (slide): the surrogate split is by tile.")
+        group_ids = None
+    surrogate = None
+    binary = np.where(predictions == target, 1, 0)
+    if len(np.unique(binary)) < 2:
+        notes.append(
+            f"every tile has the same predicted label ({int(predictions[0])}): no surrogate model."
+        )
+    else:
+        surrogate = surrogate_report(
+            m, binary, groups=group_ids, feature=surrogate_feature, random_state=random_state
+        )
+    agreements: dict[str, CamAgreement] = {
+        method: cam_agreement(
+            m, torch.cat(cams[method]).numpy(), predictions, name=_CAM_NAMES[method]
+        )
+        for method in cam_methods
+    }
+    return AnalysisResult(
+        concept_similarity(attr),
+        weight_correlation(m),
+        surrogate,
+        agreements,
+        predictions,
+        int(m.shape[0]),
+        notes,
+    )

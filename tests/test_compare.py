@@ -1,0 +1,309 @@
+"""The analyses: hand-checked structure, surrogate and CAM agreement; CAMs vs Captum, grad-cam."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import LayerGradientXActivation
+from captum.testing.helpers.basic_models import BasicModel_ConvNet_One_Conv
+from torch import nn
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.compare import (
+    analyse,
+    cam_agreement,
+    cam_maps,
+    concept_similarity,
+    sample_tiles,
+    surrogate_features,
+    surrogate_report,
+    weight_correlation,
+)
+from captum_nmf.exceptions import CamScaleWarning, NotFittedError
+
+# ----------------------------------------------------------------------- CAMs
+CAPTUM_INPUT = torch.arange(16).view(1, 1, 4, 4).float()
+
+
+def test_gradcam_by_hand_on_captums_one_conv_model() -> None:
+    # conv1 (pre-ReLU) = window sums [45, 54, 81, 90] - bias: ch0 [-5, 4, 31, 40],
+    # ch1 [-30, -21, 6, 15]; d out0 / d conv1 = [0, 1, 1, 1] and [0, 0, -1, -1];
+    # GradCAM weights 0.75 and -0.5 -> [11.25, 13.5, 20.25, 22.5] (Captum's own test value).
+    net = BasicModel_ConvNet_One_Conv()
+    cam = cam_maps(net, net.conv1, CAPTUM_INPUT, "gradcam", target=0)
+    torch.testing.assert_close(cam, torch.tensor([[[11.25, 13.5], [20.25, 22.5]]]))
+    # HiResCAM = sum_c grad * activation = [0, 4, 31 - 6, 40 - 15]
+    hires = cam_maps(net, net.conv1, CAPTUM_INPUT, "hirescam", target=0)
+    torch.testing.assert_close(hires, torch.tensor([[[0.0, 4.0], [25.0, 25.0]]]))
+    gxa = LayerGradientXActivation(net, net.conv1).attribute(CAPTUM_INPUT, target=0)
+    torch.testing.assert_close(hires, gxa.sum(dim=1))
+
+
+def _same_size_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 2),
+    ).eval()
+
+
+def _scaled(cam: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's post-processing, ReLU then min-max per image, without its 1e-7
+    (which is not negligible next to the tiny CAMs of a random network)."""
+    out = []
+    for img in np.maximum(np.asarray(cam, dtype=np.float64), 0):
+        img = img - img.min()
+        out.append(img / img.max())
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize(
+    ("method", "reference"),
+    [("gradcam++", "GradCAMPlusPlus"), ("gradcam", "GradCAM"), ("hirescam", "HiResCAM")],
+)
+def test_cams_match_pytorch_grad_cam_after_its_normalisation(method: str, reference: str) -> None:
+    grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    net = _same_size_net()
+    x = torch.rand(3, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    ours = _scaled(cam_maps(net, net[3], x, method, target=1).numpy())  # type: ignore[arg-type]
+    with getattr(grad_cam, reference)(model=net, target_layers=[net[3]]) as cam:
+        theirs = _scaled(cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * 3))
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_cam_maps_restore_training_flags_and_refuse_unknown_methods() -> None:
+    net = _same_size_net().train()
+    cam_maps(net, net[3], torch.rand(1, 3, 5, 5), "gradcam++", target=0)
+    assert all(m.training for m in net.modules())
+    with pytest.raises(ValueError, match="method must be one of"):
+        cam_maps(net, net[3], torch.rand(1, 3, 5, 5), "scorecam", target=0)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ structure
+def test_concept_similarity_by_hand() -> None:
+    sim = concept_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]))
+    r = 1 / math.sqrt(2)
+    np.testing.assert_allclose(sim.matrix, [[1, r, 0], [r, 1, r], [0, r, 1]], atol=1e-12)
+    assert "| concept 0 | 1.000 | 0.707 | 0.000 |" in sim.table.to_markdown()
+    with pytest.raises(ValueError, match="norm 0"):
+        concept_similarity(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="K x C matrix"):
+        concept_similarity(np.ones(3))
+
+
+def test_weight_correlation_by_hand() -> None:
+    up = np.array([[1.0, 2.0], [3.0, 4.0]])
+    maps = np.stack(
+        [
+            np.stack([up, up[::-1, ::-1], np.zeros((2, 2))]),  # corr(0, 1) = -1; concept 2 absent
+            np.stack([up, up, np.ones((2, 2))]),  # corr(0, 1) = +1; concept 2 constant
+        ]
+    )
+    res = weight_correlation(maps)
+    assert res.per_tile[0, 0, 1] == pytest.approx(-1.0)
+    assert res.per_tile[1, 0, 1] == pytest.approx(1.0)
+    assert res.mean[0, 1] == pytest.approx(0.0)
+    assert res.std[0, 1] == pytest.approx(1.0)
+    assert np.isnan(res.mean[0, 2])  # never defined: left out, not zero
+    assert res.n_tiles[0, 1] == 2
+    assert res.n_tiles[0, 2] == 0
+    assert "0.000 ± 1.000" in res.table.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("maps", "match"),
+    [(np.ones((2, 3, 4)), "N x K x h x w"), (np.ones((0, 2, 2, 2)), "0 tiles")],
+)
+def test_bad_maps(maps: np.ndarray, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        weight_correlation(maps)
+    with pytest.raises(TypeError, match="maps must be a Tensor or ndarray"):
+        weight_correlation("maps")
+
+
+# ------------------------------------------------------------------ surrogate
+def test_surrogate_features_by_hand() -> None:
+    maps = np.array([[[[2.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]]])  # 1 tile, K = 2
+    np.testing.assert_allclose(surrogate_features(maps, "sum"), [[2.0, 3.0]])
+    np.testing.assert_allclose(surrogate_features(maps, "max"), [[2.0, 1.0]])
+    np.testing.assert_allclose(surrogate_features(maps, "coverage"), [[0.25, 0.5]])
+    np.testing.assert_allclose(surrogate_features(maps, "mean_positive"), [[2.0, 1.0]])
+    with pytest.raises(ValueError, match="feature must be one of"):
+        surrogate_features(maps, "median")  # type: ignore[arg-type]
+
+
+def _synthetic(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concept 0 drives label 1, concept 2 drives label 0, concept 1 is noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    maps = rng.random((n, 3, 4, 4)) * 0.5
+    maps[:, 0] += labels[:, None, None] * rng.random((n, 4, 4))
+    maps[:, 2] += (1 - labels)[:, None, None] * rng.random((n, 4, 4))
+    groups = np.arange(n) // 20
+    return maps, labels, groups
+
+
+def test_surrogate_recovers_the_signs() -> None:
+    maps, labels, groups = _synthetic()
+    report = surrogate_report(maps, labels)
+    assert report.coefficients[0] > 1.0
+    assert report.coefficients[2] < -1.0
+    assert abs(report.coefficients[1]) < 0.5 * min(abs(report.coefficients[[0, 2]]))
+    assert report.metrics["accuracy"] > 0.9
+    assert report.metrics["roc_auc"] > 0.95
+    assert (report.n_train, report.n_test) == (300, 100)
+    grouped = surrogate_report(maps, labels, groups=groups, feature="max")
+    assert grouped.grouped
+    assert grouped.n_test == 100  # 5 of 20 groups of 20 tiles
+    scores = np.stack([1 - labels, labels], axis=1).astype(float)  # two-class scores -> argmax
+    assert surrogate_report(maps, scores).metrics == report.metrics
+    assert "roc_auc" in report.table.to_csv()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"predictions": np.zeros(400, int)}, "one class only"),
+        ({"predictions": np.zeros(3, int)}, "3 entries for 400 tiles"),
+        ({"predictions": np.full(400, 2)}, "labels must be 0 or 1"),
+        ({"predictions": np.full(400, 1.5)}, r"probabilities in \[0, 1\]"),
+        ({"predictions": np.ones((400, 3))}, "3 columns"),
+        ({"groups": np.zeros(400)}, "one group only"),
+        ({"test_size": 1.5}, r"test_size must be in \(0, 1\)"),
+    ],
+)
+def test_bad_surrogate_input(kwargs: dict[str, object], match: str) -> None:
+    maps, labels, _ = _synthetic()
+    args: dict[str, object] = {"predictions": labels}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        surrogate_report(maps, **args)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------- CAM agreement
+def test_cam_agreement_by_hand() -> None:
+    maps = np.array([[[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]]] * 2)
+    maps[1] *= -1  # tile 1: no concept region at all
+    cam = np.array([[[1.0, -1.0], [1.0, -1.0]]] * 2)
+    res = cam_agreement(maps, cam, [1, 0])
+    np.testing.assert_allclose(res.iou[0], [1 / 2, 1 / 3])
+    np.testing.assert_allclose(res.iou[1], [0.0, 0.0])
+    np.testing.assert_allclose(res.correlation[0, 0], 1 / math.sqrt(3))
+    np.testing.assert_allclose(res.correlation[0, 1], 0.0, atol=1e-12)
+    np.testing.assert_allclose(res.summary["label 1"]["iou_mean"], [1 / 2, 1 / 3])
+    np.testing.assert_allclose(res.summary["all"]["iou_mean"], [1 / 4, 1 / 6])
+    assert "label 0, 1 tiles" in res.table.to_markdown()
+    empty = cam_agreement(np.zeros((1, 1, 2, 2)), np.full((1, 1, 2, 2), -1.0), [0])
+    assert np.isnan(empty.iou[0, 0])  # both regions empty: undefined, not 1 or 0
+    assert np.isnan(empty.correlation[0, 0])
+
+
+def test_cam_agreement_refuses_mismatches_and_warns_on_scaled_cams() -> None:
+    maps = np.ones((2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"cams must be N x h x w = \(2, 4, 4\).*interpolate"):
+        cam_agreement(maps, np.ones((2, 8, 8)), [0, 1])
+    with pytest.raises(ValueError, match="predicted_labels has 3 entries for 2 tiles"):
+        cam_agreement(maps, np.ones((2, 4, 4)), [0, 1, 1])
+    raw = np.random.default_rng(0).random((2, 4, 4))
+    scaled = raw - raw.min(axis=(1, 2), keepdims=True)
+    scaled /= 1e-7 + scaled.max(axis=(1, 2), keepdims=True)  # pytorch-grad-cam's scaling
+    with pytest.warns(CamScaleWarning, match="looks ReLU'd and min-max scaled"):
+        cam_agreement(maps, scaled, [0, 1], name="pytorch-grad-cam GradCAM")
+    cam_agreement(maps, raw * 0.5, [0, 1])  # positive but not min-max scaled: no warning
+
+
+# -------------------------------------------------------------------- analyse
+class ColourNet(nn.Module):
+    """Class 1 when a tile is redder than it is blue; a 1x1 conv keeps the colours apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _colour_tiles(n: int = 48) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 6, 6, generator=gen) * 0.3
+    x[: n // 2, 0] += 0.6  # red tiles
+    x[n // 2 :, 2] += 0.6  # blue tiles
+    return x
+
+
+def test_analyse_end_to_end(tmp_path: Path) -> None:
+    net = ColourNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0)
+    x = _colour_tiles()
+    attr.fit(x, progress=False)
+    result = analyse(attr, x, n_tiles=40, batch_size=16, progress=False)
+    assert result.n_tiles == 40
+    assert sorted(np.unique(result.predictions).tolist()) == [0, 1]
+    assert result.surrogate is not None
+    assert result.surrogate.metrics["accuracy"] == 1.0
+    assert set(result.cams) == {"gradcam", "gradcam++", "hirescam"}
+    red = int(np.argmax(np.abs(attr.concepts_.numpy()[:, 0])))  # the concept of the red channel
+    assert result.surrogate.coefficients[red] > 0
+    text = result.to_markdown()
+    assert "Agreement of concepts with GradCAM++" in text
+    assert "Cosine similarity" in text
+    out = result.save(tmp_path / "analysis")
+    saved = json.loads((out / "analysis.json").read_text())
+    assert saved["n_tiles"] == 40
+    assert saved["surrogate_metrics"]["accuracy"] == 1.0
+    assert (out / "cam_gradcampp.csv").read_text().startswith("concept,")
+    again = analyse(attr, x, n_tiles=40, batch_size=7, progress=False)  # reproducible sample
+    np.testing.assert_array_equal(again.predictions, result.predictions)
+
+
+def test_analyse_with_one_label_notes_the_missing_surrogate() -> None:
+    net = ColourNet().eval()
+    x = _colour_tiles()[:20]  # red only
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(x, progress=False)
+    result = analyse(attr, x, cam_methods=("gradcam",), progress=False)
+    assert result.surrogate is None
+    assert "same predicted label" in result.notes[0]
+    assert list(result.cams) == ["gradcam"]
+
+
+def test_analyse_bad_input() -> None:
+    net = ColourNet()
+    with pytest.raises(NotFittedError):
+        analyse(NMFConceptAttribution(net, net.relu, 2), _colour_tiles())
+    attr = NMFConceptAttribution(net, net.relu, 2, random_state=0).fit(
+        _colour_tiles(), progress=False
+    )
+    with pytest.raises(ValueError, match="cam_methods must be among"):
+        analyse(attr, _colour_tiles(), cam_methods=("eigencam",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        sample_tiles(_colour_tiles(), 0)
+    with pytest.raises(TypeError, match="source must be a tensor of tiles"):
+        sample_tiles({"a": 1}, 3)
+
+
+def test_sample_tiles_is_reproducible() -> None:
+    x = torch.arange(100).view(100, 1).float()
+    a = sample_tiles(x, 10, random_state=3)
+    b = sample_tiles(x, 10, random_state=3)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.inputs is not None
+    assert a.inputs[:, 0].tolist() == a.indices.tolist()
+    assert len(sample_tiles(x, None).indices) == 100
