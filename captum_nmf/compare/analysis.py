@@ -165,6 +165,10 @@ class AnalysisResult:
         predictions (ndarray): the model's predicted label per tile.
         n_tiles (int): tiles analysed.
         notes (list[str]): anything left out, and why.
+        indices (ndarray): positions of the analysed tiles in ``data``.
+        concept_maps (ndarray): N x K x h x w concept maps of those tiles.
+        cam_values (dict[str, ndarray]): N x h x w signed CAM maps per method.
+        outputs (ndarray): N x classes model outputs.
     """
 
     similarity: ConceptSimilarity
@@ -174,6 +178,14 @@ class AnalysisResult:
     predictions: NDArray[np.int64]
     n_tiles: int
     notes: list[str] = field(default_factory=list)
+    indices: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    concept_maps: NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, 0, 0, 0), np.float32), repr=False
+    )
+    cam_values: dict[str, NDArray[np.float32]] = field(default_factory=dict, repr=False)
+    outputs: NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, 0), np.float32), repr=False
+    )
 
     def tables(self) -> dict[str, Table]:
         """Every table by a file-friendly name."""
@@ -296,7 +308,11 @@ def analyse(
         for method in cam_methods:
             cams[method].append(cam_maps(attr.forward_func, attr.layer, x, method, target).cpu())
     m = torch.cat(maps).numpy()
-    predictions = torch.cat(outputs).argmax(dim=1).numpy().astype(np.int64)
+    scores = torch.cat(outputs)
+    predictions = scores.argmax(dim=1).numpy().astype(np.int64)
+    cam_values: dict[str, NDArray[np.float32]] = {
+        method: torch.cat(cams[method]).float().numpy() for method in cam_methods
+    }
     notes = []
     group_ids = groups if groups is not None else sample.groups
     if group_ids is not None and len(np.unique(np.asarray(group_ids))) < 2:
@@ -313,9 +329,7 @@ def analyse(
             m, binary, groups=group_ids, feature=surrogate_feature, random_state=random_state
         )
     agreements: dict[str, CamAgreement] = {
-        method: cam_agreement(
-            m, torch.cat(cams[method]).numpy(), predictions, name=_CAM_NAMES[method]
-        )
+        method: cam_agreement(m, cam_values[method], predictions, name=_CAM_NAMES[method])
         for method in cam_methods
     }
     return AnalysisResult(
@@ -326,4 +340,8 @@ def analyse(
         predictions,
         int(m.shape[0]),
         notes,
+        sample.indices,
+        m,
+        cam_values,
+        scores.float().numpy(),
     )
