@@ -86,7 +86,7 @@ def he_tiles(
             f"tile_size must be in [1, 1500] and stride >= 1, got {tile_size}, {stride}."
         )
     mask = data.nuclei_type_mask() == NEOPLASTIC
-    lo = int(round(tile_size * (1 - central) / 2))
+    lo = round(tile_size * (1 - central) / 2)
     hi = tile_size - lo
     images, labels, masks, has_mask, source, locations = [], [], [], [], [], []
     for s, name in enumerate(("hgsc_nest.jpg", "hgsc_stromal_he.jpg")):
