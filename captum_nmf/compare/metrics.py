@@ -122,6 +122,12 @@ class Table:
         return self.to_markdown()
 
 
+def _centred(x: Array) -> tuple[Array, Array]:
+    """Each row minus its mean over the last axis, and the centred rows' norms (Pearson's parts)."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    return centred, np.sqrt((centred**2).sum(axis=-1))
+
+
 def _pm(mean: float, std: float) -> str:
     return "nan" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
@@ -204,9 +210,7 @@ def weight_correlation(maps: Any) -> ConceptCorrelation:
     """
     m = _maps(maps)
     n, k = m.shape[:2]
-    x = m.reshape(n, k, -1)
-    x = x - x.mean(axis=2, keepdims=True)
-    norms = np.sqrt((x**2).sum(axis=2))
+    x, norms = _centred(m.reshape(n, k, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_tile = np.einsum("nkl,njl->nkj", x, x) / (norms[:, :, None] * norms[:, None, :])
     per_tile[~np.isfinite(per_tile)] = np.nan
@@ -507,13 +511,9 @@ def cam_agreement(
     union = (concept_pos | cam_pos).sum(axis=(2, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-        xm = m.reshape(n, k, -1)
-        xm = xm - xm.mean(axis=2, keepdims=True)
-        xc = c.reshape(n, 1, -1)
-        xc = xc - xc.mean(axis=2, keepdims=True)
-        num = (xm * xc).sum(axis=2)
-        den = np.sqrt((xm**2).sum(axis=2) * (xc**2).sum(axis=2))
-        corr = num / den
+        xm, norm_m = _centred(m.reshape(n, k, -1))
+        xc, norm_c = _centred(c.reshape(n, 1, -1))
+        corr = (xm * xc).sum(axis=2) / (norm_m * norm_c)
     corr[~np.isfinite(corr)] = np.nan
     summary: dict[str, dict[str, Array]] = {}
     groups: list[tuple[str, NDArray[np.bool_]]] = [("all", np.ones(n, bool))]
