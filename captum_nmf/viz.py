@@ -1,0 +1,419 @@
+"""Figures: concept overlays, per-concept panels, comparisons with CAMs, structure heatmaps.
+
+The paper's Fig. 1 (all concepts overlaid), Fig. 2 (one panel per concept),
+Fig. 3 (image / GradCAM / concept intensities / clusters side by side) and
+Fig. 4 (structure heatmaps).
+
+Every concept index has one colour everywhere (figures and exports): the
+colour-blind-safe Okabe-Ito palette, then Paul Tol's muted scheme beyond 8
+concepts (:func:`concept_colors`). Functions build :class:`matplotlib.figure.Figure`
+objects directly (never ``pyplot``), so no global matplotlib state changes; each
+accepts an ``ax`` (or ``axes``) to draw into and returns the Figure. The pixel
+work is in plain functions (:func:`overlay`, :func:`cluster_image`) that return
+RGB arrays, usable without matplotlib.
+
+Needs the ``viz`` extra (matplotlib) for the ``plot_*`` functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "PALETTE",
+    "cluster_image",
+    "concept_colors",
+    "overlay",
+    "plot_comparison",
+    "plot_concepts",
+    "plot_overlay",
+    "plot_slide",
+    "plot_structure",
+]
+
+#: Okabe & Ito (2008), then Paul Tol's "muted" (2021): colour-blind-safe, in this order.
+PALETTE = (
+    "#E69F00",
+    "#56B4E9",
+    "#009E73",
+    "#F0E442",
+    "#0072B2",
+    "#D55E00",
+    "#CC79A7",
+    "#000000",
+    "#332288",
+    "#88CCEE",
+    "#44AA99",
+    "#117733",
+    "#999933",
+    "#DDCC77",
+    "#CC6677",
+    "#882255",
+    "#AA4499",
+)
+_EXTRA = "the 'viz' extra: pip install 'captum-nmf[viz]'"
+
+
+def concept_colors(k: int) -> NDArray[np.float64]:
+    """The fixed RGB colour (floats in [0, 1]) of concepts ``0 .. k-1``.
+
+    Raises:
+        ValueError: ``k`` < 1 or more concepts than the palette holds (17).
+    """
+    if k < 1 or k > len(PALETTE):
+        raise ValueError(f"k must be in [1, {len(PALETTE)}] to get distinct colours, got {k}.")
+    return np.asarray([[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] for c in PALETTE[:k]])
+
+
+def _image(image: Any) -> NDArray[np.float64]:
+    """H x W x 3 float in [0, 1] from uint8 or float, HWC or CHW, array or tensor."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().to("cpu").numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be an ndarray or a Tensor, got {type(image).__name__}.")
+    arr = image
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[2] not in (1, 3):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"image must be H x W x 3 (or 3 x H x W), got shape {image.shape}.")
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float64) / 255.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"image must be float in [0, 1] or uint8, got {arr.dtype} with min {lo:.3g} and "
+                f"max {hi:.3g}; undo the normalisation first."
+            )
+        out = arr.astype(np.float64)
+    else:
+        raise ValueError(f"image must be float in [0, 1] or uint8, got {arr.dtype}.")
+    return np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out
+
+
+def _maps(maps: Any) -> NDArray[np.float64]:
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().to("cpu").numpy()
+    arr = np.asarray(maps, dtype=np.float64)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"maps must be K x h x w (one image), got shape {arr.shape}.")
+    return np.nan_to_num(arr, nan=0.0)
+
+
+def _resize(maps: NDArray[np.float64], size: tuple[int, int]) -> NDArray[np.float64]:
+    """K x h x w -> K x H x W, nearest neighbour (cells stay cells)."""
+    h, w = size
+    if maps.shape[1:] == (h, w):
+        return maps
+    rows = np.minimum((np.arange(h) * maps.shape[1] / h).astype(int), maps.shape[1] - 1)
+    cols = np.minimum((np.arange(w) * maps.shape[2] / w).astype(int), maps.shape[2] - 1)
+    return maps[:, rows][:, :, cols]
+
+
+def overlay(
+    image: Any,
+    maps: Any,
+    *,
+    alpha: float = 0.6,
+    vmax: Sequence[float] | NDArray[np.float64] | None = None,
+) -> NDArray[np.float64]:
+    r"""Blend all K concept intensities onto an image in their fixed colours (Fig. 1).
+
+    Each concept's weights are scaled to [0, 1] by ``vmax`` (default: its own
+    maximum). At every pixel the colour is the intensity-weighted mean of the
+    concepts' colours and its opacity is ``alpha`` times the largest scaled
+    intensity, so absent concepts leave the tissue visible.
+
+    Args:
+        image: H x W x 3 (or 3 x H x W) uint8, or float in [0, 1].
+        maps: K x h x w concept weights (any h x w; upsampled by nearest neighbour).
+        alpha (float, optional): opacity of the strongest concept.
+                    Default: 0.6
+        vmax (sequence of float, optional): per-concept scale (e.g. over a
+                    whole slide or batch, so images compare).
+                    Default: None
+
+    Returns:
+        *ndarray*: H x W x 3 float in [0, 1].
+
+    Raises:
+        ValueError: bad image range, shapes or ``alpha``.
+        TypeError: ``image`` is not an array or tensor.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+    img = _image(image)
+    m = _maps(maps)
+    k = m.shape[0]
+    scale = m.reshape(k, -1).max(axis=1) if vmax is None else np.asarray(vmax, dtype=np.float64)
+    if scale.shape != (k,):
+        raise ValueError(f"vmax must hold {k} values, got {scale.shape}.")
+    norm = np.clip(m / np.where(scale > 0, scale, 1.0)[:, None, None], 0, 1)
+    norm = _resize(norm, img.shape[:2])
+    total = norm.sum(axis=0)
+    colours = concept_colors(k)
+    mixed = np.einsum("khw,kc->hwc", norm, colours) / np.maximum(total, 1e-12)[..., None]
+    opacity = alpha * norm.max(axis=0)[..., None]
+    blended: NDArray[np.float64] = img * (1 - opacity) + mixed * opacity
+    return blended
+
+
+def cluster_image(assignment: Any, k: int, *, background: float = 1.0) -> NDArray[np.float64]:
+    """The argmax concept of every cell in its colour; -1 cells in grey ``background``.
+
+    Returns:
+        *ndarray*: h x w x 3 float in [0, 1].
+    """
+    if isinstance(assignment, torch.Tensor):
+        assignment = assignment.detach().to("cpu").numpy()
+    labels = np.asarray(assignment)
+    if labels.ndim != 2:
+        raise ValueError(f"assignment must be h x w, got shape {labels.shape}.")
+    if labels.max(initial=-1) >= k:
+        raise ValueError(f"assignment holds concept {labels.max()} but k={k}.")
+    colours = np.vstack([concept_colors(k), np.full((1, 3), background)])
+    out: NDArray[np.float64] = colours[np.where(labels < 0, k, labels)]
+    return out
+
+
+def _figure(
+    ax: Axes | None, n: int = 1, size: tuple[float, float] = (5.0, 5.0)
+) -> tuple[Figure, list[Axes]]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"captum_nmf.viz plots need {_EXTRA}") from exc
+    if ax is not None:
+        fig = ax.get_figure()
+        if fig is None:
+            raise ValueError("ax does not belong to a figure.")
+        return fig, [ax]  # type: ignore[return-value]
+    fig = Figure(figsize=(size[0] * n, size[1]), layout="constrained")
+    return fig, list(fig.subplots(1, n, squeeze=False)[0])
+
+
+def _legend(ax: Axes, k: int, labels: Sequence[str] | None) -> None:
+    from matplotlib.patches import Patch
+
+    names = list(labels) if labels is not None else [f"concept {j}" for j in range(k)]
+    handles = [Patch(color=c, label=names[j]) for j, c in enumerate(concept_colors(k))]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+
+
+def plot_overlay(
+    image: Any,
+    maps: Any,
+    *,
+    ax: Axes | None = None,
+    alpha: float = 0.6,
+    vmax: Sequence[float] | None = None,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """All K concept intensities over the image with a legend (the paper's Fig. 1).
+
+    Returns:
+        *Figure*: the figure drawn into (a new one unless ``ax`` is given).
+    """
+    fig, (axis,) = _figure(ax)
+    m = _maps(maps)
+    axis.imshow(overlay(image, m, alpha=alpha, vmax=vmax))
+    axis.set_axis_off()
+    if title:
+        axis.set_title(title)
+    _legend(axis, m.shape[0], labels)
+    return fig
+
+
+def plot_concepts(
+    image: Any,
+    maps: Any,
+    *,
+    axes: Sequence[Axes] | None = None,
+    alpha: float = 0.7,
+    labels: Sequence[str] | None = None,
+) -> Figure:
+    """One panel per concept: its intensity over the image in its colour (the paper's Fig. 2).
+
+    Returns:
+        *Figure*: the figure drawn into.
+    """
+    m = _maps(maps)
+    k = m.shape[0]
+    if axes is not None:
+        if len(axes) != k:
+            raise ValueError(f"axes must hold one Axes per concept ({k}), got {len(axes)}.")
+        fig = axes[0].get_figure()
+        panels = list(axes)
+    else:
+        fig, panels = _figure(None, k, (3.0, 3.0))
+    names = list(labels) if labels is not None else [f"concept {j}" for j in range(k)]
+    for j, axis in enumerate(panels):
+        single = np.zeros_like(m)
+        single[j] = m[j]
+        axis.imshow(overlay(image, single, alpha=alpha))
+        axis.set_title(names[j], color=PALETTE[j])
+        axis.set_axis_off()
+    return fig  # type: ignore[return-value]
+
+
+def plot_comparison(
+    image: Any,
+    cam: Any,
+    maps: Any,
+    *,
+    axes: Sequence[Axes] | None = None,
+    cam_name: str = "GradCAM",
+    alpha: float = 0.6,
+) -> Figure:
+    """Image, signed CAM, concept intensities and clusters side by side (the paper's Fig. 3).
+
+    The CAM is shown signed (blue < 0 < red, symmetric scale); clusters are the
+    argmax concept of every cell (white where all weights are 0).
+
+    Returns:
+        *Figure*: the figure drawn into.
+    """
+    m = _maps(maps)
+    k = m.shape[0]
+    c = cam.detach().to("cpu").numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    c = np.squeeze(c).astype(np.float64)
+    if c.ndim != 2:
+        raise ValueError(f"cam must be h x w, got shape {np.shape(cam)}.")
+    if axes is not None:
+        if len(axes) != 4:
+            raise ValueError(f"axes must hold 4 Axes, got {len(axes)}.")
+        fig = axes[0].get_figure()
+        panels = list(axes)
+    else:
+        fig, panels = _figure(None, 4, (3.2, 3.2))
+    img = _image(image)
+    limit = float(np.abs(c).max()) or 1.0
+    panels[0].imshow(img)
+    panels[0].set_title("image")
+    shown = panels[1].imshow(c, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    panels[1].set_title(f"{cam_name} (signed)")
+    fig.colorbar(shown, ax=panels[1], fraction=0.046)  # type: ignore[union-attr]
+    panels[2].imshow(overlay(img, m, alpha=alpha))
+    panels[2].set_title("concept intensities")
+    winner = np.where(m.max(axis=0) > 0, np.argmax(m, axis=0), -1)
+    panels[3].imshow(cluster_image(winner, k), interpolation="nearest")
+    panels[3].set_title("clusters")
+    for axis in panels:
+        axis.set_axis_off()
+    _legend(panels[3], k, None)
+    return fig  # type: ignore[return-value]
+
+
+def plot_structure(
+    similarity: Any, correlation: Any, *, axes: Sequence[Axes] | None = None
+) -> Figure:
+    """Heatmaps of concept-vector cosine similarity and weight correlation (the paper's Fig. 4).
+
+    Args:
+        similarity: a :class:`~captum_nmf.compare.ConceptSimilarity` or K x K matrix.
+        correlation: a :class:`~captum_nmf.compare.ConceptCorrelation` (its
+                    mean) or K x K matrix.
+        axes (sequence of Axes, optional): two Axes to draw into.
+                    Default: None
+
+    Returns:
+        *Figure*: the figure drawn into.
+    """
+    sim = np.asarray(
+        similarity.matrix if hasattr(similarity, "table") else similarity, dtype=np.float64
+    )
+    cor = np.asarray(
+        correlation.mean if hasattr(correlation, "table") else correlation, dtype=np.float64
+    )
+    if sim.ndim != 2 or sim.shape != cor.shape or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"need two K x K matrices, got {sim.shape} and {cor.shape}.")
+    if axes is not None:
+        if len(axes) != 2:
+            raise ValueError(f"axes must hold 2 Axes, got {len(axes)}.")
+        fig = axes[0].get_figure()
+        panels = list(axes)
+    else:
+        fig, panels = _figure(None, 2, (4.2, 4.0))
+    k = sim.shape[0]
+    for axis, matrix, title in (
+        (panels[0], sim, "cosine similarity of concepts"),
+        (panels[1], cor, "correlation of weights"),
+    ):
+        shown = axis.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                text = "" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
+                axis.text(j, i, text, ha="center", va="center", fontsize="x-small")
+        axis.set_xticks(range(k))
+        axis.set_yticks(range(k))
+        for tick, colour in zip(axis.get_xticklabels(), PALETTE, strict=False):
+            tick.set_color(colour)
+        axis.set_title(title)
+        fig.colorbar(shown, ax=axis, fraction=0.046)  # type: ignore[union-attr]
+    return fig  # type: ignore[return-value]
+
+
+def plot_slide(
+    explanation: Any,
+    *,
+    ax: Axes | None = None,
+    max_size: int = 1024,
+    alpha: float = 0.6,
+    clusters: bool = False,
+) -> Figure:
+    """A :class:`~captum_nmf.wsi.SlideExplanation` over its slide's thumbnail.
+
+    Args:
+        explanation (SlideExplanation): the explained slide (its file must be readable).
+        ax (Axes, optional): where to draw.
+                    Default: None
+        max_size (int, optional): longer side of the thumbnail.
+                    Default: 1024
+        alpha (float, optional): overlay opacity.
+                    Default: 0.6
+        clusters (bool, optional): show the argmax clusters instead of intensities.
+                    Default: False
+
+    Returns:
+        *Figure*: the figure drawn into.
+    """
+    from captum_nmf.wsi import Slide
+
+    with Slide(explanation.slide_path) as slide:
+        thumb, (dx, dy) = slide.thumbnail(max_size)
+    h, w = thumb.shape[:2]
+    # the cell grid in thumbnail pixels: cell (i, j) covers x in [j * cs, (j + 1) * cs) / dx
+    cs = explanation.cell_size
+    rows = np.minimum((np.arange(h) * dy / cs).astype(int), explanation.grid_shape[0] - 1)
+    cols = np.minimum((np.arange(w) * dx / cs).astype(int), explanation.grid_shape[1] - 1)
+    maps = np.nan_to_num(explanation.concept_maps)[:, rows][:, :, cols]
+    k = maps.shape[0]
+    fig, (axis,) = _figure(ax, 1, (6.0, 6.0 * h / max(w, 1)))
+    image = thumb.astype(np.float64) / 255
+    if clusters:
+        labels = np.asarray(explanation.assignment)[rows][:, cols]
+        colours = cluster_image(labels, k)
+        opacity = np.where(labels >= 0, alpha, 0.0)[..., None]
+        axis.imshow(image * (1 - opacity) + colours * opacity)
+    else:
+        masked = maps * np.asarray(explanation.tissue_mask)[rows][:, cols][None]
+        axis.imshow(overlay(image, masked, alpha=alpha))
+    axis.set_axis_off()
+    axis.set_title(Path(explanation.slide_path).name)
+    _legend(axis, k, None)
+    return fig
