@@ -453,6 +453,7 @@ def explain_slide(
                 min_tissue=min_tissue,
             )
         fingerprint = slide.fingerprint()
+        slide_level0_mpp = slide.mpp
         if grid.n_rows * grid.n_cols == 0:
             raise NoTissueError(
                 f"{slide.path.name} is smaller than one tile ({grid.tile_size} px at level "
@@ -476,6 +477,7 @@ def explain_slide(
         "stride": grid.stride,
         "level": grid.resolution.level,
         "mpp": grid.resolution.mpp,
+        "slide_mpp": slide_level0_mpp,
         "resample": grid.resolution.resample,
         "border": border,
         "edge": edge,

@@ -1,0 +1,357 @@
+"""Exports pathologists can open: QuPath GeoJSON, pyramidal TIFF overlays, per-slide summaries.
+
+* :func:`to_geojson`: one (Multi)Polygon per concept traced from a
+  :class:`~captum_nmf.wsi.SlideExplanation`'s assignment map, in level-0 pixel
+  coordinates, with QuPath's ``classification`` (name and colour) and holes
+  kept; import it in QuPath with *File > Import objects*.
+* :func:`write_overlay_tiff`: the coloured clusters, or one concept's
+  intensity, as a tiled multi-level TIFF that OpenSlide (and QuPath) open, at
+  the slide's level-0 geometry or a stated downsample, written tile by tile.
+* :func:`slide_summary`: area share of each concept within tissue, mean
+  intensity, and the top-N tiles per concept with PNG crops (prototype galleries).
+
+Colours are the fixed concept colours of :mod:`captum_nmf.viz`. Needs the
+``export`` extra (shapely) for GeoJSON and the ``wsi`` extra for reading slides.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tifffile
+from numpy.typing import NDArray
+from PIL import Image
+
+from captum_nmf.viz import concept_colors
+
+__all__ = ["slide_summary", "to_geojson", "write_overlay_tiff"]
+
+_EXTRA = "the 'export' extra: pip install 'captum-nmf[export]'"
+
+
+def _names(k: int, names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return [f"concept {j}" for j in range(k)]
+    if len(names) != k:
+        raise ValueError(f"names must hold {k} names (one per concept), got {len(names)}.")
+    return list(names)
+
+
+def _rgb255(k: int) -> list[list[int]]:
+    return [[round(255 * v) for v in c] for c in concept_colors(k)]
+
+
+def concept_polygons(assignment: NDArray[np.integer], concept: int, cell_size: float) -> Any:
+    """The union of the cells assigned to ``concept`` as a shapely geometry (level-0 px).
+
+    Runs of equal cells in each row become rectangles and are merged with
+    :func:`shapely.union_all`, so the result is exact: its area is the cell
+    count times ``cell_size ** 2`` and holes are kept.
+
+    Returns:
+        *shapely geometry*: a Polygon, MultiPolygon or an empty geometry.
+    """
+    try:
+        import shapely
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"GeoJSON export needs {_EXTRA}") from exc
+    boxes = []
+    mask = np.asarray(assignment) == concept
+    for r in np.flatnonzero(mask.any(axis=1)):
+        row = np.concatenate([[False], mask[r], [False]])
+        edges = np.flatnonzero(np.diff(row.astype(np.int8)))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            boxes.append(shapely.box(start, r, stop, r + 1))
+    if not boxes:
+        return shapely.Polygon()
+    merged = shapely.simplify(shapely.union_all(boxes), 0)  # no collinear vertices left
+    return shapely.affinity.scale(merged, cell_size, cell_size, origin=(0, 0))
+
+
+def to_geojson(
+    explanation: Any,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    r"""QuPath-ready GeoJSON of the concept clusters, in level-0 pixel coordinates.
+
+    Args:
+        explanation (SlideExplanation): the explained slide.
+        path (str or PathLike, optional): also write the FeatureCollection here.
+                    Default: None
+        names (sequence of str, optional): class names per concept.
+                    Default: ``"concept 0"``, ``"concept 1"``, ...
+
+    Returns:
+        *dict*: a GeoJSON FeatureCollection, one feature per concept present,
+        with ``properties.classification`` = ``{"name", "color": [r, g, b]}``,
+        ``objectType`` ``"annotation"`` and the concept's ``cells`` and ``area_px``.
+
+    Raises:
+        ValueError: ``names`` of the wrong length.
+        ImportError: shapely (the ``export`` extra) is missing.
+    """
+    import shapely
+
+    k = explanation.n_concepts
+    labels = _names(k, names)
+    colours = _rgb255(k)
+    ox, oy = explanation.origin
+    features = []
+    for j in range(k):
+        geometry = concept_polygons(explanation.assignment, j, explanation.cell_size)
+        if geometry.is_empty:
+            continue
+        geometry = shapely.affinity.translate(geometry, ox, oy)
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"concept-{j}",
+                "geometry": shapely.geometry.mapping(geometry),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": labels[j],
+                    "classification": {"name": labels[j], "color": colours[j]},
+                    "concept": j,
+                    "cells": int((explanation.assignment == j).sum()),
+                    "area_px": float(geometry.area),
+                },
+            }
+        )
+    # through JSON once: plain lists and floats, exactly what a reader of the file gets
+    collection: dict[str, Any] = json.loads(
+        json.dumps({"type": "FeatureCollection", "features": features})
+    )
+    if path is not None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(collection), encoding="utf-8")
+    return collection
+
+
+def _overlay_cells(explanation: Any, kind: str, concept: int | None) -> NDArray[np.uint8]:
+    """RGBA per cell: cluster colours, or one concept's intensity in its colour."""
+    k = explanation.n_concepts
+    hc, wc = explanation.grid_shape
+    rgba = np.zeros((hc, wc, 4), np.uint8)
+    colours = np.asarray(_rgb255(k), np.uint8)
+    if kind == "clusters":
+        labels = np.asarray(explanation.assignment)
+        inside = labels >= 0
+        rgba[inside, :3] = colours[labels[inside]]
+        rgba[inside, 3] = 255
+        return rgba
+    if concept is None or not 0 <= concept < k:
+        raise ValueError(f"kind='intensity' needs concept in [0, {k}), got {concept!r}.")
+    values = np.nan_to_num(np.asarray(explanation.concept_maps[concept], np.float64))
+    top = float(values[explanation.tissue_mask].max(initial=0.0))
+    level = np.clip(values / top, 0, 1) if top > 0 else np.zeros_like(values)
+    level[~explanation.tissue_mask] = 0
+    rgba[..., :3] = colours[concept]
+    rgba[..., 3] = np.round(255 * level).astype(np.uint8)
+    return rgba
+
+
+def _tiles(
+    cells: NDArray[np.uint8], px_per_cell: float, shape: tuple[int, int], tile: int
+) -> Iterator[NDArray[np.uint8]]:
+    """Tiles of the cell image upsampled (nearest) to ``shape``, in TIFF tile order."""
+    h, w = shape
+    hc, wc = cells.shape[:2]
+    for y0 in range(0, h, tile):
+        rows = np.minimum(((np.arange(y0, y0 + tile)) / px_per_cell).astype(np.int64), hc - 1)
+        for x0 in range(0, w, tile):
+            cols = np.minimum(((np.arange(x0, x0 + tile)) / px_per_cell).astype(np.int64), wc - 1)
+            yield np.ascontiguousarray(cells[rows][:, cols])
+
+
+def write_overlay_tiff(
+    explanation: Any,
+    path: str | os.PathLike[str],
+    *,
+    kind: Literal["clusters", "intensity"] = "clusters",
+    concept: int | None = None,
+    downsample: float | None = None,
+    tile: int = 256,
+    slide_mpp: float | None = None,
+) -> Path:
+    r"""A pyramidal tiled RGBA TIFF of the clusters or of one concept's intensity.
+
+    Level 0 of the file has the slide's level-0 size divided by ``downsample``
+    (1 = the slide's own geometry), so it lies exactly over the slide in a
+    viewer that scales by microns per pixel; every further level halves it.
+    It is written tile by tile (never the whole image in memory) with an
+    Aperio-style description carrying the mpp, so OpenSlide opens it.
+
+    Args:
+        explanation (SlideExplanation): the explained slide.
+        path (str or PathLike): output ``.tif``/``.svs``.
+        kind (str, optional): ``"clusters"`` (argmax colours, transparent
+                    outside tissue) or ``"intensity"`` (``concept``'s weight as
+                    opacity of its colour).
+                    Default: ``"clusters"``
+        concept (int, optional): the concept for ``kind="intensity"``.
+                    Default: None
+        downsample (float, optional): level-0 slide pixels per overlay pixel;
+                    None uses one pixel per cell.
+                    Default: None
+        tile (int, optional): TIFF tile side (multiple of 16).
+                    Default: 256
+        slide_mpp (float, optional): microns per level-0 slide pixel, written
+                    (times ``downsample``) into the description; None uses the
+                    slide's mpp recorded in the explanation, and 1.0 when unknown.
+                    Default: None
+
+    Returns:
+        *Path*: the file.
+
+    Raises:
+        ValueError: an unknown ``kind``, a bad ``concept``, ``downsample`` or ``tile``.
+    """
+    if kind not in ("clusters", "intensity"):
+        raise ValueError(f"kind must be 'clusters' or 'intensity', got {kind!r}.")
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}.")
+    down = float(explanation.cell_size if downsample is None else downsample)
+    if not down > 0:
+        raise ValueError(f"downsample must be positive, got {downsample!r}.")
+    cells = _overlay_cells(explanation, kind, concept)
+    w0, h0 = explanation.dimensions
+    base = (max(1, round(h0 / down)), max(1, round(w0 / down)))
+    mpp = slide_mpp or explanation.config.get("slide_mpp") or 1.0
+    levels = [base]
+    while min(levels[-1]) >= 2 * tile:
+        levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
+    description = (
+        f"Aperio Image Library v12.0.0\r\n{base[1]}x{base[0]} [0,0 {base[1]}x{base[0]}] "
+        f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}"
+    )
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=base[0] * base[1] * 4 > 2**31) as tif:
+            for i, (h, w) in enumerate(levels):
+                px_per_cell = explanation.cell_size / (down * (base[1] / w))
+                tif.write(
+                    _tiles(cells, px_per_cell, (h, w), tile),
+                    shape=(h, w, 4),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    extrasamples=["unassalpha"],
+                    compression="zlib",
+                    subfiletype=1 if i else 0,
+                    description=description if i == 0 else None,
+                    metadata=None,
+                )
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def slide_summary(
+    explanation: Any,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    top_n: int = 5,
+    crop_size: int = 256,
+    names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    r"""Per-concept area share, mean intensity and top tiles of one slide.
+
+    Area share: the share of tissue cells whose argmax is the concept. Mean
+    intensity: the concept's mean weight over tissue cells. Top tiles: the
+    kept tiles whose window of the concept map has the highest mean weight.
+    With ``out_dir``, writes ``summary.json``, ``summary.csv`` and PNG crops
+    (``crop_size`` px, read from the slide at level 0 around each tile)
+    under ``prototypes/concept_<k>/``.
+
+    Args:
+        explanation (SlideExplanation): the explained slide.
+        out_dir (str or PathLike, optional): where to write.
+                    Default: None
+        top_n (int, optional): tiles per concept.
+                    Default: 5
+        crop_size (int, optional): side of the PNG crops in pixels.
+                    Default: 256
+        names (sequence of str, optional): class names per concept.
+                    Default: None
+
+    Returns:
+        *dict*: ``{"slide", "tissue_cells", "concepts": [{name, area_fraction,
+        mean_intensity, top_tiles: [{x, y, mean_weight, crop}]}]}``.
+
+    Raises:
+        ValueError: ``top_n`` < 1 or ``names`` of the wrong length.
+    """
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}.")
+    k = explanation.n_concepts
+    labels = _names(k, names)
+    tissue = np.asarray(explanation.tissue_mask)
+    n_tissue = int(tissue.sum())
+    maps = np.nan_to_num(np.asarray(explanation.concept_maps, np.float64))
+    config = explanation.config
+    cells = max(int(config.get("tile_size", 1)) // max(int(config.get("cell_px", 1)), 1), 1)
+    locations = np.asarray(explanation.tile_locations)
+    scores = np.zeros((len(locations), k))
+    for t, (x, y) in enumerate(locations):
+        r0, c0 = round(y / explanation.cell_size), round(x / explanation.cell_size)
+        window = maps[:, r0 : r0 + cells, c0 : c0 + cells]
+        if window.size:
+            scores[t] = window.reshape(k, -1).mean(axis=1)
+    summary: dict[str, Any] = {
+        "slide": explanation.slide_path,
+        "tissue_cells": n_tissue,
+        "cell_size_px": explanation.cell_size,
+        "concepts": [],
+    }
+    out = None if out_dir is None else Path(out_dir)
+    slide = None
+    if out is not None:
+        from captum_nmf.wsi import Slide
+
+        slide = Slide(explanation.slide_path)
+    try:
+        for j in range(k):
+            entry: dict[str, Any] = {
+                "concept": j,
+                "name": labels[j],
+                "color": _rgb255(k)[j],
+                "area_fraction": float((np.asarray(explanation.assignment)[tissue] == j).sum())
+                / max(n_tissue, 1),
+                "mean_intensity": float(maps[j][tissue].mean()) if n_tissue else 0.0,
+                "top_tiles": [],
+            }
+            for rank, t in enumerate(np.argsort(-scores[:, j], kind="stable")[:top_n]):
+                x, y = (int(v) for v in locations[t])
+                item: dict[str, Any] = {"x": x, "y": y, "mean_weight": float(scores[t, j])}
+                if out is not None and slide is not None:
+                    crop_path = out / "prototypes" / f"concept_{j}" / f"rank_{rank}.png"
+                    crop_path.parent.mkdir(parents=True, exist_ok=True)
+                    pixels = slide.read_region((x, y), 0, (crop_size, crop_size))
+                    Image.fromarray(pixels).save(crop_path)
+                    item["crop"] = str(crop_path.relative_to(out))
+                entry["top_tiles"].append(item)
+            summary["concepts"].append(entry)
+    finally:
+        if slide is not None:
+            slide.close()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        with (out / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["concept", "name", "area_fraction", "mean_intensity"])
+            for e in summary["concepts"]:
+                writer.writerow([e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]])
+    return summary

@@ -1,0 +1,155 @@
+"""Exports: QuPath GeoJSON checked with shapely, overlay TIFFs reopened by OpenSlide, summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import shapely
+from PIL import Image
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.export import concept_polygons, slide_summary, to_geojson, write_overlay_tiff
+from captum_nmf.viz import PALETTE
+from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from tests.helpers.synthetic_slides import he_image, tissue_on_white
+from tests.helpers.wsi_models import PoolNet
+
+
+def _hand_made(path: Path) -> SlideExplanation:
+    """A 5 x 6 cell grid of 16 px cells: concept 0 rings concept 1; column 5 is background."""
+    assignment = np.full((5, 6), -1, np.int16)
+    assignment[:, :5] = 0
+    assignment[1:4, 1:4] = 1
+    assignment[2, 2] = -1  # a hole inside concept 1
+    maps = np.zeros((2, 5, 6), np.float32)
+    maps[0][assignment == 0] = 2.0
+    maps[1][assignment == 1] = 1.0
+    counts = np.ones((5, 6), np.int32)
+    return SlideExplanation(
+        concept_maps=maps,
+        assignment=assignment,
+        counts=counts,
+        tissue_cells=assignment >= 0,
+        cell_size=16.0,
+        origin=(0.0, 0.0),
+        tile_locations=np.array([[0, 0], [32, 32]], np.int64),
+        tile_outputs=None,
+        failed_tiles=np.zeros((0, 2), np.int64),
+        concepts=np.eye(2, 3, dtype=np.float32),
+        slide_path=str(path),
+        slide_fingerprint="sha256:x",
+        dimensions=(96, 80),
+        config={"tile_size": 32, "cell_px": 16, "slide_mpp": 0.5},
+    )
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pyramid(he_image()[:80, :96], tmp_path_factory.mktemp("s") / "s.svs", mpp=0.5)
+
+
+def test_polygons_are_exact_and_keep_holes() -> None:
+    assignment = np.zeros((5, 5), int)
+    assignment[1:4, 1:4] = 1
+    ring = concept_polygons(assignment, 0, cell_size=10.0)
+    assert ring.is_valid
+    assert ring.area == 16 * 100.0
+    assert len(ring.interiors) == 1
+    assert shapely.Polygon(ring.interiors[0]).area == 9 * 100.0
+    core = concept_polygons(assignment, 1, cell_size=10.0)
+    assert core.bounds == (10.0, 10.0, 40.0, 40.0)
+    assert concept_polygons(assignment, 2, 10.0).is_empty
+
+
+def test_geojson_for_qupath(tmp_path: Path, slide_path: Path) -> None:
+    ex = _hand_made(slide_path)
+    collection = to_geojson(ex, tmp_path / "concepts.geojson", names=["stroma", "tumour"])
+    assert json.loads((tmp_path / "concepts.geojson").read_text()) == collection
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert [f["properties"]["classification"]["name"] for f in features] == ["stroma", "tumour"]
+    assert features[0]["properties"]["classification"]["color"] == [230, 159, 0]  # PALETTE[0]
+    for feature in features:
+        geometry = shapely.geometry.shape(feature["geometry"])
+        assert geometry.is_valid
+        cells = int((ex.assignment == feature["properties"]["concept"]).sum())
+        assert feature["properties"]["cells"] == cells
+        assert geometry.area == pytest.approx(cells * 16.0**2, rel=0.01)
+    tumour = shapely.geometry.shape(features[1]["geometry"])
+    assert len(tumour.interiors) == 1  # the hole at cell (2, 2) is kept
+    assert tumour.bounds == (16.0, 16.0, 64.0, 64.0)  # level-0 pixels
+    with pytest.raises(ValueError, match="names must hold 2 names"):
+        to_geojson(ex, names=["only one"])
+
+
+def test_geojson_of_a_real_explanation(tmp_path: Path) -> None:
+    path = tissue_on_white(tmp_path / "t.svs", (384, 320), (96, 64, 224, 192))
+    net = PoolNet().eval()
+    tiles = SlideTiles(path, tile_size=64, stride=64, tissue_mask=None)
+    attr = NMFConceptAttribution(net, net.relu, 3, random_state=0).fit(tiles, progress=False)
+    ex = explain_slide(attr, path, tile_size=64, stride=32, min_tissue=0.1, progress=False)
+    features = to_geojson(ex)["features"]
+    assert features
+    total = 0
+    for feature in features:
+        geometry = shapely.geometry.shape(feature["geometry"])
+        assert geometry.is_valid
+        assert geometry.area == pytest.approx(feature["properties"]["cells"] * 64.0, rel=0.01)
+        minx, miny, maxx, maxy = geometry.bounds
+        assert 0 <= minx and 0 <= miny and maxx <= 384 and maxy <= 320
+        total += feature["properties"]["cells"]
+    assert total == int((ex.assignment >= 0).sum())
+
+
+def test_overlay_tiff_reopens_in_openslide(tmp_path: Path, slide_path: Path) -> None:
+    ex = _hand_made(slide_path)
+    full = write_overlay_tiff(ex, tmp_path / "clusters.tif", downsample=1, tile=16)
+    with openslide.OpenSlide(str(full)) as osr:
+        assert osr.dimensions == (96, 80)  # the slide's level-0 geometry
+        assert osr.level_count >= 2
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        centre_of = {(0, 0): 0, (1, 1): 1, (2, 2): -1, (0, 5): -1}
+        for (r, c), concept in centre_of.items():
+            pixel = np.asarray(osr.read_region((c * 16 + 8, r * 16 + 8), 0, (1, 1)))[0, 0]
+            if concept < 0:
+                assert pixel[3] == 0  # transparent where no concept
+            else:
+                colour = [int(PALETTE[concept][i : i + 2], 16) for i in (1, 3, 5)]
+                assert pixel.tolist() == [*colour, 255]
+    small = write_overlay_tiff(ex, tmp_path / "cells.tif")  # default: one pixel per cell
+    with openslide.OpenSlide(str(small)) as osr:
+        assert osr.dimensions == (6, 5)
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(8.0)
+    intensity = write_overlay_tiff(ex, tmp_path / "c0.tif", kind="intensity", concept=0)
+    with openslide.OpenSlide(str(intensity)) as osr:
+        region = np.asarray(osr.read_region((0, 0), 0, (6, 5)))
+    assert region[0, 0, 3] == 255  # concept 0 at its maximum
+    assert region[1, 1, 3] == 0  # concept 1 territory
+    with pytest.raises(ValueError, match="needs concept in"):
+        write_overlay_tiff(ex, tmp_path / "x.tif", kind="intensity")
+    with pytest.raises(ValueError, match="kind must be"):
+        write_overlay_tiff(ex, tmp_path / "x.tif", kind="heat")  # type: ignore[arg-type]
+
+
+def test_slide_summary(tmp_path: Path, slide_path: Path) -> None:
+    ex = _hand_made(slide_path)
+    summary = slide_summary(ex, tmp_path / "summary", top_n=1, crop_size=32)
+    tissue = 24  # 25 concept cells minus the hole
+    first, second = summary["concepts"]
+    assert summary["tissue_cells"] == tissue
+    assert first["area_fraction"] == pytest.approx(16 / tissue)
+    assert second["area_fraction"] == pytest.approx(8 / tissue)
+    assert first["mean_intensity"] == pytest.approx(2.0 * 16 / tissue)
+    assert second["top_tiles"][0]["x"] == 32  # the tile over concept 1
+    crop = Image.open(tmp_path / "summary" / second["top_tiles"][0]["crop"])
+    assert crop.size == (32, 32)
+    assert json.loads((tmp_path / "summary" / "summary.json").read_text()) == summary
+    csv_text = (tmp_path / "summary" / "summary.csv").read_text().splitlines()
+    assert csv_text[0] == "concept,name,area_fraction,mean_intensity"
+    assert len(csv_text) == 3
+    with pytest.raises(ValueError, match="top_n must be >= 1"):
+        slide_summary(ex, top_n=0)
