@@ -8,6 +8,7 @@ numbers as arrays and a printable :class:`Table` (markdown, CSV, dict).
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import warnings
@@ -93,6 +94,16 @@ class Table:
         lines.append("|" + "|".join(" --- " for _ in self.columns) + "|")
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
         return "\n".join(lines)
+
+    def to_html(self) -> str:
+        """The table as an HTML ``<table>`` (numbers to 3 decimals, text escaped)."""
+        cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+            for row in self.rows
+        )
+        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return f"<table>{caption}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
     def to_csv(self) -> str:
         """The table as CSV text (full precision)."""

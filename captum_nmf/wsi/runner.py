@@ -153,7 +153,8 @@ class _Run:
         if g.stride % self.cell:
             raise ValueError(
                 f"stride={g.stride} is not a multiple of the cell size {self.cell} px "
-                f"(tile_size {g.tile_size} / {h} cells); use e.g. stride={g.tile_size // 2}."
+                f"(tile_size {g.tile_size} / {h} cells); use e.g. "
+                f"stride={self.cell * max(1, round(g.stride / self.cell))}."
             )
         ext_w, ext_h = g.extent
         hc = max(1, int(np.ceil(ext_h / self.cell - 1e-9)))

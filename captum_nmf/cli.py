@@ -1,0 +1,399 @@
+"""The ``captum-nmf`` command: fit, explain, analyse, export, demo, info.
+
+Every command exits 0 on success; on any error it prints one line
+``captum-nmf: error: <message>`` to stderr and exits 1 (130 on Ctrl-C,
+2 for bad command-line usage), with the traceback only under ``--debug``.
+
+Models are given as ``--model torchvision:vgg16`` (any torchvision model
+builder, random weights unless ``--weights``), ``--model
+package.module:factory`` (any importable callable returning an ``nn.Module``)
+or ``--model zoo:efficientnet_lite0`` (the offline ImageNet model), with
+``--weights FILE`` (a ``.safetensors`` file, or a state dict loaded with
+``torch.load(..., weights_only=True)``) and ``--layer features.29`` (a dotted
+module path; numbers index ``Sequential`` containers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_nmf._version import __version__
+
+__all__ = ["load_model", "main", "resolve_layer"]
+
+_EXAMPLES = {
+    "fit": "captum-nmf fit --model torchvision:vgg16 --weights vgg16.safetensors "
+    "--layer features.29 --k 6 --level 1 --out concepts.safetensors a.svs b.svs",
+    "explain": "captum-nmf explain --model torchvision:vgg16 --weights vgg16.safetensors "
+    "--layer features.29 --concepts concepts.safetensors --level 1 --out runs/c --resume c.svs",
+    "analyse": "captum-nmf analyse --model torchvision:vgg16 --weights vgg16.safetensors "
+    "--layer features.29 --concepts concepts.safetensors --n-tiles 10000 --out analysis a.svs",
+    "export": "captum-nmf export runs/c --out runs/c/export",
+    "demo": "captum-nmf demo --out demo_out",
+    "info": "captum-nmf info slide.svs",
+}
+
+
+class CLIError(Exception):
+    """A user error the command line reports in one line."""
+
+
+def _imagenet(x: Tensor) -> Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _lite(x: Tensor) -> Tensor:
+    return (x - 0.5) / 0.5
+
+
+NORMALISATIONS: dict[str, Callable[[Tensor], Tensor] | None] = {
+    "imagenet": _imagenet,
+    "lite": _lite,
+    "none": None,
+}
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build a model from ``torchvision:NAME``, ``zoo:NAME`` or ``module:factory``.
+
+    Raises:
+        CLIError: a bad spec, an unknown model or factory, or unreadable weights.
+    """
+    if ":" not in spec:
+        raise CLIError(
+            f"--model {spec!r} must look like 'torchvision:vgg16', 'zoo:efficientnet_lite0' or "
+            "'package.module:factory'."
+        )
+    source, name = spec.split(":", 1)
+    module_name = {"torchvision": "torchvision.models", "zoo": "captum_nmf.zoo"}.get(source, source)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"--model {spec!r}: cannot import {module_name!r} ({exc}).") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise CLIError(f"--model {spec!r}: {module_name} has no callable {name!r}.")
+    kwargs: dict[str, Any] = {"weights": None} if source == "torchvision" else {}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module.")
+    if weights is not None:
+        model.load_state_dict(_state_dict(Path(weights)))
+    return model.eval()
+
+
+def _state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CLIError(f"--weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CLIError(f"--weights {path} is not a readable safetensors file ({exc}).") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors and containers
+        raise CLIError(
+            f"--weights {path} could not be loaded with weights_only=True ({exc}); only plain "
+            "state dicts (or .safetensors) are accepted."
+        ) from exc
+    if not isinstance(state, dict):
+        raise CLIError(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def resolve_layer(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path such as ``features.29`` or ``layer4.1.relu``.
+
+    Raises:
+        CLIError: no such submodule (the message lists a few valid names).
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        names = [n for n, _ in model.named_modules() if n][-8:]
+        raise CLIError(f"--layer {path!r} is not a submodule of the model; e.g. {names}.") from exc
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="torchvision:NAME, zoo:NAME or module:factory")
+    p.add_argument("--weights", help="a .safetensors file or a state dict (weights_only=True)")
+    p.add_argument("--layer", required=True, help="dotted module path, e.g. features.29")
+    p.add_argument(
+        "--normalize",
+        choices=sorted(NORMALISATIONS),
+        default="imagenet",
+        help="input normalisation of the tiles (default: imagenet)",
+    )
+
+
+def _tile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--level", type=int, default=None)
+    group.add_argument("--mpp", type=float, default=None)
+    p.add_argument("--min-tissue", type=float, default=0.25)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captum-nmf",
+        description="Explain CNNs by clustering their activations into NMF concepts.",
+        epilog="Examples:\n  " + "\n  ".join(_EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"captum-nmf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=f"Example:\n  {_EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("fit", "Fit K concepts on the tissue tiles of slides.")
+    _model_args(p)
+    _tile_args(p)
+    p.add_argument("slides", nargs="+")
+    p.add_argument("--k", type=int, default=6, help="number of concepts (default 6)")
+    p.add_argument("--max-locations", type=int, default=4096, help="locations kept per batch")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+
+    p = command("explain", "Concept maps of a whole slide (resumable).")
+    _model_args(p)
+    _tile_args(p)
+    p.add_argument("slide")
+    p.add_argument("--concepts", required=True, help="a .safetensors file from 'fit'")
+    p.add_argument("--border", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--on-tile-error", choices=("raise", "skip"), default="raise")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = command("analyse", "The paper's analyses (structure, surrogate, CAMs) on slide tiles.")
+    _model_args(p)
+    _tile_args(p)
+    p.add_argument("slides", nargs="+")
+    p.add_argument("--concepts", required=True)
+    p.add_argument("--n-tiles", type=int, default=None)
+    p.add_argument("--target", type=int, default=1, help="class explained by the CAMs")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = command("export", "GeoJSON, overlay TIFFs and a summary of an explained slide.")
+    p.add_argument("explanation", help="a directory written by 'explain'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-n", type=int, default=5)
+
+    p = command("demo", "Run the whole pipeline offline on packaged real H&E.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = command("info", "Slide metadata and levels.")
+    p.add_argument("slide")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# ------------------------------------------------------------------ commands
+def _attr(args: argparse.Namespace) -> Any:
+    from captum_nmf import NMFConceptAttribution
+
+    model = load_model(args.model, args.weights)
+    layer = resolve_layer(model, args.layer)
+    return model, layer, NMFConceptAttribution
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from captum_nmf.wsi import SlideTiles
+
+    model, layer, cls = _attr(args)
+    tiles = SlideTiles(
+        args.slides,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        level=args.level,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        transform=NORMALISATIONS[args.normalize],
+    )
+    attr = cls(model, layer, args.k, random_state=args.seed)
+    attr.fit(
+        tiles,
+        batch_size=args.batch_size,
+        max_locations_per_batch=args.max_locations,
+        n_epochs=args.epochs,
+        progress=not args.no_progress,
+    )
+    path = attr.save(args.out)
+    print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slides)} slide(s): {path}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from captum_nmf.wsi import explain_slide
+
+    model, layer, cls = _attr(args)
+    attr = cls.load(args.concepts, model, layer)
+    ex = explain_slide(
+        attr,
+        args.slide,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        level=args.level,
+        mpp=args.mpp,
+        border=args.border,
+        min_tissue=args.min_tissue,
+        transform=NORMALISATIONS[args.normalize],
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        on_tile_error=args.on_tile_error,
+        out_dir=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"{ex!r} -> {args.out}")
+    return 0
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    from captum_nmf.compare import analyse
+    from captum_nmf.wsi import SlideTiles
+
+    model, layer, cls = _attr(args)
+    attr = cls.load(args.concepts, model, layer)
+    tiles = SlideTiles(
+        args.slides,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        level=args.level,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        transform=NORMALISATIONS[args.normalize],
+    )
+    result = analyse(
+        attr,
+        tiles,
+        target=args.target,
+        n_tiles=args.n_tiles,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    result.save(args.out)
+    print(result.to_markdown())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from captum_nmf.export import slide_summary, to_geojson, write_overlay_tiff
+    from captum_nmf.wsi import SlideExplanation
+
+    ex = SlideExplanation.load(args.explanation)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    to_geojson(ex, out / "concepts.geojson")
+    write_overlay_tiff(ex, out / "clusters.tif")
+    for j in range(ex.n_concepts):
+        write_overlay_tiff(ex, out / f"concept_{j}.tif", kind="intensity", concept=j)
+    slide_summary(ex, out / "summary", top_n=args.top_n)
+    print(f"wrote GeoJSON, {ex.n_concepts + 1} overlay TIFFs and a summary to {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from captum_nmf.wsi import Slide
+
+    with Slide(args.slide) as slide:
+        mpps = slide.level_mpps()
+        info: dict[str, Any] = {
+            "path": str(slide.path),
+            "vendor": slide.vendor,
+            "dimensions": list(slide.dimensions),
+            "mpp": slide.mpp,
+            "levels": [
+                {
+                    "level": i,
+                    "dimensions": list(dims),
+                    "downsample": slide.level_downsamples[i],
+                    "mpp": None if mpps is None else mpps[i],
+                }
+                for i, dims in enumerate(slide.level_dimensions)
+            ],
+            "fingerprint": slide.fingerprint(),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['vendor']}, {info['dimensions'][0]} x {info['dimensions'][1]} px")
+    print(f"mpp: {info['mpp']}, fingerprint: {info['fingerprint']}")
+    for lv in info["levels"]:
+        mpp = "" if lv["mpp"] is None else f", {lv['mpp']:.4g} um/px"
+        w, h = lv["dimensions"]
+        print(f"  level {lv['level']}: {w} x {h} px, downsample {lv['downsample']:.4g}{mpp}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from captum_nmf.demo import run_demo
+
+    report = run_demo(args.out, progress=not args.no_progress)
+    print(f"report: {report}")
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "fit": _fit,
+    "explain": _explain,
+    "analyse": _analyse,
+    "export": _export,
+    "demo": _demo,
+    "info": _info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (also used by the console script)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "captum-nmf: interrupted (finished chunks are kept; rerun with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as exc:  # every error becomes one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"captum-nmf: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

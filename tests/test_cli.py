@@ -1,0 +1,199 @@
+"""The ``captum-nmf`` command: each command end to end, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from captum_nmf import cli
+from captum_nmf.wsi import SlideExplanation, write_pyramid
+from tests.helpers.synthetic_slides import CMU, he_image
+
+MODEL = ["--model", "tests.helpers.wsi_models:PoolNet", "--layer", "relu", "--normalize", "none"]
+TILING = ["--tile-size", "64", "--stride", "32", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pyramid(he_image()[:192, :256], tmp_path_factory.mktemp("cli") / "s.svs")
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["info", str(CMU)], capsys)
+    assert code == 0
+    assert "aperio, 2220 x 2967 px" in out
+    assert "level 0: 2220 x 2967 px, downsample 1, 0.499 um/px" in out
+    code, out, _ = _run(["info", str(CMU), "--json"], capsys)
+    assert json.loads(out)["fingerprint"].startswith("quickhash-1:")
+
+
+def test_fit_explain_export_analyse(
+    tmp_path: Path, slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    concepts = tmp_path / "concepts.safetensors"
+    code, out, err = _run(
+        [
+            "fit",
+            *MODEL,
+            *TILING,
+            "--min-tissue",
+            "0",
+            "--k",
+            "3",
+            "--out",
+            str(concepts),
+            str(slide),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "fitted 3 concepts on" in out
+    run = tmp_path / "run"
+    explain = ["explain", *MODEL, *TILING, "--min-tissue", "0", "--concepts", str(concepts)]
+    code, out, err = _run([*explain, "--out", str(run), str(slide)], capsys)
+    assert code == 0, err
+    ex = SlideExplanation.load(run)
+    assert ex.grid_shape == (24, 32)
+    code, _, err = _run([*explain, "--out", str(run), str(slide)], capsys)
+    assert code == 1
+    assert err.strip().startswith("captum-nmf: error: out_dir")
+    assert "resume=True" in err
+    assert "Traceback" not in err
+    code, _, err = _run([*explain, "--out", str(run), "--resume", str(slide)], capsys)
+    assert code == 0, err  # complete: loaded, not recomputed
+    code, out, err = _run(["export", str(run), "--out", str(tmp_path / "export")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "export" / "concepts.geojson").is_file()
+    assert (tmp_path / "export" / "clusters.tif").is_file()
+    assert (tmp_path / "export" / "summary" / "summary.json").is_file()
+    code, out, err = _run(
+        [
+            "analyse",
+            *MODEL,
+            *TILING,
+            "--min-tissue",
+            "0",
+            "--concepts",
+            str(concepts),
+            "--n-tiles",
+            "20",
+            "--out",
+            str(tmp_path / "analysis"),
+            str(slide),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "Cosine similarity" in out
+    assert (tmp_path / "analysis" / "analysis.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "nope.svs"], "captum-nmf: error: Slide file not found: nope.svs"),
+        (["info", str(Path(__file__))], "is not a whole-slide image OpenSlide can read"),
+        (
+            ["fit", "--model", "vgg16", "--layer", "x", "--out", "c.safetensors", "s.svs"],
+            "must look like 'torchvision:vgg16'",
+        ),
+        (
+            ["fit", "--model", "torchvision:no_such_net", "--layer", "x", "--out", "c", "s.svs"],
+            "has no callable 'no_such_net'",
+        ),
+        (
+            ["fit", *MODEL[:2], "--layer", "head", "--out", "c.safetensors", str(CMU)],
+            "--layer 'head' is not a submodule of the model",
+        ),
+        (["export", "missing_dir", "--out", "x"], "file not found"),
+    ],
+)
+def test_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert message in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["--debug", "info", "nope.svs"], capsys)
+    assert code == 1
+    assert "Traceback" in err
+    assert "SlideNotFoundError" in err
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_weights_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"conv.weight": Evil()}))
+    code, _, err = _run(
+        ["fit", *MODEL[:2], "--weights", str(evil), "--layer", "relu", "--out", "c", str(CMU)],
+        capsys,
+    )
+    assert code == 1
+    assert "weights_only=True" in err
+    assert not marker.exists()
+    good = tmp_path / "w.safetensors"
+    from tests.helpers.wsi_models import PoolNet
+
+    save_file({k: v.contiguous() for k, v in PoolNet().state_dict().items()}, str(good))
+    model = cli.load_model("tests.helpers.wsi_models:PoolNet", str(good))
+    torch.testing.assert_close(
+        model.state_dict()["conv.weight"], PoolNet().state_dict()["conv.weight"]
+    )
+
+
+def test_interrupt_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli._COMMANDS, "info", interrupted)
+    code, _, err = _run(["info", str(CMU)], capsys)
+    assert code == 130
+    assert "--resume" in err
+
+
+def test_help_shows_an_example_per_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("fit", "explain", "analyse", "export", "demo", "info"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, "--help"])
+        assert info.value.code == 0
+        assert f"Example:\n  captum-nmf {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_console_script_runs_in_a_subprocess() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "captum_nmf.cli", "info", str(CMU)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "aperio" in done.stdout
