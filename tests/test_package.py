@@ -142,7 +142,16 @@ except ImportError as exc:
 def test_code_quality(tool: str) -> None:
     """ruff (lint + format) and mypy --strict are clean on the package."""
     cmd = {
-        "ruff-check": [sys.executable, "-m", "ruff", "check", "captum_nmf", "tests", "benchmarks"],
+        "ruff-check": [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "captum_nmf",
+            "tests",
+            "benchmarks",
+            "tutorials",
+        ],
         "ruff-format": [
             sys.executable,
             "-m",
@@ -152,6 +161,7 @@ def test_code_quality(tool: str) -> None:
             "captum_nmf",
             "tests",
             "benchmarks",
+            "tutorials",
         ],
         "mypy": [sys.executable, "-m", "mypy", "captum_nmf"],
     }[tool]
