@@ -226,11 +226,45 @@ def plot_overlay(
 ) -> Figure:
     """All K concept intensities over the image with a legend (the paper's Fig. 1).
 
+    Args:
+        image: one H x W x 3 (or 3 x H x W) image, or a batch N x 3 x H x W.
+        maps: K x h x w maps, or N x K x h x w for a batch (one panel per
+                    tile, on one intensity scale per concept so tiles compare).
+        ax (Axes, optional): where to draw a single image.
+                    Default: None
+        alpha (float, optional): opacity of the strongest concept.
+                    Default: 0.6
+        vmax (sequence of float, optional): per-concept scale.
+                    Default: None (the maximum over the image or batch)
+        labels (sequence of str, optional): legend names.
+                    Default: None
+        title (str, optional): title of a single image.
+                    Default: None
+
     Returns:
         *Figure*: the figure drawn into (a new one unless ``ax`` is given).
     """
+    arr = maps.detach().to("cpu").numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+    if arr.ndim == 4 and arr.shape[0] > 1:
+        if ax is not None:
+            raise ValueError("ax takes one image; for a batch of tiles leave ax=None.")
+        n, k = arr.shape[:2]
+        if len(image) != n:
+            raise ValueError(f"image holds {len(image)} tiles for {n} maps.")
+        scale = (
+            np.nan_to_num(arr).transpose(1, 0, 2, 3).reshape(k, -1).max(axis=1)
+            if vmax is None
+            else vmax
+        )
+        fig, panels = _figure(None, n, (3.0, 3.0))
+        for i, axis in enumerate(panels):
+            axis.imshow(overlay(image[i], arr[i], alpha=alpha, vmax=scale))
+            axis.set_title(f"tile {i}")
+            axis.set_axis_off()
+        _legend(panels[-1], k, labels)
+        return fig
     fig, (axis,) = _figure(ax)
-    m = _maps(maps)
+    m = _maps(arr)
     axis.imshow(overlay(image, m, alpha=alpha, vmax=vmax))
     axis.set_axis_off()
     if title:
@@ -375,6 +409,7 @@ def plot_slide(
     max_size: int = 1024,
     alpha: float = 0.6,
     clusters: bool = False,
+    per_concept: bool = False,
 ) -> Figure:
     """A :class:`~captum_nmf.wsi.SlideExplanation` over its slide's thumbnail.
 
@@ -387,6 +422,8 @@ def plot_slide(
         alpha (float, optional): overlay opacity.
                     Default: 0.6
         clusters (bool, optional): show the argmax clusters instead of intensities.
+                    Default: False
+        per_concept (bool, optional): one panel per concept (Fig. 2 for a slide).
                     Default: False
 
     Returns:
@@ -403,15 +440,17 @@ def plot_slide(
     cols = np.minimum((np.arange(w) * dx / cs).astype(int), explanation.grid_shape[1] - 1)
     maps = np.nan_to_num(explanation.concept_maps)[:, rows][:, :, cols]
     k = maps.shape[0]
-    fig, (axis,) = _figure(ax, 1, (6.0, 6.0 * h / max(w, 1)))
     image = thumb.astype(np.float64) / 255
+    masked = maps * np.asarray(explanation.tissue_mask)[rows][:, cols][None]
+    if per_concept:
+        return plot_concepts(image, masked, alpha=alpha)
+    fig, (axis,) = _figure(ax, 1, (6.0, 6.0 * h / max(w, 1)))
     if clusters:
         labels = np.asarray(explanation.assignment)[rows][:, cols]
         colours = cluster_image(labels, k)
         opacity = np.where(labels >= 0, alpha, 0.0)[..., None]
         axis.imshow(image * (1 - opacity) + colours * opacity)
     else:
-        masked = maps * np.asarray(explanation.tissue_mask)[rows][:, cols][None]
         axis.imshow(overlay(image, masked, alpha=alpha))
     axis.set_axis_off()
     axis.set_title(Path(explanation.slide_path).name)

@@ -139,6 +139,24 @@ def test_plot_overlay_draws_the_overlay_and_a_legend() -> None:
     assert plot_overlay(image, maps, ax=ax) is host
 
 
+def test_plot_overlay_of_a_batch_shares_one_scale() -> None:
+    images = torch.from_numpy(he_image()[:64, :128].copy()).permute(2, 0, 1).float() / 255
+    batch = torch.stack([images[:, :, :64], images[:, :, 64:]])
+    maps = np.zeros((2, 2, 4, 4))
+    maps[0, 0] = 1.0
+    maps[1, 0] = 2.0  # tile 1 holds twice as much of concept 0
+    maps[1, 1, 0, 0] = 3.0
+    fig = plot_overlay(batch, maps, alpha=1.0)
+    shown = _images(fig)
+    assert len(shown) == 2
+    np.testing.assert_allclose(shown[0], overlay(batch[0], maps[0], alpha=1.0, vmax=[2.0, 3.0]))
+    np.testing.assert_allclose(shown[1][40, 40], ORANGE)  # full scale only on tile 1
+    with pytest.raises(ValueError, match="image holds 1 tiles for 2 maps"):
+        plot_overlay(batch[:1], maps)
+    with pytest.raises(ValueError, match="ax takes one image"):
+        plot_overlay(batch, maps, ax=Figure().add_subplot())
+
+
 def test_plot_concepts_one_panel_each() -> None:
     image, maps = _tile_and_maps()
     fig = plot_concepts(image, maps)
@@ -197,3 +215,5 @@ def test_plot_slide(tmp_path: Path) -> None:
     assert not np.allclose(shown[48, 64], thumb[48, 64] / 255)
     clusters = plot_slide(ex, max_size=128, clusters=True)
     assert _images(clusters)[0].shape == (96, 128, 3)
+    panels = plot_slide(ex, max_size=128, per_concept=True)
+    assert len(_images(panels)) == 2
