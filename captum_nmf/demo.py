@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +91,6 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     slide_path = write_pyramid(np.concatenate([nest, stroma], axis=1), out_dir / "demo_slide.svs")
     step("slide")
     explanation_dir = out_dir / "explanation"
-    if explanation_dir.exists():
-        shutil.rmtree(explanation_dir)  # the demo's own output of an earlier run
     ex = explain_slide(
         attr,
         slide_path,
@@ -102,6 +99,7 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
         transform=normalize,
         batch_size=16,
         out_dir=explanation_dir,
+        overwrite=explanation_dir.is_dir() and any(explanation_dir.iterdir()),  # a former run's
         progress=progress,
     )
     step("explain")
