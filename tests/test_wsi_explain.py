@@ -451,3 +451,39 @@ def test_overwrite_refuses_a_directory_it_did_not_write(
     with pytest.raises(FileExistsError, match="did not write"):
         _explain(pool_attr, he_slide, stride=32, out_dir=mine, overwrite=True)
     assert (mine / "thesis.tex").read_text() == "precious"
+
+
+def test_region_mode_covers_every_cell_once_with_whole_image_features(
+    he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    ex = explain_slide(
+        pool_attr,
+        he_slide,
+        mode="region",
+        region_size=128,
+        region_margin=16,
+        tissue_mask=None,
+        batch_size=4,
+        progress=False,
+    )
+    assert ex.grid_shape == (48, 64)
+    assert len(ex.tile_locations) == 3 * 4  # ceil(384 / 128) x ceil(512 / 128) regions
+    assert ex.tile_locations[0].tolist() == [-16, -16]  # context reaches before the slide
+    assert (ex.counts == 1).all()  # interiors tile the slide exactly once
+    assert (ex.config["mode"], ex.config["border"]) == ("region", 2)  # 16 px / 8 px cells
+    net = pool_attr.forward_func
+    image = torch.from_numpy(he_image()[:384, :512]).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        whole = net.features(image)[0].permute(1, 2, 0).reshape(-1, 4)  # type: ignore[operator]
+    expected = pool_attr.nmf_.transform(whole).reshape(48, 64, 3).permute(2, 0, 1).numpy()
+    inner = np.s_[:, 1:-1, 1:-1]  # the slide's outermost cells see white, not zero padding
+    np.testing.assert_allclose(ex.concept_maps[inner], expected[inner], rtol=1e-4, atol=1e-4)
+
+
+def test_region_mode_arguments(he_slide: Path, pool_attr: NMFConceptAttribution) -> None:
+    with pytest.raises(ValueError, match="mode must be 'tile' or 'region'"):
+        _explain(pool_attr, he_slide, mode="fast")
+    with pytest.raises(ValueError, match=r"region_margin=12 is not a multiple of the cell size 8"):
+        _explain(pool_attr, he_slide, mode="region", region_size=128, region_margin=12)
+    with pytest.raises(ValueError, match="region_size must be >= 1"):
+        _explain(pool_attr, he_slide, mode="region", region_size=0)

@@ -308,3 +308,15 @@ def test_handles_are_bounded_per_process(slide_1000x700: Path) -> None:
     assert list(tiles._handles) == [1, 2]  # least recently used closed
     with pytest.raises(ValueError, match="max_open_slides must be >= 1"):
         SlideTiles(CMU, max_open_slides=0)
+
+
+def test_grid_with_a_margin(slide_1000x700: Path) -> None:
+    with Slide(slide_1000x700) as slide:
+        grid = tile_grid(slide, tile_size=320, stride=256, margin=32, tissue_mask=None)
+        assert (grid.n_rows, grid.n_cols) == (3, 4)  # ceil(700 / 256), ceil(1000 / 256)
+        assert grid.locations[:2].tolist() == [[-32, -32], [224, -32]]
+        assert grid.location(5) == (224, 224)
+        with pytest.raises(ValueError, match="needs tile_size == stride \\+ 2 \\* margin"):
+            tile_grid(slide, tile_size=300, stride=256, margin=32, tissue_mask=None)
+        with pytest.raises(ValueError, match="margin must be an int >= 0"):
+            tile_grid(slide, margin=-1, tissue_mask=None)

@@ -54,6 +54,10 @@ class TileGrid:
         tissue (ndarray): tissue fraction of every kept tile (over its part
                     inside the slide).
         tissue_mask (TissueMask or None): the mask used, if any.
+        margin (int): output pixels by which every tile starts before its grid
+                    position (region mode: tiles of ``stride + 2 * margin`` px
+                    whose interior ``[col * stride, (col + 1) * stride)`` tiles
+                    the slide); 0 for ordinary tiles.
     """
 
     path: str
@@ -69,6 +73,7 @@ class TileGrid:
     cols: NDArray[np.int64]
     tissue: NDArray[np.float64]
     tissue_mask: TissueMask | None
+    margin: int = 0
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -82,14 +87,17 @@ class TileGrid:
     @property
     def locations(self) -> NDArray[np.int64]:
         """Level-0 (x, y) of every kept tile's top-left corner (n x 2)."""
-        step = self.stride * self.resolution.scale
-        xy = np.stack([self.cols * step, self.rows * step], axis=1)
-        return np.rint(xy).astype(np.int64)
+        scale = self.resolution.scale
+        xy = np.stack([self.cols * self.stride, self.rows * self.stride], axis=1) - self.margin
+        out: NDArray[np.int64] = np.rint(xy * scale).astype(np.int64)
+        return out
 
     def location(self, index: int) -> tuple[int, int]:
         """Level-0 (x, y) of kept tile ``index``'s top-left corner."""
-        step = self.stride * self.resolution.scale
-        return int(np.rint(self.cols[index] * step)), int(np.rint(self.rows[index] * step))
+        scale = self.resolution.scale
+        x = (int(self.cols[index]) * self.stride - self.margin) * scale
+        y = (int(self.rows[index]) * self.stride - self.margin) * scale
+        return int(np.rint(x)), int(np.rint(y))
 
     @property
     def tile_size_level0(self) -> float:
@@ -121,6 +129,7 @@ def tile_grid(
     edge: EdgePolicy = "pad",
     tissue_mask: TissueOption = "otsu",
     min_tissue: float = 0.25,
+    margin: int = 0,
 ) -> TileGrid:
     r"""The overlapping tiles of a slide that contain enough tissue.
 
@@ -146,6 +155,12 @@ def tile_grid(
                     Default: ``"otsu"``
         min_tissue (float, optional): smallest tissue fraction of a kept tile.
                     Default: 0.25
+        margin (int, optional): start every tile ``margin`` px before its
+                    grid position (large regions with context on every side,
+                    whose interiors of ``stride`` px cover the slide once;
+                    needs ``tile_size == stride + 2 * margin`` and
+                    ``edge="pad"``).
+                    Default: 0
 
     Returns:
         *TileGrid*: the kept tiles. An empty grid also warns
@@ -176,10 +191,21 @@ def tile_grid(
             "tissue_mask must be a TissueMask, 'otsu' or None, got "
             f"{type(tissue_mask).__name__}; wrap an array with TissueMask.from_array(...)."
         )
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"margin must be an int >= 0, got {margin!r}.")
+    if margin and (tile != step + 2 * margin or edge != "pad"):
+        raise ValueError(
+            f"margin={margin} needs tile_size == stride + 2 * margin ({step + 2 * margin}) and "
+            f"edge='pad', got tile_size={tile}, edge={edge!r}."
+        )
     scale = resolution.scale
     width, height = slide.dimensions
-    n_cols = _axis_count(width / scale, tile, step, edge)
-    n_rows = _axis_count(height / scale, tile, step, edge)
+    if margin:  # the regions' interiors tile the slide exactly once
+        n_cols = max(1, math.ceil(width / scale / step - 1e-9))
+        n_rows = max(1, math.ceil(height / scale / step - 1e-9))
+    else:
+        n_cols = _axis_count(width / scale, tile, step, edge)
+        n_rows = _axis_count(height / scale, tile, step, edge)
     rr, cc = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
     rows, cols = rr.ravel().astype(np.int64), cc.ravel().astype(np.int64)
     if mask is None:
@@ -188,8 +214,8 @@ def tile_grid(
         side = tile * scale
         boxes = np.stack(
             [
-                cols * step * scale,
-                rows * step * scale,
+                (cols * step - margin) * scale,
+                (rows * step - margin) * scale,
                 np.full(rows.shape, side),
                 np.full(rows.shape, side),
             ],
@@ -211,6 +237,7 @@ def tile_grid(
         cols=cols[keep],
         tissue=tissue[keep],
         tissue_mask=mask,
+        margin=margin,
     )
     if len(grid) == 0:
         warnings.warn(
