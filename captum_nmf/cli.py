@@ -90,7 +90,17 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CLIError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module.")
     if weights is not None:
-        model.load_state_dict(_state_dict(Path(weights)))
+        state = _state_dict(Path(weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            own = set(model.state_dict())
+            missing, unexpected = len(own - set(state)), len(set(state) - own)
+            raise CLIError(
+                f"--weights {weights} does not fit {spec}: {missing} missing and {unexpected} "
+                "unexpected keys (or shapes differ); a checkpoint that nests the weights (e.g. "
+                "under 'state_dict') must be unpacked first."
+            ) from exc
     return model.eval()
 
 
@@ -136,8 +146,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--normalize",
         choices=sorted(NORMALISATIONS),
-        default="imagenet",
-        help="input normalisation of the tiles (default: imagenet)",
+        default=None,
+        help="input normalisation of the tiles (default: imagenet for torchvision models, "
+        "lite for zoo models; required for module:factory models)",
     )
 
 
@@ -163,11 +174,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=text,
             description=text,
+            parents=[common],
             epilog=f"Example:\n  {_EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -181,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = command("explain", "Concept maps of a whole slide (resumable).")
     _model_args(p)
@@ -219,6 +237,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------ commands
+def _normalisation(args: argparse.Namespace) -> Callable[[Tensor], Tensor] | None:
+    name = args.normalize
+    if name is None:
+        source = args.model.split(":", 1)[0]
+        name = {"torchvision": "imagenet", "zoo": "lite"}.get(source)
+        if name is None:
+            raise CLIError(
+                f"--model {args.model!r}: pass --normalize imagenet, lite or none (the input "
+                "normalisation the model was trained with)."
+            )
+    return NORMALISATIONS[name]
+
+
 def _attr(args: argparse.Namespace) -> Any:
     from captum_nmf import NMFConceptAttribution
 
@@ -230,6 +261,11 @@ def _attr(args: argparse.Namespace) -> Any:
 def _fit(args: argparse.Namespace) -> int:
     from captum_nmf.wsi import SlideTiles
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
     model, layer, cls = _attr(args)
     tiles = SlideTiles(
         args.slides,
@@ -238,7 +274,7 @@ def _fit(args: argparse.Namespace) -> int:
         level=args.level,
         mpp=args.mpp,
         min_tissue=args.min_tissue,
-        transform=NORMALISATIONS[args.normalize],
+        transform=_normalisation(args),
     )
     attr = cls(model, layer, args.k, random_state=args.seed)
     attr.fit(
@@ -267,7 +303,7 @@ def _explain(args: argparse.Namespace) -> int:
         mpp=args.mpp,
         border=args.border,
         min_tissue=args.min_tissue,
-        transform=NORMALISATIONS[args.normalize],
+        transform=_normalisation(args),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         on_tile_error=args.on_tile_error,
@@ -293,7 +329,7 @@ def _analyse(args: argparse.Namespace) -> int:
         level=args.level,
         mpp=args.mpp,
         min_tissue=args.min_tissue,
-        transform=NORMALISATIONS[args.normalize],
+        transform=_normalisation(args),
     )
     result = analyse(
         attr,

@@ -270,10 +270,11 @@ def slide_summary(
 
     Area share: the share of tissue cells whose argmax is the concept. Mean
     intensity: the concept's mean weight over tissue cells. Top tiles: the
-    kept tiles whose window of the concept map has the highest mean weight.
-    With ``out_dir``, writes ``summary.json``, ``summary.csv`` and PNG crops
-    (``crop_size`` px, read from the slide at level 0 around each tile)
-    under ``prototypes/concept_<k>/``.
+    kept tiles whose window of the concept map has the highest mean weight,
+    skipping tiles that overlap a better-ranked one by more than half a tile.
+    With ``out_dir``, writes ``summary.json``, ``summary.csv`` (one row per
+    concept), ``top_tiles.csv`` and PNG crops of each whole tile (resized to
+    ``crop_size`` px) under ``prototypes/concept_<k>/``.
 
     Args:
         explanation (SlideExplanation): the explained slide.
@@ -300,15 +301,15 @@ def slide_summary(
     tissue = np.asarray(explanation.tissue_mask)
     n_tissue = int(tissue.sum())
     maps = np.nan_to_num(np.asarray(explanation.concept_maps, np.float64))
-    config = explanation.config
-    cells = max(int(config.get("tile_size", 1)) // max(int(config.get("cell_px", 1)), 1), 1)
     locations = np.asarray(explanation.tile_locations)
-    scores = np.zeros((len(locations), k))
-    for t, (x, y) in enumerate(locations):
-        r0, c0 = round(y / explanation.cell_size), round(x / explanation.cell_size)
-        window = maps[:, r0 : r0 + cells, c0 : c0 + cells]
-        if window.size:
-            scores[t] = window.reshape(k, -1).mean(axis=1)
+    scores = (
+        np.stack(
+            [explanation.tile_window(t).reshape(k, -1).mean(axis=1) for t in range(len(locations))]
+        )
+        if len(locations)
+        else np.zeros((0, k))
+    )
+    side = explanation.tile_cells * explanation.cell_size  # a tile in level-0 pixels
     summary: dict[str, Any] = {
         "slide": explanation.slide_path,
         "tissue_cells": n_tissue,
@@ -332,14 +333,25 @@ def slide_summary(
                 "mean_intensity": float(maps[j][tissue].mean()) if n_tissue else 0.0,
                 "top_tiles": [],
             }
-            for rank, t in enumerate(np.argsort(-scores[:, j], kind="stable")[:top_n]):
+            chosen: list[int] = []
+            for t in np.argsort(-scores[:, j], kind="stable"):
+                if len(chosen) == top_n:
+                    break
+                # prototypes that overlap a better one by more than half a tile add nothing
+                if any(np.abs(locations[t] - locations[c]).max() < side / 2 for c in chosen):
+                    continue
+                chosen.append(int(t))
+            for rank, t in enumerate(chosen):
                 x, y = (int(v) for v in locations[t])
                 item: dict[str, Any] = {"x": x, "y": y, "mean_weight": float(scores[t, j])}
                 if out is not None and slide is not None:
                     crop_path = out / "prototypes" / f"concept_{j}" / f"rank_{rank}.png"
                     crop_path.parent.mkdir(parents=True, exist_ok=True)
-                    pixels = slide.read_region((x, y), 0, (crop_size, crop_size))
-                    Image.fromarray(pixels).save(crop_path)
+                    read = max(1, round(side))
+                    pixels = slide.read_region((x, y), 0, (read, read))
+                    Image.fromarray(pixels).resize(
+                        (crop_size, crop_size), Image.Resampling.BOX
+                    ).save(crop_path)
                     item["crop"] = str(crop_path.relative_to(out))
                 entry["top_tiles"].append(item)
             summary["concepts"].append(entry)
@@ -354,4 +366,19 @@ def slide_summary(
             writer.writerow(["concept", "name", "area_fraction", "mean_intensity"])
             for e in summary["concepts"]:
                 writer.writerow([e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]])
+        with (out / "top_tiles.csv").open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["concept", "rank", "x", "y", "mean_weight", "crop"])
+            for e in summary["concepts"]:
+                for rank, tile in enumerate(e["top_tiles"]):
+                    writer.writerow(
+                        [
+                            e["concept"],
+                            rank,
+                            tile["x"],
+                            tile["y"],
+                            tile["mean_weight"],
+                            tile["crop"],
+                        ]
+                    )
     return summary

@@ -245,7 +245,7 @@ def plot_overlay(
         *Figure*: the figure drawn into (a new one unless ``ax`` is given).
     """
     arr = maps.detach().to("cpu").numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
-    if arr.ndim == 4 and arr.shape[0] > 1:
+    if arr.ndim == 4 and (arr.shape[0] > 1 or np.ndim(image) == 4):
         if ax is not None:
             raise ValueError("ax takes one image; for a batch of tiles leave ax=None.")
         n, k = arr.shape[:2]
@@ -436,13 +436,18 @@ def plot_slide(
     h, w = thumb.shape[:2]
     # the cell grid in thumbnail pixels: cell (i, j) covers x in [j * cs, (j + 1) * cs) / dx
     cs = explanation.cell_size
-    rows = np.minimum((np.arange(h) * dy / cs).astype(int), explanation.grid_shape[0] - 1)
-    cols = np.minimum((np.arange(w) * dx / cs).astype(int), explanation.grid_shape[1] - 1)
+    oy, ox = explanation.origin[1], explanation.origin[0]
+    rows = ((np.arange(h) + 0.5) * dy - oy) / cs  # the cell under each thumbnail pixel's centre
+    cols = ((np.arange(w) + 0.5) * dx - ox) / cs
+    rows = np.clip(rows.astype(int), 0, explanation.grid_shape[0] - 1)
+    cols = np.clip(cols.astype(int), 0, explanation.grid_shape[1] - 1)
     maps = np.nan_to_num(explanation.concept_maps)[:, rows][:, :, cols]
     k = maps.shape[0]
     image = thumb.astype(np.float64) / 255
     masked = maps * np.asarray(explanation.tissue_mask)[rows][:, cols][None]
     if per_concept:
+        if ax is not None:
+            raise ValueError("per_concept=True draws one panel per concept; leave ax=None.")
         return plot_concepts(image, masked, alpha=alpha)
     fig, (axis,) = _figure(ax, 1, (6.0, 6.0 * h / max(w, 1)))
     if clusters:

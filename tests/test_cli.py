@@ -111,7 +111,16 @@ def test_fit_explain_export_analyse(
             "must look like 'torchvision:vgg16'",
         ),
         (
-            ["fit", "--model", "torchvision:no_such_net", "--layer", "x", "--out", "c", "s.svs"],
+            [
+                "fit",
+                "--model",
+                "torchvision:no_such_net",
+                "--layer",
+                "x",
+                "--out",
+                "c.safetensors",
+                "s.svs",
+            ],
             "has no callable 'no_such_net'",
         ),
         (
@@ -131,11 +140,38 @@ def test_errors_are_one_line(
     assert "Traceback" not in err
 
 
-def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(["--debug", "info", "nope.svs"], capsys)
+@pytest.mark.parametrize("argv", [["--debug", "info", "nope.svs"], ["info", "nope.svs", "--debug"]])
+def test_debug_shows_the_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(argv, capsys)
     assert code == 1
     assert "Traceback" in err
     assert "SlideNotFoundError" in err
+
+
+def test_fit_checks_out_and_normalisation_before_working(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["fit", "--model", "tests.helpers.wsi_models:PoolNet", "--layer", "relu", str(CMU)]
+    code, _, err = _run([*base, "--out", str(tmp_path / "c.pt")], capsys)
+    assert "must end in .safetensors" in err
+    existing = tmp_path / "c.safetensors"
+    existing.write_bytes(b"x")
+    code, _, err = _run([*base, "--normalize", "none", "--out", str(existing)], capsys)
+    assert "exists; pass --overwrite" in err
+    code, _, err = _run([*base, "--out", str(tmp_path / "d.safetensors")], capsys)
+    assert code == 1
+    assert "pass --normalize imagenet, lite or none" in err
+
+
+def test_mismatched_weights_are_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nested = tmp_path / "nested.pt"
+    from tests.helpers.wsi_models import PoolNet
+
+    torch.save({"state_dict": PoolNet().state_dict()}, nested)
+    with pytest.raises(cli.CLIError, match="1 missing and 1 unexpected keys.*'state_dict'"):
+        cli.load_model("tests.helpers.wsi_models:PoolNet", str(nested))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
@@ -149,7 +185,19 @@ def test_weights_are_never_unpickled(tmp_path: Path, capsys: pytest.CaptureFixtu
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"conv.weight": Evil()}))
     code, _, err = _run(
-        ["fit", *MODEL[:2], "--weights", str(evil), "--layer", "relu", "--out", "c", str(CMU)],
+        [
+            "fit",
+            *MODEL[:2],
+            "--weights",
+            str(evil),
+            "--layer",
+            "relu",
+            "--normalize",
+            "none",
+            "--out",
+            str(tmp_path / "c.safetensors"),
+            str(CMU),
+        ],
         capsys,
     )
     assert code == 1

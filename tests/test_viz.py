@@ -153,6 +153,8 @@ def test_plot_overlay_of_a_batch_shares_one_scale() -> None:
     np.testing.assert_allclose(shown[1][40, 40], ORANGE)  # full scale only on tile 1
     with pytest.raises(ValueError, match="image holds 1 tiles for 2 maps"):
         plot_overlay(batch[:1], maps)
+    single = plot_overlay(batch[:1], maps[:1])  # a batch of one is still a batch
+    assert len(_images(single)) == 1
     with pytest.raises(ValueError, match="ax takes one image"):
         plot_overlay(batch, maps, ax=Figure().add_subplot())
 

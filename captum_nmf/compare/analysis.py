@@ -132,17 +132,11 @@ def _sample_explanations(explanations: Sequence[Any], n: int | None, seed: int) 
     for i in chosen:
         s, t = pairs[int(i)]
         ex = explanations[s]
-        cells = int(ex.config["tile_size"]) // int(ex.config["cell_px"])
-        x, y = (int(v) for v in ex.tile_locations[t])
-        r0, c0 = round(y / ex.cell_size), round(x / ex.cell_size)
-        window = np.zeros((ex.n_concepts, cells, cells), np.float32)
-        part = ex.concept_maps[:, r0 : r0 + cells, c0 : c0 + cells]
-        window[:, : part.shape[1], : part.shape[2]] = np.nan_to_num(part)
-        maps.append(window)
+        maps.append(ex.tile_window(t))
         if ex.tile_outputs is not None:
             outputs.append(ex.tile_outputs[t])
         groups.append(s)
-        locations.append((x, y))
+        locations.append(tuple(int(v) for v in ex.tile_locations[t]))
     return TileSample(
         chosen,
         maps=np.stack(maps),
@@ -150,6 +144,19 @@ def _sample_explanations(explanations: Sequence[Any], n: int | None, seed: int) 
         groups=np.asarray(groups, np.int64),
         locations=np.asarray(locations, np.int64),
     )
+
+
+def _blocks(data: Any, indices: NDArray[np.int64]) -> NDArray[np.int64] | None:
+    """Spatial block (4 x 4 grid positions) of each drawn tile of a SlideTiles-like dataset."""
+    if not (hasattr(data, "locate") and hasattr(data, "grids")):
+        return None
+    ids = []
+    for i in indices:
+        s, t = data.locate(int(i))
+        grid = data.grids[s]
+        ids.append((s * 100_000 + int(grid.rows[t]) // 4) * 100_000 + int(grid.cols[t]) // 4)
+    blocks = np.asarray(ids, dtype=np.int64)
+    return blocks if len(np.unique(blocks)) >= 2 else None
 
 
 @dataclass
@@ -316,8 +323,13 @@ def analyse(
     notes = []
     group_ids = groups if groups is not None else sample.groups
     if group_ids is not None and len(np.unique(np.asarray(group_ids))) < 2:
-        notes.append("all tiles come from one group (slide): the surrogate split is by tile.")
-        group_ids = None
+        group_ids = _blocks(data, sample.indices)
+        notes.append(
+            "all tiles come from one slide: the surrogate holds out blocks of 4 x 4 tile "
+            "positions, so overlapping tiles stay on one side."
+            if group_ids is not None
+            else "all tiles come from one group: the surrogate split is by tile."
+        )
     surrogate = None
     binary = np.where(predictions == target, 1, 0)
     if len(np.unique(binary)) < 2:

@@ -91,6 +91,32 @@ class SlideExplanation:
         """Hc x Wc: tissue cells that received at least one tile."""
         return (self.counts > 0) & self.tissue_cells
 
+    @property
+    def tile_cells(self) -> int:
+        """Cells along one side of a tile (tile size / cell size in output pixels)."""
+        return max(
+            1, int(self.config.get("tile_size", 1)) // max(int(self.config.get("cell_px", 1)), 1)
+        )
+
+    def tile_window(self, index: int) -> NDArray[np.float32]:
+        """Concept weights of the cells under tile ``index`` (K x t x t; 0 outside the grid).
+
+        Tiles may start before the grid (region mode) or reach past it (``edge="pad"``);
+        those parts are 0. NaN cells (unreadable tiles) are 0 too.
+        """
+        t = self.tile_cells
+        x, y = (float(v) for v in self.tile_locations[index])
+        r0 = round((y - self.origin[1]) / self.cell_size)
+        c0 = round((x - self.origin[0]) / self.cell_size)
+        window = np.zeros((self.n_concepts, t, t), np.float32)
+        hc, wc = self.grid_shape
+        rs, cs = max(r0, 0), max(c0, 0)
+        re, ce = min(r0 + t, hc), min(c0 + t, wc)
+        if rs < re and cs < ce:
+            part = self.concept_maps[:, rs:re, cs:ce]
+            window[:, rs - r0 : re - r0, cs - c0 : ce - c0] = np.nan_to_num(part)
+        return window
+
     def cell_to_level0(self, rows: Any, cols: Any) -> NDArray[np.float64]:
         """Level-0 (x, y) of the centres of cells ``(rows, cols)``.
 

@@ -224,7 +224,7 @@ def tile_grid(
         tissue = mask.fractions(boxes)
     keep = (tissue >= float(min_tissue)) & (tissue > 0)  # never a tile of pure background
     grid = TileGrid(
-        path=str(slide.path),
+        path=str(slide.path.resolve()),  # explanations and exports work from any directory
         dimensions=(width, height),
         resolution=resolution,
         tile_size=tile,
