@@ -258,16 +258,11 @@ def _attr(args: argparse.Namespace) -> Any:
     return model, layer, NMFConceptAttribution
 
 
-def _fit(args: argparse.Namespace) -> int:
+def _slide_tiles(args: argparse.Namespace) -> Any:
+    """The tissue tiles of ``args.slides`` with the command's tiling and normalisation."""
     from captum_nmf.wsi import SlideTiles
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
-    model, layer, cls = _attr(args)
-    tiles = SlideTiles(
+    return SlideTiles(
         args.slides,
         tile_size=args.tile_size,
         stride=args.stride,
@@ -276,6 +271,16 @@ def _fit(args: argparse.Namespace) -> int:
         min_tissue=args.min_tissue,
         transform=_normalisation(args),
     )
+
+
+def _fit(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
+    model, layer, cls = _attr(args)
+    tiles = _slide_tiles(args)
     attr = cls(model, layer, args.k, random_state=args.seed)
     attr.fit(
         tiles,
@@ -318,19 +323,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _analyse(args: argparse.Namespace) -> int:
     from captum_nmf.compare import analyse
-    from captum_nmf.wsi import SlideTiles
 
     model, layer, cls = _attr(args)
     attr = cls.load(args.concepts, model, layer)
-    tiles = SlideTiles(
-        args.slides,
-        tile_size=args.tile_size,
-        stride=args.stride,
-        level=args.level,
-        mpp=args.mpp,
-        min_tissue=args.min_tissue,
-        transform=_normalisation(args),
-    )
+    tiles = _slide_tiles(args)
     result = analyse(
         attr,
         tiles,
