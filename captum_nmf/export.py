@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 
 from captum_nmf.viz import concept_colors
+from captum_nmf.wsi.pyramid import write_tiled_levels
 
 __all__ = ["slide_summary", "to_geojson", "write_overlay_tiff"]
 
@@ -233,29 +233,16 @@ def write_overlay_tiff(
         f"Aperio Image Library v12.0.0\r\n{base[1]}x{base[0]} [0,0 {base[1]}x{base[0]}] "
         f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}"
     )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=base[0] * base[1] * 4 > 2**31) as tif:
-            for i, (h, w) in enumerate(levels):
-                px_per_cell = explanation.cell_size / (down * (base[1] / w))
-                tif.write(
-                    _tiles(cells, px_per_cell, (h, w), tile),
-                    shape=(h, w, 4),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    extrasamples=["unassalpha"],
-                    compression="zlib",
-                    subfiletype=1 if i else 0,
-                    description=description if i == 0 else None,
-                    metadata=None,
-                )
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    sources = [
+        (
+            _tiles(cells, explanation.cell_size / (down * (base[1] / w)), (h, w), tile),
+            (h, w, 4),
+        )
+        for h, w in levels
+    ]
+    return write_tiled_levels(
+        path, sources, tile=tile, description=description, extrasamples=["unassalpha"]
+    )
 
 
 def slide_summary(

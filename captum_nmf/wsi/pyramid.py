@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 
-__all__ = ["write_pyramid"]
+__all__ = ["write_pyramid", "write_tiled_levels"]
 
 
 def write_pyramid(
@@ -85,17 +88,49 @@ def write_pyramid(
         f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
         f"{compression.upper()}/RGB|AppMag = {mag:g}|MPP = {mpp:g}"
     )
+    return write_tiled_levels(
+        path,
+        [(level, level.shape) for level in pyramid],
+        tile=tile,
+        description=description,
+        compression=compression,
+    )
+
+
+def write_tiled_levels(
+    path: str | os.PathLike[str],
+    levels: Sequence[tuple[Any, tuple[int, ...]]],
+    *,
+    tile: int,
+    description: str,
+    compression: str = "zlib",
+    extrasamples: Sequence[str] | None = None,
+) -> Path:
+    """Write ``uint8`` RGB(A) levels as one tiled TIFF, atomically (temporary file + rename).
+
+    Level 0 is a full-resolution subfile carrying ``description``; later ones
+    are reduced-resolution subfiles. Each level is an array, or an iterator of
+    tiles in TIFF order with its ``(height, width, samples)`` shape, so large
+    images are written without holding them in memory.
+
+    Returns:
+        *Path*: the file written.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     codec = None if compression == "none" else compression
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=pixels.nbytes > 2**31) as tif:
-            for i, level in enumerate(pyramid):
+        with tifffile.TiffWriter(tmp, bigtiff=math.prod(levels[0][1]) > 2**31) as tif:
+            for i, (data, shape) in enumerate(levels):
+                array = isinstance(data, np.ndarray)
                 tif.write(
-                    level,
+                    data,
+                    shape=None if array else shape,
+                    dtype=None if array else np.uint8,
                     tile=(tile, tile),
                     photometric="rgb",
+                    extrasamples=extrasamples,
                     compression=codec,
                     subfiletype=1 if i else 0,
                     description=description if i == 0 else None,
