@@ -75,10 +75,14 @@ def concept_colors(k: int) -> NDArray[np.float64]:
     return np.asarray([[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] for c in PALETTE[:k]])
 
 
+def _numpy(x: Any) -> Any:
+    """A tensor as a CPU numpy array; anything else unchanged."""
+    return x.detach().to("cpu").numpy() if isinstance(x, torch.Tensor) else x
+
+
 def _image(image: Any) -> NDArray[np.float64]:
     """H x W x 3 float in [0, 1] from uint8 or float, HWC or CHW, array or tensor."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().to("cpu").numpy()
+    image = _numpy(image)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be an ndarray or a Tensor, got {type(image).__name__}.")
     arr = image
@@ -104,9 +108,7 @@ def _image(image: Any) -> NDArray[np.float64]:
 
 
 def _maps(maps: Any) -> NDArray[np.float64]:
-    if isinstance(maps, torch.Tensor):
-        maps = maps.detach().to("cpu").numpy()
-    arr = np.asarray(maps, dtype=np.float64)
+    arr = np.asarray(_numpy(maps), dtype=np.float64)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 3:
@@ -178,9 +180,7 @@ def cluster_image(assignment: Any, k: int, *, background: float = 1.0) -> NDArra
     Returns:
         *ndarray*: h x w x 3 float in [0, 1].
     """
-    if isinstance(assignment, torch.Tensor):
-        assignment = assignment.detach().to("cpu").numpy()
-    labels = np.asarray(assignment)
+    labels = np.asarray(_numpy(assignment))
     if labels.ndim != 2:
         raise ValueError(f"assignment must be h x w, got shape {labels.shape}.")
     if labels.max(initial=-1) >= k:
@@ -244,7 +244,7 @@ def plot_overlay(
     Returns:
         *Figure*: the figure drawn into (a new one unless ``ax`` is given).
     """
-    arr = maps.detach().to("cpu").numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+    arr = np.asarray(_numpy(maps))
     if arr.ndim == 4 and (arr.shape[0] > 1 or np.ndim(image) == 4):
         if ax is not None:
             raise ValueError("ax takes one image; for a batch of tiles leave ax=None.")
@@ -324,8 +324,7 @@ def plot_comparison(
     """
     m = _maps(maps)
     k = m.shape[0]
-    c = cam.detach().to("cpu").numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
-    c = np.squeeze(c).astype(np.float64)
+    c = np.squeeze(np.asarray(_numpy(cam))).astype(np.float64)
     if c.ndim != 2:
         raise ValueError(f"cam must be h x w, got shape {np.shape(cam)}.")
     if axes is not None:
