@@ -52,3 +52,13 @@ def real_activations(lite0: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         feats = lite0.features(normalize(tiles))
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).contiguous()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An embedded 2-CPU Ray for the whole session (the engines reuse it and leave it running)."""
+    pytest.importorskip("ray")
+    from captum_nmf._utils.ray_engine import ray_session
+
+    with ray_session(None, num_cpus=2) as ray:
+        yield ray
