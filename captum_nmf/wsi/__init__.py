@@ -5,7 +5,8 @@ Data flows one way: a :class:`Slide` is cut into overlapping tiles
 tissue; the fitted concept model's layer activations of every tile are
 averaged per slide location (:class:`FeatureStitcher`), and the concept
 weights are solved on the averaged feature vectors (:func:`explain_slide`,
-giving a :class:`SlideExplanation`).
+giving a :class:`SlideExplanation`); :func:`explain_cohort` runs many slides,
+in this process or on Ray actors, and restarts where it stopped.
 
 This subpackage needs the ``wsi`` extra (openslide-python with openslide-bin,
 tifffile, scikit-image)::
@@ -24,6 +25,7 @@ except ImportError as exc:  # also OpenSlide's "Couldn't locate OpenSlide shared
         f"captum_nmf.wsi needs the 'wsi' extra: pip install 'captum-nmf[wsi]' (missing: {exc})"
     ) from exc
 
+from captum_nmf.wsi.cohort import CohortResult, SlideRecord, explain_cohort
 from captum_nmf.wsi.explanation import SlideExplanation
 from captum_nmf.wsi.pyramid import write_pyramid
 from captum_nmf.wsi.reader import Resolution, Slide
@@ -33,15 +35,18 @@ from captum_nmf.wsi.tiling import SlideTiles, TileGrid, tile_grid
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
 
 __all__ = [
+    "CohortResult",
     "FeatureStitcher",
     "Resolution",
     "Slide",
     "SlideExplanation",
+    "SlideRecord",
     "SlideTiles",
     "StitchedBand",
     "TileGrid",
     "TissueMask",
     "detect_tissue",
+    "explain_cohort",
     "explain_slide",
     "tile_grid",
     "write_pyramid",

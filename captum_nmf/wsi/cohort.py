@@ -1,0 +1,460 @@
+"""``explain_cohort``: many slides, in this process or spread over Ray actors, restartable.
+
+Each slide is explained by :func:`~captum_nmf.wsi.explain_slide` into its own
+directory under ``out_dir`` (the same chunked, atomic, resumable format as a
+single run), so a cohort that is interrupted and started again skips the
+slides whose run is complete (after checking that their configuration, model
+and slide hashes match) and resumes the one it was working on from its last
+finished chunk.
+
+With ``engine="ray"`` the slides are dealt to Ray actors, each holding a copy
+of the model (one actor per GPU when the cluster has GPUs, else ``workers``
+actors sharing the CPUs). An actor that dies mid-slide (killed, out of memory,
+a crashed node) is replaced and the slide is retried once, resuming from its
+finished chunks; a slide that fails twice, or raises an error of its own (a
+corrupt file), is reported as failed in the cohort summary while every other
+slide completes. Results are the same as the local engine's: the same code
+runs each slide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import inspect
+import json
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.activations import models_of
+from captum_nmf._utils.ray_engine import actor_options, ray_session
+from captum_nmf.exceptions import NotFittedError
+from captum_nmf.wsi.explanation import EXPLANATION_FILE
+from captum_nmf.wsi.runner import MANIFEST_FILE, explain_slide
+
+__all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
+
+COHORT_FILE = "cohort.json"
+_RESERVED = ("out_dir", "resume", "overwrite", "progress")
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class SlideRecord:
+    """What happened to one slide of a cohort.
+
+    Attributes:
+        slide (str): the slide file (absolute).
+        out_dir (str): its run directory.
+        status (str): ``"done"`` (explained now), ``"skipped"`` (a complete
+                    run with the same configuration was already there) or
+                    ``"failed"``.
+        attempts (int): runs started for it (2 after a retry).
+        error (str or None): why it failed.
+        n_tiles (int): tiles of its grid (0 when failed).
+        n_failed_tiles (int): tiles that could not be read (``on_tile_error="skip"``).
+        seconds (float): wall time of its last attempt.
+        worker (str): ``"local"`` or the Ray actor's process id.
+    """
+
+    slide: str
+    out_dir: str
+    status: Status
+    attempts: int = 1
+    error: str | None = None
+    n_tiles: int = 0
+    n_failed_tiles: int = 0
+    seconds: float = 0.0
+    worker: str = "local"
+
+
+@dataclass
+class CohortResult:
+    """The summary of a cohort run (also written to ``out_dir/cohort.json`` and ``.csv``).
+
+    Attributes:
+        records (list[SlideRecord]): one per slide, in the order given.
+        engine (str): ``"local"`` or ``"ray"``.
+        workers (int): actors used (1 for the local engine).
+        seconds (float): wall time of the whole run.
+        out_dir (str): the cohort directory.
+    """
+
+    records: list[SlideRecord]
+    engine: str
+    workers: int
+    seconds: float
+    out_dir: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[SlideRecord]:
+        """The slides that failed."""
+        return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no slide failed."""
+        return not self.failed
+
+    def counts(self) -> dict[str, int]:
+        """Number of slides per status."""
+        found = Counter(r.status for r in self.records)
+        return {s: found.get(s, 0) for s in ("done", "skipped", "failed")}
+
+    def throughput(self) -> dict[str, float]:
+        """Slides per minute and tiles per second over the slides explained in this run."""
+        done = [r for r in self.records if r.status == "done"]
+        minutes = self.seconds / 60.0
+        return {
+            "slides_per_min": len(done) / minutes if minutes > 0 else 0.0,
+            "tiles_per_s": sum(r.n_tiles for r in done) / self.seconds if self.seconds else 0.0,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "engine": self.engine,
+            "workers": self.workers,
+            "seconds": self.seconds,
+            "out_dir": self.out_dir,
+            "counts": self.counts(),
+            "throughput": self.throughput(),
+            "config": self.config,
+            "records": [asdict(r) for r in self.records],
+        }
+
+    def save(self) -> Path:
+        """Write ``cohort.json`` and ``cohort.csv`` into :attr:`out_dir` (atomically).
+
+        Returns:
+            *Path*: the JSON file.
+        """
+        out = Path(self.out_dir)
+        path = out / COHORT_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str), encoding="utf-8")
+        tmp.replace(path)
+        table = path.with_suffix(".csv")
+        tmp = table.with_name(f".{table.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(asdict(self.records[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in self.records)
+        tmp.replace(table)
+        return path
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (
+            f"CohortResult({len(self.records)} slides: {c['done']} done, {c['skipped']} "
+            f"skipped, {c['failed']} failed; engine={self.engine!r}, workers={self.workers}, "
+            f"{self.seconds:.1f} s)"
+        )
+
+
+def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """One run directory per slide: its file stem, plus a path hash when stems collide."""
+    stems = Counter(p.stem for p in paths)
+    dirs = []
+    for p in paths:
+        name = p.stem
+        if stems[name] > 1:
+            name += "-" + hashlib.sha256(str(p).encode()).hexdigest()[:8]
+        dirs.append(out_dir / name)
+    return dirs
+
+
+def _complete(run_dir: Path) -> bool:
+    try:
+        manifest = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return manifest.get("status") == "complete" and (run_dir / EXPLANATION_FILE).is_file()
+
+
+def _explain_one(
+    attr: NMFConceptAttribution,
+    slide: str,
+    run_dir: str,
+    options: dict[str, Any],
+    worker: str,
+) -> SlideRecord:
+    """Explain one slide into ``run_dir`` (resuming or skipping a previous run there)."""
+    start = time.perf_counter()
+    was_complete = _complete(Path(run_dir))
+    result = explain_slide(attr, slide, out_dir=run_dir, resume=True, progress=False, **options)
+    return SlideRecord(
+        slide=slide,
+        out_dir=run_dir,
+        status="skipped" if was_complete else "done",
+        n_tiles=len(result.tile_locations),
+        n_failed_tiles=len(result.failed_tiles),
+        seconds=time.perf_counter() - start,
+        worker=worker,
+    )
+
+
+def _failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+class _SlideWorker:
+    """A Ray actor holding one copy of the model; explains one slide per call."""
+
+    def __init__(self, attr: NMFConceptAttribution, threads: int, gpu: bool) -> None:
+        torch.set_num_threads(max(threads, 1))
+        if gpu and torch.cuda.is_available():  # this process's own copy: moving it is safe
+            for root in models_of(attr.forward_func, attr.layer):
+                root.to("cuda")
+        self.attr = attr
+
+    def explain(self, slide: str, run_dir: str, options: dict[str, Any]) -> SlideRecord:
+        return _explain_one(self.attr, slide, run_dir, options, f"ray:{os.getpid()}")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def explain_cohort(
+    attr: NMFConceptAttribution,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    engine: Literal["local", "ray"] = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    retries: int = 1,
+    progress: bool = True,
+    **slide_options: Any,
+) -> CohortResult:
+    r"""Explain every slide of a cohort, each into ``out_dir/<slide name>/``.
+
+    Every slide is run by :func:`~captum_nmf.wsi.explain_slide` with
+    ``resume=True`` in its own directory, so a restarted cohort skips complete
+    slides and resumes the interrupted ones. A slide that raises (a corrupt
+    file, no tissue, a run directory from another configuration) is recorded
+    as failed and the others go on; the summary is written to
+    ``out_dir/cohort.json`` and ``cohort.csv`` after every slide.
+
+    Args:
+        attr (NMFConceptAttribution): fitted (or loaded) concepts with their model.
+        paths (sequence of str or PathLike): the slides.
+        out_dir (str or PathLike): the cohort directory (created when missing).
+        engine (str, optional): ``"local"`` runs the slides one after another
+                    in this process (on the model's device); ``"ray"`` deals
+                    them to Ray actors that each hold a copy of the model (one
+                    per GPU when the cluster has GPUs; the CPUs are shared
+                    equally between actors otherwise, with torch's thread count
+                    set to each actor's share).
+                    Default: ``"local"``
+        workers (int, optional): number of Ray actors.
+                    Default: None (one per GPU, else one per CPU)
+        address (str, optional): Ray cluster to join (``HOST:PORT``,
+                    ``ray://HOST:PORT`` or ``"auto"``); None starts Ray embedded
+                    on this machine (or uses the Ray this process already
+                    initialised). Checked before any slide is opened.
+                    Default: None
+        retries (int, optional): how often a slide whose Ray actor died is
+                    run again (on a fresh actor, resuming its finished chunks).
+                    Default: 1
+        progress (bool, optional): show a progress bar over slides.
+                    Default: True
+        **slide_options: keyword arguments of
+                    :func:`~captum_nmf.wsi.explain_slide` (``tile_size``,
+                    ``stride``, ``level``, ``mpp``, ``mode``, ``transform``,
+                    ``batch_size``, ``on_tile_error``, ...), the same for every
+                    slide. ``transform`` must be picklable for Ray.
+
+    Returns:
+        *CohortResult*: one :class:`SlideRecord` per slide, in the order of ``paths``.
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        ValueError: no slides, repeated slides, a bad ``engine``, ``workers``
+                    or ``retries``, ``slide_options`` that are not
+                    ``explain_slide`` arguments (or are set by the cohort), or
+                    an unparsable ``address``.
+        NotADirectoryError: ``out_dir`` is a file.
+        ImportError: ``engine="ray"`` without Ray installed (names the extra).
+        ConnectionError: the Ray cluster at ``address`` cannot be reached
+                    (before any work starts).
+    """
+    if not hasattr(attr, "concepts_"):
+        raise NotFittedError(
+            "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
+            "'NMFConceptAttribution.load' before 'explain_cohort'."
+        )
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}.")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
+    _check_options(slide_options)
+    slides = [Path(p).expanduser().absolute() for p in paths]
+    if not slides:
+        raise ValueError("paths is empty; pass at least one slide.")
+    repeated = [str(p) for p, n in Counter(slides).items() if n > 1]
+    if repeated:
+        raise ValueError(f"paths lists the same slide more than once: {repeated[:3]}.")
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"out_dir {root} exists and is not a directory.")
+    dirs = slide_dirs(slides, root)
+    config = {
+        "engine": engine,
+        "slide_options": {k: repr(v) for k, v in sorted(slide_options.items())},
+    }
+    start = time.perf_counter()
+    if engine == "local":
+        if workers not in (None, 1):
+            raise ValueError(
+                f"workers={workers!r} needs engine='ray'; the local engine runs slides one "
+                "after another in this process."
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        result = CohortResult([], "local", 1, 0.0, str(root), config)
+        records = _run_local(attr, slides, dirs, slide_options, progress, result, start)
+    else:
+        result = CohortResult([], "ray", 0, 0.0, str(root), config)
+        records = _run_ray(
+            attr, slides, dirs, slide_options, workers, address, retries, progress, result, start
+        )
+    result.records = records
+    result.seconds = time.perf_counter() - start
+    result.save()
+    return result
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    reserved = sorted(set(options) & set(_RESERVED))
+    if reserved:
+        raise ValueError(
+            f"explain_cohort sets {reserved} itself (each slide resumes in its own directory "
+            "under out_dir); remove them."
+        )
+    known = set(inspect.signature(explain_slide).parameters) - {"attr", "path"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not arguments of explain_slide; see help(explain_slide) for the "
+            "per-slide options."
+        )
+
+
+def _record_failure(slide: Path, run_dir: Path, exc: BaseException, attempts: int) -> SlideRecord:
+    return SlideRecord(str(slide), str(run_dir), "failed", attempts, _failure(exc))
+
+
+def _progress_save(result: CohortResult, records: dict[int, SlideRecord], start: float) -> None:
+    result.records = [records[i] for i in sorted(records)]
+    result.seconds = time.perf_counter() - start
+    result.save()
+
+
+def _run_local(
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    dirs: list[Path],
+    options: dict[str, Any],
+    progress: bool,
+    result: CohortResult,
+    start: float,
+) -> list[SlideRecord]:
+    records: dict[int, SlideRecord] = {}
+    for i in tqdm(range(len(slides)), disable=not progress, desc="cohort", unit="slide"):
+        try:
+            records[i] = _explain_one(attr, str(slides[i]), str(dirs[i]), options, "local")
+        except Exception as exc:  # one slide's error must not stop the cohort
+            records[i] = _record_failure(slides[i], dirs[i], exc, 1)
+        _progress_save(result, records, start)
+    return [records[i] for i in range(len(slides))]
+
+
+def _run_ray(
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    dirs: list[Path],
+    options: dict[str, Any],
+    workers: int | None,
+    address: str | None,
+    retries: int,
+    progress: bool,
+    result: CohortResult,
+    start: float,
+) -> list[SlideRecord]:
+    with ray_session(address, feature="explain_cohort(engine='ray')") as ray:
+        n_actors, actor_opts = actor_options(ray, workers)
+        n_actors = min(n_actors, len(slides))
+        result.workers = n_actors
+        Path(result.out_dir).mkdir(parents=True, exist_ok=True)
+        threads = max(int(actor_opts.get("num_cpus", 1)), 1)
+        remote = ray.remote(_SlideWorker).options(**actor_opts, max_concurrency=1)
+        attr_ref = ray.put(attr)
+        gpu = bool(actor_opts.get("num_gpus"))
+
+        def new_actor() -> Any:
+            return remote.remote(attr_ref, threads, gpu)
+
+        actors = [new_actor() for _ in range(n_actors)]
+        queue: deque[int] = deque(range(len(slides)))
+        attempts: Counter[int] = Counter()
+        pending: dict[Any, tuple[int, int]] = {}
+        records: dict[int, SlideRecord] = {}
+        idle = list(range(n_actors))
+        bar = tqdm(total=len(slides), disable=not progress, desc="cohort (ray)", unit="slide")
+        try:
+            while queue or pending:
+                while idle and queue:
+                    a, s = idle.pop(0), queue.popleft()
+                    attempts[s] += 1
+                    ref = actors[a].explain.remote(str(slides[s]), str(dirs[s]), options)
+                    pending[ref] = (a, s)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                a, s = pending.pop(ready[0])
+                try:
+                    record: SlideRecord = ray.get(ready[0])
+                    record.attempts = attempts[s]
+                except ray.exceptions.RayTaskError as exc:  # the slide's own error: no retry
+                    record = _record_failure(slides[s], dirs[s], _cause(exc), attempts[s])
+                except ray.exceptions.RayError as exc:  # the actor died: replace it, retry once
+                    _kill(ray, actors[a])
+                    actors[a] = new_actor()
+                    if attempts[s] <= retries:
+                        queue.appendleft(s)
+                        idle.append(a)
+                        continue
+                    record = _record_failure(slides[s], dirs[s], exc, attempts[s])
+                    record.error = (
+                        f"worker died {attempts[s]} time(s) on this slide; last: {record.error}"
+                    )
+                idle.append(a)
+                records[s] = record
+                bar.update(1)
+                _progress_save(result, records, start)
+        finally:
+            bar.close()
+            for actor in actors:
+                _kill(ray, actor)
+    return [records[i] for i in range(len(slides))]
+
+
+def _cause(exc: Any) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _kill(ray: Any, actor: Any) -> None:
+    with contextlib.suppress(Exception):  # already dead
+        ray.kill(actor)

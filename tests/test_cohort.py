@@ -1,0 +1,245 @@
+"""``explain_cohort``: Ray equals local, restarts skip finished slides, faults stay local."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.exceptions import NotFittedError
+from captum_nmf.wsi import (
+    SlideExplanation,
+    SlideTiles,
+    explain_cohort,
+    explain_slide,
+    write_pyramid,
+)
+from captum_nmf.wsi.cohort import COHORT_FILE, slide_dirs
+from tests.helpers.cohort_faults import DieOnce, DieOnRed, InterruptAfter
+from tests.helpers.synthetic_slides import he_image
+from tests.helpers.wsi_models import PoolNet
+
+OPTIONS = {"tile_size": 64, "stride": 32, "tissue_mask": None, "batch_size": 7, "chunk_tiles": 14}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small real-H&E slides (256 x 192 px: 7 x 5 tiles of 64 px every 32 px)."""
+    root = tmp_path_factory.mktemp("cohort_slides")
+    out = []
+    for i, (name, y, x) in enumerate(
+        [("hgsc_nest.jpg", 0, 0), ("hgsc_stromal_he.jpg", 300, 300), ("hgsc_nest.jpg", 900, 600)]
+    ):
+        pixels = he_image(name)[y : y + 192, x : x + 256]
+        out.append(write_pyramid(pixels, root / f"slide{i}.svs", mpp=0.5))
+    return out
+
+
+@pytest.fixture(scope="module")
+def red_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """H&E with a pure red block at the top-left: DieOnRed kills the process reading it."""
+    pixels = he_image()[:192, :256].copy()
+    pixels[:24, :24] = (255, 0, 0)
+    return write_pyramid(pixels, tmp_path_factory.mktemp("red") / "red.svs", mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def attr(slides: list[Path]) -> NMFConceptAttribution:
+    net = PoolNet().eval()
+    model = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    tiles = SlideTiles(slides, tile_size=64, stride=32, tissue_mask=None)
+    return model.fit(tiles, batch_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(attr: NMFConceptAttribution, slides: list[Path]) -> dict[str, SlideExplanation]:
+    """Each slide explained on its own by explain_slide, in memory."""
+    opts = {k: v for k, v in OPTIONS.items() if k != "chunk_tiles"}
+    return {s.stem: explain_slide(attr, s, progress=False, **opts) for s in slides}  # type: ignore[arg-type]
+
+
+def _maps(out: Path, name: str) -> SlideExplanation:
+    return SlideExplanation.load(out / name)
+
+
+def _same(a: SlideExplanation, b: SlideExplanation) -> None:
+    np.testing.assert_allclose(a.concept_maps, b.concept_maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(a.assignment, b.assignment)
+    np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_local_cohort_equals_single_slides_and_skips_on_restart(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], reference: dict
+) -> None:
+    result = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
+    assert result.ok
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert [r.n_tiles for r in result.records] == [35, 35, 35]
+    for s in slides:
+        ex = _maps(tmp_path / "c", s.stem)
+        np.testing.assert_array_equal(ex.concept_maps, reference[s.stem].concept_maps)
+    summary = json.loads((tmp_path / "c" / COHORT_FILE).read_text())
+    assert summary["counts"]["done"] == 3
+    assert (tmp_path / "c" / "cohort.csv").read_text().count("\n") == 4
+    stamp = (tmp_path / "c" / "slide1" / "explanation.safetensors").stat().st_mtime_ns
+    again = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
+    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+    assert (tmp_path / "c" / "slide1" / "explanation.safetensors").stat().st_mtime_ns == stamp
+    assert "3 skipped" in repr(again)
+
+
+def test_interrupted_cohort_resumes_where_it_stopped(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], reference: dict
+) -> None:
+    # 35 tiles per slide: the 50th tile read is inside the second slide's second chunk
+    with pytest.raises(KeyboardInterrupt):
+        explain_cohort(
+            attr, slides, tmp_path, progress=False, transform=InterruptAfter(50), **OPTIONS
+        )
+    manifest = json.loads((tmp_path / "slide1" / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    assert manifest["done"] == 1  # its first chunk (2 tile rows) was finished and kept
+    result = explain_cohort(
+        attr, slides, tmp_path, progress=False, transform=InterruptAfter(10**9), **OPTIONS
+    )
+    assert [r.status for r in result.records] == ["skipped", "done", "done"]
+    for s in slides:
+        _same(_maps(tmp_path, s.stem), reference[s.stem])
+
+
+def test_a_failing_slide_does_not_stop_the_cohort(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide at all")
+    result = explain_cohort(
+        attr, [slides[0], broken, slides[2]], tmp_path / "out", progress=False, **OPTIONS
+    )
+    assert [r.status for r in result.records] == ["done", "failed", "done"]
+    assert "UnsupportedSlideError" in (result.failed[0].error or "")
+    assert not result.ok
+
+
+def test_colliding_names_get_distinct_directories(tmp_path: Path) -> None:
+    a, b = tmp_path / "x" / "s.svs", tmp_path / "y" / "s.svs"
+    dirs = slide_dirs([a, b, tmp_path / "t.tif"], tmp_path / "out")
+    assert len(set(dirs)) == 3
+    assert dirs[2].name == "t"
+    assert all(d.name.startswith("s-") for d in dirs[:2])
+
+
+def test_bad_arguments(tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]) -> None:
+    net = PoolNet()
+    with pytest.raises(NotFittedError, match="explain_cohort"):
+        explain_cohort(NMFConceptAttribution(net, net.relu, 2), slides, tmp_path)
+    with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
+        explain_cohort(attr, slides, tmp_path, engine="spark")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="paths is empty"):
+        explain_cohort(attr, [], tmp_path)
+    with pytest.raises(ValueError, match="more than once"):
+        explain_cohort(attr, [slides[0], slides[0]], tmp_path)
+    with pytest.raises(ValueError, match=r"\['resume'\].*remove them"):
+        explain_cohort(attr, slides, tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"\['tile_sise'\] are not arguments of explain_slide"):
+        explain_cohort(attr, slides, tmp_path, tile_sise=64)
+    with pytest.raises(ValueError, match="workers=2 needs engine='ray'"):
+        explain_cohort(attr, slides, tmp_path, workers=2)
+    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+        explain_cohort(attr, slides, tmp_path, retries=-1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        explain_cohort(attr, slides, tmp_path / "file")
+
+
+def test_ray_missing_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, attr: NMFConceptAttribution, slides: list
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'captum-nmf\[ray\]'"):
+        explain_cohort(attr, slides, tmp_path / "out", engine="ray", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_ray_address_fails_before_any_work(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    pytest.importorskip("ray")
+    with pytest.raises(
+        ConnectionError, match=r"Cannot reach a Ray cluster at address='127.0.0.1:9'"
+    ):
+        explain_cohort(
+            attr, slides, tmp_path / "out", engine="ray", address="127.0.0.1:9", progress=False
+        )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is not a Ray address"):
+        explain_cohort(attr, slides, tmp_path / "out", engine="ray", address="://", progress=False)
+
+
+def test_ray_two_workers_equal_the_local_engine(
+    ray_local: object,
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    reference: dict,
+) -> None:
+    result = explain_cohort(
+        attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
+    )
+    assert result.ok
+    assert result.workers == 2
+    assert result.counts()["done"] == 3
+    assert len({r.worker for r in result.records}) == 2
+    assert all(r.worker.startswith("ray:") for r in result.records)
+    for s in slides:
+        _same(_maps(tmp_path, s.stem), reference[s.stem])
+    again = explain_cohort(
+        attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
+    )
+    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+
+
+def test_ray_worker_death_is_retried_once_then_reported(
+    ray_local: object,
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    red_slide: Path,
+    reference: dict,
+) -> None:
+    # one actor dies once, 20 tiles into its first slide (after its first chunk): that slide
+    # resumes on a fresh actor
+    result = explain_cohort(
+        attr,
+        slides,
+        tmp_path / "once",
+        engine="ray",
+        workers=2,
+        progress=False,
+        transform=DieOnce(tmp_path / "died", after=20),
+        **OPTIONS,
+    )
+    assert (tmp_path / "died").exists()
+    assert result.ok
+    assert sorted(r.attempts for r in result.records) == [1, 1, 2]
+    for s in slides:
+        _same(_maps(tmp_path / "once", s.stem), reference[s.stem])
+    # a slide that kills every worker reading it fails after one retry; the others complete
+    result = explain_cohort(
+        attr,
+        [slides[0], red_slide, slides[1]],
+        tmp_path / "always",
+        engine="ray",
+        workers=2,
+        progress=False,
+        transform=DieOnRed(),
+        **OPTIONS,
+    )
+    assert [r.status for r in result.records] == ["done", "failed", "done"]
+    assert result.failed[0].attempts == 2
+    assert "worker died 2 time(s)" in (result.failed[0].error or "")
+    summary = json.loads((tmp_path / "always" / COHORT_FILE).read_text())
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
