@@ -19,7 +19,7 @@ from torch import Tensor
 from captum_nmf._utils import solvers
 from captum_nmf.exceptions import NotFittedError
 
-__all__ = ["NMF"]
+__all__ = ["NMF", "NMFStatistics"]
 
 ArrayLike = Any  # numpy array, torch tensor or anything numpy.asarray accepts
 InitName = Literal["nndsvda", "nndsvd", "random"]
@@ -35,6 +35,170 @@ class _Kind:
     is_numpy: bool
     dtype: torch.dtype
     device: torch.device
+
+
+@dataclass(frozen=True)
+class NMFStatistics:
+    r"""Sufficient statistics of streamed rows for fixed concepts ``H``: what workers reduce.
+
+    For rows ``V`` (n x C) and their exact weights ``W`` (n x K) for ``H``,
+    the statistics are ``W^T W``, ``W^T V``, ``||V||_F^2``, the column sums
+    of ``W`` and n, all float64. Statistics of disjoint chunks for the same
+    ``H`` add up (``a + b``) to those of their union, so a distributed fit
+    sums them over workers (``sum(stats)`` works too) and applies the sum with
+    :meth:`NMF.update`. :meth:`flatten` packs them into one 1-D float64
+    tensor for ``torch.distributed.all_reduce`` and :meth:`unflatten` unpacks it.
+
+    Args:
+        wtw (Tensor): K x K ``W^T W``.
+        wtv (Tensor): K x C ``W^T V``.
+        sq (Tensor): 0-d ``||V||_F^2``.
+        weight_sums (Tensor): K column sums of ``W``.
+        n_samples (int): number of rows n.
+
+    Raises:
+        ValueError: the shapes do not fit together.
+    """
+
+    wtw: Tensor
+    wtv: Tensor
+    sq: Tensor
+    weight_sums: Tensor
+    n_samples: int
+
+    def __post_init__(self) -> None:
+        k = self.wtw.shape[0] if self.wtw.ndim == 2 else -1
+        if (
+            self.wtw.shape != (k, k)
+            or self.wtv.ndim != 2
+            or self.wtv.shape[0] != k
+            or self.sq.ndim != 0
+            or self.weight_sums.shape != (k,)
+        ):
+            raise ValueError(
+                f"NMFStatistics needs wtw K x K, wtv K x C, sq 0-d and weight_sums of K; got "
+                f"shapes {tuple(self.wtw.shape)}, {tuple(self.wtv.shape)}, "
+                f"{tuple(self.sq.shape)}, {tuple(self.weight_sums.shape)}."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(K, C)``."""
+        return int(self.wtv.shape[0]), int(self.wtv.shape[1])
+
+    @classmethod
+    def zeros(
+        cls, n_components: int, n_features: int, *, device: str | torch.device | None = None
+    ) -> NMFStatistics:
+        """Statistics of no rows: what a worker without a batch contributes.
+
+        Args:
+            n_components (int): K.
+            n_features (int): C.
+            device (str or torch.device, optional): where to allocate them.
+                        Default: None (CPU)
+
+        Returns:
+            *NMFStatistics*: all zero, n_samples 0.
+        """
+        kd: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        return cls(
+            wtw=torch.zeros(n_components, n_components, **kd),
+            wtv=torch.zeros(n_components, n_features, **kd),
+            sq=torch.zeros((), **kd),
+            weight_sums=torch.zeros(n_components, **kd),
+            n_samples=0,
+        )
+
+    def __add__(self, other: NMFStatistics) -> NMFStatistics:
+        if not isinstance(other, NMFStatistics):
+            return NotImplemented
+        if other.shape != self.shape:
+            raise ValueError(
+                f"Cannot add statistics of shape (K, C)={other.shape} to {self.shape}; both "
+                "must come from the same stream."
+            )
+        device = self.wtw.device
+        return NMFStatistics(
+            wtw=self.wtw + other.wtw.to(device),
+            wtv=self.wtv + other.wtv.to(device),
+            sq=self.sq + other.sq.to(device),
+            weight_sums=self.weight_sums + other.weight_sums.to(device),
+            n_samples=self.n_samples + other.n_samples,
+        )
+
+    def __radd__(self, other: object) -> NMFStatistics:
+        if isinstance(other, int) and other == 0:  # sum(list_of_stats) starts from 0
+            return self
+        return NotImplemented
+
+    def to(self, device: str | torch.device) -> NMFStatistics:
+        """The same statistics on ``device``.
+
+        Returns:
+            *NMFStatistics*: a copy (or ``self`` when already there).
+        """
+        return NMFStatistics(
+            wtw=self.wtw.to(device),
+            wtv=self.wtv.to(device),
+            sq=self.sq.to(device),
+            weight_sums=self.weight_sums.to(device),
+            n_samples=self.n_samples,
+        )
+
+    def flatten(self) -> Tensor:
+        """One 1-D float64 tensor of ``K*K + K*C + 1 + K + 1`` values (for ``all_reduce``).
+
+        Returns:
+            *Tensor*: ``[wtw, wtv, sq, weight_sums, n_samples]`` flattened, on
+            the statistics' device; summing flattened statistics and
+            :meth:`unflatten` gives the sum of the statistics.
+        """
+        d = self.wtw.device
+        return torch.cat(
+            [
+                self.wtw.double().reshape(-1),
+                self.wtv.double().reshape(-1),
+                self.sq.double().reshape(1),
+                self.weight_sums.double().reshape(-1),
+                torch.tensor([float(self.n_samples)], dtype=torch.float64, device=d),
+            ]
+        )
+
+    @classmethod
+    def unflatten(cls, flat: Tensor, n_components: int, n_features: int) -> NMFStatistics:
+        """Inverse of :meth:`flatten`.
+
+        Args:
+            flat (Tensor): 1-D tensor of ``K*K + K*C + K + 2`` values.
+            n_components (int): K.
+            n_features (int): C.
+
+        Returns:
+            *NMFStatistics*: float64 views into ``flat`` (a float64 ``flat`` is
+            not copied).
+
+        Raises:
+            ValueError: ``flat`` has another size.
+        """
+        k, c = n_components, n_features
+        size = k * k + k * c + k + 2
+        if flat.ndim != 1 or flat.numel() != size:
+            raise ValueError(
+                f"flat must be 1-D with K*K + K*C + K + 2 = {size} values for K={k}, C={c}, "
+                f"got shape {tuple(flat.shape)}; pass the K and C it was flattened with."
+            )
+        flat = flat.double()
+        i = 0
+        wtw = flat[i : i + k * k].reshape(k, k)
+        i += k * k
+        wtv = flat[i : i + k * c].reshape(k, c)
+        i += k * c
+        sq = flat[i]
+        i += 1
+        weight_sums = flat[i : i + k]
+        n = float(flat[i + k])
+        return cls(wtw=wtw, wtv=wtv, sq=sq, weight_sums=weight_sums, n_samples=round(n))
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
@@ -379,6 +543,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         ``W_t^T W_t`` and ``W_t^T X_t`` are added to the running statistics and
         ``H`` is updated from them by HALS. Nothing else is kept.
 
+        ``partial_fit(X)`` is :meth:`initialise_stream` (first chunk only)
+        followed by ``update(statistics(X))``; a distributed fit runs the same
+        pieces with statistics summed over workers.
+
         Draw chunks in random order (e.g. a shuffled ``DataLoader``): on real
         activations 64 shuffled chunks end within about 1 % of the in-memory
         fit's objective. A stream ordered by slide or tile biases ``H`` towards
@@ -400,45 +568,203 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         if first:
             self._check_params()
         v, kind = self._input(X, reset=first)
-        sq = solvers.sq_norm(v)
         if first:
-            k = self._rank(*v.shape)
-            wt, h = self._initialise(v, k)
-            wt, h, n_iter = self._hals(v, wt, h, sq)
-            w = self._solve_w(v, h).to(v.dtype)
-            self.n_iter_ = n_iter
-            self.n_samples_seen_ = 0
-            kd: dict[str, Any] = {"dtype": torch.float64, "device": v.device}
-            self._a = torch.zeros(k, k, **kd)
-            self._b = torch.zeros(k, v.shape[1], **kd)
-            self._a_sum = torch.zeros(k, k, **kd)
-            self._b_sum = torch.zeros(k, v.shape[1], **kd)
-            self._sq_sum = torch.zeros((), **kd)
-            self._weight_sums = torch.zeros(k, **kd)
-            self._components_is_numpy = kind.is_numpy
+            self._initialise_stream(v, kind)
         else:
             self._check_fitted()
-            h = self._h
-            w = self._solve_w(v, h).to(v.dtype)
+        return self.update(self._statistics(v))
+
+    # --------------------------------------------------------- stream pieces
+    def initialise_stream(self, X: ArrayLike) -> NMF:
+        """Start a stream: factorise a first chunk in memory to get ``H0``; zero statistics.
+
+        This is the first half of the first :meth:`partial_fit`: the concepts
+        ``H0`` are the in-memory fit of ``X`` (as stored, not yet normalised
+        or reordered; the first :meth:`update` does that). ``X`` itself is not
+        added to the statistics: pass ``statistics(X)`` to :meth:`update` for
+        that. A fitted or streaming estimator starts over.
+
+        Args:
+            X (ndarray or Tensor): n x C non-negative chunk, with at least K
+                        rows when ``init`` is SVD-based.
+
+        Returns:
+            *NMF*: ``self``, ready for :meth:`statistics` and :meth:`update`.
+
+        Raises:
+            ValueError: as :meth:`fit`.
+        """
+        self._check_params()
+        v, kind = self._input(X, reset=True)
+        self._initialise_stream(v, kind)
+        return self
+
+    def start_stream(self, components: ArrayLike) -> NMF:
+        """Start a stream from given concept vectors ``H0`` (no fitting); zero statistics.
+
+        A distributed fit calls this on every worker with the ``H0`` that
+        one worker got from :meth:`initialise_stream`, so that all hold the
+        same state.
+
+        Args:
+            components (ndarray or Tensor): K x C finite non-negative ``H0``,
+                        used as given (not re-normalised).
+
+        Returns:
+            *NMF*: ``self``, ready for :meth:`statistics` and :meth:`update`.
+
+        Raises:
+            TypeError: ``components`` is not floating point.
+            ValueError: ``components`` is not a finite non-negative K x C
+                        matrix, or K differs from ``n_components``.
+        """
+        self._check_params()
+        is_numpy = not isinstance(components, Tensor)
+        h = torch.as_tensor(np.asarray(components)) if is_numpy else components.detach()
+        if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1:
+            raise ValueError(
+                f"components must be a K x C matrix, got shape {tuple(h.shape)}; pass the "
+                "stream's H0."
+            )
+        if not h.is_floating_point():
+            raise TypeError(
+                f"components must be floating point, got dtype {h.dtype}; pass components.double()."
+            )
+        if self.n_components is not None and h.shape[0] != self.n_components:
+            raise ValueError(
+                f"components has {h.shape[0]} rows but n_components={self.n_components}; "
+                "pass H0 of the same rank."
+            )
+        if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
+            raise ValueError("components must be finite and non-negative.")
+        if self.device is not None:
+            h = h.to(self.device)
+        self.n_features_in_ = int(h.shape[1])
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.n_iter_ = 0
+        self._start(h.clone(), is_numpy)
+        return self
+
+    def _initialise_stream(self, v: Tensor, kind: _Kind) -> None:
+        sq = solvers.sq_norm(v)
+        k = self._rank(*v.shape)
+        wt, h = self._initialise(v, k)
+        _, h, n_iter = self._hals(v, wt, h, sq)
+        self.n_iter_ = n_iter
+        self._start(h, kind.is_numpy)
+
+    def _start(self, h: Tensor, is_numpy: bool) -> None:
+        """Stream state with concepts ``h`` (K x C) and zero statistics."""
+        k, c = h.shape
+        kd: dict[str, Any] = {"dtype": torch.float64, "device": h.device}
+        self._h = h
+        self._a = torch.zeros(k, k, **kd)
+        self._b = torch.zeros(k, c, **kd)
+        self._a_sum = torch.zeros(k, k, **kd)
+        self._b_sum = torch.zeros(k, c, **kd)
+        self._sq_sum = torch.zeros((), **kd)
+        self._weight_sums = torch.zeros(k, **kd)
+        self._components_is_numpy = is_numpy
+        self.n_components_ = int(k)
+        self.components_ = h.cpu().numpy() if is_numpy else h.clone()
+        self.n_samples_seen_ = 0
+
+    def _check_streaming(self) -> None:
+        if not hasattr(self, "_a"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance has no stream; call 'initialise_stream' "
+                "(or 'start_stream', or 'partial_fit') first."
+            )
+
+    def statistics(self, X: ArrayLike) -> NMFStatistics:
+        """Sufficient statistics of a chunk for the current concepts (nothing is updated).
+
+        The chunk's exact weights ``W`` for the current ``H`` give
+        ``W^T W``, ``W^T X``, ``||X||^2``, the column sums of ``W`` and the
+        row count, in float64. Statistics of several chunks (or workers) add
+        up with ``+`` and :meth:`update` applies them as one chunk.
+
+        Args:
+            X (ndarray or Tensor): n x C non-negative chunk.
+
+        Returns:
+            *NMFStatistics*: the chunk's statistics, on the compute device.
+
+        Raises:
+            NotFittedError: before :meth:`initialise_stream` / :meth:`start_stream`.
+            ValueError: ``X`` is invalid or has another number of features.
+        """
+        self._check_streaming()
+        v, _ = self._input(X, reset=False)
+        return self._statistics(v)
+
+    def _statistics(self, v: Tensor) -> NMFStatistics:
+        w = self._solve_w(v, self._h.to(v.dtype)).to(v.dtype)
+        return NMFStatistics(
+            wtw=(w.T @ w).double(),
+            wtv=(w.T @ v).double(),
+            sq=solvers.sq_norm(v),
+            weight_sums=w.double().sum(dim=0),
+            n_samples=int(v.shape[0]),
+        )
+
+    def update(self, stats: NMFStatistics) -> NMF:
+        """Add a chunk's statistics (earlier ones weighted by ``forget_factor``) and update ``H``.
+
+        ``H`` gets up to 50 HALS sweeps on the running ``W^T W`` and ``W^T X``,
+        then is normalised and reordered canonically (the statistics follow).
+        Statistics of zero rows still apply the forget factor and the sweeps.
+
+        Args:
+            stats (NMFStatistics): statistics from :meth:`statistics` for the
+                        current concepts, or a sum of them over workers.
+
+        Returns:
+            *NMF*: ``self``.
+
+        Raises:
+            NotFittedError: before :meth:`initialise_stream` / :meth:`start_stream`.
+            TypeError: ``stats`` is not an :class:`NMFStatistics`.
+            ValueError: the statistics' shapes do not match K and C.
+        """
+        self._check_streaming()
+        if not isinstance(stats, NMFStatistics):
+            raise TypeError(
+                f"stats must be an NMFStatistics (from NMF.statistics), got {type(stats).__name__}."
+            )
+        k, c = self._b.shape
+        if (
+            stats.wtw.shape != (k, k)
+            or stats.wtv.shape != (k, c)
+            or stats.weight_sums.shape != (k,)
+        ):
+            raise ValueError(
+                f"stats are for K={stats.wtw.shape[0]} concepts and C={stats.wtv.shape[-1]} "
+                f"features but the stream has K={k}, C={c}; compute them with this "
+                "stream's statistics()."
+            )
+        device = self._a.device
         rho = self.forget_factor
-        wtw = (w.T @ w).double()
-        wtv = (w.T @ v).double()
+        wtw = stats.wtw.to(device=device, dtype=torch.float64)
+        wtv = stats.wtv.to(device=device, dtype=torch.float64)
         self._a = rho * self._a + wtw
         self._b = rho * self._b + wtv
         self._a_sum += wtw
         self._b_sum += wtv
-        self._sq_sum += sq
-        weight_sums = self._weight_sums + w.double().sum(dim=0)
+        self._sq_sum += stats.sq.to(device=device, dtype=torch.float64)
+        weight_sums = self._weight_sums + stats.weight_sums.to(device=device, dtype=torch.float64)
+        h = self._h
         h64 = solvers.hals_sweeps(h.double().clone(), self._a, self._b, 50)
-        out_kind = _Kind(self._components_is_numpy, v.dtype, v.device)
-        o, scale = self._set_state(h64.to(v.dtype), weight_sums, out_kind)
+        out_kind = _Kind(self._components_is_numpy, h.dtype, h.device)
+        o, scale = self._set_state(h64.to(h.dtype), weight_sums, out_kind)
         # Keep the statistics consistent with the rescaled, reordered concepts.
         s = scale.to(self._a)
         self._a = self._a[o][:, o] * s[:, None] * s[None, :]
         self._a_sum = self._a_sum[o][:, o] * s[:, None] * s[None, :]
         self._b = self._b[o] * s[:, None]
         self._b_sum = self._b_sum[o] * s[:, None]
-        self.n_samples_seen_ += int(v.shape[0])
+        self.n_samples_seen_ += int(stats.n_samples)
         self.reconstruction_err_ = math.sqrt(
             float(solvers.objective_from_stats(self._sq_sum, self._h, self._a_sum, self._b_sum))
         )
