@@ -35,7 +35,10 @@ _EXAMPLES = {
     "fit": "captum-nmf fit --model torchvision:vgg16 --weights vgg16.safetensors "
     "--layer features.29 --k 6 --level 1 --out concepts.safetensors a.svs b.svs",
     "explain": "captum-nmf explain --model torchvision:vgg16 --weights vgg16.safetensors "
-    "--layer features.29 --concepts concepts.safetensors --level 1 --out runs/c --resume c.svs",
+    "--layer features.29 --concepts concepts.safetensors --level 1 --out runs/c --resume c.svs\n"
+    "  captum-nmf explain --model torchvision:vgg16 --weights vgg16.safetensors "
+    "--layer features.29 --concepts concepts.safetensors --level 1 --out runs/cohort "
+    "--ray slides/*.svs",
     "analyse": "captum-nmf analyse --model torchvision:vgg16 --weights vgg16.safetensors "
     "--layer features.29 --concepts concepts.safetensors --n-tiles 10000 --out analysis a.svs",
     "export": "captum-nmf export runs/c --out runs/c/export",
@@ -200,17 +203,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    p = command("explain", "Concept maps of a whole slide (resumable).")
+    p = command(
+        "explain",
+        "Concept maps of whole slides (resumable). One slide is written to --out; several "
+        "slides (or --ray) are a cohort: each slide goes to --out/<name>/, a restart skips "
+        "finished slides, and cohort.json/.csv summarise the run.",
+    )
     _model_args(p)
     _tile_args(p)
-    p.add_argument("slide")
+    p.add_argument("slide", nargs="+")
     p.add_argument("--concepts", required=True, help="a .safetensors file from 'fit'")
     p.add_argument("--border", type=int, default=2)
+    p.add_argument(
+        "--mode",
+        choices=("tile", "region"),
+        default="tile",
+        help="'tile': the paper's overlapping tiles (default); 'region': the fast fully "
+        "convolutional mode on large regions",
+    )
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--on-tile-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run of one slide")
+    p.add_argument("--overwrite", action="store_true", help="replace one slide's run")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the slides on Ray actors: embedded on this machine, or on the cluster "
+        "at ADDRESS (HOST:PORT, ray://HOST:PORT or auto)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: per GPU/CPU)")
 
     p = command("analyse", "The paper's analyses (structure, surrogate, CAMs) on slide tiles.")
     _model_args(p)
@@ -295,30 +320,58 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from captum_nmf.wsi import explain_slide
+    from captum_nmf.wsi import explain_cohort, explain_slide
 
+    cohort = len(args.slide) > 1 or args.ray is not None
+    if cohort and (args.resume or args.overwrite):
+        raise CLIError(
+            "--resume/--overwrite apply to one slide; a cohort (several slides or --ray) "
+            "always skips finished slides and resumes the others; use a new --out to start over."
+        )
+    if args.workers is not None and args.ray is None:
+        raise CLIError("--workers needs --ray (the local engine runs slides one at a time).")
+    transform = _normalisation(args)  # checked before the model loads
     model, layer, cls = _attr(args)
     attr = cls.load(args.concepts, model, layer)
-    ex = explain_slide(
+    options: dict[str, Any] = {
+        "tile_size": args.tile_size,
+        "stride": args.stride,
+        "level": args.level,
+        "mpp": args.mpp,
+        "border": args.border,
+        "mode": args.mode,
+        "min_tissue": args.min_tissue,
+        "transform": transform,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "on_tile_error": args.on_tile_error,
+    }
+    if not cohort:
+        ex = explain_slide(
+            attr,
+            args.slide[0],
+            out_dir=args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **options,
+        )
+        print(f"{ex!r} -> {args.out}")
+        return 0
+    result = explain_cohort(
         attr,
         args.slide,
-        tile_size=args.tile_size,
-        stride=args.stride,
-        level=args.level,
-        mpp=args.mpp,
-        border=args.border,
-        min_tissue=args.min_tissue,
-        transform=_normalisation(args),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        on_tile_error=args.on_tile_error,
-        out_dir=args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
+        args.out,
+        engine="local" if args.ray is None else "ray",
+        workers=args.workers,
+        address=args.ray or None,
         progress=not args.no_progress,
+        **options,
     )
-    print(f"{ex!r} -> {args.out}")
-    return 0
+    print(f"{result!r} -> {Path(args.out) / 'cohort.json'}")
+    for record in result.failed:
+        print(f"  failed: {record.slide}: {record.error}", file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _analyse(args: argparse.Namespace) -> int:

@@ -245,3 +245,77 @@ def test_console_script_runs_in_a_subprocess() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "aperio" in done.stdout
+
+
+def test_explain_several_slides_is_a_restartable_cohort(
+    tmp_path: Path, slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    concepts = tmp_path / "c.safetensors"
+    fit = ["fit", *MODEL, *TILING, "--min-tissue", "0", "--k", "2", "--out", str(concepts)]
+    assert _run([*fit, str(slide)], capsys)[0] == 0
+    second = write_pyramid(he_image("hgsc_stromal_he.jpg")[:192, :256], tmp_path / "t.svs")
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"no slide")
+    explain = ["explain", *MODEL, *TILING, "--min-tissue", "0", "--concepts", str(concepts)]
+    out_dir = tmp_path / "cohort"
+    code, out, err = _run([*explain, "--out", str(out_dir), str(slide), str(second)], capsys)
+    assert code == 0, err
+    assert "2 done, 0 skipped, 0 failed" in out
+    assert SlideExplanation.load(out_dir / "t").grid_shape == (24, 32)
+    code, out, err = _run(
+        [*explain, "--out", str(out_dir), str(slide), str(second), str(broken)], capsys
+    )
+    assert code == 1  # one slide failed: reported, the others skipped
+    assert "0 done, 2 skipped, 1 failed" in out
+    assert "failed: " in err
+    assert "UnsupportedSlideError" in err
+    code, _, err = _run(
+        [*explain, "--out", str(out_dir), "--resume", str(slide), str(second)], capsys
+    )
+    assert code == 1
+    assert "--resume/--overwrite apply to one slide" in err
+    code, _, err = _run([*explain, "--out", str(out_dir), "--workers", "2", str(slide)], capsys)
+    assert "--workers needs --ray" in err
+
+
+def test_explain_ray_unreachable_address_is_one_line(
+    tmp_path: Path, slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("ray")
+    concepts = tmp_path / "c.safetensors"
+    fit = ["fit", *MODEL, *TILING, "--min-tissue", "0", "--k", "2", "--out", str(concepts)]
+    assert _run([*fit, str(slide)], capsys)[0] == 0
+    explain = [
+        "explain",
+        *MODEL,
+        *TILING,
+        "--concepts",
+        str(concepts),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    code, _, err = _run([*explain, "--ray", "127.0.0.1:9", str(slide)], capsys)
+    assert code == 1
+    assert err.startswith("captum-nmf: error: Cannot reach a Ray cluster at address='127.0.0.1:9'")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_explain_ray_embedded_in_a_fresh_process(tmp_path: Path, slide: Path) -> None:
+    pytest.importorskip("ray")
+    concepts = tmp_path / "c.safetensors"
+    base = [sys.executable, "-m", "captum_nmf.cli"]
+    fit = ["fit", *MODEL, *TILING, "--min-tissue", "0", "--k", "2", "--out", str(concepts)]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([*base, *fit, str(slide)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    second = write_pyramid(he_image("hgsc_stromal_he.jpg")[:192, :256], tmp_path / "t.svs")
+    explain = ["explain", *MODEL, *TILING, "--min-tissue", "0", "--concepts", str(concepts)]
+    argv = [*base, *explain, "--out", str(tmp_path / "r"), "--ray", "--workers", "2"]
+    done = subprocess.run(
+        [*argv, str(slide), str(second)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 done, 0 skipped, 0 failed; engine='ray', workers=2" in done.stdout
+    summary = json.loads((tmp_path / "r" / "cohort.json").read_text())
+    assert {r["status"] for r in summary["records"]} == {"done"}
