@@ -7,11 +7,19 @@ This module adds what NMF needs on top: the model in eval mode for the call
 that the layer ran, that its output is N x C x H x W, finite and non-negative
 (or an explicit ``negative="relu"`` policy), and the reshaping of maps into
 rows of feature vectors.
+
+Both capture functions take the device options of the forward pass:
+``autocast`` (e.g. ``torch.bfloat16``) runs it under :func:`torch.autocast`
+on the inputs' device type and gives activations and outputs back in float32;
+``channels_last`` hands the model channels-last copies of 4-D inputs. Neither
+touches the caller's tensors or model (convert the model itself with
+``model.to(memory_format=torch.channels_last)`` for the full effect).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -26,6 +34,8 @@ __all__ = [
     "capture",
     "capture_with_output",
     "check_activations",
+    "check_device_options",
+    "device_options",
     "eval_mode",
     "layer_name",
     "maps_to_rows",
@@ -83,15 +93,24 @@ def capture(
     device_ids: list[int] | None = None,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     name: str | None = None,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> Tensor:
     """Run ``forward_func`` in eval mode and return the layer's N x C x H x W activations.
+
+    ``autocast`` and ``channels_last`` are checked and applied as in
+    :func:`device_options`; with ``autocast`` the activations come back in float32.
 
     Raises:
         LayerError: the layer did not run, produced several tensors, or its
                     (reshaped) output is not a 4-D tensor.
+        TypeError: ``autocast`` is not a dtype or ``channels_last`` not a bool.
+        ValueError: ``autocast`` is unsupported on the inputs' device, or
+                    ``channels_last=True`` without a 4-D input.
     """
     label = repr(name) if name else type(layer).__name__
-    with eval_mode(models_of(forward_func, layer)):
+    inputs, amp = device_options(inputs, autocast=autocast, channels_last=channels_last)
+    with eval_mode(models_of(forward_func, layer)), amp:
         try:
             act = LayerActivation(forward_func, layer, device_ids).attribute(
                 inputs,
@@ -105,7 +124,7 @@ def capture(
                     "that forward_func actually calls."
                 ) from exc
             raise
-    return _as_4d(act, reshape_transform, label)
+    return _restore(_as_4d(act, reshape_transform, label), autocast, channels_last)
 
 
 def capture_with_output(
@@ -117,6 +136,8 @@ def capture_with_output(
     attribute_to_layer_input: bool = False,
     reshape_transform: Callable[[Tensor], Tensor] | None = None,
     name: str | None = None,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[Tensor, Any]:
     """Like :func:`capture`, and also return what ``forward_func`` returned, from one forward.
 
@@ -125,9 +146,10 @@ def capture_with_output(
     (removed in ``finally``) and clones what it saw, as Captum does.
 
     Raises:
-        LayerError: as :func:`capture`.
+        LayerError, TypeError, ValueError: as :func:`capture`.
     """
     label = repr(name) if name else type(layer).__name__
+    inputs, amp = device_options(inputs, autocast=autocast, channels_last=channels_last)
     seen: list[Any] = []
 
     def hook(_module: nn.Module, layer_in: tuple[Any, ...], layer_out: Any) -> None:
@@ -143,7 +165,7 @@ def capture_with_output(
     )
     handle = layer.register_forward_hook(hook)
     try:
-        with eval_mode(models_of(forward_func, layer)), torch.no_grad():
+        with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
             output = forward_func(*args, *extra)
     finally:
         handle.remove()
@@ -157,7 +179,135 @@ def capture_with_output(
         act = type(act)(a.clone() if isinstance(a, Tensor) else a for a in act)
     elif isinstance(act, Tensor):
         act = act.clone()
-    return _as_4d(act, reshape_transform, label), output
+    act = _restore(_as_4d(act, reshape_transform, label), autocast, channels_last)
+    if autocast is not None:
+        output = _to_float32(output)
+    return act, output
+
+
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_device_options(
+    autocast: torch.dtype | None, channels_last: bool, *, device_type: str = "cpu"
+) -> None:
+    """Validate the forward's device options for inputs on ``device_type``.
+
+    Args:
+        autocast (torch.dtype or None): reduced-precision dtype of the forward.
+        channels_last (bool): whether 4-D inputs are given channels-last.
+        device_type (str, optional): ``"cpu"``, ``"cuda"``, ...
+                    Default: ``"cpu"``
+
+    Raises:
+        TypeError: ``autocast`` is not a ``torch.dtype`` or None, or
+                    ``channels_last`` is not a bool.
+        ValueError: ``autocast`` is not a reduced floating dtype that autocast
+                    supports on ``device_type``.
+    """
+    if not isinstance(channels_last, bool):
+        raise TypeError(
+            f"channels_last must be a bool, got {channels_last!r} "
+            f"({type(channels_last).__name__}); pass channels_last=True or False."
+        )
+    if autocast is None:
+        return
+    if not isinstance(autocast, torch.dtype):
+        raise TypeError(
+            f"autocast must be a torch.dtype or None, got {autocast!r} "
+            f"({type(autocast).__name__}); pass e.g. autocast=torch.bfloat16."
+        )
+    if autocast not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"autocast={autocast} is not a reduced floating dtype; pass autocast=torch.bfloat16 "
+            "(or torch.float16 on GPUs), or None for full precision."
+        )
+    if not torch.amp.is_autocast_available(device_type):
+        raise ValueError(
+            f"autocast={autocast} is not available for inputs on device type "
+            f"{device_type!r}; pass autocast=None."
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autocast(device_type=device_type, dtype=autocast)  # warns when unsupported
+    if any("not supported" in str(w.message) for w in caught):
+        raise ValueError(
+            f"autocast={autocast} is not supported on {device_type!r} by this PyTorch "
+            f"{torch.__version__}; pass autocast=torch.bfloat16, or None."
+        )
+
+
+def device_options(
+    inputs: Tensor | tuple[Tensor, ...],
+    *,
+    autocast: torch.dtype | None,
+    channels_last: bool,
+) -> tuple[Tensor | tuple[Tensor, ...], contextlib.AbstractContextManager[Any]]:
+    """Inputs and context manager of a forward with ``autocast`` and ``channels_last``.
+
+    Args:
+        inputs (Tensor or tuple[Tensor, ...]): the forward's inputs (never modified).
+        autocast (torch.dtype or None): run the forward under
+                    ``torch.autocast(device_type=<inputs' device type>, dtype=autocast)``.
+        channels_last (bool): give the model channels-last copies of the
+                    4-D inputs (``x.contiguous(memory_format=torch.channels_last)``).
+
+    Returns:
+        *tuple*: the inputs to pass (the caller's own when nothing changes)
+        and the context manager to run the forward in.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_device_options`, and
+                    ``ValueError`` when ``channels_last=True`` but no input is 4-D.
+    """
+    tensors = inputs if isinstance(inputs, tuple) else (inputs,)
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    device_type = first.device.type if first is not None else "cpu"
+    check_device_options(autocast, channels_last, device_type=device_type)
+    if channels_last:
+        if not any(isinstance(t, Tensor) and t.ndim == 4 for t in tensors):
+            shapes = [
+                tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in tensors
+            ]
+            raise ValueError(
+                f"channels_last=True needs 4-D N x C x H x W inputs, got {shapes}; pass "
+                "channels_last=False."
+            )
+        converted = tuple(
+            t.contiguous(memory_format=torch.channels_last)
+            if isinstance(t, Tensor) and t.ndim == 4
+            else t
+            for t in tensors
+        )
+        inputs = converted if isinstance(inputs, tuple) else converted[0]
+    amp: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext()
+        if autocast is None
+        else torch.autocast(device_type=device_type, dtype=autocast)
+    )
+    return inputs, amp
+
+
+def _to_float32(value: Any) -> Any:
+    """``value`` with bfloat16/float16 tensors (also in tuples, lists, dicts) as float32."""
+    if isinstance(value, Tensor):
+        return value.float() if value.dtype in _AUTOCAST_DTYPES else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple
+        return type(value)(*(_to_float32(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _to_float32(v)) for k, v in value.items())
+    return value
+
+
+def _restore(act: Tensor, autocast: torch.dtype | None, channels_last: bool) -> Tensor:
+    """Activations in float32 after autocast, in the default memory format after channels_last."""
+    if autocast is not None and act.dtype in _AUTOCAST_DTYPES:
+        act = act.float()
+    if channels_last:
+        act = act.contiguous()
+    return act
 
 
 def _as_4d(act: Any, reshape_transform: Callable[[Tensor], Tensor] | None, label: str) -> Tensor:
