@@ -101,9 +101,17 @@ class SlideExplanation:
     def tile_window(self, index: int) -> NDArray[np.float32]:
         """Concept weights of the cells under tile ``index`` (K x t x t; 0 outside the grid).
 
-        Tiles may start before the grid (region mode) or reach past it (``edge="pad"``);
-        those parts are 0. NaN cells (unreadable tiles) are 0 too.
+        Tiles may reach past the grid (``edge="pad"``); those parts are 0. NaN
+        cells (unreadable tiles) are 0 too.
+
+        Raises:
+            ValueError: a region-mode explanation (its regions differ in size).
         """
+        if self.config.get("mode") == "region":
+            raise ValueError(
+                "This explanation was made with mode='region': its regions of different sizes "
+                "are not tiles. Tile windows (and the tile analyses) need mode='tile'."
+            )
         t = self.tile_cells
         x, y = (float(v) for v in self.tile_locations[index])
         r0 = round((y - self.origin[1]) / self.cell_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -49,6 +50,7 @@ from captum_nmf.exceptions import (
 from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.reader import Slide
+from captum_nmf.wsi.regions import RegionTiles, plan_regions, tissue_cells
 from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand
 from captum_nmf.wsi.tiling import (
     EdgePolicy,
@@ -139,6 +141,59 @@ class _Run:
         self.n_outputs = -1  # unknown until the first batch; 0 = model output not kept
         self.failed: list[int] = []
         self.chunk_rows: list[int] = []
+        self.regions: NDArray[np.int64] | None = None  # region mode: n x 4 cell boxes
+
+    def setup_regions(self, cell: int, shape: tuple[int, int], regions: NDArray[np.int64]) -> None:
+        """Region mode: the output arrays, known before the first forward."""
+        self.cell = cell
+        self.border = self.grid.margin // cell
+        self.regions = regions
+        self.maps = np.zeros((self.k, *shape), dtype=np.float32)
+        self.counts = np.zeros(shape, dtype=np.int32)
+
+    def _region_outputs(self, n_outputs: int) -> None:
+        if self.n_outputs < 0 and self.regions is not None:
+            self.n_outputs = n_outputs
+            if n_outputs:
+                self.outputs = np.full((len(self.regions), n_outputs), np.nan, dtype=np.float32)
+
+    def add_region(
+        self, act: Tensor, output: Any, idx: NDArray[np.int64], failed: NDArray[np.int64]
+    ) -> None:
+        """Region mode: solve the interior cells of one region (or mark a failed one NaN)."""
+        maps, counts = self.maps, self.counts
+        if maps is None or counts is None or self.regions is None:
+            raise RuntimeError("internal error: region run used before setup_regions")
+        for f in failed:
+            r0, c0, h, w = (int(v) for v in self.regions[f])
+            maps[:, r0 : r0 + h, c0 : c0 + w] = np.nan
+            self.failed.append(int(f))
+        if act.shape[0] == 0:
+            return
+        n, c = act.shape[:2]
+        if c != self.attr.n_channels_in_:
+            raise ConceptModelMismatchError(
+                f"The concepts expect {self.attr.n_channels_in_} channels but the layer "
+                f"produced {c}; use concepts fitted on this layer."
+            )
+        keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
+        self._region_outputs(int(output[:1].numel()) if keep else 0)
+        if self.n_outputs and self.outputs is not None:
+            self.outputs[idx] = output.detach().reshape(n, -1).float().cpu().numpy()
+        b = self.border
+        for j, i in enumerate(idx):
+            r0, c0, h, w = (int(v) for v in self.regions[i])
+            inner = act[j, :, b : act.shape[2] - b, b : act.shape[3] - b]
+            if tuple(inner.shape[1:]) != (h, w):
+                raise ValueError(
+                    f"A region of {h + 2 * b} x {w + 2 * b} cells gave a {act.shape[2]} x "
+                    f"{act.shape[3]} feature map; region mode needs a network whose feature "
+                    "map is the input size divided by its total stride (use mode='tile')."
+                )
+            rows = inner.detach().permute(1, 2, 0).reshape(-1, c).float().cpu().numpy()
+            weights = np.asarray(self.attr.nmf_.transform(np.ascontiguousarray(rows)))
+            maps[:, r0 : r0 + h, c0 : c0 + w] = weights.T.reshape(self.k, h, w)
+            counts[r0 : r0 + h, c0 : c0 + w] = 1
 
     # ----------------------------------------------------------------- geometry
     def setup(self, h: int, w: int, n_outputs: int) -> None:
@@ -232,6 +287,9 @@ class _Run:
         if self.work_dir is None:
             self.chunk_rows = []
             return
+        if self.regions is not None:
+            self._write_region_chunk(i, bounds)
+            return
         start, end = bounds
         tensors: dict[str, Any] = {
             "failed": np.asarray([f for f in self.failed if start <= f < end], dtype=np.int64)
@@ -254,9 +312,55 @@ class _Run:
             )
         self.chunk_rows = []
 
+    def _write_region_chunk(self, i: int, bounds: tuple[int, int]) -> None:
+        """Region mode: the solved blocks of chunk ``i``'s regions, outputs and failures."""
+        start, end = bounds
+        maps, boxes = self.maps, self.regions
+        if maps is None or boxes is None:
+            raise RuntimeError("internal error: region run used before setup_regions")
+        failed = {f for f in self.failed if start <= f < end}
+        blocks = [
+            maps[:, r0 : r0 + h, c0 : c0 + w].reshape(self.k, -1)
+            for j, (r0, c0, h, w) in enumerate(boxes[start:end].tolist())
+            if start + j not in failed
+        ]
+        tensors: dict[str, Any] = {
+            "failed": np.asarray(sorted(failed), dtype=np.int64),
+            "maps": np.concatenate([np.zeros((self.k, 0), np.float32), *blocks], axis=1),
+        }
+        if self.outputs is not None:
+            tensors["outputs"] = np.ascontiguousarray(self.outputs[start:end])
+        _save(self.chunk_path(i, "chunk"), tensors, {"chunk": str(i)}, _CHUNK_FORMAT)
+
+    def _restore_regions(self, done: int, chunks: list[tuple[int, int]], n_outputs: int) -> None:
+        maps, counts, boxes = self.maps, self.counts, self.regions
+        if maps is None or counts is None or boxes is None:
+            raise RuntimeError("internal error: region run used before setup_regions")
+        if done:
+            self._region_outputs(n_outputs)
+        for i in range(done):
+            tensors, _ = load_tensors(self.chunk_path(i, "chunk"), format_name=_CHUNK_FORMAT)
+            failed = {int(f) for f in tensors["failed"].numpy()}
+            self.failed.extend(sorted(failed))
+            flat, at = tensors["maps"].numpy(), 0
+            start, end = chunks[i]
+            for j, (r0, c0, h, w) in enumerate(boxes[start:end].tolist()):
+                if start + j in failed:
+                    maps[:, r0 : r0 + h, c0 : c0 + w] = np.nan
+                    continue
+                maps[:, r0 : r0 + h, c0 : c0 + w] = flat[:, at : at + h * w].reshape(-1, h, w)
+                counts[r0 : r0 + h, c0 : c0 + w] = 1
+                at += h * w
+            if self.outputs is not None and "outputs" in tensors:
+                self.outputs[start:end] = tensors["outputs"].numpy()
+
     def restore(self, manifest: dict[str, Any], chunks: list[tuple[int, int]]) -> None:
         """Load the finished chunks of an interrupted run and the stitcher's carry."""
         done = int(manifest["done"])
+        if self.regions is not None:
+            n_out = manifest.get("n_outputs")
+            self._restore_regions(done, chunks, -1 if n_out is None else int(n_out))
+            return
         if manifest.get("cell") is not None and done:
             self.cell = int(manifest["cell"])
             carry, _ = load_tensors(self.chunk_path(done - 1, "carry"), format_name=_CHUNK_FORMAT)
@@ -383,17 +487,22 @@ def explain_slide(
                     Default: 2
         mode (str, optional): ``"tile"`` (the paper's overlapping tiles, the
                     default the analyses assume) or ``"region"``: the fast mode
-                    that runs the network's fully convolutional part on large
-                    regions of ``region_size`` px plus ``region_margin`` px of
-                    context on every side (margins dropped, interiors tiling
-                    the slide once, no overlap averaging); ``tile_size``,
-                    ``stride``, ``border`` and ``min_tissue`` are then unused
-                    (regions with any tissue are kept). About 4x less
-                    computation than 512/256 tiles, so a few times faster;
-                    see the README for its agreement with tile mode. Memory of
-                    the forward grows with the region area (use batch_size 1-2).
+                    that runs the network's fully convolutional part once per
+                    region, with ``region_margin`` px of context on every side
+                    (margins dropped, no overlap averaging). Regions are planned
+                    on the tissue (:func:`~captum_nmf.wsi.regions.plan_regions`):
+                    roots of ``region_size`` px shrunk to their tissue, or split
+                    into quarters when that reads fewer pixels; they cover every
+                    cell that is at least half tissue exactly once (every cell
+                    with ``tissue_mask=None``). ``tile_size``, ``stride``,
+                    ``border``, ``min_tissue`` and ``batch_size`` are then unused
+                    (one region per forward), a chunk holds ``chunk_tiles // 16``
+                    regions, ``tile_locations`` are the regions' corners (margin
+                    included) and :meth:`SlideExplanation.tile_window` is not
+                    available. See the README for its speed and agreement with
+                    tile mode. Memory of the forward grows with the region area.
                     Default: ``"tile"``
-        region_size (int, optional): region interior in output pixels
+        region_size (int, optional): side of a root region in output pixels
                     (multiple of the cell size).
                     Default: 2048
         region_margin (int, optional): context on each side, in output pixels
@@ -492,6 +601,19 @@ def explain_slide(
             )
         fingerprint = slide.fingerprint()
         slide_level0_mpp = slide.mpp
+        regions: NDArray[np.int64] | None = None
+        if mode == "region" and len(grid):
+            cell = _cell_size(attr)
+            for name, value in (("region_size", region_size), ("region_margin", region_margin)):
+                if value % cell:
+                    raise ValueError(
+                        f"{name}={value} is not a multiple of the cell size {cell} px; use e.g. "
+                        f"{name}={cell * max(1, round(value / cell))}."
+                    )
+            ext_w, ext_h = grid.extent
+            shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
+            cells = tissue_cells(grid.tissue_mask, shape, cell * grid.resolution.scale)
+            regions = plan_regions(cells, region_size // cell, region_margin // cell)
         if grid.n_rows * grid.n_cols == 0:
             raise NoTissueError(
                 f"{slide.path.name} is smaller than one tile ({grid.tile_size} px at level "
@@ -528,7 +650,13 @@ def explain_slide(
         "transform": _describe(transform),
         "on_tile_error": on_tile_error,
     }
-    chunks = _chunks(grid, chunk_tiles)
+    if regions is not None:
+        config["regions"] = regions.tolist()  # (row, col, height, width) in cells
+        config["n_tiles"] = len(regions)
+        per = max(1, chunk_tiles // 16)  # a 2048 px region is about 16 tiles of 512 px
+        chunks = [(s, min(s + per, len(regions))) for s in range(0, len(regions), per)]
+    else:
+        chunks = _chunks(grid, chunk_tiles)
     target = None if out_dir is None else Path(out_dir)
     work_dir, manifest = (None, None) if target is None else _prepare_dir(target, resume, overwrite)
     if work_dir is not None:
@@ -564,6 +692,8 @@ def explain_slide(
             (work_dir / "chunks").mkdir(parents=True, exist_ok=True)
             _write_json(work_dir / MANIFEST_FILE, manifest)
     run = _Run(attr, grid, border, work_dir)
+    if regions is not None:
+        run.setup_regions(cell, shape, regions)
     done = 0
     if manifest is not None and work_dir is not None:
         run.restore(manifest, chunks)
@@ -597,6 +727,22 @@ def explain_slide(
             work_dir.replace(target)
             shutil.rmtree(old, ignore_errors=True)
     return result
+
+
+_PROBE = 512
+
+
+def _cell_size(attr: NMFConceptAttribution) -> int:
+    """The layer's cell size in input pixels, from one forward pass of a blank 512 px image."""
+    probe = torch.zeros(1, 3, _PROBE, _PROBE, device=_model_device(attr))
+    act = attr.features(probe)
+    h, w = (int(v) for v in (act[0] if isinstance(act, tuple) else act).shape[2:])
+    if h != w or h == 0 or _PROBE % h:
+        raise ValueError(
+            f"region mode needs a layer whose cells are a fixed number of input pixels; a "
+            f"{_PROBE} px image gives a {h} x {w} feature map. Use mode='tile'."
+        )
+    return _PROBE // h
 
 
 def _describe(transform: Callable[[Tensor], Tensor] | None) -> str | None:
@@ -637,15 +783,29 @@ def _process(
         for s in range(start, end, batch_size)
     ]
     chunk_end = {end: i + done for i, (_, end) in enumerate(todo)}
-    tiles = SlideTiles.from_grids(
-        [run.grid], transform=transform, on_tile_error=on_tile_error, slide_mpp=slide_mpp
-    )
+    tiles: SlideTiles | RegionTiles
+    if run.regions is not None:  # regions differ in size: one per forward
+        batches = [[i] for start, end in todo for i in range(start, end)]
+        tiles = RegionTiles(
+            run.grid.path,
+            run.grid.resolution,
+            run.regions,
+            run.cell,
+            run.grid.margin,
+            transform=transform,
+            slide_mpp=slide_mpp,
+            on_tile_error=on_tile_error,
+        )
+    else:
+        tiles = SlideTiles.from_grids(
+            [run.grid], transform=transform, on_tile_error=on_tile_error, slide_mpp=slide_mpp
+        )
     device = _model_device(run.attr)
     loader = DataLoader(
         tiles,
         batch_sampler=batches,
         num_workers=num_workers,
-        collate_fn=SlideTiles.collate_fn,
+        collate_fn=tiles.collate_fn,
         pin_memory=device.type == "cuda",
     )
     bar = tqdm(
@@ -664,7 +824,10 @@ def _process(
                 )
             else:
                 act, output = torch.empty(0, 0, 0, 0), None
-            run.add_batch(act, output, ids, failed.numpy())
+            if run.regions is not None:
+                run.add_region(act, output, ids, failed.numpy())
+            else:
+                run.add_batch(act, output, ids, failed.numpy())
             bar.update(len(ids) + len(failed))
             last = int(max(ids.max(initial=-1), failed.numpy().max(initial=-1))) + 1
             if last in chunk_end:
@@ -709,14 +872,16 @@ def _prefetched(iterable: Iterable[Any]) -> Generator[Any, None, None]:
 def _finish(
     run: _Run, grid: TileGrid, config: dict[str, Any], fingerprint: str
 ) -> SlideExplanation:
-    if run.stitcher is None or run.maps is None or run.counts is None:
+    n_units = len(grid) if run.regions is None else len(run.regions)
+    if run.maps is None or run.counts is None or len(set(run.failed)) == n_units:
         raise NoTissueError(
-            f"No tile of {Path(grid.path).name} could be read ({len(run.failed)} of {len(grid)} "
+            f"No tile of {Path(grid.path).name} could be read ({len(run.failed)} of {n_units} "
             "failed); nothing to explain."
         )
-    run.solve(run.stitcher.finish())
+    if run.stitcher is not None:
+        run.solve(run.stitcher.finish())
     maps, counts = run.maps, run.counts
-    if run.failed:  # cells only failed tiles would have covered: no data, never zero
+    if run.failed and run.regions is None:  # cells only failed tiles covered: no data, not 0
         lost = np.zeros(counts.shape, dtype=bool)
         b = run.border
         h = grid.tile_size // run.cell
@@ -745,6 +910,10 @@ def _finish(
         assignment[r] = np.where((top > 0) & tissue_cells[r], best, -1)
     failed = np.asarray(sorted(set(run.failed)), dtype=np.int64)
     locations = grid.locations
+    if run.regions is not None:  # each region's corner, context margin included
+        scale, m = grid.resolution.scale, grid.margin
+        corners = run.regions[:, [1, 0]] * run.cell - m
+        locations = np.round(corners * scale).astype(np.int64)
     return SlideExplanation(
         concept_maps=maps,
         assignment=assignment,

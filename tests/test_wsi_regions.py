@@ -1,0 +1,174 @@
+"""Region mode: tissue-aware region plans, exact features, resumable runs, failed regions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.exceptions import SlideReadError
+from captum_nmf.wsi import Slide, SlideTiles, detect_tissue, explain_slide
+from captum_nmf.wsi.regions import plan_regions, tissue_cells
+from tests.helpers.cohort_faults import InterruptAfter
+from tests.helpers.synthetic_slides import CMU, flip_tile_marker, tissue_on_white
+from tests.helpers.wsi_models import PoolNet
+
+
+def _cover(leaves: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    cover = np.zeros(shape, int)
+    for r, c, h, w in leaves:
+        cover[r : r + h, c : c + w] += 1
+    return cover
+
+
+def test_plan_regions_by_hand() -> None:
+    full = np.ones((8, 8), bool)  # splitting saves nothing: the four roots as they are
+    assert plan_regions(full, 4).tolist() == [
+        [0, 0, 4, 4],
+        [0, 4, 4, 4],
+        [4, 0, 4, 4],
+        [4, 4, 4, 4],
+    ]
+    sparse = np.zeros((8, 8), bool)
+    sparse[1:3, 5:8] = True  # one root shrunk to the 2 x 3 bounding box of its tissue
+    assert plan_regions(sparse, 8).tolist() == [[1, 5, 2, 3]]
+    assert plan_regions(sparse, 8, margin_cells=1).tolist() == [[1, 5, 2, 3]]
+    corners = np.zeros((8, 8), bool)
+    corners[0, 0] = corners[7, 7] = True  # one box: 10 x 10 = 100 cells; two: 3 x 3 + 3 x 3
+    assert plan_regions(corners, 8, margin_cells=1).tolist() == [[0, 0, 1, 1], [7, 7, 1, 1]]
+    dense = np.zeros((8, 8), bool)
+    dense[0:5, 0:5] = True  # quarters: 16 + 4 + 4 + 1 = 25 cells, no fewer than the 5 x 5 box
+    assert plan_regions(dense, 8).tolist() == [[0, 0, 5, 5]]
+    assert plan_regions(np.zeros((3, 3), bool), 2).shape == (0, 4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_regions_cover_every_tissue_cell_once(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tissue = rng.random((37, 53)) < rng.uniform(0.05, 0.9)
+    leaves = plan_regions(tissue, 16, margin_cells=2)
+    cover = _cover(leaves, tissue.shape)
+    assert cover.max() == 1  # no overlap
+    assert (cover[tissue] == 1).all()  # every tissue cell once
+    assert (leaves[:, 0] + leaves[:, 2] <= 37).all()
+    assert (leaves[:, 1] + leaves[:, 3] <= 53).all()
+
+
+def test_plan_regions_bad_input() -> None:
+    with pytest.raises(ValueError, match="tissue must be a 2-D bool array"):
+        plan_regions(np.ones(4, bool), 2)
+    with pytest.raises(ValueError, match="root_cells must be >= 1, got 0"):
+        plan_regions(np.ones((4, 4), bool), 0)
+    with pytest.raises(ValueError, match="margin_cells must be >= 0, got -1"):
+        plan_regions(np.ones((4, 4), bool), 2, margin_cells=-1)
+
+
+@pytest.fixture(scope="module")
+def islands(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real H&E (320 x 256 px) near a corner of an 800 x 608 px white slide."""
+    return tissue_on_white(
+        tmp_path_factory.mktemp("islands") / "islands.svs", (800, 608), (40, 40, 320, 256)
+    )
+
+
+@pytest.fixture(scope="module")
+def attr(islands: Path) -> NMFConceptAttribution:
+    net = PoolNet().eval()
+    model = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    return model.fit(SlideTiles(islands, tile_size=64, stride=32), batch_size=32, progress=False)
+
+
+def _regions(attr: NMFConceptAttribution, path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+    options: dict[str, object] = {
+        "mode": "region",
+        "region_size": 256,
+        "region_margin": 16,
+        "progress": False,
+    }
+    options.update(kwargs)
+    return explain_slide(attr, path, **options)  # type: ignore[arg-type]
+
+
+def test_regions_cover_the_tissue_once_with_whole_image_features(
+    islands: Path, attr: NMFConceptAttribution
+) -> None:
+    ex = _regions(attr, islands)
+    with Slide(islands) as slide:
+        mask = detect_tissue(slide)
+        pixels = slide.read_region((0, 0), 0, slide.dimensions)
+    wanted = tissue_cells(mask, ex.grid_shape, 8.0)
+    assert wanted.any()
+    assert (ex.counts[wanted] == 1).all()  # every cell with tissue, exactly once
+    assert ex.counts.max() == 1
+    regions = np.asarray(ex.config["regions"])
+    assert (ex.counts.sum()) == int((regions[:, 2] * regions[:, 3]).sum())
+    read = sum((h * 8 + 32) * (w * 8 + 32) for _, _, h, w in regions)
+    assert read < 0.5 * 4 * 288 * 288  # under half of the 4 fixed 256 px regions with tissue
+    assert ex.tile_locations.tolist()[0] == [
+        int(regions[0, 1]) * 8 - 16,
+        int(regions[0, 0]) * 8 - 16,
+    ]
+    net = attr.forward_func
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        whole = net.features(image)[0].permute(1, 2, 0)  # type: ignore[operator]
+    covered = ex.counts == 1
+    expected = attr.nmf_.transform(whole[torch.from_numpy(covered)]).numpy()
+    np.testing.assert_allclose(ex.concept_maps[:, covered].T, expected, rtol=1e-4, atol=1e-4)
+    assert (ex.concept_maps[:, ~covered] == 0).all()
+    with pytest.raises(ValueError, match="regions of different sizes"):
+        ex.tile_window(0)
+
+
+def test_region_run_resumes_bit_identical(
+    tmp_path: Path, islands: Path, attr: NMFConceptAttribution
+) -> None:
+    reference = _regions(attr, islands, chunk_tiles=16)  # one region per chunk
+    n = len(reference.tile_locations)
+    assert n >= 4
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _regions(attr, islands, chunk_tiles=16, out_dir=out, transform=InterruptAfter(3))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["done"], manifest["status"]) == (2, "running")
+    counter = InterruptAfter(10**9)
+    resumed = _regions(attr, islands, chunk_tiles=16, out_dir=out, resume=True, transform=counter)
+    assert counter.seen == n - 2  # the two finished regions were not read again
+    for name in ("concept_maps", "assignment", "counts"):
+        assert np.array_equal(getattr(resumed, name), getattr(reference, name)), name
+
+
+def test_unreadable_region_raises_or_becomes_nan(
+    tmp_path: Path, attr: NMFConceptAttribution
+) -> None:
+    broken = tmp_path / "broken.svs"
+    bx, by = flip_tile_marker(CMU, broken, tile_index=52)  # one 240 px JPEG tile
+    kwargs = {"region_size": 480, "region_margin": 16, "tissue_mask": None}
+    with pytest.raises(SlideReadError, match=r"broken\.svs"):
+        _regions(attr, broken, **kwargs)
+    ex = _regions(attr, broken, on_tile_error="skip", **kwargs)
+    # every region whose window (interior + 16 px of context) touches the broken tile fails
+    corners = ex.tile_locations
+    touches = (
+        (corners[:, 0] < bx + 240)
+        & (corners[:, 0] + 512 > bx)
+        & (corners[:, 1] < by + 240)
+        & (corners[:, 1] + 512 > by)
+    )
+    assert sorted(map(tuple, ex.failed_tiles.tolist())) == sorted(map(tuple, corners[touches]))
+    assert len(ex.failed_tiles) == 4  # the tile sits on a corner shared by four regions
+    lost = np.zeros(ex.grid_shape, bool)
+    for x, y in corners[touches]:
+        lost[(y + 16) // 8 : (y + 16) // 8 + 60, (x + 16) // 8 : (x + 16) // 8 + 60] = True
+    assert np.isnan(ex.concept_maps[:, lost]).all()  # never silently zero
+    assert (ex.assignment[lost] == -1).all()
+    assert np.isfinite(ex.concept_maps[:, ~lost]).all()
+
+
+def test_region_sizes_must_be_whole_cells(islands: Path, attr: NMFConceptAttribution) -> None:
+    with pytest.raises(ValueError, match=r"region_size=100 is not a multiple of the cell size 8"):
+        _regions(attr, islands, region_size=100)
