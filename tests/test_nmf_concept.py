@@ -401,3 +401,111 @@ def test_cuda_inputs_give_cuda_maps(planted: tuple[nn.Module, torch.Tensor]) -> 
     cpu_net = PlantedConceptNet()
     ref = NMFConceptAttribution(cpu_net, cpu_net.relu, n_concepts=3, random_state=0)
     assert torch.allclose(ref.fit(maps, progress=False).attribute(maps[:2]), out.cpu(), atol=1e-3)
+
+
+# ------------------------------------------------------------ device options
+def conv_bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+    net.train()  # must be restored after every call
+    return net
+
+
+def relative_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_bfloat16_autocast_close_to_float32_and_returns_float32() -> None:
+    net = conv_bn_net()
+    x = torch.rand(4, 3, 24, 24)
+    x_copy = x.clone()
+    attr = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    attr.fit(x, progress=False)
+    ref_act, ref_out = attr.features(x, return_output=True)
+    act, out = attr.features(x, return_output=True, autocast=torch.bfloat16)
+    assert act.dtype == out.dtype == torch.float32
+    # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4 %); two convolutions
+    # measured 0.4-0.5 % of the largest value. Tolerance: 2 %.
+    assert relative_max_error(act, ref_act) < 0.02
+    assert relative_max_error(out, ref_out) < 0.02
+    maps = attr.attribute(x, autocast=torch.bfloat16)
+    assert maps.dtype == torch.float32
+    assert relative_max_error(maps, attr.attribute(x)) < 0.05  # NNLS amplifies a little
+    fitted = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    fitted.fit([x[:2], x[2:]], autocast=torch.bfloat16, progress=False)
+    streamed = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    streamed.fit([x[:2], x[2:]], progress=False)
+    cos = (fitted.concepts_ * streamed.concepts_).sum(dim=1)
+    assert bool((cos > 0.99).all()), cos
+    assert torch.equal(x, x_copy)
+    assert net.training
+    assert all(m.training for m in net.modules())
+
+
+def test_channels_last_equals_float32_and_leaves_inputs_and_model_alone() -> None:
+    net = conv_bn_net()
+    x = torch.rand(4, 3, 24, 24)
+    x_copy = x.clone()
+    attr = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    attr.fit(x, progress=False)
+    act, out = attr.features(x, return_output=True, channels_last=True)
+    ref_act, ref_out = attr.features(x, return_output=True)
+    torch.testing.assert_close(act, ref_act, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    assert act.is_contiguous()
+    torch.testing.assert_close(
+        attr.attribute(x, channels_last=True), attr.attribute(x), rtol=0, atol=1e-6
+    )
+    assert torch.equal(x, x_copy)
+    assert x.is_contiguous()  # not converted in place
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in net.parameters())  # model not converted
+    assert net.training
+
+
+def test_channels_last_model_of_the_caller_works() -> None:
+    net = conv_bn_net().to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 24, 24)
+    attr = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    attr.fit(x, progress=False, channels_last=True, autocast=torch.bfloat16)
+    assert attr.attribute(x, channels_last=True).shape == (2, 3, 22, 22)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "match"),
+    [
+        ({"autocast": "bf16"}, TypeError, "autocast must be a torch.dtype or None, got 'bf16'"),
+        ({"autocast": torch.int32}, ValueError, r"autocast=torch.int32 is not a reduced floating"),
+        ({"autocast": torch.float32}, ValueError, "pass autocast=torch.bfloat16"),
+        ({"channels_last": 1}, TypeError, "channels_last must be a bool, got 1"),
+    ],
+)
+def test_bad_device_options(kwargs: dict[str, object], err: type, match: str) -> None:
+    net = conv_bn_net()
+    attr = NMFConceptAttribution(net, net[4], n_concepts=3, random_state=0)
+    x = torch.rand(2, 3, 24, 24)
+    with pytest.raises(err, match=match):
+        attr.fit(x, progress=False, **kwargs)  # type: ignore[arg-type]
+    attr.fit(x, progress=False)
+    with pytest.raises(err, match=match):
+        attr.attribute(x, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(err, match=match):
+        attr.features(x, return_output=True, **kwargs)  # type: ignore[arg-type]
+    assert net.training
+
+
+def test_channels_last_needs_a_4d_input() -> None:
+    net = TokenNet()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
+    with pytest.raises(ValueError, match=r"channels_last=True needs 4-D N x C x H x W inputs"):
+        attr.features(torch.rand(2, 16, 3), channels_last=True)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
+from captum_nmf._core import distributed as dist_fit
 from captum_nmf._core.nmf import NMF, InitName
 from captum_nmf._utils import activations as acts
 from captum_nmf.exceptions import (
@@ -29,6 +30,8 @@ from captum_nmf.io import load_tensors, save_tensors
 __all__ = ["NMFConceptAttribution"]
 
 Inputs = Tensor | tuple[Tensor, ...]
+Engine = Literal["local", "ray"]
+_ENGINES = ("local", "ray")
 _FITTED_ATTRIBUTES = (
     "nmf_",
     "concepts_",
@@ -190,7 +193,13 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         )
 
     def _activations(
-        self, inputs: Inputs, additional_forward_args: Any, attribute_to_layer_input: bool
+        self,
+        inputs: Inputs,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        *,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> Tensor:
         act = acts.capture(
             self.forward_func,
@@ -201,6 +210,8 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             device_ids=self.device_ids,
             reshape_transform=self.reshape_transform,
             name=self._layer_name,
+            autocast=autocast,
+            channels_last=channels_last,
         )
         return acts.check_activations(act, negative=self.negative, name=self._layer_name)
 
@@ -241,6 +252,12 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         n_epochs: int = 1,
         batch_size: int = 32,
         progress: bool = True,
+        engine: Engine = "local",
+        workers: int | None = None,
+        address: str | None = None,
+        distributed: bool | None = None,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> NMFConceptAttribution:
         r"""Learn the K concept vectors from the layer's activations on ``inputs``.
 
@@ -251,7 +268,27 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         map-style ``torch.utils.data.Dataset`` (e.g.
         :class:`captum_nmf.wsi.SlideTiles`) is streamed through a
         ``DataLoader`` with ``batch_size`` and the dataset's ``collate_fn``
-        attribute when it has one.
+        attribute when it has one (with pinned memory when the model is on a
+        GPU). Batches are moved to the model's device.
+
+        **Distributed fitting.** Workers compute the sufficient statistics of
+        their batches for the current concepts, the statistics are summed and
+        one update is applied per step (synchronous data parallelism): with
+        W workers this is the stream whose chunks are the unions of W batches,
+        and it ends within about 1 % of the single-process objective.
+
+        * Under ``torchrun`` (a ``torch.distributed`` process group with more
+          than one rank is initialised) this happens automatically
+          (``distributed=None``): every rank calls ``fit`` with its own shard
+          (e.g. a ``DataLoader`` with a ``DistributedSampler``; a map-style
+          ``Dataset`` is split between ranks by striding, a tensor is one batch
+          per rank), the statistics are all-reduced each step, and every rank
+          ends with the same concepts. Pass ``distributed=False`` to fit each
+          rank on its own data only.
+        * ``engine="ray"`` deals the batches of ``inputs`` (a picklable
+          map-style ``Dataset``, or a list or tuple of batches) round-robin to
+          ``workers`` Ray actors, each holding a copy of the model (on a GPU
+          when the cluster has them).
 
         Args:
             inputs (Tensor or Iterable): an N x ... batch, or an iterable of
@@ -267,15 +304,41 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                         Default: False
             max_locations_per_batch (int, optional): keep at most this many
                         randomly chosen locations per batch (seeded by
-                        ``random_state``). None keeps all.
+                        ``random_state``; worker w > 0 of a distributed fit
+                        uses ``random_state + w * 1000003``). None keeps all.
                         Default: None
             n_epochs (int, optional): passes over a re-iterable ``inputs``.
                         Default: 1
             batch_size (int, optional): batch size used when ``inputs`` is a
                         map-style ``Dataset``; ignored otherwise.
                         Default: 32
-            progress (bool, optional): show a tqdm progress bar.
+            progress (bool, optional): show a tqdm progress bar (on rank 0
+                        under ``torch.distributed``).
                         Default: True
+            engine (str, optional): ``"local"`` (this process, or the ranks of
+                        ``torch.distributed``) or ``"ray"`` (Ray actors).
+                        Default: ``"local"``
+            workers (int, optional): number of Ray actors with
+                        ``engine="ray"``; None uses one per GPU of the cluster,
+                        or one per CPU without GPUs.
+                        Default: None
+            address (str, optional): Ray cluster to join with
+                        ``engine="ray"`` (``"HOST:PORT"``, ``"ray://..."`` or
+                        ``"auto"``); None runs Ray embedded on this machine.
+                        Default: None
+            distributed (bool, optional): all-reduce the statistics over the
+                        ``torch.distributed`` process group; None does it when
+                        one with more than one rank is initialised.
+                        Default: None
+            autocast (torch.dtype, optional): run the forward under
+                        ``torch.autocast`` with this dtype (e.g.
+                        ``torch.bfloat16``); activations are factorised in float32.
+                        Default: None
+            channels_last (bool, optional): give the model channels-last copies
+                        of 4-D batches (convert the model yourself with
+                        ``model.to(memory_format=torch.channels_last)`` for the
+                        full effect; it is never changed here).
+                        Default: False
 
         Returns:
             *NMFConceptAttribution*: ``self``, fitted.
@@ -283,12 +346,17 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         Raises:
             ValueError: no locations to fit (empty tensor or iterable), K
                         larger than the layer's channels, bad
-                        ``max_locations_per_batch``/``n_epochs``, or several
-                        epochs over a one-shot iterator.
+                        ``max_locations_per_batch``/``n_epochs``/``engine``/
+                        ``workers``/``autocast``, several epochs over a one-shot
+                        iterator, or ``distributed=True`` without a process group.
+            TypeError: a batch is neither a tensor nor a tuple starting with
+                        one, ``inputs`` is not a map-style ``Dataset``, list or
+                        tuple with ``engine="ray"``, or a bad option type.
+            ImportError: ``engine="ray"`` without Ray installed.
+            ConnectionError: nothing answers at ``address`` (before any work).
             NegativeActivationError: negative activations with ``negative="raise"``.
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
-            TypeError: a batch is neither a tensor nor a tuple starting with one.
         """
         if max_locations_per_batch is not None and (
             isinstance(max_locations_per_batch, bool)
@@ -301,65 +369,178 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             )
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
             raise ValueError(f"n_epochs must be an int >= 1, got {n_epochs!r}.")
+        use_dist = self._check_engine(engine, workers, address, distributed)
+        device = _model_device(self.forward_func, self.layer)
+        acts.check_device_options(
+            autocast, channels_last, device_type=device.type if device is not None else "cpu"
+        )
         for name in _FITTED_ATTRIBUTES:  # a fit that raises leaves the instance unfitted
             self.__dict__.pop(name, None)
-        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-            inputs = DataLoader(
-                inputs, batch_size=batch_size, collate_fn=getattr(inputs, "collate_fn", None)
-            )
-        in_memory = isinstance(inputs, Tensor)
-        if in_memory:  # one batch, factorised exactly in memory: more epochs add nothing
-            epochs: list[Iterable[Any]] = [[inputs]]
-        else:
-            if iter(inputs) is inputs and n_epochs > 1:
-                raise ValueError(
-                    f"n_epochs={n_epochs} needs a re-iterable input (a DataLoader or list), "
-                    "got a one-shot iterator; pass n_epochs=1 or a DataLoader."
-                )
-            epochs = [inputs] * n_epochs
+        rows_of = _BatchRows(
+            self,
+            additional_forward_args=additional_forward_args,
+            attribute_to_layer_input=attribute_to_layer_input,
+            max_locations=max_locations_per_batch,
+            autocast=autocast,
+            channels_last=channels_last,
+        )
+        seed = 0 if self.random_state is None else int(self.random_state)
         solver = self._new_solver()
-        gen = torch.Generator().manual_seed(0 if self.random_state is None else self.random_state)
-        n_rows, channels = 0, None
-        total = len(inputs) if isinstance(inputs, Sized) and not in_memory else None
-        for epoch, batches in enumerate(epochs):
-            bar = tqdm(
-                batches,
-                total=total,
-                disable=not progress,
-                desc=f"fit concepts (epoch {epoch + 1}/{len(epochs)})",
-                unit="batch",
+        if engine == "ray":
+            self._fit_ray(
+                solver, inputs, rows_of, batch_size, n_epochs, workers, address, seed, progress
             )
-            for batch in bar:
-                x = self._split_batch(batch)
-                if x.shape[0] == 0:
-                    continue
-                act = self._activations(x, additional_forward_args, attribute_to_layer_input)
-                channels = act.shape[1]
-                self._check_channels(channels, self.n_concepts)
-                rows = acts.maps_to_rows(act)
-                if max_locations_per_batch is not None and rows.shape[0] > max_locations_per_batch:
-                    keep = torch.randperm(rows.shape[0], generator=gen)[:max_locations_per_batch]
-                    rows = rows[keep.to(rows.device)]
+        elif use_dist:
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            if isinstance(inputs, Tensor):  # one batch per rank
+                epochs: list[Iterable[Any]] = [[inputs]]
+            else:
+                epochs = self._epochs(inputs, batch_size, n_epochs, device, shard=(rank, world))
+            gen = dist_fit.worker_generator(seed, rank)
+            shard = _nonempty_rows(epochs, rows_of, gen, progress=progress and rank == 0)
+            dist_fit.fit_torch_distributed(solver, shard, n_components=self.n_concepts)
+        else:
+            in_memory = isinstance(inputs, Tensor)
+            # One batch, factorised exactly in memory: more epochs add nothing.
+            epochs = [[inputs]] if in_memory else self._epochs(inputs, batch_size, n_epochs, device)
+            gen = dist_fit.worker_generator(seed, 0)
+            for rows in _nonempty_rows(epochs, rows_of, gen, progress=progress):
                 if in_memory:
                     solver.fit(rows)
                 else:
                     solver.partial_fit(rows)
-                n_rows += rows.shape[0]
-        if n_rows == 0 or channels is None:
+        if not hasattr(solver, "_h"):
             raise ValueError(
                 "Cannot fit NMFConceptAttribution on 0 samples (received an empty batch or "
                 "iterator); pass at least one non-empty batch."
             )
         self.nmf_ = solver
         self.concepts_: Tensor = solver._h.clone()
-        self.n_channels_in_ = int(channels)
+        self.n_channels_in_ = int(solver.n_features_in_)
         self.layer_name_ = self._layer_name
         self.attribute_to_layer_input_ = bool(attribute_to_layer_input)
         self.n_samples_seen_ = int(solver.n_samples_seen_)
         self.reconstruction_err_ = float(solver.reconstruction_err_)
         return self
+
+    @staticmethod
+    def _check_engine(
+        engine: str, workers: int | None, address: str | None, use: bool | None
+    ) -> bool:
+        """Validate the engine options; return whether to all-reduce over torch.distributed."""
+        if engine not in _ENGINES:
+            raise ValueError(
+                f"engine must be one of {_ENGINES}, got {engine!r}; pass engine='local' or "
+                "engine='ray'."
+            )
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
+            raise ValueError(f"workers must be an int >= 1 or None, got {workers!r}.")
+        if address is not None and not isinstance(address, str):
+            raise TypeError(
+                f"address must be a str or None, got {type(address).__name__}; pass e.g. "
+                "address='10.0.0.5:6379'."
+            )
+        if use is not None and not isinstance(use, bool):
+            raise TypeError(f"distributed must be a bool or None, got {use!r}.")
+        dist = torch.distributed
+        group = dist.is_available() and dist.is_initialized()
+        if engine == "ray":
+            if use:
+                raise ValueError(
+                    "distributed=True all-reduces over torch.distributed and engine='ray' uses "
+                    "Ray actors; choose one: engine='local' under torchrun, or engine='ray'."
+                )
+            return False
+        if workers is not None or address is not None:
+            name = "workers" if workers is not None else "address"
+            value = workers if workers is not None else address
+            raise ValueError(
+                f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
+                f"{name}=None (under torchrun the number of processes sets the workers)."
+            )
+        if use and not group:
+            raise ValueError(
+                "distributed=True needs an initialised torch.distributed process group; launch "
+                "with torchrun and call torch.distributed.init_process_group(), or pass "
+                "distributed=None."
+            )
+        if use is None:
+            return bool(group) and dist.get_world_size() > 1
+        return use
+
+    def _epochs(
+        self,
+        inputs: Iterable[Any] | Dataset[Any],
+        batch_size: int,
+        n_epochs: int,
+        device: torch.device | None,
+        *,
+        shard: tuple[int, int] | None = None,
+    ) -> list[Iterable[Any]]:
+        """The batches of each epoch (a map-style Dataset goes through a DataLoader)."""
+        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
+            _check_batch_size(batch_size)
+            n = len(inputs)  # type: ignore[arg-type]
+            sampler = None if shard is None else range(shard[0], n, shard[1])
+            inputs = DataLoader(
+                inputs,
+                batch_size=batch_size,
+                sampler=sampler,
+                collate_fn=getattr(inputs, "collate_fn", None),
+                pin_memory=device is not None and device.type == "cuda",
+            )
+        if iter(inputs) is inputs and n_epochs > 1:
+            raise ValueError(
+                f"n_epochs={n_epochs} needs a re-iterable input (a DataLoader or list), "
+                "got a one-shot iterator; pass n_epochs=1 or a DataLoader."
+            )
+        return [inputs] * n_epochs
+
+    def _fit_ray(
+        self,
+        solver: NMF,
+        inputs: Any,
+        rows_of: _BatchRows,
+        batch_size: int,
+        n_epochs: int,
+        workers: int | None,
+        address: str | None,
+        seed: int,
+        progress: bool,
+    ) -> None:
+        load: Callable[[Any], Any] | None
+        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
+            _check_batch_size(batch_size)
+            n = len(inputs)  # type: ignore[arg-type]
+            items: list[Any] = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+            load = _DatasetBatches(inputs, getattr(inputs, "collate_fn", None))
+        elif isinstance(inputs, (list, tuple)):
+            items, load = list(inputs), None
+        else:
+            raise TypeError(
+                f"engine='ray' needs a map-style torch.utils.data.Dataset or a list/tuple of "
+                f"batches as inputs, got {type(inputs).__name__}; pass the DataLoader's "
+                "dataset (picklable), list(tensor.split(batch_size)) for one tensor, or "
+                "engine='local'."
+            )
+        if not items:
+            raise ValueError(
+                "Cannot fit NMFConceptAttribution on 0 samples (received no batches); pass "
+                "at least one non-empty batch."
+            )
+        dist_fit.fit_ray(
+            solver,
+            rows_of,
+            items,
+            load=load,
+            n_epochs=n_epochs,
+            workers=workers,
+            address=address,
+            seed=seed,
+            progress=progress,
+        )
 
     # --------------------------------------------------------------- attribute
     def attribute(
@@ -367,6 +548,9 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         inputs: Inputs,
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
+        *,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> Tensor:
         r"""Concept intensities at every location of the layer.
 
@@ -379,6 +563,16 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             attribute_to_layer_input (bool, optional): must equal the value
                         used in ``fit``.
                         Default: False
+            autocast (torch.dtype, optional): run the forward under
+                        ``torch.autocast`` with this dtype (e.g.
+                        ``torch.bfloat16``, on the inputs' device type); the
+                        activations are solved in float32.
+                        Default: None
+            channels_last (bool, optional): give the model channels-last copies
+                        of 4-D inputs. The model is never converted; do it
+                        yourself (``model.to(memory_format=torch.channels_last)``)
+                        for the full speed-up.
+                        Default: False
 
         Returns:
             *Tensor* of **attributions**:
@@ -390,7 +584,9 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
 
         Raises:
             NotFittedError: before ``fit`` or ``load``.
-            ValueError: ``attribute_to_layer_input`` differs from ``fit``.
+            ValueError: ``attribute_to_layer_input`` differs from ``fit``, or
+                        ``autocast`` is not supported on the inputs' device.
+            TypeError: ``autocast`` is not a dtype or ``channels_last`` not a bool.
             ConceptModelMismatchError: the layer's channel count differs from
                         the concepts'.
             NegativeActivationError: negative activations with ``negative="raise"``.
@@ -404,7 +600,13 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                 f"with attribute_to_layer_input={self.attribute_to_layer_input_}; use the same "
                 "value."
             )
-        act = self._activations(inputs, additional_forward_args, attribute_to_layer_input)
+        act = self._activations(
+            inputs,
+            additional_forward_args,
+            attribute_to_layer_input,
+            autocast=autocast,
+            channels_last=channels_last,
+        )
         n, c, h, w = act.shape
         if c != self.n_channels_in_:
             raise ConceptModelMismatchError(
@@ -423,6 +625,8 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         additional_forward_args: Any = None,
         *,
         return_output: bool = False,
+        autocast: torch.dtype | None = None,
+        channels_last: bool = False,
     ) -> Tensor | tuple[Tensor, Any]:
         r"""The checked layer activations that :meth:`attribute` factorises.
 
@@ -438,6 +642,11 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             return_output (bool, optional): also return ``forward_func``'s
                         output for the same forward pass.
                         Default: False
+            autocast (torch.dtype, optional): as :meth:`attribute`; the
+                        activations and the output come back in float32.
+                        Default: None
+            channels_last (bool, optional): as :meth:`attribute`.
+                        Default: False
 
         Returns:
             *Tensor* or *tuple*: the N x C x h x w activations (on the model's
@@ -447,10 +656,18 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             NegativeActivationError: negative activations with ``negative="raise"``.
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
+            TypeError, ValueError: bad ``autocast`` or ``channels_last``, as
+                        :meth:`attribute`.
         """
         to_input = bool(getattr(self, "attribute_to_layer_input_", False))
         if not return_output:
-            return self._activations(inputs, additional_forward_args, to_input)
+            return self._activations(
+                inputs,
+                additional_forward_args,
+                to_input,
+                autocast=autocast,
+                channels_last=channels_last,
+            )
         act, output = acts.capture_with_output(
             self.forward_func,
             self.layer,
@@ -459,6 +676,8 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             attribute_to_layer_input=to_input,
             reshape_transform=self.reshape_transform,
             name=self._layer_name,
+            autocast=autocast,
+            channels_last=channels_last,
         )
         return acts.check_activations(act, negative=self.negative, name=self._layer_name), output
 
@@ -647,3 +866,102 @@ def _declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> i
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         return int(layer.num_features)
     return None
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+
+
+def _model_device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter or buffer (None when it has neither)."""
+    for root in acts.models_of(forward_func, layer):
+        for tensor in (*root.parameters(), *root.buffers()):
+            return tensor.device
+    return None
+
+
+class _BatchRows:
+    """The feature rows ``fit`` streams from one batch: forward, checks, subsampling.
+
+    Picklable (Ray actors get a copy of it, and so of the model).
+    """
+
+    def __init__(
+        self,
+        attr: NMFConceptAttribution,
+        *,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        max_locations: int | None,
+        autocast: torch.dtype | None,
+        channels_last: bool,
+    ) -> None:
+        self.attr = attr
+        self.additional_forward_args = additional_forward_args
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.max_locations = max_locations
+        self.autocast = autocast
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Any, generator: torch.Generator) -> Tensor | None:
+        attr = self.attr
+        x = attr._split_batch(batch)
+        if x.shape[0] == 0:
+            return None
+        device = _model_device(attr.forward_func, attr.layer)
+        if device is not None and x.device != device:
+            x = x.to(device, non_blocking=x.is_pinned())
+        act = attr._activations(
+            x,
+            self.additional_forward_args,
+            self.attribute_to_layer_input,
+            autocast=self.autocast,
+            channels_last=self.channels_last,
+        )
+        attr._check_channels(act.shape[1], attr.n_concepts)
+        rows = acts.maps_to_rows(act)
+        if self.max_locations is not None and rows.shape[0] > self.max_locations:
+            keep = torch.randperm(rows.shape[0], generator=generator)[: self.max_locations]
+            rows = rows[keep.to(rows.device)]
+        return rows
+
+    def to(self, device: torch.device) -> None:
+        """Move the model (when ``forward_func`` is a module or one's method) to ``device``."""
+        func = self.attr.forward_func
+        owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
+        if isinstance(owner, nn.Module):
+            owner.to(device)
+
+
+class _DatasetBatches:
+    """``(start, stop)`` -> the collated batch of those items of a map-style dataset."""
+
+    def __init__(
+        self, dataset: Dataset[Any], collate_fn: Callable[[list[Any]], Any] | None
+    ) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+
+    def __call__(self, item: tuple[int, int]) -> Any:
+        start, stop = item
+        return self.collate_fn([self.dataset[i] for i in range(start, stop)])
+
+
+def _nonempty_rows(
+    epochs: list[Iterable[Any]], rows_of: _BatchRows, generator: torch.Generator, *, progress: bool
+) -> Iterator[Tensor]:
+    """Rows of every non-empty batch of every epoch, with a progress bar per epoch."""
+    for epoch, batches in enumerate(epochs):
+        total = len(batches) if isinstance(batches, Sized) else None
+        bar = tqdm(
+            batches,
+            total=total,
+            disable=not progress,
+            desc=f"fit concepts (epoch {epoch + 1}/{len(epochs)})",
+            unit="batch",
+        )
+        for batch in bar:
+            rows = rows_of(batch, generator)
+            if rows is not None:
+                yield rows
