@@ -166,6 +166,18 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _forward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bf16", action="store_true", help="run the forward under bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input batches")
+
+
+def _forward_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "autocast": torch.bfloat16 if args.bf16 else None,
+        "channels_last": args.channels_last,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captum-nmf",
@@ -200,6 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-locations", type=int, default=4096, help="locations kept per batch")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    _forward_args(p)
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -236,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         "at ADDRESS (HOST:PORT, ray://HOST:PORT or auto)",
     )
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: per GPU/CPU)")
+    _forward_args(p)
 
     p = command("analyse", "The paper's analyses (structure, surrogate, CAMs) on slide tiles.")
     _model_args(p)
@@ -313,6 +327,7 @@ def _fit(args: argparse.Namespace) -> int:
         max_locations_per_batch=args.max_locations,
         n_epochs=args.epochs,
         progress=not args.no_progress,
+        **_forward_options(args),
     )
     path = attr.save(args.out)
     print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slides)} slide(s): {path}")
@@ -345,6 +360,7 @@ def _explain(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "on_tile_error": args.on_tile_error,
+        **_forward_options(args),
     }
     if not cohort:
         ex = explain_slide(

@@ -172,3 +172,22 @@ def test_unreadable_region_raises_or_becomes_nan(
 def test_region_sizes_must_be_whole_cells(islands: Path, attr: NMFConceptAttribution) -> None:
     with pytest.raises(ValueError, match=r"region_size=100 is not a multiple of the cell size 8"):
         _regions(attr, islands, region_size=100)
+
+
+def test_forward_options_in_explain_slide(
+    tmp_path: Path, islands: Path, attr: NMFConceptAttribution
+) -> None:
+    opts = {"tile_size": 64, "stride": 32, "progress": False}
+    base = explain_slide(attr, islands, **opts)  # type: ignore[arg-type]
+    last = explain_slide(attr, islands, channels_last=True, **opts)  # type: ignore[arg-type]
+    np.testing.assert_allclose(last.concept_maps, base.concept_maps, rtol=1e-5, atol=1e-6)
+    bf16 = explain_slide(attr, islands, autocast=torch.bfloat16, **opts)  # type: ignore[arg-type]
+    assert bf16.config["autocast"] == "torch.bfloat16"
+    assert bf16.concept_maps.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: weights within ~1 % of their scale
+    scale = float(np.abs(base.concept_maps).max())
+    assert float(np.abs(bf16.concept_maps - base.concept_maps).max()) < 0.03 * scale
+    assert (bf16.assignment == base.assignment).mean() > 0.95
+    with pytest.raises(TypeError, match="autocast"):
+        explain_slide(attr, islands, autocast="bf16", out_dir=tmp_path / "x", **opts)  # type: ignore[arg-type]
+    assert not (tmp_path / "x").exists()  # checked before any work

@@ -137,7 +137,7 @@ def ray_session(
                 "it runs the same Ray and Python versions, or pass no address to run embedded."
             ) from exc
     else:  # embedded workers import what this process imports (models defined in its modules)
-        dirs = (str(Path(p or os.getcwd()).absolute()) for p in sys.path)
+        dirs = (str(Path(p).absolute() if p else Path.cwd()) for p in sys.path)
         path = os.pathsep.join(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
         ray.init(
             num_cpus=num_cpus,

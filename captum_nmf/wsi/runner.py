@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.activations import models_of
+from captum_nmf._utils.activations import check_device_options, models_of
 from captum_nmf._version import __version__
 from captum_nmf.exceptions import (
     ConceptModelMismatchError,
@@ -142,6 +142,7 @@ class _Run:
         self.failed: list[int] = []
         self.chunk_rows: list[int] = []
         self.regions: NDArray[np.int64] | None = None  # region mode: n x 4 cell boxes
+        self.forward_options: dict[str, Any] = {}
 
     def setup_regions(self, cell: int, shape: tuple[int, int], regions: NDArray[np.int64]) -> None:
         """Region mode: the output arrays, known before the first forward."""
@@ -460,6 +461,8 @@ def explain_slide(
     resume: bool = False,
     overwrite: bool = False,
     chunk_tiles: int = 1024,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
     progress: bool = True,
 ) -> SlideExplanation:
     r"""Concept maps of a whole slide from overlapping tiles, as in the paper.
@@ -547,6 +550,16 @@ def explain_slide(
                     rows); each chunk boundary also writes the stitcher's pending
                     rows (up to a tile height of cells x slide width x C).
                     Default: 1024
+        autocast (torch.dtype, optional): run the forward under
+                    ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``;
+                    activations are stitched and solved in float32). Part of
+                    the run's configuration; see the README for its speed and
+                    agreement with float32.
+                    Default: None (float32)
+        channels_last (bool, optional): give the model channels-last batches
+                    (convert the model with ``model.to(memory_format=
+                    torch.channels_last)`` yourself for the full effect).
+                    Default: False
         progress (bool, optional): show a tqdm progress bar.
                     Default: True
 
@@ -580,6 +593,7 @@ def explain_slide(
         min_tissue, edge = 0.0, "pad"
     _int_arg("batch_size", batch_size, 1)
     _int_arg("num_workers", num_workers, 0)
+    check_device_options(autocast, channels_last, device_type=_model_device(attr).type)
     _int_arg("chunk_tiles", chunk_tiles, 1)
     if on_tile_error not in ("raise", "skip"):
         raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
@@ -649,6 +663,8 @@ def explain_slide(
         "chunk_tiles": chunk_tiles,
         "transform": _describe(transform),
         "on_tile_error": on_tile_error,
+        "autocast": None if autocast is None else str(autocast),
+        "channels_last": bool(channels_last),
     }
     if regions is not None:
         config["regions"] = regions.tolist()  # (row, col, height, width) in cells
@@ -692,6 +708,7 @@ def explain_slide(
             (work_dir / "chunks").mkdir(parents=True, exist_ok=True)
             _write_json(work_dir / MANIFEST_FILE, manifest)
     run = _Run(attr, grid, border, work_dir)
+    run.forward_options = {"autocast": autocast, "channels_last": channels_last}
     if regions is not None:
         run.setup_regions(cell, shape, regions)
     done = 0
@@ -820,7 +837,9 @@ def _process(
             ids = idx.numpy()
             if ids.size:
                 act, output = run.attr.features(
-                    images.to(device, non_blocking=True), return_output=True
+                    images.to(device, non_blocking=True),
+                    return_output=True,
+                    **run.forward_options,
                 )
             else:
                 act, output = torch.empty(0, 0, 0, 0), None
