@@ -319,3 +319,16 @@ def test_explain_ray_embedded_in_a_fresh_process(tmp_path: Path, slide: Path) ->
     assert "2 done, 0 skipped, 0 failed; engine='ray', workers=2" in done.stdout
     summary = json.loads((tmp_path / "r" / "cohort.json").read_text())
     assert {r["status"] for r in summary["records"]} == {"done"}
+
+
+def test_forward_options_on_the_command_line(
+    tmp_path: Path, slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    concepts = tmp_path / "c.safetensors"
+    fit = ["fit", *MODEL, *TILING, "--min-tissue", "0", "--k", "2", "--out", str(concepts)]
+    assert _run([*fit, "--channels-last", str(slide)], capsys)[0] == 0
+    explain = ["explain", *MODEL, *TILING, "--min-tissue", "0", "--concepts", str(concepts)]
+    code, _, err = _run([*explain, "--bf16", "--out", str(tmp_path / "r"), str(slide)], capsys)
+    assert code == 0, err
+    ex = SlideExplanation.load(tmp_path / "r")
+    assert (ex.config["autocast"], ex.config["channels_last"]) == ("torch.bfloat16", False)
