@@ -566,7 +566,12 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             autocast (torch.dtype, optional): run the forward under
                         ``torch.autocast`` with this dtype (e.g.
                         ``torch.bfloat16``, on the inputs' device type); the
-                        activations are solved in float32.
+                        activations are solved in float32. Meant for GPUs and
+                        worth checking against float32: on EfficientNet-Lite0's
+                        last layer (8 H&E tiles, CPU) bfloat16 activations
+                        differed from float32 by 9 % (relative Frobenius norm;
+                        0.5 % on a two-convolution net), and the forward was
+                        7x slower on a CPU without bfloat16 instructions.
                         Default: None
             channels_last (bool, optional): give the model channels-last copies
                         of 4-D inputs. The model is never converted; do it
