@@ -13,8 +13,9 @@ Parts (``--parts`` picks some; ``--small`` shrinks every part for a quick check)
   px plus 64 px of context, one per forward), on the slide written as a 2 x 2 mosaic (4440 x
   5934 px). Agreement on tissue cells both cover: share with the same argmax concept and
   the mean over concepts of the Pearson correlation of intensities. Target >= 2.5x.
-* ``device``: tile mode in float32 against ``channels_last`` inputs and bfloat16 autocast
-  (CPU here; the same call on a GPU runs there): speed and agreement with float32.
+* ``device``: tile mode on the slide itself (2220 x 2967 px) in float32 against
+  ``channels_last`` inputs and bfloat16 autocast (CPU here; the same call runs on a GPU when
+  the model is there): speed and agreement with float32.
 * ``cohort``: ``explain_cohort`` on 4 slides (the slide and its mirror images, tile mode)
   with the local engine and with Ray using 1 and 2 actors (each actor gets an equal share of
   the CPUs as torch threads): slides/min and tiles/s, and the largest difference of the maps
@@ -305,7 +306,7 @@ def main() -> None:
         part_regions(attr, big)
     if "device" in args.parts:
         print("\n## forward options (tile mode)")
-        part_device(attr, big)
+        part_device(attr, cohort[0])
     if "cohort" in args.parts:
         print("\n## cohort engines")
         part_cohort(attr, cohort)

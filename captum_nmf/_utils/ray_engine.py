@@ -119,6 +119,8 @@ def ray_session(
         ConnectionError: the cluster at ``address`` cannot be reached.
     """
     ray = import_ray(feature)
+    if address is not None:  # fail fast, also when a session is already running
+        check_address(address)
     if ray.is_initialized():  # the caller's session: use it, leave it running
         yield ray
         return
@@ -128,7 +130,6 @@ def ray_session(
         "configure_logging": False,
     }
     if address is not None:
-        check_address(address)
         try:
             ray.init(address=address, **options)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
