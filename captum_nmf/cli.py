@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     _tile_args(p)
-    p.add_argument("slide", nargs="+")
+    p.add_argument("slide", nargs="*", help="one or more slides")
     p.add_argument("--concepts", required=True, help="a .safetensors file from 'fit'")
     p.add_argument("--border", type=int, default=2)
     p.add_argument(
@@ -234,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
         help="'tile': the paper's overlapping tiles (default); 'region': the fast fully "
         "convolutional mode on large regions",
     )
+    p.add_argument("--region-size", type=int, default=1024, help="region mode: root side (px)")
+    p.add_argument("--region-margin", type=int, default=64, help="region mode: context (px)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--on-tile-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--out", required=True, help="output directory")
@@ -246,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ADDRESS",
         help="run the slides on Ray actors: embedded on this machine, or on the cluster "
-        "at ADDRESS (HOST:PORT, ray://HOST:PORT or auto)",
+        "at ADDRESS (HOST:PORT, ray://HOST:PORT or auto; a value that is not one of these "
+        "is taken as a slide)",
     )
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: per GPU/CPU)")
     _forward_args(p)
@@ -334,9 +337,18 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _looks_like_address(value: str) -> bool:
+    return value == "auto" or (":" in value and not Path(value).exists())
+
+
 def _explain(args: argparse.Namespace) -> int:
     from captum_nmf.wsi import explain_cohort, explain_slide
 
+    if args.ray and not _looks_like_address(args.ray):  # '--ray a.svs b.svs': a slide
+        args.slide.insert(0, args.ray)
+        args.ray = ""
+    if not args.slide:
+        raise CLIError("explain needs at least one slide.")
     cohort = len(args.slide) > 1 or args.ray is not None
     if cohort and (args.resume or args.overwrite):
         raise CLIError(
@@ -355,6 +367,8 @@ def _explain(args: argparse.Namespace) -> int:
         "mpp": args.mpp,
         "border": args.border,
         "mode": args.mode,
+        "region_size": args.region_size,
+        "region_margin": args.region_margin,
         "min_tissue": args.min_tissue,
         "transform": transform,
         "batch_size": args.batch_size,

@@ -245,6 +245,53 @@ def write_overlay_tiff(
     )
 
 
+_REGION_WINDOW_PX = 512
+
+
+def _candidate_tiles(
+    explanation: Any, maps: NDArray[np.float64], tissue: NDArray[np.bool_]
+) -> tuple[NDArray[np.int64], NDArray[np.float64], float]:
+    """Level-0 corners, per-concept mean weights (n x K) and level-0 side of candidate tiles.
+
+    Tile mode: the run's own tiles. Region mode (regions of different sizes): windows
+    of 512 output px every 256 px whose cells are at least half tissue.
+    """
+    k = explanation.n_concepts
+    if explanation.config.get("mode") != "region":
+        locations = np.asarray(explanation.tile_locations)
+        scores = (
+            np.stack(
+                [explanation.tile_window(t).reshape(k, -1).mean(1) for t in range(len(locations))]
+            )
+            if len(locations)
+            else np.zeros((0, k))
+        )
+        return locations, scores, explanation.tile_cells * explanation.cell_size
+    t = max(1, round(_REGION_WINDOW_PX / max(int(explanation.config.get("cell_px", 1)), 1)))
+    step = max(1, t // 2)
+    hc, wc = explanation.grid_shape
+    rows = np.arange(0, max(hc - t, 0) + 1, step)
+    cols = np.arange(0, max(wc - t, 0) + 1, step)
+    integral = np.zeros((k + 1, hc + 1, wc + 1))
+    integral[:k, 1:, 1:] = maps.cumsum(1).cumsum(2)
+    integral[k, 1:, 1:] = tissue.cumsum(0).cumsum(1)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    r, c = rr.ravel(), cc.ravel()
+    r1, c1 = np.minimum(r + t, hc), np.minimum(c + t, wc)
+    sums = integral[:, r1, c1] - integral[:, r, c1] - integral[:, r1, c] + integral[:, r, c]
+    area = (r1 - r) * (c1 - c)
+    keep = sums[k] >= 0.5 * area
+    ox, oy = explanation.origin
+    locations = (
+        np.stack(
+            [ox + c[keep] * explanation.cell_size, oy + r[keep] * explanation.cell_size], axis=1
+        )
+        .round()
+        .astype(np.int64)
+    )
+    return locations, (sums[:k, keep] / area[keep]).T, t * explanation.cell_size
+
+
 def slide_summary(
     explanation: Any,
     out_dir: str | os.PathLike[str] | None = None,
@@ -258,7 +305,8 @@ def slide_summary(
     Area share: the share of tissue cells whose argmax is the concept. Mean
     intensity: the concept's mean weight over tissue cells. Top tiles: the
     kept tiles whose window of the concept map has the highest mean weight,
-    skipping tiles that overlap a better-ranked one by more than half a tile.
+    skipping tiles that overlap a better-ranked one by more than half a tile
+    (region mode: windows of 512 output px every 256 px, at least half tissue).
     With ``out_dir``, writes ``summary.json``, ``summary.csv`` (one row per
     concept), ``top_tiles.csv`` and PNG crops of each whole tile (resized to
     ``crop_size`` px) under ``prototypes/concept_<k>/``.
@@ -288,15 +336,7 @@ def slide_summary(
     tissue = np.asarray(explanation.tissue_mask)
     n_tissue = int(tissue.sum())
     maps = np.nan_to_num(np.asarray(explanation.concept_maps, np.float64))
-    locations = np.asarray(explanation.tile_locations)
-    scores = (
-        np.stack(
-            [explanation.tile_window(t).reshape(k, -1).mean(axis=1) for t in range(len(locations))]
-        )
-        if len(locations)
-        else np.zeros((0, k))
-    )
-    side = explanation.tile_cells * explanation.cell_size  # a tile in level-0 pixels
+    locations, scores, side = _candidate_tiles(explanation, maps, tissue)
     summary: dict[str, Any] = {
         "slide": explanation.slide_path,
         "tissue_cells": n_tissue,

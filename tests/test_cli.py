@@ -311,7 +311,7 @@ def test_explain_ray_embedded_in_a_fresh_process(tmp_path: Path, slide: Path) ->
     assert done.returncode == 0, done.stderr
     second = write_pyramid(he_image("hgsc_stromal_he.jpg")[:192, :256], tmp_path / "t.svs")
     explain = ["explain", *MODEL, *TILING, "--min-tissue", "0", "--concepts", str(concepts)]
-    argv = [*base, *explain, "--out", str(tmp_path / "r"), "--ray", "--workers", "2"]
+    argv = [*base, *explain, "--out", str(tmp_path / "r"), "--workers", "2", "--ray"]  # then slides
     done = subprocess.run(
         [*argv, str(slide), str(second)], cwd=root, capture_output=True, text=True, timeout=300
     )

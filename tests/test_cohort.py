@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.exceptions import NotFittedError
@@ -60,6 +61,20 @@ def reference(attr: NMFConceptAttribution, slides: list[Path]) -> dict[str, Slid
     """Each slide explained on its own by explain_slide, in memory."""
     opts = {k: v for k, v in OPTIONS.items() if k != "chunk_tiles"}
     return {s.stem: explain_slide(attr, s, progress=False, **opts) for s in slides}  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference_one_thread(
+    attr: NMFConceptAttribution, slides: list[Path]
+) -> dict[str, SlideExplanation]:
+    """As ``reference``, with one torch thread: what each Ray actor uses on 2 CPUs."""
+    opts = {k: v for k, v in OPTIONS.items() if k != "chunk_tiles"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {s.stem: explain_slide(attr, s, progress=False, **opts) for s in slides}  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _maps(out: Path, name: str) -> SlideExplanation:
@@ -136,7 +151,7 @@ def test_bad_arguments(tmp_path: Path, attr: NMFConceptAttribution, slides: list
     net = PoolNet()
     with pytest.raises(NotFittedError, match="explain_cohort"):
         explain_cohort(NMFConceptAttribution(net, net.relu, 2), slides, tmp_path)
-    with pytest.raises(ValueError, match="engine must be 'local' or 'ray', got 'spark'"):
+    with pytest.raises(ValueError, match="engine must be one of .*got 'spark'"):
         explain_cohort(attr, slides, tmp_path, engine="spark")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="paths is empty"):
         explain_cohort(attr, [], tmp_path)
@@ -146,8 +161,18 @@ def test_bad_arguments(tmp_path: Path, attr: NMFConceptAttribution, slides: list
         explain_cohort(attr, slides, tmp_path, resume=True)
     with pytest.raises(ValueError, match=r"\['tile_sise'\] are not arguments of explain_slide"):
         explain_cohort(attr, slides, tmp_path, tile_sise=64)
-    with pytest.raises(ValueError, match="workers=2 needs engine='ray'"):
+    with pytest.raises(ValueError, match="workers=2 applies to engine='ray' only"):
         explain_cohort(attr, slides, tmp_path, workers=2)
+    with pytest.raises(ValueError, match="address='h:1' applies to engine='ray' only"):
+        explain_cohort(attr, slides, tmp_path, address="h:1")
+    with pytest.raises(TypeError, match="address must be a str"):
+        explain_cohort(attr, slides, tmp_path, engine="ray", address=6379)  # type: ignore[arg-type]
+    # per-slide options are checked before any slide (or Ray) starts
+    with pytest.raises(ValueError, match="mode must be 'tile' or 'region', got 'fast'"):
+        explain_cohort(attr, slides, tmp_path / "never", engine="ray", mode="fast")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        explain_cohort(attr, slides, tmp_path / "never", batch_size=0)
+    assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="retries must be an int >= 0"):
         explain_cohort(attr, slides, tmp_path, retries=-1)
     (tmp_path / "file").write_text("x")
@@ -185,6 +210,7 @@ def test_ray_two_workers_equal_the_local_engine(
     attr: NMFConceptAttribution,
     slides: list[Path],
     reference: dict,
+    reference_one_thread: dict,
 ) -> None:
     result = explain_cohort(
         attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
@@ -195,7 +221,10 @@ def test_ray_two_workers_equal_the_local_engine(
     assert len({r.worker for r in result.records}) == 2
     assert all(r.worker.startswith("ray:") for r in result.records)
     for s in slides:
-        _same(_maps(tmp_path, s.stem), reference[s.stem])
+        ex = _maps(tmp_path, s.stem)
+        _same(ex, reference[s.stem])
+        for name in ("concept_maps", "assignment", "counts", "tile_outputs"):  # same threads
+            assert np.array_equal(getattr(ex, name), getattr(reference_one_thread[s.stem], name))
     again = explain_cohort(
         attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
     )
@@ -227,10 +256,13 @@ def test_ray_worker_death_is_retried_once_then_reported(
     assert sorted(r.attempts for r in result.records) == [1, 1, 2]
     for s in slides:
         _same(_maps(tmp_path / "once", s.stem), reference[s.stem])
-    # a slide that kills every worker reading it fails after one retry; the others complete
+    # a slide that kills every worker reading it fails after one retry, a corrupt slide fails
+    # at once (its own error, not retried); the others complete
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide")
     result = explain_cohort(
         attr,
-        [slides[0], red_slide, slides[1]],
+        [slides[0], red_slide, broken, slides[1]],
         tmp_path / "always",
         engine="ray",
         workers=2,
@@ -238,8 +270,12 @@ def test_ray_worker_death_is_retried_once_then_reported(
         transform=DieOnRed(),
         **OPTIONS,
     )
-    assert [r.status for r in result.records] == ["done", "failed", "done"]
-    assert result.failed[0].attempts == 2
-    assert "worker died 2 time(s)" in (result.failed[0].error or "")
+    assert [r.status for r in result.records] == ["done", "failed", "failed", "done"]
+    red, corrupt = result.failed
+    assert red.attempts == 2
+    assert "worker died 2 time(s)" in (red.error or "")
+    assert corrupt.attempts == 1
+    assert (corrupt.error or "").startswith("UnsupportedSlideError")
+    assert corrupt.worker.startswith("ray:")
     summary = json.loads((tmp_path / "always" / COHORT_FILE).read_text())
-    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 2}

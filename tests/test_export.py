@@ -155,3 +155,18 @@ def test_slide_summary(tmp_path: Path, slide_path: Path) -> None:
     assert len(csv_text) == 3
     with pytest.raises(ValueError, match="top_n must be >= 1"):
         slide_summary(ex, top_n=0)
+
+
+def test_slide_summary_of_a_region_mode_explanation(tmp_path: Path, slide_path: Path) -> None:
+    ex = _hand_made(slide_path)
+    # region mode has no tiles of one size: candidates are 512 output px windows every 256 px,
+    # here 2 x 2 cells (cell_px 256) every cell, at least half tissue
+    ex.config = {**ex.config, "mode": "region", "cell_px": 256}
+    with pytest.raises(ValueError, match="mode='region'"):
+        ex.tile_window(0)
+    summary = slide_summary(ex, tmp_path / "region", top_n=2, crop_size=16)
+    best = summary["concepts"][1]["top_tiles"]
+    assert (best[0]["x"], best[0]["y"]) == (16, 16)  # cells (1, 1)-(2, 2): 3 of 4 are concept 1
+    assert best[0]["mean_weight"] == pytest.approx(0.75)
+    assert (best[1]["x"], best[1]["y"]) == (32, 16)  # the next one overlapping it by half at most
+    assert Image.open(tmp_path / "region" / best[0]["crop"]).size == (16, 16)

@@ -22,6 +22,7 @@ Two transports:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -241,6 +242,7 @@ def fit_ray(
         ImportError: Ray is not installed.
         ConnectionError: nothing answers at ``address`` (checked before any work).
         ValueError: ``workers`` is not an int >= 1, or no batch had rows.
+        RuntimeError: a worker died during the fit.
     """
     feature = "NMFConceptAttribution.fit(engine='ray')"
     import_ray(feature)
@@ -249,7 +251,7 @@ def fit_ray(
     params = solver.get_params()
     k = int(params["n_components"])
     with ray_session(address, feature=feature) as ray:
-        n, options = actor_options(ray, workers)
+        n, options = actor_options(ray, workers, cap=max(len(items), 1))
         actor_class = ray.remote(_StatisticsWorker)
         rows_ref, load_ref = ray.put(rows), ray.put(load)
         actors = [
@@ -258,6 +260,7 @@ def fit_ray(
             )
             for j in range(n)
         ]
+        bar = tqdm(total=0, disable=True)
         try:
             started = False
             n_steps = -(-len(items) // n)
@@ -299,9 +302,16 @@ def fit_ray(
                             solver.update(sum(parts[1:], parts[0]))
                     bar.update(len(items[step * n : (step + 1) * n]))
                 bar.close()
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(
+                f"A Ray worker of the fit died ({exc.__class__.__name__}); the fit is not "
+                "resumable, run it again (e.g. with fewer workers or less memory per batch)."
+            ) from exc
         finally:
+            bar.close()
             for actor in actors:
-                ray.kill(actor)
+                with contextlib.suppress(Exception):  # already dead
+                    ray.kill(actor)
     if not started:
         raise ValueError(
             "Cannot fit NMFConceptAttribution on 0 samples (every batch was empty); pass at "

@@ -700,7 +700,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         return self._statistics(v)
 
     def _statistics(self, v: Tensor) -> NMFStatistics:
-        w = self._solve_w(v, self._h.to(v.dtype)).to(v.dtype)
+        w = self._solve_w(v, self._h.to(device=v.device, dtype=v.dtype)).to(v.dtype)
         return NMFStatistics(
             wtw=(w.T @ w).double(),
             wtv=(w.T @ v).double(),

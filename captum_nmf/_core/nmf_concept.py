@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from captum_nmf._core import distributed as dist_fit
 from captum_nmf._core.nmf import NMF, InitName
 from captum_nmf._utils import activations as acts
+from captum_nmf._utils.ray_engine import check_engine
 from captum_nmf.exceptions import (
     ConceptModelFormatError,
     ConceptModelMismatchError,
@@ -31,7 +32,6 @@ __all__ = ["NMFConceptAttribution"]
 
 Inputs = Tensor | tuple[Tensor, ...]
 Engine = Literal["local", "ray"]
-_ENGINES = ("local", "ray")
 _FITTED_ATTRIBUTES = (
     "nmf_",
     "concepts_",
@@ -428,20 +428,14 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         engine: str, workers: int | None, address: str | None, use: bool | None
     ) -> bool:
         """Validate the engine options; return whether to all-reduce over torch.distributed."""
-        if engine not in _ENGINES:
+        if engine == "local" and (workers is not None or address is not None):
+            name = "workers" if workers is not None else "address"
+            value = workers if workers is not None else address
             raise ValueError(
-                f"engine must be one of {_ENGINES}, got {engine!r}; pass engine='local' or "
-                "engine='ray'."
+                f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
+                f"{name}=None (under torchrun the number of processes sets the workers)."
             )
-        if workers is not None and (
-            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-        ):
-            raise ValueError(f"workers must be an int >= 1 or None, got {workers!r}.")
-        if address is not None and not isinstance(address, str):
-            raise TypeError(
-                f"address must be a str or None, got {type(address).__name__}; pass e.g. "
-                "address='10.0.0.5:6379'."
-            )
+        check_engine(engine, workers, address)
         if use is not None and not isinstance(use, bool):
             raise TypeError(f"distributed must be a bool or None, got {use!r}.")
         dist = torch.distributed
@@ -453,13 +447,6 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                     "Ray actors; choose one: engine='local' under torchrun, or engine='ray'."
                 )
             return False
-        if workers is not None or address is not None:
-            name = "workers" if workers is not None else "address"
-            value = workers if workers is not None else address
-            raise ValueError(
-                f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
-                f"{name}=None (under torchrun the number of processes sets the workers)."
-            )
         if use and not group:
             raise ValueError(
                 "distributed=True needs an initialised torch.distributed process group; launch "
@@ -933,9 +920,8 @@ class _BatchRows:
 
     def to(self, device: torch.device) -> None:
         """Move the model (when ``forward_func`` is a module or one's method) to ``device``."""
-        func = self.attr.forward_func
-        owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
-        if isinstance(owner, nn.Module):
+        owner = acts.module_of(self.attr.forward_func)
+        if owner is not None:
             owner.to(device)
 
 

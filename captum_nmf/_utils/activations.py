@@ -40,6 +40,7 @@ __all__ = [
     "layer_name",
     "maps_to_rows",
     "models_of",
+    "module_of",
     "rows_to_maps",
 ]
 
@@ -59,6 +60,14 @@ def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Mod
     if not roots:
         roots.append(layer)
     return roots
+
+
+def module_of(forward_func: Callable[..., Any]) -> nn.Module | None:
+    """The module ``forward_func`` is, or is a bound method of (None for a plain function)."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None:

@@ -26,10 +26,20 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["RAY_EXTRA", "actor_options", "check_address", "import_ray", "ray_session"]
+__all__ = [
+    "ENGINES",
+    "RAY_EXTRA",
+    "actor_options",
+    "check_address",
+    "check_engine",
+    "import_ray",
+    "ray_session",
+]
 
 RAY_EXTRA = "pip install 'captum-nmf[ray]'"
 _DEFAULT_PORT = 6379  # Ray's GCS port
+_CLIENT_PORT = 10001  # Ray client (ray://) port
+ENGINES = ("local", "ray")
 _PROBE_TIMEOUT = 5.0
 
 
@@ -55,9 +65,40 @@ def import_ray(feature: str) -> ModuleType:
     return ray
 
 
+def check_engine(engine: str, workers: int | None, address: str | None) -> None:
+    """Validate ``engine``, ``workers`` and ``address`` (shared by the Ray entry points).
+
+    Raises:
+        ValueError: an unknown ``engine``, ``workers`` not an int >= 1, or
+                    ``workers``/``address`` with ``engine="local"``.
+        TypeError: ``address`` is not a str.
+    """
+    if engine not in ENGINES:
+        raise ValueError(
+            f"engine must be one of {ENGINES}, got {engine!r}; pass engine='local' or engine='ray'."
+        )
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ValueError(f"workers must be an int >= 1 or None, got {workers!r}.")
+    if address is not None and not isinstance(address, str):
+        raise TypeError(
+            f"address must be a str or None, got {type(address).__name__}; pass e.g. "
+            "address='10.0.0.5:6379'."
+        )
+    if engine == "local" and (workers is not None or address is not None):
+        name = "workers" if workers is not None else "address"
+        value = workers if workers is not None else address
+        raise ValueError(
+            f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
+            f"{name}=None."
+        )
+
+
 def _host_port(address: str) -> tuple[str, int]:
     text = address if "://" in address else f"ray://{address}"
     parts = urlsplit(text)
+    default = _CLIENT_PORT if address.startswith("ray://") else _DEFAULT_PORT
     if not parts.hostname:
         raise ValueError(
             f"address={address!r} is not a Ray address; pass 'HOST:PORT' (e.g. "
@@ -67,7 +108,7 @@ def _host_port(address: str) -> tuple[str, int]:
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"address={address!r} has an invalid port ({exc}).") from exc
-    return parts.hostname, _DEFAULT_PORT if port is None else port
+    return parts.hostname, default if port is None else port
 
 
 def check_address(address: str, timeout: float = _PROBE_TIMEOUT) -> None:
@@ -101,6 +142,10 @@ def ray_session(
     address: str | None, *, num_cpus: int | None = None, feature: str = "engine='ray'"
 ) -> Iterator[ModuleType]:
     """Ray, connected for the ``with`` block.
+
+    A Ray this process already initialised is used as it is (and left
+    running); ``address`` is then only probed, so connect that session to
+    the cluster you want.
 
     Args:
         address (str, optional): cluster to join; None starts Ray embedded on
@@ -152,13 +197,17 @@ def ray_session(
         ray.shutdown()
 
 
-def actor_options(ray: ModuleType, n_workers: int | None) -> tuple[int, dict[str, Any]]:
+def actor_options(
+    ray: ModuleType, n_workers: int | None, cap: int | None = None
+) -> tuple[int, dict[str, Any]]:
     """How many actors to start and the resources each asks for.
 
-    With GPUs in the cluster: one actor per GPU (or ``n_workers``), each
-    holding one GPU. Without: ``n_workers`` actors (default: one per CPU of
-    the cluster), each holding an equal share of the CPUs (``num_cpus``;
-    actors set torch's thread count to it).
+    With GPUs in the cluster: one actor per GPU (or ``n_workers``; more
+    actors than GPUs share them, ``num_gpus`` a fraction), each also holding
+    an equal share of the CPUs. Without GPUs: ``n_workers`` actors (default:
+    one per CPU of the cluster), each holding an equal share of the CPUs
+    (``num_cpus``; actors set torch's thread count to it). At most ``cap``
+    actors (e.g. the number of slides).
 
     Returns:
         *tuple*: ``(n_actors, options)`` for ``ActorClass.options(**options)``.
@@ -173,8 +222,9 @@ def actor_options(ray: ModuleType, n_workers: int | None) -> tuple[int, dict[str
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(int(resources.get("CPU", 1)), 1)
+    n = (gpus or cpus) if n_workers is None else n_workers
+    n = max(1, min(n, cap)) if cap is not None else n
+    options: dict[str, Any] = {"num_cpus": cpus // n if n <= cpus else cpus / n}
     if gpus:
-        n = gpus if n_workers is None else n_workers
-        return n, {"num_gpus": 1, "num_cpus": max(cpus // max(n, 1), 1)}
-    n = cpus if n_workers is None else n_workers
-    return n, {"num_cpus": cpus // n if n <= cpus else cpus / n}
+        options["num_gpus"] = 1 if n <= gpus else gpus / n
+    return n, options

@@ -36,11 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.activations import models_of
-from captum_nmf._utils.ray_engine import actor_options, ray_session
-from captum_nmf.exceptions import NotFittedError
+from captum_nmf._utils.activations import module_of
+from captum_nmf._utils.ray_engine import actor_options, check_engine, ray_session
+from captum_nmf.exceptions import NotFittedError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE
-from captum_nmf.wsi.runner import MANIFEST_FILE, explain_slide
+from captum_nmf.wsi.runner import MANIFEST_FILE, check_run_options, explain_slide
 
 __all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
 
@@ -65,7 +65,7 @@ class SlideRecord:
         n_tiles (int): tiles of its grid (0 when failed).
         n_failed_tiles (int): tiles that could not be read (``on_tile_error="skip"``).
         seconds (float): wall time of its last attempt.
-        worker (str): ``"local"`` or the Ray actor's process id.
+        worker (str): ``"local"``, or ``"ray:<pid>"`` of the Ray actor that ran it.
     """
 
     slide: str
@@ -89,6 +89,7 @@ class CohortResult:
         workers (int): actors used (1 for the local engine).
         seconds (float): wall time of the whole run.
         out_dir (str): the cohort directory.
+        config (dict): the engine and the per-slide options (as text).
     """
 
     records: list[SlideRecord]
@@ -208,7 +209,12 @@ def _explain_one(
 
 def _failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    message = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    if isinstance(exc, RunStateError):
+        message += (
+            " In a cohort: use a new out_dir, or delete this slide's directory to explain it again."
+        )
+    return message
 
 
 class _SlideWorker:
@@ -216,9 +222,9 @@ class _SlideWorker:
 
     def __init__(self, attr: NMFConceptAttribution, threads: int, gpu: bool) -> None:
         torch.set_num_threads(max(threads, 1))
-        if gpu and torch.cuda.is_available():  # this process's own copy: moving it is safe
-            for root in models_of(attr.forward_func, attr.layer):
-                root.to("cuda")
+        model = module_of(attr.forward_func)
+        if gpu and torch.cuda.is_available() and model is not None:
+            model.to("cuda")  # this process's own copy: moving it is safe
         self.attr = attr
 
     def explain(self, slide: str, run_dir: str, options: dict[str, Any]) -> SlideRecord:
@@ -264,11 +270,14 @@ def explain_cohort(
                     Default: None (one per GPU, else one per CPU)
         address (str, optional): Ray cluster to join (``HOST:PORT``,
                     ``ray://HOST:PORT`` or ``"auto"``); None starts Ray embedded
-                    on this machine (or uses the Ray this process already
-                    initialised). Checked before any slide is opened.
+                    on this machine. A Ray this process already initialised is
+                    used as it is (the address is then only probed). Checked
+                    before any slide is opened.
                     Default: None
         retries (int, optional): how often a slide whose Ray actor died is
-                    run again (on a fresh actor, resuming its finished chunks).
+                    run again (on a fresh actor, resuming its finished chunks);
+                    no effect with ``engine="local"`` (this process would be
+                    the one that died).
                     Default: 1
         progress (bool, optional): show a progress bar over slides.
                     Default: True
@@ -284,9 +293,13 @@ def explain_cohort(
     Raises:
         NotFittedError: ``attr`` is not fitted.
         ValueError: no slides, repeated slides, a bad ``engine``, ``workers``
-                    or ``retries``, ``slide_options`` that are not
-                    ``explain_slide`` arguments (or are set by the cohort), or
-                    an unparsable ``address``.
+                    or ``retries``, ``workers``/``address`` with the local
+                    engine, ``slide_options`` that are not ``explain_slide``
+                    arguments (or are set by the cohort) or have bad values
+                    (checked before any work), or an unparsable ``address``.
+        TypeError: a non-str ``address`` or a mistyped slide option.
+        RuntimeError: the Ray actors could not be started (e.g. the model
+                    does not unpickle there).
         NotADirectoryError: ``out_dir`` is a file.
         ImportError: ``engine="ray"`` without Ray installed (names the extra).
         ConnectionError: the Ray cluster at ``address`` cannot be reached
@@ -297,11 +310,10 @@ def explain_cohort(
             "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
             "'NMFConceptAttribution.load' before 'explain_cohort'."
         )
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}.")
+    check_engine(engine, workers, address)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
-    _check_options(slide_options)
+    _check_options(attr, slide_options)
     slides = [Path(p).expanduser().absolute() for p in paths]
     if not slides:
         raise ValueError("paths is empty; pass at least one slide.")
@@ -318,11 +330,6 @@ def explain_cohort(
     }
     start = time.perf_counter()
     if engine == "local":
-        if workers not in (None, 1):
-            raise ValueError(
-                f"workers={workers!r} needs engine='ray'; the local engine runs slides one "
-                "after another in this process."
-            )
         root.mkdir(parents=True, exist_ok=True)
         result = CohortResult([], "local", 1, 0.0, str(root), config)
         records = _run_local(attr, slides, dirs, slide_options, progress, result, start)
@@ -337,20 +344,25 @@ def explain_cohort(
     return result
 
 
-def _check_options(options: dict[str, Any]) -> None:
+def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None:
     reserved = sorted(set(options) & set(_RESERVED))
     if reserved:
         raise ValueError(
             f"explain_cohort sets {reserved} itself (each slide resumes in its own directory "
             "under out_dir); remove them."
         )
-    known = set(inspect.signature(explain_slide).parameters) - {"attr", "path"}
-    unknown = sorted(set(options) - known)
+    parameters = inspect.signature(explain_slide).parameters
+    unknown = sorted(set(options) - set(parameters) - {"attr", "path"})
     if unknown:
         raise ValueError(
             f"{unknown} are not arguments of explain_slide; see help(explain_slide) for the "
             "per-slide options."
         )
+    checked = inspect.signature(check_run_options).parameters
+    values = {
+        name: options.get(name, parameters[name].default) for name in checked if name != "attr"
+    }
+    check_run_options(attr, **values)  # the same checks explain_slide makes, before any work
 
 
 def _record_failure(slide: Path, run_dir: Path, exc: BaseException, attempts: int) -> SlideRecord:
@@ -395,8 +407,7 @@ def _run_ray(
     start: float,
 ) -> list[SlideRecord]:
     with ray_session(address, feature="explain_cohort(engine='ray')") as ray:
-        n_actors, actor_opts = actor_options(ray, workers)
-        n_actors = min(n_actors, len(slides))
+        n_actors, actor_opts = actor_options(ray, workers, cap=len(slides))
         result.workers = n_actors
         Path(result.out_dir).mkdir(parents=True, exist_ok=True)
         threads = max(int(actor_opts.get("num_cpus", 1)), 1)
@@ -408,8 +419,19 @@ def _run_ray(
             return remote.remote(attr_ref, threads, gpu)
 
         actors = [new_actor() for _ in range(n_actors)]
+        try:  # a model that cannot be rebuilt there fails once here, not once per slide
+            pids = ray.get([a.pid.remote() for a in actors])
+        except ray.exceptions.RayError as exc:
+            for actor in actors:
+                _kill(ray, actor)
+            raise RuntimeError(
+                f"Could not start the Ray workers: {_failure(_cause(exc))}. The model, the "
+                "concepts and the slide options must unpickle in the workers (importable "
+                "modules, same library versions)."
+            ) from exc
         queue: deque[int] = deque(range(len(slides)))
         attempts: Counter[int] = Counter()
+        started: dict[int, float] = {}
         pending: dict[Any, tuple[int, int]] = {}
         records: dict[int, SlideRecord] = {}
         idle = list(range(n_actors))
@@ -421,6 +443,7 @@ def _run_ray(
                     attempts[s] += 1
                     ref = actors[a].explain.remote(str(slides[s]), str(dirs[s]), options)
                     pending[ref] = (a, s)
+                    started[s] = time.perf_counter()
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 a, s = pending.pop(ready[0])
                 try:
@@ -431,6 +454,7 @@ def _run_ray(
                 except ray.exceptions.RayError as exc:  # the actor died: replace it, retry once
                     _kill(ray, actors[a])
                     actors[a] = new_actor()
+                    pids[a] = None
                     if attempts[s] <= retries:
                         queue.appendleft(s)
                         idle.append(a)
@@ -439,6 +463,9 @@ def _run_ray(
                     record.error = (
                         f"worker died {attempts[s]} time(s) on this slide; last: {record.error}"
                     )
+                if record.status == "failed":
+                    record.seconds = time.perf_counter() - started[s]
+                    record.worker = f"ray:{pids[a]}" if pids[a] is not None else "ray"
                 idle.append(a)
                 records[s] = record
                 bar.update(1)

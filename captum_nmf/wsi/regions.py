@@ -92,28 +92,29 @@ def plan_regions(
     smallest = max(1, root_cells // 8 if min_cells is None else min_cells)
     m = margin_cells
 
-    def best(r: int, c: int, side: int) -> tuple[int, list[tuple[int, int, int, int]]]:
-        part = t[r : r + side, c : c + side]
+    def best(r: int, c: int, h: int, w: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+        part = t[r : r + h, c : c + w]
         if not part.any():
             return 0, []
         rows = np.flatnonzero(part.any(axis=1))
         cols = np.flatnonzero(part.any(axis=0))
-        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
-        own = (h + 2 * m) * (w + 2 * m), [(r + int(rows[0]), c + int(cols[0]), h, w)]
-        half = side // 2
-        if half < smallest:
+        bh, bw = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        own = (bh + 2 * m) * (bw + 2 * m), [(r + int(rows[0]), c + int(cols[0]), bh, bw)]
+        hh, hw = h // 2, w // 2
+        if min(hh, hw) < smallest:
             return own
         cost, leaves = 0, []
-        for dr, dc in ((0, 0), (0, half), (half, 0), (half, half)):
-            sub = best(r + dr, c + dc, half if (dr, dc) == (0, 0) else side - half)
-            cost += sub[0]
-            leaves += sub[1]
+        for r0, h0 in ((r, hh), (r + hh, h - hh)):  # four disjoint rectangles, odd sides too
+            for c0, w0 in ((c, hw), (c + hw, w - hw)):
+                sub = best(r0, c0, h0, w0)
+                cost += sub[0]
+                leaves += sub[1]
         return (cost, leaves) if cost < own[0] else own
 
     plan: list[tuple[int, int, int, int]] = []
     for r in range(0, t.shape[0], root_cells):
         for c in range(0, t.shape[1], root_cells):
-            plan += best(r, c, root_cells)[1]
+            plan += best(r, c, root_cells, root_cells)[1]
     return np.asarray(plan, dtype=np.int64).reshape(-1, 4)
 
 

@@ -61,7 +61,7 @@ from captum_nmf.wsi.tiling import (
     tile_grid,
 )
 
-__all__ = ["MANIFEST_FILE", "explain_slide"]
+__all__ = ["MANIFEST_FILE", "check_run_options", "explain_slide"]
 
 MANIFEST_FILE = "manifest.json"
 _RUN_FORMAT = "captum-nmf/slide-run"
@@ -337,7 +337,7 @@ class _Run:
         maps, counts, boxes = self.maps, self.counts, self.regions
         if maps is None or counts is None or boxes is None:
             raise RuntimeError("internal error: region run used before setup_regions")
-        if done:
+        if n_outputs >= 0:
             self._region_outputs(n_outputs)
         for i in range(done):
             tensors, _ = load_tensors(self.chunk_path(i, "chunk"), format_name=_CHUNK_FORMAT)
@@ -359,7 +359,7 @@ class _Run:
         """Load the finished chunks of an interrupted run and the stitcher's carry."""
         done = int(manifest["done"])
         if self.regions is not None:
-            n_out = manifest.get("n_outputs")
+            n_out = manifest.get("n_outputs")  # None: no region of a finished chunk was read
             self._restore_regions(done, chunks, -1 if n_out is None else int(n_out))
             return
         if manifest.get("cell") is not None and done:
@@ -437,6 +437,40 @@ def _prepare_dir(
     return out_dir, manifest
 
 
+def check_run_options(
+    attr: NMFConceptAttribution,
+    *,
+    border: int,
+    mode: str,
+    region_size: int,
+    region_margin: int,
+    batch_size: int,
+    num_workers: int,
+    chunk_tiles: int,
+    on_tile_error: str,
+    autocast: torch.dtype | None,
+    channels_last: bool,
+) -> None:
+    """Check the run options of :func:`explain_slide` that do not need the slide.
+
+    Raises:
+        TypeError: a non-int count, or a bad ``autocast``/``channels_last``.
+        ValueError: a value out of range or an unknown ``mode``/``on_tile_error``.
+    """
+    _int_arg("border", border, 0)
+    if mode not in ("tile", "region"):
+        raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
+    if mode == "region":
+        _int_arg("region_size", region_size, 1)
+        _int_arg("region_margin", region_margin, 1)
+    _int_arg("batch_size", batch_size, 1)
+    _int_arg("num_workers", num_workers, 0)
+    check_device_options(autocast, channels_last, device_type=_model_device(attr).type)
+    _int_arg("chunk_tiles", chunk_tiles, 1)
+    if on_tile_error not in ("raise", "skip"):
+        raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
+
+
 def explain_slide(
     attr: NMFConceptAttribution,
     path: str | os.PathLike[str],
@@ -447,7 +481,7 @@ def explain_slide(
     mpp: float | None = None,
     border: int = 2,
     mode: Literal["tile", "region"] = "tile",
-    region_size: int = 2048,
+    region_size: int = 1024,
     region_margin: int = 64,
     edge: EdgePolicy = "pad",
     min_tissue: float = 0.25,
@@ -506,8 +540,10 @@ def explain_slide(
                     tile mode. Memory of the forward grows with the region area.
                     Default: ``"tile"``
         region_size (int, optional): side of a root region in output pixels
-                    (multiple of the cell size).
-                    Default: 2048
+                    (multiple of the cell size). 1024 was faster than 2048 on
+                    CPU (very large inputs cost more per pixel there); on a
+                    GPU larger regions may pay.
+                    Default: 1024
         region_margin (int, optional): context on each side, in output pixels
                     (multiple of the cell size).
                     Default: 64
@@ -583,20 +619,22 @@ def explain_slide(
             "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
             "'NMFConceptAttribution.load' before 'explain_slide'."
         )
-    _int_arg("border", border, 0)
-    if mode not in ("tile", "region"):
-        raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
+    check_run_options(
+        attr,
+        border=border,
+        mode=mode,
+        region_size=region_size,
+        region_margin=region_margin,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        chunk_tiles=chunk_tiles,
+        on_tile_error=on_tile_error,
+        autocast=autocast,
+        channels_last=channels_last,
+    )
     if mode == "region":
-        _int_arg("region_size", region_size, 1)
-        _int_arg("region_margin", region_margin, 1)
         tile_size, stride = region_size + 2 * region_margin, region_size
         min_tissue, edge = 0.0, "pad"
-    _int_arg("batch_size", batch_size, 1)
-    _int_arg("num_workers", num_workers, 0)
-    check_device_options(autocast, channels_last, device_type=_model_device(attr).type)
-    _int_arg("chunk_tiles", chunk_tiles, 1)
-    if on_tile_error not in ("raise", "skip"):
-        raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
     if out_dir is None and (resume or overwrite):
         raise ValueError("resume=True and overwrite=True need out_dir=...; pass the run directory.")
     with Slide(path, mpp=slide_mpp) as slide:
@@ -628,6 +666,12 @@ def explain_slide(
             shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
             cells = tissue_cells(grid.tissue_mask, shape, cell * grid.resolution.scale)
             regions = plan_regions(cells, region_size // cell, region_margin // cell)
+            if len(regions) == 0:
+                raise NoTissueError(
+                    f"No cell of {slide.path.name} is at least half tissue at level "
+                    f"{grid.resolution.level} ({cell} px cells); region mode explains tissue "
+                    "cells only. Pass tissue_mask=None, another mask, or use mode='tile'."
+                )
         if grid.n_rows * grid.n_cols == 0:
             raise NoTissueError(
                 f"{slide.path.name} is smaller than one tile ({grid.tile_size} px at level "
@@ -668,6 +712,7 @@ def explain_slide(
     }
     if regions is not None:
         config["regions"] = regions.tolist()  # (row, col, height, width) in cells
+        config["batch_size"] = None  # one region per forward
         config["n_tiles"] = len(regions)
         per = max(1, chunk_tiles // 16)  # a 2048 px region is about 16 tiles of 512 px
         chunks = [(s, min(s + per, len(regions))) for s in range(0, len(regions), per)]
@@ -854,7 +899,9 @@ def _process(
                 run.write_chunk(i, chunks[i])
                 if manifest is not None and run.work_dir is not None:
                     manifest.update(
-                        done=i + 1, cell=run.cell or None, n_outputs=max(run.n_outputs, 0)
+                        done=i + 1,
+                        cell=run.cell or None,
+                        n_outputs=run.n_outputs if run.n_outputs >= 0 else None,
                     )
                     _write_json(run.work_dir / MANIFEST_FILE, manifest)
                     previous = run.chunk_path(i - 1, "carry") if i else None
