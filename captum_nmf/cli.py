@@ -33,7 +33,8 @@ __all__ = ["load_model", "main", "resolve_layer"]
 
 _EXAMPLES = {
     "fit": "captum-nmf fit --model torchvision:vgg16 --weights vgg16.safetensors "
-    "--layer features.29 --k 6 --level 1 --out concepts.safetensors a.svs b.svs",
+    "--layer features.29 --k 6 --level 1 --out concepts.safetensors a.svs b.svs\n"
+    "  captum-nmf fit ... --out concepts.safetensors --ray --workers 4 slides/*.svs",
     "explain": "captum-nmf explain --model torchvision:vgg16 --weights vgg16.safetensors "
     "--layer features.29 --concepts concepts.safetensors --level 1 --out runs/c --resume c.svs\n"
     "  captum-nmf explain --model torchvision:vgg16 --weights vgg16.safetensors "
@@ -166,6 +167,31 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray actors: embedded on this machine, or on the cluster at ADDRESS "
+        "(HOST:PORT, ray://HOST:PORT or auto; a value that is not one of these is taken as "
+        "a slide)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: per GPU/CPU)")
+
+
+def _slides_and_ray(args: argparse.Namespace) -> None:
+    """'--ray a.svs b.svs': the value argparse gave --ray is a slide, not an address."""
+    if args.ray and not _looks_like_address(args.ray):
+        args.slide.insert(0, args.ray)
+        args.ray = ""
+    if not args.slide:
+        raise CLIError(f"{args.command} needs at least one slide.")
+    if args.workers is not None and args.ray is None:
+        raise CLIError("--workers needs --ray (the local engine runs in this process).")
+
+
 def _forward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="run the forward under bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last input batches")
@@ -207,11 +233,12 @@ def _parser() -> argparse.ArgumentParser:
     p = command("fit", "Fit K concepts on the tissue tiles of slides.")
     _model_args(p)
     _tile_args(p)
-    p.add_argument("slides", nargs="+")
+    p.add_argument("slide", nargs="*", help="one or more slides")
     p.add_argument("--k", type=int, default=6, help="number of concepts (default 6)")
     p.add_argument("--max-locations", type=int, default=4096, help="locations kept per batch")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    _ray_args(p)
     _forward_args(p)
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -241,17 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run of one slide")
     p.add_argument("--overwrite", action="store_true", help="replace one slide's run")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run the slides on Ray actors: embedded on this machine, or on the cluster "
-        "at ADDRESS (HOST:PORT, ray://HOST:PORT or auto; a value that is not one of these "
-        "is taken as a slide)",
-    )
-    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: per GPU/CPU)")
+    _ray_args(p)
     _forward_args(p)
 
     p = command("analyse", "The paper's analyses (structure, surrogate, CAMs) on slide tiles.")
@@ -300,12 +317,12 @@ def _attr(args: argparse.Namespace) -> Any:
     return model, layer, NMFConceptAttribution
 
 
-def _slide_tiles(args: argparse.Namespace) -> Any:
-    """The tissue tiles of ``args.slides`` with the command's tiling and normalisation."""
+def _slide_tiles(args: argparse.Namespace, paths: list[str]) -> Any:
+    """The tissue tiles of ``paths`` with the command's tiling and normalisation."""
     from captum_nmf.wsi import SlideTiles
 
     return SlideTiles(
-        args.slides,
+        paths,
         tile_size=args.tile_size,
         stride=args.stride,
         level=args.level,
@@ -321,19 +338,26 @@ def _fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
     if out.exists() and not args.overwrite:
         raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
+    _slides_and_ray(args)
     model, layer, cls = _attr(args)
-    tiles = _slide_tiles(args)
+    tiles = _slide_tiles(args, args.slide)
     attr = cls(model, layer, args.k, random_state=args.seed)
+    engine: dict[str, Any] = (
+        {}
+        if args.ray is None
+        else {"engine": "ray", "workers": args.workers, "address": args.ray or None}
+    )
     attr.fit(
         tiles,
         batch_size=args.batch_size,
         max_locations_per_batch=args.max_locations,
         n_epochs=args.epochs,
         progress=not args.no_progress,
+        **engine,
         **_forward_options(args),
     )
     path = attr.save(args.out)
-    print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slides)} slide(s): {path}")
+    print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slide)} slide(s): {path}")
     return 0
 
 
@@ -344,19 +368,13 @@ def _looks_like_address(value: str) -> bool:
 def _explain(args: argparse.Namespace) -> int:
     from captum_nmf.wsi import explain_cohort, explain_slide
 
-    if args.ray and not _looks_like_address(args.ray):  # '--ray a.svs b.svs': a slide
-        args.slide.insert(0, args.ray)
-        args.ray = ""
-    if not args.slide:
-        raise CLIError("explain needs at least one slide.")
+    _slides_and_ray(args)
     cohort = len(args.slide) > 1 or args.ray is not None
     if cohort and (args.resume or args.overwrite):
         raise CLIError(
             "--resume/--overwrite apply to one slide; a cohort (several slides or --ray) "
             "always skips finished slides and resumes the others; use a new --out to start over."
         )
-    if args.workers is not None and args.ray is None:
-        raise CLIError("--workers needs --ray (the local engine runs slides one at a time).")
     transform = _normalisation(args)  # checked before the model loads
     model, layer, cls = _attr(args)
     attr = cls.load(args.concepts, model, layer)
@@ -409,7 +427,7 @@ def _analyse(args: argparse.Namespace) -> int:
 
     model, layer, cls = _attr(args)
     attr = cls.load(args.concepts, model, layer)
-    tiles = _slide_tiles(args)
+    tiles = _slide_tiles(args, args.slides)
     result = analyse(
         attr,
         tiles,

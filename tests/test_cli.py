@@ -332,3 +332,16 @@ def test_forward_options_on_the_command_line(
     assert code == 0, err
     ex = SlideExplanation.load(tmp_path / "r")
     assert (ex.config["autocast"], ex.config["channels_last"]) == ("torch.bfloat16", False)
+
+
+def test_fit_on_ray_actors(
+    ray_local: object, tmp_path: Path, slide: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "c.safetensors"
+    fit = ["fit", *MODEL, *TILING, "--min-tissue", "0", "--k", "2", "--out", str(out)]
+    code, stdout, err = _run([*fit, "--workers", "2", "--ray", str(slide)], capsys)
+    assert code == 0, err  # '--ray s.svs': the slide is a slide, Ray runs embedded
+    assert "fitted 2 concepts on 35 tiles of 1 slide(s)" in stdout
+    code, _, err = _run([*fit, "--overwrite", "--workers", "2", str(slide)], capsys)
+    assert code == 1
+    assert "--workers needs --ray" in err

@@ -279,3 +279,35 @@ def test_ray_worker_death_is_retried_once_then_reported(
     assert corrupt.worker.startswith("ray:")
     summary = json.loads((tmp_path / "always" / COHORT_FILE).read_text())
     assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 2}
+
+
+class _FakeRay:
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+def test_actor_resources_follow_the_cluster() -> None:
+    from captum_nmf._utils.ray_engine import actor_options
+
+    cpus = _FakeRay({"CPU": 16})
+    assert actor_options(cpus, None) == (16, {"num_cpus": 1})
+    assert actor_options(cpus, None, cap=2) == (2, {"num_cpus": 8})  # no idle CPU shares
+    assert actor_options(cpus, 32) == (32, {"num_cpus": 0.5})
+    gpus = _FakeRay({"CPU": 16, "GPU": 4})
+    assert actor_options(gpus, None) == (4, {"num_cpus": 4, "num_gpus": 1})  # one per GPU
+    assert actor_options(gpus, 8) == (8, {"num_cpus": 2, "num_gpus": 0.5})  # shared, never stuck
+    with pytest.raises(ValueError, match="workers must be an int >= 1 or None, got 0"):
+        actor_options(cpus, 0)
+
+
+def test_address_probe_uses_the_right_default_port() -> None:
+    from captum_nmf._utils.ray_engine import check_address
+
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:10001"):
+        check_address("ray://127.0.0.1", timeout=1.0)  # the Ray client port
+    with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:6379"):
+        check_address("127.0.0.1", timeout=1.0)  # the GCS port
+    check_address("auto")  # left to Ray
