@@ -428,13 +428,6 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         engine: str, workers: int | None, address: str | None, use: bool | None
     ) -> bool:
         """Validate the engine options; return whether to all-reduce over torch.distributed."""
-        if engine == "local" and (workers is not None or address is not None):
-            name = "workers" if workers is not None else "address"
-            value = workers if workers is not None else address
-            raise ValueError(
-                f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
-                f"{name}=None (under torchrun the number of processes sets the workers)."
-            )
         check_engine(engine, workers, address)
         if use is not None and not isinstance(use, bool):
             raise TypeError(f"distributed must be a bool or None, got {use!r}.")

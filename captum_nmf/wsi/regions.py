@@ -18,14 +18,12 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Resolution, Slide
-from captum_nmf.wsi.tiling import _to_tensor
+from captum_nmf.wsi.tiling import SlideTiles, load_item
 from captum_nmf.wsi.tissue import TissueMask
 
 __all__ = ["RegionTiles", "plan_regions", "tissue_cells"]
@@ -173,29 +171,16 @@ class RegionTiles(Dataset[tuple[Tensor | None, int]]):
         if self._slide is None or self._slide.closed or os.getpid() != self._pid:
             self._slide = Slide(self.path, mpp=self.slide_mpp)
             self._pid = os.getpid()
-        try:
-            pixels = self._slide.read_tile(self.location(index), self.resolution, self.size(index))
-        except SlideReadError:
-            if self.on_tile_error == "raise":
-                raise
-            return None, int(index)
-        image = _to_tensor(pixels)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(index)
-
-    @staticmethod
-    def collate_fn(items: list[tuple[Tensor | None, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        """One region per batch (regions differ in size): ``(images, indices, failed)``."""
-        ok = [(img, i) for img, i in items if img is not None]
-        failed = torch.tensor([i for img, i in items if img is None], dtype=torch.int64)
-        if not ok:
-            return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.int64), failed
-        return (
-            torch.stack([img for img, _ in ok]),
-            torch.tensor([i for _, i in ok], dtype=torch.int64),
-            failed,
+        slide = self._slide
+        return load_item(
+            lambda: slide.read_tile(self.location(index), self.resolution, self.size(index)),
+            index,
+            self.on_tile_error,
+            self.transform,
         )
+
+    # one region per batch (regions differ in size): (images, indices, failed)
+    collate_fn = staticmethod(SlideTiles.collate_fn)
 
     def close(self) -> None:
         """Close the slide handle of this process."""

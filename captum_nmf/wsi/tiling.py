@@ -260,6 +260,29 @@ def _to_tensor(pixels: NDArray[np.uint8]) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
 
 
+def load_item(
+    read: Callable[[], NDArray[np.uint8]],
+    index: int,
+    on_tile_error: str,
+    transform: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor | None, int]:
+    """``(image in [0, 1] after transform, index)``, or ``(None, index)`` for a skipped read.
+
+    Raises:
+        SlideReadError: the read failed twice and ``on_tile_error="raise"``.
+    """
+    try:
+        pixels = read()
+    except SlideReadError:
+        if on_tile_error == "raise":
+            raise
+        return None, int(index)
+    image = _to_tensor(pixels)
+    if transform is not None:
+        image = transform(image)
+    return image, int(index)
+
+
 class SlideTiles(Dataset[tuple[Tensor | None, int]]):
     r"""The tissue tiles of one or many slides as a picklable map-style ``Dataset``.
 
@@ -446,16 +469,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         return self._slide(s).read_tile(grid.location(t), grid.resolution, grid.tile_size)
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
-        try:
-            pixels = self.read(index)
-        except SlideReadError:
-            if self.on_tile_error == "raise":
-                raise
-            return None, int(index)
-        image = _to_tensor(pixels)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(index)
+        return load_item(lambda: self.read(index), index, self.on_tile_error, self.transform)
 
     @staticmethod
     def collate_fn(items: Sequence[tuple[Tensor | None, int]]) -> tuple[Tensor, Tensor, Tensor]:
