@@ -197,7 +197,7 @@ class _Run:
             counts[r0 : r0 + h, c0 : c0 + w] = 1
 
     # ----------------------------------------------------------------- geometry
-    def setup(self, h: int, w: int, n_outputs: int) -> None:
+    def setup(self, h: int, w: int, n_outputs: int) -> None:  # tile mode (regions: setup_regions)
         g = self.grid
         if g.tile_size % h or g.tile_size % w or g.tile_size // h != g.tile_size // w:
             raise ValueError(
@@ -212,13 +212,6 @@ class _Run:
                 f"(tile_size {g.tile_size} / {h} cells); use e.g. "
                 f"stride={self.cell * max(1, round(g.stride / self.cell))}."
             )
-        if g.margin:  # region mode: drop exactly the context margin, keep every interior cell
-            if g.margin % self.cell:
-                raise ValueError(
-                    f"region_margin={g.margin} is not a multiple of the cell size {self.cell} "
-                    f"px; use e.g. region_margin={self.cell * max(1, round(g.margin / self.cell))}."
-                )
-            self.border = g.margin // self.cell
         ext_w, ext_h = g.extent
         hc = max(1, int(np.ceil(ext_h / self.cell - 1e-9)))
         wc = max(1, int(np.ceil(ext_w / self.cell - 1e-9)))
@@ -240,8 +233,7 @@ class _Run:
 
     def origins(self, idx: NDArray[np.int64]) -> NDArray[np.int64]:
         step = self.grid.stride // self.cell
-        shift = self.grid.margin // self.cell
-        return np.stack([self.grid.rows[idx] * step, self.grid.cols[idx] * step], axis=1) - shift
+        return np.stack([self.grid.rows[idx] * step, self.grid.cols[idx] * step], axis=1)
 
     # -------------------------------------------------------------------- solve
     def solve(self, bands: list[StitchedBand]) -> None:
