@@ -5,15 +5,26 @@ bytes), so loading one cannot run code. Pickle-based files (``.pt``, ``.pth``,
 ``.pkl``, torch zip archives) are refused before anything is read from them.
 Writes are atomic: the file is written next to its destination and moved into
 place with an atomic rename (:meth:`pathlib.Path.replace`), so an interrupted
-save never leaves half a file.
+save never leaves half a file (:func:`atomic_write`, used for every file the
+library writes). Files get the mode the process's umask gives a new file.
+
+Every file written by :func:`save_tensors` carries a SHA-256 digest of its
+metadata and tensor bytes (``content_sha256``); :func:`load_tensors` recomputes
+it and refuses a file whose bytes changed (a flipped bit, a truncated copy).
+Files written before the digest existed load as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
+from typing import IO, Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -21,13 +32,113 @@ from torch import Tensor
 from captum_nmf._version import __version__
 from captum_nmf.exceptions import ConceptModelFormatError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_tensors", "save_tensors"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "atomic_write",
+    "content_digest",
+    "default_file_mode",
+    "load_tensors",
+    "save_tensors",
+    "sha256_file",
+]
 
 FORMAT_NAME = "captum-nmf/concepts"
 FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".joblib", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
+_DIGEST_KEY = "content_sha256"
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (``0o666 & ~umask``).
+
+    Returns:
+        *int*: permission bits, e.g. ``0o644`` under umask ``022``.
+    """
+    umask = None
+    with contextlib.suppress(OSError, ValueError):  # Linux: read it without changing it
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+                break
+    if umask is None:  # elsewhere: set and restore (brief, process-wide)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "w", *, encoding: str | None = "utf-8"
+) -> Generator[IO[Any], None, None]:
+    """Write a file atomically: into a hidden sibling, flushed, then renamed into place.
+
+    The destination is either the old file or the complete new one, never a
+    partial file; on any error (a full disk, an exception in the ``with``
+    body) the temporary file is removed and the destination is untouched. The
+    new file gets :func:`default_file_mode`.
+
+    Args:
+        path (str or PathLike): destination file; its directory must exist.
+        mode (str, optional): ``"w"`` (text) or ``"wb"`` (bytes).
+                    Default: ``"w"``
+        encoding (str or None, optional): text encoding (ignored for ``"wb"``).
+                    Default: ``"utf-8"``
+
+    Yields:
+        *IO*: the open temporary file.
+
+    Raises:
+        ValueError: ``mode`` is not ``"w"`` or ``"wb"``.
+        OSError: the file could not be written or renamed.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}.")
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open(mode, encoding=None if mode == "wb" else encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(default_file_mode())
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in blocks.
+
+    Returns:
+        *str*: hex digest.
+    """
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata (without the digest itself) and every tensor's bytes.
+
+    Tensors are taken in name order with their dtype and shape, so the digest
+    does not depend on how a file lays them out.
+
+    Returns:
+        *str*: hex digest.
+    """
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != _DIGEST_KEY}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def save_tensors(
@@ -70,10 +181,14 @@ def save_tensors(
         "captum_nmf_version": __version__,
     }
     data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    header[_DIGEST_KEY] = content_digest(data, header)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         save_file(data, str(tmp), metadata=header)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.chmod(default_file_mode())
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -101,8 +216,9 @@ def load_tensors(
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ConceptModelFormatError: the file is pickle-based (refused unread),
-                    corrupt, not a captum_nmf concept model, written by a newer
-                    format version, or lacks a required tensor.
+                    corrupt (unparsable, or its content digest does not match),
+                    not a captum_nmf concept model, written by a newer format
+                    version, or lacks a required tensor.
     """
     source = Path(path)
     kind = "concept model" if format_name == FORMAT_NAME else format_name
@@ -143,6 +259,13 @@ def load_tensors(
             f"{source} uses concept-model format {version}, written by captum_nmf "
             f"{metadata.get('captum_nmf_version', '?')}; this is captum_nmf {__version__} "
             f"(format {FORMAT_VERSION}). Upgrade captum-nmf to read it."
+        )
+    recorded = metadata.get(_DIGEST_KEY)
+    if recorded is not None and content_digest(tensors, metadata) != recorded:
+        raise ConceptModelFormatError(
+            f"{source} is corrupt: its SHA-256 content digest does not match the one recorded "
+            "when it was written (changed or damaged bytes). Restore it from a copy or write "
+            "it again."
         )
     missing = [name for name in required if name not in tensors]
     if missing:

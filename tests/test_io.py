@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 
@@ -18,7 +20,14 @@ from captum_nmf.exceptions import (
     ConceptModelMismatchError,
     LayerNameMismatchWarning,
 )
-from captum_nmf.io import FORMAT_NAME, load_tensors, save_tensors
+from captum_nmf.io import (
+    FORMAT_NAME,
+    atomic_write,
+    content_digest,
+    default_file_mode,
+    load_tensors,
+    save_tensors,
+)
 from tests.helpers.basic_models import PlantedConceptNet, SignedNet, planted_maps
 
 
@@ -145,11 +154,14 @@ def test_corrupt_and_foreign_files(
         NMFConceptAttribution.load(tmp_path / "missing.safetensors", net, net.relu)
 
 
-def _rewrite(path: Path, **changes: str) -> None:
+def _rewrite(path: Path, *, redigest: bool = True, **changes: str) -> None:
+    """Edit a file's metadata; with ``redigest`` its content digest is updated too."""
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     meta.update(changes)
+    if redigest:
+        meta["content_sha256"] = content_digest(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -189,3 +201,88 @@ def test_save_needs_safetensors_suffix_and_string_metadata(tmp_path: Path) -> No
     assert torch.equal(tensors["concepts"], torch.ones(1, 1))
     with pytest.raises(ConceptModelFormatError, match="lacks the tensor"):
         load_tensors(tmp_path / "d" / "c.safetensors", required=("other",))
+
+
+# ------------------------------------------------------------------ integrity
+def _flip(path: Path, offset_from_end: int, n: int = 64) -> None:
+    """Flip ``n`` bytes of ``path``'s tensor data, ``offset_from_end`` bytes before its end."""
+    data = bytearray(path.read_bytes())
+    start = len(data) - offset_from_end
+    for i in range(start, min(start + n, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_refused(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    net, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    _flip(path, 40, n=8)  # inside the concepts tensor: safetensors itself cannot notice
+    with pytest.raises(ConceptModelFormatError, match="c.safetensors is corrupt: its SHA-256"):
+        NMFConceptAttribution.load(path, net, net.relu)
+
+
+def test_edited_metadata_without_a_new_digest_is_refused(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    net, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    _rewrite(path, redigest=False, layer_name="other")
+    with pytest.raises(ConceptModelFormatError, match="is corrupt"):
+        NMFConceptAttribution.load(path, net, net.relu)
+
+
+def test_file_without_a_digest_still_loads(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    """Files written before the digest existed load as before."""
+    net, attr = fitted
+    path = attr.save(tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "content_sha256"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=meta)
+    again = NMFConceptAttribution.load(path, net, net.relu)
+    assert torch.equal(again.concepts_, attr.concepts_)
+
+
+def test_content_digest_depends_on_values_names_and_metadata() -> None:
+    t = {"a": torch.arange(4.0)}
+    base = content_digest(t, {"k": "v"})
+    assert base == content_digest({"a": torch.arange(4.0)}, {"k": "v", "content_sha256": "x"})
+    assert base != content_digest({"a": torch.arange(4.0) + 1}, {"k": "v"})
+    assert base != content_digest({"b": torch.arange(4.0)}, {"k": "v"})
+    assert base != content_digest(t, {"k": "w"})
+    assert base != content_digest({"a": torch.arange(4.0).double()}, {"k": "v"})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        assert default_file_mode() == 0o666 & ~umask
+        path = save_tensors(tmp_path / "c.safetensors", {"concepts": torch.ones(1, 1)}, {})
+        with atomic_write(tmp_path / "a.json") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "a.json"
+    target.write_text("old", encoding="utf-8")
+
+    def fill_disk() -> None:
+        with atomic_write(target) as fh:
+            fh.write("partial")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        fill_disk()
+    assert target.read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"), atomic_write(target, "a"):
+        pass
