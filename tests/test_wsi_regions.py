@@ -11,10 +11,10 @@ import torch
 
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.exceptions import SlideReadError
-from captum_nmf.wsi import Slide, SlideTiles, detect_tissue, explain_slide
+from captum_nmf.wsi import Slide, SlideTiles, detect_tissue, explain_slide, write_pyramid
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from tests.helpers.cohort_faults import InterruptAfter
-from tests.helpers.synthetic_slides import CMU, flip_tile_marker, tissue_on_white
+from tests.helpers.synthetic_slides import CMU, flip_tile_marker, he_image, tissue_on_white
 from tests.helpers.wsi_models import PoolNet
 
 
@@ -191,3 +191,22 @@ def test_forward_options_in_explain_slide(
     with pytest.raises(TypeError, match="autocast"):
         explain_slide(attr, islands, autocast="bf16", out_dir=tmp_path / "x", **opts)  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()  # checked before any work
+
+
+def test_every_tissue_cell_gets_a_value_up_to_the_slide_edges(
+    tmp_path: Path, attr: NMFConceptAttribution
+) -> None:
+    """Real H&E that is tissue to its edges; 740 px is not a whole number of 8 px cells, so
+    the last cell row reaches past the slide. Each region reads its margin of context past the
+    slide's edge (padded), so the regions' interiors reach the edge and no ring is lost."""
+    path = write_pyramid(he_image()[:740, :1004], tmp_path / "nest.tiff", mpp=0.5)
+    ex = _regions(attr, path)
+    assert ex.grid_shape == (93, 126)  # ceil(740 / 8), ceil(1004 / 8)
+    wanted = tissue_cells(ex.tissue, ex.grid_shape, ex.cell_size)
+    ring = np.ones(ex.grid_shape, bool)
+    ring[2:-2, 2:-2] = False  # the 2-cell ring a tile border would drop
+    assert wanted[ring].mean() > 0.9  # the tissue does reach the slide's edges
+    assert (ex.counts[wanted] == 1).all()
+    assert np.isfinite(ex.concept_maps[:, wanted]).all()
+    assert (ex.concept_maps[:, wanted].max(axis=0) > 0).all()
+    assert (ex.assignment[wanted] >= 0).all()
