@@ -181,7 +181,7 @@ def test_blank_slide_is_no_tissue_and_writes_nothing(
 ) -> None:
     path = blank_slide(tmp_path / "blank.svs")
     out = tmp_path / "out"
-    with pytest.raises(NoTissueError, match=r"No tissue found in blank\.svs at level 0: 0 of"):
+    with pytest.raises(NoTissueError, match=r"No tissue found in blank\.svs \(tissue share 0\.00%\) at level 0: 0 of"):
         _explain(pool_attr, path, tissue_mask="otsu", out_dir=out)
     assert not out.exists()
 
@@ -348,8 +348,10 @@ def test_resume_refuses_another_slide_and_foreign_dirs(
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(RunStateError, match="no manifest.json"):
-        _explain(pool_attr, he_slide, out_dir=foreign, resume=True)
+    for flags in ({"resume": True}, {"overwrite": True}, {}):
+        with pytest.raises(FileExistsError, match=r"captum-nmf did not write \(notes\.txt\)"):
+            _explain(pool_attr, he_slide, out_dir=foreign, **flags)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     assert (foreign / "notes.txt").read_text() == "mine"
 
 

@@ -796,6 +796,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                 f"{path}: concepts tensor has shape {tuple(concepts.shape)} and dtype "
                 f"{concepts.dtype}, metadata says {k} x {c} floating point."
             )
+        check_concept_values(concepts, f" in {path}")
         try:
             attr = cls(
                 forward_func,
@@ -842,6 +843,44 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
         attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
         return attr
+
+
+MAX_CONCEPT_NORM = 1e3
+
+
+def check_concept_values(concepts: Tensor, where: str = "") -> None:
+    """Refuse concept vectors that cannot give meaningful weights.
+
+    Fitted concepts are finite, non-negative rows of unit norm (a zero row is
+    allowed); a file edited by hand, or vectors far from that scale, would
+    overflow the solve in float32.
+
+    Args:
+        concepts (Tensor): K x C concept vectors.
+        where (str, optional): appended to the subject of the message, e.g.
+                    ``" in concepts.safetensors"``.
+                    Default: ``""``
+
+    Raises:
+        ConceptModelFormatError: NaN/Inf or negative entries, or a row whose
+                    norm exceeds :data:`MAX_CONCEPT_NORM` (fitted rows have norm 1).
+    """
+    h = concepts.detach().to("cpu", torch.float64)
+    fix = "Load a valid concept file, or fit the concepts again."
+    if not bool(torch.isfinite(h).all()):
+        raise ConceptModelFormatError(f"The concepts{where} hold NaN or Inf. {fix}")
+    if bool((h < 0).any()):
+        raise ConceptModelFormatError(
+            f"The concepts{where} hold negative entries; NMF concepts are non-negative. {fix}"
+        )
+    norms = torch.linalg.vector_norm(h, dim=1)
+    if bool((norms > MAX_CONCEPT_NORM).any()):
+        row = int(torch.argmax(norms))
+        raise ConceptModelFormatError(
+            f"Concept {row}{where} has norm {float(norms[row]):.3g}; fitted concepts have unit "
+            f"norm (at most {MAX_CONCEPT_NORM:g} is accepted), so the vectors were altered or "
+            f"not written by captum-nmf. {fix}"
+        )
 
 
 def _declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> int | None:

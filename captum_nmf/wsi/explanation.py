@@ -13,7 +13,7 @@ import torch
 from numpy.typing import NDArray
 
 from captum_nmf.exceptions import ConceptModelFormatError
-from captum_nmf.io import load_tensors, save_tensors
+from captum_nmf.io import atomic_write, load_tensors, save_tensors
 from captum_nmf.wsi.tissue import TissueMask
 
 __all__ = ["EXPLANATION_FILE", "SlideExplanation"]
@@ -198,9 +198,8 @@ class SlideExplanation:
             "n_failed_tiles": len(self.failed_tiles),
             "tissue_cells": int(self.tissue_mask.sum()),
         }
-        tmp = out / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True), encoding="utf-8")
-        tmp.replace(out / SUMMARY_FILE)
+        with atomic_write(out / SUMMARY_FILE) as fh:
+            fh.write(json.dumps(summary, indent=2, sort_keys=True))
         return path
 
     @classmethod
@@ -216,8 +215,9 @@ class SlideExplanation:
 
         Raises:
             FileNotFoundError: no explanation there.
-            ConceptModelFormatError: the file is corrupt, not an explanation,
-                        or from a newer version.
+            ConceptModelFormatError: the file is corrupt (unparsable, or its
+                        SHA-256 content digest does not match: changed bytes),
+                        not an explanation, or from a newer version.
         """
         source = Path(directory)
         file = source if source.suffix == ".safetensors" else source / EXPLANATION_FILE

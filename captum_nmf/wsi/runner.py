@@ -19,6 +19,7 @@ summation order and the per-row solves are the same).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
 from captum_nmf._utils.activations import check_device_options, models_of
 from captum_nmf._version import __version__
 from captum_nmf.exceptions import (
@@ -52,6 +53,7 @@ from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import RegionTiles, plan_regions, tissue_cells
 from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand
+from captum_nmf.wsi.store import CHUNK_DIR, MANIFEST_FILE, RunStore
 from captum_nmf.wsi.tiling import (
     EdgePolicy,
     SlideTiles,
@@ -61,11 +63,7 @@ from captum_nmf.wsi.tiling import (
     tile_grid,
 )
 
-__all__ = ["MANIFEST_FILE", "check_run_options", "explain_slide"]
-
-MANIFEST_FILE = "manifest.json"
-_RUN_FORMAT = "captum-nmf/slide-run"
-_RUN_VERSION = 1
+__all__ = ["MANIFEST_FILE", "check_output_location", "check_run_options", "explain_slide"]
 _CHUNK_FORMAT = "captum-nmf/slide-chunk"
 
 
@@ -126,12 +124,12 @@ class _Run:
         attr: NMFConceptAttribution,
         grid: TileGrid,
         border: int,
-        work_dir: Path | None,
+        store: RunStore | None,
     ) -> None:
         self.attr = attr
         self.grid = grid
         self.border = border
-        self.work_dir = work_dir
+        self.store = store
         self.k = int(attr.concepts_.shape[0])
         self.stitcher: FeatureStitcher | None = None
         self.cell = 0
@@ -270,14 +268,52 @@ class _Run:
         self.solve(stitcher.pop_final())
 
     # ------------------------------------------------------------------- chunks
+    def chunk_name(self, i: int, kind: str) -> str:
+        """A chunk file's path relative to the run folder."""
+        return f"{CHUNK_DIR}/{kind}_{i:05d}.safetensors"
+
     def chunk_path(self, i: int, kind: str) -> Path:
-        if self.work_dir is None:
+        if self.store is None:
             raise RuntimeError("internal error: chunk files need an out_dir")
-        return self.work_dir / "chunks" / f"{kind}_{i:05d}.safetensors"
+        return self.store.work_dir / self.chunk_name(i, kind)
+
+    def load_chunk(self, i: int, kind: str) -> dict[str, Tensor]:
+        """A finished chunk file, its SHA-256 checked against the manifest.
+
+        Raises:
+            RunStateError: the file is missing, changed or unreadable.
+        """
+        if self.store is None:
+            raise RuntimeError("internal error: chunk files need an out_dir")
+        path = self.store.verify(self.chunk_name(i, kind))
+        try:
+            tensors, _ = load_tensors(path, format_name=_CHUNK_FORMAT)
+        except ValueError as exc:
+            raise RunStateError(
+                f"{path} is unreadable ({exc}); pass overwrite=True to start the run over."
+            ) from exc
+        return tensors
+
+    def commit_chunk(self, i: int, chunks: list[tuple[int, int]]) -> None:
+        """Write chunk ``i``, record it (with its digest) in the manifest, drop the old carry."""
+        self.write_chunk(i, chunks[i])
+        if self.store is None:
+            return
+        names = [self.chunk_name(i, kind) for kind in ("chunk", "carry")]
+        self.store.record(*(n for n in names if (self.store.work_dir / n).is_file()))
+        self.store.manifest.update(
+            done=i + 1,
+            cell=self.cell or None,
+            n_outputs=self.n_outputs if self.n_outputs >= 0 else None,
+        )
+        self.store.write_manifest()
+        if i:
+            self.store.forget(self.chunk_name(i - 1, "carry"))
+            self.store.write_manifest()
 
     def write_chunk(self, i: int, bounds: tuple[int, int]) -> None:
         """Persist chunk ``i``: its finished rows, tile outputs and failures, and the carry."""
-        if self.work_dir is None:
+        if self.store is None:
             self.chunk_rows = []
             return
         if self.regions is not None:
@@ -332,7 +368,7 @@ class _Run:
         if n_outputs >= 0:
             self._region_outputs(n_outputs)
         for i in range(done):
-            tensors, _ = load_tensors(self.chunk_path(i, "chunk"), format_name=_CHUNK_FORMAT)
+            tensors = self.load_chunk(i, "chunk")
             failed = {int(f) for f in tensors["failed"].numpy()}
             self.failed.extend(sorted(failed))
             flat, at = tensors["maps"].numpy(), 0
@@ -356,13 +392,13 @@ class _Run:
             return
         if manifest.get("cell") is not None and done:
             self.cell = int(manifest["cell"])
-            carry, _ = load_tensors(self.chunk_path(done - 1, "carry"), format_name=_CHUNK_FORMAT)
+            carry = self.load_chunk(done - 1, "carry")
             state = {k: v.numpy() for k, v in carry.items()}
             self.stitcher = FeatureStitcher.from_state(state, int(self.attr.n_channels_in_))
             h = self.grid.tile_size // self.cell
             self.setup(h, h, int(manifest["n_outputs"]))
         for i in range(done):
-            tensors, _ = load_tensors(self.chunk_path(i, "chunk"), format_name=_CHUNK_FORMAT)
+            tensors = self.load_chunk(i, "chunk")
             self.failed.extend(int(f) for f in tensors["failed"].numpy())
             if "maps" in tensors and self.maps is not None and self.counts is not None:
                 rows = tensors["rows"].numpy()
@@ -380,53 +416,6 @@ def _save(path: Path, arrays: dict[str, Any], meta: dict[str, str], fmt: str) ->
         meta,
         format_name=fmt,
     )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _prepare_dir(
-    out_dir: Path, resume: bool, overwrite: bool
-) -> tuple[Path, dict[str, Any] | None]:
-    """The directory to work in, and the manifest to resume from (if any)."""
-    if resume and overwrite:
-        raise ValueError("pass resume=True or overwrite=True, not both.")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"out_dir {out_dir} exists and is not a directory.")
-    occupied = out_dir.is_dir() and any(out_dir.iterdir())
-    if not occupied:
-        return out_dir, None
-    if overwrite:  # the old outputs are replaced only once the new run completes
-        if not (out_dir / MANIFEST_FILE).is_file() and not (out_dir / EXPLANATION_FILE).is_file():
-            raise FileExistsError(
-                f"out_dir {out_dir} holds files that explain_slide did not write; overwrite=True "
-                "only replaces a previous run's output. Use another directory."
-            )
-        return out_dir.with_name(f".{out_dir.name}.new-{os.getpid()}"), None
-    manifest_path = out_dir / MANIFEST_FILE
-    if not resume:
-        raise FileExistsError(
-            f"out_dir {out_dir} already holds files; pass resume=True to continue its run, "
-            "overwrite=True to replace it when the new run completes, or another directory."
-        )
-    if not manifest_path.is_file():
-        raise RunStateError(
-            f"out_dir {out_dir} holds files but no {MANIFEST_FILE}; it was not written by "
-            "explain_slide, so it cannot be resumed. Use another directory."
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunStateError(f"{manifest_path} is unreadable ({exc}); cannot resume.") from exc
-    if (
-        manifest.get("format") != _RUN_FORMAT
-        or int(manifest.get("format_version", 0)) > _RUN_VERSION
-    ):
-        raise RunStateError(f"{manifest_path} is not a run manifest this version can resume.")
-    return out_dir, manifest
 
 
 def check_run_options(
@@ -645,25 +634,6 @@ def explain_slide(
             )
         fingerprint = slide.fingerprint()
         slide_level0_mpp = slide.mpp
-        regions: NDArray[np.int64] | None = None
-        if mode == "region" and len(grid):
-            cell = _cell_size(attr)
-            for name, value in (("region_size", region_size), ("region_margin", region_margin)):
-                if value % cell:
-                    raise ValueError(
-                        f"{name}={value} is not a multiple of the cell size {cell} px; use e.g. "
-                        f"{name}={cell * max(1, round(value / cell))}."
-                    )
-            ext_w, ext_h = grid.extent
-            shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
-            cells = tissue_cells(grid.tissue_mask, shape, cell * grid.resolution.scale)
-            regions = plan_regions(cells, region_size // cell, region_margin // cell)
-            if len(regions) == 0:
-                raise NoTissueError(
-                    f"No cell of {slide.path.name} is at least half tissue at level "
-                    f"{grid.resolution.level} ({cell} px cells); region mode explains tissue "
-                    "cells only. Pass tissue_mask=None, another mask, or use mode='tile'."
-                )
         if grid.n_rows * grid.n_cols == 0:
             raise NoTissueError(
                 f"{slide.path.name} is smaller than one tile ({grid.tile_size} px at level "
@@ -671,13 +641,39 @@ def explain_slide(
                 "px) and edge='drop' keeps whole tiles only; pass edge='pad' or a smaller "
                 "tile_size."
             )
+        mask = grid.tissue_mask
+        share = "" if mask is None else f" (tissue share {mask.tissue_share:.2%})"
         if len(grid) == 0:
             raise NoTissueError(
-                f"No tissue found in {slide.path.name} at level {grid.resolution.level}: 0 of "
-                f"{grid.n_rows * grid.n_cols} tiles of {grid.tile_size} px have tissue fraction "
-                f">= {min_tissue} (edge={edge!r}). Lower min_tissue, pass tissue_mask=None, or "
-                "check the file."
+                f"No tissue found in {slide.path.name}{share} at level {grid.resolution.level}: "
+                f"0 of {grid.n_rows * grid.n_cols} tiles of {grid.tile_size} px have tissue "
+                f"fraction >= {min_tissue} (edge={edge!r}). Lower min_tissue, pass "
+                "tissue_mask=None, or check the file."
             )
+        check_concept_values(attr.concepts_)
+        cell, shape = _probe(attr, grid, mode, transform, autocast, channels_last)
+        if min(grid.extent) < cell:
+            raise NoTissueError(
+                f"{slide.path.name} is {grid.extent[0]:.0f} x {grid.extent[1]:.0f} px at level "
+                f"{grid.resolution.level}, smaller than one {cell} px feature-map cell of the "
+                "layer; there is nothing to explain. Check the file, or read a finer level."
+            )
+        cells = tissue_cells(grid.tissue_mask, shape, cell * grid.resolution.scale)
+        if not cells.any():
+            raise NoTissueError(
+                f"No cell of {slide.path.name} is at least half tissue{share} at level "
+                f"{grid.resolution.level} ({cell} px cells); nothing to explain. Pass "
+                "tissue_mask=None to explain every cell, or check the file."
+            )
+        regions: NDArray[np.int64] | None = None
+        if mode == "region":
+            for name, value in (("region_size", region_size), ("region_margin", region_margin)):
+                if value % cell:
+                    raise ValueError(
+                        f"{name}={value} is not a multiple of the cell size {cell} px; use e.g. "
+                        f"{name}={cell * max(1, round(value / cell))}."
+                    )
+            regions = plan_regions(cells, region_size // cell, region_margin // cell)
     config = {
         "library_version": __version__,
         "layer": attr.layer_name_,
@@ -710,93 +706,190 @@ def explain_slide(
         chunks = [(s, min(s + per, len(regions))) for s in range(0, len(regions), per)]
     else:
         chunks = _chunks(grid, chunk_tiles)
-    target = None if out_dir is None else Path(out_dir)
-    work_dir, manifest = (None, None) if target is None else _prepare_dir(target, resume, overwrite)
-    if work_dir is not None:
-        run_hash = _config_hash(attr, config, grid)
-        if manifest is not None:
-            if manifest.get("config_hash") != run_hash:
-                raise RunStateError(
-                    f"out_dir {work_dir} was produced with a different configuration (model, "
-                    "layer, concepts, tiling or library version); pass resume=False with "
-                    "another directory, or overwrite=True."
-                )
-            if manifest.get("slide_fingerprint") != fingerprint:
-                raise RunStateError(
-                    f"out_dir {work_dir} was produced from another slide (fingerprint "
-                    f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
-                )
-            if manifest.get("status") == "complete" and (work_dir / EXPLANATION_FILE).is_file():
-                return SlideExplanation.load(work_dir)
-        else:
-            manifest = {
-                "format": _RUN_FORMAT,
-                "format_version": _RUN_VERSION,
-                "config_hash": run_hash,
-                "config": config,
-                "slide": str(Path(path)),
-                "slide_fingerprint": fingerprint,
-                "chunks": [list(c) for c in chunks],
-                "done": 0,
-                "cell": None,
-                "n_outputs": None,
-                "status": "running",
-            }
-            (work_dir / "chunks").mkdir(parents=True, exist_ok=True)
-            _write_json(work_dir / MANIFEST_FILE, manifest)
-    run = _Run(attr, grid, border, work_dir)
-    run.forward_options = {"autocast": autocast, "channels_last": channels_last}
-    if regions is not None:
-        run.setup_regions(cell, shape, regions)
-    done = 0
-    if manifest is not None and work_dir is not None:
-        run.restore(manifest, chunks)
-        done = int(manifest["done"])
+    store: RunStore | None = None
+    manifest: dict[str, Any] | None = None
+    if out_dir is not None:
+        target = Path(out_dir)
+        need = _first_chunk_bytes(attr, grid, chunks, cell, shape, regions)
+        check_output_location(target, need)
+        store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
     try:
-        _process(
-            run,
-            chunks,
-            done,
-            manifest,
-            transform,
-            slide_mpp,
-            on_tile_error,
-            batch_size,
-            num_workers,
-            progress,
-        )
+        if store is not None:
+            run_hash = _config_hash(attr, config, grid)
+            if manifest is None:
+                store.start(
+                    {
+                        "config_hash": run_hash,
+                        "config": config,
+                        "slide": str(Path(path)),
+                        "slide_fingerprint": fingerprint,
+                        "chunks": [list(c) for c in chunks],
+                        "done": 0,
+                        "cell": None,
+                        "n_outputs": None,
+                        "status": "running",
+                    }
+                )
+                manifest = store.manifest
+            else:
+                _check_resumable(store, manifest, run_hash, fingerprint)
+        if store is not None and manifest is not None and manifest.get("status") == "complete":
+            result = SlideExplanation.load(store.verify(EXPLANATION_FILE))
+        else:
+            run = _Run(attr, grid, border, store)
+            run.forward_options = {"autocast": autocast, "channels_last": channels_last}
+            if regions is not None:
+                run.setup_regions(cell, shape, regions)
+            done = 0 if manifest is None else int(manifest["done"])
+            if done:
+                run.restore(manifest or {}, chunks)
+            _process(
+                run,
+                chunks,
+                done,
+                transform,
+                slide_mpp,
+                on_tile_error,
+                batch_size,
+                num_workers,
+                progress,
+            )
+            result = _finish(run, grid, config, fingerprint)
+            if store is not None:
+                result.save(store.work_dir)
+                store.complete()
     except BaseException:
-        if work_dir is not None and work_dir != target:  # an interrupted overwrite leaves no debris
-            shutil.rmtree(work_dir, ignore_errors=True)
+        if store is not None:
+            store.fail()
         raise
-    result = _finish(run, grid, config, fingerprint)
-    if work_dir is not None and manifest is not None and target is not None:
-        result.save(work_dir)
-        manifest["status"] = "complete"
-        _write_json(work_dir / MANIFEST_FILE, manifest)
-        shutil.rmtree(work_dir / "chunks", ignore_errors=True)
-        if work_dir != target:  # overwrite: swap only now that the new run is complete
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.replace(old)
-            work_dir.replace(target)
-            shutil.rmtree(old, ignore_errors=True)
+    if store is not None:
+        store.close()
     return result
+
+
+def _check_resumable(
+    store: RunStore, manifest: dict[str, Any], run_hash: str, fingerprint: str
+) -> None:
+    if manifest.get("config_hash") != run_hash:
+        raise RunStateError(
+            f"out_dir {store.work_dir} was produced with a different configuration (model, "
+            "layer, concepts, tiling or library version); pass resume=False with another "
+            "directory, or overwrite=True."
+        )
+    if manifest.get("slide_fingerprint") != fingerprint:
+        raise RunStateError(
+            f"out_dir {store.work_dir} was produced from another slide (fingerprint "
+            f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
+        )
+
+
+def check_output_location(target: Path, need: int) -> None:
+    """Refuse an output location we cannot write, or without room for the first chunk.
+
+    Raises:
+        FileExistsError: ``target`` is a file.
+        PermissionError: the nearest existing folder is not writable.
+        OSError: ``ENOSPC``, less free space than ``need`` bytes.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"out_dir {target} exists and is not a directory.")
+    anchor = target.resolve()
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir {target}: {anchor} is not writable; choose another place.")
+    free = shutil.disk_usage(anchor).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"out_dir {target}: {free / 2**20:.1f} MiB free on its disk, but the first chunk of "
+            f"the run needs about {need / 2**20:.1f} MiB; free some space or choose another place",
+        )
+
+
+def _first_chunk_bytes(
+    attr: NMFConceptAttribution,
+    grid: TileGrid,
+    chunks: list[tuple[int, int]],
+    cell: int,
+    shape: tuple[int, int],
+    regions: NDArray[np.int64] | None,
+) -> int:
+    """Bytes the first chunk and its carry may take (maps, counts, pending features), x2."""
+    hc, wc = shape
+    k, c = int(attr.concepts_.shape[0]), int(attr.n_channels_in_)
+    start, end = chunks[0] if chunks else (0, 0)
+    if regions is not None:
+        cells = int((regions[start:end, 2] * regions[start:end, 3]).sum())
+        return 2 * 4 * (k + 1) * cells + (1 << 20)
+    tile_cells = max(1, grid.tile_size // cell)
+    n_rows = int(grid.rows[end - 1] - grid.rows[start]) + 1 if end > start else 1
+    rows = min(hc, n_rows * max(1, grid.stride // cell) + tile_cells)
+    return 2 * 4 * wc * (rows * (k + 1) + tile_cells * c) + (1 << 20)
 
 
 _PROBE = 512
 
 
-def _cell_size(attr: NMFConceptAttribution) -> int:
-    """The layer's cell size in input pixels, from one forward pass of a blank 512 px image."""
-    probe = torch.zeros(1, 3, _PROBE, _PROBE, device=_model_device(attr))
-    act = attr.features(probe)
-    h, w = (int(v) for v in (act[0] if isinstance(act, tuple) else act).shape[2:])
-    if h != w or h == 0 or _PROBE % h:
+def _probe(
+    attr: NMFConceptAttribution,
+    grid: TileGrid,
+    mode: str,
+    transform: Callable[[Tensor], Tensor] | None,
+    autocast: torch.dtype | None,
+    channels_last: bool,
+) -> tuple[int, tuple[int, int]]:
+    """The layer's cell size and the slide's cell grid, from one forward of a white tile.
+
+    The tile goes through ``transform`` and the forward options exactly as the
+    slide's tiles will, so a layer whose channels do not match the concepts,
+    or tiles the network does not divide into whole cells, fail here, before
+    any file is written.
+
+    Raises:
+        ConceptModelMismatchError: the layer's channel count differs from the concepts'.
+        ValueError: tile size or stride that do not fit the layer's cells.
+    """
+    side = grid.tile_size if mode == "tile" else _PROBE
+    image = torch.ones(3, side, side)
+    if transform is not None:
+        image = transform(image)
+    act = attr.features(
+        image.unsqueeze(0).to(_model_device(attr)),
+        autocast=autocast,
+        channels_last=channels_last,
+    )
+    act = act[0] if isinstance(act, tuple) else act
+    if act.ndim != 4:
+        raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
+    c, h, w = (int(v) for v in act.shape[1:])
+    if c != attr.n_channels_in_:
+        raise ConceptModelMismatchError(
+            f"The concepts expect {attr.n_channels_in_} channels but layer "
+            f"{attr._layer_name or attr.layer_name_!r} produces {c}; load concepts fitted on "
+            "this layer."
+        )
+    if h == 0 or w == 0 or side % h or side % w or side // h != side // w:
+        if mode == "tile":
+            raise ValueError(
+                f"tile_size={side} is not a whole number of the layer's {h} x {w} feature-map "
+                "cells; choose a tile size the network divides exactly (e.g. a multiple of its "
+                "total stride)."
+            )
         raise ValueError(
             f"region mode needs a layer whose cells are a fixed number of input pixels; a "
-            f"{_PROBE} px image gives a {h} x {w} feature map. Use mode='tile'."
+            f"{side} px image gives a {h} x {w} feature map. Use mode='tile'."
         )
-    return _PROBE // h
+    cell = side // h
+    if mode == "tile" and grid.stride % cell:
+        raise ValueError(
+            f"stride={grid.stride} is not a multiple of the cell size {cell} px "
+            f"(tile_size {grid.tile_size} / {h} cells); use e.g. "
+            f"stride={cell * max(1, round(grid.stride / cell))}."
+        )
+    ext_w, ext_h = grid.extent
+    shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
+    return cell, shape
 
 
 def _describe(transform: Callable[[Tensor], Tensor] | None) -> str | None:
@@ -820,7 +913,6 @@ def _process(
     run: _Run,
     chunks: list[tuple[int, int]],
     done: int,
-    manifest: dict[str, Any] | None,
     transform: Callable[[Tensor], Tensor] | None,
     slide_mpp: float | None,
     on_tile_error: TileErrorPolicy,
@@ -887,18 +979,7 @@ def _process(
             bar.update(len(ids) + len(failed))
             last = int(max(ids.max(initial=-1), failed.numpy().max(initial=-1))) + 1
             if last in chunk_end:
-                i = chunk_end[last]
-                run.write_chunk(i, chunks[i])
-                if manifest is not None and run.work_dir is not None:
-                    manifest.update(
-                        done=i + 1,
-                        cell=run.cell or None,
-                        n_outputs=run.n_outputs if run.n_outputs >= 0 else None,
-                    )
-                    _write_json(run.work_dir / MANIFEST_FILE, manifest)
-                    previous = run.chunk_path(i - 1, "carry") if i else None
-                    if previous is not None:
-                        previous.unlink(missing_ok=True)
+                run.commit_chunk(chunk_end[last], chunks)
     finally:
         if isinstance(batches_in, Generator):  # stop the reader thread before closing its slide
             batches_in.close()

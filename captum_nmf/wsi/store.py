@@ -1,0 +1,500 @@
+"""The run folder of one slide: ownership marker, one-writer lock, manifest with digests, swap.
+
+A run folder written by :func:`~captum_nmf.wsi.explain_slide` holds
+
+* ``.captum-nmf-run`` -- the ownership marker: a library-specific key and the run id;
+* ``manifest.json`` -- the run's state (configuration hash, slide fingerprint,
+  chunks done) and ``files``: every file the run wrote, with its SHA-256;
+* ``chunks/`` while the run is incomplete, then ``explanation.safetensors`` and
+  ``explanation.json``;
+* ``.captum-nmf-run.lock`` while a process writes it.
+
+Rules that keep users' data safe:
+
+* A folder is *ours* only when its marker carries our key and the same run id
+  as its manifest. A ``manifest.json`` alone (say, a web app's) is never taken
+  for ours.
+* Replacing a run (``overwrite``) removes only the files its manifest lists
+  (and our chunk files); anything else in the folder -- notes, an export --
+  is kept. A folder that is not ours is never written into unless it is empty.
+* The new run of an ``overwrite`` is computed in a hidden sibling folder and
+  moved in file by file only once it is complete; the manifest moves last, so
+  an interrupted swap is visible (``status: "replacing"``) and can be redone.
+* One writer: an advisory lock (``flock``) on the folder. A second writer is
+  refused at once with the other process's pid, host and start time; the lock
+  of a process that died (even by ``kill -9``) is released by the kernel and
+  taken over.
+* A folder holding only our marker and the debris of a failed start (a lock
+  file, temporary files, an empty ``chunks/``) is cleaned and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from captum_nmf.exceptions import RunStateError
+from captum_nmf.io import atomic_write, default_file_mode, sha256_file
+
+try:  # POSIX advisory locks; msvcrt on Windows
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "LOCK_FILE",
+    "MANIFEST_FILE",
+    "MARKER_FILE",
+    "FolderState",
+    "RunLock",
+    "RunStore",
+    "inspect_folder",
+]
+
+MARKER_FILE = ".captum-nmf-run"
+LOCK_FILE = ".captum-nmf-run.lock"
+MANIFEST_FILE = "manifest.json"
+CHUNK_DIR = "chunks"
+RESULT_FILES = ("explanation.safetensors", "explanation.json")
+MARKER_KEY = "captum-nmf/slide-run-folder"
+RUN_FORMAT = "captum-nmf/slide-run"
+RUN_VERSION = 2
+_TMP = re.compile(r"^\..+\.\d+\.tmp$")
+_CHUNK = re.compile(r"^(chunk|carry)_\d{5}\.safetensors$")
+_OURS_TOP = {MARKER_FILE, LOCK_FILE, MANIFEST_FILE, *RESULT_FILES}
+
+FolderKind = Literal["absent", "empty", "ours", "debris", "foreign"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _is_debris(entry: Path) -> bool:
+    """Left by a failed start of ours: temporary files, our lock, an empty ``chunks/``."""
+    if entry.name == LOCK_FILE or (_TMP.match(entry.name) and entry.is_file()):
+        return True
+    if entry.name == CHUNK_DIR and entry.is_dir():
+        return all(_TMP.match(p.name) and p.is_file() for p in entry.iterdir())
+    return False
+
+
+@dataclass
+class FolderState:
+    """What a would-be run folder holds.
+
+    Attributes:
+        kind (str): ``"absent"``, ``"empty"``, ``"ours"`` (our marker, whatever
+                    the manifest's state), ``"debris"`` (only a failed start's
+                    leftovers, marker or not) or ``"foreign"`` (files we did not write).
+        marker (dict or None): our marker, when there is one.
+        manifest (dict or None): the manifest, when it is readable and matches the marker.
+        foreign (list[str]): entries we did not write (kept by every operation).
+    """
+
+    kind: FolderKind
+    marker: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    foreign: list[str] = field(default_factory=list)
+
+
+def inspect_folder(folder: Path) -> FolderState:
+    """Classify ``folder`` without changing it.
+
+    Returns:
+        *FolderState*: its kind, our marker and manifest, and the foreign entries.
+
+    Raises:
+        FileExistsError: ``folder`` exists and is not a directory.
+    """
+    if not folder.exists():
+        return FolderState("absent")
+    if not folder.is_dir():
+        raise FileExistsError(f"out_dir {folder} exists and is not a directory.")
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return FolderState("empty")
+    marker = _read_json(folder / MARKER_FILE)
+    if marker is None or marker.get("key") != MARKER_KEY:
+        if all(_is_debris(e) for e in entries):
+            return FolderState("debris")
+        return FolderState("foreign", foreign=[e.name for e in entries])
+    manifest = _read_json(folder / MANIFEST_FILE)
+    if manifest is not None and (
+        manifest.get("format") != RUN_FORMAT or manifest.get("run_id") != marker.get("run_id")
+    ):
+        manifest = None
+    listed = set() if manifest is None else {Path(f).parts[0] for f in manifest.get("files", {})}
+    foreign = [
+        e.name
+        for e in entries
+        if e.name not in _OURS_TOP | listed and not _is_debris(e) and e.name != CHUNK_DIR
+    ]
+    if manifest is None and all(e.name == MARKER_FILE or _is_debris(e) for e in entries):
+        return FolderState("debris", marker=marker)
+    return FolderState("ours", marker=marker, manifest=manifest, foreign=foreign)
+
+
+class RunLock:
+    """An advisory, exclusive, non-blocking lock on a run folder (one writer at a time).
+
+    The lock is ``flock`` on ``.captum-nmf-run.lock`` inside the folder, which
+    records the holder's pid, host and start time for the message a second
+    writer gets. The kernel drops the lock when its process dies, so the lock
+    of a killed run is taken over by the next one.
+
+    Args:
+        folder (Path): the folder to lock; it must exist.
+
+    Raises:
+        RunStateError: another process (or another thread) holds the lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+        for _ in range(5):  # retry if the file was unlinked between our open and lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
+            try:
+                _try_lock(fd)
+            except OSError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise RunStateError(
+                    f"{folder} is being written by another captum-nmf run ({holder}); wait "
+                    "for it to finish, or stop it, then run again. Only one process may write "
+                    "a run folder at a time."
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == self.path.stat().st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                break
+            os.close(fd)
+        else:  # pragma: no cover - a folder whose lock file keeps being replaced
+            raise RunStateError(f"could not lock {folder}: its lock file keeps changing.")
+        info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%F %T')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _try_lock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # pragma: no cover - Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file we wrote; a failure is an error, never silent debris."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise RunStateError(f"could not remove {path} ({exc}); remove it by hand.") from exc
+
+
+def _remove_chunk_dir(folder: Path) -> None:
+    """Our chunk and temporary files in ``chunks/``, then the folder if nothing else is left."""
+    chunks = folder / CHUNK_DIR
+    if not chunks.is_dir():
+        return
+    for entry in chunks.iterdir():
+        if _CHUNK.match(entry.name) or _TMP.match(entry.name):
+            _remove(entry)
+    with contextlib.suppress(OSError):  # foreign files inside keep the folder
+        chunks.rmdir()
+
+
+class RunStore:
+    """The files of one run folder: marker, manifest (with file digests), chunks.
+
+    Use :meth:`open` to claim a folder (checks, lock, fresh or resumed state).
+    """
+
+    def __init__(self, work_dir: Path, target: Path, lock: RunLock) -> None:
+        self.work_dir = work_dir  # where this run writes (target, or a sibling for overwrite)
+        self.target = target
+        self.lock = lock
+        self.manifest: dict[str, Any] = {}
+        self.created: list[Path] = []  # folders this run created
+        self.started = False  # a fresh run's first manifest is written
+
+    # ------------------------------------------------------------------ claim
+    @classmethod
+    def open(
+        cls, target: Path, *, resume: bool, overwrite: bool
+    ) -> tuple[RunStore, dict[str, Any] | None]:
+        """Claim ``target`` for a run: lock it and decide fresh, resumed or replacing.
+
+        Returns:
+            *tuple[RunStore, dict or None]*: the store and the manifest to
+            resume from (None: a fresh run, written in ``store.work_dir``).
+
+        Raises:
+            ValueError: both ``resume`` and ``overwrite``.
+            FileExistsError: ``target`` holds files captum-nmf did not write,
+                        or a previous run while neither flag is given.
+            RunStateError: another process writes ``target``, or its run
+                        cannot be resumed (unreadable manifest, interrupted swap).
+        """
+        if resume and overwrite:
+            raise ValueError("pass resume=True or overwrite=True, not both.")
+        state = inspect_folder(target)
+        if state.kind == "foreign":
+            shown = ", ".join(state.foreign[:6]) + (", ..." if len(state.foreign) > 6 else "")
+            raise FileExistsError(
+                f"out_dir {target} holds files that captum-nmf did not write ({shown}); nothing "
+                "there is touched. Use an empty or new directory."
+            )
+        created_dir = not target.exists()
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = RunLock(target)
+        except BaseException:
+            if created_dir:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+            raise
+        store = cls(target, target, lock)
+        if created_dir:
+            store.created.append(target)
+        try:
+            return store._claim(resume=resume, overwrite=overwrite)
+        except BaseException:
+            store.fail()
+            raise
+
+    def _claim(self, *, resume: bool, overwrite: bool) -> tuple[RunStore, dict[str, Any] | None]:
+        """Decide, holding the lock, how this run uses the target (looked at again)."""
+        target = self.target
+        state = inspect_folder(target)
+        if state.kind in ("absent", "empty", "debris"):
+            self._clean_debris(target)
+            return self, None
+        if state.kind == "foreign":  # pragma: no cover - appeared between the two looks
+            raise FileExistsError(f"out_dir {target} holds files captum-nmf did not write.")
+        manifest = state.manifest
+        if overwrite:
+            self._clean_stale_siblings()
+            run_id = uuid.uuid4().hex
+            self.work_dir = target.with_name(f".{target.name}.new-{run_id[:12]}")
+            self.work_dir.mkdir()
+            self.created.append(self.work_dir)
+            return self, None
+        self.started = True  # an existing run: never removed by a failure of this one
+        if not resume:
+            raise FileExistsError(
+                f"out_dir {target} already holds a captum-nmf run; pass resume=True to continue "
+                "it, overwrite=True to replace it when the new run completes (other files there "
+                "are kept), or another directory."
+            )
+        if manifest is None:
+            raise RunStateError(
+                f"{target / MANIFEST_FILE} is missing, unreadable or belongs to another run, so "
+                "the run cannot be resumed; pass overwrite=True to start it over (other files "
+                "there are kept)."
+            )
+        if manifest.get("status") == "replacing":
+            raise RunStateError(
+                f"an overwrite of {target} was interrupted while its files were being replaced; "
+                "pass overwrite=True to run it again (other files there are kept)."
+            )
+        if int(manifest.get("format_version", 0)) > RUN_VERSION:
+            raise RunStateError(f"{target / MANIFEST_FILE} was written by a newer captum-nmf.")
+        self.manifest = manifest
+        return self, manifest
+
+    def _clean_debris(self, folder: Path) -> None:
+        for entry in folder.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.name == CHUNK_DIR:
+                _remove_chunk_dir(folder)
+            elif entry.name == MARKER_FILE or _TMP.match(entry.name):
+                _remove(entry)
+
+    def _clean_stale_siblings(self) -> None:
+        """Hidden sibling folders of overwrites that were killed (we hold the target's lock)."""
+        prefix = f".{self.target.name}.new-"
+        for sibling in self.target.parent.glob(f"{prefix}*"):
+            if sibling.is_dir() and inspect_folder(sibling).kind in ("ours", "debris", "empty"):
+                self._remove_run_files(sibling, foreign_ok=False)
+
+    # ---------------------------------------------------------------- writing
+    def start(self, manifest: dict[str, Any]) -> None:
+        """Write the marker, ``chunks/`` and the first manifest of a fresh run.
+
+        A failure (e.g. a full disk) removes what was written, so nothing is left.
+        """
+        run_id = uuid.uuid4().hex
+        marker = {"key": MARKER_KEY, "run_id": run_id, "library": "captum-nmf"}
+        self.manifest = {
+            **manifest,
+            "format": RUN_FORMAT,
+            "format_version": RUN_VERSION,
+            "run_id": run_id,
+            "files": {},
+        }
+        try:
+            _write_json(self.work_dir / MARKER_FILE, marker)
+            self.record(MARKER_FILE)
+            (self.work_dir / CHUNK_DIR).mkdir(exist_ok=True)
+            self.write_manifest()
+        except BaseException:
+            self.fail()
+            raise
+        self.started = self.work_dir == self.target
+
+    def write_manifest(self) -> None:
+        """Write ``manifest.json`` atomically (the run's commit point)."""
+        _write_json(self.work_dir / MANIFEST_FILE, self.manifest)
+
+    def record(self, *relpaths: str) -> None:
+        """Add files (relative to the run folder) with their SHA-256 to the manifest's list."""
+        files = self.manifest.setdefault("files", {})
+        for rel in relpaths:
+            files[rel] = sha256_file(self.work_dir / rel)
+
+    def forget(self, *relpaths: str) -> None:
+        """Remove files of this run and drop them from the manifest's list."""
+        files = self.manifest.setdefault("files", {})
+        for rel in relpaths:
+            _remove(self.work_dir / rel)
+            files.pop(rel, None)
+
+    def verify(self, relpath: str) -> Path:
+        """The path of a recorded file whose bytes still have their recorded SHA-256.
+
+        Raises:
+            RunStateError: the file is missing, unrecorded or changed.
+        """
+        path = self.work_dir / relpath
+        expected = self.manifest.get("files", {}).get(relpath)
+        if expected is None or not path.is_file():
+            raise RunStateError(
+                f"{path} is missing from the run (or not recorded in its manifest); the run "
+                "cannot be resumed. Pass overwrite=True to start it over."
+            )
+        if sha256_file(path) != expected:
+            raise RunStateError(
+                f"{path} is corrupt: its SHA-256 differs from the one recorded when it was "
+                "written. The run cannot be resumed from it; pass overwrite=True to start over."
+            )
+        return path
+
+    def complete(self) -> None:
+        """Mark the run complete: results recorded, chunks removed, then (overwrite) swapped in."""
+        self.record(*(f for f in RESULT_FILES if (self.work_dir / f).is_file()))
+        self.manifest["status"] = "complete"
+        self.forget(*[f for f in self.manifest["files"] if f.startswith(f"{CHUNK_DIR}/")])
+        self.write_manifest()
+        _remove_chunk_dir(self.work_dir)
+        if self.work_dir != self.target:
+            self._swap()
+
+    def _swap(self) -> None:
+        """Move a complete overwrite from its sibling into the target, manifest last."""
+        target, new = self.target, self.work_dir
+        old = _read_json(target / MANIFEST_FILE)
+        if old is not None and old.get("format") == RUN_FORMAT:
+            _write_json(target / MANIFEST_FILE, {**old, "status": "replacing"})
+        keep = set(self.manifest["files"])
+        for rel in sorted(keep):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            (new / rel).replace(target / rel)
+        if old is not None:
+            for rel in old.get("files", {}):
+                if rel not in keep and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+                    _remove(target / rel)
+        _remove_chunk_dir(target)
+        for name in RESULT_FILES:  # results of an older run that are not in the new one
+            if name not in keep:
+                _remove(target / name)
+        (new / MANIFEST_FILE).replace(target / MANIFEST_FILE)
+        self.created = [p for p in self.created if p != new]
+        self._remove_run_files(new, foreign_ok=False)
+        self.work_dir = target
+
+    def _remove_run_files(self, folder: Path, *, foreign_ok: bool) -> None:
+        """Remove a run folder's own files (listed or by our names), and the folder if empty."""
+        manifest = _read_json(folder / MANIFEST_FILE) or {}
+        for rel in manifest.get("files", {}):
+            if not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+                _remove(folder / rel)
+        _remove_chunk_dir(folder)
+        for name in (*RESULT_FILES, MANIFEST_FILE, MARKER_FILE):
+            _remove(folder / name)
+        for entry in folder.iterdir():
+            if _TMP.match(entry.name) or entry.name == LOCK_FILE:
+                _remove(entry)
+        try:
+            folder.rmdir()
+        except OSError as exc:
+            if not foreign_ok:
+                raise RunStateError(
+                    f"could not remove the temporary run folder {folder} ({exc}); it holds "
+                    f"{sorted(p.name for p in folder.iterdir())}. Remove it by hand."
+                ) from exc
+
+    # ---------------------------------------------------------------- closing
+    def fail(self) -> None:
+        """After an error: drop what cannot be resumed, keep what can, release the lock.
+
+        A fresh run that had started keeps its chunks (``resume=True`` continues
+        it); a start that failed (a full disk, a rejected configuration) leaves
+        nothing behind; an interrupted overwrite removes its sibling folder and
+        leaves the previous run as it was.
+        """
+        if self.lock._fd is None:  # already failed (or closed): nothing more to undo
+            return
+        try:
+            if self.work_dir != self.target:
+                if self.work_dir.is_dir():
+                    self._remove_run_files(self.work_dir, foreign_ok=True)
+                self.work_dir = self.target
+            elif not self.started:
+                self._clean_debris(self.target)
+                _remove(self.target / MANIFEST_FILE)
+                if self.target in self.created:
+                    self.lock.release()
+                    with contextlib.suppress(OSError):
+                        self.target.rmdir()
+        finally:
+            self.created = []
+            self.lock.release()
+
+    def close(self) -> None:
+        """Release the lock (the run folder stays as it is)."""
+        self.lock.release()

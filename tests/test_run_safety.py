@@ -1,0 +1,408 @@
+"""Nothing lost, nothing silently wrong: run folders, integrity, failed starts, one writer."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf.exceptions import (
+    ConceptModelFormatError,
+    ConceptModelMismatchError,
+    LayerNameMismatchWarning,
+    NoTissueError,
+    RunStateError,
+)
+from captum_nmf.io import default_file_mode
+from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi import store as store_module
+from captum_nmf.wsi.reader import Slide as SlideClass
+from captum_nmf.wsi.store import LOCK_FILE, MARKER_FILE, RunLock, inspect_folder
+from tests.helpers.synthetic_slides import he_image
+from tests.helpers.wsi_models import PoolNet
+
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def he_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pyramid(he_image()[:384, :512], tmp_path_factory.mktemp("he") / "he.svs", mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def pool_attr(he_slide: Path) -> NMFConceptAttribution:
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    return attr.fit(SlideTiles(he_slide, tile_size=64, stride=32, tissue_mask=None), progress=False)
+
+
+def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> SlideExplanation:
+    options: dict[str, object] = {
+        "tile_size": 64,
+        "stride": 32,
+        "tissue_mask": None,
+        "batch_size": 32,
+        "progress": False,
+        "chunk_tiles": 40,
+    }
+    options.update(kwargs)
+    return explain_slide(attr, path, **options)  # type: ignore[arg-type]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _flip(path: Path, at: float = 0.5, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    for i in range(start, min(start + n, len(data))):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
+
+
+class _Interrupt:
+    """KeyboardInterrupt at tile read number ``at`` (1-based)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+        self.calls = 0
+        original = SlideClass.read_tile
+
+        def read_tile(slide: SlideClass, *args: object, **kwargs: object) -> np.ndarray:
+            self.calls += 1
+            if self.calls == at:
+                raise KeyboardInterrupt
+            return original(slide, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(SlideClass, "read_tile", read_tile)
+
+
+# ------------------------------------------------------------------ 1. ownership
+def test_overwrite_keeps_user_files_and_an_export_inside_the_run(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "runc"
+    _explain(pool_attr, he_slide, out_dir=out)
+    (out / "export").mkdir()
+    (out / "export" / "concepts.geojson").write_text("{}")
+    (out / "notes.txt").write_text("my notes")
+    second = _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "export" / "concepts.geojson").read_text() == "{}"
+    assert SlideExplanation.load(out).config["stride"] == 16
+    assert np.array_equal(SlideExplanation.load(out).concept_maps, second.concept_maps)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            MARKER_FILE,
+            "explanation.json",
+            "explanation.safetensors",
+            "export",
+            "manifest.json",
+            "notes.txt",
+        ]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".runc")]  # no sibling left
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {MARKER_FILE, "explanation.json", "explanation.safetensors"}
+
+
+def test_a_foreign_manifest_is_never_taken_for_ours(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    webapp = tmp_path / "webapp"
+    (webapp / "src").mkdir(parents=True)
+    (webapp / "manifest.json").write_text('{"name": "my-web-app"}')
+    (webapp / "src" / "app.js").write_text("x")
+    (webapp / "thesis.txt").write_text("t")
+    before = _tree(webapp)
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(FileExistsError, match=r"did not write \(manifest\.json, src, thesis"):
+            _explain(pool_attr, he_slide, out_dir=webapp, **flags)
+        assert _tree(webapp) == before
+    # a look-alike of our run manifest without our marker is foreign too
+    (webapp / "manifest.json").write_text('{"format": "captum-nmf/slide-run", "status": "x"}')
+    with pytest.raises(FileExistsError, match="did not write"):
+        _explain(pool_attr, he_slide, out_dir=webapp, overwrite=True)
+    assert (webapp / "src" / "app.js").read_text() == "x"
+
+
+def test_a_run_without_flags_refuses_an_existing_run(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    before = _tree(out)
+    with pytest.raises(FileExistsError, match="already holds a captum-nmf run; pass resume=True"):
+        _explain(pool_attr, he_slide, out_dir=out)
+    assert _tree(out) == before
+
+
+def test_an_interrupted_swap_is_redone_by_overwrite(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "replacing"}))
+    with pytest.raises(RunStateError, match="overwrite of .* was interrupted"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    again = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+    assert np.array_equal(SlideExplanation.load(out).concept_maps, again.concept_maps)
+
+
+# ------------------------------------------------------------------ 2. integrity
+def test_flipped_bytes_in_the_result_are_refused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    _flip(out / "explanation.safetensors", at=0.6)
+    with pytest.raises(ConceptModelFormatError, match=r"explanation\.safetensors is corrupt"):
+        SlideExplanation.load(out)
+    with pytest.raises(RunStateError, match=r"explanation\.safetensors is corrupt: its SHA-256"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+
+
+def test_flipped_bytes_in_a_chunk_are_refused_on_resume(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    _Interrupt(monkeypatch, at=100)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, out_dir=out)
+    monkeypatch.undo()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["done"] >= 2
+    chunk = out / "chunks" / "chunk_00000.safetensors"
+    assert manifest["files"]["chunks/chunk_00000.safetensors"]
+    _flip(chunk, at=0.8)
+    with pytest.raises(RunStateError, match=r"chunk_00000\.safetensors is corrupt"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    chunk.unlink()
+    with pytest.raises(RunStateError, match=r"chunk_00000\.safetensors is missing"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    # the folder is still ours: overwrite starts over and cleans the old chunks
+    ref = _explain(pool_attr, he_slide)
+    again = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+    assert np.array_equal(again.concept_maps, ref.concept_maps)
+    assert not (out / "chunks").exists()
+
+
+# --------------------------------------------------------------- 3. failed starts
+def test_concepts_of_another_layer_fail_before_out_dir_exists(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    net = PoolNet().eval()
+    with pytest.warns(LayerNameMismatchWarning):
+        other = NMFConceptAttribution.load(
+            pool_attr.save(tmp_path / "c.safetensors"), net, net.pool
+        )
+    out = tmp_path / "run"
+    with pytest.raises(ConceptModelMismatchError, match="expect 4 channels but layer 'pool' .* 3"):
+        _explain(other, he_slide, out_dir=out)
+    assert not out.exists()
+    _explain(pool_attr, he_slide, out_dir=out)  # the corrected rerun just works
+
+
+def test_huge_concept_entries_are_refused_naming_the_file(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from captum_nmf.io import content_digest
+
+    path = pool_attr.save(tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, concepts = dict(f.metadata()), f.get_tensor("concepts").clone()
+    concepts[0, 0] = 1e30
+    meta["content_sha256"] = content_digest({"concepts": concepts}, meta)  # a valid digest
+    save_file({"concepts": concepts}, str(path), metadata=meta)
+    net = PoolNet().eval()
+    with pytest.raises(ConceptModelFormatError, match=r"Concept 0 in .*c\.safetensors has norm 1e"):
+        NMFConceptAttribution.load(path, net, net.relu)
+    edited = NMFConceptAttribution.load(pool_attr.save(tmp_path / "d.safetensors"), net, net.relu)
+    edited.concepts_ = edited.concepts_.clone()
+    edited.concepts_[1, 2] = float("nan")
+    out = tmp_path / "run"
+    with pytest.raises(ConceptModelFormatError, match="hold NaN or Inf"):
+        _explain(edited, he_slide, out_dir=out)
+    assert not out.exists()
+
+
+def test_a_full_disk_at_the_start_leaves_nothing(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    real = store_module._write_json
+
+    def full(path: Path, data: dict[str, object]) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for target in ("marker", "manifest"):
+
+        def failing(path: Path, data: dict[str, object], target: str = target) -> None:
+            if (target == "marker") == (path.name == MARKER_FILE):
+                full(path, data)
+            real(path, data)
+
+        monkeypatch.setattr(store_module, "_write_json", failing)
+        with pytest.raises(OSError, match="No space left"):
+            _explain(pool_attr, he_slide, out_dir=out)
+        assert not out.exists(), target
+    monkeypatch.undo()
+    # an existing empty folder stays, empty
+    out.mkdir()
+    monkeypatch.setattr(store_module, "_write_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        _explain(pool_attr, he_slide, out_dir=out)
+    assert list(out.iterdir()) == []
+
+
+def test_too_little_free_space_is_refused_before_work(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    class Usage:
+        total, used, free = 10**9, 10**9 - 1000, 1000
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: Usage())
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match=r"0\.0 MiB free .* first chunk of the run needs about") as e:
+        _explain(pool_attr, he_slide, out_dir=out)
+    assert e.value.errno == errno.ENOSPC
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}])
+def test_debris_of_a_killed_start_is_reused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution, flags: dict[str, bool]
+) -> None:
+    out = tmp_path / "run"
+    (out / "chunks").mkdir(parents=True)
+    (out / MARKER_FILE).write_text(
+        json.dumps({"key": "captum-nmf/slide-run-folder", "run_id": "dead", "library": "x"})
+    )
+    (out / ".manifest.json.12345.tmp").write_bytes(b"")
+    (out / LOCK_FILE).write_text("pid 12345 on elsewhere")
+    assert inspect_folder(out).kind == "debris"
+    ref = _explain(pool_attr, he_slide)
+    got = _explain(pool_attr, he_slide, out_dir=out, **flags)
+    assert np.array_equal(got.concept_maps, ref.concept_maps)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MARKER_FILE, "explanation.json", "explanation.safetensors", "manifest.json"]
+    )
+
+
+# ------------------------------------------------------------------ one writer
+def test_a_second_writer_is_refused_naming_the_first(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    lock = RunLock(out)  # another writer in this process (another thread's open file)
+    try:
+        errors: list[BaseException] = []
+
+        def second() -> None:
+            try:
+                _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        assert isinstance(errors[0], RunStateError)
+        assert f"being written by another captum-nmf run (pid {os.getpid()} on" in str(errors[0])
+    finally:
+        lock.release()
+    assert not (out / LOCK_FILE).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "from captum_nmf.wsi.store import RunLock\n"
+        f"RunLock(Path({str(out)!r})); print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunStateError, match=f"pid {proc.pid} on"):
+            _explain(pool_attr, he_slide, out_dir=out)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / LOCK_FILE).exists()  # the stale lock file is still there...
+    _explain(pool_attr, he_slide, out_dir=out)  # ...and is taken over
+    assert not (out / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------ 6. small things
+def test_a_one_pixel_jpeg_is_no_tissue_and_writes_nothing(
+    tmp_path: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    path = tmp_path / "dot.jpg"
+    Image.fromarray(np.full((1, 1, 3), (180, 60, 150), np.uint8)).save(path)
+    out = tmp_path / "run"
+    with pytest.raises(NoTissueError, match=r"dot\.jpg is 1 x 1 px .* smaller than one 8 px"):
+        explain_slide(pool_attr, path, tile_size=64, stride=32, out_dir=out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_follow_the_umask(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        _explain(pool_attr, he_slide, out_dir=tmp_path / "run")
+        expected = default_file_mode()
+    finally:
+        os.umask(old)
+    assert expected == 0o666 & ~umask
+    for p in (tmp_path / "run").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == expected, p.name
+
+
+def test_nothing_is_left_behind_by_a_rejected_concept_tensor(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
+    attr.concepts_ = -torch.ones_like(attr.concepts_)
+    with pytest.raises(ConceptModelFormatError, match="negative entries"):
+        _explain(attr, he_slide, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
