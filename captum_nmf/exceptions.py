@@ -21,6 +21,8 @@ already catch ``ValueError``, ``FileNotFoundError`` or ``OSError`` keep working:
 
     CaptumNMFWarning(UserWarning)
     ├── EmptyTileGridWarning
+    ├── LargeThumbnailWarning
+    ├── UnreadableRegionWarning
     └── LayerNameMismatchWarning
 """
 
@@ -37,6 +39,7 @@ __all__ = [
     "ConceptModelFormatError",
     "ConceptModelMismatchError",
     "EmptyTileGridWarning",
+    "LargeThumbnailWarning",
     "LayerError",
     "LayerNameMismatchWarning",
     "NegativeActivationError",
@@ -47,6 +50,7 @@ __all__ = [
     "SlideError",
     "SlideNotFoundError",
     "SlideReadError",
+    "UnreadableRegionWarning",
     "UnsupportedSlideError",
 ]
 
@@ -148,6 +152,14 @@ class CaptumNMFWarning(UserWarning):
 
 class EmptyTileGridWarning(CaptumNMFWarning):
     """Emitted when a tiler keeps no tile of a slide."""
+
+
+class LargeThumbnailWarning(CaptumNMFWarning):
+    """Emitted when a slide's thumbnail must decode more than about 10^9 pixels (no pyramid)."""
+
+
+class UnreadableRegionWarning(CaptumNMFWarning):
+    """Emitted when ``on_tile_error="skip"`` counts unreadable thumbnail parts as background."""
 
 
 class CamScaleWarning(CaptumNMFWarning):

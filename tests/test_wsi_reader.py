@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,14 @@ import openslide
 import pytest
 
 from captum_nmf.data import path as data_path
-from captum_nmf.exceptions import SlideNotFoundError, SlideReadError, UnsupportedSlideError
-from captum_nmf.wsi import Slide, write_pyramid
+from captum_nmf.exceptions import (
+    LargeThumbnailWarning,
+    SlideNotFoundError,
+    SlideReadError,
+    UnreadableRegionWarning,
+    UnsupportedSlideError,
+)
+from captum_nmf.wsi import Slide, reader, write_pyramid
 from tests.helpers.synthetic_slides import (
     CMU,
     CMU_MPP,
@@ -20,6 +27,9 @@ from tests.helpers.synthetic_slides import (
     cmu_pixels,
     cmu_pyramid,
     flip_tile_marker,
+    flip_tile_markers,
+    he_image,
+    sparse_tiff,
     truncated_copy,
 )
 
@@ -328,3 +338,103 @@ def test_unreadable_permissions(tmp_path: Path) -> None:
     locked.chmod(0)
     with pytest.raises(PermissionError, match=r"locked\.svs is not readable"):
         Slide(locked)
+
+
+# ------------------------------------------------------ huge, sparse and broken thumbnails
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4000 x 4100 px in 512 px tiles (8 x 9), four of them real H&E, the rest empty."""
+    he = he_image()
+    tiles = {
+        (0, 0): he[:512, :512],
+        (3, 5): he[512:1024, :512],
+        (3, 6): he[:512, 512:1024],
+        (7, 2): he[988:, 988:],
+    }
+    return sparse_tiff(tmp_path_factory.mktemp("sparse") / "sparse.tif", (4000, 4100), tiles=tiles)
+
+
+def test_tile_layout_of_a_sparse_tiff(sparse: Path) -> None:
+    with Slide(sparse) as slide:
+        layout = slide.tile_layout(0)
+    assert layout is not None
+    assert layout.tile_size == (512, 512)
+    assert layout.empty.shape == (9, 8)
+    assert sorted(zip(*np.nonzero(~layout.empty), strict=True)) == [(0, 0), (3, 5), (3, 6), (7, 2)]
+    assert layout.data_pixels == 4 * 512 * 512
+    assert layout.data_span(1536, 2048) == (2560, 3584)  # tile row 3: columns 5 and 6
+    assert layout.data_span(512, 1536) is None  # rows 1 and 2 hold nothing
+    with Slide(data_path("hgsc_nest.jpg")) as image:
+        assert image.tile_layout(0) is None  # a plain image has no TIFF tiles
+
+
+@pytest.mark.parametrize("size", [4100, 2048, 333])
+def test_empty_tiles_are_background_without_decoding(
+    sparse: Path, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    read = Slide.read_region
+
+    def counted(self: Slide, location: tuple[int, int], level: int, size: tuple[int, int]):  # type: ignore[no-untyped-def]
+        reads.append((location, size))
+        return read(self, location, level, size)
+
+    with Slide(sparse) as slide:
+        monkeypatch.setattr(Slide, "read_region", counted)
+        fast, down = slide.thumbnail(size)
+        read_px = sum(w * h for _, (w, h) in reads)
+        slide._layouts[0] = None  # what reading every tile gives
+        dense, dense_down = slide.thumbnail(size)
+    np.testing.assert_array_equal(fast, dense)  # the same pixels, exactly
+    assert down == dense_down
+    # only the 4 tiles with data are read (a tile row shared by two strips: a few rows twice)
+    assert 4 * 512 * 512 <= read_px <= 4 * 512 * 520
+
+
+def test_huge_single_level_thumbnail_warns_with_progress(
+    sparse: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(reader, "LARGE_THUMBNAIL_PIXELS", 10**6)  # instead of 10^9
+    with Slide(sparse) as slide, pytest.warns(LargeThumbnailWarning) as caught:
+        slide.thumbnail(1000)
+    # only the 4 tiles with data are counted: 4 x 512 x 512 px
+    assert "decodes 1,048,576 pixels of level 0, about" in str(caught[0].message)
+    assert "write_pyramid" in str(caught[0].message)
+    assert "thumbnail of sparse.tif" in capsys.readouterr().err  # the progress bar
+    with Slide(CMU) as slide:
+        # 10 x 13 JPEG tiles of 240 px: 7,488,000 pixels decoded
+        with pytest.warns(LargeThumbnailWarning, match=r"decodes 7,488,000 pixels .* s at the"):
+            slide.thumbnail(300, progress=False)
+        assert "thumbnail of" not in capsys.readouterr().err
+    monkeypatch.setattr(reader, "LARGE_THUMBNAIL_PIXELS", 10**9)
+    with Slide(CMU) as slide, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slide.thumbnail(300)
+    assert "thumbnail of" not in capsys.readouterr().err
+
+
+def test_thumbnail_skips_unreadable_blocks_only(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.svs"
+    corners = flip_tile_markers(CMU, broken, [52, 77])  # two 240 px JPEG tiles
+    with Slide(CMU) as slide:
+        intact = slide.read_thumbnail(2967)  # level 0, one thumbnail pixel per slide pixel
+    with Slide(broken) as slide:
+        with pytest.raises(SlideReadError, match=r"broken\.svs.*pass on_tile_error='skip'"):
+            slide.thumbnail(2220)
+        with pytest.warns(UnreadableRegionWarning, match=r"2 region\(s\) of broken\.svs"):
+            thumb = slide.read_thumbnail(2967, on_tile_error="skip")
+    assert sorted(thumb.unreadable) == sorted((x, y, 240, 240) for x, y in corners)
+    lost = np.zeros(thumb.pixels.shape[:2], bool)
+    for x, y in corners:
+        lost[y : y + 240, x : x + 240] = True
+    assert (thumb.pixels[lost] == 255).all()  # background
+    np.testing.assert_array_equal(thumb.pixels[~lost], intact.pixels[~lost])
+    assert intact.unreadable == ()
+
+
+def test_bad_thumbnail_arguments() -> None:
+    with Slide(CMU) as slide:
+        with pytest.raises(ValueError, match="on_tile_error must be 'raise' or 'skip'"):
+            slide.thumbnail(64, on_tile_error="ignore")
+        with pytest.raises(ValueError, match="max_size must be an int >= 1, got 0"):
+            slide.thumbnail(0)

@@ -1,4 +1,4 @@
-"""Tissue detection, tile grids and the ``SlideTiles`` dataset."""
+"""Tile grids and the ``SlideTiles`` dataset (tissue detection: ``test_wsi_tissue.py``)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from skimage.color import rgb2gray
 from torch import nn
 from torch.utils.data import DataLoader
 
 from captum_nmf import NMFConceptAttribution
-from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
-from captum_nmf.wsi import Slide, SlideTiles, TissueMask, detect_tissue, tile_grid, write_pyramid
+from captum_nmf.wsi import Slide, SlideTiles, TissueMask, tile_grid, write_pyramid
 from tests.helpers.synthetic_slides import (
     CMU,
     blank_slide,
@@ -31,66 +29,6 @@ from tests.helpers.synthetic_slides import (
 def slide_1000x700(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("s") / "s.svs"
     return write_pyramid(he_image()[:700, :1000], path, mpp=0.5)
-
-
-# ------------------------------------------------------------------------- tissue
-def test_tissue_on_the_real_cmu_slide() -> None:
-    with Slide(CMU) as slide:
-        tissue = detect_tissue(slide)
-        thumb, _ = slide.thumbnail(max(tissue.mask.shape))
-    grey = rgb2gray(thumb)
-    assert 0.25 < tissue.tissue_share < 0.6
-    assert tissue.mask[grey > 0.93].mean() < 0.05  # bright background is not tissue
-    assert tissue.mask[grey < 0.6].mean() > 0.97  # stained tissue is
-    assert tissue.downsample[0] == pytest.approx(4.0 / 0.499, rel=0.02)  # 4 um per mask pixel
-
-
-def test_an_all_tissue_image_is_not_split_by_otsu() -> None:
-    with Slide(data_path("hgsc_nest.jpg"), mpp=0.5) as slide:
-        floor = detect_tissue(slide)
-        plain_otsu = detect_tissue(slide, min_threshold=0.0, closing_um=None, min_object_um2=0)
-    assert floor.tissue_share > 0.9
-    assert plain_otsu.tissue_share < 0.75  # what Otsu alone does to an all-tissue view
-
-
-def test_blank_slide_has_no_tissue(tmp_path: Path) -> None:
-    with Slide(blank_slide(tmp_path / "blank.svs")) as slide:
-        assert detect_tissue(slide).tissue_share == 0.0
-
-
-def test_tissue_fractions_by_hand() -> None:
-    mask = np.zeros((4, 4), bool)
-    mask[:2, :2] = True
-    tm = TissueMask(mask, (10.0, 10.0))
-    boxes = [
-        (0, 0, 20, 20),  # exactly the tissue
-        (0, 0, 40, 40),  # the whole mask
-        (10, 10, 20, 20),  # one tissue pixel of four
-        (100, 100, 10, 10),  # outside the slide
-        (-20, -20, 40, 40),  # only its inside part counts
-        (30, 30, 20, 20),  # inside part is background
-    ]
-    np.testing.assert_allclose(tm.fractions(np.array(boxes)), [1, 0.25, 0.25, 0, 1, 0])
-    assert TissueMask.from_array(mask, (400, 200)).downsample == (100.0, 50.0)
-    assert not tm.mask.flags.writeable
-
-
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ((np.zeros((2, 2, 2), bool), (1.0, 1.0)), "non-empty 2-D array"),
-        ((np.zeros((0, 3), bool), (1.0, 1.0)), "non-empty 2-D array"),
-        ((np.zeros((2, 2), bool), (1.0, 0.0)), "two positive numbers"),
-    ],
-)
-def test_bad_tissue_masks(args: tuple[object, ...], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        TissueMask(*args)  # type: ignore[arg-type]
-
-
-def test_bad_tissue_threshold() -> None:
-    with Slide(CMU) as slide, pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
-        detect_tissue(slide, threshold=200)
 
 
 # --------------------------------------------------------------------------- grid
@@ -165,6 +103,11 @@ def test_blank_slide_gives_an_empty_grid_and_a_warning(tmp_path: Path) -> None:
         ({"min_tissue": 1.5}, ValueError, r"min_tissue must be a fraction in \[0, 1\]"),
         ({"tissue_mask": "li"}, ValueError, "tissue_mask must be a TissueMask, 'otsu' or None"),
         ({"tissue_mask": np.ones((4, 4), bool)}, TypeError, "TissueMask.from_array"),
+        (
+            {"on_tile_error": "log"},
+            ValueError,
+            "on_tile_error must be 'raise' or 'skip', got 'log'",
+        ),
         ({"level": 7}, ValueError, "level=7 out of range"),
         ({"mpp": 0.2}, ValueError, "finer than level 0"),
     ],

@@ -104,6 +104,11 @@ class TileGrid:
         """Tile side in level-0 pixels."""
         return self.tile_size * self.resolution.scale
 
+    @property
+    def tissue_share(self) -> float | None:
+        """Share of the slide that the tissue mask marks as tissue (None without a mask)."""
+        return None if self.tissue_mask is None else self.tissue_mask.tissue_share
+
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -130,6 +135,7 @@ def tile_grid(
     tissue_mask: TissueOption = "otsu",
     min_tissue: float = 0.25,
     margin: int = 0,
+    on_tile_error: TileErrorPolicy = "raise",
 ) -> TileGrid:
     r"""The overlapping tiles of a slide that contain enough tissue.
 
@@ -149,9 +155,10 @@ def tile_grid(
                     keeps only tiles fully inside (a slide smaller than a
                     tile then has none).
                     Default: ``"pad"``
-        tissue_mask (TissueMask, "otsu" or None, optional): the tissue mask;
-                    ``"otsu"`` runs :func:`detect_tissue`; None treats the
-                    whole slide as tissue.
+        tissue_mask (TissueMask, "otsu" or None, optional): the tissue mask
+                    (it must cover this slide); ``"otsu"`` runs
+                    :func:`detect_tissue`; None treats the whole slide as
+                    tissue.
                     Default: ``"otsu"``
         min_tissue (float, optional): smallest tissue fraction of a kept tile.
                     Default: 0.25
@@ -161,15 +168,25 @@ def tile_grid(
                     needs ``tile_size == stride + 2 * margin`` and
                     ``edge="pad"``).
                     Default: 0
+        on_tile_error (str, optional): what :func:`detect_tissue` does with
+                    parts of the thumbnail it cannot read: ``"raise"``, or
+                    ``"skip"`` (they count as no tissue, with an
+                    :class:`~captum_nmf.exceptions.UnreadableRegionWarning`).
+                    Default: ``"raise"``
 
     Returns:
         *TileGrid*: the kept tiles. An empty grid also warns
-        :class:`~captum_nmf.exceptions.EmptyTileGridWarning`.
+        :class:`~captum_nmf.exceptions.EmptyTileGridWarning`, naming the
+        slide's tissue share.
 
     Raises:
-        TypeError: ``tile_size``, ``stride`` or ``level`` is not an int.
-        ValueError: a non-positive size, an unknown ``edge``, ``min_tissue``
-                    outside [0, 1], or a level / mpp the slide does not have.
+        TypeError: ``tile_size``, ``stride`` or ``level`` is not an int, or
+                    ``tissue_mask`` is not a TissueMask, "otsu" or None.
+        ValueError: a non-positive size, an unknown ``edge`` or
+                    ``on_tile_error``, ``min_tissue`` outside [0, 1], a level
+                    / mpp the slide does not have, or a ``tissue_mask`` that
+                    does not cover the slide.
+        SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
     """
     tile = _positive_int("tile_size", tile_size)
     step = _positive_int("stride", stride)
@@ -177,14 +194,18 @@ def tile_grid(
         raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
     if not isinstance(min_tissue, numbers.Real) or not 0.0 <= float(min_tissue) <= 1.0:
         raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}.")
+    _check_policy(on_tile_error, None)
     resolution = slide.resolve(level=level, mpp=mpp)
     if isinstance(tissue_mask, str):
         if tissue_mask != "otsu":
             raise ValueError(
                 f"tissue_mask must be a TissueMask, 'otsu' or None, got {tissue_mask!r}."
             )
-        mask: TissueMask | None = detect_tissue(slide)
-    elif tissue_mask is None or isinstance(tissue_mask, TissueMask):
+        mask: TissueMask | None = detect_tissue(slide, on_tile_error=on_tile_error)
+    elif tissue_mask is None:
+        mask = None
+    elif isinstance(tissue_mask, TissueMask):
+        tissue_mask.check_dimensions(slide.dimensions, slide.path.name)
         mask = tissue_mask
     else:
         raise TypeError(
@@ -240,9 +261,10 @@ def tile_grid(
         margin=margin,
     )
     if len(grid) == 0:
+        share = "" if mask is None else f"; {100 * mask.tissue_share:.3g} % of the slide is tissue"
         warnings.warn(
             f"No tile of {slide.path.name} has tissue fraction >= {min_tissue} ({n_rows * n_cols} "
-            f"candidate tiles of {tile} px at level {resolution.level}, edge={edge!r}).",
+            f"candidate tiles of {tile} px at level {resolution.level}, edge={edge!r}{share}).",
             EmptyTileGridWarning,
             stacklevel=2,
         )
@@ -323,7 +345,8 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
                     in [0, 1] (e.g. the model's normalisation). Must be
                     picklable for ``num_workers > 0``.
                     Default: None
-        on_tile_error (str, optional): ``"raise"`` or ``"skip"``.
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"``, for tile
+                    reads and for tissue detection (see :func:`tile_grid`).
                     Default: ``"raise"``
         slide_mpp (float, optional): microns per level-0 pixel for slides
                     without that metadata (plain images).
@@ -377,6 +400,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
                         edge=edge,
                         tissue_mask=tissue_mask,
                         min_tissue=min_tissue,
+                        on_tile_error=on_tile_error,
                     )
                 )
         self._setup(grids, transform, on_tile_error, slide_mpp, max_open_slides)

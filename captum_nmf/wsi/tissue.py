@@ -1,4 +1,12 @@
-"""Tissue detection on a slide thumbnail (Otsu + morphology) and per-tile tissue fractions."""
+"""Tissue detection on a slide thumbnail (colour and brightness, then morphology).
+
+Brightfield stains are coloured; glass, dust, empty scans and shadows are grey.
+:func:`detect_tissue` therefore keeps thumbnail pixels that are both coloured
+(HSV saturation above Otsu's threshold, bounded) and not bright (grey level
+below Otsu's threshold, bounded), closes small gaps, drops specks and fills
+small holes, and removes pen marks (strongly saturated blue or green strokes,
+and black ones).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from skimage import color, filters, morphology
 
 from captum_nmf.wsi.reader import Slide
 
-__all__ = ["TissueMask", "detect_tissue"]
+__all__ = ["TissueMask", "detect_tissue", "pen_marks"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,9 @@ class TissueMask:
         downsample (tuple[float, float]): (x, y) level-0 pixels per mask pixel.
         threshold (float, optional): the grey-level threshold used, if any.
                     Default: None
+        saturation_threshold (float, optional): the saturation threshold
+                    used, if any.
+                    Default: None
 
     Raises:
         ValueError: ``mask`` is not 2-D or is empty, or a downsample is not positive.
@@ -37,6 +48,7 @@ class TissueMask:
     mask: NDArray[np.bool_]
     downsample: tuple[float, float]
     threshold: float | None = None
+    saturation_threshold: float | None = None
     _integral: NDArray[np.int64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +110,38 @@ class TissueMask:
         """Share of the whole slide that is tissue."""
         return float(self.mask.mean())
 
+    @property
+    def extent(self) -> tuple[float, float]:
+        """(width, height) in level-0 pixels that the mask covers."""
+        return self.mask.shape[1] * self.downsample[0], self.mask.shape[0] * self.downsample[1]
+
+    def check_dimensions(self, dimensions: tuple[int, int], name: str = "the slide") -> None:
+        """Check that the mask covers a slide of level-0 size ``dimensions`` (width, height).
+
+        A mask covers the slide when its extent (shape times downsample)
+        equals the slide's size to within one mask pixel on each axis.
+
+        Args:
+            dimensions (tuple[int, int]): the slide's level-0 (width, height).
+            name (str, optional): the slide's name, for the message.
+                        Default: ``"the slide"``
+
+        Raises:
+            ValueError: the mask was made for a slide of another size.
+        """
+        ew, eh = self.extent
+        w, h = dimensions
+        dx, dy = self.downsample
+        if abs(ew - w) <= dx + 1e-6 * w and abs(eh - h) <= dy + 1e-6 * h:
+            return
+        rows, cols = self.mask.shape
+        raise ValueError(
+            f"tissue_mask does not match {name}: the mask ({cols} x {rows} px at downsample "
+            f"({dx:.4g}, {dy:.4g})) covers {ew:.0f} x {eh:.0f} level-0 px, but {name} is {w} x "
+            f"{h} px. Build the mask for this slide: TissueMask.from_array(mask, "
+            "slide.dimensions) or detect_tissue(slide)."
+        )
+
 
 def _remove_small(mask: NDArray[np.bool_], area: int) -> NDArray[np.bool_]:
     # scikit-image 0.26 renamed min_size (remove objects smaller than) to max_size
@@ -110,6 +154,58 @@ def _remove_small(mask: NDArray[np.bool_], area: int) -> NDArray[np.bool_]:
         return morphology.remove_small_objects(mask, min_size=area)  # type: ignore[no-any-return]
 
 
+# Pen marks: strongly saturated hues that H&E never has (yellow-green through blue,
+# 72 to 245 degrees; haematoxylin starts near 250), and near-black grey strokes.
+_PEN_HUE = (0.2, 0.68)
+_PEN_SATURATION = 0.25
+_BLACK_VALUE = 0.3
+_BLACK_SATURATION = 0.4
+_FALLBACK_MPP = 0.5  # slides without mpp: scales as for a 20x scan
+
+
+def _otsu(values: NDArray[np.floating]) -> float | None:
+    """Otsu's threshold, or None when ``values`` are (nearly) uniform."""
+    if float(np.ptp(values)) < 1e-6:
+        return None
+    return float(filters.threshold_otsu(values))  # type: ignore[no-untyped-call]
+
+
+def pen_marks(pixels: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """Pixels of pen marks: strongly saturated blue, cyan or green, or near black.
+
+    Blue and green are hues H&E does not have (HSV hue 0.2 to 0.68 with
+    saturation >= 0.25: yellow-green through blue; haematoxylin is violet,
+    hue >= 0.69); black marks are dark (value < 0.3) and not strongly
+    coloured (saturation < 0.4), unlike dense nuclei, which are dark violet.
+
+    Args:
+        pixels (ndarray): H x W x 3 ``uint8`` RGB.
+
+    Returns:
+        *ndarray*: H x W boolean, True on pen.
+    """
+    return _pen(color.rgb2hsv(np.asarray(pixels)))
+
+
+def _pen(hsv: NDArray[np.floating]) -> NDArray[np.bool_]:
+    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    coloured = (hue >= _PEN_HUE[0]) & (hue < _PEN_HUE[1]) & (sat >= _PEN_SATURATION)
+    black = (val < _BLACK_VALUE) & (sat < _BLACK_SATURATION)
+    out: NDArray[np.bool_] = coloured | black
+    return out
+
+
+def _check_fraction(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not 0.0 <= float(value) <= 1.0
+    ):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+    return float(value)
+
+
 def detect_tissue(
     slide: Slide,
     *,
@@ -117,46 +213,86 @@ def detect_tissue(
     max_size: int = 2048,
     threshold: float | None = None,
     min_threshold: float = 0.8,
+    saturation_threshold: float | None = None,
+    saturation_bounds: tuple[float, float] = (0.07, 0.15),
+    exclude_pen: bool = True,
     closing_um: float | None = 16.0,
     min_object_um2: float = 10_000.0,
+    on_tile_error: str = "raise",
+    progress: bool | None = None,
 ) -> TissueMask:
-    r"""Find tissue on a slide thumbnail: Otsu's threshold on grey levels plus morphology.
+    r"""Find tissue on a slide thumbnail: coloured and not bright, then morphology.
 
-    Brightfield background is bright; pixels darker than the threshold are
-    tissue. The threshold is Otsu's on the thumbnail's grey levels, but never
-    below ``min_threshold``: on a thumbnail that is nearly all tissue Otsu
-    would otherwise split dark from light tissue (nuclei from stroma). The
-    mask is then closed (bridging gaps of about ``closing_um``) and objects
-    smaller than ``min_object_um2`` and holes of that size inside tissue are
-    removed. The scales fall back to thumbnail pixels (2 and 64) when the
-    slide's mpp is unknown.
+    Stained tissue is coloured; glass, dust, shadows and empty scans are grey.
+    A thumbnail pixel is tissue when it is both
+
+    - **coloured**: HSV saturation at least Otsu's threshold on the
+      thumbnail's saturations, bounded to ``saturation_bounds`` (the lower
+      bound keeps the threshold out of the noise of blank glass; the upper
+      one stops Otsu from splitting pale stroma from nuclei on a thumbnail
+      that is nearly all tissue), and
+    - **not bright**: grey level below Otsu's threshold on grey levels, but
+      never below ``min_threshold``.
+
+    A uniform or nearly uniform thumbnail has no Otsu split and only the
+    bounds apply, so a blank or near-blank slide, and a grey or black one
+    however dark, has no tissue. The mask is then closed (bridging gaps of
+    about ``closing_um``), objects smaller than ``min_object_um2`` and holes
+    of that size inside tissue are removed, and with ``exclude_pen`` pen
+    marks (:func:`pen_marks` objects of at least ``min_object_um2``, widened
+    by half the closing radius) are taken out last, so that closing and hole
+    filling cannot put them back. A slide without mpp (a plain image, unless
+    ``Slide(path, mpp=...)`` declares it) is taken to be 0.5 um per pixel (a
+    20x scan) for the thumbnail's size and the morphology's scales.
 
     Args:
         slide (Slide): an open slide.
         mask_mpp (float, optional): microns per pixel of the thumbnail the
-                    mask is computed on (coarser if ``max_size`` requires);
-                    slides without mpp use ``max_size``.
+                    mask is computed on (coarser if ``max_size`` requires,
+                    never finer than level 0).
                     Default: 4.0
         max_size (int, optional): upper bound on the thumbnail's longer side.
                     Default: 2048
         threshold (float, optional): a fixed grey-level threshold in [0, 1]
                     instead of Otsu's.
                     Default: None
-        min_threshold (float, optional): lower bound on Otsu's threshold.
+        min_threshold (float, optional): lower bound on Otsu's grey-level
+                    threshold.
                     Default: 0.8
+        saturation_threshold (float, optional): a fixed saturation threshold
+                    in [0, 1] instead of Otsu's; 0 uses brightness alone
+                    (e.g. for unstained or greyscale scans).
+                    Default: None
+        saturation_bounds (tuple[float, float], optional): (lower, upper)
+                    bounds on Otsu's saturation threshold.
+                    Default: ``(0.07, 0.15)``
+        exclude_pen (bool, optional): remove pen marks from the mask.
+                    Default: True
         closing_um (float, optional): radius of the closing in microns;
                     None skips it.
                     Default: 16.0
         min_object_um2 (float, optional): smallest tissue object and largest
                     hole removed, in square microns.
                     Default: 10000.0
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"``: with
+                    ``"skip"`` the parts of the slide that cannot be read are
+                    no tissue (every mask pixel touching them), and are listed
+                    in an :class:`~captum_nmf.exceptions.UnreadableRegionWarning`.
+                    Default: ``"raise"``
+        progress (bool, optional): progress bar for the thumbnail (see
+                    :meth:`Slide.thumbnail <captum_nmf.wsi.Slide.thumbnail>`);
+                    None shows one only for huge reads.
+                    Default: None
 
     Returns:
-        *TissueMask*: the mask at the thumbnail's resolution.
+        *TissueMask*: the mask at the thumbnail's resolution, with the grey
+        and saturation thresholds used.
 
     Raises:
-        ValueError: the slide is closed, or ``threshold`` is outside [0, 1].
-        SlideReadError: the thumbnail cannot be read.
+        ValueError: the slide is closed; ``threshold``, ``saturation_threshold``
+                    or a bound is outside [0, 1]; bounds out of order; a
+                    non-positive ``mask_mpp``; an unknown ``on_tile_error``.
+        SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
 
     Examples::
 
@@ -164,31 +300,53 @@ def detect_tissue(
         >>> from captum_nmf.data import path
         >>> with Slide(path("hgsc_nest.jpg"), mpp=0.5) as slide:
         ...     tissue = detect_tissue(slide)  # 750 um wide at 4 um per mask pixel
-        >>> tissue.mask.shape, round(tissue.downsample[0], 3), tissue.tissue_share > 0.8
+        >>> tissue.mask.shape, round(tissue.downsample[0], 3), tissue.tissue_share > 0.95
         ((188, 188), 7.979, True)
     """
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] (grey level), got {threshold!r}.")
-    if not mask_mpp > 0:
+    if threshold is not None:
+        threshold = _check_fraction("threshold", threshold)
+    if saturation_threshold is not None:
+        saturation_threshold = _check_fraction("saturation_threshold", saturation_threshold)
+    if len(saturation_bounds) != 2:
+        raise ValueError(f"saturation_bounds must be (lower, upper), got {saturation_bounds!r}.")
+    low = _check_fraction("saturation_bounds[0]", saturation_bounds[0])
+    high = _check_fraction("saturation_bounds[1]", saturation_bounds[1])
+    if low > high:
+        raise ValueError(f"saturation_bounds must be (lower, upper), got {saturation_bounds!r}.")
+    if not isinstance(mask_mpp, numbers.Real) or not mask_mpp > 0:
         raise ValueError(f"mask_mpp must be positive, got {mask_mpp!r}.")
-    size = max_size
-    if slide.mpp is not None:  # enough pixels for mask_mpp, never more than max_size
-        longer_um = max(slide.dimensions) * slide.mpp
-        size = max(64, min(max_size, round(longer_um / mask_mpp)))
-    pixels, downsample = slide.thumbnail(size)
-    grey = color.rgb2gray(pixels)
+    mpp = _FALLBACK_MPP if slide.mpp is None else slide.mpp
+    longer_um = max(slide.dimensions) * mpp  # enough pixels for mask_mpp, at most max_size
+    size = max(64, min(max_size, round(longer_um / mask_mpp)))
+    thumb = slide.read_thumbnail(size, on_tile_error=on_tile_error, progress=progress)
+    pixels, downsample = thumb.pixels, thumb.downsample
+    rgb = pixels.astype(np.float64) / 255.0
+    grey = color.rgb2gray(rgb)
+    hsv = color.rgb2hsv(rgb)
+    sat = hsv[..., 1]
     if threshold is None:
-        otsu = 1.0  # a uniform thumbnail has no Otsu split
-        if float(np.ptp(grey)) > 0:
-            otsu = float(filters.threshold_otsu(grey))  # type: ignore[no-untyped-call]
-        threshold = max(otsu, min_threshold)
-    mask = grey < threshold
-    mpp = slide.mpp
-    px_um = None if mpp is None else mpp * math.sqrt(downsample[0] * downsample[1])
+        otsu = _otsu(grey)
+        threshold = max(1.0 if otsu is None else otsu, min_threshold)
+    if saturation_threshold is None:
+        otsu = _otsu(sat)
+        saturation_threshold = min(max(low if otsu is None else otsu, low), high)
+    mask = (grey < threshold) & (sat >= saturation_threshold)
+    px_um = mpp * math.sqrt(downsample[0] * downsample[1])
+    radius = 1 if closing_um is None else max(1, round(closing_um / px_um))
     if closing_um is not None:
-        radius = 2 if px_um is None else max(1, round(closing_um / px_um))
-        mask = morphology.closing(mask, morphology.disk(radius))  # type: ignore[no-untyped-call]
-    area = 64 if px_um is None else max(1, round(min_object_um2 / px_um**2))
+        mask = morphology.closing(mask, morphology.disk(radius))
+    area = max(1, round(min_object_um2 / px_um**2))
     mask = _remove_small(mask, area)
     mask = ~_remove_small(~mask, area)
-    return TissueMask(mask, downsample, float(threshold))
+    if exclude_pen:
+        pen = _remove_small(_pen(hsv), area)  # strokes, not specks of ink or dark nuclei
+        if pen.any():
+            pen = morphology.dilation(pen, morphology.disk(max(1, radius // 2)))
+            mask = _remove_small(mask & ~pen, area)
+    if thumb.unreadable:  # every mask pixel that touches an unreadable region is no tissue
+        mask = mask.copy()
+        dx, dy = downsample
+        for x, y, w, h in thumb.unreadable:
+            c0, r0 = math.floor(x / dx), math.floor(y / dy)
+            mask[r0 : math.ceil((y + h) / dy), c0 : math.ceil((x + w) / dx)] = False
+    return TissueMask(mask, downsample, float(threshold), float(saturation_threshold))

@@ -8,11 +8,12 @@ packaged in ``captum_nmf/data`` (see ``tests/data/SOURCES.md``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from captum_nmf.data import path as data_path
 from captum_nmf.wsi import Slide, write_pyramid
@@ -90,3 +91,96 @@ def truncated_copy(src: Path, dst: Path, fraction: float = 0.6) -> Path:
     data = src.read_bytes()
     dst.write_bytes(data[: int(len(data) * fraction)])
     return dst
+
+
+def zero_tile_data(src: Path, dst: Path, tile_indices: list[int]) -> list[tuple[int, int]]:
+    """Copy a tiled TIFF/SVS with the bytes of the listed level-0 tiles set to zero.
+
+    The slide opens, but decoding those tiles fails (their JPEG or zlib data is
+    gone), as with a scan whose storage lost blocks.
+
+    Returns:
+        the level-0 (x, y) of each zeroed tile's corner.
+    """
+    data = bytearray(src.read_bytes())
+    corners = []
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        tiles_across = -(-page.imagewidth // page.tilewidth)
+        for index in tile_indices:
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            data[offset : offset + count] = bytes(count)
+            corners.append(
+                ((index % tiles_across) * page.tilewidth, (index // tiles_across) * page.tilelength)
+            )
+    dst.write_bytes(bytes(data))
+    return corners
+
+
+def sparse_tiff(
+    path: Path,
+    size: tuple[int, int],
+    *,
+    tile: int = 512,
+    tiles: dict[tuple[int, int], np.ndarray] | None = None,
+) -> Path:
+    """A one-level tiled TIFF of ``size`` (w, h) whose tiles hold no data (byte count 0).
+
+    Only the tiles in ``tiles`` ((row, column) -> tile x tile x 3 ``uint8``) are
+    written (zlib); every other tile is empty, which OpenSlide reads as
+    transparent, i.e. background. A 100,000 x 100,000 file is about 300 KB.
+    """
+    tiles = tiles or {}
+    across, down = -(-size[0] // tile), -(-size[1] // tile)
+    blank = np.full((tile, tile, 3), 255, np.uint8)
+    if tiles:  # tifffile needs arrays (None for empty tiles), the first one an array
+
+        def chunks() -> Iterator[np.ndarray | None]:
+            for r in range(down):
+                for c in range(across):
+                    yield tiles.get((r, c), blank if (r, c) == (0, 0) else None)
+
+        if (0, 0) not in tiles:
+            raise ValueError("give tile (0, 0) when any tile has data (tifffile needs it first)")
+        data: Iterator[np.ndarray | None] | Iterator[bytes] = chunks()
+    else:  # all empty: zero-length byte strings
+        data = (b"" for _ in range(across * down))
+    tifffile.imwrite(
+        path,
+        data,
+        shape=(size[1], size[0], 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="zlib",
+        metadata=None,
+    )
+    return path
+
+
+PEN_INK = {"blue": (30, 60, 170), "green": (40, 140, 70), "black": (25, 25, 30)}
+
+
+def paint_pen_strokes(
+    image: np.ndarray,
+    strokes: list[tuple[str, tuple[int, int, int, int]]],
+    *,
+    width: int = 100,
+    opacity: float = 0.9,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Marker strokes over an image: lines ``(x0, y0, x1, y1)`` in ``PEN_INK`` colours.
+
+    Ink covers ``opacity`` of the light (the tissue shows through the rest).
+
+    Returns:
+        the painted H x W x 3 ``uint8`` image and the H x W boolean stroke mask.
+    """
+    out = image.astype(np.float64)
+    union = np.zeros(image.shape[:2], bool)
+    for name, (x0, y0, x1, y1) in strokes:
+        canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)
+        ImageDraw.Draw(canvas).line((x0, y0, x1, y1), fill=255, width=width)
+        stroke = np.asarray(canvas) > 0
+        out[stroke] = (1 - opacity) * out[stroke] + opacity * np.asarray(PEN_INK[name], float)
+        union |= stroke
+    return np.rint(out).astype(np.uint8), union
