@@ -6,7 +6,8 @@ Every command exits 0 on success; on any error it prints one line
 
 Models are given as ``--model torchvision:vgg16`` (any torchvision model
 builder, random weights unless ``--weights``), ``--model
-package.module:factory`` (any importable callable returning an ``nn.Module``)
+package.module:factory`` (any importable callable returning an ``nn.Module``;
+like any Python import, this imports and runs that module's code)
 or ``--model zoo:efficientnet_lite0`` (the offline ImageNet model), with
 ``--weights FILE`` (a ``.safetensors`` file, or a state dict loaded with
 ``torch.load(..., weights_only=True)``) and ``--layer features.29`` (a dotted
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from captum_nmf._version import __version__
 
-__all__ = ["load_model", "main", "resolve_layer"]
+__all__ = ["flag_spelling", "load_model", "main", "resolve_layer"]
 
 _EXAMPLES = {
     "fit": "captum-nmf fit --model torchvision:vgg16 --weights vgg16.safetensors "
@@ -90,9 +92,19 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     if not callable(factory):
         raise CLIError(f"--model {spec!r}: {module_name} has no callable {name!r}.")
     kwargs: dict[str, Any] = {"weights": None} if source == "torchvision" else {}
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # whatever the user's factory raises, name the flag
+        raise CLIError(
+            f"--model {spec!r}: calling {module_name}.{name}() failed ({type(exc).__name__}: "
+            f"{exc}); --model module:factory must name a function that takes no required "
+            "arguments and returns a torch.nn.Module."
+        ) from exc
     if not isinstance(model, nn.Module):
-        raise CLIError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module.")
+        raise CLIError(
+            f"--model {spec!r}: {module_name}.{name}() returned a {type(model).__name__}, not a "
+            "torch.nn.Module; --model module:factory must name a function that returns the model."
+        )
     if weights is not None:
         state = _state_dict(Path(weights))
         try:
@@ -163,6 +175,17 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--level", type=int, default=None)
     group.add_argument("--mpp", type=float, default=None)
     p.add_argument("--min-tissue", type=float, default=0.25)
+    p.add_argument(
+        "--no-tissue-mask",
+        action="store_true",
+        help="use every tile (no tissue detection)",
+    )
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="microns per level-0 pixel, for slides without that metadata",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
 
@@ -328,6 +351,8 @@ def _slide_tiles(args: argparse.Namespace, paths: list[str]) -> Any:
         level=args.level,
         mpp=args.mpp,
         min_tissue=args.min_tissue,
+        tissue_mask=None if args.no_tissue_mask else "otsu",
+        slide_mpp=args.slide_mpp,
         transform=_normalisation(args),
     )
 
@@ -388,6 +413,8 @@ def _explain(args: argparse.Namespace) -> int:
         "region_size": args.region_size,
         "region_margin": args.region_margin,
         "min_tissue": args.min_tissue,
+        "tissue_mask": None if args.no_tissue_mask else "otsu",
+        "slide_mpp": args.slide_mpp,
         "transform": transform,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
@@ -442,17 +469,11 @@ def _analyse(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from captum_nmf.export import slide_summary, to_geojson, write_overlay_tiff
+    from captum_nmf.export import export_explanation
     from captum_nmf.wsi import SlideExplanation
 
-    ex = SlideExplanation.load(args.explanation)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    to_geojson(ex, out / "concepts.geojson")
-    write_overlay_tiff(ex, out / "clusters.tif")
-    for j in range(ex.n_concepts):
-        write_overlay_tiff(ex, out / f"concept_{j}.tif", kind="intensity", concept=j)
-    slide_summary(ex, out / "summary", top_n=args.top_n)
+    ex = SlideExplanation.load(args.explanation)  # checks the file's digest: nothing on a mismatch
+    out = export_explanation(ex, args.out, top_n=args.top_n)
     print(f"wrote GeoJSON, {ex.n_concepts + 1} overlay TIFFs and a summary to {out}")
     return 0
 
@@ -508,6 +529,42 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# The library's messages name its Python arguments; on the command line they name the flags.
+_SPELLINGS: tuple[tuple[str, str], ...] = (
+    (r"\bresume=True\b", "--resume"),
+    (r"\bresume=False\b", "no --resume"),
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\bon_tile_error=['\"](skip|raise)['\"]", r"--on-tile-error \1"),
+    (r"\btissue_mask=None\b", "--no-tissue-mask"),
+    (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
+    (r"\bslide_mpp=", "--slide-mpp "),
+    (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
+    (r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size)=(?=\S)", ""),
+    (r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin)\b", ""),
+    (r"\bout_dir\b", "--out"),
+)
+
+
+def _flag(match: re.Match[str]) -> str:
+    text = match.group(0)
+    name = match.group(1) if match.re.groups else text
+    return "--" + name.replace("_", "-") + (" " if text.endswith("=") else "")
+
+
+def flag_spelling(message: str) -> str:
+    """A library message with Python argument spellings replaced by the command's flags.
+
+    ``resume=True`` becomes ``--resume``, ``on_tile_error='skip'`` becomes
+    ``--on-tile-error skip``, ``tile_size=64`` becomes ``--tile-size 64``, and so on.
+
+    Returns:
+        *str*: the message as the command line should show it.
+    """
+    for pattern, flag in _SPELLINGS:
+        message = re.sub(pattern, flag or _flag, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by the console script)."""
     parser = _parser()
@@ -524,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"captum-nmf: error: {message}", file=sys.stderr)
+        print(f"captum-nmf: error: {flag_spelling(message)}", file=sys.stderr)
         return 1
 
 

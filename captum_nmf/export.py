@@ -9,6 +9,11 @@
   the slide's level-0 geometry or a stated downsample, written tile by tile.
 * :func:`slide_summary`: area share of each concept within tissue, mean
   intensity, and the top-N tiles per concept with PNG crops (prototype galleries).
+* :func:`export_explanation`: all of the above into one folder, atomically: the
+  export is built in a hidden sibling folder and moved in only when complete.
+
+Every file is written atomically (a full disk leaves the previous file, never a
+partial one) and with the mode the umask gives.
 
 Colours are the fixed concept colours of :mod:`captum_nmf.viz`. Needs the
 ``export`` extra (shapely) for GeoJSON and the ``wsi`` extra for reading slides.
@@ -16,9 +21,12 @@ Colours are the fixed concept colours of :mod:`captum_nmf.viz`. Needs the
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +35,20 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from captum_nmf.io import atomic_write
 from captum_nmf.viz import concept_colors
 from captum_nmf.wsi.pyramid import write_tiled_levels
 
-__all__ = ["slide_summary", "to_geojson", "write_overlay_tiff"]
+__all__ = [
+    "EXPORT_MARKER",
+    "export_explanation",
+    "slide_summary",
+    "to_geojson",
+    "write_overlay_tiff",
+]
+
+EXPORT_MARKER = ".captum-nmf-export"
+_EXPORT_KEY = "captum-nmf/export-folder"
 
 _EXTRA = "the 'export' extra: pip install 'captum-nmf[export]'"
 
@@ -132,7 +150,8 @@ def to_geojson(
     if path is not None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(collection), encoding="utf-8")
+        with atomic_write(target) as fh:
+            fh.write(json.dumps(collection))
     return collection
 
 
@@ -376,9 +395,10 @@ def slide_summary(
                     crop_path.parent.mkdir(parents=True, exist_ok=True)
                     read = max(1, round(side))
                     pixels = slide.read_region((x, y), 0, (read, read))
-                    Image.fromarray(pixels).resize(
-                        (crop_size, crop_size), Image.Resampling.BOX
-                    ).save(crop_path)
+                    with atomic_write(crop_path, "wb") as fh:
+                        Image.fromarray(pixels).resize(
+                            (crop_size, crop_size), Image.Resampling.BOX
+                        ).save(fh, format="PNG")
                     item["crop"] = str(crop_path.relative_to(out))
                 entry["top_tiles"].append(item)
             summary["concepts"].append(entry)
@@ -387,25 +407,125 @@ def slide_summary(
             slide.close()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        with (out / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["concept", "name", "area_fraction", "mean_intensity"])
-            for e in summary["concepts"]:
-                writer.writerow([e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]])
-        with (out / "top_tiles.csv").open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["concept", "rank", "x", "y", "mean_weight", "crop"])
-            for e in summary["concepts"]:
-                for rank, tile in enumerate(e["top_tiles"]):
-                    writer.writerow(
-                        [
-                            e["concept"],
-                            rank,
-                            tile["x"],
-                            tile["y"],
-                            tile["mean_weight"],
-                            tile["crop"],
-                        ]
-                    )
+        with atomic_write(out / "summary.json") as fh:
+            fh.write(json.dumps(summary, indent=2))
+        concepts = io.StringIO()
+        writer = csv.writer(concepts)
+        writer.writerow(["concept", "name", "area_fraction", "mean_intensity"])
+        for e in summary["concepts"]:
+            writer.writerow([e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]])
+        tops = io.StringIO()
+        writer = csv.writer(tops)
+        writer.writerow(["concept", "rank", "x", "y", "mean_weight", "crop"])
+        for e in summary["concepts"]:
+            for rank, tile in enumerate(e["top_tiles"]):
+                writer.writerow(
+                    [e["concept"], rank, tile["x"], tile["y"], tile["mean_weight"], tile["crop"]]
+                )
+        for name, text in (("summary.csv", concepts), ("top_tiles.csv", tops)):
+            with atomic_write(out / name, newline="") as fh:
+                fh.write(text.getvalue())
     return summary
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("key") == _EXPORT_KEY else None
+
+
+def export_explanation(
+    explanation: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    top_n: int = 5,
+    names: Sequence[str] | None = None,
+) -> Path:
+    r"""Write every export of one slide into ``out_dir``, atomically.
+
+    ``concepts.geojson``, ``clusters.tif``, one ``concept_<k>.tif`` per concept
+    and ``summary/`` (:func:`slide_summary`) are built in a hidden sibling
+    folder; only when all are written are they moved into ``out_dir``, file by
+    file, with the list of files (``.captum-nmf-export``) last. A failure (a
+    full disk, an interrupt) leaves the previous export as it was and no
+    partial file. Files of a previous export that the new one does not write
+    are removed; anything else in ``out_dir`` (e.g. it is a run folder) is kept.
+
+    Args:
+        explanation (SlideExplanation): the explained slide.
+        out_dir (str or PathLike): the export folder; created if missing.
+        top_n (int, optional): prototype tiles per concept in the summary.
+                    Default: 5
+        names (sequence of str, optional): class names per concept.
+                    Default: None
+
+    Returns:
+        *Path*: ``out_dir``.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or a non-empty folder holding
+                    files of the export's names that an export did not write.
+        OSError: the files could not be written (nothing is changed then).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export folder {out} exists and is not a directory.")
+    previous = _read_marker(out) if out.is_dir() else None
+    ours = {"concepts.geojson", "clusters.tif", "summary"} | {
+        f"concept_{j}.tif" for j in range(explanation.n_concepts)
+    }
+    if out.is_dir() and previous is None:
+        clash = sorted(p.name for p in out.iterdir() if p.name in ours)
+        if clash:
+            raise FileExistsError(
+                f"export folder {out} already holds {clash}, not written by an export of "
+                "captum-nmf; they are kept. Choose another folder."
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        to_geojson(explanation, tmp / "concepts.geojson", names=names)
+        write_overlay_tiff(explanation, tmp / "clusters.tif")
+        for j in range(explanation.n_concepts):
+            write_overlay_tiff(explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j)
+        slide_summary(explanation, tmp / "summary", top_n=top_n, names=names)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        with atomic_write(tmp / EXPORT_MARKER) as fh:
+            fh.write(json.dumps({"key": _EXPORT_KEY, "files": files}, indent=2))
+        _move_in(tmp, out, files, [] if previous is None else previous.get("files", []))
+    finally:
+        _remove_tree(tmp)
+    return out
+
+
+def _move_in(tmp: Path, out: Path, files: list[str], old_files: list[str]) -> None:
+    """Move a complete export into ``out``: files, stale files of the old export, marker last."""
+    out.mkdir(exist_ok=True)
+    for rel in files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).replace(out / rel)
+    keep = set(files)
+    for rel in old_files:
+        parts = Path(rel).parts
+        if rel not in keep and parts and ".." not in parts and not Path(rel).is_absolute():
+            (out / rel).unlink(missing_ok=True)
+    for folder in sorted({(out / rel).parent for rel in old_files}, key=lambda p: -len(p.parts)):
+        if folder != out:
+            with contextlib.suppress(OSError):  # only empty folders of the old export go
+                folder.rmdir()
+    (tmp / EXPORT_MARKER).replace(out / EXPORT_MARKER)
+
+
+def _remove_tree(folder: Path) -> None:
+    """Remove the temporary export folder this call created (all of it is ours)."""
+    if not folder.exists():
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    folder.rmdir()

@@ -71,7 +71,11 @@ def default_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike[str], mode: str = "w", *, encoding: str | None = "utf-8"
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    *,
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
 ) -> Generator[IO[Any], None, None]:
     """Write a file atomically: into a hidden sibling, flushed, then renamed into place.
 
@@ -86,6 +90,8 @@ def atomic_write(
                     Default: ``"w"``
         encoding (str or None, optional): text encoding (ignored for ``"wb"``).
                     Default: ``"utf-8"``
+        newline (str or None, optional): as in :func:`open` (``""`` for CSV).
+                    Default: None
 
     Yields:
         *IO*: the open temporary file.
@@ -99,7 +105,10 @@ def atomic_write(
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open(mode, encoding=None if mode == "wb" else encoding) as fh:
+        binary = mode == "wb"
+        with tmp.open(
+            mode, encoding=None if binary else encoding, newline=None if binary else newline
+        ) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -137,7 +146,8 @@ def content_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

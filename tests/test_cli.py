@@ -69,8 +69,9 @@ def test_fit_explain_export_analyse(
     assert ex.grid_shape == (24, 32)
     code, _, err = _run([*explain, "--out", str(run), str(slide)], capsys)
     assert code == 1
-    assert err.strip().startswith("captum-nmf: error: out_dir")
-    assert "resume=True" in err
+    assert err.strip().startswith("captum-nmf: error: --out")
+    assert "pass --resume to continue it, --overwrite to replace it" in err
+    assert "resume=True" not in err
     assert "Traceback" not in err
     code, _, err = _run([*explain, "--out", str(run), "--resume", str(slide)], capsys)
     assert code == 0, err  # complete: loaded, not recomputed

@@ -1,0 +1,225 @@
+"""The command line under attack: foreign folders, flipped bytes, failed starts, full disks."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import re
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from captum_nmf import cli
+from captum_nmf import export as export_module
+from captum_nmf.exceptions import LayerNameMismatchWarning
+from captum_nmf.io import content_digest
+from captum_nmf.wsi import SlideExplanation, write_pyramid
+from tests.helpers.synthetic_slides import he_image
+
+MODEL = ["--model", "tests.helpers.wsi_models:PoolNet", "--layer", "relu", "--normalize", "none"]
+TILING = ["--tile-size", "64", "--stride", "32", "--batch-size", "32", "--no-progress"]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A slide of real H&E and 3 concepts fitted on it through the command line."""
+    folder = tmp_path_factory.mktemp("cli-safety")
+    slide = write_pyramid(he_image()[:192, :256], folder / "s.svs")
+    concepts = folder / "concepts.safetensors"
+    fit = ["fit", *MODEL, *TILING, "--no-tissue-mask", "--k", "3", "--out", str(concepts)]
+    assert cli.main([*fit, str(slide)]) == 0
+    return slide, concepts
+
+
+def _explain(setup: tuple[Path, Path], out: Path, *flags: str) -> list[str]:
+    slide, concepts = setup
+    return [
+        "explain",
+        *MODEL,
+        *TILING,
+        "--no-tissue-mask",
+        "--concepts",
+        str(concepts),
+        "--out",
+        str(out),
+        *flags,
+        str(slide),
+    ]
+
+
+def test_overwrite_keeps_a_web_app_and_the_readme_workflow(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    webapp = tmp_path / "webapp"
+    (webapp / "src").mkdir(parents=True)
+    (webapp / "manifest.json").write_text('{"name":"my-web-app"}')
+    (webapp / "src" / "app.js").write_text("x")
+    (webapp / "thesis.txt").write_text("t")
+    before = _tree(webapp)
+    code, _, err = _run(_explain(setup, webapp, "--overwrite"), capsys)
+    assert code == 1
+    assert "captum-nmf did not write (manifest.json, src, thesis.txt)" in err
+    assert _tree(webapp) == before
+    # the README's own workflow: explain, export inside the run, notes, explain --overwrite
+    runc = tmp_path / "runc"
+    assert _run(_explain(setup, runc), capsys)[0] == 0
+    assert _run(["export", str(runc), "--out", str(runc / "export")], capsys)[0] == 0
+    (runc / "notes.txt").write_text("n")
+    exported = _tree(runc / "export")
+    code, _, err = _run(_explain(setup, runc, "--overwrite"), capsys)
+    assert code == 0, err
+    assert (runc / "notes.txt").read_text() == "n"
+    assert _tree(runc / "export") == exported
+    assert SlideExplanation.load(runc).config["tile_size"] == 64
+
+
+def test_flipped_result_bytes_export_nothing(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert _run(_explain(setup, run), capsys)[0] == 0
+    data = bytearray((run / "explanation.safetensors").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (run / "explanation.safetensors").write_bytes(bytes(data))
+    code, _, err = _run(["export", str(run), "--out", str(tmp_path / "export")], capsys)
+    assert code == 1
+    assert re.search(r"explanation\.safetensors is corrupt", err)
+    assert not (tmp_path / "export").exists()
+    code, _, err = _run(_explain(setup, run, "--resume"), capsys)
+    assert code == 1
+    assert "is corrupt: its SHA-256 differs" in err
+
+
+def test_bad_concept_files_fail_before_out_exists(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    slide, concepts = setup
+    with safe_open(str(concepts), framework="pt") as f:
+        meta, tensor = dict(f.metadata()), f.get_tensor("concepts").clone()
+    huge = tmp_path / "huge.safetensors"
+    tensor[0, 0] = 1e30
+    save_file({"concepts": tensor}, str(huge), metadata=meta)  # the old digest: corrupt
+    out = tmp_path / "run"
+    code, _, err = _run(_explain((slide, huge), out), capsys)
+    assert code == 1
+    assert "huge.safetensors is corrupt" in err
+    meta["content_sha256"] = content_digest({"concepts": tensor}, meta)
+    save_file({"concepts": tensor}, str(huge), metadata=meta)  # a consistent but absurd file
+    code, _, err = _run(_explain((slide, huge), out), capsys)
+    assert code == 1
+    assert re.search(r"Concept 0 in .*huge\.safetensors has norm 1e\+30", err)
+    assert not out.exists()
+    # concepts of another layer (the 3-channel pooled image instead of the 4-channel relu)
+    other = [*_explain(setup, out)]
+    other[other.index("relu")] = "pool"
+    with pytest.warns(LayerNameMismatchWarning, match="fitted on layer 'relu'"):
+        code, _, err = _run(other, capsys)
+    assert code == 1
+    assert "expect 4 channels but layer 'pool' produces 3" in err
+    assert not out.exists()
+    assert _run(_explain(setup, out), capsys)[0] == 0  # the corrected rerun just works
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export(
+    tmp_path: Path,
+    setup: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    run, export = tmp_path / "run", tmp_path / "export"
+    assert _run(_explain(setup, run), capsys)[0] == 0
+    assert _run(["export", str(run), "--out", str(export)], capsys)[0] == 0
+    before = _tree(export)
+    real = export_module.write_overlay_tiff
+    calls = {"n": 0}
+
+    def disk_fills(*args: object, **kwargs: object) -> Path:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export_module, "write_overlay_tiff", disk_fills)
+    code, _, err = _run(["export", str(run), "--out", str(export)], capsys)
+    assert code == 1
+    assert "No space left on device" in err
+    assert _tree(export) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+    # a first export that fails leaves no folder at all
+    calls["n"] = 0
+    code, _, _ = _run(["export", str(run), "--out", str(tmp_path / "new")], capsys)
+    assert code == 1
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    # an export into a folder holding same-named files it did not write refuses
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "clusters.tif").write_text("mine")
+    code, _, err = _run(["export", str(run), "--out", str(foreign)], capsys)
+    assert code == 1
+    assert "already holds ['clusters.tif'], not written by an export" in err
+    assert (foreign / "clusters.tif").read_text() == "mine"
+
+
+def test_a_factory_that_is_not_a_model_names_model(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = _explain(setup, tmp_path / "run")
+    for spec, expected in (
+        ("os:system", r"--model 'os:system': calling os\.system\(\) failed \(TypeError"),
+        ("builtins:dict", r"--model 'builtins:dict': builtins\.dict\(\) returned a dict, not"),
+    ):
+        argv = [*base]
+        argv[argv.index("tests.helpers.wsi_models:PoolNet")] = spec
+        code, _, err = _run(argv, capsys)
+        assert code == 1
+        assert re.search(expected, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    flags: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _flags(sub)
+        flags.update(s for s in action.option_strings if s.startswith("--"))
+    return flags
+
+
+def test_messages_use_flag_spellings() -> None:
+    cases = {
+        "pass resume=True to continue it, overwrite=True to replace it": (
+            "pass --resume to continue it, --overwrite to replace it"
+        ),
+        "pass on_tile_error='skip' to record it": "pass --on-tile-error skip to record it",
+        "Lower min_tissue, pass tissue_mask=None, or check": (
+            "Lower --min-tissue, pass --no-tissue-mask, or check"
+        ),
+        "use e.g. stride=48.": "use e.g. --stride 48.",
+        "region_size=1000 is not a multiple": "--region-size 1000 is not a multiple",
+        "give Slide(path, mpp=...) the resolution": "give --slide-mpp MPP the resolution",
+        "use mode='tile'.": "use --mode tile.",
+        "out_dir runs/c holds": "--out runs/c holds",
+    }
+    known = _flags(cli._parser())
+    for message, expected in cases.items():
+        shown = cli.flag_spelling(message)
+        assert shown == expected
+        for flag in re.findall(r"--[a-z][a-z-]*", shown):
+            assert flag in known, flag
