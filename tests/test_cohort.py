@@ -110,10 +110,11 @@ def test_local_cohort_equals_single_slides_and_skips_on_restart(
 def test_interrupted_cohort_resumes_where_it_stopped(
     tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], reference: dict
 ) -> None:
-    # 35 tiles per slide: the 50th tile read is inside the second slide's second chunk
+    # 35 tiles per slide, plus one probe tile through the transform before each slide's
+    # run: the 52nd call is the 15th tile of the second slide, in its second chunk
     with pytest.raises(KeyboardInterrupt):
         explain_cohort(
-            attr, slides, tmp_path, progress=False, transform=InterruptAfter(50), **OPTIONS
+            attr, slides, tmp_path, progress=False, transform=InterruptAfter(52), **OPTIONS
         )
     manifest = json.loads((tmp_path / "slide1" / "manifest.json").read_text())
     assert manifest["status"] == "running"
@@ -137,6 +138,21 @@ def test_a_failing_slide_does_not_stop_the_cohort(
     assert [r.status for r in result.records] == ["done", "failed", "done"]
     assert "UnsupportedSlideError" in (result.failed[0].error or "")
     assert not result.ok
+
+
+def test_a_slide_without_tissue_is_recorded_and_the_cohort_goes_on(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    blank = write_pyramid(np.full((192, 256, 3), 245, np.uint8), tmp_path / "blank.svs", mpp=0.5)
+    options = {**OPTIONS, "tissue_mask": "otsu"}
+    result = explain_cohort(
+        attr, [slides[0], blank, slides[1]], tmp_path / "out", progress=False, **options
+    )
+    assert [r.status for r in result.records] == ["done", "failed", "done"]
+    error = result.failed[0].error or ""
+    assert "NoTissueError" in error
+    assert "blank.svs (tissue share 0.00%)" in error
+    assert not (tmp_path / "out" / "blank").exists()  # nothing written for it
 
 
 def test_colliding_names_get_distinct_directories(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import module_of
 from captum_nmf._utils.ray_engine import actor_options, check_engine, ray_session
 from captum_nmf.exceptions import NotFittedError, RunStateError
+from captum_nmf.io import atomic_write
 from captum_nmf.wsi.explanation import EXPLANATION_FILE
 from captum_nmf.wsi.runner import MANIFEST_FILE, check_run_options, explain_slide
 
@@ -144,16 +145,13 @@ class CohortResult:
         """
         out = Path(self.out_dir)
         path = out / COHORT_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str), encoding="utf-8")
-        tmp.replace(path)
         table = path.with_suffix(".csv")
-        tmp = table.with_name(f".{table.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
+        with atomic_write(table, newline="") as handle:  # the table first, the record last
             writer = csv.DictWriter(handle, fieldnames=list(asdict(self.records[0])))
             writer.writeheader()
             writer.writerows(asdict(r) for r in self.records)
-        tmp.replace(table)
+        with atomic_write(path) as handle:
+            handle.write(json.dumps(self.to_dict(), indent=2, default=str))
         return path
 
     def __repr__(self) -> str:

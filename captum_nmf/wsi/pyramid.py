@@ -13,6 +13,8 @@ import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 
+from captum_nmf.io import default_file_mode
+
 __all__ = ["write_pyramid", "write_tiled_levels"]
 
 
@@ -136,6 +138,7 @@ def write_tiled_levels(
                     description=description if i == 0 else None,
                     metadata=None,
                 )
+        tmp.chmod(default_file_mode())
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

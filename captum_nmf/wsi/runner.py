@@ -631,6 +631,7 @@ def explain_slide(
                 tissue_mask=tissue_mask,
                 min_tissue=min_tissue,
                 margin=region_margin if mode == "region" else 0,
+                on_tile_error=on_tile_error,
             )
         fingerprint = slide.fingerprint()
         slide_level0_mpp = slide.mpp
