@@ -181,7 +181,8 @@ def test_blank_slide_is_no_tissue_and_writes_nothing(
 ) -> None:
     path = blank_slide(tmp_path / "blank.svs")
     out = tmp_path / "out"
-    with pytest.raises(NoTissueError, match=r"No tissue found in blank\.svs \(tissue share 0\.00%\) at level 0: 0 of"):
+    expected = r"No tissue found in blank\.svs \(tissue share 0\.00%\) at level 0: 0 of"
+    with pytest.raises(NoTissueError, match=expected):
         _explain(pool_attr, path, tissue_mask="otsu", out_dir=out)
     assert not out.exists()
 
