@@ -130,7 +130,7 @@ def test_explaining_a_blank_slide_is_no_tissue(tmp_path: Path) -> None:
     he = tissue_on_white(tmp_path / "he.svs", (256, 256), (0, 0, 256, 256))
     attr.fit(SlideTiles(he, tile_size=64, stride=64, tissue_mask=None), progress=False)
     blank = _flat_slide(tmp_path / "grey245.svs", (245, 245, 245), noise=3)
-    with pytest.raises(NoTissueError, match=r"grey245\.svs"):
+    with pytest.raises(NoTissueError, match=r"grey245\.svs \(tissue share 0\.00%\)"):
         explain_slide(attr, blank, tile_size=64, stride=32, progress=False)
 
 
@@ -286,6 +286,26 @@ def test_unreadable_regions_raise_or_count_as_no_tissue(tmp_path: Path) -> None:
     assert len(tiles) == len(grid)
 
 
+def test_explain_slide_skips_unreadable_regions_in_tissue_detection(tmp_path: Path) -> None:
+    from captum_nmf.wsi import explain_slide
+
+    broken = tmp_path / "zeroed.svs"
+    corners = zero_tile_data(CMU, broken, [104, 105])
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0)
+    attr.fit(SlideTiles(CMU, tile_size=240, stride=240, min_tissue=0.5), progress=False)
+    options = {"tile_size": 240, "stride": 240, "border": 0, "progress": False}
+    with pytest.raises(SlideReadError, match=r"zeroed\.svs.*pass on_tile_error='skip'"):
+        explain_slide(attr, broken, **options)  # type: ignore[arg-type]
+    with pytest.warns(UnreadableRegionWarning, match=r"zeroed\.svs"):
+        ex = explain_slide(attr, broken, on_tile_error="skip", **options)  # type: ignore[arg-type]
+    # the unreadable tiles are no tissue: no tile is planned there, so none fails
+    assert len(ex.failed_tiles) == 0
+    planned = {tuple(xy) for xy in ex.tile_locations.tolist()}
+    assert planned
+    assert not planned & set(corners)
+
+
 # ------------------------------------------------------------ huge, sparse slides
 def test_huge_sparse_tiff_has_no_tissue_within_seconds(tmp_path: Path) -> None:
     from captum_nmf.wsi import explain_slide
@@ -299,6 +319,6 @@ def test_huge_sparse_tiff_has_no_tissue_within_seconds(tmp_path: Path) -> None:
     start = time.monotonic()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in particular no LargeThumbnailWarning: nothing to decode
-        with pytest.raises(NoTissueError, match=r"huge\.tif"):
+        with pytest.raises(NoTissueError, match=r"huge\.tif \(tissue share 0\.00%\)"):
             explain_slide(attr, path, progress=False)
     assert time.monotonic() - start < 60  # the bound on 2 cores (about 4 s here)
