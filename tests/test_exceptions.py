@@ -25,6 +25,8 @@ from captum_nmf import exceptions as ex
         (ex.EmptyTileGridWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.LayerNameMismatchWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.CamScaleWarning, (ex.CaptumNMFWarning, UserWarning)),
+        (ex.LargeThumbnailWarning, (ex.CaptumNMFWarning, UserWarning)),
+        (ex.UnreadableRegionWarning, (ex.CaptumNMFWarning, UserWarning)),
     ],
 )
 def test_mro(cls: type, bases: tuple[type, ...]) -> None:

@@ -182,6 +182,9 @@ class SlideExplanation:
             "config": self.config,
             "tissue_downsample": None if self.tissue is None else list(self.tissue.downsample),
             "tissue_threshold": None if self.tissue is None else self.tissue.threshold,
+            "tissue_saturation_threshold": (
+                None if self.tissue is None else self.tissue.saturation_threshold
+            ),
         }
         text = json.dumps(meta, sort_keys=True)
         path = save_tensors(
@@ -235,6 +238,7 @@ class SlideExplanation:
                     arrays["tissue_mask"].astype(bool),
                     (float(info["tissue_downsample"][0]), float(info["tissue_downsample"][1])),
                     info["tissue_threshold"],
+                    info.get("tissue_saturation_threshold"),
                 )
             return cls(
                 concept_maps=arrays["concept_maps"],
