@@ -223,3 +223,29 @@ def test_messages_use_flag_spellings() -> None:
         assert shown == expected
         for flag in re.findall(r"--[a-z][a-z-]*", shown):
             assert flag in known, flag
+
+
+def test_on_tile_error_on_the_command_line(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Zeroed tile data: raise advises the flag; skip explains the rest, warning about it."""
+    from captum_nmf.exceptions import UnreadableRegionWarning
+    from tests.helpers.synthetic_slides import CMU, zero_tile_data
+
+    broken = tmp_path / "zeroed.svs"
+    zero_tile_data(CMU, broken, [104, 105])  # two 240 px tiles of dermis
+    _, concepts = setup
+    argv = _explain((broken, concepts), tmp_path / "run")
+    argv.remove("--no-tissue-mask")
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert "zeroed.svs" in err
+    assert "pass --on-tile-error skip" in err
+    assert "on_tile_error=" not in err
+    assert not (tmp_path / "run").exists()
+    with pytest.warns(UnreadableRegionWarning, match=r"2 region\(s\) of zeroed\.svs"):
+        code, _, err = _run([*argv[:-1], "--on-tile-error", "skip", argv[-1]], capsys)
+    assert code == 0, err
+    assert "pass on_tile_error" not in err
+    ex = SlideExplanation.load(tmp_path / "run")
+    assert len(ex.failed_tiles) > 0
