@@ -25,6 +25,7 @@ except ImportError as exc:  # also OpenSlide's "Couldn't locate OpenSlide shared
         f"captum_nmf.wsi needs the 'wsi' extra: pip install 'captum-nmf[wsi]' (missing: {exc})"
     ) from exc
 
+from captum_nmf.wsi.border import BorderEffect, border_effect
 from captum_nmf.wsi.cohort import CohortResult, SlideRecord, explain_cohort
 from captum_nmf.wsi.explanation import SlideExplanation
 from captum_nmf.wsi.pyramid import write_pyramid
@@ -35,6 +36,7 @@ from captum_nmf.wsi.tiling import SlideTiles, TileGrid, tile_grid
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
 
 __all__ = [
+    "BorderEffect",
     "CohortResult",
     "FeatureStitcher",
     "Resolution",
@@ -45,6 +47,7 @@ __all__ = [
     "StitchedBand",
     "TileGrid",
     "TissueMask",
+    "border_effect",
     "cell_coverage",
     "detect_tissue",
     "explain_cohort",
