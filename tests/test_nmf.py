@@ -339,15 +339,20 @@ def test_transform_feature_mismatch_and_bad_inverse_shape() -> None:
         model.transform(torch.ones(2, 6).to_sparse())
 
 
-def test_nnls_fallback_when_pivoting_is_cut_short() -> None:
-    # max_iter=0 stops pivoting at once: the coordinate-descent fallback must still
-    # reach the exact solution, without a ConvergenceWarning.
+@pytest.mark.parametrize("fast", [False, True])
+def test_nnls_fallback_when_pivoting_is_cut_short(fast: bool) -> None:
+    # max_iter=0 stops the reference solver's pivoting at once: its coordinate-descent
+    # fallback must still reach the exact solution, without a ConvergenceWarning. The fast
+    # solver with steps=0 hands every row its first guess leaves infeasible to it.
     g = torch.Generator().manual_seed(4)
     h = torch.rand(5, 30, generator=g, dtype=torch.float64) ** 2
     v = torch.rand(40, 30, generator=g, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        w = solvers.nnls(h @ h.T, v @ h.T, max_iter=0)
+        if fast:
+            w = solvers.nnls(h @ h.T, v @ h.T, max_iter=0, steps=0)
+        else:
+            w = solvers._nnls_bpp(h @ h.T, v @ h.T, max_iter=0)
     for i in range(40):
         _, res = scipy_nnls(h.T.numpy(), v[i].numpy())
         assert objective(v[i : i + 1], w[i : i + 1], h) == pytest.approx(res**2, rel=1e-8)

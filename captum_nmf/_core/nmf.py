@@ -24,7 +24,6 @@ __all__ = ["NMF", "NMFStatistics"]
 ArrayLike = Any  # numpy array, torch tensor or anything numpy.asarray accepts
 InitName = Literal["nndsvda", "nndsvd", "random"]
 _INITS = ("nndsvda", "nndsvd", "random")
-_ROW_BLOCK = 1 << 16  # rows per block when a full-size temporary would be wasteful
 _INNER_W = 5  # HALS sweeps over W per outer iteration (early stop at 1 % change); measured best
 
 
@@ -35,6 +34,28 @@ class _Kind:
     is_numpy: bool
     dtype: torch.dtype
     device: torch.device
+
+
+@dataclass(frozen=True)
+class _FixedH:
+    """``H`` cast for one device and dtype, with its NNLS factors.
+
+    ``pinv`` is ``pinv(H H^T)`` in the same dtype: ``(V H^T) @ pinv`` in float32
+    is the cheap guess of the starting passive sets (only its signs are used).
+    """
+
+    h: Tensor
+    pinv: Tensor
+    factors: solvers.NNLSFactors
+
+
+@dataclass(eq=False)
+class _FactorCache:
+    """Per-``H`` solve factors, valid while ``_h`` is ``h`` at version ``version``."""
+
+    h: Tensor | None
+    version: int
+    entries: dict[tuple[str, torch.dtype], _FixedH]
 
 
 @dataclass(frozen=True)
@@ -300,6 +321,78 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self.device = device
         self.forget_factor = forget_factor
 
+    # ------------------------------------------------- concepts and their cache
+    @property
+    def _h(self) -> Tensor:
+        """The concepts ``H`` (K x C) that ``transform`` solves with; unset before fitting."""
+        try:
+            h: Tensor = self.__dict__["_concepts"]
+        except KeyError:
+            raise AttributeError("_h") from None
+        return h
+
+    @_h.setter
+    def _h(self, value: Tensor) -> None:
+        self.__dict__["_concepts"] = value
+        self._forget_factors()
+
+    def _factor_cache(self) -> _FactorCache:
+        """The cache object, created once and afterwards only changed in place.
+
+        Filling it in ``transform`` therefore leaves ``__dict__`` equal to what it
+        was (scikit-learn's ``check_dict_unchanged``).
+        """
+        cache: _FactorCache | None = self.__dict__.get("_nnls_cache")
+        if cache is None:
+            cache = self.__dict__["_nnls_cache"] = _FactorCache(None, -1, {})
+        return cache
+
+    def _forget_factors(self) -> None:
+        """Drop the cached per-``H`` solve factors (``H`` or where it is used changed)."""
+        cache = self._factor_cache()
+        cache.h, cache.version = None, -1
+        cache.entries.clear()
+
+    def _fixed_h(self, device: torch.device, dtype: torch.dtype) -> _FixedH:
+        """``H`` on ``device`` in ``dtype`` and its :class:`solvers.NNLSFactors`, cached.
+
+        The cache belongs to one ``H`` tensor: assigning ``_h`` (fit, partial_fit,
+        update, from_components, start_stream) or ``set_params`` empties it, and an
+        in-place change of ``H`` (its version counter) is detected here, so stale
+        factors are never used.
+        """
+        h = self._h
+        version = int(getattr(h, "_version", 0))
+        cache = self._factor_cache()
+        if cache.h is not h or cache.version != version:
+            cache.entries.clear()
+            cache.h, cache.version = h, version
+        key = (str(device), dtype)
+        entry = cache.entries.get(key)
+        if entry is None:
+            hc = h.detach().to(device=device, dtype=dtype)
+            # H H^T in the compute dtype, as the fit's final solve forms it.
+            factors = solvers.NNLSFactors(hc @ hc.T)
+            entry = _FixedH(hc, factors.pinv.to(dtype), factors)
+            cache.entries[key] = entry
+        return entry
+
+    def set_params(self, **params: Any) -> NMF:
+        """Set hyper-parameters (scikit-learn API); drops the cached solve factors.
+
+        Returns:
+            *NMF*: ``self``.
+        """
+        super().set_params(**params)
+        self._forget_factors()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state = dict(state)
+        state["_nnls_cache"] = _FactorCache(None, -1, {})  # derived from H: not pickled
+        return state
+
     # ------------------------------------------------------------------ checks
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -376,14 +469,14 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
                 f"Found array with 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 "
                 "is required by NMF."
             )
-        for start in range(0, n, _ROW_BLOCK):  # blockwise: no full-size boolean temporaries
-            # One pass: NaN propagates into min/max, infinities show in them.
-            low, high = (float(t) for t in torch.aminmax(x[start : start + _ROW_BLOCK]))
-            if not (math.isfinite(low) and math.isfinite(high)):
-                what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
-                raise ValueError(f"Input X contains {what}; NMF needs finite values.")
-            if low < 0:
-                raise ValueError("Negative values in data passed to NMF (input X).")
+        # One pass, one host synchronisation, no temporary: NaN propagates into the
+        # minimum and maximum, infinities show in them.
+        low, high = torch.stack(torch.aminmax(x)).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)):
+            what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
+            raise ValueError(f"Input X contains {what}; NMF needs finite values.")
+        if low < 0:
+            raise ValueError("Negative values in data passed to NMF (input X).")
         if reset:
             self.n_features_in_ = c
             if hasattr(self, "feature_names_in_"):
@@ -457,9 +550,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
             prev = obj
         return wt, h, n_iter
 
-    def _solve_w(self, v: Tensor, h: Tensor) -> Tensor:
-        """Exact ``argmin_{W >= 0} ||V - W H||`` (n x K, float64)."""
-        return solvers.nnls(h @ h.T, v @ h.T)
+    def _solve_w(self, v: Tensor) -> Tensor:
+        """Exact ``argmin_{W >= 0} ||V - W H||`` for the current ``H`` (n x K, float64).
+
+        One pass ``V H^T`` in ``V``'s dtype, then the fixed-``H`` solve with the
+        cached factors of ``H``.
+        """
+        fixed = self._fixed_h(v.device, v.dtype)
+        cross = v @ fixed.h.T  # the one pass over V (H^T as a transposed view: MKL's fast path)
+        # pinv is symmetric; its transposed view takes the same fast path.
+        return solvers.nnls_factored(fixed.factors, cross, guess=cross @ fixed.pinv.T)
 
     def _solve_w_and_error(self, v: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, float]:
         """Exact ``W`` and ``||V - W H||_F`` from the same ``V H^T`` (one pass over V)."""
@@ -700,7 +800,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         return self._statistics(v)
 
     def _statistics(self, v: Tensor) -> NMFStatistics:
-        w = self._solve_w(v, self._h.to(device=v.device, dtype=v.dtype)).to(v.dtype)
+        w = self._solve_w(v).to(v.dtype)
         return NMFStatistics(
             wtw=(w.T @ w).double(),
             wtv=(w.T @ v).double(),
@@ -820,8 +920,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         """
         self._check_fitted()
         v, kind = self._input(X, reset=False)
-        h = self._h.to(device=v.device, dtype=v.dtype)
-        return self._output(self._solve_w(v, h), kind)
+        return self._output(self._solve_w(v), kind)
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
         """Reconstruct rows ``W H`` from weights ``W`` (n x K).

@@ -33,7 +33,9 @@ __all__ = [
     "mean",
     "objective_from_products",
     "nndsvd_init",
+    "NNLSFactors",
     "nnls",
+    "nnls_factored",
     "objective_from_stats",
     "random_init",
     "randomized_svd",
@@ -230,28 +232,40 @@ def random_init(v: Tensor, rank: int, *, generator: torch.Generator) -> tuple[Te
     return wt.to(device=v.device, dtype=v.dtype), h.to(device=v.device, dtype=v.dtype)
 
 
+def _pattern_bits(k: int, device: torch.device) -> Tensor:
+    """``[1, 2, 4, ..., 2^(k-1)]`` as int64: a passive set's code is ``(mask * bits).sum(1)``."""
+    return torch.ones(k, dtype=torch.long, device=device) << torch.arange(k, device=device)
+
+
+def _masked_pinv(gram: Tensor, patterns: Tensor) -> Tensor:
+    """``pinv(gram_FF)`` embedded in K x K (zero off F) for each boolean pattern F (P x K)."""
+    m = patterns.to(gram.dtype)
+    outer = m.unsqueeze(2) * m.unsqueeze(1)
+    # pinv(blockdiag(G_FF, I)) masked back to F x F is pinv(G_FF) embedded in K x K.
+    inverses: Tensor = torch.linalg.pinv(gram * outer + torch.diag_embed(1.0 - m), hermitian=True)
+    return inverses * outer
+
+
 def _solve_passive(gram: Tensor, cross: Tensor, passive: Tensor) -> Tensor:
     """Solve ``gram_FF x_F = cross_F`` row by row with ``x = 0`` off the passive set F.
 
     Each distinct passive pattern costs one small pseudo-inverse (all of them in
     one batched call); each row then costs one K x K matrix-vector product.
+    ``torch.unique`` synchronises with the host: this is the reference path
+    (and the path for K above ``_TABLE_MAX_K``), not the hot one.
     """
     n, k = cross.shape
     x = torch.zeros_like(cross)
     if n == 0:
         return x
     if k <= _MAX_PACKED:  # one int64 code per row: a 1-D unique, much cheaper than dim=0
-        bits = torch.ones(k, dtype=torch.long, device=passive.device) << torch.arange(
-            k, device=passive.device
-        )
-        codes, inverse = torch.unique(passive.long() @ bits, return_inverse=True)
+        bits = _pattern_bits(k, passive.device)
+        # Elementwise product and sum, not ``passive.long() @ bits``: CUDA has no integer matmul.
+        codes, inverse = torch.unique((passive.long() * bits).sum(dim=1), return_inverse=True)
         patterns = (codes.unsqueeze(1) & bits) != 0
     else:
         patterns, inverse = torch.unique(passive, dim=0, return_inverse=True)
-    m = patterns.to(gram.dtype)
-    outer = m.unsqueeze(2) * m.unsqueeze(1)
-    # pinv(blockdiag(G_FF, I)) masked back to F x F is pinv(G_FF) embedded in K x K.
-    inverses = torch.linalg.pinv(gram * outer + torch.diag_embed(1.0 - m), hermitian=True) * outer
+    inverses = _masked_pinv(gram, patterns)
     block = max(1, _SOLVE_BLOCK_ELEMENTS // (k * k))
     for start in range(0, n, block):
         rows = slice(start, start + block)
@@ -259,24 +273,14 @@ def _solve_passive(gram: Tensor, cross: Tensor, passive: Tensor) -> Tensor:
     return x
 
 
-def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
-    """Exact non-negative least squares for many right-hand sides.
+def _nnls_bpp(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
+    """Block principal pivoting with one pseudo-inverse per distinct passive set.
 
-    Solves ``min_{w >= 0} 0.5 w^T gram w - cross_i^T w`` for every row
-    ``cross_i`` of ``cross`` by block principal pivoting (Kim & Park, SIAM J.
-    Sci. Comput. 2011), which terminates with the exact active set. With
-    ``gram = H H^T`` and ``cross = V H^T`` this is ``min_W>=0 ||V - W H||``
-    with ``H`` fixed. The small systems are solved in float64.
-
-    Args:
-        gram (Tensor): K x K symmetric positive semi-definite matrix.
-        cross (Tensor): n x K matrix.
-        max_iter (int, optional): pivoting iterations before giving up with a
-                    ``ConvergenceWarning`` (never reached in exact arithmetic).
-                    Default: ``10 * K + 20``
-
-    Returns:
-        *Tensor*: n x K non-negative float64 solution.
+    The solver :func:`nnls` used before the fixed-H fast path, kept as its exact
+    fallback for the rare rows that the batched steps leave unfinished, and as
+    the reference of the tests. Same arguments and result as :func:`nnls`.
+    Synchronises with the host (``torch.unique``, the convergence test) at every
+    pivoting iteration.
     """
     g = gram.double()
     b = cross.double()
@@ -286,34 +290,22 @@ def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
     # Start from the support of the unconstrained solution.
     passive = (b @ torch.linalg.pinv(g, hermitian=True)) > 0
     x = _solve_passive(g, b, passive)
-    # Feasibility tolerances, relative to each row's scale (float64 solves).
-    scale = torch.amax(torch.abs(b), dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
-    gmax = torch.amax(torch.abs(torch.diagonal(g))).clamp_min(torch.finfo(g.dtype).tiny)
-    tol_y = 1e-10 * scale
-    tol_x = 1e-10 * scale / gmax
+    tol_x, tol_y, scale = _tolerances(g, b)
     alpha = torch.full((n,), 3, dtype=torch.long, device=b.device)
     beta = torch.full((n,), k + 1, dtype=torch.long, device=b.device)
     rows = torch.arange(n, device=b.device)
     for _ in range(max_iter):
         xr, br, pr = x[rows], b[rows], passive[rows]
-        y = xr @ g - br
-        infeasible = (pr & (xr < -tol_x[rows])) | (~pr & (y < -tol_y[rows]))
+        infeasible = _infeasible(g, xr, br, pr, tol_x[rows], tol_y[rows])
         n_inf = infeasible.sum(dim=1)
         todo = n_inf > 0
         if not bool(todo.any()):
             rows = rows[:0]
             break
         rows, infeasible, n_inf = rows[todo], infeasible[todo], n_inf[todo]
-        a, bt = alpha[rows], beta[rows]
-        better = n_inf < bt
-        full = better | (a >= 1)
-        alpha[rows] = torch.where(better, 3, torch.where(a >= 1, a - 1, a))
-        beta[rows] = torch.where(better, n_inf, bt)
-        # Backup rule: exchange only the infeasible variable of largest index.
-        last = (k - 1) - torch.argmax(torch.flip(infeasible, dims=[1]).to(torch.uint8), dim=1)
-        single = torch.zeros_like(infeasible)
-        single[torch.arange(rows.numel(), device=b.device), last] = True
-        passive[rows] = passive[rows] ^ torch.where(full.unsqueeze(1), infeasible, single)
+        passive[rows], alpha[rows], beta[rows] = _exchange(
+            passive[rows], infeasible, n_inf, alpha[rows], beta[rows]
+        )
         x[rows] = _solve_passive(g, b[rows], passive[rows])
     x = torch.clamp_min(x, 0.0)
     if rows.numel() > 0:
@@ -332,6 +324,232 @@ def nnls(gram: Tensor, cross: Tensor, *, max_iter: int | None = None) -> Tensor:
                 f"iterations, then {_CD_SWEEPS} coordinate-descent sweeps); their "
                 "solutions are the best non-negative iterates found.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+    return x
+
+
+def _tolerances(g: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """KKT tolerances ``tol_x``, ``tol_y`` (n x 1) relative to each row's scale, and the scale."""
+    scale = torch.amax(torch.abs(b), dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    gmax = torch.amax(torch.abs(torch.diagonal(g))).clamp_min(torch.finfo(g.dtype).tiny)
+    tol_y = 1e-10 * scale
+    return tol_y / gmax, tol_y, scale
+
+
+def _infeasible(g: Tensor, x: Tensor, b: Tensor, p: Tensor, tol_x: Tensor, tol_y: Tensor) -> Tensor:
+    """KKT violations of ``x`` with passive set ``p``: negative passive or descent direction."""
+    y = torch.addmm(b, x, g, alpha=1.0, beta=-1.0)  # x G - b, the gradient (G symmetric)
+    return (p & (x < -tol_x)) | (~p & (y < -tol_y))
+
+
+def _exchange(
+    passive: Tensor, infeasible: Tensor, n_inf: Tensor, alpha: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One block-principal-pivoting exchange (Kim & Park 2011), row by row, without branches.
+
+    Rows whose number of infeasible variables fell below their best so far (or
+    still have back-up credit ``alpha``) swap all of them; the others swap only
+    the infeasible variable of largest index (the backup rule that guarantees
+    termination). Rows without infeasible variables keep their passive set.
+    """
+    k = passive.shape[1]
+    better = n_inf < beta
+    full = better | (alpha >= 1)
+    alpha = torch.where(better, 3, torch.where(alpha >= 1, alpha - 1, alpha))
+    beta = torch.where(better, n_inf, beta)
+    last = (k - 1) - torch.argmax(torch.flip(infeasible, dims=[1]).to(torch.uint8), dim=1)
+    single = torch.nn.functional.one_hot(last, k).to(torch.bool) & infeasible
+    return passive ^ torch.where(full.unsqueeze(1), infeasible, single), alpha, beta
+
+
+# --------------------------------------------------------------- fixed-H fast path
+_TABLE_MAX_K = 12  # all 2^K passive-set solves precomputed up to here (4096 x 12 x 12)
+_FAST_STEPS = 3  # batched pivoting steps before the rare remaining rows go to _nnls_bpp
+
+
+class NNLSFactors:
+    """What :func:`nnls_factored` needs of a fixed ``gram = H H^T``, computed once per ``H``.
+
+    Holds ``gram`` in float64, its pseudo-inverse (the unconstrained solution
+    of every row is one n x K by K x K product) and, for K up to 12, one K x K
+    matrix ``S_F`` per passive set F (all ``2^K`` of them) that gives, from a
+    row's ``b``, the KKT quantities of its passive-set solution in one
+    product ``u = S_F b``:
+
+    * ``u_j = x_j`` for ``j`` in F, where ``x_F = pinv(gram_FF) b_F`` (the
+      same batched pseudo-inverses as the reference solver's);
+    * ``u_j = y_j / max(diag(gram))`` off F, ``y = gram x - b`` being the
+      gradient (which must be ``>= 0`` there).
+
+    So ``u < -tol`` marks the KKT violations of both kinds with one
+    comparison (the reference solver's tolerances: ``1e-10`` of the row's
+    largest ``|b|``, divided by ``max(diag(gram))`` for ``x``), and
+    ``x = u * F``. Building the table is one batched pseudo-inverse of
+    ``2^K`` K x K matrices (K = 12: 4096 matrices, 4.7 MB).
+
+    Args:
+        gram (Tensor): K x K symmetric positive semi-definite matrix.
+    """
+
+    def __init__(self, gram: Tensor) -> None:
+        g = gram.detach().double()
+        k = int(g.shape[0])
+        self.gram = g
+        self.k = k
+        self.pinv = torch.linalg.pinv(g, hermitian=True)
+        self.gmax = torch.amax(torch.abs(torch.diagonal(g))).clamp_min(torch.finfo(g.dtype).tiny)
+        self.bits = _pattern_bits(k, g.device)
+        self.table: Tensor | None = None
+        self.offsets: Tensor | None = None
+        if k <= _TABLE_MAX_K:
+            codes = torch.arange(1 << k, dtype=torch.long, device=g.device)
+            patterns = (codes.unsqueeze(1) & self.bits) != 0
+            t = _masked_pinv(g, patterns)  # x = t b
+            eye = torch.eye(k, dtype=g.dtype, device=g.device)
+            r = (g @ t - eye) / self.gmax  # y / gmax = r b
+            s = torch.where(patterns.unsqueeze(2), t, r)
+            # Row F * K + j holds column j of S_F: u = sum_j b_j S_F[:, j] is one
+            # embedding_bag (a fused gather and weighted sum, no K x K copy per row).
+            self.table = s.transpose(1, 2).reshape((1 << k) * k, k).contiguous()
+            self.offsets = torch.arange(k, dtype=torch.long, device=g.device)
+
+    def kkt(self, b: Tensor, passive: Tensor) -> Tensor:
+        """``u`` (n x K): passive-set solution on F, scaled gradient off F, for each row."""
+        if self.table is None or self.offsets is None:  # K > 12: a pseudo-inverse per pattern
+            x = _solve_passive(self.gram, b, passive)
+            y = torch.addmm(b, x, self.gram, alpha=1.0, beta=-1.0).div_(self.gmax)
+            return torch.where(passive, x, y)
+        index = torch.where(passive, self.bits * self.k, 0).sum(dim=1, keepdim=True)
+        return torch.nn.functional.embedding_bag(
+            index + self.offsets, self.table, per_sample_weights=b, mode="sum"
+        )
+
+
+def nnls(
+    gram: Tensor,
+    cross: Tensor,
+    *,
+    max_iter: int | None = None,
+    steps: int = _FAST_STEPS,
+    compact: bool | None = None,
+) -> Tensor:
+    """Exact non-negative least squares for many right-hand sides and one ``gram``.
+
+    Solves ``min_{w >= 0} 0.5 w^T gram w - cross_i^T w`` for every row
+    ``cross_i`` of ``cross``: :func:`nnls_factored` with ``NNLSFactors(gram)``.
+    With ``gram = H H^T`` and ``cross = V H^T`` this is ``min_W>=0 ||V - W H||``
+    with ``H`` fixed.
+
+    Args:
+        gram (Tensor): K x K symmetric positive semi-definite matrix.
+        cross (Tensor): n x K matrix.
+        max_iter (int, optional): as in :func:`nnls_factored`.
+                    Default: ``10 * K + 20``
+        steps (int, optional): as in :func:`nnls_factored`. Default: 3
+        compact (bool, optional): as in :func:`nnls_factored`.
+                    Default: None (True on CPU, False elsewhere)
+
+    Returns:
+        *Tensor*: n x K non-negative float64 solution.
+    """
+    return nnls_factored(NNLSFactors(gram), cross, max_iter=max_iter, steps=steps, compact=compact)
+
+
+def nnls_factored(
+    factors: NNLSFactors,
+    cross: Tensor,
+    *,
+    guess: Tensor | None = None,
+    max_iter: int | None = None,
+    steps: int = _FAST_STEPS,
+    compact: bool | None = None,
+) -> Tensor:
+    """Exact non-negative least squares with the precomputed factors of a fixed ``gram``.
+
+    Solves ``min_{w >= 0} 0.5 w^T gram w - cross_i^T w`` for every row
+    ``cross_i`` of ``cross``, ``gram`` being ``factors.gram``; all in
+    float64. Block principal pivoting (Kim & Park 2011) for all rows at once,
+    driven by masks:
+
+    1. every row starts from the passive set of its unconstrained solution
+       ``cross @ pinv(gram)``; one gathered K x K product per row
+       (:meth:`NNLSFactors.kkt`) gives its passive-set solution and KKT
+       violations: no ``torch.unique``, no per-pattern inverse;
+    2. ``steps`` pivoting steps for the rows that violate KKT (the usual
+       exchange with Kim & Park's backup rule);
+    3. one count of the rows still violating KKT (rare: ties within
+       rounding, cycling); they are solved by the reference solver
+       :func:`_nnls_bpp`, which ends with exact coordinate descent. This
+       count is the only host synchronisation when ``compact`` is off.
+
+    With ``compact`` the rows that satisfy KKT leave the working set after
+    each step (worth it on a CPU, where counting rows costs nothing); without,
+    every step touches every row (fixed shapes, nothing to wait for on a GPU).
+    Both give the same result.
+
+    Args:
+        factors (NNLSFactors): ``NNLSFactors(gram)``, e.g. cached per ``H``.
+        cross (Tensor): n x K matrix, on the factors' device.
+        guess (Tensor, optional): n x K approximation, in any floating dtype,
+                    of the unconstrained solution ``cross @ pinv(gram)``
+                    (e.g. ``V @ (H^T pinv(gram))`` from the same pass over V
+                    as ``cross``); only its signs are used, as the starting
+                    passive sets, so its precision does not matter.
+                    Default: None (computed from ``cross`` in float64)
+        max_iter (int, optional): pivoting iterations of the fallback before it
+                    switches to coordinate descent (and, if that does not
+                    converge either, warns with a ``ConvergenceWarning``).
+                    Default: ``10 * K + 20``
+        steps (int, optional): batched pivoting steps before the fallback.
+                    Default: 3
+        compact (bool, optional): drop finished rows after each step.
+                    Default: None (True on CPU, False elsewhere)
+
+    Returns:
+        *Tensor*: n x K non-negative float64 solution.
+    """
+    f = factors
+    b = cross.double()
+    n, k = b.shape
+    if compact is None:
+        compact = b.device.type == "cpu"
+    # The reference solver's tolerances: 1e-10 of the row's largest |b| (/ gmax for x).
+    low, high = torch.aminmax(b, dim=1, keepdim=True)
+    neg_tol = torch.maximum(high, low.neg_()).mul_(-1e-10 / f.gmax)
+    passive = (b @ f.pinv if guess is None else guess) > 0
+    u = f.kkt(b, passive)
+    infeasible = u < neg_tol
+    todo = infeasible.any(dim=1)
+    x = u.mul_(passive)
+    if compact:
+        rows = torch.nonzero(todo).squeeze(1)
+        br, pr, tr, ir = b[rows], passive[rows], neg_tol[rows], infeasible[rows]
+        alpha = torch.full((rows.numel(),), 3, dtype=torch.long, device=b.device)
+        beta = torch.full((rows.numel(),), k + 1, dtype=torch.long, device=b.device)
+        for _ in range(steps):
+            if rows.numel() == 0:
+                break
+            pr, alpha, beta = _exchange(pr, ir, ir.sum(dim=1), alpha, beta)
+            u = f.kkt(br, pr)
+            ir = u < tr
+            x.index_copy_(0, rows, u.mul_(pr))
+            keep = torch.nonzero(ir.any(dim=1)).squeeze(1)
+            rows, br, pr, tr, ir = rows[keep], br[keep], pr[keep], tr[keep], ir[keep]
+            alpha, beta = alpha[keep], beta[keep]
+    else:  # fixed shapes: every step touches every row; rows that satisfy KKT stay put
+        alpha = torch.full((n,), 3, dtype=torch.long, device=b.device)
+        beta = torch.full((n,), k + 1, dtype=torch.long, device=b.device)
+        for _ in range(steps):
+            passive, alpha, beta = _exchange(
+                passive, infeasible, infeasible.sum(dim=1), alpha, beta
+            )
+            u = f.kkt(b, passive)
+            infeasible = u < neg_tol
+            x = torch.where(todo.unsqueeze(1), u.mul_(passive), x)
+            todo = infeasible.any(dim=1)
+        rows = torch.nonzero(todo).squeeze(1)  # the one synchronisation with the host
+    x.clamp_min_(0.0)
+    if rows.numel() > 0:
+        x[rows] = _nnls_bpp(f.gram, b[rows], max_iter=max_iter)
     return x

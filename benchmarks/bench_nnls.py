@@ -1,0 +1,217 @@
+"""The fixed-H solve: ``NMF.transform`` time against one ``X @ H^T`` pass over the same rows.
+
+Data: the real post-ReLU6 EfficientNet-Lite0 activation matrix of ``_activations.py``
+(1,000,000 x 512 float32; ``--small``: 100,000 x 512). For K = 4, 6 and 8 the concepts are
+an ``NMF(K, random_state=0, max_iter=100)`` fit on the first 100,000 rows, stored in
+float32 (what ``NMFConceptAttribution`` solves with).
+
+Measured in one run, per K, each call warmed up once, then ``--repeats`` rounds in which
+the calls run one after the other (order rotated each round); the median is reported:
+
+* ``X @ H^T``: one float32 matrix product over all rows, the one pass ``transform`` cannot
+  avoid (the floor);
+* ``transform``: ``NMF.from_components(H).transform(X)``, everything included (input
+  checks, the product, the solve; the per-H factors cached as in every later call);
+* ``transform, old solver``: the same call with the solve done by the reference block
+  principal pivoting (``torch.unique`` over passive sets and one pseudo-inverse per set:
+  the solver before the fixed-H fast path), so only the solve differs;
+* the solve alone (fast and old) on the same float32 ``X H^T``, and how many rows the fast
+  path left to the reference solver.
+
+Printed ratios: ``transform / (X @ H^T)`` (target <= 2.5 on 2 CPU cores) and the speed-up
+over the old solver. Results of the two solvers are compared (largest difference relative
+to the row's largest weight).
+
+When CUDA is available (``--device cuda``) the same is measured on the GPU and, in
+addition, the device's copy bandwidth (``y.copy_(x)`` of the 2 GB matrix, read + write)
+gives the bound ``bandwidth / (4 C)`` rows/s of any method that reads X once; rows/s of
+``transform`` and of ``X @ H^T`` are printed beside it (target >= 25 % of the bound).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _activations import (
+    activation_matrix,
+    base_parser,
+    machine_header,
+    print_table,
+    resolve_device,
+    sync,
+)
+
+from captum_nmf import NMF
+from captum_nmf._utils import solvers
+
+KS = (4, 6, 8)
+FIT_ROWS = 100_000
+
+
+class _OldSolver:
+    """Within the block, ``transform`` solves with the reference solver (the old path)."""
+
+    def __enter__(self) -> None:
+        self._saved = solvers.nnls_factored
+
+        def old(factors: solvers.NNLSFactors, cross: torch.Tensor, **_: Any) -> torch.Tensor:
+            return solvers._nnls_bpp(factors.gram, cross)
+
+        solvers.nnls_factored = old  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        solvers.nnls_factored = self._saved  # type: ignore[assignment]
+
+
+def old_transform(model: NMF, x: torch.Tensor) -> Any:
+    with _OldSolver():
+        return model.transform(x)
+
+
+def median_times(
+    calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median wall time of each call over ``repeats`` rounds, order rotated per round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up (and the per-H factors are built here)
+        fn()
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            t = time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
+    """Bytes per second of ``y.copy_(x)`` (read + write), median of ``repeats``."""
+    y = torch.empty_like(x)
+    y.copy_(x)
+    ts = []
+    for _ in range(repeats):
+        sync(x.device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(x.device)
+        ts.append(time.perf_counter() - t)
+    return 2.0 * x.numel() * x.element_size() / statistics.median(ts)
+
+
+def bench(x: torch.Tensor, hs: dict[int, torch.Tensor], repeats: int) -> list[list[str]]:
+    """One table row per K on ``x``'s device."""
+    device = x.device
+    n = x.shape[0]
+    rows = []
+    for k, h_cpu in hs.items():
+        h = h_cpu.to(device)
+        model = NMF.from_components(h)
+        factors = solvers.NNLSFactors(h @ h.T)
+        cross = x @ h.T
+        calls: dict[str, Callable[[], Any]] = {
+            "matmul": lambda h=h: x @ h.T,
+            "transform": lambda m=model: m.transform(x),
+            "old transform": lambda m=model: old_transform(m, x),
+            "solve": lambda f=factors, c=cross: solvers.nnls_factored(f, c),
+            "old solve": lambda f=factors, c=cross: solvers._nnls_bpp(f.gram, c),
+        }
+        med = median_times(calls, repeats, device)
+        w_new = model.transform(x).double()
+        w_old = old_transform(model, x).double()
+        scale = torch.amax(w_old.abs(), dim=1, keepdim=True).clamp_min(1e-30)
+        diff = float(torch.amax(torch.abs(w_new - w_old) / scale))
+        left = count_fallback_rows(factors, cross)
+        rows.append(
+            [
+                str(k),
+                f"{med['matmul']:.3f}",
+                f"{med['transform']:.3f}",
+                f"{med['old transform']:.3f}",
+                f"{med['solve']:.3f}",
+                f"{med['old solve']:.3f}",
+                f"{med['transform'] / med['matmul']:.2f}",
+                f"{med['old transform'] / med['matmul']:.2f}",
+                f"{med['old transform'] / med['transform']:.2f}",
+                f"{n / med['transform'] / 1e6:.1f}",
+                str(left),
+                f"{diff:.1e}",
+            ]
+        )
+    return rows
+
+
+def count_fallback_rows(factors: solvers.NNLSFactors, cross: torch.Tensor) -> int:
+    """Rows the batched steps leave to the reference solver (counted on a copy of the call)."""
+    seen: list[int] = []
+    original = solvers._nnls_bpp
+
+    def counting(g: torch.Tensor, b: torch.Tensor, **kw: Any) -> torch.Tensor:
+        seen.append(int(b.shape[0]))
+        return original(g, b, **kw)
+
+    solvers._nnls_bpp = counting
+    try:
+        solvers.nnls_factored(factors, cross)
+    finally:
+        solvers._nnls_bpp = original
+    return sum(seen)
+
+
+HEADER = [
+    "K",
+    "X@H^T (s)",
+    "transform (s)",
+    "old transform (s)",
+    "solve (s)",
+    "old solve (s)",
+    "transform / X@H^T",
+    "old / X@H^T",
+    "speed-up",
+    "M rows/s",
+    "fallback rows",
+    "max rel diff",
+]
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, 3)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    repeats = args.repeats or (3 if args.small else 5)
+    v = torch.from_numpy(activation_matrix(args.small))
+    n, c = v.shape
+    machine_header(
+        f"bench_nnls: X = {n:,} x {c} float32, K = {KS}, median of {repeats} rounds", device
+    )
+    hs = {
+        k: NMF(k, random_state=0, max_iter=100).fit(v[:FIT_ROWS])._h.float().contiguous()
+        for k in KS
+    }
+    print()
+    print("# CPU")
+    print_table(HEADER, bench(v, hs, repeats))
+    print("# target on 2 CPU cores: transform / X@H^T <= 2.5")
+    if device.type == "cuda":
+        x = v.to(device)
+        bandwidth = copy_bandwidth(x, repeats)
+        bound = bandwidth / (c * x.element_size())
+        print()
+        print(f"# {device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+        print(f"# bound for one read of X: {bound / 1e6:,.0f} M rows/s")
+        results = bench(x, hs, repeats)
+        print_table(HEADER, results)
+        for row in results:
+            rate = float(row[9]) * 1e6
+            print(f"#   K = {row[0]}: transform {rate / bound:.1%} of the bound")
+        print("# target on a GPU: transform rows/s >= 25 % of the bound")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""The fixed-H solve: exactness against SciPy and the reference solver, degenerate rows,
+no integer matmul, no host synchronisation before the fallback, and the per-H factor cache."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import nnls as scipy_nnls
+from torch.overrides import TorchFunctionMode
+
+from captum_nmf import NMF
+from captum_nmf._utils import solvers
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+F64 = torch.float64
+
+
+def scipy_rows(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SciPy's NNLS of every row of ``v`` (float64) for ``min ||v_i - w H||``."""
+    a = h.double().T.numpy()
+    return torch.from_numpy(np.stack([scipy_nnls(a, r)[0] for r in v.double().numpy()]))
+
+
+def kkt_violation(h: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest violation of the NNLS optimality conditions, relative to the row.
+
+    ``w >= 0``, gradient ``y = w G - v H^T >= 0`` and ``y = 0`` where ``w > 0``.
+    """
+    h, v, w = h.double(), v.double(), w.double()
+    b = v @ h.T
+    y = w @ (h @ h.T) - b
+    scale = torch.amax(torch.abs(b), dim=1).clamp_min(1e-300)
+    bad = torch.maximum(torch.clamp_min(-y, 0.0), torch.where(w > 0, torch.abs(y), 0.0))
+    return torch.amax(torch.maximum(bad, torch.clamp_min(-w, 0.0)), dim=1) / scale
+
+
+def fitted_h(x: torch.Tensor, k: int) -> torch.Tensor:
+    return NMF(k, random_state=0, max_iter=40).fit(x)._h
+
+
+@pytest.fixture(scope="module")
+def real_rows(real_activations: torch.Tensor) -> torch.Tensor:
+    """2048 real post-ReLU6 feature vectors (every other row of the shared fixture)."""
+    return real_activations[::2].contiguous()
+
+
+# ------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("k", [4, 6, 8])
+def test_float64_equals_scipy_row_by_row_on_real_activations(
+    real_rows: torch.Tensor, k: int
+) -> None:
+    v = real_rows.double()
+    h = fitted_h(v, k)
+    w = NMF.from_components(h).transform(v)
+    sample = slice(0, None, 5)
+    ref = scipy_rows(h, v[sample])
+    # Row-relative: |w - w_scipy| <= 1e-10 * max|w_scipy| (plus a floor for all-zero rows).
+    scale = torch.amax(torch.abs(ref), dim=1, keepdim=True).clamp_min(1e-300)
+    assert bool((torch.abs(w[sample] - ref) <= 1e-10 * scale).all())
+    assert float(kkt_violation(h, v, w).max()) < 1e-9
+
+
+@pytest.mark.parametrize("k", [2, 5, 9, 14])
+def test_float64_equals_scipy_on_synthetic(k: int) -> None:
+    # K = 14 is above the table limit: the pattern path of the fast solver.
+    g = torch.Generator().manual_seed(k)
+    h = torch.rand(k, 40, generator=g, dtype=F64) ** 3
+    v = torch.rand(300, 40, generator=g, dtype=F64)
+    w = solvers.nnls(h @ h.T, v @ h.T)
+    ref = scipy_rows(h, v)
+    scale = torch.amax(torch.abs(ref), dim=1, keepdim=True).clamp_min(1e-300)
+    assert bool((torch.abs(w - ref) <= 1e-10 * scale).all())
+
+
+@pytest.mark.parametrize("k", [4, 6, 8])
+def test_float32_equals_reference_solver_on_real_activations(
+    real_rows: torch.Tensor, k: int
+) -> None:
+    # Both solvers take the same float32 V H^T and float32 H H^T and solve in float64, so
+    # they differ only by float64 rounding (<= 1e-12 of the row); after the cast to float32
+    # that is at most one rounding step: |dw| <= 2^-23 * max|w| of the row.
+    v = real_rows
+    h = fitted_h(v, k).float()
+    w = NMF.from_components(h).transform(v)
+    assert w.dtype == torch.float32
+    ref64 = solvers._nnls_bpp(h @ h.T, v @ h.T)
+    scale = torch.amax(torch.abs(ref64), dim=1, keepdim=True)
+    assert bool((torch.abs(w.double() - ref64) <= 2.0**-23 * scale).all())
+    fast64 = solvers.nnls(h @ h.T, v @ h.T)
+    assert bool((torch.abs(fast64 - ref64) <= 1e-12 * scale).all())
+
+
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_masked_and_compacted_paths_and_any_step_count_agree(
+    real_rows: torch.Tensor, compact: bool, steps: int
+) -> None:
+    # steps=0 sends every row the unconstrained guess leaves infeasible to the fallback.
+    v = real_rows.double()
+    h = fitted_h(v, 6)
+    gram, cross = h @ h.T, v @ h.T
+    ref = solvers._nnls_bpp(gram, cross)
+    w = solvers.nnls(gram, cross, steps=steps, compact=compact)
+    scale = torch.amax(torch.abs(ref), dim=1, keepdim=True).clamp_min(1e-300)
+    assert bool((torch.abs(w - ref) <= 1e-12 * scale).all())
+
+
+def test_fallback_is_used_for_the_rows_left_and_only_for_them(
+    monkeypatch: pytest.MonkeyPatch, real_rows: torch.Tensor
+) -> None:
+    v = real_rows.double()
+    h = fitted_h(v, 8)
+    gram, cross = h @ h.T, v @ h.T
+    seen: list[int] = []
+    original = solvers._nnls_bpp
+
+    def counting(g: torch.Tensor, b: torch.Tensor, **kw: Any) -> torch.Tensor:
+        seen.append(int(b.shape[0]))
+        return original(g, b, **kw)
+
+    monkeypatch.setattr(solvers, "_nnls_bpp", counting)
+    w0 = solvers.nnls(gram, cross, steps=0, compact=False)
+    z = cross @ torch.linalg.pinv(gram, hermitian=True)
+    assert seen  # some rows, not all
+    assert 0 < seen[0] < int((~(z > 0).all(dim=1)).sum())
+    seen.clear()
+    w3 = solvers.nnls(gram, cross)
+    assert seen == []  # three batched steps finish every real row
+    assert torch.allclose(w0, w3, rtol=0, atol=1e-12 * float(w3.abs().max()))
+
+
+# ------------------------------------------------------------ degenerate cases
+def test_hand_checkable_identity_and_ties() -> None:
+    # H = I: w = max(v, 0); exact zeros in the unconstrained solution are ties (0 is both
+    # passive-optimal and active-optimal) and must come back exactly 0.
+    gram = torch.eye(3, dtype=F64)
+    cross = torch.tensor([[1.0, -2.0, 3.0], [-1.0, -1.0, 0.5], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    for compact in (True, False):
+        w = solvers.nnls(gram, cross, compact=compact)
+        expected = torch.tensor(
+            [[1.0, 0.0, 3.0], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=F64
+        )
+        assert torch.equal(w, expected)
+
+
+def test_rows_equal_to_a_concept_get_that_concept_exactly() -> None:
+    g = torch.Generator().manual_seed(1)
+    h = torch.rand(5, 20, generator=g, dtype=F64)
+    v = torch.cat([h, 2.5 * h[2:3], torch.zeros(1, 20, dtype=F64)])
+    w = NMF.from_components(h).transform(v)
+    expected = torch.cat([torch.eye(5, dtype=F64), 2.5 * torch.eye(5, dtype=F64)[2:3]])
+    assert torch.allclose(w[:6], expected, rtol=0, atol=1e-12)
+    assert torch.equal(w[6], torch.zeros(5, dtype=F64))  # all-zero row: exactly 0
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_duplicated_zero_and_rank_deficient_concepts_are_solved_finite_and_optimal(
+    compact: bool,
+) -> None:
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(4, 30, generator=g, dtype=F64) ** 2
+    cases = {
+        "duplicated": torch.cat([base, base[1:2]]),  # concepts 1 and 4 equal
+        "zero row": torch.cat([base, torch.zeros(1, 30, dtype=F64)]),
+        "rank deficient": torch.cat([base, (base[0:1] + base[2:3]) / 2]),
+    }
+    v = torch.rand(200, 30, generator=g, dtype=F64)
+    v[:3] = 0.0
+    for name, h in cases.items():
+        w = solvers.nnls(h @ h.T, v @ h.T, compact=compact)
+        assert bool(torch.isfinite(w).all()), name
+        assert bool((w >= 0).all()), name
+        assert float(kkt_violation(h, v, w).max()) < 1e-9, name
+        ref = scipy_rows(h, v)
+        res = torch.sum((v - w @ h) ** 2, dim=1)
+        res_ref = torch.sum((v - ref @ h) ** 2, dim=1)
+        assert torch.allclose(res, res_ref, rtol=1e-10, atol=1e-12), name
+        assert torch.equal(w[:3], torch.zeros(3, 5, dtype=F64)), name
+    # The zero concept never gets weight (any weight there is wasted).
+    h0 = cases["zero row"]
+    assert torch.equal(solvers.nnls(h0 @ h0.T, v @ h0.T)[:, 4], torch.zeros(200, dtype=F64))
+
+
+def test_from_components_with_duplicated_concepts_never_returns_nan() -> None:
+    h = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    v = torch.tensor([[2.0, 1.0, 2.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
+    w = NMF.from_components(h).transform(v)
+    assert bool(torch.isfinite(w).all())
+    assert torch.allclose(w @ h, v, atol=1e-6)  # exact fit: the duplicates share the weight
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_transform_refuses_nan_inf_negative_as_before(as_numpy: bool) -> None:
+    model = NMF.from_components(torch.rand(2, 4, dtype=F64))
+    x = torch.rand(10, 4, dtype=F64)
+    for value, match in (
+        (float("nan"), "Input X contains NaN"),
+        (float("inf"), "Input X contains infinity"),
+        (-1.0, "Negative values in data passed to NMF"),
+    ):
+        bad = x.clone()
+        bad[7, 2] = value
+        with pytest.raises(ValueError, match=match):
+            model.transform(bad.numpy() if as_numpy else bad)
+
+
+def test_bfloat16_activations_are_solved_in_float32() -> None:
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(4, 16, generator=g)
+    x = torch.rand(64, 16, generator=g).to(torch.bfloat16)
+    model = NMF.from_components(h)
+    w = model.transform(x)
+    assert w.dtype == torch.float32
+    assert torch.equal(w, model.transform(x.float()))
+
+
+# ------------------------------------------------ device-agnostic kernels (on CPU)
+class _Recorder(TorchFunctionMode):
+    """Records integer matmuls and the calls that would synchronise a GPU with the host."""
+
+    _MATMULS = ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "mv", "einsum")
+    _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.int_matmuls: list[str] = []
+        self.syncs: list[str] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = getattr(func, "__name__", str(func))
+        flat = [*args, *(kwargs or {}).values()]
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if name in self._MATMULS and any(not t.is_floating_point() for t in tensors):
+            self.int_matmuls.append(name)
+        if name in self._SYNCS:
+            self.syncs.append(name)
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                self.syncs.append(f"{name}[bool]")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def recording() -> Iterator[_Recorder]:
+    with _Recorder() as rec:
+        yield rec
+
+
+def test_no_integer_matmul_anywhere_in_the_solvers() -> None:
+    # CUDA has no integer matmul: the old ``passive.long() @ bits`` crashed there.
+    g = torch.Generator().manual_seed(5)
+    for k in (6, 14):  # table path and pattern path
+        h = torch.rand(k, 24, generator=g, dtype=F64) ** 3
+        v = torch.rand(100, 24, generator=g, dtype=F64)
+        with recording() as rec:
+            solvers.nnls(h @ h.T, v @ h.T, compact=False)
+            solvers.nnls(h @ h.T, v @ h.T, compact=True, steps=0)
+            solvers._nnls_bpp(h @ h.T, v @ h.T)
+        assert rec.int_matmuls == []
+
+
+def test_masked_path_synchronises_once_before_the_fallback(real_rows: torch.Tensor) -> None:
+    v = real_rows.double()
+    h = fitted_h(v, 6)
+    factors = solvers.NNLSFactors(h @ h.T)
+    cross = v @ h.T
+    with recording() as rec:
+        solvers.nnls_factored(factors, cross, compact=False)
+    assert rec.syncs == ["nonzero"]  # the count of rows left for the fallback (none here)
+
+
+@CUDA
+def test_cuda_equals_cpu_and_syncs_once(real_rows: torch.Tensor) -> None:
+    v = real_rows
+    h = fitted_h(v, 6).float()
+    model = NMF.from_components(h.cuda())
+    w = model.transform(v.cuda())
+    ref = NMF.from_components(h).transform(v)
+    assert torch.allclose(w.cpu(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    factors = solvers.NNLSFactors((h @ h.T).cuda())
+    cross = (v @ h.T).cuda()
+    solvers.nnls_factored(factors, cross)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            solvers.nnls_factored(factors, cross)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([c for c in caught if "synchroniz" in str(c.message)]) <= 1
+
+
+# ------------------------------------------------------------------ the cache
+class _CountingFactors(solvers.NNLSFactors):
+    built = 0
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        type(self).built += 1
+        super().__init__(gram)
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> type[_CountingFactors]:
+    _CountingFactors.built = 0
+    monkeypatch.setattr(solvers, "NNLSFactors", _CountingFactors)
+    return _CountingFactors
+
+
+def reference_w(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    h = h.to(x.dtype)
+    return solvers._nnls_bpp(h @ h.T, x @ h.T).to(x.dtype)
+
+
+def data(seed: int, n: int = 300, c: int = 12, k: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, k, generator=g, dtype=F64) ** 2) @ torch.rand(
+        k, c, generator=g, dtype=F64
+    ) + 0.05 * torch.rand(n, c, generator=g, dtype=F64)
+
+
+def assert_fresh(model: NMF, x: torch.Tensor) -> None:
+    """``transform`` solves with the model's current ``H``, not a stale one."""
+    assert torch.allclose(model.transform(x), reference_w(model._h, x), rtol=0, atol=1e-10)
+
+
+def test_factors_are_cached_per_h_device_and_dtype(counting: type[_CountingFactors]) -> None:
+    x = data(0)
+    model = NMF(3, random_state=0, max_iter=20).fit(x)
+    built = counting.built
+    model.transform(x)
+    model.transform(x[:50])
+    assert counting.built == built + 1  # one factorisation for two calls
+    model.transform(x.float())  # another dtype: its own entry
+    model.transform(x)
+    assert counting.built == built + 2
+
+
+def test_cache_invalidated_by_fit_partial_fit_update_and_assignments(
+    counting: type[_CountingFactors],
+) -> None:
+    x, y = data(0), data(1)
+    model = NMF(3, random_state=0, max_iter=20).fit(x)
+    assert_fresh(model, x)
+    stale = model.transform(y)
+
+    model.fit(y)  # refit: new H
+    assert_fresh(model, y)
+    assert not torch.allclose(model.transform(y), stale)
+
+    model.partial_fit(x)  # first chunk of a stream
+    assert_fresh(model, x)
+    before = counting.built
+    model.statistics(y)
+    model.statistics(x)  # same H: the factors cached by transform serve both chunks
+    assert counting.built == before
+    model.partial_fit(y)  # statistics of y, then update: H moves
+    assert_fresh(model, x)
+    model.update(model.statistics(x))
+    assert_fresh(model, x)
+
+    model.start_stream(torch.rand(3, 12, dtype=F64))
+    assert_fresh(model, x)
+
+    with torch.no_grad():  # an in-place change of H is seen through its version counter
+        model._h.mul_(torch.linspace(0.5, 2.0, 3, dtype=F64)[:, None])
+    assert_fresh(model, x)
+
+    model._h = torch.rand(3, 12, dtype=F64)  # any assignment of the concepts
+    assert_fresh(model, x)
+
+    before = counting.built
+    model.transform(x)
+    model.set_params(tol=1e-3)
+    model.transform(x)
+    assert counting.built == before + 1  # set_params dropped the factors
+
+
+def test_loaded_and_unpickled_models_solve_with_their_own_h() -> None:
+    x = data(0)
+    model = NMF(3, random_state=0, max_iter=20).fit(x)
+    model.transform(x)  # fills the cache
+    assert len(model.__dict__["_nnls_cache"].entries) == 1
+    clone = pickle.loads(pickle.dumps(model))
+    assert clone.__dict__["_nnls_cache"].entries == {}  # derived data is not pickled
+    assert torch.equal(clone.transform(x), model.transform(x))
+    loaded = NMF.from_components(model.components_ * 2.0)
+    assert_fresh(loaded, x)
+    assert torch.allclose(loaded.transform(x) * 2.0, model.transform(x), atol=1e-10)
+
+
+def test_distributed_style_workers_share_the_solve() -> None:
+    # Workers started from the same H0 produce the statistics the driver would.
+    x = data(0)
+    driver = NMF(3, random_state=0).initialise_stream(x)
+    worker = NMF(3, random_state=0).start_stream(driver._h)
+    a, b = driver.statistics(x[:150]), worker.statistics(x[:150])
+    assert torch.equal(a.wtw, b.wtw)
+    assert torch.equal(a.wtv, b.wtv)
+    w = reference_w(driver._h, x[:150])
+    assert torch.allclose(a.wtw, (w.T @ w).double(), rtol=1e-12)
