@@ -200,8 +200,10 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         *,
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
-    ) -> Tensor:
-        act = acts.capture(
+        return_output: bool = False,
+    ) -> Any:
+        """Checked activations (and with ``return_output`` the output) of one forward."""
+        captured = acts.capture(
             self.forward_func,
             self.layer,
             inputs,
@@ -212,8 +214,11 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             name=self._layer_name,
             autocast=autocast,
             channels_last=channels_last,
+            return_output=return_output,
         )
-        return acts.check_activations(act, negative=self.negative, name=self._layer_name)
+        act, output = captured if return_output else (captured, None)
+        act = acts.check_activations(act, negative=self.negative, name=self._layer_name)
+        return (act, output) if return_output else act
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "concepts_"):
@@ -645,26 +650,14 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                         :meth:`attribute`.
         """
         to_input = bool(getattr(self, "attribute_to_layer_input_", False))
-        if not return_output:
-            return self._activations(
-                inputs,
-                additional_forward_args,
-                to_input,
-                autocast=autocast,
-                channels_last=channels_last,
-            )
-        act, output = acts.capture_with_output(
-            self.forward_func,
-            self.layer,
+        return self._activations(
             inputs,
-            additional_forward_args=additional_forward_args,
-            attribute_to_layer_input=to_input,
-            reshape_transform=self.reshape_transform,
-            name=self._layer_name,
+            additional_forward_args,
+            to_input,
             autocast=autocast,
             channels_last=channels_last,
+            return_output=return_output,
         )
-        return acts.check_activations(act, negative=self.negative, name=self._layer_name), output
 
     def assign(
         self,

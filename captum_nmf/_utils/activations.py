@@ -1,14 +1,17 @@
 """Capturing and checking a layer's activations.
 
-Activations are captured with Captum's public :class:`captum.attr.LayerActivation`,
-which registers its forward hook for one call and removes it in ``finally``.
-This module adds what NMF needs on top: the model in eval mode for the call
+:func:`capture` is the one way activations are taken: a forward hook
+registered for one call and removed in ``finally`` that stores what the layer
+saw per device, as :class:`captum.attr.LayerActivation` does (so DataParallel
+models work), optionally with the model's output from the same forward. Around
+it: a per-model lock (threads sharing a model get sequential results), the
+model in eval mode for the call
 (every module's ``training`` flag restored afterwards, even on error), a check
 that the layer ran, that its output is N x C x H x W, finite and non-negative
 (or an explicit ``negative="relu"`` policy), and the reshaping of maps into
 rows of feature vectors.
 
-Both capture functions take the device options of the forward pass:
+The capture takes the device options of the forward pass:
 ``autocast`` (e.g. ``torch.bfloat16``) runs it under :func:`torch.autocast`
 on the inputs' device type and gives activations and outputs back in float32;
 ``channels_last`` hands the model channels-last copies of 4-D inputs. Neither
@@ -19,12 +22,14 @@ touches the caller's tensors or model (convert the model itself with
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from captum.attr import LayerActivation
 from torch import Tensor, nn
 
 from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFiniteActivationError
@@ -32,13 +37,13 @@ from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFinite
 __all__ = [
     "NegativePolicy",
     "capture",
-    "capture_with_output",
     "check_activations",
     "check_device_options",
     "device_options",
     "eval_mode",
     "layer_name",
     "maps_to_rows",
+    "model_lock",
     "models_of",
     "module_of",
     "rows_to_maps",
@@ -46,7 +51,6 @@ __all__ = [
 
 NegativePolicy = Literal["raise", "relu"]
 _NEGATIVE_POLICIES = ("raise", "relu")
-_NOT_EXECUTED = "Forward hook did not obtain any outputs"
 
 
 def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Module]:
@@ -92,6 +96,67 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
             module.training = training
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(forward_func: Callable[..., Any], layer: nn.Module) -> threading.RLock:
+    """The lock that serialises forwards of one model (its eval-mode flip and per-call hooks).
+
+    Two threads that run the same model through :func:`capture` would otherwise
+    flip each other's ``training`` flags and see each other's activations in
+    their hooks. One re-entrant lock per model (the first of
+    :func:`models_of`), created on first use and dropped with the model.
+    """
+    root = models_of(forward_func, layer)[0]
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(root)
+        if lock is None:
+            lock = _MODEL_LOCKS[root] = threading.RLock()
+        return lock
+
+
+def _hook(
+    saved: dict[torch.device, Any], guard: threading.Lock, attribute_to_layer_input: bool
+) -> Callable[..., None]:
+    """A forward (pre-)hook that clones what the layer saw into ``saved``, keyed by device."""
+
+    def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
+        value = layer_in if attribute_to_layer_input else layer_out
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        first = next((t for t in items if isinstance(t, Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        copy = tuple(t.clone() if isinstance(t, Tensor) else t for t in items)
+        with guard:  # DataParallel replicas call it from their own threads, as in Captum
+            saved[device] = copy if isinstance(value, (tuple, list)) else copy[0]
+
+    return hook
+
+
+def _gather(saved: dict[torch.device, Any], device_ids: list[int] | None, label: str) -> Any:
+    """One result from the per-device results, concatenated in ``device_ids`` order."""
+    if len(saved) == 1:
+        return next(iter(saved.values()))
+    if device_ids is None:
+        raise LayerError(
+            f"Layer {label} ran on {len(saved)} devices ({sorted(map(str, saved))}) but no "
+            "device_ids were given; pass the DataParallel model itself as forward_func or "
+            "device_ids=model.device_ids."
+        )
+    by_index = {d.index: d for d in saved}
+    order = [by_index[i] for i in device_ids if i in by_index]
+    if len(order) != len(saved):
+        raise LayerError(
+            f"Layer {label} ran on devices {sorted(map(str, saved))}, which device_ids="
+            f"{device_ids} do not all name; pass the DataParallel model's device_ids."
+        )
+    parts = [saved[d] for d in order]
+    target = order[0]
+    if isinstance(parts[0], Tensor):
+        return torch.cat([p.to(target) for p in parts])
+    return type(parts[0])(torch.cat([p[i].to(target) for p in parts]) for i in range(len(parts[0])))
+
+
 def capture(
     forward_func: Callable[..., Any],
     layer: nn.Module,
@@ -104,11 +169,23 @@ def capture(
     name: str | None = None,
     autocast: torch.dtype | None = None,
     channels_last: bool = False,
-) -> Tensor:
-    """Run ``forward_func`` in eval mode and return the layer's N x C x H x W activations.
+    return_output: bool = False,
+) -> Any:
+    """Run ``forward_func`` once in eval mode and return the layer's N x C x H x W activations.
 
+    One hook, registered for the call and removed in ``finally``, clones what
+    the layer saw per device, as :class:`captum.attr.LayerActivation` does
+    (a DataParallel model's replicas each add their part; the parts are
+    concatenated in ``device_ids`` order, or the model's own). The forward,
+    the eval-mode flip and the hook hold the model's :func:`model_lock`, so
+    threads sharing a model get the results of sequential calls.
     ``autocast`` and ``channels_last`` are checked and applied as in
-    :func:`device_options`; with ``autocast`` the activations come back in float32.
+    :func:`device_options`; with ``autocast`` the activations (and the
+    output) come back in float32.
+
+    Returns:
+        *Tensor* or *tuple*: the activations, and with ``return_output=True``
+        ``(activations, output)`` from the same forward.
 
     Raises:
         LayerError: the layer did not run, produced several tensors, or its
@@ -119,51 +196,6 @@ def capture(
     """
     label = repr(name) if name else type(layer).__name__
     inputs, amp = device_options(inputs, autocast=autocast, channels_last=channels_last)
-    with eval_mode(models_of(forward_func, layer)), amp:
-        try:
-            act = LayerActivation(forward_func, layer, device_ids).attribute(
-                inputs,
-                additional_forward_args=additional_forward_args,
-                attribute_to_layer_input=attribute_to_layer_input,
-            )
-        except AssertionError as exc:  # Captum signals a silent hook this way
-            if _NOT_EXECUTED in str(exc):
-                raise LayerError(
-                    f"Layer {label} was not executed during the forward pass; pass a module "
-                    "that forward_func actually calls."
-                ) from exc
-            raise
-    return _restore(_as_4d(act, reshape_transform, label), autocast, channels_last)
-
-
-def capture_with_output(
-    forward_func: Callable[..., Any],
-    layer: nn.Module,
-    inputs: Tensor | tuple[Tensor, ...],
-    *,
-    additional_forward_args: Any = None,
-    attribute_to_layer_input: bool = False,
-    reshape_transform: Callable[[Tensor], Tensor] | None = None,
-    name: str | None = None,
-    autocast: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> tuple[Tensor, Any]:
-    """Like :func:`capture`, and also return what ``forward_func`` returned, from one forward.
-
-    Captum's ``LayerActivation`` discards the model's output; whole-slide runs
-    keep it per tile, so this registers its own forward hook for the call
-    (removed in ``finally``) and clones what it saw, as Captum does.
-
-    Raises:
-        LayerError, TypeError, ValueError: as :func:`capture`.
-    """
-    label = repr(name) if name else type(layer).__name__
-    inputs, amp = device_options(inputs, autocast=autocast, channels_last=channels_last)
-    seen: list[Any] = []
-
-    def hook(_module: nn.Module, layer_in: tuple[Any, ...], layer_out: Any) -> None:
-        seen.append(layer_in if attribute_to_layer_input else layer_out)
-
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     extra = (
         ()
@@ -172,26 +204,30 @@ def capture_with_output(
         if isinstance(additional_forward_args, tuple)
         else (additional_forward_args,)
     )
-    handle = layer.register_forward_hook(hook)
-    try:
-        with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
-            output = forward_func(*args, *extra)
-    finally:
-        handle.remove()
-    if not seen:
+    saved: dict[torch.device, Any] = {}
+    hook = _hook(saved, threading.Lock(), attribute_to_layer_input)
+    with model_lock(forward_func, layer):
+        handle = (
+            layer.register_forward_pre_hook(hook)
+            if attribute_to_layer_input
+            else layer.register_forward_hook(hook)
+        )
+        try:
+            with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
+                output = forward_func(*args, *extra)
+        finally:
+            handle.remove()
+    if not saved:
         raise LayerError(
             f"Layer {label} was not executed during the forward pass; pass a module "
             "that forward_func actually calls."
         )
-    act = seen[-1]
-    if isinstance(act, (tuple, list)):
-        act = type(act)(a.clone() if isinstance(a, Tensor) else a for a in act)
-    elif isinstance(act, Tensor):
-        act = act.clone()
+    ids = device_ids if device_ids is not None else getattr(forward_func, "device_ids", None)
+    act = _gather(saved, ids, label)
     act = _restore(_as_4d(act, reshape_transform, label), autocast, channels_last)
-    if autocast is not None:
-        output = _to_float32(output)
-    return act, output
+    if not return_output:
+        return act
+    return act, _to_float32(output) if autocast is not None else output
 
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -236,14 +272,25 @@ def check_device_options(
             f"autocast={autocast} is not available for inputs on device type "
             f"{device_type!r}; pass autocast=None."
         )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.autocast(device_type=device_type, dtype=autocast)  # warns when unsupported
-    if any("not supported" in str(w.message) for w in caught):
+    if not _autocast_supported(device_type, autocast):
         raise ValueError(
             f"autocast={autocast} is not supported on {device_type!r} by this PyTorch "
             f"{torch.__version__}; pass autocast=torch.bfloat16, or None."
         )
+
+
+@functools.cache
+def _autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.autocast`` takes ``dtype`` on ``device_type`` (asked once per pair).
+
+    torch only warns about an unsupported pair, so the warning is caught; the
+    filters that ``warnings.catch_warnings`` swaps are process-wide, which is
+    why the answer is cached instead of asked on every forward.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.autocast(device_type=device_type, dtype=dtype)  # warns when unsupported
+    return not any("not supported" in str(w.message) for w in caught)
 
 
 def device_options(

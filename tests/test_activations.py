@@ -1,0 +1,106 @@
+"""One capture path: equal to Captum's LayerActivation, a direct LayerError, safe across threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from captum.attr import LayerActivation
+from torch import nn
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf._utils import activations as acts
+from captum_nmf.exceptions import LayerError
+
+
+def conv_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.ReLU())
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_capture_equals_layer_activation(to_input: bool) -> None:
+    net = conv_net()
+    x = torch.rand(2, 3, 7, 7)
+    expected = LayerActivation(net, net[2]).attribute(x, attribute_to_layer_input=to_input)
+    got = acts.capture(net, net[2], x, attribute_to_layer_input=to_input)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_capture_of_a_data_parallel_model_equals_layer_activation() -> None:
+    net = conv_net()
+    parallel = nn.DataParallel(net)  # on a CPU-only machine it calls the module itself
+    x = torch.rand(3, 3, 6, 6)
+    expected = LayerActivation(parallel, net[1]).attribute(x)
+    act, out = acts.capture(parallel, net[1], x, return_output=True)
+    torch.testing.assert_close(act, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+
+
+def test_return_output_is_the_same_forward() -> None:
+    net = conv_net()
+    x = torch.rand(1, 3, 5, 5)
+    act, out = acts.capture(net, net[1], x, return_output=True)
+    torch.testing.assert_close(out, net(x))
+    torch.testing.assert_close(act, net[1](net[0](x)))
+
+
+def test_layer_that_did_not_run_is_a_layer_error() -> None:
+    net = conv_net()
+    idle = nn.ReLU()
+    with pytest.raises(LayerError, match="was not executed during the forward pass"):
+        acts.capture(lambda x: net(x), idle, torch.rand(1, 3, 5, 5))
+    assert not idle._forward_hooks
+
+
+def test_results_of_several_devices_need_device_ids() -> None:
+    a, b = torch.device("cuda", 0), torch.device("cuda", 1)
+    saved = {a: torch.zeros(1), b: torch.ones(1)}
+    with pytest.raises(LayerError, match="no device_ids were given"):
+        acts._gather(saved, None, "'x'")
+    with pytest.raises(LayerError, match=r"device_ids=\[0\] do not all name"):
+        acts._gather(saved, [0], "'x'")
+
+
+def bn_dropout_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Dropout(0.5), nn.ReLU(), nn.Conv2d(6, 4, 1)
+    )
+    with torch.no_grad():  # running statistics that eval mode visibly uses
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net.train()
+
+
+def test_threads_sharing_one_attribution_get_the_sequential_results() -> None:
+    net = bn_dropout_net()
+    attr = NMFConceptAttribution(net, net[3], n_concepts=3, random_state=0)
+    attr.fit(torch.rand(6, 3, 8, 8), progress=False)
+    net.train()
+    inputs = [torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    expected = [attr.attribute(x) for x in inputs]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for r in range(5):
+                results[i, r] = attr.attribute(inputs[i])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    differ = [k for k, v in results.items() if not torch.equal(v, expected[k[0]])]
+    assert len(results) == 40
+    assert differ == []
+    assert all(m.training for m in net.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
