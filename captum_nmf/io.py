@@ -205,6 +205,19 @@ def save_tensors(
     return target
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then ``{``.
+
+    The length's first byte can be anything (0x80 included, a pickle's first
+    byte), so the pickle and zip checks only apply to files that are not laid
+    out like this.
+    """
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 0 < length <= size - 8 and head[8:9] == b"{"
+
+
 def load_tensors(
     path: str | os.PathLike[str],
     *,
@@ -235,11 +248,10 @@ def load_tensors(
     if not source.is_file():
         raise FileNotFoundError(f"{kind[:1].upper()}{kind[1:]} file not found: {source}")
     with source.open("rb") as fh:
-        head = fh.read(8)
-    if (
-        source.suffix.lower() in _PICKLE_SUFFIXES
-        or head.startswith(_ZIP_MAGIC)
-        or (head[:1] and head[0] == _PICKLE_PROTO)
+        head = fh.read(9)
+    if source.suffix.lower() in _PICKLE_SUFFIXES or (
+        not _looks_like_safetensors(head, source.stat().st_size)
+        and (head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO))
     ):
         raise ConceptModelFormatError(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "

@@ -286,3 +286,22 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"), atomic_write(target, "a"):
         pass
+
+
+def test_a_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path: Path) -> None:
+    """A safetensors header of 128 + 256 k bytes makes the file's first byte 0x80."""
+    for pad in range(600):
+        path = save_tensors(
+            tmp_path / "c.safetensors", {"a": torch.zeros(2)}, {"pad": "x" * pad}, format_name="t"
+        )
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:  # pragma: no cover - the header grows one byte per pad character
+        pytest.fail("no header length with first byte 0x80 was produced")
+    tensors, _ = load_tensors(path, format_name="t")
+    assert torch.equal(tensors["a"], torch.zeros(2))
+    # a real pickle with the .safetensors suffix is still refused
+    fake = tmp_path / "p.safetensors"
+    fake.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(ConceptModelFormatError, match="refusing to unpickle"):
+        load_tensors(fake, format_name="t")

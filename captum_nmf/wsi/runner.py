@@ -52,7 +52,7 @@ from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import RegionTiles, plan_regions, tissue_cells
-from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand
+from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand, cell_coverage
 from captum_nmf.wsi.store import CHUNK_DIR, MANIFEST_FILE, RunStore
 from captum_nmf.wsi.tiling import (
     EdgePolicy,
@@ -220,8 +220,20 @@ class _Run:
             self.outputs = np.full((len(g), n_outputs), np.nan, dtype=np.float32)
         if self.stitcher is None:
             self.stitcher = FeatureStitcher(
-                (hc, wc), int(self.attr.n_channels_in_), border=self.border
+                (hc, wc),
+                int(self.attr.n_channels_in_),
+                border=self.border,
+                coverage=self.coverage(h, w, (hc, wc)),
             )
+
+    def coverage(self, h: int, w: int, shape: tuple[int, int]) -> NDArray[np.uint8]:
+        """How well the best tile sees each cell, over every tile of the plan.
+
+        Failed tiles count too, so the coverage (and a resumed run's) does not
+        depend on which reads failed.
+        """
+        every = self.origins(np.arange(len(self.grid), dtype=np.int64))
+        return cell_coverage(every, (h, w), self.border, shape)
 
     def ready(self) -> tuple[NDArray[np.float32], NDArray[np.int32], FeatureStitcher]:
         """The output arrays and the stitcher, once the first batch has set them up."""
@@ -394,8 +406,11 @@ class _Run:
             self.cell = int(manifest["cell"])
             carry = self.load_chunk(done - 1, "carry")
             state = {k: v.numpy() for k, v in carry.items()}
-            self.stitcher = FeatureStitcher.from_state(state, int(self.attr.n_channels_in_))
             h = self.grid.tile_size // self.cell
+            hc, wc = (int(v) for v in state["position"][3:5])
+            self.stitcher = FeatureStitcher.from_state(
+                state, int(self.attr.n_channels_in_), coverage=self.coverage(h, h, (hc, wc))
+            )
             self.setup(h, h, int(manifest["n_outputs"]))
         for i in range(done):
             tensors = self.load_chunk(i, "chunk")
@@ -687,6 +702,7 @@ def explain_slide(
         "slide_mpp": slide_level0_mpp,
         "resample": grid.resolution.resample,
         "border": border,
+        "edges": "best-tile",  # border cells no interior covers: the tiles that see them best
         "mode": mode,
         "region_margin": region_margin if mode == "region" else 0,
         "edge": edge,
@@ -1021,12 +1037,12 @@ def _finish(
     if run.stitcher is not None:
         run.solve(run.stitcher.finish())
     maps, counts = run.maps, run.counts
-    if run.failed and run.regions is None:  # cells only failed tiles covered: no data, not 0
+    if run.failed and run.stitcher is not None:  # cells only failed tiles reached: no data, not 0
         lost = np.zeros(counts.shape, dtype=bool)
-        b = run.border
         h = grid.tile_size // run.cell
         for r0, c0 in run.origins(np.asarray(sorted(set(run.failed)), dtype=np.int64)):
-            lost[max(r0 + b, 0) : max(r0 + h - b, 0), max(c0 + b, 0) : max(c0 + h - b, 0)] = True
+            rows, cols, keep = run.stitcher.footprint((int(r0), int(c0)), (h, h))
+            lost[rows, cols] |= keep
         maps[:, lost & (counts == 0)] = np.nan
     cell_size = run.cell * grid.resolution.scale
     tissue_cells = np.ones(counts.shape, dtype=bool)
