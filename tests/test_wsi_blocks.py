@@ -1,0 +1,118 @@
+"""``BlockReader``: tiles byte-identical to per-tile reads, each pixel decoded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captum_nmf.exceptions import SlideReadError
+from captum_nmf.wsi import Slide, tile_grid
+from captum_nmf.wsi.blocks import BlockReader
+from tests.helpers.synthetic_slides import CMU, cmu_pyramid, flip_tile_markers
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return cmu_pyramid(tmp_path_factory.mktemp("blocks") / "cmu4.svs")
+
+
+def _same_as_single_reads(slide: Slide, **grid_args: object) -> BlockReader:
+    grid = tile_grid(slide, **grid_args)  # type: ignore[arg-type]
+    assert len(grid) > 4
+    reader = BlockReader(slide, grid)
+    for i in range(len(grid)):
+        expected = slide.read_tile(grid.location(i), grid.resolution, grid.tile_size)
+        got = reader.read(i)
+        assert got.dtype == np.uint8
+        assert np.array_equal(got, expected), (i, grid.location(i))
+    return reader
+
+
+def test_level_0_tiles_are_byte_identical_and_read_once() -> None:
+    with Slide(CMU) as slide:
+        # edge="pad": the last row and column reach past the slide (white padding)
+        reader = _same_as_single_reads(
+            slide, tile_size=512, stride=256, tissue_mask=None, edge="pad"
+        )
+        grid = reader.grid
+    assert reader.exact
+    assert reader.single_reads == 0
+    w, h = grid.dimensions
+    # each block decoded once: 1.07 decoded pixels per slide pixel (the padded border)
+    # where tile-by-tile reads decode 3.5 (88 tiles of 512 px over 2220 x 2967 px)
+    assert reader.blocks_read == (grid.n_cols + 1) * (grid.n_rows + 1)
+    assert w * h <= reader.pixels_read <= 1.3 * w * h
+    assert len(grid) * 512 * 512 >= 3.4 * w * h
+
+
+def test_tissue_grid_and_odd_stride() -> None:
+    with Slide(CMU) as slide:
+        reader = _same_as_single_reads(slide, tile_size=240, stride=96, min_tissue=0.5)
+    assert reader.single_reads == 0
+
+
+def test_resampled_level_0_tiles_are_byte_identical() -> None:
+    with Slide(CMU) as slide:  # 0.75 um/px from the 0.499 um/px level 0, box-resampled
+        reader = _same_as_single_reads(slide, tile_size=128, stride=64, mpp=0.75, tissue_mask=None)
+    assert reader.grid.resolution.resample > 1.4
+    assert reader.exact
+    assert reader.single_reads == 0
+
+
+def test_levels_with_fractional_downsamples_read_tile_by_tile(pyramid: Path) -> None:
+    """OpenSlide interpolates a region that starts between two pixels of the level read.
+
+    Level 1 of the pyramid has downsample 2.0003 (2967 / 1483 rows), so a tile's
+    level-0 corner rarely falls on a whole level-1 pixel: such tiles are read on
+    their own, exactly as before.
+    """
+    with Slide(pyramid) as slide:
+        assert slide.level_downsamples[1] != 2.0
+        reader = _same_as_single_reads(slide, tile_size=256, stride=128, level=1, tissue_mask=None)
+    assert not reader.exact
+    assert reader.single_reads == len(reader.grid)
+
+
+def test_region_grids_with_negative_margins() -> None:
+    with Slide(CMU) as slide:
+        reader = _same_as_single_reads(
+            slide, tile_size=384, stride=256, margin=64, tissue_mask=None
+        )
+    assert int(reader.grid.locations.min()) < 0
+
+
+def test_a_failed_block_falls_back_to_the_tiles_own_reads(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.svs"
+    flip_tile_markers(CMU, broken, [52])  # one 240 px JPEG tile in the tissue
+    with Slide(broken) as slide, Slide(CMU) as good:
+        grid = tile_grid(slide, tile_size=240, stride=120, tissue_mask=None)
+        reader = BlockReader(slide, grid)
+        failed, same = 0, 0
+        for i in range(len(grid)):
+            try:
+                expected = slide.read_tile(grid.location(i), grid.resolution, 240)
+            except SlideReadError as exc:
+                message = str(exc)
+                with pytest.raises(SlideReadError, match=r"broken\.svs") as got:
+                    reader.read(i)
+                assert str(got.value) == message  # the same error as a tile's own read
+                failed += 1
+                continue
+            assert np.array_equal(reader.read(i), expected)
+            reference = good.read_tile(grid.location(i), grid.resolution, 240)
+            same += int(np.array_equal(expected, reference))
+    assert failed >= 1
+    assert reader.single_reads >= failed
+    assert same == len(grid) - failed  # every other tile of the affected blocks is intact
+
+
+def test_the_cache_is_bounded() -> None:
+    with Slide(CMU) as slide:
+        grid = tile_grid(slide, tile_size=256, stride=128, tissue_mask=None)
+        reader = BlockReader(slide, grid, max_bytes=3 * 128 * 128 * 3)
+        for i in range(len(grid)):
+            expected = slide.read_tile(grid.location(i), grid.resolution, 256)
+            assert np.array_equal(reader.read(i), expected)
+            assert reader._bytes <= 4 * 128 * 128 * 3  # at most one block over while reading
