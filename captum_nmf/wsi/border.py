@@ -241,7 +241,7 @@ def border_effect(
         if transform is not None:
             batch = transform(batch)
         with torch.no_grad():
-            act = capture(forward_func, target, batch, name=name)
+            act: Tensor = capture(forward_func, target, batch, name=name)
         return act.detach().to("cpu", torch.float64)
 
     sums: list[NDArray[np.float64]] = []
