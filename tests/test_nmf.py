@@ -356,3 +356,50 @@ def test_nnls_fallback_when_pivoting_is_cut_short(fast: bool) -> None:
     for i in range(40):
         _, res = scipy_nnls(h.T.numpy(), v[i].numpy())
         assert objective(v[i : i + 1], w[i : i + 1], h) == pytest.approx(res**2, rel=1e-8)
+
+
+def test_components_is_a_read_only_copy_and_needs_a_fit() -> None:
+    from captum_nmf.exceptions import NotFittedError
+
+    model = NMF(2, random_state=0)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        _ = model.components
+    x = torch.rand(20, 5, generator=torch.Generator().manual_seed(0))
+    model.fit(x)
+    h = model.components
+    torch.testing.assert_close(h, model.components_)
+    h.zero_()  # the caller's copy only
+    assert float(model.components.abs().sum()) > 0
+    torch.testing.assert_close(model.components, model.components_)
+
+
+def test_update_commits_nothing_when_interrupted(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    model = NMF(2, random_state=0).partial_fit(torch.rand(30, 4, generator=g))
+    chunk = torch.rand(10, 4, generator=g)
+    stats = model.statistics(chunk)
+    names = ("_a", "_b", "_a_sum", "_b_sum", "_sq_sum", "_weight_sums")
+    before = {n: getattr(model, n).clone() for n in names}
+    h_before, seen = model.components, model.n_samples_seen_
+
+    def interrupted(*args: object, **kwargs: object) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(solvers, "hals_sweeps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.update(stats)
+    for n in names:
+        torch.testing.assert_close(getattr(model, n), before[n], rtol=0, atol=0)
+    torch.testing.assert_close(model.components, h_before, rtol=0, atol=0)
+    assert model.n_samples_seen_ == seen
+    monkeypatch.undo()
+    model.update(stats)  # the same statistics apply cleanly afterwards
+    assert model.n_samples_seen_ == seen + 10
+
+
+def test_checking_a_tensor_sets_no_state() -> None:
+    model = NMF(2)
+    model._check_tensor(torch.rand(3, 4), reset=True)
+    assert not hasattr(model, "n_features_in_")
+    model.fit(torch.rand(6, 4))
+    assert model.n_features_in_ == 4

@@ -222,6 +222,20 @@ class NMFStatistics:
         return cls(wtw=wtw, wtv=wtv, sq=sq, weight_sums=weight_sums, n_samples=round(n))
 
 
+def _canonical(h: Tensor, weight_sums: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unit-norm rows of ``h`` in decreasing order of their weight sums.
+
+    Returns:
+        *tuple*: the new ``H`` (``h``'s dtype), ``order``, the ``scale`` of each
+        kept row (its old norm) and the reordered, rescaled weight sums.
+    """
+    norms = torch.linalg.vector_norm(h.double(), dim=1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    sums = weight_sums.double() * norms
+    order = torch.argsort(-sums, stable=True)
+    return (h.double() / norms[:, None])[order].to(h.dtype), order, norms[order], sums[order]
+
+
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # type: ignore[misc]
     r"""Non-negative matrix factorisation ``X ~ W H`` in torch, in memory or streamed.
 
@@ -336,6 +350,26 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         self.__dict__["_concepts"] = value
         self._forget_factors()
 
+    @property
+    def components(self) -> Tensor:
+        """The fitted concepts ``H`` (K x C) as a read-only tensor, on the compute device.
+
+        A detached copy, whatever ``X`` was (``components_`` follows ``X``'s
+        kind: a numpy array for numpy input); changing it leaves the estimator
+        alone. Use it instead of private state in code that drives the solver
+        (distributed fitting, persistence).
+
+        Raises:
+            NotFittedError: before fitting.
+        """
+        h: Tensor | None = self.__dict__.get("_concepts")
+        if h is None:
+            raise NotFittedError(
+                "This NMF instance is not fitted yet. Call 'fit', 'partial_fit', "
+                "'initialise_stream' or 'start_stream' first."
+            )
+        return h.detach().clone()
+
     def _factor_cache(self) -> _FactorCache:
         """The cache object, created once and afterwards only changed in place.
 
@@ -429,6 +463,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         """Validate ``x`` and return it as a 2-D floating tensor on the compute device."""
         if isinstance(x, Tensor):
             t = self._check_tensor(x, reset=reset)
+            if reset:
+                self._record_features(int(t.shape[1]))
             kind = _Kind(False, t.dtype, x.device)
         else:
             arr = validate_data(self, x, reset=reset, dtype=[np.float64, np.float32])
@@ -477,15 +513,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
             raise ValueError(f"Input X contains {what}; NMF needs finite values.")
         if low < 0:
             raise ValueError("Negative values in data passed to NMF (input X).")
-        if reset:
-            self.n_features_in_ = c
-            if hasattr(self, "feature_names_in_"):
-                del self.feature_names_in_
-        elif c != self.n_features_in_:
+        if not reset and c != self.n_features_in_:
             raise ValueError(
                 f"X has {c} features, but NMF is expecting {self.n_features_in_} features as input."
             )
         return x
+
+    def _record_features(self, n_features: int) -> None:
+        """Remember the feature count of a tensor ``X`` that starts a fit (as ``validate_data``)."""
+        self.n_features_in_ = n_features
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
 
     def _output(self, t: Tensor, kind: _Kind) -> ArrayLike:
         t = t.to(dtype=kind.dtype)
@@ -574,16 +612,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         Concept k of the result is ``H[order[k]] / ||H[order[k]]||``, so weights of the old
         concepts convert as ``w_new = w_old[:, order] * scale``.
         """
-        norms = torch.linalg.vector_norm(h.double(), dim=1)
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        sums = weight_sums.double() * norms
-        order = torch.argsort(-sums, stable=True)
-        self._h = (h.double() / norms[:, None])[order].to(h.dtype)
-        self._weight_sums = sums[order]
+        h_new, order, scale, sums = _canonical(h, weight_sums)
+        self._commit_h(h_new, sums, kind)
+        return order, scale
+
+    def _commit_h(self, h: Tensor, weight_sums: Tensor, kind: _Kind) -> None:
+        """Install canonical concepts ``h`` and their weight sums (no computation)."""
+        self._h = h
+        self._weight_sums = weight_sums
         self.n_components_ = int(h.shape[0])
-        self.components_ = self._output(self._h, kind) if kind.is_numpy else self._h.clone()
+        self.components_ = self._output(h, kind) if kind.is_numpy else h.clone()
         self._components_is_numpy = kind.is_numpy
-        return order, norms[order]
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: ArrayLike, y: Any = None) -> NMF:
@@ -848,26 +887,25 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         rho = self.forget_factor
         wtw = stats.wtw.to(device=device, dtype=torch.float64)
         wtv = stats.wtv.to(device=device, dtype=torch.float64)
-        self._a = rho * self._a + wtw
-        self._b = rho * self._b + wtv
-        self._a_sum += wtw
-        self._b_sum += wtv
-        self._sq_sum += stats.sq.to(device=device, dtype=torch.float64)
+        # Compute everything first, then commit: an interrupt (or error) before the
+        # assignments below leaves the stream exactly as it was, never statistics
+        # counted against a stale H.
+        a, b = rho * self._a + wtw, rho * self._b + wtv
+        a_sum, b_sum = self._a_sum + wtw, self._b_sum + wtv
+        sq_sum = self._sq_sum + stats.sq.to(device=device, dtype=torch.float64)
         weight_sums = self._weight_sums + stats.weight_sums.to(device=device, dtype=torch.float64)
         h = self._h
-        h64 = solvers.hals_sweeps(h.double().clone(), self._a, self._b, 50)
-        out_kind = _Kind(self._components_is_numpy, h.dtype, h.device)
-        o, scale = self._set_state(h64.to(h.dtype), weight_sums, out_kind)
-        # Keep the statistics consistent with the rescaled, reordered concepts.
-        s = scale.to(self._a)
-        self._a = self._a[o][:, o] * s[:, None] * s[None, :]
-        self._a_sum = self._a_sum[o][:, o] * s[:, None] * s[None, :]
-        self._b = self._b[o] * s[:, None]
-        self._b_sum = self._b_sum[o] * s[:, None]
+        h64 = solvers.hals_sweeps(h.double().clone(), a, b, 50)
+        h_new, order, scale, sums = _canonical(h64.to(h.dtype), weight_sums)
+        s = scale.to(a)  # the statistics follow the rescaled, reordered concepts
+        scaled = s[:, None] * s[None, :]
+        a, a_sum = a[order][:, order] * scaled, a_sum[order][:, order] * scaled
+        b, b_sum = b[order] * s[:, None], b_sum[order] * s[:, None]
+        error = math.sqrt(float(solvers.objective_from_stats(sq_sum, h_new, a_sum, b_sum)))
+        self._commit_h(h_new, sums, _Kind(self._components_is_numpy, h.dtype, h.device))
+        self._a, self._b, self._a_sum, self._b_sum, self._sq_sum = a, b, a_sum, b_sum, sq_sum
         self.n_samples_seen_ += int(stats.n_samples)
-        self.reconstruction_err_ = math.sqrt(
-            float(solvers.objective_from_stats(self._sq_sum, self._h, self._a_sum, self._b_sum))
-        )
+        self.reconstruction_err_ = error
         return self
 
     @classmethod
