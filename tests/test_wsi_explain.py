@@ -486,3 +486,17 @@ def test_region_mode_arguments(he_slide: Path, pool_attr: NMFConceptAttribution)
         _explain(pool_attr, he_slide, mode="region", region_size=128, region_margin=12)
     with pytest.raises(ValueError, match="region_size must be >= 1"):
         _explain(pool_attr, he_slide, mode="region", region_size=0)
+
+
+def test_rows_without_tiles_are_not_tissue(
+    tmp_path: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    """Tissue cells follow the mask everywhere, also in rows no tile reached."""
+    from tests.helpers.synthetic_slides import tissue_on_white
+
+    path = tissue_on_white(tmp_path / "top.svs", (512, 1024), (0, 0, 512, 256))
+    ex = explain_slide(pool_attr, path, tile_size=64, stride=32, batch_size=32, progress=False)
+    no_tiles = ~ex.counts.any(axis=1)
+    assert no_tiles.sum() > 40  # the white lower part: no tile has tissue there
+    assert not ex.tissue_cells[no_tiles].any()
+    assert ex.tissue_cells[:30].mean() > 0.9

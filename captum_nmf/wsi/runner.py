@@ -771,7 +771,7 @@ def explain_slide(
                 num_workers,
                 progress,
             )
-            result = _finish(run, grid, config, fingerprint)
+            result = _finish(run, grid, config, fingerprint, cells)
             if store is not None:
                 result.save(store.work_dir)
                 store.complete()
@@ -1026,8 +1026,13 @@ def _prefetched(iterable: Iterable[Any]) -> Generator[Any, None, None]:
 
 
 def _finish(
-    run: _Run, grid: TileGrid, config: dict[str, Any], fingerprint: str
+    run: _Run,
+    grid: TileGrid,
+    config: dict[str, Any],
+    fingerprint: str,
+    tissue_cells: NDArray[np.bool_],
 ) -> SlideExplanation:
+    """The explanation of a finished run; ``tissue_cells``: cells at least half tissue."""
     n_units = len(grid) if run.regions is None else len(run.regions)
     if run.maps is None or run.counts is None or len(set(run.failed)) == n_units:
         raise NoTissueError(
@@ -1045,21 +1050,8 @@ def _finish(
             lost[rows, cols] |= keep
         maps[:, lost & (counts == 0)] = np.nan
     cell_size = run.cell * grid.resolution.scale
-    tissue_cells = np.ones(counts.shape, dtype=bool)
     assignment = np.full(counts.shape, -1, dtype=np.int16)
-    wc = counts.shape[1]
     for r in np.flatnonzero(counts.any(axis=1)):  # row by row: no slide-sized temporaries
-        if grid.tissue_mask is not None:
-            boxes = np.stack(
-                [
-                    np.arange(wc) * cell_size,
-                    np.full(wc, r * cell_size),
-                    np.full(wc, cell_size),
-                    np.full(wc, cell_size),
-                ],
-                axis=1,
-            )
-            tissue_cells[r] = grid.tissue_mask.fractions(boxes) >= 0.5
         row = np.nan_to_num(maps[:, r, :], nan=0.0)
         best = np.argmax(row, axis=0)
         top = np.take_along_axis(row, best[None], axis=0)[0]
