@@ -28,7 +28,7 @@ from captum_nmf.exceptions import (
 from captum_nmf.io import default_file_mode
 from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
 from captum_nmf.wsi import store as store_module
-from captum_nmf.wsi.reader import Slide as SlideClass
+from captum_nmf.wsi.blocks import BlockReader
 from captum_nmf.wsi.store import LOCK_FILE, MARKER_FILE, RunLock, inspect_folder
 from tests.helpers.synthetic_slides import he_image
 from tests.helpers.wsi_models import PoolNet
@@ -80,15 +80,15 @@ class _Interrupt:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
         self.calls = 0
-        original = SlideClass.read_tile
+        original = BlockReader.read
 
-        def read_tile(slide: SlideClass, *args: object, **kwargs: object) -> np.ndarray:
+        def read(reader: BlockReader, index: int) -> np.ndarray:
             self.calls += 1
             if self.calls == at:
                 raise KeyboardInterrupt
-            return original(slide, *args, **kwargs)  # type: ignore[arg-type]
+            return original(reader, index)
 
-        monkeypatch.setattr(SlideClass, "read_tile", read_tile)
+        monkeypatch.setattr(BlockReader, "read", read)
 
 
 # ------------------------------------------------------------------ 1. ownership

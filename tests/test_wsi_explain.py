@@ -24,6 +24,7 @@ from captum_nmf.exceptions import (
     SlideReadError,
 )
 from captum_nmf.wsi import Slide, SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi.blocks import BlockReader
 from captum_nmf.wsi.reader import Slide as SlideClass
 from tests.helpers.synthetic_slides import (
     CMU,
@@ -281,19 +282,36 @@ def test_save_and_load_round_trip(
 
 
 class _Interrupt:
-    """Counts tile reads; raises KeyboardInterrupt at read number ``at`` (1-based)."""
+    """Counts tile reads; raises KeyboardInterrupt at read number ``at`` (1-based).
+
+    A tile is read by ``BlockReader.read`` (one reading thread) or ``Slide.read_tile``
+    (``DataLoader`` workers); a block reader's fallback to ``read_tile`` counts once.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int | None) -> None:
-        self.at, self.calls = at, 0
-        original = SlideClass.read_tile
+        self.at, self.calls, self.inside = at, 0, False
+        original_tile, original_block = SlideClass.read_tile, BlockReader.read
 
-        def read_tile(slide: Slide, *args: object, **kwargs: object) -> np.ndarray:
+        def count() -> None:
             self.calls += 1
             if self.at is not None and self.calls == self.at:
                 raise KeyboardInterrupt
-            return original(slide, *args, **kwargs)  # type: ignore[arg-type]
+
+        def read_tile(slide: Slide, *args: object, **kwargs: object) -> np.ndarray:
+            if not self.inside:
+                count()
+            return original_tile(slide, *args, **kwargs)  # type: ignore[arg-type]
+
+        def read_block(reader: BlockReader, index: int) -> np.ndarray:
+            count()
+            self.inside = True
+            try:
+                return original_block(reader, index)
+            finally:
+                self.inside = False
 
         monkeypatch.setattr(SlideClass, "read_tile", read_tile)
+        monkeypatch.setattr(BlockReader, "read", read_block)
 
 
 def test_interrupted_run_resumes_bit_identical(
@@ -412,14 +430,15 @@ from captum_nmf.wsi.reader import Slide
 from tests.helpers.wsi_models import PoolNet, halve
 net = PoolNet().eval()
 attr = NMFConceptAttribution.load({str(concepts)!r}, net, net.relu)
+from captum_nmf.wsi.blocks import BlockReader
 calls = [0]
-original = Slide.read_tile
-def read_tile(self, *args, **kwargs):
+original = BlockReader.read
+def read(self, index):
     calls[0] += 1
     if calls[0] == 80:
         raise KeyboardInterrupt
-    return original(self, *args, **kwargs)
-Slide.read_tile = read_tile
+    return original(self, index)
+BlockReader.read = read
 try:
     explain_slide(attr, {str(he_slide)!r}, tile_size=64, stride=32, tissue_mask=None,
                   transform=halve, chunk_tiles=30, batch_size=32, out_dir={str(out)!r},

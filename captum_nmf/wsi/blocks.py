@@ -23,17 +23,19 @@ tile row of a 100,000 px wide slide at level 0 holds about 150 MiB).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from PIL import Image
+from torch import Tensor
 
 from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.tiling import TileGrid
 
-__all__ = ["BlockReader"]
+__all__ = ["BlockReader", "TileBatches", "to_model_input"]
 
 RGB = NDArray[np.uint8]
 
@@ -175,3 +177,108 @@ class BlockReader:
         for key in [k for k in self._cache if k[0] < block_row]:
             old = self._cache.pop(key)
             self._bytes -= 0 if old is None else old.nbytes
+
+
+class TileBatches:
+    """Batches of a grid's tiles read through a :class:`BlockReader`, for one reading thread.
+
+    ``batch(indices)`` returns ``(images, indices, failed)`` like
+    :meth:`SlideTiles.collate_fn`. Without a per-tile ``transform`` the images
+    stay ``uint8`` (N x T x T x 3, in pinned memory when ``pin_memory``) so
+    that they cross to a GPU at a quarter of the bytes and are converted there
+    (:func:`to_model_input`); with one, each tile is converted and transformed
+    here as :class:`SlideTiles` does (N x 3 x T x T float).
+
+    Args:
+        grid (TileGrid): the tiles.
+        transform (Callable, optional): per-tile transform of 3 x T x T in [0, 1].
+                    Default: None
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"`` (failed tiles
+                    go to ``failed``).
+                    Default: ``"raise"``
+        slide_mpp (float, optional): microns per level-0 pixel, as for :class:`Slide`.
+                    Default: None
+        pin_memory (bool, optional): allocate ``uint8`` batches in pinned memory.
+                    Default: False
+    """
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        *,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        on_tile_error: str = "raise",
+        slide_mpp: float | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.grid = grid
+        self.transform = transform
+        self.on_tile_error = on_tile_error
+        self.pin_memory = pin_memory
+        self.slide = Slide(grid.path, mpp=slide_mpp)
+        self.reader = BlockReader(self.slide, grid)
+
+    def batch(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Read ``indices``: ``(images, read indices, failed indices)``.
+
+        Returns:
+            *tuple[Tensor, Tensor, Tensor]*: images (``uint8`` N x T x T x 3
+            without a transform, else float N x 3 x T x T), their indices and
+            the indices of tiles that could not be read (``int64``).
+
+        Raises:
+            SlideReadError: a tile could not be read and ``on_tile_error="raise"``.
+        """
+        t = self.grid.tile_size
+        good: list[int] = []
+        failed: list[int] = []
+        pixels: list[RGB] = []
+        for i in indices:
+            try:
+                pixels.append(self.reader.read(i))
+                good.append(i)
+            except SlideReadError:
+                if self.on_tile_error == "raise":
+                    raise
+                failed.append(i)
+        idx = torch.tensor(good, dtype=torch.int64)
+        lost = torch.tensor(failed, dtype=torch.int64)
+        if not good:
+            return torch.empty(0), idx, lost
+        if self.transform is None:
+            images = torch.empty(
+                (len(good), t, t, 3), dtype=torch.uint8, pin_memory=self.pin_memory
+            )
+            for j, p in enumerate(pixels):
+                images[j] = torch.from_numpy(p)
+            return images, idx, lost
+        tiles = [self.transform(_to_tensor(p)) for p in pixels]
+        return torch.stack(tiles), idx, lost
+
+    def close(self) -> None:
+        """Close the slide and drop the cached blocks."""
+        self.reader.clear()
+        self.slide.close()
+
+
+def to_model_input(
+    images: Tensor,
+    device: torch.device,
+    batch_transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Move a batch to ``device``; ``uint8`` N x T x T x 3 becomes float N x 3 x T x T in [0, 1].
+
+    The conversion runs on ``device`` (bit-identical to converting each tile
+    on the CPU), then ``batch_transform``, if any, on the whole batch there.
+
+    Returns:
+        *Tensor*: the model's input batch on ``device``.
+    """
+    x = images.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:  # contiguous N x 3 x T x T, as stacking converted tiles gives
+        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+    return x if batch_transform is None else batch_transform(x)
+
+
+def _to_tensor(pixels: RGB) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)

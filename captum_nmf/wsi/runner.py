@@ -49,6 +49,7 @@ from captum_nmf.exceptions import (
     RunStateError,
 )
 from captum_nmf.io import load_tensors, save_tensors
+from captum_nmf.wsi.blocks import TileBatches, to_model_input
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import RegionTiles, plan_regions, tissue_cells
@@ -247,15 +248,22 @@ class _Run:
 
     # -------------------------------------------------------------------- solve
     def solve(self, bands: list[StitchedBand]) -> None:
+        """Solve the concept weights of finished rows, all in one call (a band, not a row)."""
         maps, counts, _ = self.ready()
-        nmf = self.attr.nmf_
-        for band in bands:
-            have = band.counts > 0
+        rows = [(band, band.counts > 0) for band in bands]
+        for band, _have in rows:
             counts[band.row] = band.counts
-            if have.any():
-                weights = np.asarray(nmf.transform(np.ascontiguousarray(band.features[have])))
-                maps[:, band.row, have] = weights.T.astype(np.float32)
             self.chunk_rows.append(band.row)
+        parts = [band.features[have] for band, have in rows if have.any()]
+        if not parts:
+            return
+        weights = np.asarray(self.attr.nmf_.transform(np.ascontiguousarray(np.concatenate(parts))))
+        at = 0
+        for band, have in rows:
+            n = int(have.sum())
+            if n:
+                maps[:, band.row, have] = weights[at : at + n].T.astype(np.float32)
+                at += n
 
     def add_batch(
         self, act: Tensor, output: Any, idx: NDArray[np.int64], failed: NDArray[np.int64]
@@ -483,6 +491,7 @@ def explain_slide(
     min_tissue: float = 0.25,
     tissue_mask: TissueOption = "otsu",
     transform: Callable[[Tensor], Tensor] | None = None,
+    batch_transform: Callable[[Tensor], Tensor] | None = None,
     slide_mpp: float | None = None,
     batch_size: int = 16,
     num_workers: int = 0,
@@ -552,7 +561,13 @@ def explain_slide(
                     None uses every tile.
                     Default: ``"otsu"``
         transform (Callable, optional): applied to each 3 x T x T tile in [0, 1]
-                    (e.g. the model's normalisation); picklable for workers.
+                    on the CPU, where it is read (e.g. the model's
+                    normalisation); picklable for workers.
+                    Default: None
+        batch_transform (Callable, optional): applied to each N x 3 x T x T
+                    batch in [0, 1] on the model's device, after ``transform``
+                    (e.g. the normalisation, so that tiles cross to a GPU as
+                    ``uint8`` and are converted there).
                     Default: None
         slide_mpp (float, optional): microns per level-0 pixel for slides
                     without that metadata.
@@ -667,7 +682,7 @@ def explain_slide(
                 "tissue_mask=None, or check the file."
             )
         check_concept_values(attr.concepts_)
-        cell, shape = _probe(attr, grid, mode, transform, autocast, channels_last)
+        cell, shape = _probe(attr, grid, mode, transform, batch_transform, autocast, channels_last)
         if min(grid.extent) < cell:
             raise NoTissueError(
                 f"{slide.path.name} is {grid.extent[0]:.0f} x {grid.extent[1]:.0f} px at level "
@@ -711,6 +726,7 @@ def explain_slide(
         "batch_size": batch_size,
         "chunk_tiles": chunk_tiles,
         "transform": _describe(transform),
+        "batch_transform": _describe(batch_transform),
         "on_tile_error": on_tile_error,
         "autocast": None if autocast is None else str(autocast),
         "channels_last": bool(channels_last),
@@ -765,6 +781,7 @@ def explain_slide(
                 chunks,
                 done,
                 transform,
+                batch_transform,
                 slide_mpp,
                 on_tile_error,
                 batch_size,
@@ -853,6 +870,7 @@ def _probe(
     grid: TileGrid,
     mode: str,
     transform: Callable[[Tensor], Tensor] | None,
+    batch_transform: Callable[[Tensor], Tensor] | None,
     autocast: torch.dtype | None,
     channels_last: bool,
 ) -> tuple[int, tuple[int, int]]:
@@ -871,11 +889,10 @@ def _probe(
     image = torch.ones(3, side, side)
     if transform is not None:
         image = transform(image)
-    act = attr.features(
-        image.unsqueeze(0).to(_model_device(attr)),
-        autocast=autocast,
-        channels_last=channels_last,
-    )
+    batch = image.unsqueeze(0).to(_model_device(attr))
+    if batch_transform is not None:
+        batch = batch_transform(batch)
+    act = attr.features(batch, autocast=autocast, channels_last=channels_last)
     act = act[0] if isinstance(act, tuple) else act
     if act.ndim != 4:
         raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
@@ -931,6 +948,7 @@ def _process(
     chunks: list[tuple[int, int]],
     done: int,
     transform: Callable[[Tensor], Tensor] | None,
+    batch_transform: Callable[[Tensor], Tensor] | None,
     slide_mpp: float | None,
     on_tile_error: TileErrorPolicy,
     batch_size: int,
@@ -946,7 +964,8 @@ def _process(
         for s in range(start, end, batch_size)
     ]
     chunk_end = {end: i + done for i, (_, end) in enumerate(todo)}
-    tiles: SlideTiles | RegionTiles
+    device = _model_device(run.attr)
+    tiles: SlideTiles | RegionTiles | TileBatches
     if run.regions is not None:  # regions differ in size: one per forward
         batches = [[i] for start, end in todo for i in range(start, end)]
         tiles = RegionTiles(
@@ -959,31 +978,41 @@ def _process(
             slide_mpp=slide_mpp,
             on_tile_error=on_tile_error,
         )
+    elif num_workers == 0:  # one reading thread, every slide pixel decoded once
+        tiles = TileBatches(
+            run.grid,
+            transform=transform,
+            on_tile_error=on_tile_error,
+            slide_mpp=slide_mpp,
+            pin_memory=device.type == "cuda",
+        )
     else:
         tiles = SlideTiles.from_grids(
             [run.grid], transform=transform, on_tile_error=on_tile_error, slide_mpp=slide_mpp
         )
-    device = _model_device(run.attr)
-    loader = DataLoader(
-        tiles,
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=tiles.collate_fn,
-        pin_memory=device.type == "cuda",
-    )
+    if isinstance(tiles, TileBatches):
+        reads: Iterable[Any] = (tiles.batch(b) for b in batches)
+    else:
+        reads = DataLoader(
+            tiles,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            collate_fn=tiles.collate_fn,
+            pin_memory=device.type == "cuda",
+        )
     bar = tqdm(
         total=sum(e - s for s, e in todo),
         disable=not progress,
         desc=f"explain {Path(run.grid.path).name}",
         unit="tile",
     )
-    batches_in = loader if num_workers else _prefetched(loader)
+    batches_in = reads if num_workers else _prefetched(reads)
     try:
         for images, idx, failed in batches_in:
             ids = idx.numpy()
             if ids.size:
                 act, output = run.attr.features(
-                    images.to(device, non_blocking=True),
+                    to_model_input(images, device, batch_transform),
                     return_output=True,
                     **run.forward_options,
                 )
