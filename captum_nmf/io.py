@@ -20,13 +20,13 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from captum_nmf._version import __version__
@@ -35,20 +35,40 @@ from captum_nmf.exceptions import ConceptModelFormatError
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "atomic_write",
+    "atomic_write_all",
     "content_digest",
     "default_file_mode",
+    "format_version",
     "load_tensors",
     "save_tensors",
+    "sha256_bytes",
     "sha256_file",
 ]
 
 FORMAT_NAME = "captum-nmf/concepts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the concepts format (FORMAT_NAME)
+# Each file format has its own version: bump one when its layout changes, and
+# only files of that format written by a newer library are refused. Formats not
+# listed here are at version 1.
+FORMAT_VERSIONS: dict[str, int] = {FORMAT_NAME: FORMAT_VERSION}
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".joblib", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _DIGEST_KEY = "content_sha256"
+
+
+def format_version(format_name: str) -> int:
+    """The version this library writes (and reads up to) of the file format ``format_name``.
+
+    Args:
+        format_name (str): e.g. ``"captum-nmf/concepts"``.
+
+    Returns:
+        *int*: its entry of :data:`FORMAT_VERSIONS`, or 1 for a format not listed.
+    """
+    return FORMAT_VERSIONS.get(format_name, 1)
 
 
 def default_file_mode() -> int:
@@ -100,22 +120,77 @@ def atomic_write(
         ValueError: ``mode`` is not ``"w"`` or ``"wb"``.
         OSError: the file could not be written or renamed.
     """
+    with atomic_write_all([path], mode, encoding=encoding, newline=newline) as (handle,):
+        yield handle
+
+
+@contextlib.contextmanager
+def atomic_write_all(
+    paths: Sequence[str | os.PathLike[str]],
+    mode: str = "w",
+    *,
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
+) -> Generator[list[IO[Any]], None, None]:
+    """Write several files that belong together: all are complete before any is replaced.
+
+    Every file is written into a hidden sibling and flushed to disk; only
+    when the ``with`` body and every write succeeded are they renamed into
+    place, in the order given (put the file that records the others last).
+    An error while writing leaves every destination as it was.
+
+    Args:
+        paths (sequence of str or PathLike): destination files.
+        mode (str, optional): ``"w"`` (text) or ``"wb"`` (bytes).
+                    Default: ``"w"``
+        encoding (str or None, optional): text encoding (ignored for ``"wb"``).
+                    Default: ``"utf-8"``
+        newline (str or None, optional): as in :func:`open`.
+                    Default: None
+
+    Yields:
+        *list[IO]*: the open temporary files, in the order of ``paths``.
+
+    Raises:
+        ValueError: ``mode`` is not ``"w"`` or ``"wb"``.
+        OSError: a file could not be written or renamed.
+    """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}.")
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    binary = mode == "wb"
+    targets = [Path(p) for p in paths]
+    tmps = [t.with_name(f".{t.name}.{os.getpid()}.tmp") for t in targets]
     try:
-        binary = mode == "wb"
-        with tmp.open(
-            mode, encoding=None if binary else encoding, newline=None if binary else newline
-        ) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.chmod(default_file_mode())
-        tmp.replace(target)
+        with contextlib.ExitStack() as stack:
+            handles = [
+                stack.enter_context(
+                    tmp.open(
+                        mode,
+                        encoding=None if binary else encoding,
+                        newline=None if binary else newline,
+                    )
+                )
+                for tmp in tmps
+            ]
+            yield handles
+            for fh in handles:
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, target in zip(tmps, targets, strict=True):
+            tmp.chmod(default_file_mode())
+            tmp.replace(target)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """SHA-256 of ``data``.
+
+    Returns:
+        *str*: hex digest.
+    """
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
@@ -187,21 +262,14 @@ def save_tensors(
     header = {
         **metadata,
         "format": format_name,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(format_version(format_name)),
         "captum_nmf_version": __version__,
     }
     data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header[_DIGEST_KEY] = content_digest(data, header)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        save_file(data, str(tmp), metadata=header)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.chmod(default_file_mode())
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(target, "wb") as fh:
+        fh.write(safetensors_bytes(data, metadata=header))
     return target
 
 
@@ -276,11 +344,12 @@ def load_tensors(
         raise ConceptModelFormatError(
             f"{source} has an unreadable format_version {metadata.get('format_version')!r}."
         ) from exc
-    if version > FORMAT_VERSION:
+    known = format_version(format_name)
+    if version > known:
         raise ConceptModelFormatError(
-            f"{source} uses concept-model format {version}, written by captum_nmf "
+            f"{source} uses {kind} format {version}, written by captum_nmf "
             f"{metadata.get('captum_nmf_version', '?')}; this is captum_nmf {__version__} "
-            f"(format {FORMAT_VERSION}). Upgrade captum-nmf to read it."
+            f"(format {known}). Upgrade captum-nmf to read it."
         )
     recorded = metadata.get(_DIGEST_KEY)
     if recorded is not None and content_digest(tensors, metadata) != recorded:

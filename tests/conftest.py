@@ -58,7 +58,7 @@ def real_activations(lite0: torch.nn.Module) -> torch.Tensor:
 def ray_local():
     """An embedded 2-CPU Ray for the whole session (the engines reuse it and leave it running)."""
     pytest.importorskip("ray")
-    from captum_nmf._utils.ray_engine import ray_session
+    from captum_nmf.engines.ray_cluster import ray_session
 
     with ray_session(None, num_cpus=2) as ray:
         yield ray

@@ -306,7 +306,7 @@ class _FakeRay:
 
 
 def test_actor_resources_follow_the_cluster() -> None:
-    from captum_nmf._utils.ray_engine import actor_options
+    from captum_nmf.engines.ray_cluster import actor_options
 
     cpus = _FakeRay({"CPU": 16})
     assert actor_options(cpus, None) == (16, {"num_cpus": 1})
@@ -320,7 +320,7 @@ def test_actor_resources_follow_the_cluster() -> None:
 
 
 def test_address_probe_uses_the_right_default_port() -> None:
-    from captum_nmf._utils.ray_engine import check_address
+    from captum_nmf.engines.ray_cluster import check_address
 
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:10001"):
         check_address("ray://127.0.0.1", timeout=1.0)  # the Ray client port

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from captum_nmf._core import distributed as dist_fit
+from captum_nmf._core import persistence
 from captum_nmf._core.nmf import NMF, InitName
+from captum_nmf._core.persistence import check_concept_values
+from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts
-from captum_nmf._utils.ray_engine import check_engine
-from captum_nmf.exceptions import (
-    ConceptModelFormatError,
-    ConceptModelMismatchError,
-    LayerError,
-    LayerNameMismatchWarning,
-    NotFittedError,
-)
-from captum_nmf.io import load_tensors, save_tensors
+from captum_nmf._utils.validation import check_int
+from captum_nmf.engines import FitOptions, select_engine
+from captum_nmf.exceptions import ConceptModelMismatchError, LayerError, NotFittedError
 
-__all__ = ["NMFConceptAttribution"]
+__all__ = ["NMFConceptAttribution", "check_concept_values"]
 
 Inputs = Tensor | tuple[Tensor, ...]
 Engine = Literal["local", "ray"]
@@ -145,13 +138,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         forget_factor: float = 1.0,
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        if isinstance(n_concepts, bool) or not isinstance(n_concepts, int):
-            raise TypeError(
-                f"n_concepts must be an int >= 1, got {n_concepts!r} "
-                f"({type(n_concepts).__name__}); pass e.g. n_concepts=6."
-            )
-        if n_concepts < 1:
-            raise ValueError(f"n_concepts must be >= 1, got {n_concepts}; pass e.g. n_concepts=6.")
+        check_int("n_concepts", n_concepts, hint="pass e.g. n_concepts=6.")
         acts.validate_negative(negative)
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}.")
@@ -220,31 +207,65 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         act = acts.check_activations(act, negative=self.negative, name=self._layer_name)
         return (act, output) if return_output else act
 
-    def _check_fitted(self) -> None:
+    def check_fitted(self, before: str = "attribute") -> None:
+        """Raise unless the concepts are fitted or loaded.
+
+        Args:
+            before (str, optional): the call that needs them, for the message.
+                        Default: ``"attribute"``
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load`` (a ``ValueError`` and an
+                        ``AttributeError``, as scikit-learn's).
+        """
         if not hasattr(self, "concepts_"):
             raise NotFittedError(
                 "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
-                "'NMFConceptAttribution.load' before 'attribute'."
+                f"'NMFConceptAttribution.load' before '{before}'."
             )
 
-    def _check_channels(self, c: int, k: int) -> None:
-        label = repr(self._layer_name) if self._layer_name else "the hooked layer"
-        if k > c:
+    def check_channels(self, n_channels: int) -> None:
+        """Raise unless the layer's channel count equals the concepts'.
+
+        Args:
+            n_channels (int): the channels (C) the layer produced.
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load``.
+            ConceptModelMismatchError: ``n_channels`` differs from ``n_channels_in_``.
+        """
+        self.check_fitted()
+        if n_channels != self.n_channels_in_:
+            raise ConceptModelMismatchError(
+                f"The concepts expect {self.n_channels_in_} channels from layer "
+                f"{self.layer_name_!r} but layer {self._layer_name!r} produced {n_channels}; "
+                "fit or load concepts for this layer."
+            )
+
+    def model_fingerprint(self) -> str:
+        """SHA-256 of the model's weights, the layer and the concepts; cached until one changes.
+
+        Whole-slide runs record it to refuse resuming with another model. The
+        digest is recomputed only when a state-dict tensor is replaced, moved
+        or modified in place, or the concepts or the layer change, so calling
+        it once per slide of a cohort hashes the weights once.
+
+        Returns:
+            *str*: hex digest.
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load``.
+        """
+        return persistence.model_fingerprint(self)
+
+    def _check_rank(self, c: int) -> None:
+        """``fit`` needs K <= C."""
+        if self.n_concepts > c:
+            label = repr(self._layer_name) if self._layer_name else "the hooked layer"
             raise ValueError(
-                f"n_concepts={k} exceeds the {c} channels of layer {label}; choose "
-                f"n_concepts <= {c}."
+                f"n_concepts={self.n_concepts} exceeds the {c} channels of layer {label}; "
+                f"choose n_concepts <= {c}."
             )
-
-    @staticmethod
-    def _split_batch(batch: Any) -> Tensor:
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            return batch[0]
-        raise TypeError(
-            "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches, got a batch "
-            f"of type {type(batch).__name__}."
-        )
 
     # ---------------------------------------------------------------------- fit
     def fit(
@@ -363,169 +384,46 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
         """
-        if max_locations_per_batch is not None and (
-            isinstance(max_locations_per_batch, bool)
-            or not isinstance(max_locations_per_batch, int)
-            or max_locations_per_batch < 1
-        ):
-            raise ValueError(
-                f"max_locations_per_batch must be a positive int or None, got "
-                f"{max_locations_per_batch!r}."
-            )
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
-            raise ValueError(f"n_epochs must be an int >= 1, got {n_epochs!r}.")
-        use_dist = self._check_engine(engine, workers, address, distributed)
-        device = _model_device(self.forward_func, self.layer)
+        max_locations = check_int("max_locations_per_batch", max_locations_per_batch, optional=True)
+        check_int("n_epochs", n_epochs, hint="pass e.g. n_epochs=1.")
+        runner = select_engine(engine, workers=workers, address=address, distributed=distributed)
+        device = acts.model_device(self.forward_func, self.layer)
         acts.check_device_options(
             autocast, channels_last, device_type=device.type if device is not None else "cpu"
         )
         for name in _FITTED_ATTRIBUTES:  # a fit that raises leaves the instance unfitted
             self.__dict__.pop(name, None)
-        rows_of = _BatchRows(
+        rows = BatchRows(
             self,
             additional_forward_args=additional_forward_args,
             attribute_to_layer_input=attribute_to_layer_input,
-            max_locations=max_locations_per_batch,
+            max_locations=max_locations,
             autocast=autocast,
             channels_last=channels_last,
         )
-        seed = 0 if self.random_state is None else int(self.random_state)
-        solver = self._new_solver()
-        if engine == "ray":
-            self._fit_ray(
-                solver, inputs, rows_of, batch_size, n_epochs, workers, address, seed, progress
-            )
-        elif use_dist:
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            if isinstance(inputs, Tensor):  # one batch per rank
-                epochs: list[Iterable[Any]] = [[inputs]]
-            else:
-                epochs = self._epochs(inputs, batch_size, n_epochs, device, shard=(rank, world))
-            gen = dist_fit.worker_generator(seed, rank)
-            shard = _nonempty_rows(epochs, rows_of, gen, progress=progress and rank == 0)
-            dist_fit.fit_torch_distributed(solver, shard, n_components=self.n_concepts)
-        else:
-            in_memory = isinstance(inputs, Tensor)
-            # One batch, factorised exactly in memory: more epochs add nothing.
-            epochs = [[inputs]] if in_memory else self._epochs(inputs, batch_size, n_epochs, device)
-            gen = dist_fit.worker_generator(seed, 0)
-            for rows in _nonempty_rows(epochs, rows_of, gen, progress=progress):
-                if in_memory:
-                    solver.fit(rows)
-                else:
-                    solver.partial_fit(rows)
-        if not hasattr(solver, "_h"):
+        options = FitOptions(
+            batch_size=batch_size,
+            n_epochs=n_epochs,
+            seed=0 if self.random_state is None else int(self.random_state),
+            progress=progress,
+            pin_memory=device is not None and device.type == "cuda",
+        )
+        solver = runner.fit(self._new_solver(), rows, inputs, options)
+        try:
+            concepts = solver.components
+        except NotFittedError:
             raise ValueError(
                 "Cannot fit NMFConceptAttribution on 0 samples (received an empty batch or "
                 "iterator); pass at least one non-empty batch."
-            )
+            ) from None
         self.nmf_ = solver
-        self.concepts_: Tensor = solver._h.clone()
+        self.concepts_: Tensor = concepts
         self.n_channels_in_ = int(solver.n_features_in_)
         self.layer_name_ = self._layer_name
         self.attribute_to_layer_input_ = bool(attribute_to_layer_input)
         self.n_samples_seen_ = int(solver.n_samples_seen_)
         self.reconstruction_err_ = float(solver.reconstruction_err_)
         return self
-
-    @staticmethod
-    def _check_engine(
-        engine: str, workers: int | None, address: str | None, use: bool | None
-    ) -> bool:
-        """Validate the engine options; return whether to all-reduce over torch.distributed."""
-        check_engine(engine, workers, address)
-        if use is not None and not isinstance(use, bool):
-            raise TypeError(f"distributed must be a bool or None, got {use!r}.")
-        dist = torch.distributed
-        group = dist.is_available() and dist.is_initialized()
-        if engine == "ray":
-            if use:
-                raise ValueError(
-                    "distributed=True all-reduces over torch.distributed and engine='ray' uses "
-                    "Ray actors; choose one: engine='local' under torchrun, or engine='ray'."
-                )
-            return False
-        if use and not group:
-            raise ValueError(
-                "distributed=True needs an initialised torch.distributed process group; launch "
-                "with torchrun and call torch.distributed.init_process_group(), or pass "
-                "distributed=None."
-            )
-        if use is None:
-            return bool(group) and dist.get_world_size() > 1
-        return use
-
-    def _epochs(
-        self,
-        inputs: Iterable[Any] | Dataset[Any],
-        batch_size: int,
-        n_epochs: int,
-        device: torch.device | None,
-        *,
-        shard: tuple[int, int] | None = None,
-    ) -> list[Iterable[Any]]:
-        """The batches of each epoch (a map-style Dataset goes through a DataLoader)."""
-        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
-            _check_batch_size(batch_size)
-            n = len(inputs)  # type: ignore[arg-type]
-            sampler = None if shard is None else range(shard[0], n, shard[1])
-            inputs = DataLoader(
-                inputs,
-                batch_size=batch_size,
-                sampler=sampler,
-                collate_fn=getattr(inputs, "collate_fn", None),
-                pin_memory=device is not None and device.type == "cuda",
-            )
-        if iter(inputs) is inputs and n_epochs > 1:
-            raise ValueError(
-                f"n_epochs={n_epochs} needs a re-iterable input (a DataLoader or list), "
-                "got a one-shot iterator; pass n_epochs=1 or a DataLoader."
-            )
-        return [inputs] * n_epochs
-
-    def _fit_ray(
-        self,
-        solver: NMF,
-        inputs: Any,
-        rows_of: _BatchRows,
-        batch_size: int,
-        n_epochs: int,
-        workers: int | None,
-        address: str | None,
-        seed: int,
-        progress: bool,
-    ) -> None:
-        load: Callable[[Any], Any] | None
-        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
-            _check_batch_size(batch_size)
-            n = len(inputs)  # type: ignore[arg-type]
-            items: list[Any] = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-            load = _DatasetBatches(inputs, getattr(inputs, "collate_fn", None))
-        elif isinstance(inputs, (list, tuple)):
-            items, load = list(inputs), None
-        else:
-            raise TypeError(
-                f"engine='ray' needs a map-style torch.utils.data.Dataset or a list/tuple of "
-                f"batches as inputs, got {type(inputs).__name__}; pass the DataLoader's "
-                "dataset (picklable), list(tensor.split(batch_size)) for one tensor, or "
-                "engine='local'."
-            )
-        if not items:
-            raise ValueError(
-                "Cannot fit NMFConceptAttribution on 0 samples (received no batches); pass "
-                "at least one non-empty batch."
-            )
-        dist_fit.fit_ray(
-            solver,
-            rows_of,
-            items,
-            load=load,
-            n_epochs=n_epochs,
-            workers=workers,
-            address=address,
-            seed=seed,
-            progress=progress,
-        )
 
     # --------------------------------------------------------------- attribute
     def attribute(
@@ -583,7 +481,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
         """
-        self._check_fitted()
+        self.check_fitted()
         if bool(attribute_to_layer_input) != self.attribute_to_layer_input_:
             raise ValueError(
                 f"attribute_to_layer_input={attribute_to_layer_input} but the concepts were fitted "
@@ -598,12 +496,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             channels_last=channels_last,
         )
         n, c, h, w = act.shape
-        if c != self.n_channels_in_:
-            raise ConceptModelMismatchError(
-                f"The concepts expect {self.n_channels_in_} channels from layer "
-                f"{self.layer_name_!r} but layer {self._layer_name!r} produced {c}; fit or load "
-                "concepts for this layer."
-            )
+        self.check_channels(c)
         weights = self.nmf_.transform(acts.maps_to_rows(act))
         maps = acts.rows_to_maps(weights.to(act.dtype), (n, h, w))
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
@@ -650,7 +543,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
                         :meth:`attribute`.
         """
         to_input = bool(getattr(self, "attribute_to_layer_input_", False))
-        return self._activations(
+        found: Tensor | tuple[Tensor, Any] = self._activations(
             inputs,
             additional_forward_args,
             to_input,
@@ -658,6 +551,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             channels_last=channels_last,
             return_output=return_output,
         )
+        return found
 
     def assign(
         self,
@@ -714,27 +608,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             NotFittedError: before ``fit``.
             ValueError: ``path`` does not end in ``.safetensors``.
         """
-        self._check_fitted()
-        seed = self.random_state if isinstance(self.random_state, int) else None
-        solver = {
-            "init": self.init,
-            "max_iter": self.max_iter,
-            "tol": self.tol,
-            "random_state": seed,
-            "forget_factor": self.forget_factor,
-        }
-        metadata = {
-            "n_concepts": str(self.concepts_.shape[0]),
-            "n_channels": str(self.n_channels_in_),
-            "layer_name": self.layer_name_ or "",
-            "negative": self.negative,
-            "attribute_to_layer_input": json.dumps(self.attribute_to_layer_input_),
-            "solver": json.dumps(solver, sort_keys=True),
-            "n_samples_seen": str(self.n_samples_seen_),
-            "reconstruction_err": repr(self.reconstruction_err_),
-            "torch_version": torch.__version__,
-        }
-        return save_tensors(path, {"concepts": self.concepts_}, metadata)
+        return persistence.save_concepts(self, path)
 
     @classmethod
     def load(
@@ -774,210 +648,12 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
             ConceptModelMismatchError: the layer has another channel count (or
                         another name with ``strict=True``).
         """
-        tensors, meta = load_tensors(path, required=("concepts",))
-        try:
-            k, c = int(meta["n_concepts"]), int(meta["n_channels"])
-            solver = json.loads(meta["solver"])
-            negative = meta["negative"]
-            to_input = bool(json.loads(meta["attribute_to_layer_input"]))
-            saved_name = meta["layer_name"] or None
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ConceptModelFormatError(f"{path} has incomplete metadata ({exc!r}).") from exc
-        concepts = tensors["concepts"]
-        if tuple(concepts.shape) != (k, c) or not concepts.is_floating_point():
-            raise ConceptModelFormatError(
-                f"{path}: concepts tensor has shape {tuple(concepts.shape)} and dtype "
-                f"{concepts.dtype}, metadata says {k} x {c} floating point."
-            )
-        check_concept_values(concepts, f" in {path}")
-        try:
-            attr = cls(
-                forward_func,
-                layer,
-                k,
-                device_ids,
-                random_state=solver.get("random_state"),
-                negative=negative,  # type: ignore[arg-type]
-                init=solver.get("init", "nndsvda"),
-                max_iter=solver.get("max_iter", 200),
-                tol=solver.get("tol", 1e-4),
-                forget_factor=solver.get("forget_factor", 1.0),
-                reshape_transform=reshape_transform,
-            )
-            nmf = NMF.from_components(
-                concepts,
-                init=attr.init,
-                max_iter=attr.max_iter,
-                tol=attr.tol,
-                random_state=attr.random_state,
-                forget_factor=attr.forget_factor,
-            )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, LayerError):
-                raise
-            raise ConceptModelFormatError(f"{path} has invalid settings ({exc}).") from exc
-        declared = _declared_channels(layer, attribute_to_layer_input=to_input)
-        name = attr._layer_name
-        if declared is not None and declared != c:
-            raise ConceptModelMismatchError(
-                f"Concept model expects {c} channels from {saved_name!r} but layer {name!r} "
-                f"has {declared}; load concepts fitted on this layer."
-            )
-        if saved_name and name and saved_name != name:
-            msg = f"Concepts were fitted on layer {saved_name!r} and are bound to layer {name!r}."
-            if strict:
-                raise ConceptModelMismatchError(msg + " Pass strict=False to allow it.")
-            warnings.warn(msg, LayerNameMismatchWarning, stacklevel=2)
-        attr.nmf_ = nmf
-        attr.concepts_ = concepts.clone()
-        attr.n_channels_in_ = c
-        attr.layer_name_ = saved_name
-        attr.attribute_to_layer_input_ = to_input
-        attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
-        attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
-        return attr
-
-
-MAX_CONCEPT_NORM = 1e3
-
-
-def check_concept_values(concepts: Tensor, where: str = "") -> None:
-    """Refuse concept vectors that cannot give meaningful weights.
-
-    Fitted concepts are finite, non-negative rows of unit norm (a zero row is
-    allowed); a file edited by hand, or vectors far from that scale, would
-    overflow the solve in float32.
-
-    Args:
-        concepts (Tensor): K x C concept vectors.
-        where (str, optional): appended to the subject of the message, e.g.
-                    ``" in concepts.safetensors"``.
-                    Default: ``""``
-
-    Raises:
-        ConceptModelFormatError: NaN/Inf or negative entries, or a row whose
-                    norm exceeds :data:`MAX_CONCEPT_NORM` (fitted rows have norm 1).
-    """
-    h = concepts.detach().to("cpu", torch.float64)
-    fix = "Load a valid concept file, or fit the concepts again."
-    if not bool(torch.isfinite(h).all()):
-        raise ConceptModelFormatError(f"The concepts{where} hold NaN or Inf. {fix}")
-    if bool((h < 0).any()):
-        raise ConceptModelFormatError(
-            f"The concepts{where} hold negative entries; NMF concepts are non-negative. {fix}"
+        return persistence.load_concepts(
+            cls,
+            path,
+            forward_func,
+            layer,
+            device_ids=device_ids,
+            strict=strict,
+            reshape_transform=reshape_transform,
         )
-    norms = torch.linalg.vector_norm(h, dim=1)
-    if bool((norms > MAX_CONCEPT_NORM).any()):
-        row = int(torch.argmax(norms))
-        raise ConceptModelFormatError(
-            f"Concept {row}{where} has norm {float(norms[row]):.3g}; fitted concepts have unit "
-            f"norm (at most {MAX_CONCEPT_NORM:g} is accepted), so the vectors were altered or "
-            f"not written by captum-nmf. {fix}"
-        )
-
-
-def _declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> int | None:
-    """Channel count a layer declares statically (convolutions, batch norms), else None."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return int(layer.in_channels if attribute_to_layer_input else layer.out_channels)
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return int(layer.num_features)
-    return None
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-
-
-def _model_device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device | None:
-    """Device of the model's first parameter or buffer (None when it has neither)."""
-    for root in acts.models_of(forward_func, layer):
-        for tensor in (*root.parameters(), *root.buffers()):
-            return tensor.device
-    return None
-
-
-class _BatchRows:
-    """The feature rows ``fit`` streams from one batch: forward, checks, subsampling.
-
-    Picklable (Ray actors get a copy of it, and so of the model).
-    """
-
-    def __init__(
-        self,
-        attr: NMFConceptAttribution,
-        *,
-        additional_forward_args: Any,
-        attribute_to_layer_input: bool,
-        max_locations: int | None,
-        autocast: torch.dtype | None,
-        channels_last: bool,
-    ) -> None:
-        self.attr = attr
-        self.additional_forward_args = additional_forward_args
-        self.attribute_to_layer_input = attribute_to_layer_input
-        self.max_locations = max_locations
-        self.autocast = autocast
-        self.channels_last = channels_last
-
-    def __call__(self, batch: Any, generator: torch.Generator) -> Tensor | None:
-        attr = self.attr
-        x = attr._split_batch(batch)
-        if x.shape[0] == 0:
-            return None
-        device = _model_device(attr.forward_func, attr.layer)
-        if device is not None and x.device != device:
-            x = x.to(device, non_blocking=x.is_pinned())
-        act = attr._activations(
-            x,
-            self.additional_forward_args,
-            self.attribute_to_layer_input,
-            autocast=self.autocast,
-            channels_last=self.channels_last,
-        )
-        attr._check_channels(act.shape[1], attr.n_concepts)
-        rows = acts.maps_to_rows(act)
-        if self.max_locations is not None and rows.shape[0] > self.max_locations:
-            keep = torch.randperm(rows.shape[0], generator=generator)[: self.max_locations]
-            rows = rows[keep.to(rows.device)]
-        return rows
-
-    def to(self, device: torch.device) -> None:
-        """Move the model (when ``forward_func`` is a module or one's method) to ``device``."""
-        owner = acts.module_of(self.attr.forward_func)
-        if owner is not None:
-            owner.to(device)
-
-
-class _DatasetBatches:
-    """``(start, stop)`` -> the collated batch of those items of a map-style dataset."""
-
-    def __init__(
-        self, dataset: Dataset[Any], collate_fn: Callable[[list[Any]], Any] | None
-    ) -> None:
-        self.dataset = dataset
-        self.collate_fn = collate_fn if collate_fn is not None else default_collate
-
-    def __call__(self, item: tuple[int, int]) -> Any:
-        start, stop = item
-        return self.collate_fn([self.dataset[i] for i in range(start, stop)])
-
-
-def _nonempty_rows(
-    epochs: list[Iterable[Any]], rows_of: _BatchRows, generator: torch.Generator, *, progress: bool
-) -> Iterator[Tensor]:
-    """Rows of every non-empty batch of every epoch, with a progress bar per epoch."""
-    for epoch, batches in enumerate(epochs):
-        total = len(batches) if isinstance(batches, Sized) else None
-        bar = tqdm(
-            batches,
-            total=total,
-            disable=not progress,
-            desc=f"fit concepts (epoch {epoch + 1}/{len(epochs)})",
-            unit="batch",
-        )
-        for batch in bar:
-            rows = rows_of(batch, generator)
-            if rows is not None:
-                yield rows

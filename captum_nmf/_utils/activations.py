@@ -43,6 +43,7 @@ __all__ = [
     "eval_mode",
     "layer_name",
     "maps_to_rows",
+    "model_device",
     "model_lock",
     "models_of",
     "module_of",
@@ -80,6 +81,18 @@ def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None
         for name, module in root.named_modules():
             if module is layer:
                 return str(name)
+    return None
+
+
+def model_device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter or buffer; None when it has neither.
+
+    The one device helper of the package: callers that need a device anyway
+    use the inputs' device, or the CPU, when this is None.
+    """
+    for root in models_of(forward_func, layer):
+        for tensor in (*root.parameters(), *root.buffers()):
+            return tensor.device
     return None
 
 

@@ -291,7 +291,7 @@ def analyse(
         ValueError: an unknown CAM method, an empty source, or a model whose
                     output is not N x (classes >= 2).
     """
-    attr._check_fitted()
+    attr.check_fitted("analyse")
     for method in cam_methods:
         if method not in CAM_METHODS:
             raise ValueError(f"cam_methods must be among {CAM_METHODS}, got {method!r}.")

@@ -19,27 +19,31 @@ runs each slide.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import inspect
+import io
 import json
+import logging
 import os
 import time
-from collections import Counter, deque
+import traceback
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import module_of
-from captum_nmf._utils.ray_engine import actor_options, check_engine, ray_session
-from captum_nmf.exceptions import NotFittedError, RunStateError
-from captum_nmf.io import atomic_write
+from captum_nmf._utils.validation import check_int
+from captum_nmf.engines import check_engine
+from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
+from captum_nmf.engines.ray_cluster import ray_session
+from captum_nmf.exceptions import RunStateError
+from captum_nmf.io import atomic_write_all, sha256_bytes
 from captum_nmf.wsi.explanation import EXPLANATION_FILE
 from captum_nmf.wsi.runner import MANIFEST_FILE, check_run_options, explain_slide
 
@@ -49,6 +53,7 @@ COHORT_FILE = "cohort.json"
 _RESERVED = ("out_dir", "resume", "overwrite", "progress")
 
 Status = Literal["done", "skipped", "failed"]
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,11 +67,13 @@ class SlideRecord:
                     run with the same configuration was already there) or
                     ``"failed"``.
         attempts (int): runs started for it (2 after a retry).
-        error (str or None): why it failed.
+        error (str or None): why it failed: the exception's type and whole message.
         n_tiles (int): tiles of its grid (0 when failed).
         n_failed_tiles (int): tiles that could not be read (``on_tile_error="skip"``).
         seconds (float): wall time of its last attempt.
         worker (str): ``"local"``, or ``"ray:<pid>"`` of the Ray actor that ran it.
+        traceback (str or None): the failure's full traceback (also logged),
+                    so a bug in the library is told apart from a bad slide.
     """
 
     slide: str
@@ -78,6 +85,7 @@ class SlideRecord:
     n_failed_tiles: int = 0
     seconds: float = 0.0
     worker: str = "local"
+    traceback: str | None = None
 
 
 @dataclass
@@ -138,20 +146,26 @@ class CohortResult:
         }
 
     def save(self) -> Path:
-        """Write ``cohort.json`` and ``cohort.csv`` into :attr:`out_dir` (atomically).
+        """Write ``cohort.json`` and ``cohort.csv`` into :attr:`out_dir`, atomically as a pair.
+
+        Both files are written in full before either replaces its old
+        version (the table first, the JSON record last), and the JSON holds
+        the table's SHA-256 (``csv_sha256``), so the two always describe the
+        same run state.
 
         Returns:
             *Path*: the JSON file.
         """
-        out = Path(self.out_dir)
-        path = out / COHORT_FILE
-        table = path.with_suffix(".csv")
-        with atomic_write(table, newline="") as handle:  # the table first, the record last
-            writer = csv.DictWriter(handle, fieldnames=list(asdict(self.records[0])))
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in self.records)
-        with atomic_write(path) as handle:
-            handle.write(json.dumps(self.to_dict(), indent=2, default=str))
+        path = Path(self.out_dir) / COHORT_FILE
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(asdict(self.records[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in self.records)
+        text = table.getvalue()
+        record = {**self.to_dict(), "csv_sha256": sha256_bytes(text.encode("utf-8"))}
+        with atomic_write_all([path.with_suffix(".csv"), path], newline="") as (csv_fh, json_fh):
+            csv_fh.write(text)
+            json_fh.write(json.dumps(record, indent=2, default=str))
         return path
 
     def __repr__(self) -> str:
@@ -206,8 +220,8 @@ def _explain_one(
 
 
 def _failure(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    message = f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+    """The exception's type and whole message, with the cohort's advice for run-state errors."""
+    message = f"{type(exc).__name__}: {str(exc).strip()}".strip()
     if isinstance(exc, RunStateError):
         message += (
             " In a cohort: use a new out_dir, or delete this slide's directory to explain it again."
@@ -215,21 +229,19 @@ def _failure(exc: BaseException) -> str:
     return message
 
 
-class _SlideWorker:
+class _SlideWorker(ActorWorker):
     """A Ray actor holding one copy of the model; explains one slide per call."""
 
     def __init__(self, attr: NMFConceptAttribution, threads: int, gpu: bool) -> None:
-        torch.set_num_threads(max(threads, 1))
+        super().__init__(threads, gpu)
         model = module_of(attr.forward_func)
-        if gpu and torch.cuda.is_available() and model is not None:
+        if self.gpu and model is not None:
             model.to("cuda")  # this process's own copy: moving it is safe
         self.attr = attr
 
-    def explain(self, slide: str, run_dir: str, options: dict[str, Any]) -> SlideRecord:
+    def run(self, slide: str, run_dir: str, options: dict[str, Any]) -> SlideRecord:
+        """Explain one slide (see :func:`explain_cohort`)."""
         return _explain_one(self.attr, slide, run_dir, options, f"ray:{os.getpid()}")
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def explain_cohort(
@@ -303,14 +315,9 @@ def explain_cohort(
         ConnectionError: the Ray cluster at ``address`` cannot be reached
                     (before any work starts).
     """
-    if not hasattr(attr, "concepts_"):
-        raise NotFittedError(
-            "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
-            "'NMFConceptAttribution.load' before 'explain_cohort'."
-        )
+    attr.check_fitted("explain_cohort")
     check_engine(engine, workers, address)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
+    check_int("retries", retries, minimum=0)
     _check_options(attr, slide_options)
     slides = [Path(p).expanduser().absolute() for p in paths]
     if not slides:
@@ -363,8 +370,14 @@ def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None
     check_run_options(attr, **values)  # the same checks explain_slide makes, before any work
 
 
-def _record_failure(slide: Path, run_dir: Path, exc: BaseException, attempts: int) -> SlideRecord:
-    return SlideRecord(str(slide), str(run_dir), "failed", attempts, _failure(exc))
+def _record_failure(
+    slide: Path, run_dir: Path, exc: BaseException, attempts: int, trace: str | None = None
+) -> SlideRecord:
+    """The record of a failed slide, with its traceback (also logged)."""
+    if trace is None:
+        trace = "".join(traceback.format_exception(exc))
+    _log.error("slide %s failed (attempt %d):\n%s", slide, attempts, trace)
+    return SlideRecord(str(slide), str(run_dir), "failed", attempts, _failure(exc), traceback=trace)
 
 
 def _progress_save(result: CohortResult, records: dict[int, SlideRecord], start: float) -> None:
@@ -404,82 +417,31 @@ def _run_ray(
     result: CohortResult,
     start: float,
 ) -> list[SlideRecord]:
+    records: dict[int, SlideRecord] = {}
+
+    def finished(outcome: TaskOutcome) -> None:
+        s = outcome.index
+        if outcome.error is None:
+            record: SlideRecord = outcome.value
+            record.attempts = outcome.attempts
+        else:
+            trace = outcome.trace or None
+            record = _record_failure(slides[s], dirs[s], outcome.error, outcome.attempts, trace)
+            if outcome.died:
+                record.error = (
+                    f"worker died {outcome.attempts} time(s) on this slide; last: {record.error}"
+                )
+            record.seconds, record.worker = outcome.seconds, outcome.worker
+        records[s] = record
+        _progress_save(result, records, start)
+
     with ray_session(address, feature="explain_cohort(engine='ray')") as ray:
-        n_actors, actor_opts = actor_options(ray, workers, cap=len(slides))
-        result.workers = n_actors
+        pool = ActorPool(ray, _SlideWorker, (attr,), workers=workers, cap=len(slides))
+        result.workers = pool.n
         Path(result.out_dir).mkdir(parents=True, exist_ok=True)
-        threads = max(int(actor_opts.get("num_cpus", 1)), 1)
-        remote = ray.remote(_SlideWorker).options(**actor_opts, max_concurrency=1)
-        attr_ref = ray.put(attr)
-        gpu = bool(actor_opts.get("num_gpus"))
-
-        def new_actor() -> Any:
-            return remote.remote(attr_ref, threads, gpu)
-
-        actors = [new_actor() for _ in range(n_actors)]
-        try:  # a model that cannot be rebuilt there fails once here, not once per slide
-            pids = ray.get([a.pid.remote() for a in actors])
-        except ray.exceptions.RayError as exc:
-            for actor in actors:
-                _kill(ray, actor)
-            raise RuntimeError(
-                f"Could not start the Ray workers: {_failure(_cause(exc))}. The model, the "
-                "concepts and the slide options must unpickle in the workers (importable "
-                "modules, same library versions)."
-            ) from exc
-        queue: deque[int] = deque(range(len(slides)))
-        attempts: Counter[int] = Counter()
-        started: dict[int, float] = {}
-        pending: dict[Any, tuple[int, int]] = {}
-        records: dict[int, SlideRecord] = {}
-        idle = list(range(n_actors))
-        bar = tqdm(total=len(slides), disable=not progress, desc="cohort (ray)", unit="slide")
+        tasks = [(str(slides[i]), str(dirs[i]), options) for i in range(len(slides))]
         try:
-            while queue or pending:
-                while idle and queue:
-                    a, s = idle.pop(0), queue.popleft()
-                    attempts[s] += 1
-                    ref = actors[a].explain.remote(str(slides[s]), str(dirs[s]), options)
-                    pending[ref] = (a, s)
-                    started[s] = time.perf_counter()
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                a, s = pending.pop(ready[0])
-                try:
-                    record: SlideRecord = ray.get(ready[0])
-                    record.attempts = attempts[s]
-                except ray.exceptions.RayTaskError as exc:  # the slide's own error: no retry
-                    record = _record_failure(slides[s], dirs[s], _cause(exc), attempts[s])
-                except ray.exceptions.RayError as exc:  # the actor died: replace it, retry once
-                    _kill(ray, actors[a])
-                    actors[a] = new_actor()
-                    pids[a] = None
-                    if attempts[s] <= retries:
-                        queue.appendleft(s)
-                        idle.append(a)
-                        continue
-                    record = _record_failure(slides[s], dirs[s], exc, attempts[s])
-                    record.error = (
-                        f"worker died {attempts[s]} time(s) on this slide; last: {record.error}"
-                    )
-                if record.status == "failed":
-                    record.seconds = time.perf_counter() - started[s]
-                    record.worker = f"ray:{pids[a]}" if pids[a] is not None else "ray"
-                idle.append(a)
-                records[s] = record
-                bar.update(1)
-                _progress_save(result, records, start)
+            pool.map(tasks, finished, retries=retries, progress=progress, desc="cohort (ray)")
         finally:
-            bar.close()
-            for actor in actors:
-                _kill(ray, actor)
+            pool.close()
     return [records[i] for i in range(len(slides))]
-
-
-def _cause(exc: Any) -> BaseException:
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
-
-
-def _kill(ray: Any, actor: Any) -> None:
-    with contextlib.suppress(Exception):  # already dead
-        ray.kill(actor)

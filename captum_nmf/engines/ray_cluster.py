@@ -1,4 +1,4 @@
-"""Running work on Ray: import with a helpful error, reach a cluster or start one embedded.
+"""Ray plumbing: import it with a helpful error, reach a cluster or start one embedded.
 
 captum-nmf does not ship cluster software; slides (``explain_cohort``) and
 fitting statistics (``NMFConceptAttribution.fit(engine="ray")``) are spread
@@ -26,12 +26,12 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+from captum_nmf._utils.validation import check_int
+
 __all__ = [
-    "ENGINES",
     "RAY_EXTRA",
     "actor_options",
     "check_address",
-    "check_engine",
     "import_ray",
     "ray_session",
 ]
@@ -39,7 +39,6 @@ __all__ = [
 RAY_EXTRA = "pip install 'captum-nmf[ray]'"
 _DEFAULT_PORT = 6379  # Ray's GCS port
 _CLIENT_PORT = 10001  # Ray client (ray://) port
-ENGINES = ("local", "ray")
 _PROBE_TIMEOUT = 5.0
 
 
@@ -63,36 +62,6 @@ def import_ray(feature: str) -> ModuleType:
             f"{RAY_EXTRA} (or use engine='local')."
         ) from exc
     return ray
-
-
-def check_engine(engine: str, workers: int | None, address: str | None) -> None:
-    """Validate ``engine``, ``workers`` and ``address`` (shared by the Ray entry points).
-
-    Raises:
-        ValueError: an unknown ``engine``, ``workers`` not an int >= 1, or
-                    ``workers``/``address`` with ``engine="local"``.
-        TypeError: ``address`` is not a str.
-    """
-    if engine not in ENGINES:
-        raise ValueError(
-            f"engine must be one of {ENGINES}, got {engine!r}; pass engine='local' or engine='ray'."
-        )
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
-        raise ValueError(f"workers must be an int >= 1 or None, got {workers!r}.")
-    if address is not None and not isinstance(address, str):
-        raise TypeError(
-            f"address must be a str or None, got {type(address).__name__}; pass e.g. "
-            "address='10.0.0.5:6379'."
-        )
-    if engine == "local" and (workers is not None or address is not None):
-        name = "workers" if workers is not None else "address"
-        value = workers if workers is not None else address
-        raise ValueError(
-            f"{name}={value!r} applies to engine='ray' only; pass engine='ray', or leave "
-            f"{name}=None."
-        )
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -213,12 +182,10 @@ def actor_options(
         *tuple*: ``(n_actors, options)`` for ``ActorClass.options(**options)``.
 
     Raises:
+        TypeError: ``n_workers`` is not an int or None.
         ValueError: ``n_workers < 1``.
     """
-    if n_workers is not None and (
-        isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1
-    ):
-        raise ValueError(f"workers must be an int >= 1 or None, got {n_workers!r}.")
+    n_workers = check_int("workers", n_workers, optional=True)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(int(resources.get("CPU", 1)), 1)

@@ -1,0 +1,243 @@
+"""Saving and loading concepts: a ``.safetensors`` file with the K x C vectors and metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_nmf._core.nmf import NMF
+from captum_nmf._utils.activations import models_of
+from captum_nmf.exceptions import (
+    ConceptModelFormatError,
+    ConceptModelMismatchError,
+    LayerError,
+    LayerNameMismatchWarning,
+)
+from captum_nmf.io import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from captum_nmf._core.nmf_concept import NMFConceptAttribution
+
+__all__ = [
+    "MAX_CONCEPT_NORM",
+    "check_concept_values",
+    "declared_channels",
+    "load_concepts",
+    "model_fingerprint",
+    "save_concepts",
+]
+
+
+def save_concepts(attr: NMFConceptAttribution, path: str | os.PathLike[str]) -> Path:
+    """Write ``attr``'s concepts and settings atomically (see :meth:`NMFConceptAttribution.save`).
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        ValueError: ``path`` does not end in ``.safetensors``.
+    """
+    attr.check_fitted("save")
+    seed = attr.random_state if isinstance(attr.random_state, int) else None
+    solver = {
+        "init": attr.init,
+        "max_iter": attr.max_iter,
+        "tol": attr.tol,
+        "random_state": seed,
+        "forget_factor": attr.forget_factor,
+    }
+    metadata = {
+        "n_concepts": str(attr.concepts_.shape[0]),
+        "n_channels": str(attr.n_channels_in_),
+        "layer_name": attr.layer_name_ or "",
+        "negative": attr.negative,
+        "attribute_to_layer_input": json.dumps(attr.attribute_to_layer_input_),
+        "solver": json.dumps(solver, sort_keys=True),
+        "n_samples_seen": str(attr.n_samples_seen_),
+        "reconstruction_err": repr(attr.reconstruction_err_),
+        "torch_version": torch.__version__,
+    }
+    return save_tensors(path, {"concepts": attr.concepts_}, metadata)
+
+
+def load_concepts(
+    cls: type[NMFConceptAttribution],
+    path: str | os.PathLike[str],
+    forward_func: Callable[..., Any],
+    layer: nn.Module,
+    *,
+    device_ids: list[int] | None,
+    strict: bool,
+    reshape_transform: Callable[[Tensor], Tensor] | None,
+) -> NMFConceptAttribution:
+    """A fitted ``cls`` bound to ``layer`` from a file (see :meth:`NMFConceptAttribution.load`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ConceptModelFormatError: a pickle-based, corrupt, unknown or newer file.
+        ConceptModelMismatchError: the layer has another channel count (or
+                    another name with ``strict=True``).
+    """
+    tensors, meta = load_tensors(path, required=("concepts",))
+    try:
+        k, c = int(meta["n_concepts"]), int(meta["n_channels"])
+        solver = json.loads(meta["solver"])
+        negative = meta["negative"]
+        to_input = bool(json.loads(meta["attribute_to_layer_input"]))
+        saved_name = meta["layer_name"] or None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConceptModelFormatError(f"{path} has incomplete metadata ({exc!r}).") from exc
+    concepts = tensors["concepts"]
+    if tuple(concepts.shape) != (k, c) or not concepts.is_floating_point():
+        raise ConceptModelFormatError(
+            f"{path}: concepts tensor has shape {tuple(concepts.shape)} and dtype "
+            f"{concepts.dtype}, metadata says {k} x {c} floating point."
+        )
+    check_concept_values(concepts, f" in {path}")
+    try:
+        attr = cls(
+            forward_func,
+            layer,
+            k,
+            device_ids,
+            random_state=solver.get("random_state"),
+            negative=negative,  # type: ignore[arg-type]
+            init=solver.get("init", "nndsvda"),
+            max_iter=solver.get("max_iter", 200),
+            tol=solver.get("tol", 1e-4),
+            forget_factor=solver.get("forget_factor", 1.0),
+            reshape_transform=reshape_transform,
+        )
+        nmf = NMF.from_components(
+            concepts,
+            init=attr.init,
+            max_iter=attr.max_iter,
+            tol=attr.tol,
+            random_state=attr.random_state,
+            forget_factor=attr.forget_factor,
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, LayerError):
+            raise
+        raise ConceptModelFormatError(f"{path} has invalid settings ({exc}).") from exc
+    declared = declared_channels(layer, attribute_to_layer_input=to_input)
+    name = attr._layer_name
+    if declared is not None and declared != c:
+        raise ConceptModelMismatchError(
+            f"Concept model expects {c} channels from {saved_name!r} but layer {name!r} "
+            f"has {declared}; load concepts fitted on this layer."
+        )
+    if saved_name and name and saved_name != name:
+        msg = f"Concepts were fitted on layer {saved_name!r} and are bound to layer {name!r}."
+        if strict:
+            raise ConceptModelMismatchError(msg + " Pass strict=False to allow it.")
+        warnings.warn(msg, LayerNameMismatchWarning, stacklevel=2)
+    attr.nmf_ = nmf
+    attr.concepts_ = concepts.clone()
+    attr.n_channels_in_ = c
+    attr.layer_name_ = saved_name
+    attr.attribute_to_layer_input_ = to_input
+    attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
+    attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
+    return attr
+
+
+MAX_CONCEPT_NORM = 1e3
+
+
+def check_concept_values(concepts: Tensor, where: str = "") -> None:
+    """Refuse concept vectors that cannot give meaningful weights.
+
+    Fitted concepts are finite, non-negative rows of unit norm (a zero row is
+    allowed); a file edited by hand, or vectors far from that scale, would
+    overflow the solve in float32.
+
+    Args:
+        concepts (Tensor): K x C concept vectors.
+        where (str, optional): appended to the subject of the message, e.g.
+                    ``" in concepts.safetensors"``.
+                    Default: ``""``
+
+    Raises:
+        ConceptModelFormatError: NaN/Inf or negative entries, or a row whose
+                    norm exceeds :data:`MAX_CONCEPT_NORM` (fitted rows have norm 1).
+    """
+    h = concepts.detach().to("cpu", torch.float64)
+    fix = "Load a valid concept file, or fit the concepts again."
+    if not bool(torch.isfinite(h).all()):
+        raise ConceptModelFormatError(f"The concepts{where} hold NaN or Inf. {fix}")
+    if bool((h < 0).any()):
+        raise ConceptModelFormatError(
+            f"The concepts{where} hold negative entries; NMF concepts are non-negative. {fix}"
+        )
+    norms = torch.linalg.vector_norm(h, dim=1)
+    if bool((norms > MAX_CONCEPT_NORM).any()):
+        row = int(torch.argmax(norms))
+        raise ConceptModelFormatError(
+            f"Concept {row}{where} has norm {float(norms[row]):.3g}; fitted concepts have unit "
+            f"norm (at most {MAX_CONCEPT_NORM:g} is accepted), so the vectors were altered or "
+            f"not written by captum-nmf. {fix}"
+        )
+
+
+def declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> int | None:
+    """Channel count a layer declares statically (convolutions, batch norms), else None."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return int(layer.in_channels if attribute_to_layer_input else layer.out_channels)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return int(layer.num_features)
+    return None
+
+
+def model_fingerprint(attr: NMFConceptAttribution) -> str:
+    """SHA-256 of the model's parameters and buffers, the layer and the concepts, cached.
+
+    The digest is recomputed only when something it covers changed: a
+    tensor of the state dict replaced, moved or modified in place (its
+    identity, storage, device and version counter are the cache key), the
+    concepts, or the layer name. A cohort therefore hashes the model once,
+    not once per slide.
+
+    Args:
+        attr (NMFConceptAttribution): fitted concepts with their model.
+
+    Returns:
+        *str*: hex digest (the same value for the same weights in any process).
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+    """
+    attr.check_fitted("model_fingerprint")
+    roots = models_of(attr.forward_func, attr.layer)
+    states = [root.state_dict(keep_vars=True) for root in roots]
+    concepts = attr.concepts_
+    key = (
+        attr.layer_name_,
+        _tensor_key(concepts),
+        tuple((name, _tensor_key(t)) for state in states for name, t in state.items()),
+    )
+    cached: tuple[Any, str] | None = attr.__dict__.get("_fingerprint_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    for state in states:
+        for name, tensor in state.items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    digest.update(f"layer={attr.layer_name_}|".encode())
+    digest.update(concepts.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    value = digest.hexdigest()
+    attr.__dict__["_fingerprint_cache"] = (key, value)
+    return value
+
+
+def _tensor_key(t: Tensor) -> tuple[Any, ...]:
+    """What changes when a tensor is replaced, moved, cast or modified in place."""
+    return (id(t), t.data_ptr(), str(t.device), t.dtype, tuple(t.shape), t._version)

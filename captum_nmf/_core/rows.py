@@ -1,0 +1,69 @@
+"""The rows a fit streams from one batch of an attribution: forward, checks, subsampling."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from captum_nmf._utils import activations as acts
+from captum_nmf.engines.batches import first_tensor
+
+if TYPE_CHECKING:
+    from captum_nmf._core.nmf_concept import NMFConceptAttribution
+
+__all__ = ["BatchRows"]
+
+
+class BatchRows:
+    """Batch -> the (subsampled) feature rows of an attribution's layer; a ``RowSource``.
+
+    Picklable: Ray actors get a copy of it, and so of the model.
+    """
+
+    def __init__(
+        self,
+        attr: NMFConceptAttribution,
+        *,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        max_locations: int | None,
+        autocast: torch.dtype | None,
+        channels_last: bool,
+    ) -> None:
+        self.attr = attr
+        self.additional_forward_args = additional_forward_args
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.max_locations = max_locations
+        self.autocast = autocast
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Any, generator: torch.Generator) -> Tensor | None:
+        """The rows of ``batch`` (on the model's device), or None for an empty batch."""
+        attr = self.attr
+        x = first_tensor(batch)
+        if x.shape[0] == 0:
+            return None
+        device = acts.model_device(attr.forward_func, attr.layer)
+        if device is not None and x.device != device:
+            x = x.to(device, non_blocking=x.is_pinned())
+        act = attr._activations(
+            x,
+            self.additional_forward_args,
+            self.attribute_to_layer_input,
+            autocast=self.autocast,
+            channels_last=self.channels_last,
+        )
+        attr._check_rank(act.shape[1])
+        rows = acts.maps_to_rows(act)
+        if self.max_locations is not None and rows.shape[0] > self.max_locations:
+            keep = torch.randperm(rows.shape[0], generator=generator)[: self.max_locations]
+            rows = rows[keep.to(rows.device)]
+        return rows
+
+    def to(self, device: torch.device) -> None:
+        """Move the model (when ``forward_func`` is a module or one's method) to ``device``."""
+        owner = acts.module_of(self.attr.forward_func)
+        if owner is not None:
+            owner.to(device)

@@ -1,0 +1,95 @@
+"""Shared argument checks: a wrong type raises TypeError, a wrong value ValueError."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Literal, overload
+
+__all__ = ["check_bool", "check_int"]
+
+
+@overload
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = ...,
+    hint: str = ...,
+    optional: Literal[False] = False,
+) -> int: ...
+
+
+@overload
+def check_int(
+    name: str, value: object, *, minimum: int | None = ..., hint: str = ..., optional: bool
+) -> int | None: ...
+
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int | None = 1,
+    hint: str = "",
+    optional: bool = False,
+) -> int | None:
+    """Check a count-like integer argument and return it as a Python ``int``.
+
+    ``bool`` is refused although it is an ``int`` subclass (``True`` is not a
+    count); numpy integers are accepted.
+
+    Args:
+        name (str): the argument's name, for the message.
+        value (object): the value passed.
+        minimum (int, optional): smallest allowed value; None allows any.
+                    Default: 1
+        hint (str, optional): the fix, appended to the message (e.g.
+                    ``"pass e.g. n_epochs=1."``).
+                    Default: ``""``
+        optional (bool, optional): whether None is allowed (and returned).
+                    Default: False
+
+    Returns:
+        *int* or *None*: ``value`` as an ``int`` (None only when ``optional``).
+
+    Raises:
+        TypeError: ``value`` is not an integer (a float, a bool, a string,
+                    or None when not ``optional``).
+        ValueError: ``value`` is below ``minimum``.
+    """
+    if value is None and optional:
+        return None
+    tail = f"; {hint}" if hint else "."
+    bound = f" >= {minimum}" if minimum is not None else ""
+    kind = f"an int{bound}" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}){tail}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {kind}, got {value!r}{tail}")
+    return int(value)
+
+
+def check_bool(name: str, value: object, *, optional: bool = False) -> bool | None:
+    """Check a flag argument.
+
+    Args:
+        name (str): the argument's name, for the message.
+        value (object): the value passed.
+        optional (bool, optional): whether None is allowed (and returned).
+                    Default: False
+
+    Returns:
+        *bool* or *None*: ``value``.
+
+    Raises:
+        TypeError: ``value`` is not a bool (or None when ``optional``).
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        kind = "a bool" + (" or None" if optional else "")
+        raise TypeError(
+            f"{name} must be {kind}, got {value!r} ({type(value).__name__}); pass "
+            f"{name}=True or {name}=False."
+        )
+    return value

@@ -1,0 +1,150 @@
+"""Input adapters of a fit: a tensor, an iterable of batches or a map-style Dataset, as batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from tqdm.auto import tqdm
+
+from captum_nmf._utils.validation import check_int
+from captum_nmf.engines.base import FitOptions, RowSource
+
+__all__ = ["DatasetBatches", "epochs", "first_tensor", "is_map_dataset", "item_batches", "rows_of"]
+
+_EMPTY = (
+    "Cannot fit NMFConceptAttribution on 0 samples (received no batches); pass at least one "
+    "non-empty batch."
+)
+
+
+def first_tensor(batch: Any) -> Tensor:
+    """The model input of a batch: the batch itself, or the first element of a tuple or list.
+
+    Raises:
+        TypeError: the batch is neither a tensor nor a sequence starting with one.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise TypeError(
+        "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches, got a batch "
+        f"of type {type(batch).__name__}."
+    )
+
+
+def is_map_dataset(inputs: Any) -> bool:
+    """Whether ``inputs`` is a map-style (indexable, sized) ``torch.utils.data.Dataset``."""
+    return isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset)
+
+
+def epochs(
+    inputs: Iterable[Any] | Dataset[Any],
+    options: FitOptions,
+    *,
+    shard: tuple[int, int] | None = None,
+) -> list[Iterable[Any]]:
+    """The batches of each epoch; a map-style Dataset goes through a DataLoader.
+
+    Args:
+        inputs (Iterable or Dataset): the batches, or the dataset to batch.
+        options (FitOptions): batch size, epochs, pinning.
+        shard (tuple[int, int], optional): ``(rank, world)``: this rank's items
+                    of a map-style dataset (strided).
+                    Default: None
+
+    Raises:
+        TypeError, ValueError: a bad ``batch_size``, or several epochs over a
+                    one-shot iterator.
+    """
+    if isinstance(inputs, Dataset) and is_map_dataset(inputs):
+        batch_size = check_int("batch_size", options.batch_size, hint="pass e.g. batch_size=32.")
+        n = len(inputs)  # type: ignore[arg-type]
+        sampler = None if shard is None else range(shard[0], n, shard[1])
+        inputs = DataLoader(
+            inputs,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=getattr(inputs, "collate_fn", None),
+            pin_memory=options.pin_memory,
+        )
+    batches = cast("Iterable[Any]", inputs)  # a DataLoader now, or the caller's iterable
+    if iter(batches) is batches and options.n_epochs > 1:
+        raise ValueError(
+            f"n_epochs={options.n_epochs} needs a re-iterable input (a DataLoader or list), "
+            "got a one-shot iterator; pass n_epochs=1 or a DataLoader."
+        )
+    return [batches] * options.n_epochs
+
+
+class DatasetBatches:
+    """``(start, stop)`` -> the collated batch of those items of a map-style dataset (picklable)."""
+
+    def __init__(
+        self, dataset: Dataset[Any], collate_fn: Callable[[list[Any]], Any] | None
+    ) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+
+    def __call__(self, item: tuple[int, int]) -> Any:
+        """The collated items ``start`` to ``stop - 1``."""
+        start, stop = item
+        return self.collate_fn([self.dataset[i] for i in range(start, stop)])
+
+
+def item_batches(inputs: Any, batch_size: int) -> tuple[list[Any], Callable[[Any], Any] | None]:
+    """Items to send to remote workers, and what turns one into a batch there.
+
+    A map-style dataset becomes ``(start, stop)`` index ranges loaded by a
+    :class:`DatasetBatches`; a list or tuple of batches is sent as it is.
+
+    Raises:
+        TypeError: ``inputs`` is neither, or a bad ``batch_size`` type.
+        ValueError: no batches, or ``batch_size < 1``.
+    """
+    if is_map_dataset(inputs):
+        batch_size = check_int("batch_size", batch_size, hint="pass e.g. batch_size=32.")
+        n = len(inputs)
+        items: list[Any] = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        load: Callable[[Any], Any] | None = DatasetBatches(
+            inputs, getattr(inputs, "collate_fn", None)
+        )
+    elif isinstance(inputs, (list, tuple)):
+        items, load = list(inputs), None
+    else:
+        raise TypeError(
+            f"engine='ray' needs a map-style torch.utils.data.Dataset or a list/tuple of "
+            f"batches as inputs, got {type(inputs).__name__}; pass the DataLoader's "
+            "dataset (picklable), list(tensor.split(batch_size)) for one tensor, or "
+            "engine='local'."
+        )
+    if not items:
+        raise ValueError(_EMPTY)
+    return items, load
+
+
+def rows_of(
+    epoch_list: list[Iterable[Any]],
+    rows: RowSource,
+    generator: torch.Generator,
+    *,
+    progress: bool,
+) -> Iterator[Tensor]:
+    """Rows of every non-empty batch of every epoch, with a progress bar per epoch."""
+    for epoch, batches in enumerate(epoch_list):
+        total = len(batches) if isinstance(batches, Sized) else None
+        bar = tqdm(
+            batches,
+            total=total,
+            disable=not progress,
+            desc=f"fit concepts (epoch {epoch + 1}/{len(epoch_list)})",
+            unit="batch",
+        )
+        for batch in bar:
+            found = rows(batch, generator)
+            if found is not None:
+                yield found
