@@ -1,0 +1,236 @@
+"""The slide pipeline around the model: reading once, conversion, stitching, solving.
+
+Slide (rewritten into ``bench_out/pipeline/``, never into the repository): the real Aperio
+region ``tests/data/cmu_small_region.svs`` (2220 x 2967 px, 0.499 um/px) read whole at level 0
+and written as a 3 x 3 mosaic (6660 x 8901 px) with ``write_pyramid`` (256 px zlib tiles).
+Tiles: 512 px every 256 px at level 0 with the default tissue mask, batch 16. Everything below
+runs in one process, side by side, median of ``--repeats`` rounds (order rotated each round):
+
+(a) ready tiles/s: ``SlideTiles(...).loader(num_workers=0)`` (today's per-tile reads, float
+    tiles) against ``TileBatches`` (the block reader: each slide pixel decoded once, uint8
+    batches converted with ``to_model_input``). Both give the same tiles (checked). Target >= 3x.
+    Also printed: decoded pixels per slide pixel of the tiles' union for both.
+(b) ``explain_slide`` with a near-zero-cost model (average-pool to the 32 px cell grid, a 1x1
+    convolution to 1,280 channels, ReLU; K = 6 concepts fitted beforehand) against the block
+    reader alone: the pipeline around the model (conversion, capture, stitching, NNLS, maps)
+    should cost no more than reading. Target >= 0.8.
+(c) ``explain_slide`` with EfficientNet-Lite0 ``head_relu`` (ImageNet weights) against its
+    forward-only (the tiles preloaded, ``model.features`` in batches): target >= 0.95. On the
+    slide itself (2220 x 2967, 50 tiles) unless ``--lite-mosaic``.
+
+``--small``: a quick check (one round, 256 px tiles, the slide itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captum_nmf import NMFConceptAttribution  # noqa: E402
+from captum_nmf.wsi import Slide, SlideTiles, explain_slide, tile_grid, write_pyramid  # noqa: E402
+from captum_nmf.wsi.blocks import TileBatches, to_model_input  # noqa: E402
+
+CMU = ROOT / "tests" / "data" / "cmu_small_region.svs"
+
+
+class PoolConv(nn.Module):
+    """Near-zero-cost model: 32 px average pool, 1x1 conv to 1,280 channels, ReLU, mean head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(32)
+        self.conv = nn.Conv2d(3, 1280, 1)
+        self.relu = nn.ReLU()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # signed weights and biases: ReLU gives features of full rank
+            self.conv.weight.copy_(torch.randn(1280, 3, 1, 1, generator=gen))
+            self.conv.bias.copy_(0.5 * torch.randn(1280, generator=gen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv(self.pool(x))).mean(dim=(2, 3))[:, :2]
+
+
+def _slide(out: Path, mosaic: int) -> Path:
+    with Slide(CMU) as s:
+        pixels = s.read_region((0, 0), 0, s.dimensions)
+    mpp = 0.499
+    if mosaic == 1:
+        return write_pyramid(pixels, out / "cmu.svs", mpp=mpp)
+    tiled = np.concatenate([np.concatenate([pixels] * mosaic, axis=1)] * mosaic, axis=0)
+    return write_pyramid(tiled, out / f"cmu_mosaic_{mosaic}x{mosaic}.svs", mpp=mpp)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rounds(methods: dict, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    names = list(methods)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(methods[name]))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _union(grid) -> float:
+    """Level-0 pixels of the slide that at least one tile covers."""
+    step = grid.stride
+    k = grid.tile_size // step
+    covered = np.zeros((grid.n_rows + k, grid.n_cols + k), bool)
+    for r, c in zip(grid.rows, grid.cols, strict=True):
+        covered[r : r + k, c : c + k] = True
+    w, h = grid.dimensions
+    ys = (
+        np.minimum((np.arange(covered.shape[0]) + 1) * step, h) - np.arange(covered.shape[0]) * step
+    )
+    xs = (
+        np.minimum((np.arange(covered.shape[1]) + 1) * step, w) - np.arange(covered.shape[1]) * step
+    )
+    return float((covered * np.clip(ys, 0, None)[:, None] * np.clip(xs, 0, None)[None]).sum())
+
+
+def part_a(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None:
+    with Slide(path) as s:
+        grid = tile_grid(s, tile_size=tile, stride=stride)
+    n = len(grid)
+    batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+
+    def per_tile() -> None:
+        tiles = SlideTiles.from_grids([grid])
+        for _ in tiles.loader(batch_size=batch, num_workers=0):
+            pass
+        tiles.close()
+
+    stats = {}
+
+    def blocks() -> None:
+        source = TileBatches(grid)
+        for b in batches:
+            images, _, _ = source.batch(b)
+            to_model_input(images, torch.device("cpu"))
+        stats["pixels"] = source.reader.pixels_read
+        source.close()
+
+    # the same tiles, checked once
+    source, tiles = TileBatches(grid), SlideTiles.from_grids([grid])
+    for i in (0, n // 2, n - 1):
+        a = to_model_input(source.batch([i])[0], torch.device("cpu"))[0]
+        assert torch.equal(a, tiles[i][0]), i
+    source.close()
+    tiles.close()
+    t = _rounds({"per-tile": per_tile, "blocks": blocks}, repeats)
+    w, h = grid.dimensions
+    union = _union(grid)
+    print(f"\n(a) reading {n} tiles of {tile} px every {stride} px, {w} x {h} px slide")
+    print("| reader | tiles/s | decoded px per covered slide px |")
+    print("| --- | --- | --- |")
+    print(f"| per tile (`SlideTiles`) | {n / t['per-tile']:.1f} | {n * tile * tile / union:.2f} |")
+    print(f"| blocks (`TileBatches`) | {n / t['blocks']:.1f} | {stats['pixels'] / union:.2f} |")
+    print(f"ratio blocks / per tile: **{t['per-tile'] / t['blocks']:.2f}x** (target >= 3)")
+
+
+def part_b(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None:
+    model = PoolConv().eval()
+    attr = NMFConceptAttribution(model, model.relu, 6, random_state=0)
+    attr.fit(SlideTiles(path, tile_size=tile, stride=stride), batch_size=batch, progress=False)
+    with Slide(path) as s:
+        grid = tile_grid(s, tile_size=tile, stride=stride)
+    n = len(grid)
+    batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+
+    def reader() -> None:
+        source = TileBatches(grid)
+        for b in batches:
+            source.batch(b)
+        source.close()
+
+    def explain() -> None:
+        explain_slide(attr, path, tile_size=tile, stride=stride, batch_size=batch, progress=False)
+
+    t = _rounds({"reader": reader, "explain": explain}, repeats)
+    print(f"\n(b) near-zero-cost model (pool, 1x1 conv to 1280, ReLU), {n} tiles")
+    print("| path | tiles/s |")
+    print("| --- | --- |")
+    print(f"| block reader alone | {n / t['reader']:.1f} |")
+    print(f"| `explain_slide` | {n / t['explain']:.1f} |")
+    print(f"ratio explain / reader: **{t['reader'] / t['explain']:.2f}** (target >= 0.8)")
+
+
+def part_c(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None:
+    from captum_nmf.zoo import efficientnet_lite0, normalize
+
+    model = efficientnet_lite0()
+    attr = NMFConceptAttribution(model, model.head_relu, 6, random_state=0)
+    tiles = SlideTiles(path, tile_size=tile, stride=stride, transform=normalize)
+    attr.fit(tiles, batch_size=batch, max_locations_per_batch=4096, progress=False)
+    preloaded = torch.stack([tiles[i][0] for i in range(len(tiles))])
+    n = len(tiles)
+
+    def forward() -> None:
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                model.features(preloaded[i : i + batch])
+
+    def explain() -> None:
+        explain_slide(
+            attr,
+            path,
+            tile_size=tile,
+            stride=stride,
+            batch_size=batch,
+            batch_transform=normalize,
+            progress=False,
+        )
+
+    with torch.no_grad():
+        attr.features(preloaded[:batch], return_output=True)  # warm-up
+    t = _rounds({"forward": forward, "explain": explain}, repeats)
+    print(f"\n(c) EfficientNet-Lite0 head_relu, {n} tiles, batch {batch}")
+    print("| path | tiles/s |")
+    print("| --- | --- |")
+    print(f"| forward only (tiles preloaded) | {n / t['forward']:.2f} |")
+    print(f"| `explain_slide` | {n / t['explain']:.2f} |")
+    print(f"ratio explain / forward: **{t['forward'] / t['explain']:.2f}** (target >= 0.95)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lite-mosaic", action="store_true")
+    parser.add_argument("--parts", default="abc")
+    args = parser.parse_args()
+    out = ROOT / "bench_out" / "pipeline"
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    print(f"# bench_pipeline on {machine}")
+    print(f"torch threads {torch.get_num_threads()}, {'small' if args.small else 'full'} run")
+    tile, stride = (256, 128) if args.small else (512, 256)
+    repeats = 1 if args.small else args.repeats
+    slide = _slide(out, 1 if args.small else 3)
+    if "a" in args.parts:
+        part_a(slide, tile, stride, 16, repeats)
+    if "b" in args.parts:
+        part_b(slide, tile, stride, 16, repeats)
+    if "c" in args.parts:
+        lite = slide if (args.small or args.lite_mosaic) else _slide(out, 1)
+        part_c(lite, tile, stride, 8, repeats)
+
+
+if __name__ == "__main__":
+    main()
