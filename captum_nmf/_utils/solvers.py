@@ -359,7 +359,8 @@ def _exchange(
     alpha = torch.where(better, 3, torch.where(alpha >= 1, alpha - 1, alpha))
     beta = torch.where(better, n_inf, beta)
     last = (k - 1) - torch.argmax(torch.flip(infeasible, dims=[1]).to(torch.uint8), dim=1)
-    single = torch.nn.functional.one_hot(last, k).to(torch.bool) & infeasible
+    columns = torch.arange(k, device=passive.device)
+    single = (columns == last.unsqueeze(1)) & infeasible  # no one_hot: no range check
     return passive ^ torch.where(full.unsqueeze(1), infeasible, single), alpha, beta
 
 
