@@ -1,0 +1,191 @@
+"""The frozen configuration of a slide run: option checks, description, hash, model fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.activations import check_device_options, models_of
+from captum_nmf._version import __version__
+from captum_nmf.wsi.tiling import TileErrorPolicy, TileGrid
+
+__all__ = [
+    "RunOptions",
+    "check_run_options",
+    "config_hash",
+    "describe",
+    "model_device",
+    "model_fingerprint",
+    "run_config",
+]
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def model_fingerprint(attr: NMFConceptAttribution) -> str:
+    """SHA-256 of the model's parameters and buffers, the layer and the concepts.
+
+    Returns:
+        *str*: hex digest.
+    """
+    digest = hashlib.sha256()
+    for root in models_of(attr.forward_func, attr.layer):
+        for name, tensor in root.state_dict().items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    digest.update(f"layer={attr.layer_name_}|".encode())
+    concepts = attr.concepts_.detach().to("cpu", torch.float32).contiguous()
+    digest.update(concepts.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_device(attr: NMFConceptAttribution) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a parameter-free model."""
+    for root in models_of(attr.forward_func, attr.layer):
+        for param in root.parameters():
+            return param.device
+        for buffer in root.buffers():
+            return buffer.device
+    return torch.device("cpu")
+
+
+def check_run_options(
+    attr: NMFConceptAttribution,
+    *,
+    border: int,
+    mode: str,
+    region_size: int,
+    region_margin: int,
+    batch_size: int,
+    num_workers: int,
+    chunk_tiles: int,
+    on_tile_error: str,
+    autocast: torch.dtype | None,
+    channels_last: bool,
+) -> None:
+    """Check the run options of :func:`explain_slide` that do not need the slide.
+
+    Raises:
+        TypeError: a non-int count, or a bad ``autocast``/``channels_last``.
+        ValueError: a value out of range or an unknown ``mode``/``on_tile_error``.
+    """
+    _int_arg("border", border, 0)
+    if mode not in ("tile", "region"):
+        raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
+    if mode == "region":
+        _int_arg("region_size", region_size, 1)
+        _int_arg("region_margin", region_margin, 1)
+    _int_arg("batch_size", batch_size, 1)
+    _int_arg("num_workers", num_workers, 0)
+    check_device_options(autocast, channels_last, device_type=model_device(attr).type)
+    _int_arg("chunk_tiles", chunk_tiles, 1)
+    if on_tile_error not in ("raise", "skip"):
+        raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of :func:`~captum_nmf.wsi.explain_slide` that shape its results.
+
+    Frozen, so one run's options cannot change under it; :func:`run_config`
+    turns them (with the plan's grid) into the JSON-able configuration the
+    run's hash covers.
+    """
+
+    border: int
+    mode: str
+    region_size: int
+    region_margin: int
+    edge: str
+    min_tissue: float
+    transform: Callable[[Tensor], Tensor] | None
+    batch_transform: Callable[[Tensor], Tensor] | None
+    slide_mpp: float | None
+    batch_size: int
+    num_workers: int
+    on_tile_error: TileErrorPolicy
+    chunk_tiles: int
+    autocast: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def forward(self) -> dict[str, Any]:
+        """Keyword arguments of the forward pass (``autocast``, ``channels_last``)."""
+        return {"autocast": self.autocast, "channels_last": self.channels_last}
+
+
+def run_config(
+    attr: NMFConceptAttribution,
+    options: RunOptions,
+    grid: TileGrid,
+    slide_mpp: float | None,
+    regions_list: list[list[int]] | None,
+) -> dict[str, Any]:
+    """The JSON-able configuration of a run, recorded in its manifest and explanation.
+
+    Returns:
+        *dict*: library version, layer, concepts, tiling, edges, transforms and forward options.
+    """
+    config: dict[str, Any] = {
+        "library_version": __version__,
+        "layer": attr.layer_name_,
+        "n_concepts": int(attr.concepts_.shape[0]),
+        "negative": attr.negative,
+        "tile_size": grid.tile_size,
+        "stride": grid.stride,
+        "level": grid.resolution.level,
+        "mpp": grid.resolution.mpp,
+        "slide_mpp": slide_mpp,
+        "resample": grid.resolution.resample,
+        "border": options.border,
+        "edges": "best-tile",  # border cells no interior covers: the tiles that see them best
+        "mode": options.mode,
+        "region_margin": options.region_margin if options.mode == "region" else 0,
+        "edge": options.edge,
+        "min_tissue": float(options.min_tissue),
+        "n_tiles": len(grid),
+        "batch_size": options.batch_size,
+        "chunk_tiles": options.chunk_tiles,
+        "transform": describe(options.transform),
+        "batch_transform": describe(options.batch_transform),
+        "on_tile_error": options.on_tile_error,
+        "autocast": None if options.autocast is None else str(options.autocast),
+        "channels_last": bool(options.channels_last),
+    }
+    if regions_list is not None:
+        config["regions"] = regions_list  # (row, col, height, width) in cells
+        config["batch_size"] = None  # one region per forward
+        config["n_tiles"] = len(regions_list)
+    return config
+
+
+def describe(transform: Callable[[Tensor], Tensor] | None) -> str | None:
+    """A description of ``transform`` that is the same in every process (no memory address)."""
+    if transform is None:
+        return None
+    kind = transform if hasattr(transform, "__qualname__") else type(transform)
+    name = f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', '?')}"
+    text = repr(transform)
+    return name if " at 0x" in text else f"{name}: {text}"
+
+
+def config_hash(attr: NMFConceptAttribution, config: dict[str, Any], grid: TileGrid) -> str:
+    """SHA-256 of the configuration, the model fingerprint and the tile positions."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(model_fingerprint(attr).encode())
+    digest.update(grid.rows.tobytes() + grid.cols.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,130 @@
+"""The executor of a slide run: reader -> device -> model -> assembler, chunk by chunk."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from captum_nmf.wsi.blocks import TileBatches, to_model_input
+from captum_nmf.wsi.regions import RegionTiles
+from captum_nmf.wsi.run.assemble import Assembler
+from captum_nmf.wsi.run.config import RunOptions, model_device
+from captum_nmf.wsi.tiling import SlideTiles
+
+__all__ = ["prefetched", "process"]
+
+
+def _source(
+    assembler: Assembler, options: RunOptions, device: torch.device
+) -> SlideTiles | RegionTiles | TileBatches:
+    """Where the batches come from: regions, the block reader (one thread) or worker processes."""
+    plan = assembler.plan
+    grid = plan.grid
+    transform, policy, mpp = options.transform, options.on_tile_error, options.slide_mpp
+    if plan.regions is not None:  # regions differ in size: one per forward
+        return RegionTiles(
+            grid.path,
+            grid.resolution,
+            plan.regions,
+            plan.cell,
+            grid.margin,
+            transform=transform,
+            slide_mpp=mpp,
+            on_tile_error=policy,
+        )
+    if options.num_workers == 0:  # one reading thread, every slide pixel decoded once
+        return TileBatches(
+            grid,
+            transform=transform,
+            on_tile_error=policy,
+            slide_mpp=mpp,
+            pin_memory=device.type == "cuda",
+        )
+    return SlideTiles.from_grids([grid], transform=transform, on_tile_error=policy, slide_mpp=mpp)
+
+
+def process(assembler: Assembler, options: RunOptions, done: int, *, progress: bool) -> None:
+    """Run the chunks after the first ``done``: read, forward, assemble, commit each chunk.
+
+    Tiles are read one batch ahead of the forward (a thread with ``num_workers=0``,
+    else ``DataLoader`` worker processes), moved to the model's device and
+    converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``).
+    Each chunk is committed through the run store as soon as its last unit is in.
+    """
+    plan = assembler.plan
+    todo = plan.chunks[done:]
+    if not todo:
+        return
+    size = 1 if plan.regions is not None else options.batch_size
+    batches = [
+        list(range(s, min(s + size, end))) for start, end in todo for s in range(start, end, size)
+    ]
+    chunk_end = {end: i + done for i, (_, end) in enumerate(todo)}
+    device = model_device(assembler.attr)
+    source = _source(assembler, options, device)
+    reads: Iterable[Any]
+    if isinstance(source, TileBatches):
+        reads = (source.batch(b) for b in batches)
+    else:
+        reads = DataLoader(
+            source,
+            batch_sampler=batches,
+            num_workers=options.num_workers,
+            collate_fn=source.collate_fn,
+            pin_memory=device.type == "cuda",
+        )
+    bar = tqdm(
+        total=sum(e - s for s, e in todo),
+        disable=not progress,
+        desc=f"explain {Path(plan.grid.path).name}",
+        unit="tile" if plan.regions is None else "region",
+    )
+    batches_in = reads if options.num_workers else prefetched(reads)
+    try:
+        for images, idx, failed in batches_in:
+            ids, lost = idx.numpy(), failed.numpy()
+            if ids.size:
+                act, output = assembler.attr.features(
+                    to_model_input(images, device, options.batch_transform),
+                    return_output=True,
+                    **options.forward,
+                )
+            else:
+                act, output = torch.empty(0, 0, 0, 0), None
+            assembler.add(act, output, ids, lost)
+            bar.update(len(ids) + len(lost))
+            last = int(max(ids.max(initial=-1), lost.max(initial=-1))) + 1
+            if last in chunk_end:
+                assembler.commit_chunk(chunk_end[last])
+    finally:
+        if isinstance(batches_in, Generator):  # stop the reader thread before closing its slide
+            batches_in.close()
+        bar.close()
+        source.close()
+
+
+_END = object()
+
+
+def prefetched(iterable: Iterable[Any]) -> Generator[Any, None, None]:
+    """Yield ``iterable``'s items, reading the next one in a background thread meanwhile.
+
+    With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
+    PIL release the GIL) with the forward pass without a worker process.
+    Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
+    """
+    iterator = iter(iterable)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captum-nmf-read") as pool:
+        pending = pool.submit(next, iterator, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, iterator, _END)
+            yield item

@@ -1,0 +1,345 @@
+"""``explain_slide``: concept maps of a whole slide, streamed, bounded in memory, resumable.
+
+The run is planned first (:mod:`.plan`: tiles, cells, tissue, regions, chunks,
+and every check that can fail before work), then claims its folder
+(:mod:`captum_nmf.wsi.store`), then the executor (:mod:`.execute`) reads the
+tiles, runs the model, and an assembler (:mod:`.assemble`) turns the layer's
+activations into the K-channel maps, chunk by chunk. With ``out_dir`` each
+chunk is written atomically and recorded (with its SHA-256) in the manifest
+before the next starts, so an interrupted run continues with ``resume=True``
+and gives the same bits as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf.exceptions import NotFittedError, NoTissueError, RunStateError
+from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
+from captum_nmf.wsi.run.assemble import Assembler, assembler_for
+from captum_nmf.wsi.run.config import RunOptions, check_run_options, config_hash, run_config
+from captum_nmf.wsi.run.execute import process
+from captum_nmf.wsi.run.plan import Plan, check_output_location, make_plan
+from captum_nmf.wsi.store import RunStore
+from captum_nmf.wsi.tiling import EdgePolicy, TileErrorPolicy, TissueOption
+
+__all__ = ["explain_slide"]
+
+
+def explain_slide(
+    attr: NMFConceptAttribution,
+    path: str | os.PathLike[str],
+    *,
+    tile_size: int = 512,
+    stride: int = 256,
+    level: int | None = None,
+    mpp: float | None = None,
+    border: int = 2,
+    mode: Literal["tile", "region"] = "tile",
+    region_size: int = 1024,
+    region_margin: int = 64,
+    edge: EdgePolicy = "pad",
+    min_tissue: float = 0.25,
+    tissue_mask: TissueOption = "otsu",
+    transform: Callable[[Tensor], Tensor] | None = None,
+    batch_transform: Callable[[Tensor], Tensor] | None = None,
+    slide_mpp: float | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    on_tile_error: TileErrorPolicy = "raise",
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_tiles: int = 1024,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> SlideExplanation:
+    r"""Concept maps of a whole slide from overlapping tiles, as in the paper.
+
+    The slide's tissue tiles (``tile_size`` px, every ``stride`` px, at
+    ``level`` or ``mpp``) go through the model in raster order. Each tile's
+    layer activations, minus ``border`` cells on every side, are averaged
+    over all tiles covering the same cell; the concept weights of each cell
+    are then solved with the fitted concepts (exact NNLS). Memory is bounded
+    by the band of cells the current tile row can touch, not by the slide.
+
+    Args:
+        attr (NMFConceptAttribution): fitted (or loaded) concepts; the model
+                    runs on the device of its parameters.
+        path (str or PathLike): the slide (any OpenSlide format, or a plain image).
+        tile_size (int, optional): tile side in output pixels.
+                    Default: 512
+        stride (int, optional): step between tiles; a multiple of the cell size.
+                    Default: 256
+        level (int, optional): pyramid level to read (the paper: level 1 = 10x).
+                    Default: None (level 0 unless ``mpp`` is given)
+        mpp (float, optional): target microns per pixel instead of ``level``.
+                    Default: None
+        border (int, optional): feature-map cells dropped on each tile side.
+                    Default: 2
+        mode (str, optional): ``"tile"`` (the paper's overlapping tiles, the
+                    default the analyses assume) or ``"region"``: the fast mode
+                    that runs the network's fully convolutional part once per
+                    region, with ``region_margin`` px of context on every side
+                    (margins dropped, no overlap averaging). Regions are planned
+                    on the tissue (:func:`~captum_nmf.wsi.regions.plan_regions`):
+                    roots of ``region_size`` px shrunk to their tissue, or split
+                    into quarters when that reads fewer pixels; they cover every
+                    cell that is at least half tissue exactly once (every cell
+                    with ``tissue_mask=None``). ``tile_size``, ``stride``,
+                    ``border``, ``min_tissue`` and ``batch_size`` are then unused
+                    (one region per forward), a chunk holds ``chunk_tiles // 16``
+                    regions, ``tile_locations`` are the regions' corners (margin
+                    included) and :meth:`SlideExplanation.tile_window` is not
+                    available. See the README for its speed and agreement with
+                    tile mode. Memory of the forward grows with the region area.
+                    Default: ``"tile"``
+        region_size (int, optional): side of a root region in output pixels
+                    (multiple of the cell size). 1024 was faster than 2048 on
+                    CPU (very large inputs cost more per pixel there); on a
+                    GPU larger regions may pay.
+                    Default: 1024
+        region_margin (int, optional): context on each side, in output pixels
+                    (multiple of the cell size).
+                    Default: 64
+        edge (str, optional): ``"pad"`` or ``"drop"`` tiles reaching past the
+                    slide (see :func:`~captum_nmf.wsi.tile_grid`).
+                    Default: ``"pad"``
+        min_tissue (float, optional): smallest tissue fraction of a tile.
+                    Default: 0.25
+        tissue_mask (TissueMask, "otsu" or None, optional): the tissue mask;
+                    None uses every tile.
+                    Default: ``"otsu"``
+        transform (Callable, optional): applied to each 3 x T x T tile in [0, 1]
+                    on the CPU, where it is read (e.g. the model's
+                    normalisation); picklable for workers.
+                    Default: None
+        batch_transform (Callable, optional): applied to each N x 3 x T x T
+                    batch in [0, 1] on the model's device, after ``transform``
+                    (e.g. the normalisation, so that tiles cross to a GPU as
+                    ``uint8`` and are converted there).
+                    Default: None
+        slide_mpp (float, optional): microns per level-0 pixel for slides
+                    without that metadata.
+                    Default: None
+        batch_size (int, optional): tiles per forward pass.
+                    Default: 16
+        num_workers (int, optional): DataLoader worker processes reading tiles
+                    while the model runs; 0 reads them in a background thread
+                    of this process, one batch ahead (OpenSlide and PIL release
+                    the GIL), which is as fast on a saturated CPU and keeps a
+                    GPU fed without extra processes.
+                    Default: 0
+        on_tile_error (str, optional): after a failed read and a failed retry
+                    on a reopened handle, ``"raise"`` or ``"skip"`` (the tile is
+                    recorded in ``failed_tiles`` and its cells become NaN when no
+                    other tile covers them).
+                    Default: ``"raise"``
+        out_dir (str or PathLike, optional): write chunks, a manifest and the
+                    final explanation here.
+                    Default: None (keep everything in memory)
+        resume (bool, optional): continue the run in ``out_dir``.
+                    Default: False
+        overwrite (bool, optional): replace ``out_dir``'s content, but only
+                    after the new run completes.
+                    Default: False
+        chunk_tiles (int, optional): tiles per chunk (rounded up to whole tile
+                    rows); each chunk boundary also writes the stitcher's pending
+                    rows (up to a tile height of cells x slide width x C).
+                    Default: 1024
+        autocast (torch.dtype, optional): run the forward under
+                    ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``;
+                    activations are stitched and solved in float32). Part of
+                    the run's configuration; see the README for its speed and
+                    agreement with float32.
+                    Default: None (float32)
+        channels_last (bool, optional): give the model channels-last batches
+                    (convert the model with ``model.to(memory_format=
+                    torch.channels_last)`` yourself for the full effect).
+                    Default: False
+        progress (bool, optional): show a tqdm progress bar.
+                    Default: True
+
+    Returns:
+        *SlideExplanation*: the maps, assignment, counts, tiles and their outputs.
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        SlideNotFoundError: ``path`` does not exist.
+        UnsupportedSlideError: the file cannot be opened.
+        NoTissueError: no tile has enough tissue (nothing is written).
+        SlideReadError: a tile could not be read twice, with ``on_tile_error="raise"``.
+        FileExistsError: ``out_dir`` holds files and neither ``resume`` nor ``overwrite``.
+        RunStateError: ``resume`` with a different configuration or slide.
+        ValueError: bad tiling arguments, a level or mpp the slide does not
+                    have, or tile and stride that do not fit the layer's cells.
+        TypeError: a non-int size, level or count.
+    """
+    if not hasattr(attr, "concepts_"):
+        raise NotFittedError(
+            "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
+            "'NMFConceptAttribution.load' before 'explain_slide'."
+        )
+    check_run_options(
+        attr,
+        border=border,
+        mode=mode,
+        region_size=region_size,
+        region_margin=region_margin,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        chunk_tiles=chunk_tiles,
+        on_tile_error=on_tile_error,
+        autocast=autocast,
+        channels_last=channels_last,
+    )
+    if out_dir is None and (resume or overwrite):
+        raise ValueError("resume=True and overwrite=True need out_dir=...; pass the run directory.")
+    options = RunOptions(
+        border=border,
+        mode=mode,
+        region_size=region_size,
+        region_margin=region_margin,
+        edge="pad" if mode == "region" else edge,
+        min_tissue=0.0 if mode == "region" else min_tissue,
+        transform=transform,
+        batch_transform=batch_transform,
+        slide_mpp=slide_mpp,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_tile_error=on_tile_error,
+        chunk_tiles=chunk_tiles,
+        autocast=autocast,
+        channels_last=channels_last,
+    )
+    plan = make_plan(
+        attr,
+        path,
+        options,
+        tile_size=tile_size,
+        stride=stride,
+        level=level,
+        mpp=mpp,
+        tissue_mask=tissue_mask,
+    )
+    regions = None if plan.regions is None else plan.regions.tolist()
+    config = run_config(attr, options, plan.grid, plan.slide_mpp, regions)
+    if out_dir is None:
+        return _run(attr, plan, options, config, None, None, progress)
+    target = Path(out_dir)
+    check_output_location(target, plan.first_chunk_bytes(attr))
+    store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
+    try:
+        run_hash = config_hash(attr, config, plan.grid)
+        if manifest is None:
+            store.start(
+                {
+                    "config_hash": run_hash,
+                    "config": config,
+                    "slide": str(Path(path)),
+                    "slide_fingerprint": plan.fingerprint,
+                    "chunks": [list(c) for c in plan.chunks],
+                    "done": 0,
+                    "cell": None,
+                    "n_outputs": None,
+                    "status": "running",
+                }
+            )
+            manifest = store.manifest
+        else:
+            _check_resumable(store, manifest, run_hash, plan.fingerprint)
+        if manifest.get("status") == "complete":
+            result = SlideExplanation.load(store.verify(EXPLANATION_FILE))
+        else:
+            result = _run(attr, plan, options, config, store, manifest, progress)
+            result.save(store.work_dir)
+            store.complete()
+    except BaseException:
+        store.fail()
+        raise
+    store.close()
+    return result
+
+
+def _run(
+    attr: NMFConceptAttribution,
+    plan: Plan,
+    options: RunOptions,
+    config: dict[str, Any],
+    store: RunStore | None,
+    manifest: dict[str, Any] | None,
+    progress: bool,
+) -> SlideExplanation:
+    """Restore the finished chunks (if any), process the rest, build the explanation."""
+    assembler = assembler_for(attr, plan, store, options.border)
+    done = 0 if manifest is None else int(manifest["done"])
+    if done and manifest is not None:
+        assembler.restore(manifest)
+    process(assembler, options, done, progress=progress)
+    return _explanation(assembler, config)
+
+
+def _check_resumable(
+    store: RunStore, manifest: dict[str, Any], run_hash: str, fingerprint: str
+) -> None:
+    if manifest.get("config_hash") != run_hash:
+        raise RunStateError(
+            f"out_dir {store.work_dir} was produced with a different configuration (model, "
+            "layer, concepts, tiling or library version); pass resume=False with another "
+            "directory, or overwrite=True."
+        )
+    if manifest.get("slide_fingerprint") != fingerprint:
+        raise RunStateError(
+            f"out_dir {store.work_dir} was produced from another slide (fingerprint "
+            f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
+        )
+
+
+def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanation:
+    """The explanation of a finished run: maps, argmax within tissue, tiles and their outputs."""
+    plan, grid = assembler.plan, assembler.plan.grid
+    if len(set(assembler.failed)) == assembler.n_units:
+        raise NoTissueError(
+            f"No tile of {Path(grid.path).name} could be read ({len(assembler.failed)} of "
+            f"{assembler.n_units} failed); nothing to explain."
+        )
+    assembler.finish()
+    maps, counts, tissue = assembler.maps, assembler.counts, plan.tissue
+    assignment = np.full(counts.shape, -1, dtype=np.int16)
+    for r in np.flatnonzero(counts.any(axis=1)):  # row by row: no slide-sized temporaries
+        row = np.nan_to_num(maps[:, r, :], nan=0.0)
+        best = np.argmax(row, axis=0)
+        top = np.take_along_axis(row, best[None], axis=0)[0]
+        assignment[r] = np.where((top > 0) & tissue[r], best, -1)
+    failed = np.asarray(sorted(set(assembler.failed)), dtype=np.int64)
+    locations = grid.locations
+    if plan.regions is not None:  # each region's corner, context margin included
+        corners = plan.regions[:, [1, 0]] * plan.cell - grid.margin
+        locations = np.round(corners * grid.resolution.scale).astype(np.int64)
+    border = getattr(assembler, "border", config["border"])
+    return SlideExplanation(
+        concept_maps=maps,
+        assignment=assignment,
+        counts=counts,
+        tissue_cells=tissue,
+        cell_size=float(plan.cell * grid.resolution.scale),
+        origin=(0.0, 0.0),
+        tile_locations=locations,
+        tile_outputs=assembler.outputs,
+        failed_tiles=locations[failed].reshape(-1, 2),
+        concepts=assembler.attr.concepts_.detach().to("cpu", torch.float32).numpy().copy(),
+        slide_path=grid.path,
+        slide_fingerprint=plan.fingerprint,
+        dimensions=grid.dimensions,
+        config={**config, "cell_px": plan.cell, "border": border},
+        tissue=grid.tissue_mask,
+    )

@@ -1,0 +1,265 @@
+"""The plan of a slide run: tile grid, cell grid, tissue cells, regions and chunks, checked."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
+from captum_nmf.exceptions import ConceptModelMismatchError, EmptyTileGridWarning, NoTissueError
+from captum_nmf.wsi.reader import Slide
+from captum_nmf.wsi.regions import plan_regions, tissue_cells
+from captum_nmf.wsi.run.config import RunOptions, model_device
+from captum_nmf.wsi.tiling import TileGrid, TissueOption, tile_grid
+
+__all__ = ["Plan", "check_output_location", "make_plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a run reads and writes: everything known before the first tile is read.
+
+    Attributes:
+        grid (TileGrid): the tiles (region mode: the regions' tile lattice).
+        fingerprint (str): the slide's content hash.
+        slide_mpp (float or None): microns per level-0 pixel.
+        cell (int): cell side in output pixels (one feature-map location).
+        shape (tuple[int, int]): (Hc, Wc) cells of the slide.
+        tissue (ndarray): Hc x Wc, cells at least half tissue.
+        regions (ndarray or None): region mode: n x 4 ``(row, col, h, w)`` cell boxes.
+        chunks (list[tuple[int, int]]): consecutive ranges of tiles (or regions).
+    """
+
+    grid: TileGrid
+    fingerprint: str
+    slide_mpp: float | None
+    cell: int
+    shape: tuple[int, int]
+    tissue: NDArray[np.bool_]
+    regions: NDArray[np.int64] | None
+    chunks: list[tuple[int, int]]
+
+    def first_chunk_bytes(self, attr: NMFConceptAttribution) -> int:
+        """Bytes the first chunk and its carry may take (maps, counts, pending features), x2."""
+        hc, wc = self.shape
+        k, c = int(attr.concepts_.shape[0]), int(attr.n_channels_in_)
+        start, end = self.chunks[0] if self.chunks else (0, 0)
+        if self.regions is not None:
+            cells = int((self.regions[start:end, 2] * self.regions[start:end, 3]).sum())
+            return 2 * 4 * (k + 1) * cells + (1 << 20)
+        grid = self.grid
+        tile_cells = max(1, grid.tile_size // self.cell)
+        n_rows = int(grid.rows[end - 1] - grid.rows[start]) + 1 if end > start else 1
+        rows = min(hc, n_rows * max(1, grid.stride // self.cell) + tile_cells)
+        return 2 * 4 * wc * (rows * (k + 1) + tile_cells * c) + (1 << 20)
+
+
+def make_plan(
+    attr: NMFConceptAttribution,
+    path: str | os.PathLike[str],
+    options: RunOptions,
+    *,
+    tile_size: int,
+    stride: int,
+    level: int | None,
+    mpp: float | None,
+    tissue_mask: TissueOption,
+) -> Plan:
+    """Open the slide, find its tissue and tiles, probe the layer, plan regions and chunks.
+
+    Nothing is written. Every check that can fail before the run starts is made
+    here: the concepts' values, a slide without tissue (or smaller than a tile
+    or a cell), the layer's channels and cell size.
+
+    Returns:
+        *Plan*: the run's plan.
+
+    Raises:
+        NoTissueError: no tile or cell with enough tissue, or a slide smaller
+                    than one cell (or one tile with ``edge="drop"``).
+        ConceptModelFormatError: concepts with NaN, negative or huge entries.
+        ConceptModelMismatchError: the layer's channels differ from the concepts'.
+        ValueError: tile size, stride or region sizes that do not fit the cells.
+    """
+    region = options.mode == "region"
+    with Slide(path, mpp=options.slide_mpp) as slide:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyTileGridWarning)
+            grid = tile_grid(
+                slide,
+                tile_size=options.region_size + 2 * options.region_margin if region else tile_size,
+                stride=options.region_size if region else stride,
+                level=level,
+                mpp=mpp,
+                edge="pad" if region else options.edge,  # type: ignore[arg-type]
+                tissue_mask=tissue_mask,
+                min_tissue=0.0 if region else options.min_tissue,
+                margin=options.region_margin if region else 0,
+                on_tile_error=options.on_tile_error,
+            )
+        name = slide.path.name
+        _check_tiles(grid, name, options)
+        check_concept_values(attr.concepts_)
+        cell, shape = _probe(attr, grid, options)
+        share = _share(grid)
+        if min(grid.extent) < cell:
+            raise NoTissueError(
+                f"{name} is {grid.extent[0]:.0f} x {grid.extent[1]:.0f} px at level "
+                f"{grid.resolution.level}, smaller than one {cell} px feature-map cell of the "
+                "layer; there is nothing to explain. Check the file, or read a finer level."
+            )
+        cells = tissue_cells(grid.tissue_mask, shape, cell * grid.resolution.scale)
+        if not cells.any():
+            raise NoTissueError(
+                f"No cell of {name} is at least half tissue{share} at level "
+                f"{grid.resolution.level} ({cell} px cells); nothing to explain. Pass "
+                "tissue_mask=None to explain every cell, or check the file."
+            )
+        regions = _regions(cells, cell, options) if region else None
+        if regions is not None:
+            per = max(1, options.chunk_tiles // 16)  # a 2048 px region is ~16 tiles of 512 px
+            chunks = [(s, min(s + per, len(regions))) for s in range(0, len(regions), per)]
+        else:
+            chunks = _chunks(grid, options.chunk_tiles)
+        return Plan(grid, slide.fingerprint(), slide.mpp, cell, shape, cells, regions, chunks)
+
+
+def _share(grid: TileGrid) -> str:
+    mask = grid.tissue_mask
+    return "" if mask is None else f" (tissue share {mask.tissue_share:.2%})"
+
+
+def _check_tiles(grid: TileGrid, name: str, options: RunOptions) -> None:
+    if grid.n_rows * grid.n_cols == 0:
+        raise NoTissueError(
+            f"{name} is smaller than one tile ({grid.tile_size} px at level "
+            f"{grid.resolution.level}, extent {grid.extent[0]:.0f} x {grid.extent[1]:.0f} "
+            "px) and edge='drop' keeps whole tiles only; pass edge='pad' or a smaller "
+            "tile_size."
+        )
+    if len(grid) == 0:
+        raise NoTissueError(
+            f"No tissue found in {name}{_share(grid)} at level {grid.resolution.level}: "
+            f"0 of {grid.n_rows * grid.n_cols} tiles of {grid.tile_size} px have tissue "
+            f"fraction >= {grid.min_tissue} (edge={grid.edge!r}). Lower min_tissue, pass "
+            "tissue_mask=None, or check the file."
+        )
+
+
+def _regions(cells: NDArray[np.bool_], cell: int, options: RunOptions) -> NDArray[np.int64]:
+    for name, value in (
+        ("region_size", options.region_size),
+        ("region_margin", options.region_margin),
+    ):
+        if value % cell:
+            raise ValueError(
+                f"{name}={value} is not a multiple of the cell size {cell} px; use e.g. "
+                f"{name}={cell * max(1, round(value / cell))}."
+            )
+    return plan_regions(cells, options.region_size // cell, options.region_margin // cell)
+
+
+_PROBE = 512
+
+
+def _probe(
+    attr: NMFConceptAttribution, grid: TileGrid, options: RunOptions
+) -> tuple[int, tuple[int, int]]:
+    """The layer's cell size and the slide's cell grid, from one forward of a white tile.
+
+    The tile goes through ``transform`` and the forward options exactly as the
+    slide's tiles will, so a layer whose channels do not match the concepts,
+    or tiles the network does not divide into whole cells, fail here, before
+    any file is written.
+
+    Raises:
+        ConceptModelMismatchError: the layer's channel count differs from the concepts'.
+        ValueError: tile size or stride that do not fit the layer's cells.
+    """
+    mode = options.mode
+    side = grid.tile_size if mode == "tile" else _PROBE
+    image = torch.ones(3, side, side)
+    if options.transform is not None:
+        image = options.transform(image)
+    batch = image.unsqueeze(0).to(model_device(attr))
+    if options.batch_transform is not None:
+        batch = options.batch_transform(batch)
+    act = attr.features(batch, **options.forward)
+    act = act[0] if isinstance(act, tuple) else act
+    if act.ndim != 4:
+        raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
+    c, h, w = (int(v) for v in act.shape[1:])
+    if c != attr.n_channels_in_:
+        raise ConceptModelMismatchError(
+            f"The concepts expect {attr.n_channels_in_} channels but layer "
+            f"{attr._layer_name or attr.layer_name_!r} produces {c}; load concepts fitted on "
+            "this layer."
+        )
+    if h == 0 or w == 0 or side % h or side % w or side // h != side // w:
+        if mode == "tile":
+            raise ValueError(
+                f"tile_size={side} is not a whole number of the layer's {h} x {w} feature-map "
+                "cells; choose a tile size the network divides exactly (e.g. a multiple of its "
+                "total stride)."
+            )
+        raise ValueError(
+            f"region mode needs a layer whose cells are a fixed number of input pixels; a "
+            f"{side} px image gives a {h} x {w} feature map. Use mode='tile'."
+        )
+    cell = side // h
+    if mode == "tile" and grid.stride % cell:
+        raise ValueError(
+            f"stride={grid.stride} is not a multiple of the cell size {cell} px "
+            f"(tile_size {grid.tile_size} / {h} cells); use e.g. "
+            f"stride={cell * max(1, round(grid.stride / cell))}."
+        )
+    ext_w, ext_h = grid.extent
+    shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
+    return cell, shape
+
+
+def _chunks(grid: TileGrid, chunk_tiles: int) -> list[tuple[int, int]]:
+    """Consecutive whole tile rows, each chunk holding at least ``chunk_tiles`` tiles."""
+    bounds = []
+    start = 0
+    n = len(grid)
+    while start < n:
+        end = min(start + chunk_tiles, n)
+        while end < n and grid.rows[end] == grid.rows[end - 1]:
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def check_output_location(target: Path, need: int) -> None:
+    """Refuse an output location we cannot write, or without room for the first chunk.
+
+    Raises:
+        FileExistsError: ``target`` is a file.
+        PermissionError: the nearest existing folder is not writable.
+        OSError: ``ENOSPC``, less free space than ``need`` bytes.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"out_dir {target} exists and is not a directory.")
+    anchor = target.resolve()
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir {target}: {anchor} is not writable; choose another place.")
+    free = shutil.disk_usage(anchor).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"out_dir {target}: {free / 2**20:.1f} MiB free on its disk, but the first chunk of "
+            f"the run needs about {need / 2**20:.1f} MiB; free some space or choose another place",
+        )
