@@ -189,7 +189,7 @@ def test_bad_arguments(tmp_path: Path, attr: NMFConceptAttribution, slides: list
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         explain_cohort(attr, slides, tmp_path / "never", batch_size=0)
     assert not (tmp_path / "never").exists()
-    with pytest.raises(ValueError, match="retries must be an int >= 0"):
+    with pytest.raises(ValueError, match="retries must be >= 0"):
         explain_cohort(attr, slides, tmp_path, retries=-1)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
@@ -315,7 +315,7 @@ def test_actor_resources_follow_the_cluster() -> None:
     gpus = _FakeRay({"CPU": 16, "GPU": 4})
     assert actor_options(gpus, None) == (4, {"num_cpus": 4, "num_gpus": 1})  # one per GPU
     assert actor_options(gpus, 8) == (8, {"num_cpus": 2, "num_gpus": 0.5})  # shared, never stuck
-    with pytest.raises(ValueError, match="workers must be an int >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         actor_options(cpus, 0)
 
 
@@ -327,3 +327,85 @@ def test_address_probe_uses_the_right_default_port() -> None:
     with pytest.raises(ConnectionError, match=r"127\.0\.0\.1:6379"):
         check_address("127.0.0.1", timeout=1.0)  # the GCS port
     check_address("auto")  # left to Ray
+
+
+def test_a_failure_keeps_its_traceback_in_the_record_and_the_log(
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from captum_nmf.wsi import cohort
+
+    def buggy(*args: object, **kwargs: object) -> None:
+        raise KeyError("first line\nsecond line of a bug in our code")
+
+    monkeypatch.setattr(cohort, "_explain_one", buggy)
+    with caplog.at_level("ERROR", logger="captum_nmf.wsi.cohort"):
+        result = explain_cohort(attr, slides[:1], tmp_path / "c", progress=False, **OPTIONS)
+    record = result.records[0]
+    assert record.status == "failed"
+    assert "second line of a bug in our code" in (record.error or "")
+    assert "Traceback (most recent call last)" in (record.traceback or "")
+    assert "in buggy" in (record.traceback or "")
+    assert "in buggy" in caplog.text
+    summary = json.loads((tmp_path / "c" / COHORT_FILE).read_text())
+    assert "in buggy" in summary["records"][0]["traceback"]
+
+
+def test_cohort_json_and_csv_are_written_as_a_pair(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from captum_nmf.wsi import cohort
+
+    out = tmp_path / "c"
+    result = explain_cohort(attr, slides[:1], out, progress=False, **OPTIONS)
+    table = (out / "cohort.csv").read_bytes()
+    record = json.loads((out / COHORT_FILE).read_text())
+    assert record["csv_sha256"] == hashlib.sha256(table).hexdigest()
+    before = (table, (out / COHORT_FILE).read_bytes())
+
+    def full_disk(*args: object, **kwargs: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    result.records[0].status = "failed"  # a changed summary that cannot be written
+    monkeypatch.setattr(cohort.json, "dumps", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        result.save()
+    assert ((out / "cohort.csv").read_bytes(), (out / COHORT_FILE).read_bytes()) == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_model_fingerprint_is_cached_until_the_weights_change(
+    attr: NMFConceptAttribution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captum_nmf._core import persistence
+
+    first = attr.model_fingerprint()
+    calls = []
+    original = persistence.hashlib.sha256
+
+    def counting(*args: object) -> object:
+        calls.append(1)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(persistence.hashlib, "sha256", counting)
+    assert attr.model_fingerprint() == first
+    assert calls == []  # served from the cache: no hashing per slide
+    model = attr.forward_func
+    param = next(model.parameters())  # type: ignore[union-attr]
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    try:
+        changed = attr.model_fingerprint()
+        assert changed != first
+        assert calls == [1]
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)
+    assert attr.model_fingerprint() == first  # the weights are back (in-place: a new version)
+    assert calls == [1, 1]

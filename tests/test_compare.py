@@ -293,7 +293,7 @@ def test_analyse_bad_input() -> None:
     )
     with pytest.raises(ValueError, match="cam_methods must be among"):
         analyse(attr, _colour_tiles(), cam_methods=("eigencam",))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(ValueError, match="n must be >= 1"):
         sample_tiles(_colour_tiles(), 0)
     with pytest.raises(TypeError, match="source must be a tensor of tiles"):
         sample_tiles({"a": 1}, 3)

@@ -255,7 +255,7 @@ def test_ray_unreachable_address_fails_before_any_forward() -> None:
     ("kwargs", "inputs", "err", "match"),
     [
         ({"engine": "dask"}, "list", ValueError, "engine must be one of"),
-        ({"engine": "ray", "workers": 0}, "list", ValueError, "workers must be an int >= 1"),
+        ({"engine": "ray", "workers": 0}, "list", ValueError, "workers must be >= 1, got 0"),
         ({"workers": 2}, "list", ValueError, "workers=2 applies to engine='ray' only"),
         ({"address": "h:1"}, "list", ValueError, "address='h:1' applies to engine='ray'"),
         ({"engine": "ray", "address": 5}, "list", TypeError, "address must be a str or None"),

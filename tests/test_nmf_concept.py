@@ -253,8 +253,8 @@ def test_non_finite_activations_raise_and_leave_input() -> None:
 @pytest.mark.parametrize(
     ("k", "err", "match"),
     [
-        (0, ValueError, "n_concepts must be an int >= 1, got 0"),
-        (-2, ValueError, "n_concepts must be an int >= 1, got -2"),
+        (0, ValueError, "n_concepts must be >= 1, got 0"),
+        (-2, ValueError, "n_concepts must be >= 1, got -2"),
         (2.5, TypeError, "n_concepts must be an int >= 1, got 2.5"),
         ("6", TypeError, "n_concepts must be an int >= 1, got '6'"),
     ],
@@ -312,9 +312,9 @@ def test_layer_not_in_model_raises_at_construction() -> None:
 def test_bad_fit_options(planted: tuple[nn.Module, torch.Tensor]) -> None:
     net, maps = planted
     attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
-    with pytest.raises(ValueError, match="max_locations_per_batch must be an int >= 1 or None"):
+    with pytest.raises(ValueError, match="max_locations_per_batch must be >= 1, got 0"):
         attr.fit(maps, max_locations_per_batch=0, progress=False)
-    with pytest.raises(ValueError, match="n_epochs must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="n_epochs must be >= 1, got 0"):
         attr.fit(maps, n_epochs=0, progress=False)
     with pytest.raises(TypeError, match=r"n_epochs must be an int >= 1, got 1.5 \(float\)"):
         attr.fit(maps, n_epochs=1.5, progress=False)  # type: ignore[arg-type]

@@ -261,5 +261,5 @@ def test_grid_with_a_margin(slide_1000x700: Path) -> None:
         assert grid.location(5) == (224, 224)
         with pytest.raises(ValueError, match="needs tile_size == stride \\+ 2 \\* margin"):
             tile_grid(slide, tile_size=300, stride=256, margin=32, tissue_mask=None)
-        with pytest.raises(ValueError, match="margin must be an int >= 0"):
+        with pytest.raises(ValueError, match="margin must be >= 0, got -1"):
             tile_grid(slide, margin=-1, tissue_mask=None)

@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_non_negative, validate_data
 from torch import Tensor
 
 from captum_nmf._utils import solvers
+from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import NotFittedError
 
 __all__ = ["NMF", "NMFStatistics"]
@@ -437,22 +438,12 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):  # 
         return tags
 
     def _check_params(self) -> None:
-        k = self.n_components
-        if k is not None:
-            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-                raise TypeError(
-                    f"n_components must be an int >= 1 or None, got {k!r} "
-                    f"({type(k).__name__}); pass e.g. n_components=6."
-                )
-            if k < 1:
-                raise ValueError(f"n_components must be >= 1, got {k}; pass e.g. n_components=6.")
+        check_int(
+            "n_components", self.n_components, optional=True, hint="pass e.g. n_components=6."
+        )
         if self.init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {self.init!r}.")
-        mi = self.max_iter
-        if isinstance(mi, bool) or not isinstance(mi, numbers.Integral):
-            raise TypeError(f"max_iter must be an int >= 1, got {mi!r} ({type(mi).__name__}).")
-        if mi < 1:
-            raise ValueError(f"max_iter must be >= 1, got {mi}.")
+        check_int("max_iter", self.max_iter, hint="pass e.g. max_iter=200.")
         if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
             raise ValueError(f"tol must be a float >= 0, got {self.tol!r}.")
         ff = self.forget_factor

@@ -65,7 +65,7 @@ def check_int(
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}){tail}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be {kind}, got {value!r}{tail}")
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}{tail}")
     return int(value)
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.validation import check_int
 from captum_nmf.compare.cams import CAM_METHODS, CamMethod, cam_maps
 from captum_nmf.compare.metrics import (
     CamAgreement,
@@ -60,12 +61,11 @@ class TileSample:
 def _choose(total: int, n: int | None, random_state: int) -> NDArray[np.int64]:
     if total == 0:
         raise ValueError("the source holds 0 tiles; nothing to sample.")
-    if n is None or n >= total:
+    count = check_int("n", n, optional=True)
+    if count is None or count >= total:
         return np.arange(total, dtype=np.int64)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int or None, got {n!r}.")
     rng = np.random.default_rng(random_state)
-    return np.sort(rng.choice(total, size=n, replace=False)).astype(np.int64)
+    return np.sort(rng.choice(total, size=count, replace=False)).astype(np.int64)
 
 
 def _first(item: Any) -> Tensor:

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
 from captum_nmf.wsi.reader import Resolution, Slide
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
@@ -111,11 +112,7 @@ class TileGrid:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}.")
-    return int(value)
+    return check_int(name, value)
 
 
 def _axis_count(extent: float, tile: int, stride: int, edge: EdgePolicy) -> int:
@@ -212,8 +209,7 @@ def tile_grid(
             "tissue_mask must be a TissueMask, 'otsu' or None, got "
             f"{type(tissue_mask).__name__}; wrap an array with TissueMask.from_array(...)."
         )
-    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
-        raise ValueError(f"margin must be an int >= 0, got {margin!r}.")
+    check_int("margin", margin, minimum=0)
     if margin and (tile != step + 2 * margin or edge != "pad"):
         raise ValueError(
             f"margin={margin} needs tile_size == stride + 2 * margin ({step + 2 * margin}) and "
