@@ -406,3 +406,35 @@ def test_nothing_is_left_behind_by_a_rejected_concept_tensor(
     with pytest.raises(ConceptModelFormatError, match="negative entries"):
         _explain(attr, he_slide, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_names_the_batch_size_and_keeps_finished_chunks(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    original = NMFConceptAttribution.features
+    calls = {"n": 0}
+
+    def features(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
+        if kwargs.get("return_output"):
+            calls["n"] += 1
+            if calls["n"] == 6:  # a batch after the first chunk was committed
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NMFConceptAttribution, "features", features)
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=r"batch of 16 tile\(s\) of 64 px .* lower batch_size \(now 16\) and run again "
+        r"with resume=True",
+    ):
+        _explain(pool_attr, he_slide, out_dir=out, batch_size=16)
+    monkeypatch.undo()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    assert manifest["done"] >= 1
+    resumed = _explain(pool_attr, he_slide, out_dir=out, batch_size=16, resume=True)
+    assert np.array_equal(resumed.concept_maps, _explain(pool_attr, he_slide).concept_maps)

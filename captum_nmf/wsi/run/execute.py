@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -90,11 +91,7 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
         for images, idx, failed in batches_in:
             ids, lost = idx.numpy(), failed.numpy()
             if ids.size:
-                act, output = assembler.attr.features(
-                    to_model_input(images, device, options.batch_transform),
-                    return_output=True,
-                    **options.forward,
-                )
+                act, output = _forward(assembler, images, device, options)
             else:
                 act, output = torch.empty(0, 0, 0, 0), None
             assembler.add(act, output, ids, lost)
@@ -107,6 +104,34 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
             batches_in.close()
         bar.close()
         source.close()
+
+
+def _forward(
+    assembler: Assembler, images: Tensor, device: torch.device, options: RunOptions
+) -> tuple[Tensor, Any]:
+    """The layer's activations and the model's output for one batch.
+
+    Raises:
+        torch.OutOfMemoryError: the device ran out of memory; the message names
+                    the batch size to lower (finished chunks are kept for ``resume``).
+    """
+    try:
+        result = assembler.attr.features(
+            to_model_input(images, device, options.batch_transform),
+            return_output=True,
+            **options.forward,
+        )
+    except torch.OutOfMemoryError as exc:
+        if assembler.plan.regions is None:
+            knob, value, unit = "batch_size", options.batch_size, f"{options.batch_size} tile(s)"
+        else:
+            knob, value, unit = "region_size", options.region_size, "one region"
+        raise torch.OutOfMemoryError(
+            f"{device.type} ran out of memory on a batch of {unit} of "
+            f"{assembler.plan.grid.tile_size} px ({exc}); finished chunks are kept: lower "
+            f"{knob} (now {value}) and run again with resume=True."
+        ) from exc
+    return cast(tuple[Tensor, Any], result)
 
 
 _END = object()
