@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from captum_nmf import NMFConceptAttribution, data
 from captum_nmf.compare import analyse, cam_agreement
 from captum_nmf.export import slide_summary, to_geojson, write_overlay_tiff
+from captum_nmf.io import atomic_write
 from captum_nmf.tumour import he_tiles, train_tumour_detector
 from captum_nmf.viz import plot_comparison, plot_concepts, plot_overlay, plot_slide, plot_structure
 from captum_nmf.wsi import explain_slide, write_pyramid
@@ -41,7 +41,8 @@ STEPS = ("detector", "concepts", "slide", "explain", "analyses", "exports", "fig
 
 
 def _save(fig: Any, path: Path) -> str:
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".") or "png")
     return path.name
 
 
@@ -86,8 +87,8 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     attr.fit([x[i : i + 32] for i in range(0, len(x), 32)], progress=False)
     attr.save(out_dir / "concepts.safetensors")
     step("concepts")
-    nest = np.asarray(Image.open(data.path("hgsc_nest.jpg")).convert("RGB"))
-    stroma = np.asarray(Image.open(data.path("hgsc_stromal_he.jpg")).convert("RGB"))
+    nest = data.rgb("hgsc_nest.jpg")
+    stroma = data.rgb("hgsc_stromal_he.jpg")
     slide_path = write_pyramid(np.concatenate([nest, stroma], axis=1), out_dir / "demo_slide.svs")
     step("slide")
     explanation_dir = out_dir / "explanation"
@@ -223,5 +224,6 @@ with its real ImageNet weights and a tumour-tile head (training accuracy {train_
 </body></html>
 """
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    with atomic_write(path) as fh:
+        fh.write(page)
     return path

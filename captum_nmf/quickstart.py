@@ -33,6 +33,7 @@ from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_nmf import NMFConceptAttribution, data
+from captum_nmf.io import atomic_write
 from captum_nmf.zoo import efficientnet_lite0, normalize
 
 TILE = 256
@@ -140,7 +141,8 @@ def run(
     identical = torch.equal(reloaded.attribute(tiles[:4]), concepts.attribute(tiles[:4]))
     summary["reload_identical"] = identical
     summary["upsampled_shape"] = list(LayerAttribution.interpolate(maps[:1], (TILE, TILE)).shape)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    with atomic_write(out_dir / "summary.json") as fh:
+        fh.write(json.dumps(summary, indent=2))
     return summary
 
 

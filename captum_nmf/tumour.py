@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
@@ -90,7 +89,7 @@ def he_tiles(
     hi = tile_size - lo
     images, labels, masks, has_mask, source, locations = [], [], [], [], [], []
     for s, name in enumerate(("hgsc_nest.jpg", "hgsc_stromal_he.jpg")):
-        pixels = np.asarray(Image.open(data.path(name)).convert("RGB"))
+        pixels = data.rgb(name)
         for y in range(0, pixels.shape[0] - tile_size + 1, stride):
             for x in range(0, pixels.shape[1] - tile_size + 1, stride):
                 images.append(pixels[y : y + tile_size, x : x + tile_size])

@@ -307,3 +307,20 @@ def test_sample_tiles_is_reproducible() -> None:
     assert a.inputs is not None
     assert a.inputs[:, 0].tolist() == a.indices.tolist()
     assert len(sample_tiles(x, None).indices) == 100
+
+
+def test_saved_analysis_files_are_written_together(tmp_path: Path) -> None:
+    net = ColourNet()
+    x = _colour_tiles()
+    attr = NMFConceptAttribution(net, net.relu, 2, random_state=0).fit(x, progress=False)
+    result = analyse(attr, x, n_tiles=40, batch_size=16, progress=False)
+    out = result.save(tmp_path / "analysis")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken() -> str:
+        raise OSError(28, "No space left on device")
+
+    result.to_markdown = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="No space left"):
+        result.save(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced

@@ -31,6 +31,7 @@ from captum_nmf.compare.metrics import (
     surrogate_report,
     weight_correlation,
 )
+from captum_nmf.io import atomic_write_all
 
 __all__ = ["AnalysisResult", "TileSample", "analyse", "sample_tiles"]
 
@@ -221,8 +222,8 @@ class AnalysisResult:
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        for name, table in self.tables().items():
-            (out / f"{name}.csv").write_text(table.to_csv(), encoding="utf-8")
+        tables = self.tables()
+        files = [out / f"{name}.csv" for name in tables]
         data = {
             "n_tiles": self.n_tiles,
             "notes": self.notes,
@@ -232,8 +233,12 @@ class AnalysisResult:
                 str(int(v)): int((self.predictions == v).sum()) for v in np.unique(self.predictions)
             },
         }
-        (out / "analysis.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
-        (out / "analysis.md").write_text(self.to_markdown(), encoding="utf-8")
+        texts = [t.to_csv() for t in tables.values()]
+        texts += [self.to_markdown(), json.dumps(data, indent=2)]
+        files += [out / "analysis.md", out / "analysis.json"]  # the record last
+        with atomic_write_all(files) as handles:
+            for handle, text in zip(handles, texts, strict=True):
+                handle.write(text)
         return out
 
 

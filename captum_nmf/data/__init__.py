@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FILES", "NUCLEI_TYPES", "nuclei_type_mask", "path"]
+__all__ = ["FILES", "NUCLEI_TYPES", "nuclei_type_mask", "path", "rgb"]
 
 FILES = ("hgsc_nest.jpg", "hgsc_stromal_he.jpg", "hgsc_nest_type_mask.npz")
 #: Values of :func:`nuclei_type_mask`.
@@ -37,6 +37,26 @@ def path(name: str) -> Path:
     if name not in FILES:
         raise ValueError(f"Unknown data file {name!r}; packaged files are {FILES}.")
     return Path(str(resources.files(__name__).joinpath(name)))
+
+
+def rgb(name: str) -> NDArray[np.uint8]:
+    """A packaged image as an H x W x 3 ``uint8`` array; the file is closed on return.
+
+    Args:
+        name (str): one of the packaged ``.jpg`` files of :data:`FILES`.
+
+    Returns:
+        *ndarray*: the RGB pixels.
+
+    Raises:
+        ValueError: ``name`` is not a packaged file.
+        ImportError: Pillow is not installed (the ``demo`` extra).
+    """
+    from PIL import Image
+
+    with Image.open(path(name)) as image:
+        pixels: NDArray[np.uint8] = np.asarray(image.convert("RGB"))
+    return pixels
 
 
 def nuclei_type_mask() -> NDArray[np.int32]:
