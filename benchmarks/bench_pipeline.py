@@ -63,6 +63,10 @@ class PoolConv(nn.Module):
 
 
 def _slide(out: Path, mosaic: int) -> Path:
+    """The CMU region (``mosaic`` = 1) or a mosaic of it, written once into ``out``."""
+    cached = out / ("cmu.svs" if mosaic == 1 else f"cmu_mosaic_{mosaic}x{mosaic}.svs")
+    if cached.is_file():
+        return cached
     with Slide(CMU) as s:
         pixels = s.read_region((0, 0), 0, s.dimensions)
     mpp = 0.499
