@@ -16,6 +16,7 @@ from captum_nmf import export as export_module
 from captum_nmf.exceptions import LayerNameMismatchWarning
 from captum_nmf.io import content_digest
 from captum_nmf.wsi import SlideExplanation, write_pyramid
+from tests.helpers import runs
 from tests.helpers.synthetic_slides import he_image
 
 MODEL = ["--model", "tests.helpers.wsi_models:PoolNet", "--layer", "relu", "--normalize", "none"]
@@ -28,10 +29,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
     return code, out, err
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+_tree = runs.tree
 
 
 @pytest.fixture(scope="module")

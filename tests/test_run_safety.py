@@ -26,11 +26,10 @@ from captum_nmf.exceptions import (
     RunStateError,
 )
 from captum_nmf.io import default_file_mode
-from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi import SlideExplanation, explain_slide
 from captum_nmf.wsi import store as store_module
-from captum_nmf.wsi.blocks import BlockReader
 from captum_nmf.wsi.store import LOCK_FILE, MARKER_FILE, RunLock, inspect_folder
-from tests.helpers.synthetic_slides import he_image
+from tests.helpers import runs
 from tests.helpers.wsi_models import PoolNet
 
 pytestmark = pytest.mark.filterwarnings("error::UserWarning")
@@ -38,14 +37,12 @@ pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 
 @pytest.fixture(scope="module")
 def he_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pyramid(he_image()[:384, :512], tmp_path_factory.mktemp("he") / "he.svs", mpp=0.5)
+    return runs.he_slide(tmp_path_factory.mktemp("he"))
 
 
 @pytest.fixture(scope="module")
 def pool_attr(he_slide: Path) -> NMFConceptAttribution:
-    net = PoolNet().eval()
-    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
-    return attr.fit(SlideTiles(he_slide, tile_size=64, stride=32, tissue_mask=None), progress=False)
+    return runs.pool_concepts(he_slide)
 
 
 def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> SlideExplanation:
@@ -61,34 +58,7 @@ def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> Slide
     return explain_slide(attr, path, **options)  # type: ignore[arg-type]
 
 
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def _flip(path: Path, at: float = 0.5, n: int = 64) -> None:
-    data = bytearray(path.read_bytes())
-    start = int(len(data) * at)
-    for i in range(start, min(start + n, len(data))):
-        data[i] ^= 0xA5
-    path.write_bytes(bytes(data))
-
-
-class _Interrupt:
-    """KeyboardInterrupt at tile read number ``at`` (1-based)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int) -> None:
-        self.calls = 0
-        original = BlockReader.read
-
-        def read(reader: BlockReader, index: int) -> np.ndarray:
-            self.calls += 1
-            if self.calls == at:
-                raise KeyboardInterrupt
-            return original(reader, index)
-
-        monkeypatch.setattr(BlockReader, "read", read)
+_tree, _flip = runs.tree, runs.flip
 
 
 # ------------------------------------------------------------------ 1. ownership
@@ -184,7 +154,7 @@ def test_flipped_bytes_in_a_chunk_are_refused_on_resume(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "run"
-    _Interrupt(monkeypatch, at=100)
+    runs.InterruptReads(monkeypatch, at=100)
     with pytest.raises(KeyboardInterrupt):
         _explain(pool_attr, he_slide, out_dir=out)
     monkeypatch.undo()

@@ -23,9 +23,8 @@ from captum_nmf.exceptions import (
     SlideNotFoundError,
     SlideReadError,
 )
-from captum_nmf.wsi import Slide, SlideExplanation, SlideTiles, explain_slide, write_pyramid
-from captum_nmf.wsi.blocks import BlockReader
-from captum_nmf.wsi.reader import Slide as SlideClass
+from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from tests.helpers import runs
 from tests.helpers.synthetic_slides import (
     CMU,
     blank_slide,
@@ -42,15 +41,12 @@ pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 @pytest.fixture(scope="module")
 def he_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 512 x 384 px of real H&E: tiles of 64 px every 16 px fit exactly (29 x 21 tiles)
-    return write_pyramid(he_image()[:384, :512], tmp_path_factory.mktemp("he") / "he.svs", mpp=0.5)
+    return runs.he_slide(tmp_path_factory.mktemp("he"))
 
 
 @pytest.fixture(scope="module")
 def pool_attr(he_slide: Path) -> NMFConceptAttribution:
-    net = PoolNet().eval()
-    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
-    tiles = SlideTiles(he_slide, tile_size=64, stride=32, tissue_mask=None)
-    return attr.fit(tiles, batch_size=32, progress=False)
+    return runs.pool_concepts(he_slide)
 
 
 def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> SlideExplanation:
@@ -281,37 +277,7 @@ def test_save_and_load_round_trip(
         SlideExplanation.load(tmp_path / "bad")
 
 
-class _Interrupt:
-    """Counts tile reads; raises KeyboardInterrupt at read number ``at`` (1-based).
-
-    A tile is read by ``BlockReader.read`` (one reading thread) or ``Slide.read_tile``
-    (``DataLoader`` workers); a block reader's fallback to ``read_tile`` counts once.
-    """
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int | None) -> None:
-        self.at, self.calls, self.inside = at, 0, False
-        original_tile, original_block = SlideClass.read_tile, BlockReader.read
-
-        def count() -> None:
-            self.calls += 1
-            if self.at is not None and self.calls == self.at:
-                raise KeyboardInterrupt
-
-        def read_tile(slide: Slide, *args: object, **kwargs: object) -> np.ndarray:
-            if not self.inside:
-                count()
-            return original_tile(slide, *args, **kwargs)  # type: ignore[arg-type]
-
-        def read_block(reader: BlockReader, index: int) -> np.ndarray:
-            count()
-            self.inside = True
-            try:
-                return original_block(reader, index)
-            finally:
-                self.inside = False
-
-        monkeypatch.setattr(SlideClass, "read_tile", read_tile)
-        monkeypatch.setattr(BlockReader, "read", read_block)
+_Interrupt = runs.InterruptReads
 
 
 def test_interrupted_run_resumes_bit_identical(
@@ -427,6 +393,7 @@ import pytest
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.wsi import explain_slide
 from captum_nmf.wsi.reader import Slide
+from tests.helpers import runs
 from tests.helpers.wsi_models import PoolNet, halve
 net = PoolNet().eval()
 attr = NMFConceptAttribution.load({str(concepts)!r}, net, net.relu)
