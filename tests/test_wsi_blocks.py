@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi import Slide, tile_grid
@@ -116,3 +117,28 @@ def test_the_cache_is_bounded() -> None:
             expected = slide.read_tile(grid.location(i), grid.resolution, 256)
             assert np.array_equal(reader.read(i), expected)
             assert reader._bytes <= 4 * 128 * 128 * 3  # at most one block over while reading
+
+
+def test_batches_decoded_in_threads_equal_one_thread(tmp_path: Path) -> None:
+    from captum_nmf.wsi.blocks import TileBatches
+
+    broken = tmp_path / "broken.svs"
+    flip_tile_markers(CMU, broken, [52])
+    with Slide(broken) as slide:
+        grid = tile_grid(slide, tile_size=240, stride=120, tissue_mask=None)
+    batches = [list(range(i, min(i + 16, len(grid)))) for i in range(0, len(grid), 16)]
+    one = TileBatches(grid, on_tile_error="skip")
+    many = TileBatches(grid, on_tile_error="skip", threads=3)
+    try:
+        for b in batches:
+            a_img, a_idx, a_lost = one.batch(b)
+            b_img, b_idx, b_lost = many.batch(b)
+            assert torch.equal(a_idx, b_idx)
+            assert torch.equal(a_lost, b_lost)
+            assert torch.equal(a_img, b_img)
+        assert many.reader.blocks_read == one.reader.blocks_read
+        assert len(many._handles) >= 1  # the threads read with their own handles
+    finally:
+        one.close()
+        many.close()
+    assert many._handles == []

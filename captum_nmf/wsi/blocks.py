@@ -22,8 +22,10 @@ tile row of a 100,000 px wide slide at level 0 holds about 150 MiB).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -154,23 +156,65 @@ class BlockReader:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        pixels = self.read_block(self.slide, key)
+        self._store(key, pixels)
+        return pixels
+
+    def read_block(self, slide: Slide, key: tuple[int, int]) -> RGB | None:
+        """Decode block ``(row, col)`` with ``slide`` (a handle of the file); None if that fails."""
+        by, bx = key
         b = self.block
         ox, oy = self._origin
         left, top = ox + bx * b, oy + by * b
         try:
-            pixels: RGB | None = self.slide.read_region(
+            return slide.read_region(
                 (left * self._ds, top * self._ds), self.grid.resolution.level, (b, b)
             )
         except SlideReadError:
-            pixels = None
+            return None
+
+    def _store(self, key: tuple[int, int], pixels: RGB | None) -> None:
         self.blocks_read += 1
-        self.pixels_read += b * b
+        self.pixels_read += self.block * self.block
         self._cache[key] = pixels
         self._bytes += 0 if pixels is None else pixels.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._bytes -= 0 if old is None else old.nbytes
-        return pixels
+
+    def missing_blocks(self, indices: list[int]) -> list[tuple[int, int]]:
+        """The ``(row, col)`` blocks tiles ``indices`` need that are not cached, in order."""
+        if not self.exact:
+            return []
+        b, r = self.block, self.read_size
+        ox, oy = self._origin
+        keys: dict[tuple[int, int], None] = {}
+        for i in indices:
+            x, y = self.grid.location(i)
+            lx, ly = x // self._ds - ox, y // self._ds - oy
+            for by in range(ly // b, (ly + r - 1) // b + 1):
+                for bx in range(lx // b, (lx + r - 1) // b + 1):
+                    if (by, bx) not in self._cache:
+                        keys[(by, bx)] = None
+        return list(keys)
+
+    def prefetch(
+        self, indices: list[int], pool: ThreadPoolExecutor, slides: Callable[[], Slide]
+    ) -> None:
+        """Decode the blocks tiles ``indices`` need in ``pool``'s threads (``slides()``: a handle).
+
+        OpenSlide decodes without the GIL, so blocks of one batch decode in parallel;
+        the cache is only changed here, in the calling thread.
+        """
+        keys = self.missing_blocks(indices)
+        if len(keys) < 2:
+            return
+        oy, b = self._origin[1], self.block
+        top = min((self.grid.location(i)[1] // self._ds - oy) // b for i in indices)
+        self._evict_above(top)  # rows raster order has passed; never one this batch needs
+        decoded = pool.map(lambda k: self.read_block(slides(), k), keys)
+        for key, pixels in zip(keys, decoded, strict=True):
+            self._store(key, pixels)
 
     def _evict_above(self, block_row: int) -> None:
         """Drop blocks of rows above ``block_row``: raster order has passed them."""
@@ -200,6 +244,11 @@ class TileBatches:
                     Default: None
         pin_memory (bool, optional): allocate ``uint8`` batches in pinned memory.
                     Default: False
+        threads (int, optional): threads decoding the blocks of a batch in
+                    parallel (each with its own slide handle); 1 decodes in the
+                    calling thread. More pay when the model is on a GPU and the
+                    CPU cores would otherwise wait.
+                    Default: 1
     """
 
     def __init__(
@@ -210,13 +259,32 @@ class TileBatches:
         on_tile_error: str = "raise",
         slide_mpp: float | None = None,
         pin_memory: bool = False,
+        threads: int = 1,
     ) -> None:
         self.grid = grid
         self.transform = transform
         self.on_tile_error = on_tile_error
         self.pin_memory = pin_memory
+        self.slide_mpp = slide_mpp
         self.slide = Slide(grid.path, mpp=slide_mpp)
         self.reader = BlockReader(self.slide, grid)
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="captum-nmf-block")
+            if threads > 1
+            else None
+        )
+        self._local = threading.local()
+        self._handles: list[Slide] = []
+        self._lock = threading.Lock()
+
+    def _thread_slide(self) -> Slide:
+        """This thread's own handle of the slide (OpenSlide errors are per handle)."""
+        slide = getattr(self._local, "slide", None)
+        if slide is None:
+            slide = self._local.slide = Slide(self.grid.path, mpp=self.slide_mpp)
+            with self._lock:
+                self._handles.append(slide)
+        return slide
 
     def batch(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Read ``indices``: ``(images, read indices, failed indices)``.
@@ -233,6 +301,8 @@ class TileBatches:
         good: list[int] = []
         failed: list[int] = []
         pixels: list[RGB] = []
+        if self._pool is not None:
+            self.reader.prefetch(list(indices), self._pool, self._thread_slide)
         for i in indices:
             try:
                 pixels.append(self.reader.read(i))
@@ -256,9 +326,14 @@ class TileBatches:
         return torch.stack(tiles), idx, lost
 
     def close(self) -> None:
-        """Close the slide and drop the cached blocks."""
+        """Stop the decoding threads, close every slide handle and drop the cached blocks."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.reader.clear()
         self.slide.close()
+        for slide in self._handles:
+            slide.close()
+        self._handles = []
 
 
 def to_model_input(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,8 @@ def _source(
             on_tile_error=policy,
             slide_mpp=mpp,
             pin_memory=device.type == "cuda",
+            # a model on the CPU needs the cores; one on an accelerator waits for them
+            threads=1 if device.type == "cpu" else min(8, os.cpu_count() or 1),
         )
     return SlideTiles.from_grids([grid], transform=transform, on_tile_error=policy, slide_mpp=mpp)
 
