@@ -122,8 +122,8 @@ def part_a(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None
 
     stats = {}
 
-    def blocks() -> None:
-        source = TileBatches(grid)
+    def blocks(threads: int = 1) -> None:
+        source = TileBatches(grid, threads=threads)
         for b in batches:
             images, _, _ = source.batch(b)
             to_model_input(images, torch.device("cpu"))
@@ -137,7 +137,9 @@ def part_a(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None
         assert torch.equal(a, tiles[i][0]), i
     source.close()
     tiles.close()
-    t = _rounds({"per-tile": per_tile, "blocks": blocks}, repeats)
+    t = _rounds(
+        {"per-tile": per_tile, "blocks": blocks, "blocks-2": lambda: blocks(threads=2)}, repeats
+    )
     w, h = grid.dimensions
     union = _union(grid)
     print(f"\n(a) reading {n} tiles of {tile} px every {stride} px, {w} x {h} px slide")
@@ -145,6 +147,9 @@ def part_a(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None
     print("| --- | --- | --- |")
     print(f"| per tile (`SlideTiles`) | {n / t['per-tile']:.1f} | {n * tile * tile / union:.2f} |")
     print(f"| blocks (`TileBatches`) | {n / t['blocks']:.1f} | {stats['pixels'] / union:.2f} |")
+    print(
+        f"| blocks, 2 decoding threads | {n / t['blocks-2']:.1f} | {stats['pixels'] / union:.2f} |"
+    )
     print(f"ratio blocks / per tile: **{t['per-tile'] / t['blocks']:.2f}x** (target >= 3)")
 
 
