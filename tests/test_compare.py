@@ -15,6 +15,7 @@ from torch import nn
 
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.compare import (
+    Table,
     analyse,
     cam_agreement,
     cam_maps,
@@ -24,6 +25,7 @@ from captum_nmf.compare import (
     surrogate_report,
     weight_correlation,
 )
+from captum_nmf.compare import tables as compare_tables
 from captum_nmf.exceptions import CamScaleWarning, NotFittedError
 
 # ----------------------------------------------------------------------- CAMs
@@ -208,6 +210,41 @@ def test_cam_agreement_by_hand() -> None:
     empty = cam_agreement(np.zeros((1, 1, 2, 2)), np.full((1, 1, 2, 2), -1.0), [0])
     assert np.isnan(empty.iou[0, 0])  # both regions empty: undefined, not 1 or 0
     assert np.isnan(empty.correlation[0, 0])
+
+
+def test_cam_agreement_keeps_label_values_as_data() -> None:
+    """Any integer labels, negative ones included, key the statistics and the table."""
+    maps = np.array([[[[1.0, 0.0], [0.0, 0.0]]]] * 3)  # 3 tiles, K = 1
+    cam = np.array([[[1.0, -1.0], [-1.0, -1.0]], [[1.0, 1.0], [-1.0, -1.0]]] * 2)[:3]
+    res = cam_agreement(maps, cam, [7, -2, 7])
+    assert list(res.by_label) == [-2, 7]
+    np.testing.assert_allclose(res.by_label[7]["iou_mean"], [1.0])  # tiles 0 and 2
+    np.testing.assert_allclose(res.by_label[-2]["iou_mean"], [1 / 2])
+    assert res.summary["label -2"] is res.by_label[-2]
+    assert res.table.columns[2:] == [
+        "corr. with GradCAM (label -2, 1 tiles)",
+        "corr. with GradCAM (label 7, 2 tiles)",
+    ]
+    assert res.table.rows == [["concept 0", "0.833 ± 0.236", "0.577 ± 0.000", "1.000 ± 0.000"]]
+
+
+def test_tables_render_numbers_and_text() -> None:
+    table = Table(["a", "b"], [["x", 0.5], ["y", float("nan")]], "T <1>")
+    assert table.to_markdown().splitlines() == [
+        "**T <1>**",
+        "",
+        "| a | b |",
+        "| --- | --- |",
+        "| x | 0.500 |",
+        "| y | nan |",
+    ]
+    assert table.to_csv() == "a,b\nx,0.5\ny,nan\n"
+    assert table.to_dict()["rows"] == [["x", 0.5], ["y", None]]
+    assert "<caption>T &lt;1&gt;</caption>" in table.to_html()
+    assert compare_tables.similarity_table(np.eye(2)).rows == [
+        ["concept 0", 1.0, 0.0],
+        ["concept 1", 0.0, 1.0],
+    ]
 
 
 def test_cam_agreement_refuses_mismatches_and_warns_on_scaled_cams() -> None:

@@ -6,7 +6,9 @@
 * :func:`cam_maps` (GradCAM, GradCAM++, HiResCAM, signed, at the concepts'
   layer) and :func:`cam_agreement` (Table 2);
 * :func:`analyse` runs all three on tiles; :func:`sample_tiles` draws a
-  reproducible sample from tiles, tile datasets or slide explanations.
+  reproducible sample from tiles, tile datasets or slide explanations;
+* :class:`Table` (:mod:`captum_nmf.compare.tables`) lays the numbers out as
+  markdown, HTML, CSV or a dict.
 
 Only the core (torch, Captum, scikit-learn) is needed; pytorch-grad-cam
 (extra ``cam``) is used by the tests to cross-check GradCAM++.
@@ -21,13 +23,13 @@ from captum_nmf.compare.metrics import (
     ConceptCorrelation,
     ConceptSimilarity,
     SurrogateReport,
-    Table,
     cam_agreement,
     concept_similarity,
     surrogate_features,
     surrogate_report,
     weight_correlation,
 )
+from captum_nmf.compare.tables import Table
 
 __all__ = [
     "CAM_METHODS",

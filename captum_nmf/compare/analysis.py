@@ -25,12 +25,12 @@ from captum_nmf.compare.metrics import (
     ConceptSimilarity,
     SurrogateFeature,
     SurrogateReport,
-    Table,
     cam_agreement,
     concept_similarity,
     surrogate_report,
     weight_correlation,
 )
+from captum_nmf.compare.tables import Table
 from captum_nmf.io import atomic_write_all
 
 __all__ = ["AnalysisResult", "TileSample", "analyse", "sample_tiles"]

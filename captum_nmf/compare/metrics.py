@@ -2,15 +2,12 @@
 
 Every function takes plain arrays or tensors (concept maps N x K x h x w,
 predictions, CAM maps N x h x w), returns a small result object holding the
-numbers as arrays and a printable :class:`Table` (markdown, CSV, dict).
+numbers as arrays and a printable :class:`~captum_nmf.compare.tables.Table` laid out by
+:mod:`captum_nmf.compare.tables`.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +21,13 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from captum_nmf.compare.tables import (
+    Table,
+    agreement_table,
+    correlation_table,
+    similarity_table,
+    surrogate_table,
+)
 from captum_nmf.exceptions import CamScaleWarning
 
 __all__ = [
@@ -67,80 +71,10 @@ def _maps(maps: Any) -> Array:
     return arr
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class Table:
-    """A small table with named columns: markdown, CSV and dict views.
-
-    Attributes:
-        columns (list[str]): column names.
-        rows (list[list]): rows of values (numbers or text).
-        title (str): a caption.
-    """
-
-    columns: list[str]
-    rows: list[list[Any]]
-    title: str = ""
-
-    def to_markdown(self) -> str:
-        """The table as GitHub-flavoured markdown (numbers to 3 decimals)."""
-        lines = [f"**{self.title}**", ""] if self.title else []
-        lines.append("| " + " | ".join(self.columns) + " |")
-        lines.append("|" + "|".join(" --- " for _ in self.columns) + "|")
-        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-    def to_html(self) -> str:
-        """The table as an HTML ``<table>`` (numbers to 3 decimals, text escaped)."""
-        cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-            for row in self.rows
-        )
-        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
-        return f"<table>{caption}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
-
-    def to_csv(self) -> str:
-        """The table as CSV text (full precision)."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(self.columns)
-        writer.writerows(self.rows)
-        return buffer.getvalue()
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"title", "columns", "rows"}`` with JSON-compatible values (NaN as None)."""
-
-        def clean(v: Any) -> Any:
-            if isinstance(v, (float, np.floating)):
-                return None if math.isnan(float(v)) else float(v)
-            if isinstance(v, np.integer):
-                return int(v)
-            return v
-
-        return {
-            "title": self.title,
-            "columns": list(self.columns),
-            "rows": [[clean(v) for v in row] for row in self.rows],
-        }
-
-    def __str__(self) -> str:
-        return self.to_markdown()
-
-
 def _centred(x: Array) -> tuple[Array, Array]:
     """Each row minus its mean over the last axis, and the centred rows' norms (Pearson's parts)."""
     centred = x - x.mean(axis=-1, keepdims=True)
     return centred, np.sqrt((centred**2).sum(axis=-1))
-
-
-def _pm(mean: float, std: float) -> str:
-    return "nan" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
 
 
 # ------------------------------------------------------------------ structure
@@ -173,14 +107,7 @@ def concept_similarity(concepts: Any) -> ConceptSimilarity:
         raise ValueError("a concept vector has norm 0; its cosine similarity is undefined.")
     unit = h / norms[:, None]
     matrix = unit @ unit.T
-    k = h.shape[0]
-    rows = [[f"concept {i}", *(float(matrix[i, j]) for j in range(k))] for i in range(k)]
-    table = Table(
-        ["", *(f"concept {j}" for j in range(k))],
-        rows,
-        "Cosine similarity of concept vectors",
-    )
-    return ConceptSimilarity(matrix, table)
+    return ConceptSimilarity(matrix, similarity_table(matrix))
 
 
 @dataclass(frozen=True)
@@ -231,12 +158,7 @@ def weight_correlation(maps: Any) -> ConceptCorrelation:
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(per_tile, axis=0)
         std = np.nanstd(per_tile, axis=0)
-    rows = [[f"concept {i}", *(_pm(mean[i, j], std[i, j]) for j in range(k))] for i in range(k)]
-    table = Table(
-        ["", *(f"concept {j}" for j in range(k))],
-        rows,
-        f"Correlation of concept weights within tiles (mean ± std over {n} tiles)",
-    )
+    table = correlation_table(mean, std, n)
     return ConceptCorrelation(mean, std, count.astype(np.int64), per_tile, table)
 
 
@@ -364,7 +286,7 @@ def surrogate_report(
                     too few tiles or groups to split, or a bad ``feature``.
     """
     x = surrogate_features(maps, feature)
-    n, k = x.shape
+    n = x.shape[0]
     y = _labels(predictions, n)
     if len(np.unique(y)) < 2:
         raise ValueError(
@@ -405,14 +327,13 @@ def surrogate_report(
         "roc_auc": float(roc_auc_score(y[test], proba)) if both else float("nan"),
     }
     coefficients = clf.coef_[0].astype(np.float64)
-    rows: list[list[Any]] = [[f"concept {j}", float(coefficients[j])] for j in range(k)]
-    rows += [[name, value] for name, value in metrics.items()]
-    table = Table(
-        ["term", "value"],
-        rows,
-        f"Surrogate logistic regression on per-tile concept '{feature}' "
-        f"({len(train)} train / {len(test)} held-out tiles"
-        + (", split by group)" if groups is not None else ")"),
+    table = surrogate_table(
+        coefficients,
+        metrics,
+        feature=feature,
+        n_train=len(train),
+        n_test=len(test),
+        grouped=groups is not None,
     )
     return SurrogateReport(
         feature,
@@ -437,10 +358,12 @@ class CamAgreement:
         correlation (ndarray): N x K Pearson correlation over each tile's
                     locations (NaN where either map is constant).
         labels (ndarray): the predicted label of each tile.
-        summary (dict): per label value (and ``"all"``), K means and stds of
-                    IoU and correlation.
+        summary (dict): ``"all"`` and ``"label <v>"`` for each predicted label
+                    ``v``: K means and stds of IoU and correlation.
         table (Table): the paper's Table 2 layout.
         name (str): what the concepts were compared with.
+        by_label (dict[int, dict]): the same statistics keyed by the label value
+                    itself (sorted), for code that needs the labels as numbers.
     """
 
     iou: Array
@@ -449,6 +372,7 @@ class CamAgreement:
     summary: dict[str, dict[str, Array]] = field(repr=False)
     table: Table = field(repr=False)
     name: str = "cam"
+    by_label: dict[int, dict[str, Array]] = field(default_factory=dict, repr=False)
 
 
 def _stats(values: Array) -> tuple[Array, Array]:
@@ -526,28 +450,21 @@ def cam_agreement(
         xc, norm_c = _centred(c.reshape(n, 1, -1))
         corr = (xm * xc).sum(axis=2) / (norm_m * norm_c)
     corr[~np.isfinite(corr)] = np.nan
-    summary: dict[str, dict[str, Array]] = {}
-    groups: list[tuple[str, NDArray[np.bool_]]] = [("all", np.ones(n, bool))]
-    groups += [(f"label {v}", labels == v) for v in np.unique(labels)]
-    for key, sel in groups:
+    iou_m, iou_s = _stats(iou)
+    cor_m, cor_s = _stats(corr)
+    overall = {"iou_mean": iou_m, "iou_std": iou_s, "corr_mean": cor_m, "corr_std": cor_s}
+    by_label: dict[int, dict[str, Array]] = {}
+    for value in np.unique(labels).tolist():
+        sel = labels == value
         iou_m, iou_s = _stats(iou[sel])
         cor_m, cor_s = _stats(corr[sel])
-        summary[key] = {"iou_mean": iou_m, "iou_std": iou_s, "corr_mean": cor_m, "corr_std": cor_s}
-    label_keys = [key for key, _ in groups[1:]]
-    columns = ["concept", f"IoU with {name} > 0"]
-    columns += [
-        f"corr. with {name} ({key}, {int((labels == int(key.split()[1])).sum())} tiles)"
-        for key in label_keys
-    ]
-    rows = []
-    for j in range(k):
-        row: list[Any] = [
-            f"concept {j}",
-            _pm(summary["all"]["iou_mean"][j], summary["all"]["iou_std"][j]),
-        ]
-        row += [
-            _pm(summary[key]["corr_mean"][j], summary[key]["corr_std"][j]) for key in label_keys
-        ]
-        rows.append(row)
-    table = Table(columns, rows, f"Agreement of concepts with {name} (mean ± std over tiles)")
-    return CamAgreement(iou, corr, labels, summary, table, name)
+        by_label[value] = {
+            "iou_mean": iou_m,
+            "iou_std": iou_s,
+            "corr_mean": cor_m,
+            "corr_std": cor_s,
+        }
+    summary = {"all": overall, **{f"label {v}": stats for v, stats in by_label.items()}}
+    counts = [(v, int((labels == v).sum()), stats) for v, stats in by_label.items()]
+    table = agreement_table(overall, counts, name)
+    return CamAgreement(iou, corr, labels, summary, table, name, by_label)

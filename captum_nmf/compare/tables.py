@@ -1,0 +1,191 @@
+"""Presentation of the analyses: the :class:`Table` type and the tables of Fig. 4 and Tables 1-2.
+
+The numbers live in :mod:`captum_nmf.compare.metrics` as arrays; this module only lays them
+out (rows, captions, "mean ± std" text) and renders them as markdown, HTML, CSV or a dict.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "Table",
+    "agreement_table",
+    "correlation_table",
+    "similarity_table",
+    "surrogate_table",
+]
+
+Array = NDArray[np.float64]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def _pm(mean: float, std: float) -> str:
+    return "nan" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A small table with named columns: markdown, HTML, CSV and dict views.
+
+    Attributes:
+        columns (list[str]): column names.
+        rows (list[list]): rows of values (numbers or text).
+        title (str): a caption.
+    """
+
+    columns: list[str]
+    rows: list[list[Any]]
+    title: str = ""
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured markdown (numbers to 3 decimals)."""
+        lines = [f"**{self.title}**", ""] if self.title else []
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "|".join(" --- " for _ in self.columns) + "|")
+        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        """The table as an HTML ``<table>`` (numbers to 3 decimals, text escaped)."""
+        cells = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+            for row in self.rows
+        )
+        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return f"<table>{caption}<thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+    def to_csv(self) -> str:
+        """The table as CSV text (full precision)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"title", "columns", "rows"}`` with JSON-compatible values (NaN as None)."""
+
+        def clean(v: Any) -> Any:
+            if isinstance(v, (float, np.floating)):
+                return None if math.isnan(float(v)) else float(v)
+            if isinstance(v, np.integer):
+                return int(v)
+            return v
+
+        return {
+            "title": self.title,
+            "columns": list(self.columns),
+            "rows": [[clean(v) for v in row] for row in self.rows],
+        }
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _concept_columns(k: int) -> list[str]:
+    return ["", *(f"concept {j}" for j in range(k))]
+
+
+def similarity_table(matrix: Array) -> Table:
+    """Fig. 4, left: the K x K cosine similarities of the concept vectors.
+
+    Args:
+        matrix (ndarray): K x K similarities.
+
+    Returns:
+        *Table*: one row per concept.
+    """
+    k = matrix.shape[0]
+    rows = [[f"concept {i}", *(float(matrix[i, j]) for j in range(k))] for i in range(k)]
+    return Table(_concept_columns(k), rows, "Cosine similarity of concept vectors")
+
+
+def correlation_table(mean: Array, std: Array, n_tiles: int) -> Table:
+    """Fig. 4, right: "mean ± std" of the within-tile weight correlations per pair.
+
+    Args:
+        mean (ndarray): K x K mean correlations (NaN where never defined).
+        std (ndarray): K x K standard deviations.
+        n_tiles (int): the tiles the means are over, for the caption.
+
+    Returns:
+        *Table*: one row per concept.
+    """
+    k = mean.shape[0]
+    rows = [[f"concept {i}", *(_pm(mean[i, j], std[i, j]) for j in range(k))] for i in range(k)]
+    title = f"Correlation of concept weights within tiles (mean ± std over {n_tiles} tiles)"
+    return Table(_concept_columns(k), rows, title)
+
+
+def surrogate_table(
+    coefficients: Array,
+    metrics: Mapping[str, float],
+    *,
+    feature: str,
+    n_train: int,
+    n_test: int,
+    grouped: bool,
+) -> Table:
+    """Table 1: the surrogate's standardised coefficients, then its held-out metrics.
+
+    Args:
+        coefficients (ndarray): K coefficients.
+        metrics (Mapping[str, float]): metric name to value.
+        feature (str): the per-tile concept feature, for the caption.
+        n_train (int): training tiles, for the caption.
+        n_test (int): held-out tiles, for the caption.
+        grouped (bool): whether the split was by group, for the caption.
+
+    Returns:
+        *Table*: columns ``term`` and ``value``.
+    """
+    rows: list[list[Any]] = [[f"concept {j}", float(c)] for j, c in enumerate(coefficients)]
+    rows += [[name, value] for name, value in metrics.items()]
+    split = ", split by group)" if grouped else ")"
+    title = (
+        f"Surrogate logistic regression on per-tile concept '{feature}' "
+        f"({n_train} train / {n_test} held-out tiles{split}"
+    )
+    return Table(["term", "value"], rows, title)
+
+
+def agreement_table(
+    overall: Mapping[str, Array],
+    by_label: Sequence[tuple[int, int, Mapping[str, Array]]],
+    name: str,
+) -> Table:
+    """Table 2: IoU with the map's positive region, and correlation per predicted label.
+
+    Args:
+        overall (Mapping[str, ndarray]): ``iou_mean``/``iou_std`` (K each) over all tiles.
+        by_label (Sequence[tuple[int, int, Mapping]]): per predicted label, its value, its
+                    number of tiles and its ``corr_mean``/``corr_std`` (K each).
+        name (str): what the concepts were compared with.
+
+    Returns:
+        *Table*: one row per concept.
+    """
+    columns = ["concept", f"IoU with {name} > 0"]
+    columns += [f"corr. with {name} (label {v}, {count} tiles)" for v, count, _ in by_label]
+    rows = []
+    for j in range(len(overall["iou_mean"])):
+        row: list[Any] = [f"concept {j}", _pm(overall["iou_mean"][j], overall["iou_std"][j])]
+        row += [_pm(stats["corr_mean"][j], stats["corr_std"][j]) for _, _, stats in by_label]
+        rows.append(row)
+    return Table(columns, rows, f"Agreement of concepts with {name} (mean ± std over tiles)")
