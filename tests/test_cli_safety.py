@@ -128,7 +128,7 @@ def test_bad_concept_files_fail_before_out_exists(
     with pytest.warns(LayerNameMismatchWarning, match="fitted on layer 'relu'"):
         code, _, err = _run(other, capsys)
     assert code == 1
-    assert "expect 4 channels but layer 'pool' produces 3" in err
+    assert "expect 4 channels from layer 'relu' but layer 'pool' produced 3" in err
     assert not out.exists()
     assert _run(_explain(setup, out), capsys)[0] == 0  # the corrected rerun just works
 

@@ -185,7 +185,8 @@ def test_concepts_of_another_layer_fail_before_out_dir_exists(
             pool_attr.save(tmp_path / "c.safetensors"), net, net.pool
         )
     out = tmp_path / "run"
-    with pytest.raises(ConceptModelMismatchError, match="expect 4 channels but layer 'pool' .* 3"):
+    expected = "expect 4 channels from layer 'relu' but layer 'pool' produced 3"
+    with pytest.raises(ConceptModelMismatchError, match=expected):
         _explain(other, he_slide, out_dir=out)
     assert not out.exists()
     _explain(pool_attr, he_slide, out_dir=out)  # the corrected rerun just works

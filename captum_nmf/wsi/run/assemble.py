@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf.exceptions import ConceptModelMismatchError, RunStateError
+from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.run.plan import Plan
 from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand, cell_coverage
@@ -60,12 +60,8 @@ class Assembler:
         self.failed.extend(int(i) for i in failed)
         if act.shape[0] == 0:
             return
-        n, c = int(act.shape[0]), int(act.shape[1])
-        if c != self.attr.n_channels_in_:
-            raise ConceptModelMismatchError(
-                f"The concepts expect {self.attr.n_channels_in_} channels but the layer "
-                f"produced {c}; use concepts fitted on this layer."
-            )
+        n = int(act.shape[0])
+        self.attr.check_channels(int(act.shape[1]))
         keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
         self.keep_outputs(int(output[:1].numel()) if keep else 0)
         if self.n_outputs and self.outputs is not None:

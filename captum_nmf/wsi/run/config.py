@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.activations import check_device_options, models_of
+from captum_nmf._utils.activations import check_device_options
+from captum_nmf._utils.activations import model_device as _device_of
+from captum_nmf._utils.validation import check_int
 from captum_nmf._version import __version__
 from captum_nmf.wsi.tiling import TileErrorPolicy, TileGrid
 
@@ -27,40 +29,18 @@ __all__ = [
 ]
 
 
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return value
-
-
 def model_fingerprint(attr: NMFConceptAttribution) -> str:
-    """SHA-256 of the model's parameters and buffers, the layer and the concepts.
+    """SHA-256 of the model's weights, the layer and the concepts (cached by ``attr``).
 
     Returns:
         *str*: hex digest.
     """
-    digest = hashlib.sha256()
-    for root in models_of(attr.forward_func, attr.layer):
-        for name, tensor in root.state_dict().items():
-            t = tensor.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
-    digest.update(f"layer={attr.layer_name_}|".encode())
-    concepts = attr.concepts_.detach().to("cpu", torch.float32).contiguous()
-    digest.update(concepts.numpy().tobytes())
-    return digest.hexdigest()
+    return attr.model_fingerprint()
 
 
 def model_device(attr: NMFConceptAttribution) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a parameter-free model."""
-    for root in models_of(attr.forward_func, attr.layer):
-        for param in root.parameters():
-            return param.device
-        for buffer in root.buffers():
-            return buffer.device
-    return torch.device("cpu")
+    """The device of the model's first parameter or buffer; the CPU for a parameter-free model."""
+    return _device_of(attr.forward_func, attr.layer) or torch.device("cpu")
 
 
 def check_run_options(
@@ -83,16 +63,16 @@ def check_run_options(
         TypeError: a non-int count, or a bad ``autocast``/``channels_last``.
         ValueError: a value out of range or an unknown ``mode``/``on_tile_error``.
     """
-    _int_arg("border", border, 0)
+    check_int("border", border, minimum=0)
     if mode not in ("tile", "region"):
         raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
     if mode == "region":
-        _int_arg("region_size", region_size, 1)
-        _int_arg("region_margin", region_margin, 1)
-    _int_arg("batch_size", batch_size, 1)
-    _int_arg("num_workers", num_workers, 0)
+        check_int("region_size", region_size, minimum=1)
+        check_int("region_margin", region_margin, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("num_workers", num_workers, minimum=0)
     check_device_options(autocast, channels_last, device_type=model_device(attr).type)
-    _int_arg("chunk_tiles", chunk_tiles, 1)
+    check_int("chunk_tiles", chunk_tiles, minimum=1)
     if on_tile_error not in ("raise", "skip"):
         raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
 

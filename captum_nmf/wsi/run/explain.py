@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf.exceptions import NotFittedError, NoTissueError, RunStateError
+from captum_nmf.exceptions import NoTissueError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
 from captum_nmf.wsi.run.config import RunOptions, check_run_options, config_hash, run_config
@@ -184,11 +184,7 @@ def explain_slide(
                     have, or tile and stride that do not fit the layer's cells.
         TypeError: a non-int size, level or count.
     """
-    if not hasattr(attr, "concepts_"):
-        raise NotFittedError(
-            "This NMFConceptAttribution instance is not fitted yet. Call 'fit' or "
-            "'NMFConceptAttribution.load' before 'explain_slide'."
-        )
+    attr.check_fitted("explain_slide")
     check_run_options(
         attr,
         border=border,

@@ -15,7 +15,7 @@ import torch
 from numpy.typing import NDArray
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
-from captum_nmf.exceptions import ConceptModelMismatchError, EmptyTileGridWarning, NoTissueError
+from captum_nmf.exceptions import EmptyTileGridWarning, NoTissueError
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from captum_nmf.wsi.run.config import RunOptions, model_device
@@ -198,12 +198,7 @@ def _probe(
     if act.ndim != 4:
         raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
     c, h, w = (int(v) for v in act.shape[1:])
-    if c != attr.n_channels_in_:
-        raise ConceptModelMismatchError(
-            f"The concepts expect {attr.n_channels_in_} channels but layer "
-            f"{attr._layer_name or attr.layer_name_!r} produces {c}; load concepts fitted on "
-            "this layer."
-        )
+    attr.check_channels(c)
     if h == 0 or w == 0 or side % h or side % w or side // h != side // w:
         if mode == "tile":
             raise ValueError(
