@@ -98,7 +98,8 @@ def test_tiles_past_the_grid_are_clipped() -> None:
         (lambda: FeatureStitcher((0, 4), 1), ValueError, "grid_shape must be two positive ints"),
         (lambda: FeatureStitcher((4, 4), 0), ValueError, "n_channels must be >= 1"),
         (lambda: FeatureStitcher((4, 4), 1.0), TypeError, "n_channels must be an int"),  # type: ignore[arg-type]
-        (lambda: FeatureStitcher((4, 4), 1, border=-1), ValueError, "border must be an int >= 0"),
+        (lambda: FeatureStitcher((4, 4), 1, border=-1), ValueError, "border must be >= 0, got -1"),
+        (lambda: FeatureStitcher((4, 4), 1, border=1.5), TypeError, "border must be an int >= 0"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_stitcher_arguments(call: object, error: type[Exception], match: str) -> None:

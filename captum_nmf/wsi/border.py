@@ -24,7 +24,8 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.activations import capture, layer_name, models_of
+from captum_nmf._utils.activations import capture, layer_name, model_device
+from captum_nmf._utils.validation import check_int
 
 __all__ = ["BorderEffect", "border_effect"]
 
@@ -113,18 +114,11 @@ class BorderEffect:
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
+    return check_int(name, value, minimum=minimum)
 
 
 def _device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device:
-    for root in models_of(forward_func, layer):
-        for tensor in (*root.parameters(), *root.buffers()):
-            return tensor.device
-    return torch.device("cpu")
+    return model_device(forward_func, layer) or torch.device("cpu")
 
 
 def border_effect(

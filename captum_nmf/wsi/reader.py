@@ -44,6 +44,7 @@ from openslide import ImageSlide, OpenSlide, OpenSlideError
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import (
     LargeThumbnailWarning,
     SlideError,
@@ -585,8 +586,7 @@ class Slide:
             SlideReadError: the pixels cannot be read and ``on_tile_error="raise"``.
         """
         osr = self._osr()
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"max_size must be an int >= 1, got {max_size!r}.")
+        check_int("max_size", max_size, minimum=1)
         if on_tile_error not in ("raise", "skip"):
             raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
         w, h = self.dimensions

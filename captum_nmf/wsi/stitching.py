@@ -26,11 +26,12 @@ where only tiles' corners reach it (the slide's corners), those corners.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+
+from captum_nmf._utils.validation import check_int
 
 __all__ = ["FeatureStitcher", "StitchedBand", "cell_coverage"]
 
@@ -38,11 +39,7 @@ NO_TILE = 3  # cell_coverage of a cell that no tile reaches
 
 
 def _int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
+    return check_int(name, value, minimum=minimum)
 
 
 def _pair(name: str, value: object) -> tuple[int, int]:
@@ -200,12 +197,8 @@ class FeatureStitcher:
         hc, wc = (int(v) for v in grid_shape)
         if hc < 1 or wc < 1:
             raise ValueError(f"grid_shape must be two positive ints, got {grid_shape!r}.")
-        if isinstance(n_channels, bool) or not isinstance(n_channels, numbers.Integral):
-            raise TypeError(f"n_channels must be an int, got {n_channels!r}.")
-        if n_channels < 1:
-            raise ValueError(f"n_channels must be >= 1, got {n_channels}.")
-        if isinstance(border, bool) or not isinstance(border, numbers.Integral) or border < 0:
-            raise ValueError(f"border must be an int >= 0 (cells), got {border!r}.")
+        check_int("n_channels", n_channels, minimum=1)
+        check_int("border", border, minimum=0)
         if coverage is not None:
             if not isinstance(coverage, np.ndarray) or coverage.dtype != np.uint8:
                 kind = (
