@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from captum_nmf import cli
+from captum_nmf.cli import commands as cli_commands
 from captum_nmf.wsi import SlideExplanation, write_pyramid
 from tests.helpers.synthetic_slides import CMU, he_image
 
@@ -125,7 +126,7 @@ def test_fit_explain_export_analyse(
             "has no callable 'no_such_net'",
         ),
         (
-            ["fit", *MODEL[:2], "--layer", "head", "--out", "c.safetensors", str(CMU)],
+            ["fit", *MODEL[:2], "--layer", "head", *MODEL[4:], "--out", "c.safetensors", str(CMU)],
             "--layer 'head' is not a submodule of the model",
         ),
         (["export", "missing_dir", "--out", "x"], "file not found"),
@@ -220,7 +221,7 @@ def test_interrupt_exits_130(
     def interrupted(_: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli._COMMANDS, "info", interrupted)
+    monkeypatch.setitem(cli_commands.COMMANDS, "info", interrupted)
     code, _, err = _run(["info", str(CMU)], capsys)
     assert code == 130
     assert "--resume" in err

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from captum_nmf import cli
 from captum_nmf import export as export_module
+from captum_nmf.cli.parser import build_parser
 from captum_nmf.exceptions import LayerNameMismatchWarning
 from captum_nmf.io import content_digest
 from captum_nmf.wsi import SlideExplanation, write_pyramid
@@ -215,7 +216,7 @@ def test_messages_use_flag_spellings() -> None:
         "use mode='tile'.": "use --mode tile.",
         "out_dir runs/c holds": "--out runs/c holds",
     }
-    known = _flags(cli._parser())
+    known = _flags(build_parser())
     for message, expected in cases.items():
         shown = cli.flag_spelling(message)
         assert shown == expected

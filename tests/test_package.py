@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -15,6 +16,12 @@ import captum_nmf
 PACKAGE = Path(captum_nmf.__file__).parent
 ROOT = PACKAGE.parent
 
+# Modules kept at their old paths for users, tutorials and benchmarks: each only re-exports.
+REEXPORTS = {
+    "captum_nmf.data": "captum_nmf.demo.data",
+    "captum_nmf.zoo": "captum_nmf.demo.zoo",
+    "captum_nmf.tumour": "captum_nmf.demo.detector",
+}
 # Layers, lowest first: a module may import its own layer and the layers below it, never
 # one above. Data flows one way: slide -> tiles -> activations -> stitched features ->
 # NNLS -> maps -> figures/exports; applications sit on top and nothing imports them.
@@ -26,20 +33,11 @@ LAYERS = (
     ("solver", ("captum_nmf._core.nmf",)),
     ("engines", ("captum_nmf.engines",)),  # ways of running a fit: need the solver only
     ("core", ("captum_nmf._core",)),  # the estimator, its rows and persistence
-    ("data", ("captum_nmf.data",)),
     ("wsi", ("captum_nmf.wsi",)),
     ("compare", ("captum_nmf.compare",)),
     ("top", ("captum_nmf.viz", "captum_nmf.export", "captum_nmf")),  # figures, exports
-    (
-        "app",
-        (
-            "captum_nmf.demo",
-            "captum_nmf.cli",
-            "captum_nmf.zoo",
-            "captum_nmf.tumour",
-            "captum_nmf.quickstart",
-        ),
-    ),
+    # Applications: the two packages, and the old paths of their modules (re-exports).
+    ("app", ("captum_nmf.demo", "captum_nmf.cli", *REEXPORTS)),
 )
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 # Ray plumbing stays in the engines: the core names engines only through the package.
@@ -90,6 +88,40 @@ def test_layers_import_only_downwards() -> None:
     assert not violations, violations
 
 
+def test_nothing_in_the_library_imports_the_applications() -> None:
+    offenders = [
+        f"{module} imports {imported}"
+        for module, path in _modules()
+        if _layer(module) != "app"
+        for imported in _imports(path)
+        if imported.startswith("captum_nmf") and _layer(imported) == "app"
+    ]
+    assert not offenders, offenders
+    assert {m.split(".")[1] for m, _ in _modules() if _layer(m) == "app"} == {
+        "cli",
+        "demo",
+        "data",
+        "zoo",
+        "tumour",
+    }
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(REEXPORTS.items()))
+def test_old_paths_only_re_export(old: str, new: str) -> None:
+    """A docstring, one import from the new module and ``__all__``: no code of their own."""
+    module = importlib.import_module(old)
+    path = Path(module.__file__ or "")
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    assert isinstance(body[0], ast.Expr)  # the one-line docstring
+    assert len((module.__doc__ or "").strip().splitlines()) == 1
+    imports = [node for node in body[1:] if not isinstance(node, ast.Assign)]
+    assert [(type(n), getattr(n, "module", None)) for n in imports] == [(ast.ImportFrom, new)]
+    target = importlib.import_module(new)
+    assert module.__all__
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(target, name)
+
+
 def test_the_core_does_not_import_ray_plumbing() -> None:
     offenders = [
         f"{module} imports {imported}"
@@ -107,6 +139,9 @@ def test_layer_map_sorts_the_modules_that_matter() -> None:
     assert _layer("captum_nmf.engines.local") == "engines"
     assert _layer("captum_nmf.wsi.cohort") == "wsi"
     assert _layer("captum_nmf.cli") == "app"
+    assert _layer("captum_nmf.cli.commands") == "app"
+    assert _layer("captum_nmf.demo.zoo") == "app"
+    assert _layer("captum_nmf.data") == "app"
     assert RANK["engines"] < RANK["core"] < RANK["wsi"] < RANK["top"] < RANK["app"]
 
 
@@ -165,7 +200,7 @@ def test_zoo_needs_demo_extra_message() -> None:
     code = """
 import sys
 sys.modules["efficientnet_lite_pytorch"] = None
-from captum_nmf.zoo import efficientnet_lite0
+from captum_nmf.demo.zoo import efficientnet_lite0
 try:
     efficientnet_lite0()
 except ImportError as exc:

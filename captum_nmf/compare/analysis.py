@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
 from captum_nmf.compare.cams import CAM_METHODS, CamMethod, cam_maps
 from captum_nmf.compare.metrics import (
@@ -268,7 +269,8 @@ def analyse(
         attr (NMFConceptAttribution): fitted concepts; its model and layer are used.
         data (Tensor or Dataset): N x 3 x H x W tiles, or a map-style Dataset
                     of tiles (e.g. :class:`captum_nmf.wsi.SlideTiles`: the
-                    slide becomes the group of the surrogate's split).
+                    slide becomes the group of the surrogate's split). Each batch
+                    is moved to the model's device.
         target (int, optional): the output explained by the CAMs (the positive class).
                     Default: 1
         cam_methods (sequence of str, optional): any of ``"gradcam"``,
@@ -304,11 +306,12 @@ def analyse(
     if sample.inputs is None:
         raise TypeError("analyse needs tiles (a tensor or a Dataset), not slide explanations.")
     x_all = sample.inputs
+    device = acts.model_device(attr.forward_func, attr.layer) or x_all.device
     maps, outputs = [], []
     cams: dict[str, list[Tensor]] = {m: [] for m in cam_methods}
     starts = range(0, x_all.shape[0], batch_size)
     for start in tqdm(starts, disable=not progress, desc="analyse", unit="batch"):
-        x = x_all[start : start + batch_size]
+        x = x_all[start : start + batch_size].to(device)  # tiles are read on the CPU
         maps.append(attr.attribute(x).detach().cpu())
         _, out = attr.features(x, return_output=True)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:

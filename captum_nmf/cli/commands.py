@@ -1,0 +1,275 @@
+"""The six commands of ``captum-nmf``: each takes the parsed arguments and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from captum_nmf.cli.errors import CLIError
+from captum_nmf.cli.models import load_model, normalisation, resolve_device, resolve_layer
+
+__all__ = ["COMMANDS"]
+
+
+# ------------------------------------------------------------------ shared by fit/explain/analyse
+def _looks_like_address(value: str) -> bool:
+    return value == "auto" or (":" in value and not Path(value).exists())
+
+
+def _slides_and_ray(args: argparse.Namespace) -> None:
+    """'--ray a.svs b.svs': the value argparse gave --ray is a slide, not an address."""
+    if args.ray and not _looks_like_address(args.ray):
+        args.slide.insert(0, args.ray)
+        args.ray = ""
+    if not args.slide:
+        raise CLIError(f"{args.command} needs at least one slide.")
+    if args.workers is not None and args.ray is None:
+        raise CLIError("--workers needs --ray (the local engine runs in this process).")
+
+
+def _device(args: argparse.Namespace) -> torch.device | None:
+    """The ``--device`` the model moves to; None with ``--ray`` (each actor picks its own)."""
+    if getattr(args, "ray", None) is not None:
+        if args.device != "auto":
+            raise CLIError(
+                f"--device {args.device} applies to runs in this process; with --ray each actor "
+                "uses the GPU Ray gives it, or the CPU. Leave --device at auto."
+            )
+        return None
+    return resolve_device(args.device)
+
+
+def _model(args: argparse.Namespace, device: torch.device | None) -> tuple[nn.Module, nn.Module]:
+    """The ``--model`` with its ``--weights``, moved once to ``device``, and its ``--layer``."""
+    model = load_model(args.model, args.weights)
+    layer = resolve_layer(model, args.layer)
+    if device is not None:
+        model.to(device)
+    return model, layer
+
+
+def _slide_tiles(args: argparse.Namespace, paths: list[str]) -> Any:
+    """The tissue tiles of ``paths`` with the command's tiling and normalisation (per tile)."""
+    from captum_nmf.wsi import SlideTiles
+
+    return SlideTiles(
+        paths,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        level=args.level,
+        mpp=args.mpp,
+        min_tissue=args.min_tissue,
+        tissue_mask=None if args.no_tissue_mask else "otsu",
+        slide_mpp=args.slide_mpp,
+        transform=normalisation(args.model, args.normalize),
+    )
+
+
+def _forward_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "autocast": torch.bfloat16 if args.bf16 else None,
+        "channels_last": args.channels_last,
+    }
+
+
+# ------------------------------------------------------------------ commands
+def fit(args: argparse.Namespace) -> int:
+    """``captum-nmf fit``: fit K concepts on the tissue tiles of slides and save them."""
+    from captum_nmf import NMFConceptAttribution
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
+    _slides_and_ray(args)
+    device = _device(args)
+    normalisation(args.model, args.normalize)  # checked before the model loads
+    model, layer = _model(args, device)
+    tiles = _slide_tiles(args, args.slide)
+    attr = NMFConceptAttribution(model, layer, args.k, random_state=args.seed)
+    engine: dict[str, Any] = (
+        {}
+        if args.ray is None
+        else {"engine": "ray", "workers": args.workers, "address": args.ray or None}
+    )
+    attr.fit(
+        tiles,
+        batch_size=args.batch_size,
+        max_locations_per_batch=args.max_locations,
+        n_epochs=args.epochs,
+        progress=not args.no_progress,
+        **engine,
+        **_forward_options(args),
+    )
+    path = attr.save(args.out)
+    print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slide)} slide(s): {path}")
+    return 0
+
+
+def _explain_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``explain_slide`` arguments of the command; the normalisation runs on the device."""
+    return {
+        "tile_size": args.tile_size,
+        "stride": args.stride,
+        "level": args.level,
+        "mpp": args.mpp,
+        "border": args.border,
+        "mode": args.mode,
+        "region_size": args.region_size,
+        "region_margin": args.region_margin,
+        "min_tissue": args.min_tissue,
+        "tissue_mask": None if args.no_tissue_mask else "otsu",
+        "slide_mpp": args.slide_mpp,
+        "batch_transform": normalisation(args.model, args.normalize),
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "on_tile_error": args.on_tile_error,
+        **_forward_options(args),
+    }
+
+
+def explain(args: argparse.Namespace) -> int:
+    """``captum-nmf explain``: concept maps of one slide, or of a cohort (several or --ray)."""
+    from captum_nmf import NMFConceptAttribution
+    from captum_nmf.wsi import explain_cohort, explain_slide
+
+    _slides_and_ray(args)
+    cohort = len(args.slide) > 1 or args.ray is not None
+    if cohort and (args.resume or args.overwrite):
+        raise CLIError(
+            "--resume/--overwrite apply to one slide; a cohort (several slides or --ray) "
+            "always skips finished slides and resumes the others; use a new --out to start over."
+        )
+    device = _device(args)
+    options = _explain_options(args)  # checked before the model loads
+    model, layer = _model(args, device)
+    attr = NMFConceptAttribution.load(args.concepts, model, layer)
+    progress = not args.no_progress
+    if not cohort:
+        out = args.out
+        ex = explain_slide(
+            attr,
+            args.slide[0],
+            out_dir=out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=progress,
+            **options,
+        )
+        print(f"{ex!r} -> {out}")
+        return 0
+    result = explain_cohort(
+        attr,
+        args.slide,
+        args.out,
+        engine="local" if args.ray is None else "ray",
+        workers=args.workers,
+        address=args.ray or None,
+        progress=progress,
+        **options,
+    )
+    print(f"{result!r} -> {Path(args.out) / 'cohort.json'}")
+    for record in result.failed:
+        print(f"  failed: {record.slide}: {record.error}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def analyse(args: argparse.Namespace) -> int:
+    """``captum-nmf analyse``: the paper's analyses on a sample of slide tiles."""
+    from captum_nmf import NMFConceptAttribution
+    from captum_nmf.compare import analyse as run_analyses
+
+    device = _device(args)
+    normalisation(args.model, args.normalize)  # checked before the model loads
+    model, layer = _model(args, device)
+    attr = NMFConceptAttribution.load(args.concepts, model, layer)
+    tiles = _slide_tiles(args, args.slides)
+    result = run_analyses(
+        attr,
+        tiles,
+        target=args.target,
+        n_tiles=args.n_tiles,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    result.save(args.out)
+    print(result.to_markdown())
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """``captum-nmf export``: GeoJSON, overlay TIFFs and a summary of an explained slide."""
+    from captum_nmf.export import export_explanation
+    from captum_nmf.wsi import SlideExplanation
+
+    ex = SlideExplanation.load(args.explanation)  # checks the file's digest: nothing on a mismatch
+    out = export_explanation(ex, args.out, top_n=args.top_n)
+    print(f"wrote GeoJSON, {ex.n_concepts + 1} overlay TIFFs and a summary to {out}")
+    return 0
+
+
+def _slide_info(path: str) -> dict[str, Any]:
+    from captum_nmf.wsi import Slide
+
+    with Slide(path) as slide:
+        mpps = slide.level_mpps()
+        return {
+            "path": str(slide.path),
+            "vendor": slide.vendor,
+            "dimensions": list(slide.dimensions),
+            "mpp": slide.mpp,
+            "levels": [
+                {
+                    "level": i,
+                    "dimensions": list(dims),
+                    "downsample": slide.level_downsamples[i],
+                    "mpp": None if mpps is None else mpps[i],
+                }
+                for i, dims in enumerate(slide.level_dimensions)
+            ],
+            "fingerprint": slide.fingerprint(),
+        }
+
+
+def info(args: argparse.Namespace) -> int:
+    """``captum-nmf info``: a slide's metadata and levels, as text or JSON."""
+    found = _slide_info(args.slide)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    width, height = found["dimensions"]
+    print(f"{found['path']}: {found['vendor']}, {width} x {height} px")
+    print(f"mpp: {found['mpp']}, fingerprint: {found['fingerprint']}")
+    for lv in found["levels"]:
+        mpp = "" if lv["mpp"] is None else f", {lv['mpp']:.4g} um/px"
+        w, h = lv["dimensions"]
+        print(f"  level {lv['level']}: {w} x {h} px, downsample {lv['downsample']:.4g}{mpp}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``captum-nmf demo``: the whole pipeline offline on the packaged H&E."""
+    from captum_nmf.demo.pipeline import run_demo
+
+    report = run_demo(args.out, progress=not args.no_progress)
+    print(f"report: {report}")
+    return 0
+
+
+#: Command name to its function; :func:`captum_nmf.cli.main` dispatches through it.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "fit": fit,
+    "explain": explain,
+    "analyse": analyse,
+    "export": export,
+    "demo": demo,
+    "info": info,
+}

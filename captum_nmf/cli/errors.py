@@ -1,0 +1,50 @@
+"""The command line's one-line errors: :class:`CLIError` and library messages in flag spelling."""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["CLIError", "flag_spelling"]
+
+
+class CLIError(Exception):
+    """A user error the command line reports in one line."""
+
+
+# The library's messages name its Python arguments; on the command line they name the flags.
+_SPELLINGS: tuple[tuple[str, str], ...] = (
+    (r"\bresume=True\b", "--resume"),
+    (r"\bresume=False\b", "no --resume"),
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\bon_tile_error=['\"](skip|raise)['\"]", r"--on-tile-error \1"),
+    (r"\btissue_mask=None\b", "--no-tissue-mask"),
+    (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
+    (r"\bslide_mpp=", "--slide-mpp "),
+    (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
+    (r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size)=(?=\S)", ""),
+    (r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin)\b", ""),
+    (r"\bout_dir\b", "--out"),
+)
+
+
+def _flag(match: re.Match[str]) -> str:
+    text = match.group(0)
+    name = match.group(1) if match.re.groups else text
+    return "--" + name.replace("_", "-") + (" " if text.endswith("=") else "")
+
+
+def flag_spelling(message: str) -> str:
+    """A library message with Python argument spellings replaced by the command's flags.
+
+    ``resume=True`` becomes ``--resume``, ``on_tile_error='skip'`` becomes
+    ``--on-tile-error skip``, ``tile_size=64`` becomes ``--tile-size 64``, and so on.
+
+    Args:
+        message (str): a message of the library.
+
+    Returns:
+        *str*: the message as the command line should show it.
+    """
+    for pattern, flag in _SPELLINGS:
+        message = re.sub(pattern, flag or _flag, message)
+    return message

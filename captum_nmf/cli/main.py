@@ -1,0 +1,41 @@
+"""``main``: parse the command line, run the command, and turn any error into one line."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Sequence
+
+from captum_nmf.cli.commands import COMMANDS
+from captum_nmf.cli.errors import flag_spelling
+from captum_nmf.cli.parser import build_parser
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (also used by the console script).
+
+    Args:
+        argv (Sequence[str], optional): the arguments.
+                    Default: None (``sys.argv[1:]``)
+
+    Returns:
+        *int*: 0 on success, 1 on an error (one line on stderr), 130 on Ctrl-C;
+        bad usage exits 2 through argparse.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "captum-nmf: interrupted (finished chunks are kept; rerun with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as exc:  # every error becomes one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"captum-nmf: error: {flag_spelling(message)}", file=sys.stderr)
+        return 1

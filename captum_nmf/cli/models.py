@@ -1,0 +1,194 @@
+"""Model specs of the command line: --model, --weights, --layer, --normalize and --device."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_nmf.cli.errors import CLIError
+from captum_nmf.demo.zoo import NORMALISATIONS
+
+__all__ = ["NORMALISATIONS", "load_model", "normalisation", "resolve_device", "resolve_layer"]
+
+_SOURCES = {"torchvision": "torchvision.models", "zoo": "captum_nmf.demo.zoo"}
+# The normalisation a model of each source expects when --normalize is not given.
+_DEFAULT_NORMALISATION = {"torchvision": "imagenet", "zoo": "lite"}
+
+
+def _split(spec: str) -> tuple[str, str]:
+    """``source:name`` as its two parts."""
+    if ":" not in spec:
+        raise CLIError(
+            f"--model {spec!r} must look like 'torchvision:vgg16', 'zoo:efficientnet_lite0' or "
+            "'package.module:factory'."
+        )
+    source, name = spec.split(":", 1)
+    return source, name
+
+
+def _factory(spec: str) -> tuple[str, str, Callable[..., Any]]:
+    """The module, the name and the callable of ``source:name``."""
+    source, name = _split(spec)
+    module_name = _SOURCES.get(source, source)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"--model {spec!r}: cannot import {module_name!r} ({exc}).") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise CLIError(f"--model {spec!r}: {module_name} has no callable {name!r}.")
+    return module_name, name, factory
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build a model from ``torchvision:NAME``, ``zoo:NAME`` or ``module:factory``.
+
+    Args:
+        spec (str): the ``--model`` value.
+        weights (str, optional): the ``--weights`` file.
+                    Default: None (the factory's own weights; random for torchvision)
+
+    Returns:
+        *nn.Module*: the model in eval mode, on the CPU (unless the factory put it elsewhere).
+
+    Raises:
+        CLIError: a bad spec, an unknown model or factory, or unreadable weights.
+    """
+    module_name, name, factory = _factory(spec)
+    kwargs: dict[str, Any] = {"weights": None} if spec.startswith("torchvision:") else {}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # whatever the user's factory raises, name the flag
+        raise CLIError(
+            f"--model {spec!r}: calling {module_name}.{name}() failed ({type(exc).__name__}: "
+            f"{exc}); --model module:factory must name a function that takes no required "
+            "arguments and returns a torch.nn.Module."
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise CLIError(
+            f"--model {spec!r}: {module_name}.{name}() returned a {type(model).__name__}, not a "
+            "torch.nn.Module; --model module:factory must name a function that returns the model."
+        )
+    if weights is not None:
+        state = _state_dict(Path(weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            own = set(model.state_dict())
+            missing, unexpected = len(own - set(state)), len(set(state) - own)
+            raise CLIError(
+                f"--weights {weights} does not fit {spec}: {missing} missing and {unexpected} "
+                "unexpected keys (or shapes differ); a checkpoint that nests the weights (e.g. "
+                "under 'state_dict') must be unpacked first."
+            ) from exc
+    return model.eval()
+
+
+def _state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CLIError(f"--weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CLIError(f"--weights {path} is not a readable safetensors file ({exc}).") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for anything but tensors and containers
+        raise CLIError(
+            f"--weights {path} could not be loaded with weights_only=True ({exc}); only plain "
+            "state dicts (or .safetensors) are accepted."
+        ) from exc
+    if not isinstance(state, dict):
+        raise CLIError(f"--weights {path} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def resolve_layer(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path such as ``features.29`` or ``layer4.1.relu``.
+
+    Args:
+        model (nn.Module): the model.
+        path (str): the ``--layer`` value.
+
+    Returns:
+        *nn.Module*: the submodule.
+
+    Raises:
+        CLIError: no such submodule (the message lists a few valid names).
+    """
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        names = [n for n, _ in model.named_modules() if n][-8:]
+        raise CLIError(f"--layer {path!r} is not a submodule of the model; e.g. {names}.") from exc
+
+
+def normalisation(spec: str, name: str | None) -> Callable[[Tensor], Tensor] | None:
+    """The input normalisation of ``--normalize`` (by default, the one ``--model``'s source uses).
+
+    Args:
+        spec (str): the ``--model`` value.
+        name (str or None): the ``--normalize`` value, a key of :data:`NORMALISATIONS`.
+
+    Returns:
+        *Callable or None*: a function of 3 x T x T tiles or N x 3 x T x T batches in
+        [0, 1], on any device; None for ``none``.
+
+    Raises:
+        CLIError: a bad ``--model`` spec, or no ``--normalize`` for a ``module:factory`` model.
+    """
+    if name is None:
+        name = _DEFAULT_NORMALISATION.get(_split(spec)[0])
+        if name is None:
+            raise CLIError(
+                f"--model {spec!r}: pass --normalize imagenet, lite or none (the input "
+                "normalisation the model was trained with)."
+            )
+    return NORMALISATIONS[name]
+
+
+def resolve_device(value: str) -> torch.device:
+    """The device of ``--device``: ``auto`` is CUDA when available, else the CPU.
+
+    Args:
+        value (str): ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Returns:
+        *torch.device*: a device this machine has.
+
+    Raises:
+        CLIError: not a device, or a device this machine does not have.
+    """
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(
+            f"--device {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
+        ) from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(
+                f"--device {value}: CUDA is not available (torch.cuda.is_available() is False); "
+                "use --device cpu, or auto to take CUDA when there is one."
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CLIError(
+                f"--device {value}: this machine has {count} CUDA device(s), 0 to {count - 1}."
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {value}: MPS is not available; use --device cpu or auto.")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {value!r}: use auto, cpu, cuda, cuda:N or mps.")
+    return device
