@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import warnings
 import weakref
@@ -414,6 +415,14 @@ def check_activations(act: Tensor, *, negative: NegativePolicy, name: str | None
     label = repr(name) if name else "the hooked layer"
     if act.dtype in (torch.float16, torch.bfloat16):
         act = act.float()
+    if act.numel() == 0:
+        return torch.relu(act) if negative == "relu" else act
+    # one pass over the batch (and one synchronisation) decides the common, clean case:
+    # NaN makes both extremes NaN, +-Inf shows in them, and a negative value in the minimum
+    low, high = torch.aminmax(act)
+    low_f, high_f = float(low), float(high)
+    if math.isfinite(low_f) and math.isfinite(high_f) and (low_f >= 0 or negative == "relu"):
+        return torch.relu(act) if negative == "relu" and low_f < 0 else act
     finite = torch.isfinite(act)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(act).sum())

@@ -249,6 +249,10 @@ class TileBatches:
                     calling thread. More pay when the model is on a GPU and the
                     CPU cores would otherwise wait.
                     Default: 1
+        convert (bool, optional): convert ``uint8`` batches to float N x 3 x T x T
+                    here (in the reading thread; for a model on the CPU, whose
+                    thread is busy with the forward) instead of on the device.
+                    Default: False
     """
 
     def __init__(
@@ -260,8 +264,10 @@ class TileBatches:
         slide_mpp: float | None = None,
         pin_memory: bool = False,
         threads: int = 1,
+        convert: bool = False,
     ) -> None:
         self.grid = grid
+        self.convert = convert
         self.transform = transform
         self.on_tile_error = on_tile_error
         self.pin_memory = pin_memory
@@ -321,6 +327,8 @@ class TileBatches:
             )
             for j, p in enumerate(pixels):
                 images[j] = torch.from_numpy(p)
+            if self.convert:
+                images = to_model_input(images, torch.device("cpu"))
             return images, idx, lost
         tiles = [self.transform(_to_tensor(p)) for p in pixels]
         return torch.stack(tiles), idx, lost

@@ -308,14 +308,16 @@ class FeatureStitcher:
         for i in range(n):
             r0, c0 = int(org[i, 0]), int(org[i, 1])
             rows, cols, keep = self.footprint((r0, c0), (h, w))
+            some = [bool(v) for v in keep.any(axis=1)]
+            every = [bool(v) for v in keep.all(axis=1)]
             for j, r in enumerate(range(rows.start, rows.stop)):
-                line = keep[j]
-                if not line.any():
+                if not some[j]:
                     continue
+                line = keep[j]
                 if r < self._final_below:
                     raise ValueError(f"cell row {r} was already finished; tiles out of order.")
                 sums, counts = self._row(r)
-                if line.all():  # a contiguous run of cells: the plain border-drop path
+                if every[j]:  # a contiguous run of cells: the plain border-drop path
                     sums[cols] += feats[i, r - r0, cols.start - c0 : cols.stop - c0]
                     counts[cols] += 1
                 else:

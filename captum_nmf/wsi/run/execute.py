@@ -49,6 +49,7 @@ def _source(
             pin_memory=device.type == "cuda",
             # a model on the CPU needs the cores; one on an accelerator waits for them
             threads=1 if device.type == "cpu" else min(8, os.cpu_count() or 1),
+            convert=device.type == "cpu",  # in the reading thread, beside the forward
         )
     return SlideTiles.from_grids([grid], transform=transform, on_tile_error=policy, slide_mpp=mpp)
 
