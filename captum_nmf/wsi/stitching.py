@@ -308,8 +308,8 @@ class FeatureStitcher:
         for i in range(n):
             r0, c0 = int(org[i, 0]), int(org[i, 1])
             rows, cols, keep = self.footprint((r0, c0), (h, w))
-            some = [bool(v) for v in keep.any(axis=1)]
-            every = [bool(v) for v in keep.all(axis=1)]
+            some: list[bool] = np.asarray(keep.any(axis=1), dtype=bool).tolist()
+            every: list[bool] = np.asarray(keep.all(axis=1), dtype=bool).tolist()
             for j, r in enumerate(range(rows.start, rows.stop)):
                 if not some[j]:
                     continue
