@@ -30,7 +30,15 @@ LAYERS = (
         "base",
         ("captum_nmf.exceptions", "captum_nmf.io", "captum_nmf._version", "captum_nmf._utils"),
     ),
-    ("solver", ("captum_nmf._core.nmf",)),
+    (
+        "solver",  # the estimator, its input checks, its statistics and its stream
+        (
+            "captum_nmf._core.nmf",
+            "captum_nmf._core.nmf_input",
+            "captum_nmf._core.nmf_statistics",
+            "captum_nmf._core.nmf_stream",
+        ),
+    ),
     ("engines", ("captum_nmf.engines",)),  # ways of running a fit: need the solver only
     ("core", ("captum_nmf._core",)),  # the estimator, its rows and persistence
     ("wsi", ("captum_nmf.wsi",)),
@@ -135,6 +143,7 @@ def test_the_core_does_not_import_ray_plumbing() -> None:
 
 def test_layer_map_sorts_the_modules_that_matter() -> None:
     assert _layer("captum_nmf._core.nmf") == "solver"
+    assert _layer("captum_nmf._core.nmf_stream") == "solver"
     assert _layer("captum_nmf._core.nmf_concept") == "core"
     assert _layer("captum_nmf.engines.local") == "engines"
     assert _layer("captum_nmf.wsi.cohort") == "wsi"

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_nmf._core import persistence
-from captum_nmf._core.nmf import NMF, InitName
+from captum_nmf._core.nmf import NMF
+from captum_nmf._core.nmf_input import InitName
 from captum_nmf._core.persistence import check_concept_values
 from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts

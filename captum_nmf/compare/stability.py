@@ -15,8 +15,9 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from captum_nmf._core.nmf import NMF, InitName
+from captum_nmf._core.nmf import NMF
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._core.nmf_input import InitName
 from captum_nmf._utils.validation import check_int
 from captum_nmf.compare.sampling import RowSample, Source, sample_rows
 from captum_nmf.compare.tables import Table
