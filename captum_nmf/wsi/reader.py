@@ -14,11 +14,11 @@ tiled TIFF, DICOM, ...) and, for plain JPEG/PNG/TIFF images, OpenSlide's own
 - OpenSlide errors are sticky (after one failed read every later call on the
   handle fails), so a failed read closes and reopens the handle and retries
   once before raising :class:`~captum_nmf.exceptions.SlideReadError`;
-- :meth:`Slide.thumbnail` never decodes the empty tiles of a sparse TIFF (byte
-  count 0: background by definition), shows a progress bar and warns
-  :class:`~captum_nmf.exceptions.LargeThumbnailWarning` when it must decode
-  more than about 10^9 pixels, and with ``on_tile_error="skip"`` treats parts
-  it cannot read as background, warning
+- :meth:`Slide.thumbnail` (:mod:`captum_nmf.wsi.thumbnail`) never decodes the
+  empty tiles of a sparse TIFF (byte count 0: background by definition), shows
+  a progress bar and warns :class:`~captum_nmf.exceptions.LargeThumbnailWarning`
+  when it must decode more than about 10^9 pixels, and with
+  ``on_tile_error="skip"`` treats parts it cannot read as background, warning
   :class:`~captum_nmf.exceptions.UnreadableRegionWarning`.
 """
 
@@ -29,8 +29,6 @@ import hashlib
 import math
 import numbers
 import os
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,21 +36,18 @@ from typing import Any
 
 import numpy as np
 import openslide
-import tifffile
 from numpy.typing import NDArray
 from openslide import ImageSlide, OpenSlide, OpenSlideError
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import (
-    LargeThumbnailWarning,
     SlideError,
     SlideNotFoundError,
     SlideReadError,
-    UnreadableRegionWarning,
     UnsupportedSlideError,
 )
+from captum_nmf.wsi.thumbnail import Thumbnail, TileLayout, read_thumbnail, tiff_layout
 
 __all__ = [
     "LARGE_THUMBNAIL_PIXELS",
@@ -70,8 +65,6 @@ _SUPPORTED = (
 )
 _MPP_TOLERANCE = 0.02  # relative: a level within 2 % of the asked mpp is used as is
 LARGE_THUMBNAIL_PIXELS = 10**9  # decoded pixels above which a thumbnail warns and shows progress
-_STRIP_PIXELS = 1 << 24  # level pixels read per thumbnail strip
-_SKIP_BLOCK = 512  # level pixels per block when a strip that failed is read again piecewise
 
 RGB = NDArray[np.uint8]
 
@@ -427,7 +420,7 @@ class Slide:
             self._layouts[level] = (
                 None
                 if self.vendor == "image"
-                else _tiff_layout(self.path, self.level_dimensions[level])
+                else tiff_layout(self.path, self.level_dimensions[level])
             )
         return self._layouts[level]
 
@@ -589,220 +582,14 @@ class Slide:
         check_int("max_size", max_size, minimum=1)
         if on_tile_error not in ("raise", "skip"):
             raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
-        w, h = self.dimensions
-        scale = max(max(w, h) / max_size, 1.0)  # never larger than level 0
-        tw, th = max(1, round(w / scale)), max(1, round(h / scale))
-        level = int(osr.get_best_level_for_downsample(max(scale, 1.0)))
-        lw, lh = self.level_dimensions[level]
-        layout = self.tile_layout(level)
-        fx, fy = lw / tw, lh / th
-        # Horizontal strips of about 16 M level pixels, each shrunk on its own, so a huge
-        # single-level file never has to fit in memory at once.
-        rows_per_strip = max(1, int(_STRIP_PIXELS / max(lw, 1) / max(fy, 1.0)))
-        plan = []
-        for t0 in range(0, th, rows_per_strip):
-            t1 = min(th, t0 + rows_per_strip)
-            y0, y1 = math.floor(t0 * fy), min(lh, math.ceil(t1 * fy))
-            span = (0, lw) if layout is None else layout.data_span(y0, max(y1, y0 + 1))
-            plan.append((t0, t1, y0, max(y1, y0 + 1), span))
-        decoded = lw * lh if layout is None else layout.data_pixels
-        large = decoded > LARGE_THUMBNAIL_PIXELS
-        thumb = np.empty((th, tw, 3), dtype=np.uint8)
-        thumb[...] = np.asarray(self.background, dtype=np.uint8)
-        failed: list[tuple[int, int, int, int]] = []
-        started, warned = time.monotonic(), not large
-        with tqdm(
-            total=th,
-            unit="row",
-            desc=f"thumbnail of {self.path.name}",
-            disable=not (large if progress is None else progress),
-        ) as bar:
-            for t0, t1, y0, y1, span in plan:
-                if span is not None:
-                    tx0 = math.floor(span[0] / fx)
-                    tx1 = min(tw, math.ceil(span[1] / fx - 1e-9))
-                    rx0, rx1 = math.floor(tx0 * fx), min(lw, math.ceil(tx1 * fx - 1e-9))
-                    pixels = self._read_level(level, (rx0, y0, rx1, y1), on_tile_error, failed)
-                    right = lw - rx0 if tx1 == tw else tx1 * fx - rx0
-                    strip = Image.fromarray(pixels).resize(
-                        (tx1 - tx0, t1 - t0),
-                        Image.Resampling.BOX,
-                        box=(tx0 * fx - rx0, t0 * fy - y0, right, t1 * fy - y0),
-                    )
-                    thumb[t0:t1, tx0:tx1] = np.asarray(strip)
-                    if not warned:  # estimate the time from the first strip read
-                        elapsed = time.monotonic() - started
-                        _warn_large(
-                            self.path, decoded, level, pixels.shape[0] * pixels.shape[1], elapsed
-                        )
-                        warned = True
-                bar.update(t1 - t0)
-        if failed:
-            _warn_unreadable(self.path, failed, (w, h))
-        return Thumbnail(thumb, (w / tw, h / th), tuple(failed))
-
-    def _read_level(
-        self,
-        level: int,
-        box: tuple[int, int, int, int],
-        on_tile_error: str,
-        failed: list[tuple[int, int, int, int]],
-    ) -> RGB:
-        """Pixels ``[x0, x1) x [y0, y1)`` of ``level``, reading only TIFF tiles with data."""
-        x0, y0, x1, y1 = box
-        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        out[...] = np.asarray(self.background, dtype=np.uint8)
-        layout = self.tile_layout(level)
-        runs: list[tuple[int, int, int, int]] = [box]
-        if layout is not None:  # per tile row, each run of consecutive tiles with data
-            tw, th = layout.tile_size
-            runs = []
-            for r in range(y0 // th, (y1 - 1) // th + 1):
-                full = np.flatnonzero(~layout.empty[r, x0 // tw : (x1 - 1) // tw + 1])
-                for cols in np.split(full, np.flatnonzero(np.diff(full) > 1) + 1):
-                    if cols.size:
-                        c0, c1 = (x0 // tw + int(cols[0])) * tw, (x0 // tw + int(cols[-1]) + 1) * tw
-                        runs.append(
-                            (max(c0, x0), max(r * th, y0), min(c1, x1), min((r + 1) * th, y1))
-                        )
-        for run in runs:
-            rx0, ry0, rx1, ry1 = run
-            out[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = self._read_run(
-                level, run, on_tile_error, failed
-            )
-        return out
-
-    def _read_run(
-        self,
-        level: int,
-        box: tuple[int, int, int, int],
-        on_tile_error: str,
-        failed: list[tuple[int, int, int, int]],
-    ) -> RGB:
-        """One read of ``level``; with "skip", a failed read is retried block by block."""
-        x0, y0, x1, y1 = box
-        down = self.level_downsamples[level]
-        try:
-            return self.read_region((round(x0 * down), round(y0 * down)), level, (x1 - x0, y1 - y0))
-        except SlideReadError:
-            if on_tile_error == "raise":
-                raise
-        out = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-        out[...] = np.asarray(self.background, dtype=np.uint8)
-        layout = self.tile_layout(level)
-        bw, bh = (_SKIP_BLOCK, _SKIP_BLOCK) if layout is None else layout.tile_size
-        for by in range((y0 // bh) * bh, y1, bh):
-            for bx in range((x0 // bw) * bw, x1, bw):
-                if layout is not None and layout.empty[by // bh, bx // bw]:
-                    continue  # background without reading
-                cx0, cy0, cx1, cy1 = max(bx, x0), max(by, y0), min(bx + bw, x1), min(by + bh, y1)
-                loc = (round(cx0 * down), round(cy0 * down))
-                try:
-                    block = self.read_region(loc, level, (cx1 - cx0, cy1 - cy0))
-                except SlideReadError:
-                    size0 = (round((cx1 - cx0) * down), round((cy1 - cy0) * down))
-                    failed.append((loc[0], loc[1], size0[0], size0[1]))
-                    continue
-                out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = block
-        return out
-
-
-@dataclass(frozen=True)
-class Thumbnail:
-    """A slide's thumbnail (from :meth:`Slide.read_thumbnail`).
-
-    Attributes:
-        pixels (ndarray): height x width x 3 ``uint8``.
-        downsample (tuple[float, float]): (x, y) level-0 pixels per thumbnail pixel.
-        unreadable (tuple): level-0 ``(x, y, width, height)`` boxes that could
-                    not be read and are background in ``pixels``.
-    """
-
-    pixels: RGB
-    downsample: tuple[float, float]
-    unreadable: tuple[tuple[int, int, int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class TileLayout:
-    """The TIFF tiles of one pyramid level, and which of them hold no data.
-
-    Attributes:
-        tile_size (tuple[int, int]): (width, height) of a tile in level pixels.
-        empty (ndarray): rows x columns booleans, True for a tile of byte
-                    count 0 (background, never decoded).
-    """
-
-    tile_size: tuple[int, int]
-    empty: NDArray[np.bool_]
-
-    @property
-    def data_pixels(self) -> int:
-        """Level pixels in tiles that hold data (what reading the whole level decodes)."""
-        return int((~self.empty).sum()) * self.tile_size[0] * self.tile_size[1]
-
-    def data_span(self, y0: int, y1: int) -> tuple[int, int] | None:
-        """Level-pixel columns ``[x0, x1)`` spanning the tiles with data in rows ``[y0, y1)``.
-
-        Returns:
-            *tuple or None*: the span, or None when every tile there is empty.
-        """
-        th = self.tile_size[1]
-        rows = self.empty[y0 // th : (y1 - 1) // th + 1]
-        cols = np.flatnonzero(~rows.all(axis=0))
-        if cols.size == 0:
-            return None
-        tw = self.tile_size[0]
-        return int(cols[0]) * tw, int(cols[-1] + 1) * tw
-
-
-def _tiff_layout(path: Path, dimensions: tuple[int, int]) -> TileLayout | None:
-    """The tile layout of the tiled TIFF page of ``dimensions``, or None."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            for page in tif.pages:
-                if not isinstance(page, tifffile.TiffPage) or not page.is_tiled:
-                    continue
-                if (page.imagewidth, page.imagelength) != dimensions or page.imagedepth != 1:
-                    continue
-                across = -(-page.imagewidth // page.tilewidth)
-                down = -(-page.imagelength // page.tilelength)
-                counts = np.asarray(page.databytecounts, dtype=np.int64)
-                if counts.size != across * down:  # planar-separate samples: not handled
-                    return None
-                return TileLayout(
-                    (int(page.tilewidth), int(page.tilelength)), (counts == 0).reshape(down, across)
-                )
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError):
-        return None
-    return None
-
-
-def _warn_large(path: Path, decoded: int, level: int, done: int, elapsed: float) -> None:
-    rate = done / max(elapsed, 1e-6)
-    warnings.warn(
-        f"{path.name} has no pyramid level near the thumbnail's resolution: its thumbnail "
-        f"decodes {decoded:,} pixels of level {level}, about {decoded / rate:,.0f} s at the "
-        f"{rate / 1e6:,.1f} M pixels/s of the first strip. Write a pyramid once "
-        "(captum_nmf.wsi.write_pyramid, or vips tiffsave --tile --pyramid) to make this instant.",
-        LargeThumbnailWarning,
-        stacklevel=3,
-    )
-
-
-def _warn_unreadable(
-    path: Path, failed: list[tuple[int, int, int, int]], dimensions: tuple[int, int]
-) -> None:
-    area = sum(w * h for _, _, w, h in failed) / max(dimensions[0] * dimensions[1], 1)
-    shown = "; ".join(f"({x}, {y}, {w}, {h})" for x, y, w, h in failed[:10])
-    more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
-    warnings.warn(
-        f"{len(failed)} region(s) of {path.name} ({100 * area:.2g} % of the slide) could not be "
-        f"read for its thumbnail and count as background, i.e. no tissue (on_tile_error='skip'). "
-        f"Level-0 (x, y, width, height): {shown}{more}.",
-        UnreadableRegionWarning,
-        stacklevel=3,
-    )
+        return read_thumbnail(
+            self,
+            osr.get_best_level_for_downsample,
+            max_size,
+            on_tile_error=on_tile_error,
+            progress=progress,
+            large_pixels=LARGE_THUMBNAIL_PIXELS,
+        )
 
 
 def _read_error(
