@@ -121,6 +121,149 @@ def _device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device:
     return model_device(forward_func, layer) or torch.device("cpu")
 
 
+def _model_and_layer(
+    model: NMFConceptAttribution | Callable[..., Any], layer: nn.Module | None
+) -> tuple[Callable[..., Any], nn.Module]:
+    """The forward function and the layer to measure."""
+    if isinstance(model, NMFConceptAttribution):
+        if layer is not None:
+            raise ValueError(
+                "pass layer= only with a forward function; an NMFConceptAttribution brings its "
+                "own layer."
+            )
+        return model.forward_func, model.layer
+    if not callable(model):
+        raise TypeError(
+            f"model must be an NMFConceptAttribution or a callable model, got "
+            f"{type(model).__name__}."
+        )
+    if not isinstance(layer, nn.Module):
+        raise TypeError(
+            f"layer must be the torch.nn.Module to measure, got {type(layer).__name__}."
+        )
+    return model, layer
+
+
+def _check_images(images: object) -> Tensor:
+    """``images`` as a non-empty N x ... x H x W tensor."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be an N x 3 x H x W tensor, got {type(images).__name__}.")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be N x 3 x H x W with N >= 1, got {tuple(images.shape)}.")
+    return images
+
+
+def _central_windows(images: Tensor, tile: int, ctx: int) -> Tensor:
+    """The central ``tile + 2 * ctx`` pixel square of every image (a view)."""
+    window = tile + 2 * ctx
+    height, width = (int(v) for v in images.shape[2:])
+    if min(height, width) < window:
+        raise ValueError(
+            f"images of {height} x {width} px are smaller than the tile and its context "
+            f"({tile} + 2 x {ctx} = {window} px); pass larger images or a smaller context."
+        )
+    y0, x0 = (height - window) // 2, (width - window) // 2
+    return images[:, :, y0 : y0 + window, x0 : x0 + window]
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """How to run the layer on a batch: the model, the layer, its device and ``transform``."""
+
+    forward_func: Callable[..., Any]
+    layer: nn.Module
+    name: str
+    device: torch.device
+    transform: Callable[[Tensor], Tensor] | None
+
+    def features(self, batch: Tensor) -> Tensor:
+        """The layer's float64 CPU features of ``batch`` (``transform`` applied first)."""
+        batch = batch.to(device=self.device, dtype=torch.float32)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        with torch.no_grad():
+            act: Tensor = capture(self.forward_func, self.layer, batch, name=self.name)
+        return act.detach().to("cpu", torch.float64)
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """The tile's cells: their size in pixels, the deepest depth reported, each cell's depth."""
+
+    cell: int
+    depth: int
+    ring: NDArray[np.int64]  # h x w: each cell's depth from the tile's edge
+    counts: NDArray[np.int64]  # cells at each depth 0 .. depth
+
+
+def _cells(
+    tile: int, ctx: int, feature_size: tuple[int, int], max_depth: int | None, name: str
+) -> _Cells:
+    """The cell size from the tile's feature map, and the depths to report, checked."""
+    h, w = feature_size
+    if h == 0 or tile % h or tile % w or tile // h != tile // w:
+        raise ValueError(
+            f"tile_size={tile} gives a {h} x {w} feature map at {name!r}: not a whole "
+            "number of square cells; use a tile size the network divides exactly."
+        )
+    cell = tile // h
+    if ctx % cell:
+        raise ValueError(
+            f"context={ctx} is not a whole number of {cell} px cells; use e.g. "
+            f"context={cell * max(1, round(ctx / cell))}."
+        )
+    deepest = (min(h, w) - 1) // 2
+    depth = min(deepest, ctx // cell - 1) if max_depth is None else _int("max_depth", max_depth, 0)
+    if depth > deepest:
+        raise ValueError(
+            f"max_depth={depth} is deeper than the middle of a {h} x {w} cell tile "
+            f"(depth {deepest})."
+        )
+    if ctx // cell <= depth:
+        raise ValueError(
+            f"context={ctx} px is {ctx // cell} cells, not deeper than max_depth={depth}:"
+            f" the reference would see the window's own edge. Use context >= "
+            f"{(depth + 1) * cell} px or a smaller max_depth."
+        )
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    ring = np.minimum(np.minimum(rows, h - 1 - rows), np.minimum(cols, w - 1 - cols))
+    counts = np.bincount(ring.ravel(), minlength=depth + 1)[: depth + 1].astype(np.int64)
+    return _Cells(cell, depth, ring, counts)
+
+
+def _reference(whole: Tensor, window: int, cells: _Cells, ctx: int, name: str) -> Tensor:
+    """The window's features cropped to the tile's cells (checked to be window / cell)."""
+    cell, (h, w) = cells.cell, cells.ring.shape
+    if tuple(whole.shape[2:]) != (window // cell, window // cell):
+        raise ValueError(
+            f"a {window} px window gave a {tuple(whole.shape[2:])} feature map at {name!r}, "
+            f"not {window // cell} cells per side; the layer's feature map must be the input "
+            "size divided by its cell size (a fully convolutional part)."
+        )
+    o = ctx // cell
+    return whole[:, :, o : o + h, o : o + w]
+
+
+def _by_depth(maps: NDArray[np.float64], cells: _Cells) -> list[NDArray[np.float64]]:
+    """Per image, the sum of an h x w map over the cells at each depth."""
+    flat, n = cells.ring.ravel(), cells.depth + 1
+    return [
+        np.asarray(np.bincount(flat, m.ravel(), minlength=n)[:n], dtype=np.float64) for m in maps
+    ]
+
+
+def _ratios(
+    sums: list[NDArray[np.float64]], refs: list[NDArray[np.float64]]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per image and overall, the summed change over the summed reference, at each depth."""
+    num, den = np.stack(sums), np.stack(refs)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where the reference is all 0
+        per_image = np.where(den > 0, num / den, np.nan)
+        total = den.sum(axis=0)
+        change = np.where(total > 0, num.sum(axis=0) / total, np.nan)
+    return per_image.astype(np.float64), change.astype(np.float64)
+
+
 def border_effect(
     model: NMFConceptAttribution | Callable[..., Any],
     images: Tensor,
@@ -193,118 +336,33 @@ def border_effect(
         >>> [round(v, 3) for v in effect.change.tolist()]
         [0.365, 0.0, 0.0, 0.0]
     """
-    if isinstance(model, NMFConceptAttribution):
-        if layer is not None:
-            raise ValueError(
-                "pass layer= only with a forward function; an NMFConceptAttribution brings its "
-                "own layer."
-            )
-        forward_func, target = model.forward_func, model.layer
-    else:
-        if not callable(model):
-            raise TypeError(
-                f"model must be an NMFConceptAttribution or a callable model, got "
-                f"{type(model).__name__}."
-            )
-        if not isinstance(layer, nn.Module):
-            raise TypeError(
-                f"layer must be the torch.nn.Module to measure, got {type(layer).__name__}."
-            )
-        forward_func, target = model, layer
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be an N x 3 x H x W tensor, got {type(images).__name__}.")
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be N x 3 x H x W with N >= 1, got {tuple(images.shape)}.")
+    forward_func, target = _model_and_layer(model, layer)
+    images = _check_images(images)
     tile = _int("tile_size", tile_size, 1)
     ctx = tile // 2 if context is None else _int("context", context, 1)
     size = _int("batch_size", batch_size, 1)
     window = tile + 2 * ctx
-    height, width = (int(v) for v in images.shape[2:])
-    if min(height, width) < window:
-        raise ValueError(
-            f"images of {height} x {width} px are smaller than the tile and its context "
-            f"({tile} + 2 x {ctx} = {window} px); pass larger images or a smaller context."
-        )
+    windows = _central_windows(images, tile, ctx)
     name = layer_name(forward_func, target) or type(target).__name__
-    device = _device(forward_func, target)
-    y0, x0 = (height - window) // 2, (width - window) // 2
-    windows = images[:, :, y0 : y0 + window, x0 : x0 + window]
-
-    def features(batch: Tensor) -> Tensor:
-        batch = batch.to(device=device, dtype=torch.float32)
-        if transform is not None:
-            batch = transform(batch)
-        with torch.no_grad():
-            act: Tensor = capture(forward_func, target, batch, name=name)
-        return act.detach().to("cpu", torch.float64)
-
+    probe = _Probe(forward_func, target, name, _device(forward_func, target), transform)
+    batches = [windows[start : start + size] for start in range(0, windows.shape[0], size)]
+    first = probe.features(batches[0][:, :, ctx : ctx + tile, ctx : ctx + tile])
+    feature_size = (int(first.shape[2]), int(first.shape[3]))
+    cells = _cells(tile, ctx, feature_size, max_depth, name)
     sums: list[NDArray[np.float64]] = []
     refs: list[NDArray[np.float64]] = []
-    cell = depth = 0
-    cells: NDArray[np.int64] = np.zeros(0, np.int64)
-    ring: NDArray[np.int64] = np.zeros((0, 0), np.int64)
-    for start in range(0, windows.shape[0], size):
-        big = windows[start : start + size]
-        alone = features(big[:, :, ctx : ctx + tile, ctx : ctx + tile])
-        h, w = (int(v) for v in alone.shape[2:])
-        if not cell:
-            if h == 0 or tile % h or tile % w or tile // h != tile // w:
-                raise ValueError(
-                    f"tile_size={tile} gives a {h} x {w} feature map at {name!r}: not a whole "
-                    "number of square cells; use a tile size the network divides exactly."
-                )
-            cell = tile // h
-            if ctx % cell:
-                raise ValueError(
-                    f"context={ctx} is not a whole number of {cell} px cells; use e.g. "
-                    f"context={cell * max(1, round(ctx / cell))}."
-                )
-            deepest = (min(h, w) - 1) // 2
-            depth = (
-                min(deepest, ctx // cell - 1)
-                if max_depth is None
-                else _int("max_depth", max_depth, 0)
-            )
-            if depth > deepest:
-                raise ValueError(
-                    f"max_depth={depth} is deeper than the middle of a {h} x {w} cell tile "
-                    f"(depth {deepest})."
-                )
-            if ctx // cell <= depth:
-                raise ValueError(
-                    f"context={ctx} px is {ctx // cell} cells, not deeper than max_depth={depth}:"
-                    f" the reference would see the window's own edge. Use context >= "
-                    f"{(depth + 1) * cell} px or a smaller max_depth."
-                )
-            rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
-            ring = np.minimum(np.minimum(rows, h - 1 - rows), np.minimum(cols, w - 1 - cols))
-            cells = np.bincount(ring.ravel(), minlength=depth + 1)[: depth + 1].astype(np.int64)
-        whole = features(big)
-        o = ctx // cell
-        if tuple(whole.shape[2:]) != (window // cell, window // cell):
-            raise ValueError(
-                f"a {window} px window gave a {tuple(whole.shape[2:])} feature map at {name!r}, "
-                f"not {window // cell} cells per side; the layer's feature map must be the input "
-                "size divided by its cell size (a fully convolutional part)."
-            )
-        reference = whole[:, :, o : o + h, o : o + w]
-        diff = torch.linalg.vector_norm(alone - reference, dim=1).numpy()
-        norm = torch.linalg.vector_norm(reference, dim=1).numpy()
-        for d_map, r_map in zip(diff, norm, strict=True):
-            for out, values in ((sums, d_map), (refs, r_map)):
-                by_depth = np.bincount(ring.ravel(), values.ravel(), minlength=depth + 1)
-                out.append(np.asarray(by_depth[: depth + 1], dtype=np.float64))
-    num, den = np.stack(sums), np.stack(refs)
-    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where the reference is all 0
-        per_image = np.where(den > 0, num / den, np.nan)
-        total = den.sum(axis=0)
-        change = np.where(total > 0, num.sum(axis=0) / total, np.nan)
+    for i, big in enumerate(batches):
+        alone = first if i == 0 else probe.features(big[:, :, ctx : ctx + tile, ctx : ctx + tile])
+        reference = _reference(probe.features(big), window, cells, ctx, name)
+        sums += _by_depth(torch.linalg.vector_norm(alone - reference, dim=1).numpy(), cells)
+        refs += _by_depth(torch.linalg.vector_norm(reference, dim=1).numpy(), cells)
+    per_image, change = _ratios(sums, refs)
     return BorderEffect(
-        depths=np.arange(depth + 1, dtype=np.int64),
-        change=change.astype(np.float64),
-        per_image=per_image.astype(np.float64),
-        cells=cells,
-        cell=cell,
+        depths=np.arange(cells.depth + 1, dtype=np.int64),
+        change=change,
+        per_image=per_image,
+        cells=cells.counts,
+        cell=cells.cell,
         tile_size=tile,
         context=ctx,
         layer=name,
