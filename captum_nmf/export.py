@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -131,7 +132,7 @@ def to_geojson(
         features.append(
             {
                 "type": "Feature",
-                "id": f"concept-{j}",
+                "id": str(_feature_id(explanation, j)),
                 "geometry": shapely.geometry.mapping(geometry),
                 "properties": {
                     "objectType": "annotation",
@@ -153,6 +154,31 @@ def to_geojson(
         with atomic_write(target) as fh:
             fh.write(json.dumps(collection))
     return collection
+
+
+def _feature_id(explanation: Any, concept: int) -> uuid.UUID:
+    """A UUID for a concept's GeoJSON feature, as QuPath writes them; the same on every export.
+
+    Derived (UUID 5) from the slide's fingerprint, the explanation's concepts and the
+    concept index, so re-exporting an explanation gives the same ids and two slides never
+    share one.
+    """
+    concepts = np.ascontiguousarray(np.asarray(explanation.concepts, np.float32)).tobytes()
+    key = f"captum-nmf:{explanation.slide_fingerprint}:{hashlib.sha256(concepts).hexdigest()}"
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{key}:{concept}")
+
+
+def _slide_levels(explanation: Any) -> list[tuple[int, int]] | None:
+    """(height, width) of each level of the explained slide, when its file can be read."""
+    from captum_nmf.wsi import Slide
+
+    try:
+        with Slide(explanation.slide_path) as slide:
+            if tuple(slide.dimensions) != tuple(explanation.dimensions):
+                return None
+            return [(int(h), int(w)) for w, h in slide.level_dimensions]
+    except (OSError, ValueError):
+        return None
 
 
 def _overlay_cells(explanation: Any, kind: str, concept: int | None) -> NDArray[np.uint8]:
@@ -203,10 +229,13 @@ def write_overlay_tiff(
 ) -> Path:
     r"""A pyramidal tiled RGBA TIFF of the clusters or of one concept's intensity.
 
-    Level 0 of the file has the slide's level-0 size divided by ``downsample``
-    (1 = the slide's own geometry), so it lies exactly over the slide in a
-    viewer that scales by microns per pixel; every further level halves it.
-    It is written tile by tile (never the whole image in memory) with an
+    By default the file has the slide's own geometry: its level 0 is the
+    slide's level 0 and its levels have the slide's level sizes (so the same
+    downsamples), so it lies exactly over the slide when opened beside it
+    (QuPath, OpenSlide). With ``downsample`` its level 0 is the slide's
+    level-0 size divided by it, and every further level halves it (smaller
+    files; viewers that scale by microns per pixel still align it). It is
+    written tile by tile (never the whole image in memory) with an
     Aperio-style description carrying the mpp, so OpenSlide opens it.
 
     Args:
@@ -218,9 +247,10 @@ def write_overlay_tiff(
                     Default: ``"clusters"``
         concept (int, optional): the concept for ``kind="intensity"``.
                     Default: None
-        downsample (float, optional): level-0 slide pixels per overlay pixel;
-                    None uses one pixel per cell.
-                    Default: None
+        downsample (float, optional): level-0 slide pixels per overlay pixel
+                    (e.g. ``explanation.cell_size`` for one pixel per cell).
+                    Default: None (the slide's geometry and levels; when the
+                    slide file cannot be read, its level-0 size, halved per level)
         tile (int, optional): TIFF tile side (multiple of 16).
                     Default: 256
         slide_mpp (float, optional): microns per level-0 slide pixel, written
@@ -238,16 +268,18 @@ def write_overlay_tiff(
         raise ValueError(f"kind must be 'clusters' or 'intensity', got {kind!r}.")
     if tile < 16 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile}.")
-    down = float(explanation.cell_size if downsample is None else downsample)
+    down = 1.0 if downsample is None else float(downsample)
     if not down > 0:
         raise ValueError(f"downsample must be positive, got {downsample!r}.")
     cells = _overlay_cells(explanation, kind, concept)
     w0, h0 = explanation.dimensions
     base = (max(1, round(h0 / down)), max(1, round(w0 / down)))
     mpp = slide_mpp or explanation.config.get("slide_mpp") or 1.0
-    levels = [base]
-    while min(levels[-1]) >= 2 * tile:
-        levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
+    levels = _slide_levels(explanation) if downsample is None else None
+    if levels is None:
+        levels = [base]
+        while min(levels[-1]) >= 2 * tile:
+            levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
     description = (
         f"Aperio Image Library v12.0.0\r\n{base[1]}x{base[0]} [0,0 {base[1]}x{base[0]}] "
         f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}"

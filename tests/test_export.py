@@ -122,11 +122,13 @@ def test_overlay_tiff_reopens_in_openslide(tmp_path: Path, slide_path: Path) -> 
             else:
                 colour = [int(PALETTE[concept][i : i + 2], 16) for i in (1, 3, 5)]
                 assert pixel.tolist() == [*colour, 255]
-    small = write_overlay_tiff(ex, tmp_path / "cells.tif")  # default: one pixel per cell
+    small = write_overlay_tiff(ex, tmp_path / "cells.tif", downsample=ex.cell_size)  # per cell
     with openslide.OpenSlide(str(small)) as osr:
         assert osr.dimensions == (6, 5)
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(8.0)
-    intensity = write_overlay_tiff(ex, tmp_path / "c0.tif", kind="intensity", concept=0)
+    intensity = write_overlay_tiff(
+        ex, tmp_path / "c0.tif", kind="intensity", concept=0, downsample=16
+    )
     with openslide.OpenSlide(str(intensity)) as osr:
         region = np.asarray(osr.read_region((0, 0), 0, (6, 5)))
     assert region[0, 0, 3] == 255  # concept 0 at its maximum
@@ -170,3 +172,41 @@ def test_slide_summary_of_a_region_mode_explanation(tmp_path: Path, slide_path: 
     assert best[0]["mean_weight"] == pytest.approx(0.75)
     assert (best[1]["x"], best[1]["y"]) == (32, 16)  # the next one overlapping it by half at most
     assert Image.open(tmp_path / "region" / best[0]["crop"]).size == (16, 16)
+
+
+def test_overlay_defaults_to_the_slides_geometry_and_levels(tmp_path: Path) -> None:
+    """Opened beside the slide, the overlay has its dimensions and level downsamples."""
+    slide = write_pyramid(he_image()[:1500, :1300], tmp_path / "big.svs", mpp=0.5)
+    with openslide.OpenSlide(str(slide)) as osr:
+        dims, downs, count = osr.dimensions, osr.level_downsamples, osr.level_count
+    assert count >= 2
+    ex = _hand_made(slide)
+    ex.dimensions = dims
+    ex.cell_size = 260.0  # the 6 x 5 cells over 1300 x 1500 px (the last ones clipped)
+    overlay = write_overlay_tiff(ex, tmp_path / "clusters.tif")
+    with openslide.OpenSlide(str(overlay)) as osr:
+        assert osr.dimensions == dims
+        assert osr.level_count == count
+        assert osr.level_downsamples == pytest.approx(downs)
+        pixel = np.asarray(osr.read_region((300, 300), 0, (1, 1)))[0, 0]  # cell (1, 1)
+    colour = [int(PALETTE[1][i : i + 2], 16) for i in (1, 3, 5)]
+    assert pixel.tolist() == [*colour, 255]
+    # a slide that cannot be read: level 0 at its size, levels halving
+    ex.slide_path = str(tmp_path / "moved.svs")
+    fallback = write_overlay_tiff(ex, tmp_path / "fallback.tif")
+    with openslide.OpenSlide(str(fallback)) as osr:
+        assert osr.dimensions == dims
+
+
+def test_geojson_ids_are_stable_uuids(tmp_path: Path, slide_path: Path) -> None:
+    import uuid
+
+    ex = _hand_made(slide_path)
+    first = [f["id"] for f in to_geojson(ex)["features"]]
+    again = [f["id"] for f in to_geojson(ex)["features"]]
+    assert first == again  # the same explanation gives the same ids
+    assert all(uuid.UUID(i).version == 5 for i in first)
+    assert len(set(first)) == len(first)
+    ex.slide_fingerprint = "sha256:y"
+    other = [f["id"] for f in to_geojson(ex)["features"]]
+    assert not set(other) & set(first)
