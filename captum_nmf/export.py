@@ -54,8 +54,13 @@ _EXPORT_KEY = "captum-nmf/export-folder"
 _EXTRA = "the 'export' extra: pip install 'captum-nmf[export]'"
 
 
-def _names(k: int, names: Sequence[str] | None) -> list[str]:
+def _names(explanation: Any, names: Sequence[str] | None) -> list[str]:
+    """``names``, else the concept names the explanation recorded, else ``concept j``."""
+    k = explanation.n_concepts
     if names is None:
+        recorded = explanation.config.get("concept_names")
+        if isinstance(recorded, list) and len(recorded) == k:
+            return [str(n) for n in recorded]
         return [f"concept {j}" for j in range(k)]
     if len(names) != k:
         raise ValueError(f"names must hold {k} names (one per concept), got {len(names)}.")
@@ -120,7 +125,7 @@ def to_geojson(
     import shapely
 
     k = explanation.n_concepts
-    labels = _names(k, names)
+    labels = _names(explanation, names)
     colours = _rgb255(k)
     ox, oy = explanation.origin
     features = []
@@ -280,9 +285,15 @@ def write_overlay_tiff(
         levels = [base]
         while min(levels[-1]) >= 2 * tile:
             levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
+    labels = [n.replace("|", "/").replace("=", "-") for n in _names(explanation, None)]
+    shown = (
+        f"Concept = {labels[concept]}"
+        if kind == "intensity" and concept is not None
+        else "Concepts = " + "; ".join(f"{j}: {n}" for j, n in enumerate(labels))
+    )
     description = (
         f"Aperio Image Library v12.0.0\r\n{base[1]}x{base[0]} [0,0 {base[1]}x{base[0]}] "
-        f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}"
+        f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}|{shown}"
     )
     sources = [
         (
@@ -383,7 +394,7 @@ def slide_summary(
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}.")
     k = explanation.n_concepts
-    labels = _names(k, names)
+    labels = _names(explanation, names)
     tissue = np.asarray(explanation.tissue_mask)
     n_tissue = int(tissue.sum())
     maps = np.nan_to_num(np.asarray(explanation.concept_maps, np.float64))

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_nmf._core import persistence
+from captum_nmf._core.names import check_concept_names, default_concept_names, renamed
 from captum_nmf._core.nmf import NMF
 from captum_nmf._core.nmf_input import InitName
 from captum_nmf._core.persistence import check_concept_values
@@ -424,6 +425,7 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         self.attribute_to_layer_input_ = bool(attribute_to_layer_input)
         self.n_samples_seen_ = int(solver.n_samples_seen_)
         self.reconstruction_err_ = float(solver.reconstruction_err_)
+        self._concept_names: list[str] | None = None  # new concepts: default names again
         return self
 
     # --------------------------------------------------------------- attribute
@@ -591,6 +593,44 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         return torch.where(maps.amax(dim=1) > 0, winner, torch.full_like(winner, -1))
 
     # ---------------------------------------------------------------- persist
+    @property
+    def concept_names(self) -> list[str]:
+        """The concepts' names, ``"concept 0"``, ... unless set (saved with the concepts).
+
+        Assign a full list, or rename some with :meth:`rename`. Names are
+        unique, non-empty, printable and at most 64 characters; they appear in
+        figure legends, QuPath classes, overlay descriptions, summaries and tables.
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load``.
+        """
+        self.check_fitted("concept_names")
+        names = getattr(self, "_concept_names", None)
+        return list(names) if names else default_concept_names(int(self.concepts_.shape[0]))
+
+    @concept_names.setter
+    def concept_names(self, names: list[str]) -> None:
+        self.check_fitted("concept_names")
+        self._concept_names = check_concept_names(names, int(self.concepts_.shape[0]))
+
+    def rename(self, mapping: dict[int, str]) -> NMFConceptAttribution:
+        """Rename concepts, e.g. ``rename({3: "tumour epithelium"})``.
+
+        Args:
+            mapping (dict[int, str]): concept index to its new name.
+
+        Returns:
+            *NMFConceptAttribution*: ``self``.
+
+        Raises:
+            NotFittedError: before ``fit`` or ``load``.
+            IndexError: an index that is not a concept.
+            ValueError: an empty, non-printable, too long or duplicate name
+                        (nothing is renamed then).
+        """
+        self._concept_names = renamed(self.concept_names, mapping)
+        return self
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save the concepts as a ``.safetensors`` file with JSON-able metadata.
 

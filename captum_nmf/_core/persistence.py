@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from captum_nmf._core.names import names_from_metadata, names_metadata
 from captum_nmf._core.nmf import NMF
 from captum_nmf._utils.activations import models_of
 from captum_nmf.exceptions import (
@@ -62,6 +63,7 @@ def save_concepts(attr: NMFConceptAttribution, path: str | os.PathLike[str]) -> 
         "n_samples_seen": str(attr.n_samples_seen_),
         "reconstruction_err": repr(attr.reconstruction_err_),
         "torch_version": torch.__version__,
+        **names_metadata(getattr(attr, "_concept_names", None)),
     }
     return save_tensors(path, {"concepts": attr.concepts_}, metadata)
 
@@ -145,6 +147,7 @@ def load_concepts(
     attr.attribute_to_layer_input_ = to_input
     attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
     attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
+    attr._concept_names = names_from_metadata(meta, k, str(path))  # None: an older file
     return attr
 
 

@@ -264,6 +264,35 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def name(args: argparse.Namespace) -> int:
+    """``captum-nmf name``: rename concepts in a concepts file (atomically), or list the names."""
+    from captum_nmf._core.names import (
+        default_concept_names,
+        names_from_metadata,
+        rename_concept_file,
+    )
+    from captum_nmf.io import load_tensors
+
+    mapping: dict[int, str] = {}
+    for item in args.names:
+        index, sep, text = item.partition("=")
+        if not sep or not index.strip().lstrip("-").isdigit():
+            raise CLIError(
+                f'{item!r} is not INDEX=NAME; write e.g. 3="tumour epithelium" (concepts are '
+                "numbered from 0)."
+            )
+        mapping[int(index)] = text
+    if mapping:
+        names = rename_concept_file(args.concepts, mapping)
+    else:
+        tensors, meta = load_tensors(args.concepts, required=("concepts",))
+        k = int(tensors["concepts"].shape[0])
+        names = names_from_metadata(meta, k, args.concepts) or default_concept_names(k)
+    for j, text in enumerate(names):
+        print(f"{j}: {text}")
+    return 0
+
+
 #: Command name to its function; :func:`captum_nmf.cli.main` dispatches through it.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fit": fit,
@@ -272,4 +301,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": export,
     "demo": demo,
     "info": info,
+    "name": name,
 }

@@ -1,4 +1,4 @@
-"""The ``captum-nmf`` argument parser: fit, explain, analyse, export, demo and info."""
+"""The ``captum-nmf`` argument parser: fit, explain, analyse, export, demo, info and name."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ EXAMPLES = {
     "export": "captum-nmf export runs/c --out runs/c/export",
     "demo": "captum-nmf demo --out demo_out",
     "info": "captum-nmf info slide.svs",
+    "name": 'captum-nmf name concepts.safetensors 3="tumour epithelium" 0=stroma',
 }
 
 
@@ -145,6 +146,16 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _name_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("concepts", help="a .safetensors file from 'fit'")
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="INDEX=NAME",
+        help="concepts to rename; without any, the current names are printed",
+    )
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("slide")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -163,6 +174,11 @@ _COMMANDS = (
     ("export", "GeoJSON, overlay TIFFs and a summary of an explained slide.", _export_args),
     ("demo", "Run the whole pipeline offline on packaged real H&E.", _demo_args),
     ("info", "Slide metadata and levels.", _info_args),
+    (
+        "name",
+        "Name concepts (saved in the concepts file; used in figures and exports).",
+        _name_args,
+    ),
 )
 
 

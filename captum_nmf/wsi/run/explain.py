@@ -336,6 +336,12 @@ def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanati
         slide_path=grid.path,
         slide_fingerprint=plan.fingerprint,
         dimensions=grid.dimensions,
-        config={**config, "cell_px": plan.cell, "border": border},
+        # the names are not part of the run's hash: renaming concepts keeps a run resumable
+        config={
+            **config,
+            "cell_px": plan.cell,
+            "border": border,
+            "concept_names": assembler.attr.concept_names,
+        },
         tissue=grid.tissue_mask,
     )

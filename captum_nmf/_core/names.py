@@ -1,0 +1,156 @@
+"""Concept names: defaults, validation, and renaming a concept file in place (atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from captum_nmf.exceptions import ConceptModelFormatError
+from captum_nmf.io import load_tensors, save_tensors
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "check_concept_names",
+    "default_concept_names",
+    "renamed",
+    "rename_concept_file",
+]
+
+#: The longest concept name accepted (QuPath class names, legends and tables stay readable).
+MAX_NAME_LENGTH = 64
+_META_KEY = "concept_names"
+
+
+def default_concept_names(k: int) -> list[str]:
+    """``["concept 0", ..., "concept K-1"]``.
+
+    Returns:
+        *list[str]*: the default names.
+    """
+    return [f"concept {j}" for j in range(k)]
+
+
+def check_concept_names(names: Sequence[str], k: int) -> list[str]:
+    """Validate a full list of names: K of them, strings, non-empty, printable, short, unique.
+
+    Returns:
+        *list[str]*: the names, stripped of surrounding white space.
+
+    Raises:
+        TypeError: ``names`` is not a sequence of strings.
+        ValueError: a wrong count, an empty name, a control character, a name
+                    longer than :data:`MAX_NAME_LENGTH`, or a duplicate.
+    """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"concept names must be a list of {k} strings, got {names!r}.")
+    if len(names) != k:
+        raise ValueError(f"concept names must hold {k} names (one per concept), got {len(names)}.")
+    out = []
+    for j, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"concept name {j} must be a str, got {name!r}.")
+        text = name.strip()
+        if not text:
+            raise ValueError(f"concept name {j} is empty; give each concept a visible name.")
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
+            raise ValueError(
+                f"concept name {j} ({text!r}) holds a control character; use printable text."
+            )
+        if len(text) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"concept name {j} is {len(text)} characters long; at most {MAX_NAME_LENGTH}."
+            )
+        out.append(text)
+    seen: dict[str, int] = {}
+    for j, text in enumerate(out):
+        if text in seen:
+            raise ValueError(
+                f"concept names must be unique: {text!r} names concepts {seen[text]} and {j}."
+            )
+        seen[text] = j
+    return out
+
+
+def renamed(names: Sequence[str], mapping: Mapping[int, str]) -> list[str]:
+    """``names`` with the concepts in ``mapping`` renamed, validated as a whole.
+
+    Returns:
+        *list[str]*: the new names.
+
+    Raises:
+        IndexError: an index that is not a concept.
+        TypeError: a non-int index or a non-str name.
+        ValueError: an invalid result (see :func:`check_concept_names`).
+    """
+    new = list(names)
+    for index, name in mapping.items():
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"concept indices must be ints, got {index!r}.")
+        if not 0 <= index < len(new):
+            raise IndexError(
+                f"there is no concept {index}: the concepts are numbered 0 to {len(new) - 1}."
+            )
+        new[index] = name
+    return check_concept_names(new, len(new))
+
+
+def names_from_metadata(meta: Mapping[str, str], k: int, where: str) -> list[str] | None:
+    """The names a concept file records (None for files written before names existed).
+
+    Raises:
+        ConceptModelFormatError: the recorded names are unreadable or invalid.
+    """
+    text = meta.get(_META_KEY)
+    if text is None:
+        return None
+    try:
+        return check_concept_names(json.loads(text), k)
+    except (ValueError, TypeError) as exc:
+        raise ConceptModelFormatError(f"{where} has invalid concept names ({exc}).") from exc
+
+
+def names_metadata(names: Sequence[str] | None) -> dict[str, str]:
+    """The metadata entry for ``names`` (none for default names).
+
+    Returns:
+        *dict[str, str]*: ``{"concept_names": json}`` or ``{}``.
+    """
+    return {} if names is None else {_META_KEY: json.dumps(list(names))}
+
+
+def rename_concept_file(path: str | os.PathLike[str], mapping: Mapping[int, str]) -> list[str]:
+    """Rename concepts in a saved concept file; nothing else in it changes.
+
+    The file is checked (digest, format) and the new names validated before
+    anything is written; it is then rewritten atomically, so on any error it
+    is left exactly as it was.
+
+    Args:
+        path (str or PathLike): a ``.safetensors`` file from :meth:`NMFConceptAttribution.save`.
+        mapping (Mapping[int, str]): concept index to its new name.
+
+    Returns:
+        *list[str]*: every concept's name after the renaming.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConceptModelFormatError: not a valid concept file.
+        IndexError: an index that is not a concept.
+        ValueError: an invalid name (empty, control character, too long, duplicate).
+    """
+    source = Path(path)
+    tensors, meta = load_tensors(source, required=("concepts",))
+    k = int(tensors["concepts"].shape[0])
+    current = names_from_metadata(meta, k, str(source)) or default_concept_names(k)
+    names = renamed(current, mapping)
+    keep = {
+        key: value
+        for key, value in meta.items()
+        if key not in ("format", "format_version", "captum_nmf_version", "content_sha256")
+    }
+    keep.update(names_metadata(names))
+    save_tensors(source, tensors, keep)
+    return names

@@ -1,0 +1,127 @@
+"""Concept names: set, validated, saved with the concepts, used by exports and the command line."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from captum_nmf import NMFConceptAttribution
+from captum_nmf._core.names import rename_concept_file
+from captum_nmf.exceptions import NotFittedError
+from captum_nmf.export import to_geojson
+from captum_nmf.wsi import explain_slide
+from tests.helpers import runs
+from tests.helpers.wsi_models import PoolNet
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return runs.he_slide(tmp_path_factory.mktemp("names"))
+
+
+@pytest.fixture(scope="module")
+def fitted(slide: Path) -> NMFConceptAttribution:
+    return runs.pool_concepts(slide)
+
+
+@pytest.fixture
+def attr(fitted: NMFConceptAttribution) -> NMFConceptAttribution:
+    return copy.deepcopy(fitted)  # each test renames its own copy
+
+
+def test_default_names_rename_and_round_trip(tmp_path: Path, attr: NMFConceptAttribution) -> None:
+    assert attr.concept_names == ["concept 0", "concept 1", "concept 2"]
+    assert attr.rename({2: " tumour epithelium "}) is attr
+    assert attr.concept_names == ["concept 0", "concept 1", "tumour epithelium"]
+    attr.concept_names = ["stroma", "lymphocytes", "tumour epithelium"]
+    path = attr.save(tmp_path / "c.safetensors")
+    net = PoolNet().eval()
+    again = NMFConceptAttribution.load(path, net, net.relu)
+    assert again.concept_names == ["stroma", "lymphocytes", "tumour epithelium"]
+    attr.fit(torch.rand(2, 3, 64, 64), progress=False)  # new concepts: default names again
+    assert attr.concept_names[0] == "concept 0"
+
+
+@pytest.mark.parametrize(
+    ("mapping", "error", "match"),
+    [
+        ({3: "x"}, IndexError, r"no concept 3: the concepts are numbered 0 to 2"),
+        ({-1: "x"}, IndexError, "no concept -1"),
+        ({0: "  "}, ValueError, "concept name 0 is empty"),
+        ({0: "a\nb"}, ValueError, "control character"),
+        ({0: "x" * 65}, ValueError, "65 characters long; at most 64"),
+        ({0: "kept"}, ValueError, r"unique: 'kept' names concepts 0 and 1"),
+        ({"0": "x"}, TypeError, "indices must be ints"),
+    ],
+)
+def test_bad_names_change_nothing(
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    mapping: dict,
+    error: type[Exception],
+    match: str,
+) -> None:
+    attr.rename({1: "kept"})
+    with pytest.raises(error, match=match):
+        attr.rename(mapping)
+    assert attr.concept_names == ["concept 0", "kept", "concept 2"]
+    path = attr.save(tmp_path / "c.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(error, match=match):
+        rename_concept_file(path, mapping)
+    assert path.read_bytes() == before  # the file is left exactly as it was
+
+
+def test_names_need_fitted_concepts() -> None:
+    net = PoolNet()
+    with pytest.raises(NotFittedError, match="not fitted"):
+        _ = NMFConceptAttribution(net, net.relu, 3).concept_names
+
+
+def test_older_files_without_names_load(tmp_path: Path, attr: NMFConceptAttribution) -> None:
+    path = attr.save(tmp_path / "c.safetensors")  # default names are not written
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert "concept_names" not in f.metadata()
+    net = PoolNet().eval()
+    assert NMFConceptAttribution.load(path, net, net.relu).concept_names[1] == "concept 1"
+
+
+def test_names_reach_the_explanation_and_the_qupath_classes(
+    slide: Path, attr: NMFConceptAttribution
+) -> None:
+    attr.rename({0: "stroma", 2: "tumour epithelium"})
+    ex = explain_slide(attr, slide, tile_size=64, stride=32, tissue_mask=None, progress=False)
+    assert ex.config["concept_names"] == ["stroma", "concept 1", "tumour epithelium"]
+    classes = {f["properties"]["classification"]["name"] for f in to_geojson(ex)["features"]}
+    assert classes <= {"stroma", "concept 1", "tumour epithelium"}
+    assert "stroma" in classes or "tumour epithelium" in classes
+
+
+def test_name_command(
+    tmp_path: Path, attr: NMFConceptAttribution, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from captum_nmf import cli
+
+    path = attr.save(tmp_path / "c.safetensors")
+    assert cli.main(["name", str(path), "2=tumour epithelium", "0=stroma"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "0: stroma",
+        "1: concept 1",
+        "2: tumour epithelium",
+    ]
+    net = PoolNet().eval()
+    assert NMFConceptAttribution.load(path, net, net.relu).concept_names[2] == "tumour epithelium"
+    before = path.read_bytes()
+    assert cli.main(["name", str(path), "5=x"]) == 1
+    assert "no concept 5" in capsys.readouterr().err
+    assert cli.main(["name", str(path), "stroma"]) == 1
+    assert "is not INDEX=NAME" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert cli.main(["name", str(path)]) == 0
+    assert json.dumps(capsys.readouterr().out.splitlines()[0]) == '"0: stroma"'
