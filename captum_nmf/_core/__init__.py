@@ -1,0 +1,1 @@
+"""The core: the NMF estimator and NMFConceptAttribution, their names and persistence."""

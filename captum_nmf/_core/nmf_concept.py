@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -13,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_nmf._core import persistence
-from captum_nmf._core.names import check_concept_names, default_concept_names, renamed
+from captum_nmf._core.concept_set import ConceptSetMixin
 from captum_nmf._core.nmf import NMF
 from captum_nmf._core.nmf_input import InitName
 from captum_nmf._core.persistence import check_concept_values
@@ -38,7 +36,7 @@ _FITTED_ATTRIBUTES = (
 )
 
 
-class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
+class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[misc]
     r"""Concept maps of a layer from a non-negative matrix factorisation of its activations.
 
     Every spatial location of a layer's post-ReLU output is a C-dimensional
@@ -591,110 +589,3 @@ class NMFConceptAttribution(LayerAttribution):  # type: ignore[misc]
         """
         winner = torch.argmax(maps, dim=1)
         return torch.where(maps.amax(dim=1) > 0, winner, torch.full_like(winner, -1))
-
-    # ---------------------------------------------------------------- persist
-    @property
-    def concept_names(self) -> list[str]:
-        """The concepts' names, ``"concept 0"``, ... unless set (saved with the concepts).
-
-        Assign a full list, or rename some with :meth:`rename`. Names are
-        unique, non-empty, printable and at most 64 characters; they appear in
-        figure legends, QuPath classes, overlay descriptions, summaries and tables.
-
-        Raises:
-            NotFittedError: before ``fit`` or ``load``.
-        """
-        self.check_fitted("concept_names")
-        names = getattr(self, "_concept_names", None)
-        return list(names) if names else default_concept_names(int(self.concepts_.shape[0]))
-
-    @concept_names.setter
-    def concept_names(self, names: list[str]) -> None:
-        self.check_fitted("concept_names")
-        self._concept_names = check_concept_names(names, int(self.concepts_.shape[0]))
-
-    def rename(self, mapping: dict[int, str]) -> NMFConceptAttribution:
-        """Rename concepts, e.g. ``rename({3: "tumour epithelium"})``.
-
-        Args:
-            mapping (dict[int, str]): concept index to its new name.
-
-        Returns:
-            *NMFConceptAttribution*: ``self``.
-
-        Raises:
-            NotFittedError: before ``fit`` or ``load``.
-            IndexError: an index that is not a concept.
-            ValueError: an empty, non-printable, too long or duplicate name
-                        (nothing is renamed then).
-        """
-        self._concept_names = renamed(self.concept_names, mapping)
-        return self
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the concepts as a ``.safetensors`` file with JSON-able metadata.
-
-        The file holds the K x C concepts and string metadata: format and
-        library versions, K, C, layer name, negative-activation policy,
-        whether the layer input was used, and the solver settings. It is
-        written atomically. Nothing about the model itself is stored.
-
-        Args:
-            path (str or PathLike): destination ending in ``.safetensors``.
-
-        Returns:
-            *Path*: the path written.
-
-        Raises:
-            NotFittedError: before ``fit``.
-            ValueError: ``path`` does not end in ``.safetensors``.
-        """
-        return persistence.save_concepts(self, path)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        forward_func: Callable[..., Any],
-        layer: nn.Module,
-        *,
-        device_ids: list[int] | None = None,
-        strict: bool = False,
-        reshape_transform: Callable[[Tensor], Tensor] | None = None,
-    ) -> NMFConceptAttribution:
-        """Bind concepts saved by :meth:`save` to a model's layer.
-
-        Nothing is unpickled: the file must be a captum_nmf ``.safetensors``
-        file. The layer's channel count is checked now when the layer declares
-        it (convolutions, batch norms) and otherwise at the first ``attribute``.
-
-        Args:
-            path (str or PathLike): the ``.safetensors`` file.
-            forward_func (Callable): the model or any function of it.
-            layer (torch.nn.Module): the layer to bind the concepts to.
-            device_ids (list[int], optional): as in the constructor.
-                        Default: None
-            strict (bool, optional): raise instead of warn when the layer's
-                        name differs from the one saved.
-                        Default: False
-            reshape_transform (Callable, optional): as in the constructor.
-                        Default: None
-
-        Returns:
-            *NMFConceptAttribution*: a fitted instance.
-
-        Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ConceptModelFormatError: a pickle-based, corrupt, unknown or newer file.
-            ConceptModelMismatchError: the layer has another channel count (or
-                        another name with ``strict=True``).
-        """
-        return persistence.load_concepts(
-            cls,
-            path,
-            forward_func,
-            layer,
-            device_ids=device_ids,
-            strict=strict,
-            reshape_transform=reshape_transform,
-        )

@@ -1,0 +1,1 @@
+"""Private helpers: input validation, activation capture, solver kernels."""
