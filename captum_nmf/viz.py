@@ -37,6 +37,7 @@ __all__ = [
     "plot_comparison",
     "plot_concepts",
     "plot_overlay",
+    "plot_select_k",
     "plot_slide",
     "plot_structure",
 ]
@@ -459,4 +460,57 @@ def plot_slide(
     axis.set_axis_off()
     axis.set_title(Path(explanation.slide_path).name)
     _legend(axis, k, None)
+    return fig
+
+
+def plot_select_k(result: Any, *, figsize: tuple[float, float] = (6.0, 6.0)) -> Figure:
+    r"""Held-out error and concept stability against K, from ``select_k``'s result.
+
+    Top: the held-out relative error (training error dashed) with the
+    recommended K marked. Bottom: the share of stable concepts per K as bars,
+    and every concept's minimum matched cosine as a dot, unstable ones as a
+    red cross, with the stability threshold as a line.
+
+    Args:
+        result (KSelection): the result of ``select_k``.
+        figsize (tuple[float, float], optional): figure size in inches.
+                    Default: ``(6.0, 6.0)``
+
+    Returns:
+        *Figure*: a matplotlib figure (not attached to pyplot).
+
+    Raises:
+        ImportError: matplotlib (the ``viz`` extra) is missing.
+    """
+    try:
+        from matplotlib.figure import Figure as _Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"captum_nmf.viz plots need {_EXTRA}") from exc
+    data = result.figure_data()
+    ks = np.asarray(data["ks"])
+    fig = _Figure(figsize=figsize, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(ks, data["heldout_error"], "o-", color="#0072B2", label="held-out error")
+    top.plot(ks, data["train_error"], "--", color="#0072B2", alpha=0.6, label="training error")
+    if data["recommended"] is not None:
+        for ax in (top, bottom):
+            ax.axvline(data["recommended"], color="#009E73", linestyle=":", label=None)
+        top.annotate(
+            f"recommended K = {data['recommended']}",
+            (data["recommended"], float(np.max(data["heldout_error"]))),
+            color="#009E73",
+            fontsize="small",
+        )
+    top.set_ylabel("relative error")
+    top.legend(fontsize="small")
+    bottom.bar(ks, data["share_stable"], color="#999999", alpha=0.5, label="share stable")
+    for k, cosines, unstable in zip(ks, data["min_cosine"], data["unstable"], strict=True):
+        cos, bad = np.asarray(cosines), np.asarray(unstable, bool)
+        bottom.scatter(np.full(int((~bad).sum()), k), cos[~bad], s=12, color="#0072B2")
+        bottom.scatter(np.full(int(bad.sum()), k), cos[bad], s=20, color="#D55E00", marker="x")
+    bottom.axhline(data["stable_cosine"], color="#D55E00", linewidth=0.8)
+    bottom.set_ylim(0, 1.05)
+    bottom.set_xlabel("K (number of concepts)")
+    bottom.set_ylabel("min matched cosine / share stable")
+    bottom.set_xticks(ks)
     return fig

@@ -293,6 +293,42 @@ def name(args: argparse.Namespace) -> int:
     return 0
 
 
+def select_k(args: argparse.Namespace) -> int:
+    """``captum-nmf select-k``: error and stability against K on slide tiles; a recommended K."""
+    from captum_nmf.compare.selection import select_k as sweep
+    from captum_nmf.io import atomic_write
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory.")
+    device = _device(args)
+    normalisation(args.model, args.normalize)  # checked before the model loads
+    model, layer = _model(args, device)
+    result = sweep(
+        (model, layer),
+        _slide_tiles(args, args.slides),
+        ks=args.ks,
+        holdout=args.holdout,
+        n_seeds=args.n_seeds,
+        max_rows=args.max_rows,
+        gain_threshold=args.gain_threshold,
+        stable_cosine=args.stable_cosine,
+        batch_size=args.batch_size,
+        random_state=args.seed,
+        progress=not args.no_progress,
+    )
+    result.save(out)
+    try:
+        from captum_nmf.viz import plot_select_k
+    except ImportError:  # pragma: no cover - the viz extra is missing: tables only
+        pass
+    else:
+        with atomic_write(out / "select_k.png", "wb") as fh:
+            plot_select_k(result).savefig(fh, format="png", dpi=120)
+    print(result.to_markdown())
+    return 0
+
+
 #: Command name to its function; :func:`captum_nmf.cli.main` dispatches through it.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fit": fit,
@@ -302,4 +338,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": demo,
     "info": info,
     "name": name,
+    "select-k": select_k,
 }

@@ -1,4 +1,4 @@
-"""The ``captum-nmf`` argument parser: fit, explain, analyse, export, demo, info and name."""
+"""The ``captum-nmf`` argument parser: fit, explain, analyse, export, demo, info, name, select-k."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ EXAMPLES = {
     "demo": "captum-nmf demo --out demo_out",
     "info": "captum-nmf info slide.svs",
     "name": 'captum-nmf name concepts.safetensors 3="tumour epithelium" 0=stroma',
+    "select-k": "captum-nmf select-k --model zoo:efficientnet_lite0 --layer head_relu "
+    "--ks 2-12 --out select_k a.svs b.svs",
 }
 
 
@@ -135,6 +137,34 @@ def _analyse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
 
 
+def _ks(text: str) -> list[int]:
+    """``2-12`` or ``2,4,8`` (or a mix) as a list of K."""
+    ks: list[int] = []
+    try:
+        for part in text.split(","):
+            low, sep, high = part.strip().partition("-")
+            ks.extend(range(int(low), int(high) + 1) if sep else [int(low)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a range of K; write e.g. 2-12 or 2,4,8"
+        ) from None
+    return ks
+
+
+def _select_k_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _tile_args(p)
+    p.add_argument("slides", nargs="+")
+    p.add_argument("--ks", type=_ks, default=list(range(2, 13)), help="K to try (default 2-12)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of tiles held out")
+    p.add_argument("--n-seeds", type=int, default=5, help="fits per K for stability")
+    p.add_argument("--max-rows", type=int, default=10_000, help="feature rows sampled")
+    p.add_argument("--gain-threshold", type=float, default=0.01)
+    p.add_argument("--stable-cosine", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (tables, JSON, figure)")
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("explanation", help="a directory written by 'explain'")
     p.add_argument("--out", required=True)
@@ -174,10 +204,11 @@ _COMMANDS = (
     ("export", "GeoJSON, overlay TIFFs and a summary of an explained slide.", _export_args),
     ("demo", "Run the whole pipeline offline on packaged real H&E.", _demo_args),
     ("info", "Slide metadata and levels.", _info_args),
+    ("name", "Name concepts (saved in the concepts file, used in exports).", _name_args),
     (
-        "name",
-        "Name concepts (saved in the concepts file; used in figures and exports).",
-        _name_args,
+        "select-k",
+        "Choose K: held-out error and concept stability for a range of K, and a stated rule.",
+        _select_k_args,
     ),
 )
 
