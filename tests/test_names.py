@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,29 @@ def test_name_command(
     assert path.read_bytes() == before
     assert cli.main(["name", str(path)]) == 0
     assert json.dumps(capsys.readouterr().out.splitlines()[0]) == '"0: stroma"'
+
+
+def test_stability_is_stored_with_the_concepts(
+    tmp_path: Path, attr: NMFConceptAttribution, slide: Path
+) -> None:
+    from captum_nmf.compare.stability import ConceptStability, concept_stability
+    from captum_nmf.wsi import SlideTiles
+
+    assert attr.stability_ is None
+    assert ConceptStability.of(attr) is None
+    tiles = SlideTiles(slide, tile_size=64, stride=32, tissue_mask=None)
+    result = concept_stability(attr, tiles, n_seeds=3, progress=False)
+    assert result.attach(attr) is attr
+    path = attr.save(tmp_path / "c.safetensors")
+    net = PoolNet().eval()
+    again = ConceptStability.of(NMFConceptAttribution.load(path, net, net.relu))
+    assert again is not None
+    np.testing.assert_array_equal(again.matched_cosine, result.matched_cosine)
+    np.testing.assert_array_equal(again.stable, result.stable)
+    other = NMFConceptAttribution(net, net.relu, 2, random_state=0).fit(
+        torch.rand(2, 3, 64, 64), progress=False
+    )
+    with pytest.raises(ValueError, match="stability is of 3 concepts, attr has 2"):
+        result.attach(other)
+    attr.fit(torch.rand(2, 3, 64, 64), progress=False)
+    assert attr.stability_ is None  # new concepts: the old record no longer applies

@@ -29,6 +29,10 @@ class ConceptSetMixin:
 
     concepts_: Tensor
     _concept_names: list[str] | None
+    #: The concepts' stability record (``ConceptStability.to_dict()`` of
+    #: :mod:`captum_nmf.compare.stability`, attached with its ``attach``), saved
+    #: with the concepts; None until one is attached, and after a new fit.
+    stability_: dict[str, Any] | None = None
 
     def check_fitted(self, before: str = "attribute") -> None:
         """Raise unless the concepts are fitted (the estimator's own check)."""

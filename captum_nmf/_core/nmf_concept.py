@@ -424,6 +424,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         self.n_samples_seen_ = int(solver.n_samples_seen_)
         self.reconstruction_err_ = float(solver.reconstruction_err_)
         self._concept_names: list[str] | None = None  # new concepts: default names again
+        self.stability_ = None  # and no stability record yet
         return self
 
     # --------------------------------------------------------------- attribute

@@ -64,6 +64,7 @@ def save_concepts(attr: NMFConceptAttribution, path: str | os.PathLike[str]) -> 
         "reconstruction_err": repr(attr.reconstruction_err_),
         "torch_version": torch.__version__,
         **names_metadata(getattr(attr, "_concept_names", None)),
+        **({} if attr.stability_ is None else {"stability": json.dumps(attr.stability_)}),
     }
     return save_tensors(path, {"concepts": attr.concepts_}, metadata)
 
@@ -148,6 +149,12 @@ def load_concepts(
     attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
     attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
     attr._concept_names = names_from_metadata(meta, k, str(path))  # None: an older file
+    try:
+        attr.stability_ = json.loads(meta["stability"]) if "stability" in meta else None
+    except ValueError as exc:
+        raise ConceptModelFormatError(
+            f"{path} has an unreadable stability record ({exc})."
+        ) from exc
     return attr
 
 

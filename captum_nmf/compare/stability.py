@@ -163,6 +163,33 @@ class ConceptStability:
         """String metadata for a ``.safetensors`` header: ``{"stability": <json>}``."""
         return {"stability": json.dumps(self.to_dict(), separators=(",", ":"))}
 
+    def attach(self, attr: Any) -> Any:
+        """Record this stability on ``attr`` (saved with its concepts by ``attr.save``).
+
+        Returns:
+            *NMFConceptAttribution*: ``attr``.
+
+        Raises:
+            ValueError: ``attr`` has another number of concepts.
+        """
+        k = int(attr.concepts_.shape[0])
+        if self.matched_cosine.shape[0] != k:
+            raise ValueError(
+                f"this stability is of {self.matched_cosine.shape[0]} concepts, attr has {k}."
+            )
+        attr.stability_ = self.to_dict()
+        return attr
+
+    @classmethod
+    def of(cls, attr: Any) -> ConceptStability | None:
+        """The stability recorded on ``attr`` (attached, or loaded with its concepts), if any.
+
+        Returns:
+            *ConceptStability or None*: the record.
+        """
+        record = getattr(attr, "stability_", None)
+        return None if record is None else cls.from_dict(record)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConceptStability:
         """Rebuild from :meth:`to_dict` (or the JSON of :meth:`to_metadata`).
