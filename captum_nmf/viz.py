@@ -33,6 +33,7 @@ __all__ = [
     "PALETTE",
     "cluster_image",
     "concept_colors",
+    "concept_labels",
     "overlay",
     "plot_comparison",
     "plot_concepts",
@@ -410,6 +411,7 @@ def plot_slide(
     alpha: float = 0.6,
     clusters: bool = False,
     per_concept: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
     """A :class:`~captum_nmf.wsi.SlideExplanation` over its slide's thumbnail.
 
@@ -425,11 +427,17 @@ def plot_slide(
                     Default: False
         per_concept (bool, optional): one panel per concept (Fig. 2 for a slide).
                     Default: False
+        labels (sequence of str, optional): concept names for the legend.
+                    Default: None (the names the explanation recorded)
 
     Returns:
         *Figure*: the figure drawn into.
     """
     from captum_nmf.wsi import Slide
+
+    if labels is None:
+        recorded = explanation.config.get("concept_names")
+        labels = recorded if isinstance(recorded, list) else None
 
     with Slide(explanation.slide_path) as slide:
         thumb, (dx, dy) = slide.thumbnail(max_size)
@@ -448,19 +456,44 @@ def plot_slide(
     if per_concept:
         if ax is not None:
             raise ValueError("per_concept=True draws one panel per concept; leave ax=None.")
-        return plot_concepts(image, masked, alpha=alpha)
+        return plot_concepts(image, masked, alpha=alpha, labels=labels)
     fig, (axis,) = _figure(ax, 1, (6.0, 6.0 * h / max(w, 1)))
     if clusters:
-        labels = np.asarray(explanation.assignment)[rows][:, cols]
-        colours = cluster_image(labels, k)
-        opacity = np.where(labels >= 0, alpha, 0.0)[..., None]
+        assigned = np.asarray(explanation.assignment)[rows][:, cols]
+        colours = cluster_image(assigned, k)
+        opacity = np.where(assigned >= 0, alpha, 0.0)[..., None]
         axis.imshow(image * (1 - opacity) + colours * opacity)
     else:
         axis.imshow(overlay(image, masked, alpha=alpha))
     axis.set_axis_off()
     axis.set_title(Path(explanation.slide_path).name)
-    _legend(axis, k, None)
+    _legend(axis, k, labels)
     return fig
+
+
+def concept_labels(attr: Any, *, unstable: str = " (unstable)") -> list[str]:
+    """Legend labels of ``attr``'s concepts: their names, unstable ones marked.
+
+    A concept is marked when the stability record stored with the concepts
+    (``ConceptStability.attach``) finds it unstable.
+
+    Args:
+        attr (NMFConceptAttribution): fitted or loaded concepts.
+        unstable (str, optional): appended to the names of unstable concepts.
+                    Default: ``" (unstable)"``
+
+    Returns:
+        *list[str]*: one label per concept, for ``labels=`` of the plots.
+    """
+    names = list(attr.concept_names)
+    record = getattr(attr, "stability_", None)
+    if record:
+        cosines = np.asarray(record.get("matched_cosine", []), np.float64)
+        threshold = float(record.get("threshold", 0.9))
+        if cosines.ndim == 2 and cosines.shape[0] == len(names):
+            for j in np.flatnonzero(cosines.min(axis=1) < threshold):
+                names[int(j)] += unstable
+    return names
 
 
 def plot_select_k(result: Any, *, figsize: tuple[float, float] = (6.0, 6.0)) -> Figure:

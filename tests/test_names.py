@@ -152,3 +152,16 @@ def test_stability_is_stored_with_the_concepts(
         result.attach(other)
     attr.fit(torch.rand(2, 3, 64, 64), progress=False)
     assert attr.stability_ is None  # new concepts: the old record no longer applies
+
+
+def test_legends_show_names_and_mark_unstable_concepts(attr: NMFConceptAttribution) -> None:
+    from captum_nmf.viz import concept_labels
+
+    attr.rename({0: "stroma"})
+    assert concept_labels(attr) == ["stroma", "concept 1", "concept 2"]
+    attr.stability_ = {
+        "threshold": 0.9,
+        "matched_cosine": [[0.99, 0.95], [0.5, 0.97], [0.92, 0.91]],
+        "matched_index": [[0, 0], [1, 2], [2, 1]],
+    }
+    assert concept_labels(attr) == ["stroma", "concept 1 (unstable)", "concept 2"]
