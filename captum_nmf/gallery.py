@@ -1,0 +1,293 @@
+"""Prototype galleries: the tiles where each concept is strongest, its intensity beside them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from captum_nmf._utils.activations import model_device
+from captum_nmf._utils.validation import check_int
+from captum_nmf.engines import FitOptions
+from captum_nmf.engines.batches import epochs, first_tensor
+from captum_nmf.io import atomic_write
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from captum_nmf import NMFConceptAttribution
+
+__all__ = ["ConceptGallery", "concept_gallery"]
+
+#: Tiles more alike than this (correlation of their 16 x 16 grey thumbnails) are near-duplicates.
+DUPLICATE_CORRELATION = 0.95
+
+
+@dataclass
+class _Entry:
+    score: float
+    tile: int
+    image: NDArray[np.float64]  # h x w x 3 in [0, 1]
+    intensity: NDArray[np.float64]  # the concept's map, cells
+    location: tuple[int, int] | None
+
+
+@dataclass
+class ConceptGallery:
+    """The top tiles of every concept (:func:`concept_gallery`).
+
+    Attributes:
+        names (list[str]): the concepts' names.
+        entries (list[list]): per concept, its tiles from the strongest down:
+                    ``(score, tile index, image, intensity map, level-0 location or None)``.
+    """
+
+    names: list[str]
+    entries: list[list[_Entry]] = field(default_factory=list)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per shown tile: concept, name, rank, tile, mean intensity, location.
+
+        Returns:
+            *list[dict]*: the rows.
+        """
+        rows = []
+        for j, entries in enumerate(self.entries):
+            for rank, e in enumerate(entries):
+                x, y = e.location if e.location is not None else (None, None)
+                rows.append(
+                    {
+                        "concept": j,
+                        "name": self.names[j],
+                        "rank": rank,
+                        "tile": e.tile,
+                        "mean_intensity": e.score,
+                        "x": x,
+                        "y": y,
+                    }
+                )
+        return rows
+
+    def figure(self, concept: int) -> Figure:
+        """Concept ``concept``'s tiles, each with its intensity over it beside the tile.
+
+        Returns:
+            *Figure*: a matplotlib figure (not attached to pyplot).
+
+        Raises:
+            IndexError: no such concept.
+        """
+        from matplotlib.figure import Figure as _Figure
+
+        from captum_nmf.viz import overlay
+
+        if not 0 <= concept < len(self.entries):
+            raise IndexError(f"there is no concept {concept} (0 to {len(self.entries) - 1}).")
+        entries = self.entries[concept]
+        n = max(1, len(entries))
+        fig = _Figure(figsize=(4.0, 2.0 * n), layout="constrained")
+        axes = fig.subplots(n, 2, squeeze=False)
+        k = len(self.names)
+        for row, e in enumerate(entries):
+            maps = np.zeros((k, *e.intensity.shape))
+            maps[concept] = e.intensity
+            axes[row][0].imshow(e.image)
+            axes[row][1].imshow(overlay(e.image, maps, alpha=0.7))
+            where = "" if e.location is None else f" at {e.location[0]}, {e.location[1]}"
+            axes[row][0].set_title(f"tile {e.tile}{where}", fontsize="small")
+            axes[row][1].set_title(f"mean intensity {e.score:.3g}", fontsize="small")
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        fig.suptitle(self.names[concept])
+        return fig
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``gallery_concept_<k>.png`` per concept and ``gallery.csv``, atomically.
+
+        Returns:
+            *Path*: the directory.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for j in range(len(self.entries)):
+            with atomic_write(out / f"gallery_concept_{j}.png", "wb") as fh:
+                self.figure(j).savefig(fh, format="png", dpi=100)
+        text = io.StringIO()
+        fields = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y"]
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.table())
+        with atomic_write(out / "gallery.csv", newline="") as fh:
+            fh.write(text.getvalue())
+        return out
+
+
+def concept_gallery(
+    attr: NMFConceptAttribution,
+    source: Tensor | Iterable[Any] | Any,
+    *,
+    top_n: int = 6,
+    batch_size: int = 16,
+    labels: Sequence[str] | None = None,
+    progress: bool = True,
+) -> ConceptGallery:
+    r"""The ``top_n`` tiles of every concept by mean intensity, near-duplicates left out.
+
+    One pass over the source with :meth:`NMFConceptAttribution.attribute`.
+    A tile's score for a concept is the mean of the concept's intensity over
+    the tile. A tile is left out of a concept's gallery when it nearly repeats
+    a better-ranked one: for :class:`~captum_nmf.wsi.SlideTiles`, when the two
+    overlap by more than half a tile; otherwise when their 16 x 16 grey
+    thumbnails correlate above 0.95. Tiles of a ``SlideTiles`` are shown as
+    read from the slide (before its ``transform``); other tiles as given,
+    rescaled to [0, 1] when they are not in that range.
+
+    Args:
+        attr (NMFConceptAttribution): fitted concepts.
+        source (Tensor, iterable of batches or map-style Dataset): the tiles
+                    (N x 3 x H x W; batches may be ``(x, ...)`` tuples).
+        top_n (int, optional): tiles per concept.
+                    Default: 6
+        batch_size (int, optional): tiles per forward (tensors and datasets).
+                    Default: 16
+        labels (sequence of str, optional): concept names.
+                    Default: None (``attr.concept_names``)
+        progress (bool, optional): show a tqdm progress bar.
+                    Default: True
+
+    Returns:
+        *ConceptGallery*: per concept its tiles, ``figure(k)``, ``save(dir)``.
+
+    Raises:
+        NotFittedError: ``attr`` is not fitted.
+        TypeError, ValueError: a bad ``top_n`` or ``batch_size``, an empty source.
+    """
+    attr.check_fitted("concept_gallery")
+    top_n = check_int("top_n", top_n, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    k = int(attr.concepts_.shape[0])
+    names = list(labels) if labels is not None else attr.concept_names
+    if len(names) != k:
+        raise ValueError(f"labels must hold {k} names (one per concept), got {len(names)}.")
+    dataset = source if hasattr(source, "read") and hasattr(source, "locate") else None
+    candidates: list[list[_Entry]] = [[] for _ in range(k)]
+    seen = 0
+    for batch in tqdm(_batches(attr, source, batch_size), disable=not progress, desc="gallery"):
+        x = first_tensor(batch)
+        if x.shape[0] == 0:
+            continue
+        with torch.no_grad():
+            maps = attr.attribute(x.to(model_device(attr.forward_func, attr.layer) or x.device))
+        maps64 = maps.detach().to("cpu", torch.float64)
+        scores = maps64.mean(dim=(2, 3)).numpy()
+        ids = _ids(batch, dataset, seen, int(x.shape[0]))
+        for j in range(k):
+            for i in np.argsort(-scores[:, j], kind="stable")[: 4 * top_n]:
+                candidates[j].append(
+                    _Entry(
+                        float(scores[i, j]),
+                        ids[i],
+                        _display(x[i], dataset, ids[i]),
+                        maps64[i, j].numpy(),
+                        _location(dataset, ids[i]),
+                    )
+                )
+            candidates[j] = sorted(candidates[j], key=lambda e: -e.score)[: 4 * top_n]
+        seen += int(x.shape[0])
+    if seen == 0:
+        raise ValueError("source holds no tiles; pass at least one tile.")
+    side = _tile_side(dataset)
+    return ConceptGallery(names, [_unique(c, top_n, side) for c in candidates])
+
+
+def _batches(attr: NMFConceptAttribution, source: Any, batch_size: int) -> Iterable[Any]:
+    if isinstance(source, Tensor):
+        return [source[i : i + batch_size] for i in range(0, source.shape[0], batch_size)]
+    device = model_device(attr.forward_func, attr.layer)
+    options = FitOptions(
+        batch_size=batch_size,
+        n_epochs=1,
+        seed=0,
+        progress=False,
+        pin_memory=device is not None and device.type == "cuda",
+    )
+    return epochs(source, options)[0]
+
+
+def _ids(batch: Any, dataset: Any, seen: int, n: int) -> list[int]:
+    if dataset is not None and isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return [int(i) for i in batch[1]]  # SlideTiles: item i is (image, i)
+    return list(range(seen, seen + n))
+
+
+def _display(tile: Tensor, dataset: Any, index: int) -> NDArray[np.float64]:
+    """The tile as an h x w x 3 image in [0, 1]: the slide's pixels, or the tensor rescaled."""
+    if dataset is not None:
+        return np.asarray(dataset.read(index), np.float64) / 255.0
+    img = tile.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+    low, high = float(img.min()), float(img.max())
+    if low < 0.0 or high > 1.0:
+        img = (img - low) / max(high - low, 1e-12)
+    return np.asarray(img[..., :3])
+
+
+def _location(dataset: Any, index: int) -> tuple[int, int] | None:
+    if dataset is None:
+        return None
+    s, t = dataset.locate(index)
+    x, y = dataset.grids[s].location(t)
+    return int(x), int(y)
+
+
+def _tile_side(dataset: Any) -> float | None:
+    if dataset is None or not getattr(dataset, "grids", None):
+        return None
+    return float(dataset.grids[0].tile_size_level0)
+
+
+def _thumb(image: NDArray[np.float64]) -> NDArray[np.float64]:
+    grey = image.mean(axis=2)
+    h, w = grey.shape
+    ys = (np.arange(16) * h) // 16
+    xs = (np.arange(16) * w) // 16
+    small = grey[np.ix_(ys, xs)].ravel()
+    small = small - small.mean()
+    norm = float(np.linalg.norm(small))
+    out: NDArray[np.float64] = small / norm if norm > 0 else small
+    return out
+
+
+def _unique(candidates: list[_Entry], top_n: int, side: float | None) -> list[_Entry]:
+    """The best ``top_n`` candidates, skipping those that nearly repeat a better one."""
+    chosen: list[_Entry] = []
+    thumbs: list[NDArray[np.float64]] = []
+    for e in candidates:
+        if len(chosen) == top_n:
+            break
+        if any(c.tile == e.tile for c in chosen):
+            continue
+        if side is not None and e.location is not None:
+            if any(
+                c.location is not None
+                and abs(c.location[0] - e.location[0]) < side / 2
+                and abs(c.location[1] - e.location[1]) < side / 2
+                for c in chosen
+            ):
+                continue
+        else:
+            t = _thumb(e.image)
+            if any(float(t @ u) > DUPLICATE_CORRELATION for u in thumbs):
+                continue
+            thumbs.append(t)
+        chosen.append(e)
+    return chosen
