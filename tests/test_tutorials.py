@@ -71,3 +71,16 @@ def test_paper_analyses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert values["cam_methods"] == ["gradcam", "gradcam++", "hirescam"]
     assert len(values["concept_iou_with_mask"]) == 6
     assert 0 <= values["gradcam_iou_with_mask"] <= 1
+
+
+def test_choose_k_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _run("04_choose_k_and_name.ipynb", tmp_path, monkeypatch)
+    assert values["ks"] == [2, 3, 4]
+    assert values["k"] in (2, 3, 4)
+    assert values["recommended"] in (None, 2, 3, 4)
+    assert 0.0 <= values["share_stable"] <= 1.0
+    assert "tumour nest" in values["names"]
+    assert set(values["qupath_classes"]) <= set(values["names"])
+    assert values["stability_saved"] is True
+    assert "gallery.csv" in values["gallery_files"]
+    assert (tmp_path / "k_export" / "clusters.tif").is_file()
