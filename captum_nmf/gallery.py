@@ -139,6 +139,7 @@ def concept_gallery(
     top_n: int = 6,
     batch_size: int = 16,
     labels: Sequence[str] | None = None,
+    images: Tensor | None = None,
     progress: bool = True,
 ) -> ConceptGallery:
     r"""The ``top_n`` tiles of every concept by mean intensity, near-duplicates left out.
@@ -162,6 +163,10 @@ def concept_gallery(
                     Default: 16
         labels (sequence of str, optional): concept names.
                     Default: None (``attr.concept_names``)
+        images (Tensor, optional): N x 3 x H x W images in [0, 1] to show for
+                    the tiles of a tensor or batch source, in stream order
+                    (e.g. the tiles before their normalisation).
+                    Default: None (the tiles as given)
         progress (bool, optional): show a tqdm progress bar.
                     Default: True
 
@@ -197,7 +202,7 @@ def concept_gallery(
                     _Entry(
                         float(scores[i, j]),
                         ids[i],
-                        _display(x[i], dataset, ids[i]),
+                        _display(x[i] if images is None else images[ids[i]], dataset, ids[i]),
                         maps64[i, j].numpy(),
                         _location(dataset, ids[i]),
                     )

@@ -33,6 +33,10 @@ def test_demo_writes_a_report_with_figures_tables_and_exports(
         assert link in report
         assert (out / link).is_file()
     assert "Surrogate logistic regression" in report
+    assert "Choosing K, stability and names" in report
+    assert (out / "figures" / "select_k.png").is_file()
+    assert (out / "figures" / "gallery" / "gallery_concept_0.png").is_file()
+    assert "-rich" in report  # at least one concept named from the nuclei masks
     assert "Agreement of concepts with GradCAM++" in report
     features = json.loads((out / "exports" / "concepts.geojson").read_text())["features"]
     assert features

@@ -28,11 +28,19 @@ from captum_nmf import NMFConceptAttribution
 from captum_nmf.compare import AnalysisResult, CamAgreement, analyse, cam_agreement
 from captum_nmf.demo import data
 from captum_nmf.demo.detector import HETiles, he_tiles, train_tumour_detector
+from captum_nmf.demo.naming import run_concept_step
 from captum_nmf.demo.report import DemoFindings, write_report
 from captum_nmf.demo.zoo import normalize
 from captum_nmf.export import slide_summary, to_geojson, write_overlay_tiff
 from captum_nmf.io import atomic_write
-from captum_nmf.viz import plot_comparison, plot_concepts, plot_overlay, plot_slide, plot_structure
+from captum_nmf.viz import (
+    plot_comparison,
+    plot_concepts,
+    plot_overlay,
+    plot_select_k,
+    plot_slide,
+    plot_structure,
+)
 from captum_nmf.wsi import SlideExplanation, explain_slide, write_pyramid
 
 __all__ = ["K", "TILE", "run_demo"]
@@ -88,7 +96,8 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     attr = NMFConceptAttribution(model, model.head_relu, K, random_state=0)
     x = normalize(tiles.images)
     attr.fit([x[i : i + 32] for i in range(0, len(x), 32)], progress=False)
-    attr.save(out_dir / "concepts.safetensors")
+    concept_step = run_concept_step(attr, tiles, x, small=small)
+    attr.save(out_dir / "concepts.safetensors")  # with the names and the stability record
     steps.done("concepts")
     nest, stroma = (data.rgb(name) for name in data.IMAGES)
     slide_path = write_pyramid(np.concatenate([nest, stroma], axis=1), out_dir / "demo_slide.svs")
@@ -101,8 +110,14 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     summary = _exports(ex, out_dir / "exports")
     steps.done("exports")
     figures = _figures(ex, tiles, result, out_dir / "figures")
+    figures["select_k"] = _save(
+        plot_select_k(concept_step.selection), out_dir / "figures" / "select_k.png"
+    )
+    concept_step.gallery.save(out_dir / "figures" / "gallery")
     steps.done("figures")
-    findings = DemoFindings(result, vs_mask, gradcam_vs_mask, summary, train_accuracy, repr(ex), K)
+    findings = DemoFindings(
+        result, vs_mask, gradcam_vs_mask, summary, train_accuracy, repr(ex), K, concept_step
+    )
     report = write_report(out_dir, figures, findings)
     steps.done("report")
     return report

@@ -38,6 +38,7 @@ class DemoFindings:
     train_accuracy: float
     slide: str
     n_concepts: int
+    concepts: Any = None  # the concept step (naming.ConceptStep), when it ran
 
 
 def _figure(figures: dict[str, str], key: str, caption: str) -> str:
@@ -88,6 +89,32 @@ def _analysis_section(figures: dict[str, str], found: DemoFindings) -> str:
 """
 
 
+def _concept_section(figures: dict[str, str], found: DemoFindings) -> str:
+    step = found.concepts
+    if step is None or "select_k" not in figures:
+        return ""
+    names = step.gallery.names
+    rows = "".join(
+        f"<tr><td>{j}</td><td>{html.escape(names[j])}</td>"
+        f"<td>{'' if j not in step.shares else f'{step.shares[j]:.2f}'}</td>"
+        f"<td>{step.stability.min_cosine[j]:.3f}</td>"
+        f"<td>{'yes' if step.stability.stable[j] else 'no'}</td>"
+        f'<td><a href="figures/gallery/gallery_concept_{j}.png">gallery</a></td></tr>'
+        for j in range(len(names))
+    )
+    return f"""<h2>Choosing K, stability and names</h2>
+{_figure(figures, "select_k", "held-out error and concept stability against K")}
+<p>{html.escape(step.selection.rule)}</p>
+<p>The demo keeps K = {found.n_concepts} (the paper's choice) and reports the sweep beside it.
+Concepts are named after the nuclei type that holds at least half of the typed nuclei pixels
+in the cells assigned to them on the tiles of the image with a nuclei-type mask (majority
+overlap); the others keep their numbers. Stability: the minimum cosine of each concept with its
+Hungarian match in refits on other halves of the tiles (stable at 0.9 or more).</p>
+<table><tr><th>concept</th><th>name</th><th>majority share</th><th>min matched cosine</th>
+<th>stable</th><th>prototypes</th></tr>{rows}</table>
+"""
+
+
 def write_report(out_dir: Path, figures: dict[str, str], found: DemoFindings) -> Path:
     """Write ``out_dir/report.html`` atomically.
 
@@ -99,6 +126,9 @@ def write_report(out_dir: Path, figures: dict[str, str], found: DemoFindings) ->
     Returns:
         *Path*: ``report.html``.
     """
+    sections = "".join(
+        part(figures, found) for part in (_concept_section, _slide_section, _analysis_section)
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>captum-nmf demo report</title>
 <style>{_STYLE}</style></head><body>
@@ -107,7 +137,7 @@ def write_report(out_dir: Path, figures: dict[str, str], found: DemoFindings) ->
 with its real ImageNet weights and a tumour-tile head (training accuracy
 {found.train_accuracy:.3f}), {found.n_concepts} NMF concepts of <code>head_relu</code>.
 {found.result.n_tiles} tiles analysed.</p>
-{_slide_section(figures, found)}{_analysis_section(figures, found)}</body></html>
+{sections}</body></html>
 """
     path = out_dir / "report.html"
     with atomic_write(path) as fh:
