@@ -165,3 +165,18 @@ def test_legends_show_names_and_mark_unstable_concepts(attr: NMFConceptAttributi
         "matched_index": [[0, 0], [1, 2], [2, 1]],
     }
     assert concept_labels(attr) == ["stroma", "concept 1 (unstable)", "concept 2"]
+
+
+def test_analysis_tables_use_the_names(slide: Path, attr: NMFConceptAttribution) -> None:
+    from captum_nmf.compare import analyse
+    from captum_nmf.wsi import SlideTiles
+
+    attr.rename({0: "stroma", 2: "tumour epithelium"})
+    tiles = SlideTiles(slide, tile_size=64, stride=32, tissue_mask=None)
+    x = torch.stack([tiles[i][0] for i in range(24)])
+    result = analyse(attr, x, target=1, progress=False)
+    for name, table in result.tables().items():
+        text = table.to_markdown()
+        assert "concept 0" not in text, name
+        assert "stroma" in text, name
+    assert result.similarity.table.columns[1:] == ["stroma", "concept 1", "tumour epithelium"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,14 +348,19 @@ def analyse(
         surrogate = surrogate_report(
             m, binary, groups=group_ids, feature=surrogate_feature, random_state=random_state
         )
+    names = attr.concept_names  # the tables show the concepts' names
+
+    def named(result: Any) -> Any:
+        return replace(result, table=result.table.with_concept_names(names))
+
     agreements: dict[str, CamAgreement] = {
-        method: cam_agreement(m, cam_values[method], predictions, name=_CAM_NAMES[method])
+        method: named(cam_agreement(m, cam_values[method], predictions, name=_CAM_NAMES[method]))
         for method in cam_methods
     }
     return AnalysisResult(
-        concept_similarity(attr),
-        weight_correlation(m),
-        surrogate,
+        named(concept_similarity(attr)),
+        named(weight_correlation(m)),
+        None if surrogate is None else named(surrogate),
         agreements,
         predictions,
         int(m.shape[0]),

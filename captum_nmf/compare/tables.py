@@ -52,6 +52,17 @@ class Table:
     rows: list[list[Any]]
     title: str = ""
 
+    def with_concept_names(self, names: Sequence[str]) -> Table:
+        """The same table with ``concept j`` (in the columns and the cells) shown as ``names[j]``.
+
+        Returns:
+            *Table*: a new table.
+        """
+        mapping = {f"concept {j}": str(n) for j, n in enumerate(names)}
+        columns = [mapping.get(c, c) for c in self.columns]
+        rows = [[mapping.get(v, v) if isinstance(v, str) else v for v in row] for row in self.rows]
+        return Table(columns, rows, self.title)
+
     def to_markdown(self) -> str:
         """The table as GitHub-flavoured markdown (numbers to 3 decimals)."""
         lines = [f"**{self.title}**", ""] if self.title else []
