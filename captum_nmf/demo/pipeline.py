@@ -190,11 +190,13 @@ def _figures(
     image = tiles.images[result.indices[first]]
     maps = result.concept_maps[first]
     gradcam = result.cam_values["gradcam"][first]
+    names = ex.config.get("concept_names")  # the names given in the concept step
     return {
         "fig1": _save(
-            plot_overlay(image, maps, title="concept intensities"), out_dir / "fig1_overlay.png"
+            plot_overlay(image, maps, title="concept intensities", labels=names),
+            out_dir / "fig1_overlay.png",
         ),
-        "fig2": _save(plot_concepts(image, maps), out_dir / "fig2_concepts.png"),
+        "fig2": _save(plot_concepts(image, maps, labels=names), out_dir / "fig2_concepts.png"),
         "fig3": _save(plot_comparison(image, gradcam, maps), out_dir / "fig3_comparison.png"),
         "fig4": _save(
             plot_structure(result.similarity, result.correlation), out_dir / "fig4_structure.png"
