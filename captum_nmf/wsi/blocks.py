@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -105,15 +105,13 @@ class BlockReader:
         if not self.exact:
             return self._single(x, y)
         lx, ly = x // self._ds, y // self._ds
-        r = self.read_size
-        b = self.block
+        r, b = self.read_size, self.block
         ox, oy = self._origin
-        bx0, by0 = (lx - ox) // b, (ly - oy) // b
-        bx1, by1 = (lx + r - 1 - ox) // b, (ly + r - 1 - oy) // b
-        self._evict_above(by0)
+        rows, cols = self._blocks_of(index)
+        self._evict_above(rows.start)
         out = np.empty((r, r, 3), dtype=np.uint8)
-        for by in range(by0, by1 + 1):
-            for bx in range(bx0, bx1 + 1):
+        for by in rows:
+            for bx in cols:
                 pixels = self._block(bx, by)
                 if pixels is None:  # a block that failed: this tile is read on its own
                     return self._single(x, y)
@@ -124,15 +122,6 @@ class BlockReader:
                     y0 - top : y1 - top, x0 - left : x1 - left
                 ]
         return self._resampled(out)
-
-    def iter_tiles(self, indices: Iterator[int] | list[int]) -> Iterator[tuple[int, RGB]]:
-        """``(index, pixels)`` for each index, in the given order.
-
-        Yields:
-            *tuple[int, ndarray]*: the index and its T x T x 3 pixels.
-        """
-        for i in indices:
-            yield int(i), self.read(int(i))
 
     def clear(self) -> None:
         """Drop every cached block."""
@@ -186,16 +175,12 @@ class BlockReader:
         """The ``(row, col)`` blocks tiles ``indices`` need that are not cached, in order."""
         if not self.exact:
             return []
-        b, r = self.block, self.read_size
-        ox, oy = self._origin
         keys: dict[tuple[int, int], None] = {}
         for i in indices:
-            x, y = self.grid.location(i)
-            lx, ly = x // self._ds - ox, y // self._ds - oy
-            for by in range(ly // b, (ly + r - 1) // b + 1):
-                for bx in range(lx // b, (lx + r - 1) // b + 1):
-                    if (by, bx) not in self._cache:
-                        keys[(by, bx)] = None
+            rows, cols = self._blocks_of(i)
+            keys.update(
+                ((by, bx), None) for by in rows for bx in cols if (by, bx) not in self._cache
+            )
         return list(keys)
 
     def prefetch(
@@ -209,12 +194,19 @@ class BlockReader:
         keys = self.missing_blocks(indices)
         if len(keys) < 2:
             return
-        oy, b = self._origin[1], self.block
-        top = min((self.grid.location(i)[1] // self._ds - oy) // b for i in indices)
+        top = min(self._blocks_of(i)[0].start for i in indices)
         self._evict_above(top)  # rows raster order has passed; never one this batch needs
         decoded = pool.map(lambda k: self.read_block(slides(), k), keys)
         for key, pixels in zip(keys, decoded, strict=True):
             self._store(key, pixels)
+
+    def _blocks_of(self, index: int) -> tuple[range, range]:
+        """The block rows and columns tile ``index`` overlaps (exact reads only)."""
+        x, y = self.grid.location(index)
+        ox, oy = self._origin
+        lx, ly = x // self._ds - ox, y // self._ds - oy
+        b, r = self.block, self.read_size
+        return range(ly // b, (ly + r - 1) // b + 1), range(lx // b, (lx + r - 1) // b + 1)
 
     def _evict_above(self, block_row: int) -> None:
         """Drop blocks of rows above ``block_row``: raster order has passed them."""
