@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import model_device
 from captum_nmf._utils.validation import check_int
-from captum_nmf.engines import FitOptions
-from captum_nmf.engines.batches import epochs, first_tensor
+from captum_nmf.engines.batches import first_tensor, item_ids, one_pass
 from captum_nmf.io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,15 +186,17 @@ def concept_gallery(
     dataset = source if hasattr(source, "read") and hasattr(source, "locate") else None
     candidates: list[list[_Entry]] = [[] for _ in range(k)]
     seen = 0
-    for batch in tqdm(_batches(attr, source, batch_size), disable=not progress, desc="gallery"):
+    device = model_device(attr.forward_func, attr.layer)
+    batches = one_pass(source, batch_size, device=device)
+    for batch in tqdm(batches, disable=not progress, desc="gallery"):
         x = first_tensor(batch)
         if x.shape[0] == 0:
             continue
         with torch.no_grad():
-            maps = attr.attribute(x.to(model_device(attr.forward_func, attr.layer) or x.device))
+            maps = attr.attribute(x.to(device or x.device))
         maps64 = maps.detach().to("cpu", torch.float64)
         scores = maps64.mean(dim=(2, 3)).numpy()
-        ids = _ids(batch, dataset, seen, int(x.shape[0]))
+        ids = item_ids(batch, dataset, seen, int(x.shape[0]))
         for j in range(k):
             for i in np.argsort(-scores[:, j], kind="stable")[: 4 * top_n]:
                 candidates[j].append(
@@ -213,26 +214,6 @@ def concept_gallery(
         raise ValueError("source holds no tiles; pass at least one tile.")
     side = _tile_side(dataset)
     return ConceptGallery(names, [_unique(c, top_n, side) for c in candidates])
-
-
-def _batches(attr: NMFConceptAttribution, source: Any, batch_size: int) -> Iterable[Any]:
-    if isinstance(source, Tensor):
-        return [source[i : i + batch_size] for i in range(0, source.shape[0], batch_size)]
-    device = model_device(attr.forward_func, attr.layer)
-    options = FitOptions(
-        batch_size=batch_size,
-        n_epochs=1,
-        seed=0,
-        progress=False,
-        pin_memory=device is not None and device.type == "cuda",
-    )
-    return epochs(source, options)[0]
-
-
-def _ids(batch: Any, dataset: Any, seen: int, n: int) -> list[int]:
-    if dataset is not None and isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return [int(i) for i in batch[1]]  # SlideTiles: item i is (image, i)
-    return list(range(seen, seen + n))
 
 
 def _display(tile: Tensor, dataset: Any, index: int) -> NDArray[np.float64]:

@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
-from captum_nmf.engines import FitOptions
-from captum_nmf.engines.batches import epochs, first_tensor, is_map_dataset
+from captum_nmf.engines.batches import first_tensor, is_map_dataset, item_ids, one_pass
 from captum_nmf.exceptions import NoTissueError
 
 __all__ = ["RowSample", "Source", "sample_rows"]
@@ -166,30 +165,6 @@ def _check_tissue(dataset: Any) -> list[str]:
     return []
 
 
-def _batches(
-    attr: NMFConceptAttribution, source: Source, batch_size: int, seed: int, progress: bool
-) -> Iterable[Any]:
-    """The batches of one pass over ``source``: slices of a tensor, or one epoch of a loader."""
-    if isinstance(source, Tensor):
-        return [source[i : i + batch_size] for i in range(0, source.shape[0], batch_size)]
-    device = acts.model_device(attr.forward_func, attr.layer)
-    options = FitOptions(
-        batch_size=batch_size,
-        n_epochs=1,
-        seed=seed,
-        progress=progress,
-        pin_memory=device is not None and device.type == "cuda",
-    )
-    return epochs(source, options)[0]
-
-
-def _tile_ids(batch: Any, dataset: Any, seen: int, n: int) -> list[int]:
-    """The source position of each tile of ``batch``: ``SlideTiles`` says; else stream order."""
-    if dataset is not None and isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return [int(i) for i in batch[1]]  # SlideTiles: item i is (image, i)
-    return list(range(seen, seen + n))
-
-
 def _batch_features(attr: NMFConceptAttribution, x: Tensor, additional_forward_args: Any) -> Tensor:
     """The layer's activations of ``x``, moved to the model's device first."""
     device = acts.model_device(attr.forward_func, attr.layer)
@@ -331,7 +306,8 @@ def sample_rows(
     if n_known == 0:
         raise ValueError("source holds no tiles; pass at least one tile.")
 
-    batches = _batches(attr, source, batch_size, seed, progress)
+    device = acts.model_device(attr.forward_func, attr.layer)
+    batches = one_pass(source, batch_size, device=device, seed=seed, progress=progress)
     total = len(batches) if isinstance(batches, Sized) else None
     generator = torch.Generator().manual_seed(seed)
     reservoir = _Reservoir(max_rows)
@@ -342,7 +318,7 @@ def sample_rows(
         n = int(x.shape[0])
         if n == 0:
             continue
-        ids = _tile_ids(batch, dataset, seen, n)
+        ids = item_ids(batch, dataset, seen, n)
         act = _batch_features(attr, x, additional_forward_args)
         _check_max_k(attr, max_k, int(act.shape[1]))
         if quota is None:

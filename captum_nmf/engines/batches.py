@@ -13,7 +13,16 @@ from tqdm.auto import tqdm
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines.base import FitOptions, RowSource
 
-__all__ = ["DatasetBatches", "epochs", "first_tensor", "is_map_dataset", "item_batches", "rows_of"]
+__all__ = [
+    "DatasetBatches",
+    "epochs",
+    "first_tensor",
+    "is_map_dataset",
+    "item_batches",
+    "item_ids",
+    "one_pass",
+    "rows_of",
+]
 
 _EMPTY = (
     "Cannot fit NMFConceptAttribution on 0 samples (received no batches); pass at least one "
@@ -35,6 +44,51 @@ def first_tensor(batch: Any) -> Tensor:
         "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches, got a batch "
         f"of type {type(batch).__name__}."
     )
+
+
+def one_pass(
+    source: Any,
+    batch_size: int,
+    *,
+    device: torch.device | None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Iterable[Any]:
+    """The batches of one pass over ``source``: slices of a tensor, or one epoch of a loader.
+
+    Args:
+        source (Tensor, iterable of batches or map-style Dataset): the tiles.
+        batch_size (int): tiles per batch of a tensor or a Dataset.
+        device (torch.device or None): the model's device (pinned batches for CUDA).
+        seed (int, optional): as for :func:`epochs`.
+                    Default: 0
+        progress (bool, optional): as for :func:`epochs`.
+                    Default: False
+
+    Returns:
+        *Iterable*: the batches.
+    """
+    if isinstance(source, Tensor):
+        return [source[i : i + batch_size] for i in range(0, source.shape[0], batch_size)]
+    options = FitOptions(
+        batch_size=batch_size,
+        n_epochs=1,
+        seed=seed,
+        progress=progress,
+        pin_memory=device is not None and device.type == "cuda",
+    )
+    return epochs(source, options)[0]
+
+
+def item_ids(batch: Any, dataset: Any, seen: int, n: int) -> list[int]:
+    """The source position of each tile of ``batch``: ``SlideTiles`` says; else stream order.
+
+    Returns:
+        *list[int]*: one index per tile of the batch.
+    """
+    if dataset is not None and isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return [int(i) for i in batch[1]]  # SlideTiles: item i is (image, i)
+    return list(range(seen, seen + n))
 
 
 def is_map_dataset(inputs: Any) -> bool:
