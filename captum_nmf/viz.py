@@ -485,14 +485,13 @@ def concept_labels(attr: Any, *, unstable: str = " (unstable)") -> list[str]:
     Returns:
         *list[str]*: one label per concept, for ``labels=`` of the plots.
     """
+    from captum_nmf.compare.stability import ConceptStability
+
     names = list(attr.concept_names)
-    record = getattr(attr, "stability_", None)
-    if record:
-        cosines = np.asarray(record.get("matched_cosine", []), np.float64)
-        threshold = float(record.get("threshold", 0.9))
-        if cosines.ndim == 2 and cosines.shape[0] == len(names):
-            for j in np.flatnonzero(cosines.min(axis=1) < threshold):
-                names[int(j)] += unstable
+    stability = ConceptStability.of(attr)
+    if stability is not None and len(stability.stable) == len(names):
+        for j in np.flatnonzero(~stability.stable):
+            names[int(j)] += unstable
     return names
 
 
