@@ -196,6 +196,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
 
+    @property
+    def held(self) -> bool:
+        """Whether this process still holds the lock."""
+        return self._fd is not None
+
     def release(self) -> None:
         """Remove the lock file and release the lock (idempotent)."""
         if self._fd is None:
@@ -477,7 +482,7 @@ class RunStore:
         nothing behind; an interrupted overwrite removes its sibling folder and
         leaves the previous run as it was.
         """
-        if self.lock._fd is None:  # already failed (or closed): nothing more to undo
+        if not self.lock.held:  # already failed (or closed): nothing more to undo
             return
         try:
             if self.work_dir != self.target:
