@@ -180,3 +180,11 @@ def test_analysis_tables_use_the_names(slide: Path, attr: NMFConceptAttribution)
         assert "concept 0" not in text, name
         assert "stroma" in text, name
     assert result.similarity.table.columns[1:] == ["stroma", "concept 1", "tumour epithelium"]
+
+
+def test_an_empty_renaming_only_reads(tmp_path: Path, attr: NMFConceptAttribution) -> None:
+    path = attr.rename({1: "lymphocytes"}).save(tmp_path / "c.safetensors")
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    assert rename_concept_file(path, {}) == ["concept 0", "lymphocytes", "concept 2"]
+    assert path.read_bytes() == before
+    assert path.stat().st_mtime_ns == mtime

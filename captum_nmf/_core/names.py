@@ -126,7 +126,8 @@ def rename_concept_file(path: str | os.PathLike[str], mapping: Mapping[int, str]
 
     The file is checked (digest, format) and the new names validated before
     anything is written; it is then rewritten atomically, so on any error it
-    is left exactly as it was.
+    is left exactly as it was. With an empty ``mapping`` nothing is written:
+    the current names are only read.
 
     Args:
         path (str or PathLike): a ``.safetensors`` file from :meth:`NMFConceptAttribution.save`.
@@ -145,6 +146,8 @@ def rename_concept_file(path: str | os.PathLike[str], mapping: Mapping[int, str]
     tensors, meta = load_tensors(source, required=("concepts",))
     k = int(tensors["concepts"].shape[0])
     current = names_from_metadata(meta, k, str(source)) or default_concept_names(k)
+    if not mapping:
+        return current
     names = renamed(current, mapping)
     keep = {
         key: value

@@ -266,12 +266,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def name(args: argparse.Namespace) -> int:
     """``captum-nmf name``: rename concepts in a concepts file (atomically), or list the names."""
-    from captum_nmf._core.names import (
-        default_concept_names,
-        names_from_metadata,
-        rename_concept_file,
-    )
-    from captum_nmf.io import load_tensors
+    from captum_nmf._core.names import rename_concept_file
 
     mapping: dict[int, str] = {}
     for item in args.names:
@@ -282,13 +277,7 @@ def name(args: argparse.Namespace) -> int:
                 "numbered from 0)."
             )
         mapping[int(index)] = text
-    if mapping:
-        names = rename_concept_file(args.concepts, mapping)
-    else:
-        tensors, meta = load_tensors(args.concepts, required=("concepts",))
-        k = int(tensors["concepts"].shape[0])
-        names = names_from_metadata(meta, k, args.concepts) or default_concept_names(k)
-    for j, text in enumerate(names):
+    for j, text in enumerate(rename_concept_file(args.concepts, mapping)):  # {}: only reads
         print(f"{j}: {text}")
     return 0
 
