@@ -238,8 +238,8 @@ class TileBatches:
                     Default: False
         threads (int, optional): threads decoding the blocks of a batch in
                     parallel (each with its own slide handle); 1 decodes in the
-                    calling thread. More pay when the model is on a GPU and the
-                    CPU cores would otherwise wait.
+                    calling thread. Meant for a model on a GPU, whose CPU cores
+                    would otherwise wait (measured only on the CPU so far).
                     Default: 1
         convert (bool, optional): convert ``uint8`` batches to float N x 3 x T x T
                     here (in the reading thread; for a model on the CPU, whose
