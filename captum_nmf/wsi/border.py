@@ -113,14 +113,6 @@ class BorderEffect:
         return "\n".join(lines)
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    return check_int(name, value, minimum=minimum)
-
-
-def _device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.device:
-    return model_device(forward_func, layer) or torch.device("cpu")
-
-
 def _model_and_layer(
     model: NMFConceptAttribution | Callable[..., Any], layer: nn.Module | None
 ) -> tuple[Callable[..., Any], nn.Module]:
@@ -213,7 +205,11 @@ def _cells(
             f"context={cell * max(1, round(ctx / cell))}."
         )
     deepest = (min(h, w) - 1) // 2
-    depth = min(deepest, ctx // cell - 1) if max_depth is None else _int("max_depth", max_depth, 0)
+    depth = (
+        min(deepest, ctx // cell - 1)
+        if max_depth is None
+        else check_int("max_depth", max_depth, minimum=0)
+    )
     if depth > deepest:
         raise ValueError(
             f"max_depth={depth} is deeper than the middle of a {h} x {w} cell tile "
@@ -338,13 +334,19 @@ def border_effect(
     """
     forward_func, target = _model_and_layer(model, layer)
     images = _check_images(images)
-    tile = _int("tile_size", tile_size, 1)
-    ctx = tile // 2 if context is None else _int("context", context, 1)
-    size = _int("batch_size", batch_size, 1)
+    tile = check_int("tile_size", tile_size, minimum=1)
+    ctx = tile // 2 if context is None else check_int("context", context, minimum=1)
+    size = check_int("batch_size", batch_size, minimum=1)
     window = tile + 2 * ctx
     windows = _central_windows(images, tile, ctx)
     name = layer_name(forward_func, target) or type(target).__name__
-    probe = _Probe(forward_func, target, name, _device(forward_func, target), transform)
+    probe = _Probe(
+        forward_func,
+        target,
+        name,
+        model_device(forward_func, target) or torch.device("cpu"),
+        transform,
+    )
     batches = [windows[start : start + size] for start in range(0, windows.shape[0], size)]
     first = probe.features(batches[0][:, :, ctx : ctx + tile, ctx : ctx + tile])
     feature_size = (int(first.shape[2]), int(first.shape[3]))

@@ -38,14 +38,12 @@ __all__ = ["FeatureStitcher", "StitchedBand", "cell_coverage"]
 NO_TILE = 3  # cell_coverage of a cell that no tile reaches
 
 
-def _int(name: str, value: object, minimum: int) -> int:
-    return check_int(name, value, minimum=minimum)
-
-
 def _pair(name: str, value: object) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be a pair of ints (rows, cols), got {value!r}.")
-    return _int(f"{name}[0]", value[0], 1), _int(f"{name}[1]", value[1], 1)
+    return check_int(f"{name}[0]", value[0], minimum=1), check_int(
+        f"{name}[1]", value[1], minimum=1
+    )
 
 
 def _union(
@@ -118,7 +116,7 @@ def cell_coverage(
         raise ValueError(f"origins must be N x 2 (row, col) cells, got shape {org.shape}.")
     h, w = _pair("tile_cells", tile_cells)
     shape = _pair("grid_shape", grid_shape)
-    b = _int("border", border, 0)
+    b = check_int("border", border, minimum=0)
     if h <= 2 * b or w <= 2 * b:
         raise ValueError(
             f"border={b} leaves no interior in a tile of {h} x {w} cells; use a smaller border."
