@@ -11,10 +11,14 @@ the calls run one after the other (order rotated each round); the median is repo
 * ``X @ H^T``: one float32 matrix product over all rows, the one pass ``transform`` cannot
   avoid (the floor);
 * ``transform``: ``NMF.from_components(H).transform(X)``, everything included (input
-  checks, the product, the solve; the per-H factors cached as in every later call);
-* ``transform, old solver``: the same call with the solve done by the reference block
-  principal pivoting (``torch.unique`` over passive sets and one pseudo-inverse per set:
-  the solver before the fixed-H fast path), so only the solve differs;
+  checks, the product, the solve; the per-H factors cached as in every later call). It runs
+  block by block: per block of rows the product (on a CPU in 8 MiB chunks of X, each checked
+  for negative / NaN / inf right after its product, from the cache), the guess of the
+  starting passive sets and the first table-driven step; then the few rows that still
+  violate KKT are pivoted together;
+* ``old transform``: what ``transform`` did before the fast path: a separate ``aminmax``
+  pass over X for the check, one product over all rows, the reference block principal
+  pivoting (``torch.unique`` over passive sets and one pseudo-inverse per set);
 * the solve alone (fast and old) on the same float32 ``X H^T``, and how many rows the fast
   path left to the reference solver.
 
@@ -46,30 +50,24 @@ from _activations import (
 )
 
 from captum_nmf import NMF
+from captum_nmf._core.nmf_input import check_values
 from captum_nmf._utils import solvers
 
 KS = (4, 6, 8)
 FIT_ROWS = 100_000
 
 
-class _OldSolver:
-    """Within the block, ``transform`` solves with the reference solver (the old path)."""
+def old_transform(model: NMF, x: torch.Tensor) -> torch.Tensor:
+    """``transform`` as it was before the fixed-H fast path, on the same input.
 
-    def __enter__(self) -> None:
-        self._saved = solvers.nnls_factored
-
-        def old(factors: solvers.NNLSFactors, cross: torch.Tensor, **_: Any) -> torch.Tensor:
-            return solvers._nnls_bpp(factors.gram, cross)
-
-        solvers.nnls_factored = old  # type: ignore[assignment]
-
-    def __exit__(self, *exc: object) -> None:
-        solvers.nnls_factored = self._saved  # type: ignore[assignment]
-
-
-def old_transform(model: NMF, x: torch.Tensor) -> Any:
-    with _OldSolver():
-        return model.transform(x)
+    A separate pass over X for the value check (``aminmax``), one ``X @ H^T`` over all rows,
+    then the reference block principal pivoting (``torch.unique`` over passive sets, one
+    pseudo-inverse per set) in float64 over all rows at once.
+    """
+    check_values(x)
+    h = model._h.to(x.dtype)
+    cross = x @ h.T
+    return solvers._nnls_bpp(h @ h.T, cross).to(x.dtype)
 
 
 def median_times(

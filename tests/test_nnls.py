@@ -211,6 +211,84 @@ def test_transform_refuses_nan_inf_negative_as_before(as_numpy: bool) -> None:
             model.transform(bad.numpy() if as_numpy else bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_folded_check_catches_nan_inf_where_the_concepts_are_zero(dtype: torch.dtype) -> None:
+    # transform checks X inside its product pass: NaN / inf must show in X @ H^T even in a
+    # column every concept ignores (IEEE: NaN * 0 and inf * 0 are NaN).
+    h = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.5, 0.0, 0.0, 1.0]], dtype=dtype)
+    model = NMF.from_components(h)
+    x = torch.rand(50, 4, dtype=dtype)
+    for value, match in (
+        (float("nan"), "Input X contains NaN"),
+        (-float("nan"), "Input X contains NaN"),  # a NaN with its sign bit set
+        (float("inf"), "Input X contains infinity"),
+        (-float("inf"), "Input X contains infinity"),
+        (-1e-30, "Negative values in data passed to NMF"),
+    ):
+        bad = x.clone()
+        bad[31, 1] = value
+        with pytest.raises(ValueError, match=match):
+            model.transform(bad)
+
+
+def test_negative_zero_is_zero_and_an_overflowing_product_is_refused() -> None:
+    h = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]])
+    model = NMF.from_components(h)
+    x = torch.rand(20, 3)
+    signed = x.clone()
+    signed[:, 0] = -0.0  # the flag goes up (sign bit), the exact check lets it through
+    zero = signed.clone()
+    zero[:, 0] = 0.0
+    assert torch.equal(model.transform(signed), model.transform(zero))
+    huge = torch.full((4, 3), 3e38)  # finite, but X @ H^T overflows float32
+    with pytest.raises(ValueError, match="X @ H\\^T overflows torch.float32"):
+        model.transform(huge)
+    w = model.transform(huge.double())  # in float64 it is fine
+    assert bool(torch.isfinite(w).all())
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_blocked_solve_equals_one_block_and_the_reference(
+    monkeypatch: pytest.MonkeyPatch, real_rows: torch.Tensor, compact: bool
+) -> None:
+    # Many small blocks and product chunks (rows set aside by several blocks, pivoted
+    # together) give the one-block result; float64 equals the reference solver.
+    v = real_rows.double()
+    h = fitted_h(v, 8)
+    factors = solvers.NNLSFactors(h @ h.T)
+    pinv = factors.pinv
+    whole, flag = solvers.solve_rows(v, h, pinv, factors, compact=compact)
+    assert not bool(flag)
+    monkeypatch.setattr(solvers, "_BLOCK_BYTES_CPU", 1)  # 1024-row blocks
+    monkeypatch.setattr(solvers, "_CHUNK_BYTES_CPU", 1)  # 256-row product chunks
+    monkeypatch.setattr(solvers, "_BLOCK_BYTES_DEVICE", 1)
+    assert solvers.block_rows(8, v.device) == 1024
+    blocked, flag = solvers.solve_rows(v, h, pinv, factors, compact=compact)
+    assert not bool(flag)
+    ref = solvers._nnls_bpp(h @ h.T, v @ h.T)
+    scale = torch.amax(torch.abs(ref), dim=1, keepdim=True).clamp_min(1e-300)
+    assert bool((torch.abs(blocked - ref) <= 1e-12 * scale).all())
+    assert bool((torch.abs(blocked - whole) <= 1e-12 * scale).all())
+    cross = v @ h.T
+    for steps in (0, 3):  # steps=0: every row set aside goes to the fallback, across blocks
+        w = solvers.nnls_factored(factors, cross, steps=steps, compact=compact)
+        assert bool((torch.abs(w - ref) <= 1e-12 * scale).all())
+
+
+def test_solve_rows_flags_negative_and_non_finite_rows_without_raising() -> None:
+    h = torch.rand(3, 5, dtype=F64)
+    factors = solvers.NNLSFactors(h @ h.T)
+    x = torch.rand(40, 5, dtype=F64)
+    assert not bool(solvers.solve_rows(x, h, factors.pinv, factors)[1])
+    for value in (-2.0, float("nan"), float("inf"), -0.0):
+        bad = x.clone()
+        bad[39, 4] = value
+        assert bool(solvers.solve_rows(bad, h, factors.pinv, factors)[1]), value
+    empty, flag = solvers.solve_rows(x[:0], h, factors.pinv, factors)
+    assert empty.shape == (0, 3)
+    assert not bool(flag)
+
+
 def test_bfloat16_activations_are_solved_in_float32() -> None:
     g = torch.Generator().manual_seed(3)
     h = torch.rand(4, 16, generator=g)

@@ -22,6 +22,7 @@ from captum_nmf._core.nmf_input import (
     check_finite_non_negative,
     check_params,
     check_tensor,
+    check_values,
     components_matrix,
     rank,
 )
@@ -265,10 +266,14 @@ class NMF(
     def _check_params(self) -> None:
         check_params(self.n_components, self.init, self.max_iter, self.tol, self.forget_factor)
 
-    def _input(self, x: ArrayLike, *, reset: bool) -> tuple[Tensor, _Kind]:
-        """Validate ``x`` and return it as a 2-D floating tensor on the compute device."""
+    def _input(self, x: ArrayLike, *, reset: bool, values: bool = True) -> tuple[Tensor, _Kind]:
+        """Validate ``x`` and return it as a 2-D floating tensor on the compute device.
+
+        With ``values=False`` a tensor's values are left to the caller to check
+        (``transform`` does it inside its pass over ``x``).
+        """
         if isinstance(x, Tensor):
-            t = self._check_tensor(x, reset=reset)
+            t = self._check_tensor(x, reset=reset, values=values)
             if reset:
                 self._record_features(int(t.shape[1]))
             kind = _Kind(False, t.dtype, x.device)
@@ -286,8 +291,8 @@ class NMF(
             t = t.to(self._h.device)
         return t, kind
 
-    def _check_tensor(self, x: Tensor, *, reset: bool) -> Tensor:
-        return check_tensor(x, None if reset else self.n_features_in_)
+    def _check_tensor(self, x: Tensor, *, reset: bool, values: bool = True) -> Tensor:
+        return check_tensor(x, None if reset else self.n_features_in_, values=values)
 
     def _record_features(self, n_features: int) -> None:
         """Remember the feature count of a tensor ``X`` that starts a fit (as ``validate_data``)."""
@@ -347,16 +352,14 @@ class NMF(
             prev = obj
         return wt, h, n_iter
 
-    def _solve_w(self, v: Tensor) -> Tensor:
-        """Exact ``argmin_{W >= 0} ||V - W H||`` for the current ``H`` (n x K, float64).
+    def _solve_w(self, v: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Exact ``argmin_{W >= 0} ||V - W H||`` for the current ``H`` (n x K, ``dtype``).
 
-        One pass ``V H^T`` in ``V``'s dtype, then the fixed-``H`` solve with the
-        cached factors of ``H``.
+        ``V`` has been checked. One pass ``V H^T`` in ``V``'s dtype, then the
+        fixed-``H`` solve with the cached factors of ``H``, block by block.
         """
         fixed = self._fixed_h(v.device, v.dtype)
-        cross = v @ fixed.h.T  # the one pass over V (H^T as a transposed view: MKL's fast path)
-        # pinv is symmetric; its transposed view takes the same fast path.
-        return solvers.nnls_factored(fixed.factors, cross, guess=cross @ fixed.pinv.T)
+        return solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=dtype)[0]
 
     def _solve_w_and_error(self, v: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, float]:
         """Exact ``W`` and ``||V - W H||_F`` from the same ``V H^T`` (one pass over V)."""
@@ -471,8 +474,17 @@ class NMF(
             ValueError: ``X`` is invalid or has another number of features.
         """
         self._check_fitted()
-        v, kind = self._input(X, reset=False)
-        return self._output(self._solve_w(v), kind)
+        v, kind = self._input(X, reset=False, values=False)
+        fixed = self._fixed_h(v.device, v.dtype)
+        w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=v.dtype)
+        if bool(suspect):  # the one host synchronisation; rare: decide exactly
+            check_values(v)  # NaN, infinity or a negative entry: the usual errors
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(
+                    f"X @ H^T overflows {v.dtype} (entries up to {float(v.max()):.3g}); "
+                    "pass X in float64 or rescale it."
+                )
+        return self._output(w, kind)
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
         """Reconstruct rows ``W H`` from weights ``W`` (n x K).

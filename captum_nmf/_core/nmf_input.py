@@ -19,6 +19,7 @@ __all__ = [
     "check_finite_non_negative",
     "check_params",
     "check_tensor",
+    "check_values",
     "components_matrix",
     "rank",
 ]
@@ -56,13 +57,17 @@ def check_params(
         raise ValueError(f"forget_factor must be in (0, 1], got {forget_factor!r}.")
 
 
-def check_tensor(x: Tensor, n_features: int | None) -> Tensor:
+def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> Tensor:
     """``x`` as a dense, finite, non-negative 2-D floating tensor (half precision as float32).
 
     Args:
         x (Tensor): n x C rows.
         n_features (int or None): the C of the fitted estimator, or None when
                     ``x`` starts a fit.
+        values (bool, optional): check the values (a pass over ``x``); off
+                    for a caller that checks them itself (``transform``
+                    folds the cheap part of the check into its product).
+                    Default: True
 
     Returns:
         *Tensor*: ``x``, or its float32 / float64 copy for half or integer input.
@@ -96,6 +101,21 @@ def check_tensor(x: Tensor, n_features: int | None) -> Tensor:
             f"Found array with 0 feature(s) (shape={tuple(x.shape)}) while a minimum of 1 "
             "is required by NMF."
         )
+    if values:
+        check_values(x)
+    if n_features is not None and c != n_features:
+        raise ValueError(
+            f"X has {c} features, but NMF is expecting {n_features} features as input."
+        )
+    return x
+
+
+def check_values(x: Tensor) -> None:
+    """Refuse rows with NaN, infinite or negative entries (``-0.0`` is zero, accepted).
+
+    Raises:
+        ValueError: ``x`` holds such an entry; the message says which kind.
+    """
     # One pass, one host synchronisation, no temporary: NaN propagates into the
     # minimum and maximum, infinities show in them.
     low, high = torch.stack(torch.aminmax(x)).tolist()
@@ -104,11 +124,6 @@ def check_tensor(x: Tensor, n_features: int | None) -> Tensor:
         raise ValueError(f"Input X contains {what}; NMF needs finite values.")
     if low < 0:
         raise ValueError("Negative values in data passed to NMF (input X).")
-    if n_features is not None and c != n_features:
-        raise ValueError(
-            f"X has {c} features, but NMF is expecting {n_features} features as input."
-        )
-    return x
 
 
 def rank(n_components: int | None, init: str, n_samples: int, n_features: int) -> int:
