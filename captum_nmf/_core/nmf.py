@@ -266,11 +266,15 @@ class NMF(
     def _check_params(self) -> None:
         check_params(self.n_components, self.init, self.max_iter, self.tol, self.forget_factor)
 
-    def _input(self, x: ArrayLike, *, reset: bool, values: bool = True) -> tuple[Tensor, _Kind]:
+    def _input(
+        self, x: ArrayLike, *, reset: bool, values: bool = True, stay: bool = False
+    ) -> tuple[Tensor, _Kind]:
         """Validate ``x`` and return it as a 2-D floating tensor on the compute device.
 
         With ``values=False`` a tensor's values are left to the caller to check
-        (``transform`` does it inside its pass over ``x``).
+        (``transform`` does it inside its pass over ``x``). The compute device is
+        ``device`` when set; else, with ``stay``, a tensor's own device (``H`` is
+        cast there, cached), else ``H``'s device.
         """
         if isinstance(x, Tensor):
             t = self._check_tensor(x, reset=reset, values=values)
@@ -287,7 +291,7 @@ class NMF(
             kind = _Kind(True, t.dtype, t.device)
         if self.device is not None:
             t = t.to(self.device)
-        elif reset is False and hasattr(self, "_h"):
+        elif reset is False and hasattr(self, "_h") and not (stay and isinstance(x, Tensor)):
             t = t.to(self._h.device)
         return t, kind
 
@@ -463,6 +467,11 @@ class NMF(
     def transform(self, X: ArrayLike) -> ArrayLike:
         """Concept weights of new rows with ``H`` fixed: exact ``argmin_{W>=0} ||X - W H||``.
 
+        A tensor is solved on its own device (``H`` and its solve factors are
+        cast there once and cached), unless the estimator's ``device`` is set;
+        a NumPy array on ``H``'s device. ``X`` is read once: the check for
+        negative, NaN and infinite entries is folded into the product pass.
+
         Args:
             X (ndarray or Tensor): n x C non-negative matrix.
 
@@ -471,10 +480,11 @@ class NMF(
 
         Raises:
             NotFittedError: before ``fit``/``partial_fit``.
-            ValueError: ``X`` is invalid or has another number of features.
+            ValueError: ``X`` is invalid, has another number of features, or
+                        ``X @ H^T`` overflows its dtype.
         """
         self._check_fitted()
-        v, kind = self._input(X, reset=False, values=False)
+        v, kind = self._input(X, reset=False, values=False, stay=True)
         fixed = self._fixed_h(v.device, v.dtype)
         w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=v.dtype)
         if bool(suspect):  # the one host synchronisation; rare: decide exactly

@@ -31,7 +31,7 @@ from captum_nmf.wsi.explanation import SlideExplanation
 from captum_nmf.wsi.pyramid import write_pyramid
 from captum_nmf.wsi.reader import Resolution, Slide
 from captum_nmf.wsi.runner import explain_slide
-from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand, cell_coverage
+from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand, StitchedRows, cell_coverage
 from captum_nmf.wsi.tiling import SlideTiles, TileGrid, tile_grid
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
 
@@ -45,6 +45,7 @@ __all__ = [
     "SlideRecord",
     "SlideTiles",
     "StitchedBand",
+    "StitchedRows",
     "TileGrid",
     "TissueMask",
     "border_effect",

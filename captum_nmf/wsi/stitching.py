@@ -29,11 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
+from torch import Tensor
 
 from captum_nmf._utils.validation import check_int
 
-__all__ = ["FeatureStitcher", "StitchedBand", "cell_coverage"]
+__all__ = ["FeatureStitcher", "StitchedBand", "StitchedRows", "cell_coverage"]
 
 NO_TILE = 3  # cell_coverage of a cell that no tile reaches
 
@@ -136,12 +138,29 @@ class StitchedBand:
 
     Attributes:
         row (int): cell row on the slide grid.
-        features (ndarray): Wc x C float32 mean feature vectors (0 where no tile landed).
+        features (ndarray or Tensor): Wc x C float32 mean feature vectors (0
+                    where no tile landed); a tensor on the stitcher's
+                    ``device`` when it has one.
         counts (ndarray): Wc ``int32`` number of tiles averaged in each cell.
     """
 
     row: int
-    features: NDArray[np.float32]
+    features: NDArray[np.float32] | Tensor
+    counts: NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class StitchedRows:
+    """Finished rows of cells at once (what :class:`StitchedBand` holds, for several rows).
+
+    Attributes:
+        rows (ndarray): n ``int64`` cell rows, increasing.
+        features (Tensor): n x Wc x C float32 means on the stitcher's device.
+        counts (ndarray): n x Wc ``int32`` tiles averaged in each cell.
+    """
+
+    rows: NDArray[np.int64]
+    features: Tensor
     counts: NDArray[np.int32]
 
 
@@ -166,6 +185,13 @@ class FeatureStitcher:
                     top border may still land on them). Kept by reference: do
                     not modify it during the run.
                     Default: None (every tile's border dropped everywhere)
+        device (torch.device or str, optional): where the running sums live and
+                    the averaging happens, e.g. the model's device, so that
+                    activations never leave it: :meth:`add` then takes
+                    tensors (N x h x w x C, any device; a channels-first
+                    batch's ``permute(0, 2, 3, 1)`` view is fine) and the
+                    bands' ``features`` are tensors on ``device``.
+                    Default: None (NumPy in and out; computed on the CPU)
 
     Raises:
         TypeError: ``n_channels`` is not an int, or ``coverage`` is not a
@@ -191,6 +217,7 @@ class FeatureStitcher:
         *,
         border: int = 2,
         coverage: NDArray[np.uint8] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         hc, wc = (int(v) for v in grid_shape)
         if hc < 1 or wc < 1:
@@ -219,19 +246,32 @@ class FeatureStitcher:
         self.n_channels: int = int(n_channels)
         self.border: int = int(border)
         self.coverage: NDArray[np.uint8] | None = coverage
+        self.device: torch.device | None = None if device is None else torch.device(device)
         # rows holding a cell only tiles' borders reach: a later tile's top border may land there
         self._open: NDArray[np.bool_] | None = (
             None if coverage is None else ((coverage != 0) & (coverage != NO_TILE)).any(axis=1)
         )
-        self._sums: dict[int, NDArray[np.float32]] = {}
-        self._counts: dict[int, NDArray[np.int32]] = {}
+        # The running sums of the rows still open, in a ring of rows: cell row r lives at
+        # ring row r % capacity. It grows (doubling) when a tile reaches further down than
+        # the ring holds, so memory stays about one tile height of rows times Wc times C.
+        # Rows are C x Wc: a channels-first activation's row of cells is then a contiguous
+        # run on both sides of the addition.
+        self._sums = torch.zeros(
+            (0, self.n_channels, wc), dtype=torch.float32, device=self._compute_device
+        )
+        self._counts: NDArray[np.int32] = np.zeros((0, wc), dtype=np.int32)  # on the host
+        self._end: int = 0  # one past the lowest row that received data
         self._last_origin: int = -(1 << 62)  # origin row of the latest tile added
         self._final_below: int = 0  # rows below this were handed out
 
     @property
+    def _compute_device(self) -> torch.device:
+        return torch.device("cpu") if self.device is None else self.device
+
+    @property
     def active_rows(self) -> int:
-        """Rows currently held in memory."""
-        return len(self._sums)
+        """Rows currently holding data."""
+        return len(self._live_rows())
 
     def footprint(
         self, origin: tuple[int, int], tile_cells: tuple[int, int]
@@ -269,11 +309,16 @@ class FeatureStitcher:
         ).astype(np.uint8)[None, :]
         return rows, cols, sides == self.coverage[rows, cols]
 
-    def add(self, features: NDArray[np.floating], origins: NDArray[np.integer]) -> None:
+    def add(self, features: NDArray[np.floating] | Tensor, origins: NDArray[np.integer]) -> None:
         """Add tiles' feature maps (channels last) at their cell origins.
 
+        Each tile is added as one rectangle of cells (its kept cells; the others
+        add 0), tile after tile, so the sums are those of a cell-by-cell loop bit
+        for bit.
+
         Args:
-            features (ndarray): N x h x w x C feature maps.
+            features (ndarray or Tensor): N x h x w x C feature maps (a tensor
+                        is moved to the stitcher's device if it is elsewhere).
             origins (ndarray): N x 2 ``(row, col)`` cell of each tile's
                         top-left feature-map location; rows must not decrease
                         (raster order), within and across calls.
@@ -282,14 +327,14 @@ class FeatureStitcher:
             ValueError: shapes disagree, C differs, the border leaves nothing,
                         or tiles arrive out of raster order.
         """
-        feats = np.asarray(features)
+        feats = torch.as_tensor(features)
         org = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         if feats.ndim != 4 or feats.shape[0] != org.shape[0]:
             raise ValueError(
                 f"features must be N x h x w x C with one origin per tile, got features "
-                f"{feats.shape} and {org.shape[0]} origins."
+                f"{tuple(feats.shape)} and {org.shape[0]} origins."
             )
-        n, h, w, c = feats.shape
+        n, h, w, c = (int(v) for v in feats.shape)
         if c != self.n_channels:
             raise ValueError(f"features have {c} channels, the stitcher {self.n_channels}.")
         b = self.border
@@ -303,44 +348,113 @@ class FeatureStitcher:
                 "tiles must arrive in raster order (non-decreasing rows); got origin rows "
                 f"{org[:, 0].tolist()[:8]} after row {self._last_origin}."
             )
+        if not feats.is_floating_point():
+            feats = feats.float()
+        maps = feats.to(self._compute_device).permute(0, 3, 1, 2)  # N x C x h x w (a view)
         for i in range(n):
             r0, c0 = int(org[i, 0]), int(org[i, 1])
             rows, cols, keep = self.footprint((r0, c0), (h, w))
-            some: list[bool] = np.asarray(keep.any(axis=1), dtype=bool).tolist()
-            every: list[bool] = np.asarray(keep.all(axis=1), dtype=bool).tolist()
-            for j, r in enumerate(range(rows.start, rows.stop)):
-                if not some[j]:
-                    continue
-                line = keep[j]
-                if r < self._final_below:
-                    raise ValueError(f"cell row {r} was already finished; tiles out of order.")
-                sums, counts = self._row(r)
-                if every[j]:  # a contiguous run of cells: the plain border-drop path
-                    sums[cols] += feats[i, r - r0, cols.start - c0 : cols.stop - c0]
-                    counts[cols] += 1
-                else:
-                    at = np.flatnonzero(line) + cols.start
-                    sums[at] += feats[i, r - r0, at - c0]
-                    counts[at] += 1
+            live = np.flatnonzero(keep.any(axis=1))
+            if not live.size:
+                continue
+            # only the rows with a kept cell (a tile's border rows may keep none)
+            first, last = int(live[0]), int(live[-1]) + 1
+            rows = slice(rows.start + first, rows.start + last)
+            keep = keep[first:last]
+            if rows.start < self._final_below:
+                raise ValueError(f"cell row {rows.start} was already finished; tiles out of order.")
+            part = maps[i, :, rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+            part = part.permute(1, 0, 2)  # rows x C x cols
+            if not keep.all():  # a tile at an edge keeps only some cells
+                mask = torch.from_numpy(keep).to(part.device)
+                part = torch.where(mask.unsqueeze(1), part, 0.0)
+            self._reserve(rows.stop)
+            for ring, at in self._ring(rows.start, rows.stop):
+                self._sums[ring, :, cols] += part[at]
+            counts = keep.astype(np.int32)
+            for ring, at in self._ring(rows.start, rows.stop):
+                self._counts[ring, cols] += counts[at]
+            self._end = max(self._end, rows.stop)
         if n:
             self._last_origin = int(org[-1, 0])
 
-    def _row(self, r: int) -> tuple[NDArray[np.float32], NDArray[np.int32]]:
-        sums = self._sums.get(r)
-        if sums is None:
-            wc = self.grid_shape[1]
-            sums = self._sums[r] = np.zeros((wc, self.n_channels), dtype=np.float32)
-            self._counts[r] = np.zeros(wc, dtype=np.int32)
-        return sums, self._counts[r]
+    # ------------------------------------------------------------ the row ring
+    @property
+    def _capacity(self) -> int:
+        return int(self._sums.shape[0])
 
-    def _pop(self, below: int) -> list[StitchedBand]:
-        bands = []
-        for r in sorted(k for k in self._sums if k < below):
-            sums, counts = self._sums.pop(r), self._counts.pop(r)
-            mean = sums / np.maximum(counts, 1)[:, None].astype(np.float32)
-            bands.append(StitchedBand(r, mean.astype(np.float32, copy=False), counts))
+    def _ring(self, start: int, stop: int) -> list[tuple[slice, slice]]:
+        """Ring rows of cell rows ``start:stop`` (one or two slices) and where they are in it."""
+        cap = self._capacity
+        at = start % cap
+        first = min(stop - start, cap - at)
+        parts = [(slice(at, at + first), slice(0, first))]
+        if first < stop - start:
+            parts.append((slice(0, stop - start - first), slice(first, stop - start)))
+        return parts
+
+    def _reserve(self, stop: int) -> None:
+        """Make the ring hold cell rows ``_final_below:stop`` (grow it, keeping what it holds)."""
+        need = stop - self._final_below
+        if need <= self._capacity:
+            return
+        live = self._live_rows()
+        old_sums, old_counts, cap = self._sums, self._counts, self._capacity
+        size = max(need, 2 * cap, 8)
+        self._sums = torch.zeros(
+            (size, *old_sums.shape[1:]), dtype=old_sums.dtype, device=old_sums.device
+        )
+        self._counts = np.zeros((size, old_counts.shape[1]), dtype=np.int32)
+        if live:
+            src = np.asarray(live, dtype=np.int64) % cap
+            dst = np.asarray(live, dtype=np.int64) % size
+            self._sums[torch.from_numpy(dst).to(old_sums.device)] = old_sums[
+                torch.from_numpy(src).to(old_sums.device)
+            ]
+            self._counts[dst] = old_counts[src]
+
+    def _live_rows(self) -> list[int]:
+        """Cell rows not handed out yet that hold data, increasing."""
+        cap = self._capacity
+        if not cap:
+            return []
+        rows = range(self._final_below, self._end)
+        return [r for r in rows if self._counts[r % cap].any()]
+
+    def _take(self, below: int) -> StitchedRows:
+        """Hand out the rows above ``below`` that hold data, as means; forget them."""
+        rows = [r for r in self._live_rows() if r < below]
+        wc, c = self.grid_shape[1], self.n_channels
+        if rows:
+            ring = np.asarray(rows, dtype=np.int64) % self._capacity
+            index = torch.from_numpy(ring).to(self._sums.device)
+            counts = self._counts[ring].copy()
+            divisor = torch.from_numpy(np.maximum(counts, 1).astype(np.float32))
+            means = self._sums[index] / divisor.to(self._sums.device).unsqueeze(1)
+            self._sums[index] = 0.0
+            self._counts[ring] = 0
+        else:
+            counts = np.zeros((0, wc), dtype=np.int32)
+            means = torch.zeros((0, c, wc), dtype=torch.float32, device=self._sums.device)
         self._final_below = max(self._final_below, below)
-        return bands
+        return StitchedRows(np.asarray(rows, dtype=np.int64), means.permute(0, 2, 1), counts)
+
+    def _bands(self, taken: StitchedRows) -> list[StitchedBand]:
+        feats: NDArray[np.float32] | Tensor = (
+            np.ascontiguousarray(taken.features.cpu().numpy())
+            if self.device is None
+            else taken.features
+        )
+        return [StitchedBand(int(r), feats[i], taken.counts[i]) for i, r in enumerate(taken.rows)]
+
+    def _final_row(self) -> int:
+        below = self._last_origin + self.border
+        if self._open is not None:
+            start = max(self._last_origin, 0)
+            hold = np.flatnonzero(self._open[start : max(below, start)])
+            if hold.size:
+                below = start + int(hold[0])
+        return below
 
     def pop_final(self) -> list[StitchedBand]:
         """Hand out (and forget) the rows no later tile can touch.
@@ -354,13 +468,15 @@ class FeatureStitcher:
         Returns:
             *list[StitchedBand]*: finished rows that received any tile, top to bottom.
         """
-        below = self._last_origin + self.border
-        if self._open is not None:
-            start = max(self._last_origin, 0)
-            hold = np.flatnonzero(self._open[start : max(below, start)])
-            if hold.size:
-                below = start + int(hold[0])
-        return self._pop(below)
+        return self._bands(self._take(self._final_row()))
+
+    def pop_final_rows(self) -> StitchedRows:
+        """:meth:`pop_final` as one block of rows on the stitcher's device.
+
+        Returns:
+            *StitchedRows*: the finished rows, their means (n x Wc x C) and counts.
+        """
+        return self._take(self._final_row())
 
     def finish(self) -> list[StitchedBand]:
         """Hand out every remaining row (after the last tile).
@@ -368,7 +484,15 @@ class FeatureStitcher:
         Returns:
             *list[StitchedBand]*: the remaining rows with data, top to bottom.
         """
-        return self._pop(self.grid_shape[0])
+        return self._bands(self._take(self.grid_shape[0]))
+
+    def finish_rows(self) -> StitchedRows:
+        """:meth:`finish` as one block of rows on the stitcher's device.
+
+        Returns:
+            *StitchedRows*: the remaining rows, their means (n x Wc x C) and counts.
+        """
+        return self._take(self.grid_shape[0])
 
     # ------------------------------------------------------------- resumption
     def state(self) -> dict[str, NDArray[np.generic]]:
@@ -377,24 +501,22 @@ class FeatureStitcher:
         Only the columns that hold data are stored. ``coverage`` is not (it
         follows from the run's tiles); ``position`` records whether it was
         given and how many cells hold each level, so :meth:`from_state` can
-        check the one it is given.
+        check the one it is given. All arrays are NumPy (copied from the device).
 
         Returns:
             *dict[str, ndarray]*: ``rows``, ``cols``, ``sums``, ``counts`` and ``position``.
         """
-        rows = sorted(self._sums)
+        rows = self._live_rows()
         c = self.n_channels
-        counts = (
-            np.stack([self._counts[r] for r in rows])
-            if rows
-            else np.zeros((0, self.grid_shape[1]), np.int32)
-        )
+        ring = np.asarray(rows, dtype=np.int64) % max(self._capacity, 1)
+        counts = self._counts[ring] if rows else np.zeros((0, self.grid_shape[1]), np.int32)
         cols = np.flatnonzero(counts.any(axis=0)).astype(np.int64)
-        sums = (
-            np.stack([self._sums[r][cols] for r in rows])
-            if rows
-            else np.zeros((0, 0, c), np.float32)
-        )
+        if rows:
+            index = torch.from_numpy(ring).to(self._sums.device)
+            picked = self._sums[index][:, :, torch.from_numpy(cols).to(self._sums.device)]
+            sums = picked.permute(0, 2, 1).cpu().numpy()  # rows x cols x C
+        else:
+            sums = np.zeros((0, 0, c), np.float32)
         levels = (
             [0] * (NO_TILE + 1)
             if self.coverage is None
@@ -403,7 +525,7 @@ class FeatureStitcher:
         return {
             "rows": np.asarray(rows, dtype=np.int64),
             "cols": cols,
-            "sums": sums,
+            "sums": np.ascontiguousarray(sums),
             "counts": np.ascontiguousarray(counts[:, cols]),
             "position": np.asarray(
                 [
@@ -425,6 +547,7 @@ class FeatureStitcher:
         n_channels: int,
         *,
         coverage: NDArray[np.uint8] | None = None,
+        device: torch.device | str | None = None,
     ) -> FeatureStitcher:
         """Rebuild a stitcher from :meth:`state`; it continues bit for bit.
 
@@ -433,6 +556,8 @@ class FeatureStitcher:
             n_channels (int): C, channels of the feature maps.
             coverage (ndarray, optional): the ``coverage`` the saved stitcher
                         had (recompute it with :func:`cell_coverage`).
+                        Default: None
+            device (torch.device or str, optional): as in the constructor.
                         Default: None
 
         Returns:
@@ -451,7 +576,7 @@ class FeatureStitcher:
                 "coverage must be given exactly when the saved stitcher had it; this state was "
                 f"saved {'with' if kept else 'without'} coverage (cell_coverage)."
             )
-        st = cls((hc, wc), n_channels, border=border, coverage=coverage)
+        st = cls((hc, wc), n_channels, border=border, coverage=coverage, device=device)
         if st.coverage is not None:
             levels = np.bincount(st.coverage.ravel(), minlength=NO_TILE + 1).tolist()
             if levels != position[6:]:
@@ -460,11 +585,16 @@ class FeatureStitcher:
                     f"{position[6:]}; recompute it from the same tiles, tile size and border."
                 )
         st._last_origin, st._final_below = last, final_below
-        cols = np.asarray(state["cols"], dtype=np.int64)
-        for i, r in enumerate(np.asarray(state["rows"]).tolist()):
-            sums = np.zeros((wc, n_channels), dtype=np.float32)
-            counts = np.zeros(wc, dtype=np.int32)
-            sums[cols] = state["sums"][i]
-            counts[cols] = state["counts"][i]
-            st._sums[int(r)], st._counts[int(r)] = sums, counts
+        rows = [int(r) for r in np.asarray(state["rows"]).tolist()]
+        if rows:
+            cols = torch.from_numpy(np.asarray(state["cols"], dtype=np.int64))
+            st._end = final_below  # _reserve sizes the ring from _final_below
+            st._reserve(max(rows) + 1)
+            sums = torch.as_tensor(np.asarray(state["sums"], dtype=np.float32))
+            counts = np.asarray(state["counts"], dtype=np.int32)
+            for i, r in enumerate(rows):
+                ring = r % st._capacity
+                st._sums[ring, :, cols.to(st._sums.device)] = sums[i].T.to(st._sums.device)
+                st._counts[ring, cols.numpy()] = counts[i]
+            st._end = max(rows) + 1
         return st

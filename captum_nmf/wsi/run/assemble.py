@@ -5,7 +5,8 @@ activations, the model's output, the indices read and the indices that
 failed), ``write_chunk`` / ``restore`` the finished part through the run
 store, and ``finish`` the maps. :class:`TileAssembler` averages overlapping
 tiles' features on the cell grid (:class:`~captum_nmf.wsi.FeatureStitcher`)
-and solves each finished band of rows in one call; :class:`RegionAssembler`
+on the model's device and solves each finished band of rows there in one call
+(only the K-channel weights come back to the host); :class:`RegionAssembler`
 solves the interior cells of each region on their own.
 """
 
@@ -21,8 +22,9 @@ from torch import Tensor
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import load_tensors, save_tensors
+from captum_nmf.wsi.run.config import model_device
 from captum_nmf.wsi.run.plan import Plan
-from captum_nmf.wsi.stitching import FeatureStitcher, StitchedBand, cell_coverage
+from captum_nmf.wsi.stitching import FeatureStitcher, StitchedRows, cell_coverage
 from captum_nmf.wsi.store import CHUNK_DIR, RunStore
 
 __all__ = ["Assembler", "RegionAssembler", "TileAssembler", "assembler_for"]
@@ -79,10 +81,14 @@ class Assembler:
         """Mode-specific: stitch or solve the batch's activations."""
         raise NotImplementedError
 
-    def solve(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
-        """Concept weights (n x K) of ``features`` (n x C) with the fitted concepts."""
-        out = np.asarray(self.attr.nmf_.transform(np.ascontiguousarray(features)))
-        return out.astype(np.float32, copy=False)
+    def solve(self, features: Tensor) -> NDArray[np.float32]:
+        """Concept weights (n x K) of ``features`` (n x C) with the fitted concepts.
+
+        Solved where ``features`` are (the model's device); only the n x K
+        weights come back to the host.
+        """
+        weights = self.attr.nmf_.transform(features.float())
+        return np.asarray(weights.cpu().numpy(), dtype=np.float32)
 
     # ------------------------------------------------------------------ chunks
     @staticmethod
@@ -161,8 +167,13 @@ class TileAssembler(Assembler):
         h = self.tile_cells
         every = self.origins(np.arange(len(grid), dtype=np.int64))
         self.coverage = cell_coverage(every, (h, h), border, plan.shape)
+        self.device = model_device(attr)  # features are averaged and solved there
         self.stitcher = FeatureStitcher(
-            plan.shape, int(attr.n_channels_in_), border=border, coverage=self.coverage
+            plan.shape,
+            int(attr.n_channels_in_),
+            border=border,
+            coverage=self.coverage,
+            device=self.device,
         )
         self.chunk_rows: list[int] = []
 
@@ -173,27 +184,30 @@ class TileAssembler(Assembler):
         return np.stack([grid.rows[idx] * step, grid.cols[idx] * step], axis=1)
 
     def add_features(self, act: Tensor, idx: NDArray[np.int64]) -> None:
-        """Stitch the tiles' features; solve the rows no later tile can touch."""
-        feats = act.detach().permute(0, 2, 3, 1).float().cpu().numpy()
-        self.stitcher.add(feats, self.origins(idx))
-        self.solve_bands(self.stitcher.pop_final())
+        """Stitch the tiles' features on their device; solve the rows no later tile can touch."""
+        feats = act.detach().permute(0, 2, 3, 1)  # a view: N x h x w x C
+        self.stitcher.add(
+            feats if feats.dtype == torch.float32 else feats.float(), self.origins(idx)
+        )
+        self.solve_rows(self.stitcher.pop_final_rows())
 
-    def solve_bands(self, bands: list[StitchedBand]) -> None:
-        """Solve the concept weights of finished rows, all in one call (a band, not a row)."""
-        rows = [(band, band.counts > 0) for band in bands]
-        for band, _ in rows:
-            self.counts[band.row] = band.counts
-            self.chunk_rows.append(band.row)
-        parts = [band.features[have] for band, have in rows if have.any()]
-        if not parts:
+    def solve_rows(self, taken: StitchedRows) -> None:
+        """Solve the concept weights of finished rows, all in one call (a band, not a row).
+
+        The means stay on the device; only the K-channel weights come back.
+        """
+        if not taken.rows.size:
             return
-        weights = self.solve(np.concatenate(parts))
-        at = 0
-        for band, have in rows:
-            n = int(have.sum())
-            if n:
-                self.maps[:, band.row, have] = weights[at : at + n].T
-                at += n
+        rows, have = taken.rows, taken.counts > 0
+        self.counts[rows] = taken.counts
+        self.chunk_rows.extend(int(r) for r in rows)
+        if not have.any():
+            return
+        mask = torch.from_numpy(have).to(taken.features.device)
+        weights = self.solve(taken.features[mask])  # (cells with data) x K, row-major
+        block = np.zeros((len(rows), have.shape[1], self.k), dtype=np.float32)
+        block[have] = weights
+        self.maps[:, rows, :] = block.transpose(2, 0, 1)
 
     def write_chunk(self, i: int) -> None:
         """Chunk ``i``: its finished rows, tile outputs and failures, and the stitcher's carry."""
@@ -223,7 +237,7 @@ class TileAssembler(Assembler):
         carry = self.load_chunk(done - 1, "carry")
         state = {k: v.numpy() for k, v in carry.items()}
         self.stitcher = FeatureStitcher.from_state(
-            state, int(self.attr.n_channels_in_), coverage=self.coverage
+            state, int(self.attr.n_channels_in_), coverage=self.coverage, device=self.device
         )
         if manifest.get("n_outputs") is not None:
             self.keep_outputs(int(manifest["n_outputs"]))
@@ -240,7 +254,7 @@ class TileAssembler(Assembler):
 
     def finish(self) -> None:
         """Solve the last rows; cells only failed tiles would have given become NaN, not 0."""
-        self.solve_bands(self.stitcher.finish())
+        self.solve_rows(self.stitcher.finish_rows())
         if not self.failed:
             return
         lost = np.zeros(self.counts.shape, dtype=bool)
@@ -278,7 +292,7 @@ class RegionAssembler(Assembler):
                     f"{act.shape[3]} feature map; region mode needs a network whose feature "
                     "map is the input size divided by its total stride (use mode='tile')."
                 )
-            rows = inner.detach().permute(1, 2, 0).reshape(-1, c).float().cpu().numpy()
+            rows = inner.detach().permute(1, 2, 0).reshape(-1, c)
             self.maps[:, r0 : r0 + h, c0 : c0 + w] = self.solve(rows).T.reshape(self.k, h, w)
             self.counts[r0 : r0 + h, c0 : c0 + w] = 1
 
