@@ -107,6 +107,58 @@ def test_local_cohort_equals_single_slides_and_skips_on_restart(
     assert "3 skipped" in repr(again)
 
 
+def test_one_set_of_reading_threads_serves_every_slide(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    reference: dict,
+) -> None:
+    # The cohort starts its reading threads once; no slide run starts its own.
+    from captum_nmf.wsi import blocks
+
+    made: list[blocks.ReadingThreads] = []
+
+    class Counting(blocks.ReadingThreads):
+        def __init__(self, decoders: int = 1) -> None:
+            super().__init__(decoders)
+            made.append(self)
+
+    monkeypatch.setattr("captum_nmf.wsi.cohort.ReadingThreads", Counting)
+    monkeypatch.setattr("captum_nmf.wsi.run.execute.ReadingThreads", Counting)
+    result = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert len(made) == 1
+    assert made[0].runs == 3
+    for s in slides:
+        np.testing.assert_array_equal(
+            _maps(tmp_path / "c", s.stem).concept_maps, reference[s.stem].concept_maps
+        )
+    made.clear()  # a slide on its own starts (and stops) its own threads
+    opts = {k: v for k, v in OPTIONS.items() if k != "chunk_tiles"}
+    explain_slide(attr, slides[0], progress=False, **opts)  # type: ignore[arg-type]
+    assert len(made) == 1
+    assert made[0].reader._shutdown  # type: ignore[attr-defined]
+
+
+def test_reading_threads_shared_by_hand_give_the_same_maps(
+    attr: NMFConceptAttribution, slides: list[Path], reference: dict
+) -> None:
+    from captum_nmf.wsi import ReadingThreads
+
+    opts = {k: v for k, v in OPTIONS.items() if k != "chunk_tiles"}
+    with ReadingThreads(decoders=3) as threads:
+        for s in slides:
+            ex = explain_slide(attr, s, progress=False, **opts)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(ex.concept_maps, reference[s.stem].concept_maps)
+        assert ReadingThreads.active() is threads
+    assert threads.runs == 3
+    assert ReadingThreads.active() is None
+    assert threads.reader._shutdown  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="decoders must be >= 1"):
+        ReadingThreads(decoders=0)
+
+
 def test_interrupted_cohort_resumes_where_it_stopped(
     tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], reference: dict
 ) -> None:

@@ -25,6 +25,7 @@ except ImportError as exc:  # also OpenSlide's "Couldn't locate OpenSlide shared
         f"captum_nmf.wsi needs the 'wsi' extra: pip install 'captum-nmf[wsi]' (missing: {exc})"
     ) from exc
 
+from captum_nmf.wsi.blocks import ReadingThreads
 from captum_nmf.wsi.border import BorderEffect, border_effect
 from captum_nmf.wsi.cohort import CohortResult, SlideRecord, explain_cohort
 from captum_nmf.wsi.explanation import SlideExplanation
@@ -39,6 +40,7 @@ __all__ = [
     "BorderEffect",
     "CohortResult",
     "FeatureStitcher",
+    "ReadingThreads",
     "Resolution",
     "Slide",
     "SlideExplanation",

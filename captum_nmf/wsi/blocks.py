@@ -22,10 +22,12 @@ tile row of a 100,000 px wide slide at level 0 holds about 150 MiB).
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,11 +35,12 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import Tensor
 
+from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.tiling import TileGrid
 
-__all__ = ["BlockReader", "TileBatches", "to_model_input"]
+__all__ = ["BlockReader", "ReadingThreads", "TileBatches", "to_model_input"]
 
 RGB = NDArray[np.uint8]
 
@@ -215,6 +218,80 @@ class BlockReader:
             self._bytes -= 0 if old is None else old.nbytes
 
 
+_ACTIVE: contextvars.ContextVar[ReadingThreads | None] = contextvars.ContextVar(
+    "captum_nmf_reading_threads", default=None
+)
+
+
+class ReadingThreads:
+    """The threads that read slides, started once and reused by every slide run in their ``with``.
+
+    One thread reads the next batch while the model runs on the current one;
+    ``decoders`` threads (if more than one) decode the blocks of a batch in
+    parallel, each with its own slide handle. :func:`~captum_nmf.wsi.explain_slide`
+    (with ``num_workers=0``) uses the threads active in the calling context and
+    otherwise starts its own for the slide; :func:`~captum_nmf.wsi.explain_cohort`
+    starts one set for all its slides, so no slide pays a thread start-up. The
+    threads hold no slide: each run opens and closes its own handles.
+
+    Args:
+        decoders (int, optional): threads decoding blocks; 1 decodes in the
+                    reading thread (right for a model on the CPU, which needs
+                    the cores). Default: 1
+
+    Raises:
+        TypeError: ``decoders`` is not an int.
+        ValueError: ``decoders`` is below 1.
+
+    Examples::
+
+        >>> from captum_nmf.wsi.blocks import ReadingThreads
+        >>> with ReadingThreads(decoders=4) as threads:  # doctest: +SKIP
+        ...     for path in slides:
+        ...         explain_slide(attr, path, out_dir=out / Path(path).stem)
+    """
+
+    def __init__(self, decoders: int = 1) -> None:
+        check_int("decoders", decoders, minimum=1, hint="pass e.g. decoders=8 for a GPU model.")
+        self.decoders = int(decoders)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="captum-nmf-read")
+        self.decoder_pool: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(self.decoders, thread_name_prefix="captum-nmf-block")
+            if self.decoders > 1
+            else None
+        )
+        self.runs = 0  # slide runs that used these threads
+        self._tokens: list[contextvars.Token[ReadingThreads | None]] = []
+
+    @staticmethod
+    def active() -> ReadingThreads | None:
+        """The threads active in the calling context, if any."""
+        return _ACTIVE.get()
+
+    @contextmanager
+    def activated(self) -> Iterator[ReadingThreads]:
+        """Make these threads the active ones inside the block (without closing them after)."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def __enter__(self) -> ReadingThreads:
+        self._tokens.append(_ACTIVE.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.reset(self._tokens.pop())
+        self.close()
+
+    def close(self) -> None:
+        """Stop the threads (after the work they hold)."""
+        self.reader.shutdown(wait=True)
+        if self.decoder_pool is not None:
+            self.decoder_pool.shutdown(wait=True)
+
+
 class TileBatches:
     """Batches of a grid's tiles read through a :class:`BlockReader`, for one reading thread.
 
@@ -245,6 +322,10 @@ class TileBatches:
                     here (in the reading thread; for a model on the CPU, whose
                     thread is busy with the forward) instead of on the device.
                     Default: False
+        pool (ThreadPoolExecutor, optional): decoding threads shared with other
+                    slides (:attr:`ReadingThreads.decoder_pool`); used instead of
+                    ``threads`` and left running by :meth:`close`.
+                    Default: None
     """
 
     def __init__(
@@ -257,6 +338,7 @@ class TileBatches:
         pin_memory: bool = False,
         threads: int = 1,
         convert: bool = False,
+        pool: ThreadPoolExecutor | None = None,
     ) -> None:
         self.grid = grid
         self.convert = convert
@@ -266,10 +348,11 @@ class TileBatches:
         self.slide_mpp = slide_mpp
         self.slide = Slide(grid.path, mpp=slide_mpp)
         self.reader = BlockReader(self.slide, grid)
+        self._own_pool = pool is None and threads > 1
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="captum-nmf-block")
-            if threads > 1
-            else None
+            if self._own_pool
+            else pool
         )
         self._local = threading.local()
         self._handles: list[Slide] = []
@@ -326,8 +409,8 @@ class TileBatches:
         return torch.stack(tiles), idx, lost
 
     def close(self) -> None:
-        """Stop the decoding threads, close every slide handle and drop the cached blocks."""
-        if self._pool is not None:
+        """Stop its own decoding threads, close every slide handle and drop the cached blocks."""
+        if self._pool is not None and self._own_pool:
             self._pool.shutdown(wait=True)
         self.reader.clear()
         self.slide.close()

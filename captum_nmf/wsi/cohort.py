@@ -44,7 +44,10 @@ from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
 from captum_nmf.engines.ray_cluster import ray_session
 from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import atomic_write_all, sha256_bytes
+from captum_nmf.wsi.blocks import ReadingThreads
 from captum_nmf.wsi.explanation import EXPLANATION_FILE
+from captum_nmf.wsi.run.config import model_device
+from captum_nmf.wsi.run.execute import decoders_for
 from captum_nmf.wsi.runner import MANIFEST_FILE, check_run_options, explain_slide
 
 __all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
@@ -238,10 +241,13 @@ class _SlideWorker(ActorWorker):
         if self.gpu and model is not None:
             model.to("cuda")  # this process's own copy: moving it is safe
         self.attr = attr
+        # reading threads started once per actor, reused by every slide it explains
+        self.reading = ReadingThreads(decoders_for(model_device(attr)))
 
     def run(self, slide: str, run_dir: str, options: dict[str, Any]) -> SlideRecord:
         """Explain one slide (see :func:`explain_cohort`)."""
-        return _explain_one(self.attr, slide, run_dir, options, f"ray:{os.getpid()}")
+        with self.reading.activated():
+            return _explain_one(self.attr, slide, run_dir, options, f"ray:{os.getpid()}")
 
 
 def explain_cohort(
@@ -396,12 +402,14 @@ def _run_local(
     start: float,
 ) -> list[SlideRecord]:
     records: dict[int, SlideRecord] = {}
-    for i in tqdm(range(len(slides)), disable=not progress, desc="cohort", unit="slide"):
-        try:
-            records[i] = _explain_one(attr, str(slides[i]), str(dirs[i]), options, "local")
-        except Exception as exc:  # one slide's error must not stop the cohort
-            records[i] = _record_failure(slides[i], dirs[i], exc, 1)
-        _progress_save(result, records, start)
+    # one set of reading threads for every slide: no thread start-up per slide
+    with ReadingThreads(decoders_for(model_device(attr))):
+        for i in tqdm(range(len(slides)), disable=not progress, desc="cohort", unit="slide"):
+            try:
+                records[i] = _explain_one(attr, str(slides[i]), str(dirs[i]), options, "local")
+            except Exception as exc:  # one slide's error must not stop the cohort
+                records[i] = _record_failure(slides[i], dirs[i], exc, 1)
+            _progress_save(result, records, start)
     return [records[i] for i in range(len(slides))]
 
 

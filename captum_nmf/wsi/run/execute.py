@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captum_nmf.wsi.blocks import TileBatches, to_model_input
+from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, to_model_input
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
 from captum_nmf.wsi.run.config import RunOptions, model_device
@@ -22,8 +22,13 @@ from captum_nmf.wsi.tiling import SlideTiles
 __all__ = ["prefetched", "process"]
 
 
+def decoders_for(device: torch.device) -> int:
+    """Block-decoding threads for a model on ``device``: 1 on the CPU (it needs the cores)."""
+    return 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def _source(
-    assembler: Assembler, options: RunOptions, device: torch.device
+    assembler: Assembler, options: RunOptions, device: torch.device, threads: ReadingThreads
 ) -> SlideTiles | RegionTiles | TileBatches:
     """Where the batches come from: regions, the block reader (one thread) or worker processes."""
     plan = assembler.plan
@@ -47,8 +52,7 @@ def _source(
             on_tile_error=policy,
             slide_mpp=mpp,
             pin_memory=device.type == "cuda",
-            # a model on the CPU needs the cores; one on an accelerator waits for them
-            threads=1 if device.type == "cpu" else min(8, os.cpu_count() or 1),
+            pool=threads.decoder_pool,  # shared across the slides of a cohort
             convert=device.type == "cpu",  # in the reading thread, beside the forward
         )
     return SlideTiles.from_grids([grid], transform=transform, on_tile_error=policy, slide_mpp=mpp)
@@ -61,6 +65,9 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     else ``DataLoader`` worker processes), moved to the model's device and
     converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``).
     Each chunk is committed through the run store as soon as its last unit is in.
+    The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
+    (a cohort's, shared by its slides) or, without any, started for this run.
+    DataLoader worker processes (``num_workers > 0``) are started per run.
     """
     plan = assembler.plan
     todo = plan.chunks[done:]
@@ -72,7 +79,29 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     ]
     chunk_end = {end: i + done for i, (_, end) in enumerate(todo)}
     device = model_device(assembler.attr)
-    source = _source(assembler, options, device)
+    shared = ReadingThreads.active()
+    threads = shared if shared is not None else ReadingThreads(decoders_for(device))
+    threads.runs += 1
+    try:
+        _process(assembler, options, batches, chunk_end, device, threads, todo, progress)
+    finally:
+        if shared is None:
+            threads.close()
+
+
+def _process(
+    assembler: Assembler,
+    options: RunOptions,
+    batches: list[list[int]],
+    chunk_end: dict[int, int],
+    device: torch.device,
+    threads: ReadingThreads,
+    todo: list[tuple[int, int]],
+    progress: bool,
+) -> None:
+    """:func:`process` with its batches planned and its reading threads chosen."""
+    plan = assembler.plan
+    source = _source(assembler, options, device, threads)
     reads: Iterable[Any]
     if isinstance(source, TileBatches):
         reads = (source.batch(b) for b in batches)
@@ -90,7 +119,7 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
         desc=f"explain {Path(plan.grid.path).name}",
         unit="tile" if plan.regions is None else "region",
     )
-    batches_in = reads if options.num_workers else prefetched(reads)
+    batches_in = reads if options.num_workers else prefetched(reads, threads.reader)
     try:
         for images, idx, failed in batches_in:
             ids, lost = idx.numpy(), failed.numpy()
@@ -141,19 +170,31 @@ def _forward(
 _END = object()
 
 
-def prefetched(iterable: Iterable[Any]) -> Generator[Any, None, None]:
+def prefetched(
+    iterable: Iterable[Any], executor: ThreadPoolExecutor | None = None
+) -> Generator[Any, None, None]:
     """Yield ``iterable``'s items, reading the next one in a background thread meanwhile.
 
     With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
     PIL release the GIL) with the forward pass without a worker process.
     Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
+    ``executor`` (e.g. :attr:`ReadingThreads.reader`, shared by a cohort's
+    slides) runs the reads; without one a thread is started for this iterable.
+    When the generator is closed early, the read in flight is waited for, so
+    the caller may close the source right after.
     """
+    if executor is None:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captum-nmf-read") as own:
+            yield from prefetched(iterable, own)
+        return
     iterator = iter(iterable)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captum-nmf-read") as pool:
-        pending = pool.submit(next, iterator, _END)
+    pending: Future[Any] = executor.submit(next, iterator, _END)
+    try:
         while True:
             item = pending.result()
             if item is _END:
                 return
-            pending = pool.submit(next, iterator, _END)
+            pending = executor.submit(next, iterator, _END)
             yield item
+    finally:
+        wait([pending])  # a read still running must not outlive the caller's source

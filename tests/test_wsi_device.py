@@ -1,0 +1,183 @@
+"""Where slide work happens: features stay on the model's device, only K-channel maps leave it.
+
+No GPU here: the checks that need none. A ``TorchFunctionMode`` records every
+tensor that is brought to the host (``.numpy()``, ``.cpu()``, ``.tolist()``)
+during a slide run; none may be a feature tensor (its C channels give it away).
+The stitcher's tensor mode (``device=``) is bit-identical to its NumPy mode,
+and the shared reading thread survives an early stop without a read in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from captum_nmf import NMF, NMFConceptAttribution
+from captum_nmf.wsi import FeatureStitcher, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi.run.execute import prefetched
+from captum_nmf.wsi.stitching import cell_coverage
+from tests.helpers.synthetic_slides import he_image
+
+C = 37  # channels no other tensor of the run has
+
+
+class WideNet(nn.Module):
+    """8 px average pool, then a 1x1 convolution to 37 channels and ReLU; two scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(8)
+        self.conv = nn.Conv2d(3, C, 1)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(C, 3, 1, 1, generator=gen))
+            self.conv.bias.copy_(0.3 * torch.randn(C, generator=gen))  # type: ignore[union-attr]
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.relu(self.conv(self.pool(x))).mean(dim=(2, 3))
+        return torch.stack([f[:, :5].mean(1), f[:, 5:].mean(1)], dim=1)
+
+
+class _HostCopies(TorchFunctionMode):
+    """Shapes of the tensors brought to the host (or to Python) while active."""
+
+    _NAMES = ("numpy", "cpu", "tolist")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if getattr(func, "__name__", "") in self._NAMES and args and isinstance(args[0], Tensor):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pixels = he_image()[:320, :448]
+    return write_pyramid(pixels, tmp_path_factory.mktemp("dev") / "s.svs", mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def attr(slide: Path) -> NMFConceptAttribution:
+    net = WideNet().eval()
+    model = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    tiles = SlideTiles(slide, tile_size=64, stride=32, tissue_mask=None)
+    return model.fit(tiles, batch_size=16, progress=False)
+
+
+def test_features_never_leave_the_device_only_weights_do(
+    attr: NMFConceptAttribution, slide: Path
+) -> None:
+    with _HostCopies() as seen:
+        ex = explain_slide(
+            attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
+        )
+    assert seen.shapes, "the recorder saw nothing: the check would be vacuous"
+    k = int(attr.concepts_.shape[0])
+    # the K x C concepts go into the explanation; no feature tensor (N x C x h x w, n x C)
+    carrying_features = [s for s in seen.shapes if C in s and s != (k, C)]
+    assert carrying_features == []
+    assert any(len(s) == 2 and s[1] == 3 for s in seen.shapes)  # the n x K weights came back
+    assert np.isfinite(ex.concept_maps).all()
+
+
+def test_transform_returns_on_the_inputs_device_and_solves_there() -> None:
+    # A tensor is solved on its own device: H is cast there (cached), nothing moves X.
+    h = torch.rand(3, 6)
+    model = NMF.from_components(h)
+    x = torch.rand(10, 6)
+    w = model.transform(x)
+    assert w.device == x.device
+    assert w.dtype == x.dtype
+    key = (str(x.device), x.dtype)
+    assert key in model._factor_cache().entries
+
+
+def _stitch(
+    st: FeatureStitcher, feats: Any, origins: np.ndarray, step: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    out = []
+    for i in range(0, len(origins), step):
+        st.add(feats[i : i + step], origins[i : i + step])
+        out += [(b.row, np.asarray(b.features), b.counts) for b in st.pop_final()]
+    out += [(b.row, np.asarray(b.features), b.counts) for b in st.finish()]
+    return out
+
+
+@pytest.mark.parametrize("step", [1, 5, 40])  # a call may span many tile rows (ring grows)
+def test_tensor_mode_is_bit_identical_to_numpy_mode(step: int) -> None:
+    rng = np.random.default_rng(3)
+    grid = [(r, c) for r in range(0, 26, 3) for c in range(0, 30, 3) if (r * 7 + c) % 5]
+    origins = np.asarray(grid, dtype=np.int64)
+    maps = torch.from_numpy(rng.random((len(grid), 5, 8, 8), dtype=np.float32))  # N x C x h x w
+    coverage = cell_coverage(origins, (8, 8), 2, (34, 38))
+    numpy_mode = FeatureStitcher((34, 38), 5, border=2, coverage=coverage)
+    tensor_mode = FeatureStitcher((34, 38), 5, border=2, coverage=coverage, device="cpu")
+    a = _stitch(numpy_mode, maps.permute(0, 2, 3, 1).numpy(), origins, step)
+    b = _stitch(tensor_mode, maps.permute(0, 2, 3, 1), origins, step)  # a channels-first view
+    assert [r for r, _, _ in a] == [r for r, _, _ in b]
+    for (_, fa, ca), (_, fb, cb) in zip(a, b, strict=True):
+        assert np.array_equal(fa, fb)
+        assert np.array_equal(ca, cb)
+
+
+def test_tensor_mode_rows_and_state_round_trip() -> None:
+    rng = np.random.default_rng(4)
+    origins = np.asarray([(r, c) for r in range(0, 20, 2) for c in range(0, 12, 4)])
+    feats = torch.from_numpy(rng.random((len(origins), 6, 6, 3), dtype=np.float32))
+    whole = FeatureStitcher((26, 18), 3, border=1, device="cpu")
+    whole.add(feats, origins)
+    rows = whole.finish_rows()
+    assert isinstance(rows.features, Tensor)
+    assert rows.features.shape == (len(rows.rows), 18, 3)
+    first = FeatureStitcher((26, 18), 3, border=1, device="cpu")
+    first.add(feats[:13], origins[:13])
+    head = first.pop_final_rows()
+    state = first.state()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    second = FeatureStitcher.from_state(state, 3, device="cpu")
+    second.add(feats[13:], origins[13:])
+    tail = second.finish_rows()
+    assert np.array_equal(np.concatenate([head.rows, tail.rows]), rows.rows)
+    joined = torch.cat([head.features, tail.features])
+    assert torch.equal(joined, rows.features)
+    assert np.array_equal(np.concatenate([head.counts, tail.counts]), rows.counts)
+
+
+def test_an_early_stop_waits_for_the_read_in_flight() -> None:
+    # The shared reading thread must not still be reading when the run closes its slide.
+    finished: list[int] = []
+
+    def slow() -> Iterator[int]:
+        for i in range(5):
+            time.sleep(0.05)
+            finished.append(i)
+            yield i
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        gen = prefetched(slow(), pool)
+        assert next(gen) == 0  # item 1 is being read now
+        gen.close()
+        assert finished == [0, 1]  # close() returned only after the read in flight
+        assert not any(t.name.startswith("captum-nmf-read") for t in threading.enumerate())
+        assert list(prefetched(iter([7, 8]), pool)) == [7, 8]  # the thread is still usable
