@@ -357,10 +357,14 @@ class FeatureStitcher:
             live = np.flatnonzero(keep.any(axis=1))
             if not live.size:
                 continue
-            # only the rows with a kept cell (a tile's border rows may keep none)
+            # only the rows and columns with a kept cell (at an edge the kept cells are
+            # mostly still a rectangle: no mask needed then)
             first, last = int(live[0]), int(live[-1]) + 1
             rows = slice(rows.start + first, rows.start + last)
-            keep = keep[first:last]
+            live = np.flatnonzero(keep.any(axis=0))
+            left, right = int(live[0]), int(live[-1]) + 1
+            cols = slice(cols.start + left, cols.start + right)
+            keep = keep[first:last, left:right]
             if rows.start < self._final_below:
                 raise ValueError(f"cell row {rows.start} was already finished; tiles out of order.")
             part = maps[i, :, rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
