@@ -275,6 +275,38 @@ def test_blocked_solve_equals_one_block_and_the_reference(
         assert bool((torch.abs(w - ref) <= 1e-12 * scale).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maps_solve_equals_the_row_solve(
+    real_rows: torch.Tensor, dtype: torch.dtype, channels_last: bool
+) -> None:
+    # attribute solves N x C x h x w activations from their own layout (one batched
+    # H @ act[i] per image); the result is transform() of the rows, rearranged.
+    x = real_rows[:768].to(dtype)  # 3 images of 16 x 16 locations
+    h = fitted_h(real_rows.double(), 6).to(dtype)
+    act = x.reshape(3, 16, 16, -1).permute(0, 3, 1, 2)  # N x C x h x w
+    act = act.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    model = NMF.from_components(h)
+    maps = model._transform_maps(act)
+    assert maps.shape == (3, 6, 16, 16)
+    assert maps.dtype == dtype
+    rows = model.transform(act.permute(0, 2, 3, 1).reshape(-1, act.shape[1]))
+    expected = rows.reshape(3, 16, 16, 6).permute(0, 3, 1, 2)
+    scale = float(expected.abs().max())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(maps, expected, rtol=0, atol=tol * scale)
+
+
+def test_maps_solve_refuses_an_overflowing_product() -> None:
+    model = NMF.from_components(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    act = torch.full((1, 2, 2, 2), 3e38)
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        model._transform_maps(act)
+    assert bool(torch.isfinite(model._transform_maps(act.double())).all())
+
+
 def test_solve_rows_flags_negative_and_non_finite_rows_without_raising() -> None:
     h = torch.rand(3, 5, dtype=F64)
     factors = solvers.NNLSFactors(h @ h.T)

@@ -496,6 +496,26 @@ class NMF(
                 )
         return self._output(w, kind)
 
+    def _transform_maps(self, act: Tensor) -> Tensor:
+        """Concept maps (N x K x h x w) of N x C x h x w activations the caller has checked.
+
+        :meth:`transform` of every location, solved from the activations' own
+        layout (no transposition to rows; :func:`solvers.solve_maps`), on their
+        device unless ``device`` is set, in their dtype.
+
+        Raises:
+            ValueError: the product ``X @ H^T`` overflows the activations' dtype.
+        """
+        x = act if self.device is None else act.to(self.device)
+        fixed = self._fixed_h(x.device, x.dtype)
+        maps = solvers.solve_maps(x, fixed.h, fixed.pinv, fixed.factors)
+        if not bool(torch.isfinite(maps).all()):  # finite activations: only an overflow
+            raise ValueError(
+                f"X @ H^T overflows {x.dtype} (activations up to {float(x.max()):.3g}); "
+                "rescale the activations or use float64."
+            )
+        return maps
+
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
         """Reconstruct rows ``W H`` from weights ``W`` (n x K).
 

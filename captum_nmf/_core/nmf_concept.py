@@ -497,10 +497,9 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             autocast=autocast,
             channels_last=channels_last,
         )
-        n, c, h, w = act.shape
-        self.check_channels(c)
-        weights = self.nmf_.transform(acts.maps_to_rows(act))
-        maps = acts.rows_to_maps(weights.to(act.dtype), (n, h, w))
+        self.check_channels(int(act.shape[1]))
+        # values checked by _activations: solved from the maps' own layout, no row copy
+        maps = self.nmf_._transform_maps(act)
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
         return maps.to(device)
 

@@ -41,6 +41,7 @@ __all__ = [
     "objective_from_stats",
     "random_init",
     "randomized_svd",
+    "solve_maps",
     "solve_rows",
     "sq_norm",
 ]
@@ -664,6 +665,33 @@ def solve_rows(
 def _mask(passive: Tensor, dtype: torch.dtype) -> Tensor:
     """``passive`` as 0/1 in ``dtype``: multiplying by it is ~25x faster on a CPU than by a bool."""
     return passive.view(torch.uint8).to(dtype)
+
+
+def solve_maps(act: Tensor, h: Tensor, pinv: Tensor, factors: NNLSFactors) -> Tensor:
+    """``argmin_{W >= 0} ||X - W H||`` for every location of N x C x h x w activations.
+
+    The same solve as :func:`solve_rows`, without reshaping the activations to
+    rows first: ``X H^T`` is one batched product ``H @ act[i]`` per image over
+    its C x (h w) layout (contiguous or channels-last), and only the small
+    N x K x (h w) result is rearranged. The values of ``act`` are not checked
+    (the caller has); a product that overflows gives non-finite maps, which the
+    caller can test cheaply on the K-channel result.
+
+    Args:
+        act (Tensor): N x C x h x w float32 or float64 activations.
+        h (Tensor): K x C concepts in ``act``'s dtype and on its device.
+        pinv (Tensor): ``pinv(H H^T)`` (K x K) in ``act``'s dtype, for the guess.
+        factors (NNLSFactors): the factors of ``H H^T``.
+
+    Returns:
+        *Tensor*: N x K x h x w concept maps in ``act``'s dtype.
+    """
+    n, c, height, width = act.shape
+    k = int(h.shape[0])
+    cross = torch.matmul(h, act.reshape(n, c, height * width))  # N x K x hw
+    rows = cross.transpose(1, 2).reshape(-1, k)  # (N h w) x K
+    w = nnls_factored(factors, rows, guess=rows @ pinv.T)
+    return w.to(act.dtype).reshape(n, height, width, k).permute(0, 3, 1, 2).contiguous()
 
 
 def _tolerance(f: NNLSFactors, b: Tensor, scale: Tensor | None) -> Tensor:
