@@ -252,8 +252,9 @@ class FeatureStitcher:
             None if coverage is None else ((coverage != 0) & (coverage != NO_TILE)).any(axis=1)
         )
         # The running sums of the rows still open, in a ring of rows: cell row r lives at
-        # ring row r % capacity. It grows (doubling) when a tile reaches further down than
-        # the ring holds, so memory stays about one tile height of rows times Wc times C.
+        # ring row r % capacity. It grows to the rows needed when a tile reaches further
+        # down than it holds, so memory stays the band of rows one batch of tiles can touch
+        # (about one tile height plus the batch's span) times Wc times C.
         # Rows are C x Wc: a channels-first activation's row of cells is then a contiguous
         # run on both sides of the addition.
         self._sums = torch.zeros(
@@ -404,7 +405,7 @@ class FeatureStitcher:
             return
         live = self._live_rows()
         old_sums, old_counts, cap = self._sums, self._counts, self._capacity
-        size = max(need, 2 * cap, 8)
+        size = max(need, 8)  # exactly the rows needed: growth is rare (a wider span of rows)
         self._sums = torch.zeros(
             (size, *old_sums.shape[1:]), dtype=old_sums.dtype, device=old_sums.device
         )
