@@ -299,6 +299,20 @@ def test_maps_solve_equals_the_row_solve(
     assert torch.allclose(maps, expected, rtol=0, atol=tol * scale)
 
 
+def test_inputs_that_require_grad_are_solved_without_history() -> None:
+    # Activations straight from a forward with autograd on: the solve runs on their values.
+    h = torch.rand(2, 5, dtype=F64)
+    model = NMF.from_components(h)
+    x = torch.rand(20, 5, dtype=F64, requires_grad=True)
+    w = model.transform(x)
+    assert not w.requires_grad
+    assert torch.equal(w, model.transform(x.detach()))
+    act = torch.rand(2, 5, 3, 3, dtype=F64, requires_grad=True)
+    maps = model._transform_maps(act)
+    assert not maps.requires_grad
+    assert torch.equal(maps, model._transform_maps(act.detach()))
+
+
 def test_maps_solve_refuses_an_overflowing_product() -> None:
     model = NMF.from_components(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
     act = torch.full((1, 2, 2, 2), 3e38)

@@ -613,12 +613,13 @@ def solve_rows(
                     Default: None (True on CPU, False elsewhere)
 
     Returns:
-        *tuple[Tensor, Tensor]*: ``W`` (n x K, ``dtype``) and a 0-d boolean
-        tensor on ``x``'s device, true when ``X`` may hold a negative, NaN or
-        infinite entry or ``X H^T`` overflowed: then ``W`` is not to be
-        trusted and the caller checks ``X`` exactly. False guarantees neither
-        (``-0.0`` entries also raise it).
+        *tuple[Tensor, Tensor]*: ``W`` (n x K, ``dtype``, no autograd history)
+        and a 0-d boolean tensor on ``x``'s device. False: ``X`` has no
+        negative, NaN or infinite entry and ``X H^T`` did not overflow. True:
+        it may (``-0.0`` entries also raise it); ``W`` is not to be trusted
+        until the caller has checked ``X`` exactly.
     """
+    x, h, pinv = x.detach(), h.detach(), pinv.detach()  # the solve is not differentiable
     n, c = x.shape
     k = int(h.shape[0])
     device = x.device
@@ -684,8 +685,9 @@ def solve_maps(act: Tensor, h: Tensor, pinv: Tensor, factors: NNLSFactors) -> Te
         factors (NNLSFactors): the factors of ``H H^T``.
 
     Returns:
-        *Tensor*: N x K x h x w concept maps in ``act``'s dtype.
+        *Tensor*: N x K x h x w concept maps in ``act``'s dtype (no autograd history).
     """
+    act, h, pinv = act.detach(), h.detach(), pinv.detach()  # the solve is not differentiable
     n, c, height, width = act.shape
     k = int(h.shape[0])
     cross = torch.matmul(h, act.reshape(n, c, height * width))  # N x K x hw

@@ -328,7 +328,7 @@ class FeatureStitcher:
             ValueError: shapes disagree, C differs, the border leaves nothing,
                         or tiles arrive out of raster order.
         """
-        feats = torch.as_tensor(features)
+        feats = torch.as_tensor(features).detach()  # sums of values: no autograd graph
         org = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         if feats.ndim != 4 or feats.shape[0] != org.shape[0]:
             raise ValueError(
