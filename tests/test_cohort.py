@@ -157,6 +157,9 @@ def test_reading_threads_shared_by_hand_give_the_same_maps(
     assert threads.reader._shutdown  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="decoders must be >= 1"):
         ReadingThreads(decoders=0)
+    with pytest.raises(RuntimeError, match="ReadingThreads were closed"):  # noqa: SIM117
+        with threads.activated():
+            pass
 
 
 def test_interrupted_cohort_resumes_where_it_stopped(

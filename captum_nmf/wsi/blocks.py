@@ -261,6 +261,7 @@ class ReadingThreads:
             else None
         )
         self.runs = 0  # slide runs that used these threads
+        self.closed = False
         self._tokens: list[contextvars.Token[ReadingThreads | None]] = []
 
     @staticmethod
@@ -270,7 +271,12 @@ class ReadingThreads:
 
     @contextmanager
     def activated(self) -> Iterator[ReadingThreads]:
-        """Make these threads the active ones inside the block (without closing them after)."""
+        """Make these threads the active ones inside the block (without closing them after).
+
+        Raises:
+            RuntimeError: the threads were closed.
+        """
+        self._check_open()
         token = _ACTIVE.set(self)
         try:
             yield self
@@ -278,15 +284,24 @@ class ReadingThreads:
             _ACTIVE.reset(token)
 
     def __enter__(self) -> ReadingThreads:
+        self._check_open()
         self._tokens.append(_ACTIVE.set(self))
         return self
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(
+                "These ReadingThreads were closed (their `with` block ended or close() was "
+                "called); create a new ReadingThreads()."
+            )
 
     def __exit__(self, *exc: object) -> None:
         _ACTIVE.reset(self._tokens.pop())
         self.close()
 
     def close(self) -> None:
-        """Stop the threads (after the work they hold)."""
+        """Stop the threads (after the work they hold). Closing twice is harmless."""
+        self.closed = True
         self.reader.shutdown(wait=True)
         if self.decoder_pool is not None:
             self.decoder_pool.shutdown(wait=True)
