@@ -157,6 +157,12 @@ def test_reading_threads_shared_by_hand_give_the_same_maps(
     assert threads.reader._shutdown  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="decoders must be >= 1"):
         ReadingThreads(decoders=0)
+    with ReadingThreads() as outer:  # nested `with`: only the outer one closes
+        with outer:
+            pass
+        assert not outer.closed
+        assert ReadingThreads.active() is outer
+    assert outer.closed
     with pytest.raises(RuntimeError, match="ReadingThreads were closed"):  # noqa: SIM117
         with threads.activated():
             pass

@@ -181,3 +181,20 @@ def test_an_early_stop_waits_for_the_read_in_flight() -> None:
         assert finished == [0, 1]  # close() returned only after the read in flight
         assert not any(t.name.startswith("captum-nmf-read") for t in threading.enumerate())
         assert list(prefetched(iter([7, 8]), pool)) == [7, 8]  # the thread is still usable
+
+
+def test_a_gap_without_tiles_takes_no_memory() -> None:
+    # One batch ends above a stretch of glass and the next piece of tissue starts 2000
+    # rows lower: only the bands the tiles touch are held, never the gap.
+    st = FeatureStitcher((2100, 16), 4, border=1, device="cpu")
+    feats = torch.ones(2, 6, 6, 4)
+    st.add(feats, np.array([[0, 0], [2000, 8]]))
+    assert st.active_rows == 8  # 4 interior rows of each tile
+    assert st.allocated_rows <= 24
+    rows = st.pop_final_rows()
+    assert rows.rows.tolist() == [1, 2, 3, 4]  # the first tile's rows are final
+    assert st.allocated_rows <= 16
+    rest = st.finish_rows()
+    assert rest.rows.tolist() == [2001, 2002, 2003, 2004]
+    assert st.allocated_rows == 0
+    assert torch.equal(rest.features, torch.ones(4, 16, 4) * (rest.features > 0))

@@ -26,7 +26,7 @@ import contextvars
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
@@ -199,9 +199,16 @@ class BlockReader:
             return
         top = min(self._blocks_of(i)[0].start for i in indices)
         self._evict_above(top)  # rows raster order has passed; never one this batch needs
-        decoded = pool.map(lambda k: self.read_block(slides(), k), keys)
-        for key, pixels in zip(keys, decoded, strict=True):
-            self._store(key, pixels)
+
+        def decode(key: tuple[int, int]) -> RGB | None:
+            return self.read_block(slides(), key)  # in the pool's thread: its own handle
+
+        futures = [pool.submit(decode, k) for k in keys]
+        try:
+            for key, future in zip(keys, futures, strict=True):
+                self._store(key, future.result())
+        finally:  # an error must not leave decodes running on handles the run will close
+            wait(futures)
 
     def _blocks_of(self, index: int) -> tuple[range, range]:
         """The block rows and columns tile ``index`` overlaps (exact reads only)."""
@@ -262,7 +269,9 @@ class ReadingThreads:
         )
         self.runs = 0  # slide runs that used these threads
         self.closed = False
-        self._tokens: list[contextvars.Token[ReadingThreads | None]] = []
+        self._local = threading.local()  # each thread's stack of context tokens
+        self._depth = 0  # open `with` blocks, over all threads: the last one closes
+        self._lock = threading.Lock()
 
     @staticmethod
     def active() -> ReadingThreads | None:
@@ -284,8 +293,11 @@ class ReadingThreads:
             _ACTIVE.reset(token)
 
     def __enter__(self) -> ReadingThreads:
-        self._check_open()
-        self._tokens.append(_ACTIVE.set(self))
+        with self._lock:
+            self._check_open()
+            self._depth += 1
+        tokens = self._local.__dict__.setdefault("tokens", [])
+        tokens.append(_ACTIVE.set(self))
         return self
 
     def _check_open(self) -> None:
@@ -296,8 +308,12 @@ class ReadingThreads:
             )
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.reset(self._tokens.pop())
-        self.close()
+        _ACTIVE.reset(self._local.tokens.pop())
+        with self._lock:
+            self._depth -= 1
+            last = self._depth == 0
+        if last:  # a nested or another thread's `with` leaves the threads running
+            self.close()
 
     def close(self) -> None:
         """Stop the threads (after the work they hold). Closing twice is harmless."""

@@ -38,6 +38,7 @@ from captum_nmf._utils.validation import check_int
 __all__ = ["FeatureStitcher", "StitchedBand", "StitchedRows", "cell_coverage"]
 
 NO_TILE = 3  # cell_coverage of a cell that no tile reaches
+_BAND = 8  # cell rows per allocated band of running sums
 
 
 def _pair(name: str, value: object) -> tuple[int, int]:
@@ -251,17 +252,12 @@ class FeatureStitcher:
         self._open: NDArray[np.bool_] | None = (
             None if coverage is None else ((coverage != 0) & (coverage != NO_TILE)).any(axis=1)
         )
-        # The running sums of the rows still open, in a ring of rows: cell row r lives at
-        # ring row r % capacity. It grows to the rows needed when a tile reaches further
-        # down than it holds, so memory stays the band of rows one batch of tiles can touch
-        # (about one tile height plus the batch's span) times Wc times C.
-        # Rows are C x Wc: a channels-first activation's row of cells is then a contiguous
-        # run on both sides of the addition.
-        self._sums = torch.zeros(
-            (0, self.n_channels, wc), dtype=torch.float32, device=self._compute_device
-        )
-        self._counts: NDArray[np.int32] = np.zeros((0, wc), dtype=np.int32)  # on the host
-        self._end: int = 0  # one past the lowest row that received data
+        # The running sums of the rows still open, in bands of _BAND consecutive rows (C x Wc
+        # each: a channels-first activation's row of cells is then a contiguous run on both
+        # sides of the addition), allocated where a tile lands and freed once handed out, so
+        # memory is the bands of rows the current tiles touch, never a gap without tissue.
+        self._sums: dict[int, Tensor] = {}
+        self._counts: dict[int, NDArray[np.int32]] = {}  # on the host
         self._last_origin: int = -(1 << 62)  # origin row of the latest tile added
         self._final_below: int = 0  # rows below this were handed out
 
@@ -273,6 +269,11 @@ class FeatureStitcher:
     def active_rows(self) -> int:
         """Rows currently holding data."""
         return len(self._live_rows())
+
+    @property
+    def allocated_rows(self) -> int:
+        """Rows of running sums in memory (bands of 8 rows where tiles landed), each Wc x C."""
+        return _BAND * len(self._sums)
 
     def footprint(
         self, origin: tuple[int, int], tile_cells: tuple[int, int]
@@ -373,75 +374,72 @@ class FeatureStitcher:
             if not keep.all():  # a tile at an edge keeps only some cells
                 mask = torch.from_numpy(keep).to(part.device)
                 part = torch.where(mask.unsqueeze(1), part, 0.0)
-            self._reserve(rows.stop)
-            for ring, at in self._ring(rows.start, rows.stop):
-                self._sums[ring, :, cols] += part[at]
             counts = keep.astype(np.int32)
-            for ring, at in self._ring(rows.start, rows.stop):
-                self._counts[ring, cols] += counts[at]
-            self._end = max(self._end, rows.stop)
+            for band, local, at in self._bands_of(rows.start, rows.stop):
+                sums, band_counts = self._band_of(band)
+                sums[local, :, cols] += part[at]
+                band_counts[local, cols] += counts[at]
         if n:
             self._last_origin = int(org[-1, 0])
 
-    # ------------------------------------------------------------ the row ring
-    @property
-    def _capacity(self) -> int:
-        return int(self._sums.shape[0])
+    # ------------------------------------------------------------ bands of rows
+    def _bands_of(self, start: int, stop: int) -> list[tuple[int, slice, slice]]:
+        """Bands of cell rows ``start:stop``: (band, rows within it, rows within start:stop)."""
+        out = []
+        for band in range(start // _BAND, (stop - 1) // _BAND + 1):
+            lo, hi = max(start, band * _BAND), min(stop, (band + 1) * _BAND)
+            out.append(
+                (band, slice(lo - band * _BAND, hi - band * _BAND), slice(lo - start, hi - start))
+            )
+        return out
 
-    def _ring(self, start: int, stop: int) -> list[tuple[slice, slice]]:
-        """Ring rows of cell rows ``start:stop`` (one or two slices) and where they are in it."""
-        cap = self._capacity
-        at = start % cap
-        first = min(stop - start, cap - at)
-        parts = [(slice(at, at + first), slice(0, first))]
-        if first < stop - start:
-            parts.append((slice(0, stop - start - first), slice(first, stop - start)))
-        return parts
-
-    def _reserve(self, stop: int) -> None:
-        """Make the ring hold cell rows ``_final_below:stop`` (grow it, keeping what it holds)."""
-        need = stop - self._final_below
-        if need <= self._capacity:
-            return
-        live = self._live_rows()
-        old_sums, old_counts, cap = self._sums, self._counts, self._capacity
-        size = max(need, 8)  # exactly the rows needed: growth is rare (a wider span of rows)
-        self._sums = torch.zeros(
-            (size, *old_sums.shape[1:]), dtype=old_sums.dtype, device=old_sums.device
-        )
-        self._counts = np.zeros((size, old_counts.shape[1]), dtype=np.int32)
-        if live:
-            src = np.asarray(live, dtype=np.int64) % cap
-            dst = np.asarray(live, dtype=np.int64) % size
-            self._sums[torch.from_numpy(dst).to(old_sums.device)] = old_sums[
-                torch.from_numpy(src).to(old_sums.device)
-            ]
-            self._counts[dst] = old_counts[src]
+    def _band_of(self, band: int) -> tuple[Tensor, NDArray[np.int32]]:
+        sums = self._sums.get(band)
+        if sums is None:
+            wc = self.grid_shape[1]
+            shape = (_BAND, self.n_channels, wc)
+            sums = self._sums[band] = torch.zeros(shape, device=self._compute_device)
+            self._counts[band] = np.zeros((_BAND, wc), dtype=np.int32)
+        return sums, self._counts[band]
 
     def _live_rows(self) -> list[int]:
         """Cell rows not handed out yet that hold data, increasing."""
-        cap = self._capacity
-        if not cap:
-            return []
-        rows = range(self._final_below, self._end)
-        return [r for r in rows if self._counts[r % cap].any()]
+        rows: list[int] = []
+        for band in sorted(self._counts):
+            held = np.flatnonzero(self._counts[band].any(axis=1)) + band * _BAND
+            rows.extend(int(r) for r in held if r >= self._final_below)
+        return rows
+
+    def _gather(self, rows: list[int]) -> tuple[Tensor, NDArray[np.int32]]:
+        """Sums (n x C x Wc) and counts (n x Wc) of ``rows`` (increasing, all held)."""
+        sums, counts = [], []
+        for band in sorted({r // _BAND for r in rows}):
+            local = [r - band * _BAND for r in rows if r // _BAND == band]
+            index = torch.tensor(local, dtype=torch.long, device=self._sums[band].device)
+            sums.append(self._sums[band].index_select(0, index))
+            counts.append(self._counts[band][local])
+        return torch.cat(sums), np.concatenate(counts)
 
     def _take(self, below: int) -> StitchedRows:
         """Hand out the rows above ``below`` that hold data, as means; forget them."""
         rows = [r for r in self._live_rows() if r < below]
         wc, c = self.grid_shape[1], self.n_channels
+        device = self._compute_device
         if rows:
-            ring = np.asarray(rows, dtype=np.int64) % self._capacity
-            index = torch.from_numpy(ring).to(self._sums.device)
-            counts = self._counts[ring].copy()
+            sums, counts = self._gather(rows)
             divisor = torch.from_numpy(np.maximum(counts, 1).astype(np.float32))
-            means = self._sums[index] / divisor.to(self._sums.device).unsqueeze(1)
-            self._sums[index] = 0.0
-            self._counts[ring] = 0
+            means = sums / divisor.to(device).unsqueeze(1)
         else:
             counts = np.zeros((0, wc), dtype=np.int32)
-            means = torch.zeros((0, c, wc), dtype=torch.float32, device=self._sums.device)
+            means = torch.zeros((0, c, wc), dtype=torch.float32, device=device)
         self._final_below = max(self._final_below, below)
+        for band in [b for b in self._sums if (b + 1) * _BAND <= self._final_below]:
+            del self._sums[band], self._counts[band]  # every row of it is handed out
+        for band in self._sums:  # a band still open: clear the rows just handed out
+            done = min(_BAND, self._final_below - band * _BAND)
+            if done > 0:
+                self._sums[band][:done] = 0.0
+                self._counts[band][:done] = 0
         return StitchedRows(np.asarray(rows, dtype=np.int64), means.permute(0, 2, 1), counts)
 
     def _bands(self, taken: StitchedRows) -> list[StitchedBand]:
@@ -513,14 +511,14 @@ class FeatureStitcher:
         """
         rows = self._live_rows()
         c = self.n_channels
-        ring = np.asarray(rows, dtype=np.int64) % max(self._capacity, 1)
-        counts = self._counts[ring] if rows else np.zeros((0, self.grid_shape[1]), np.int32)
-        cols = np.flatnonzero(counts.any(axis=0)).astype(np.int64)
         if rows:
-            index = torch.from_numpy(ring).to(self._sums.device)
-            picked = self._sums[index][:, :, torch.from_numpy(cols).to(self._sums.device)]
+            held, counts = self._gather(rows)
+            cols = np.flatnonzero(counts.any(axis=0)).astype(np.int64)
+            picked = held[:, :, torch.from_numpy(cols).to(held.device)]
             sums = picked.permute(0, 2, 1).cpu().numpy()  # rows x cols x C
         else:
+            counts = np.zeros((0, self.grid_shape[1]), np.int32)
+            cols = np.zeros(0, dtype=np.int64)
             sums = np.zeros((0, 0, c), np.float32)
         levels = (
             [0] * (NO_TILE + 1)
@@ -591,15 +589,13 @@ class FeatureStitcher:
                 )
         st._last_origin, st._final_below = last, final_below
         rows = [int(r) for r in np.asarray(state["rows"]).tolist()]
-        if rows:
-            cols = torch.from_numpy(np.asarray(state["cols"], dtype=np.int64))
-            st._end = final_below  # _reserve sizes the ring from _final_below
-            st._reserve(max(rows) + 1)
-            sums = torch.as_tensor(np.asarray(state["sums"], dtype=np.float32))
-            counts = np.asarray(state["counts"], dtype=np.int32)
-            for i, r in enumerate(rows):
-                ring = r % st._capacity
-                st._sums[ring, :, cols.to(st._sums.device)] = sums[i].T.to(st._sums.device)
-                st._counts[ring, cols.numpy()] = counts[i]
-            st._end = max(rows) + 1
+        cols = np.asarray(state["cols"], dtype=np.int64)
+        sums = torch.as_tensor(np.asarray(state["sums"], dtype=np.float32))
+        counts = np.asarray(state["counts"], dtype=np.int32)
+        for i, r in enumerate(rows):
+            band_sums, band_counts = st._band_of(r // _BAND)
+            local = r % _BAND
+            where = torch.from_numpy(cols).to(band_sums.device)
+            band_sums[local, :, where] = sums[i].T.to(band_sums.device)
+            band_counts[local, cols] = counts[i]
         return st

@@ -84,8 +84,8 @@ class Assembler:
     def solve(self, features: Tensor) -> NDArray[np.float32]:
         """Concept weights (n x K) of ``features`` (n x C) with the fitted concepts.
 
-        Solved where ``features`` are (the model's device); only the n x K
-        weights come back to the host.
+        Solved where ``features`` are (the model's device), or on the NMF's
+        ``device`` when that is set; only the n x K weights come back to the host.
         """
         weights = self.attr.nmf_.transform(features.float())
         return np.asarray(weights.cpu().numpy(), dtype=np.float32)
