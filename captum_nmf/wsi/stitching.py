@@ -258,6 +258,7 @@ class FeatureStitcher:
         # memory is the bands of rows the current tiles touch, never a gap without tissue.
         self._sums: dict[int, Tensor] = {}
         self._counts: dict[int, NDArray[np.int32]] = {}  # on the host
+        self._masks: dict[tuple[tuple[int, ...], bytes], Tensor] = {}  # edge masks, on device
         self._last_origin: int = -(1 << 62)  # origin row of the latest tile added
         self._final_below: int = 0  # rows below this were handed out
 
@@ -372,8 +373,7 @@ class FeatureStitcher:
             part = maps[i, :, rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
             part = part.permute(1, 0, 2)  # rows x C x cols
             if not keep.all():  # a tile at an edge keeps only some cells
-                mask = torch.from_numpy(keep).to(part.device)
-                part = torch.where(mask.unsqueeze(1), part, 0.0)
+                part = torch.where(self._mask(keep).unsqueeze(1), part, 0.0)
             counts = keep.astype(np.int32)
             for band, local, at in self._bands_of(rows.start, rows.stop):
                 sums, band_counts = self._band_of(band)
@@ -381,6 +381,16 @@ class FeatureStitcher:
                 band_counts[local, cols] += counts[at]
         if n:
             self._last_origin = int(org[-1, 0])
+
+    def _mask(self, keep: NDArray[np.bool_]) -> Tensor:
+        """``keep`` on the compute device; edge tiles repeat a few patterns, each uploaded once."""
+        key = (keep.shape, keep.tobytes())
+        mask = self._masks.get(key)
+        if mask is None:
+            if len(self._masks) >= 256:  # bounded: oddly shaped edges would not repeat
+                self._masks.clear()
+            mask = self._masks[key] = torch.from_numpy(keep.copy()).to(self._compute_device)
+        return mask
 
     # ------------------------------------------------------------ bands of rows
     def _bands_of(self, start: int, stop: int) -> list[tuple[int, slice, slice]]:
