@@ -198,3 +198,26 @@ def test_a_gap_without_tiles_takes_no_memory() -> None:
     assert rest.rows.tolist() == [2001, 2002, 2003, 2004]
     assert st.allocated_rows == 0
     assert torch.equal(rest.features, torch.ones(4, 16, 4) * (rest.features > 0))
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x = torch.rand(30, 4)
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available .* use 'cpu'"):
+        NMF(2, device="cuda").fit(x)
+    model = NMF.from_components(torch.rand(2, 4))
+    model.set_params(device="cuda:0")
+    with pytest.raises(ValueError, match=r"device='cuda:0': CUDA is not available"):
+        model.transform(x)
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available"):
+        FeatureStitcher((4, 4), 2, device="cuda")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device; use 'cpu', 'cuda'"):
+        NMF(2, device="gpu").fit(x)
+    with pytest.raises(TypeError, match="device must be a str or torch.device, got int"):
+        NMF(2, device=0).fit(x)  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1': this machine has 1 CUDA device\(s\)"):
+        FeatureStitcher((4, 4), 2, device="cuda:1")

@@ -29,6 +29,7 @@ from captum_nmf._core.nmf_input import (
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._core.nmf_stream import StreamMixin, canonical
 from captum_nmf._utils import solvers
+from captum_nmf._utils.validation import check_device
 from captum_nmf.exceptions import NotFittedError
 
 __all__ = ["NMF", "NMFStatistics"]
@@ -101,7 +102,9 @@ class NMF(
                     randomised SVD and of ``init="random"``.
                     Default: None
         device (str or torch.device, optional): where to compute. ``None``
-                    computes where the data is (numpy arrays: CPU).
+                    computes where the data is (numpy arrays: CPU; in
+                    ``transform``, numpy arrays where ``H`` is). A device this
+                    machine lacks is refused at the first call, before any work.
                     Default: None
         forget_factor (float, optional): weight in (0, 1] that ``partial_fit``
                     gives the statistics of earlier chunks at each new chunk;
@@ -121,10 +124,12 @@ class NMF(
         n_samples_seen_ (int): rows seen by ``fit``/``partial_fit``.
 
     Raises:
-        TypeError: ``n_components`` or ``max_iter`` is not an integer.
-        ValueError: a hyper-parameter is out of range, ``X`` is empty, has
-                    negative, NaN or infinite values, or has another number
-                    of features than at fit time.
+        TypeError: ``n_components`` or ``max_iter`` is not an integer, or
+                    ``device`` is neither a str nor a ``torch.device``.
+        ValueError: a hyper-parameter is out of range, ``device`` names a
+                    device this machine lacks, ``X`` is empty, has negative,
+                    NaN or infinite values, or has another number of features
+                    than at fit time.
         NotFittedError: ``transform`` or ``inverse_transform`` before ``fit``.
 
     Examples::
@@ -290,7 +295,7 @@ class NMF(
                 t = torch.from_numpy(np.ascontiguousarray(arr))
             kind = _Kind(True, t.dtype, t.device)
         if self.device is not None:
-            t = t.to(self.device)
+            t = t.to(check_device("device", self.device))
         elif reset is False and hasattr(self, "_h") and not (stay and isinstance(x, Tensor)):
             t = t.to(self._h.device)
         return t, kind
@@ -506,7 +511,7 @@ class NMF(
         Raises:
             ValueError: the product ``X @ H^T`` overflows the activations' dtype.
         """
-        x = act if self.device is None else act.to(self.device)
+        x = act if self.device is None else act.to(check_device("device", self.device))
         fixed = self._fixed_h(x.device, x.dtype)
         maps = solvers.solve_maps(x, fixed.h, fixed.pinv, fixed.factors)
         if not bool(torch.isfinite(maps).all()):  # finite activations: only an overflow

@@ -16,6 +16,7 @@ from captum_nmf._core.nmf_input import (
 )
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._utils import solvers
+from captum_nmf._utils.validation import check_device
 from captum_nmf.exceptions import NotFittedError
 
 __all__ = ["StreamMixin", "canonical"]
@@ -198,7 +199,7 @@ class StreamMixin:
             )
         check_finite_non_negative(h)
         if self.device is not None:
-            h = h.to(self.device)
+            h = h.to(check_device("device", self.device))
         self.n_features_in_ = int(h.shape[1])
         if hasattr(self, "feature_names_in_"):
             del self.feature_names_in_

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numbers
 from typing import Literal, overload
 
-__all__ = ["check_bool", "check_int"]
+import torch
+
+__all__ = ["check_bool", "check_device", "check_int", "device_problem"]
 
 
 @overload
@@ -93,3 +95,48 @@ def check_bool(name: str, value: object, *, optional: bool = False) -> bool | No
             f"{name}=True or {name}=False."
         )
     return value
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why this machine cannot run on ``device`` (no CUDA, no such CUDA index, no MPS), or None."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"this machine has {count} CUDA device(s), 0 to {count - 1}"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return None
+
+
+def check_device(name: str, value: object) -> torch.device:
+    """A device argument as a ``torch.device`` that this machine has, checked before any work.
+
+    Args:
+        name (str): the argument's name, for the message.
+        value (str or torch.device): ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ...
+
+    Returns:
+        *torch.device*: the device.
+
+    Raises:
+        TypeError: ``value`` is neither a string nor a ``torch.device``.
+        ValueError: not a device name, or a device this machine does not have
+                    (no CUDA, a CUDA index past the last device, no MPS).
+    """
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(
+            f"{name} must be a str or torch.device, got {type(value).__name__}; "
+            "pass e.g. 'cpu' or 'cuda'."
+        )
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"{name}={value!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ) from exc
+    problem = device_problem(device)
+    if problem is not None:
+        raise ValueError(f"{name}={str(value)!r}: {problem}; use 'cpu' (or None).")
+    return device

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_nmf._utils.validation import device_problem
 from captum_nmf.cli.errors import CLIError
 from captum_nmf.demo.zoo import NORMALISATIONS
 
@@ -175,20 +176,14 @@ def resolve_device(value: str) -> torch.device:
         raise CLIError(
             f"--device {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
         ) from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(
-                f"--device {value}: CUDA is not available (torch.cuda.is_available() is False); "
-                "use --device cpu, or auto to take CUDA when there is one."
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise CLIError(
-                f"--device {value}: this machine has {count} CUDA device(s), 0 to {count - 1}."
-            )
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise CLIError(f"--device {value}: MPS is not available; use --device cpu or auto.")
-    elif device.type != "cpu":
+    if device.type not in ("cpu", "cuda", "mps"):
         raise CLIError(f"--device {value!r}: use auto, cpu, cuda, cuda:N or mps.")
+    problem = device_problem(device)
+    if problem is not None:
+        advice = {
+            "cuda": "use --device cpu, or auto to take CUDA when there is one",
+            "mps": "use --device cpu or auto",
+        }
+        end = "." if problem.startswith("this machine") else f"; {advice[device.type]}."
+        raise CLIError(f"--device {value}: {problem}{end}")
     return device

@@ -33,7 +33,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_device, check_int
 
 __all__ = ["FeatureStitcher", "StitchedBand", "StitchedRows", "cell_coverage"]
 
@@ -198,8 +198,8 @@ class FeatureStitcher:
         TypeError: ``n_channels`` is not an int, or ``coverage`` is not a
                     ``uint8`` array.
         ValueError: a non-positive grid or channel count, a negative border,
-                    or ``coverage`` of another shape than ``grid_shape`` or
-                    with values above 3.
+                    ``coverage`` of another shape than ``grid_shape`` or
+                    with values above 3, or a ``device`` this machine lacks.
 
     Examples::
 
@@ -247,7 +247,9 @@ class FeatureStitcher:
         self.n_channels: int = int(n_channels)
         self.border: int = int(border)
         self.coverage: NDArray[np.uint8] | None = coverage
-        self.device: torch.device | None = None if device is None else torch.device(device)
+        self.device: torch.device | None = (
+            None if device is None else check_device("device", device)
+        )
         # rows holding a cell only tiles' borders reach: a later tile's top border may land there
         self._open: NDArray[np.bool_] | None = (
             None if coverage is None else ((coverage != 0) & (coverage != NO_TILE)).any(axis=1)
