@@ -142,3 +142,31 @@ def test_batches_decoded_in_threads_equal_one_thread(tmp_path: Path) -> None:
         one.close()
         many.close()
     assert many._handles == []
+
+
+def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one() -> None:
+    # For a CPU model the reading thread converts each batch to float. Buffers are reused
+    # only once nothing holds them: a batch someone keeps (or a view of it) stays intact.
+    from captum_nmf.wsi.blocks import TileBatches, to_model_input
+
+    with Slide(CMU) as slide:
+        grid = tile_grid(slide, tile_size=128, stride=64, tissue_mask=None)
+    batches = [list(range(i, i + 4)) for i in range(0, 40, 4)]
+    raw = TileBatches(grid)
+    converted = TileBatches(grid, convert=True)
+    try:
+        kept = converted.batch(batches[0])[0]
+        kept_copy = kept.clone()
+        view = converted.batch(batches[1])[0][1:3]  # only a view of batch 1 survives
+        view_copy = view.clone()
+        for b in batches[2:]:
+            images = converted.batch(b)[0]
+            expected = to_model_input(raw.batch(b)[0], torch.device("cpu"))
+            assert torch.equal(images, expected)  # bit-identical to a fresh conversion
+            del images
+        assert torch.equal(kept, kept_copy)
+        assert torch.equal(view, view_copy)
+        assert converted._buffers.reused >= 5  # the free buffers did go round
+    finally:
+        raw.close()
+        converted.close()

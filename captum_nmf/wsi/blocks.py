@@ -385,6 +385,7 @@ class TileBatches:
             if self._own_pool
             else pool
         )
+        self._buffers = _BatchBuffers()
         self._local = threading.local()
         self._handles: list[Slide] = []
         self._lock = threading.Lock()
@@ -434,7 +435,8 @@ class TileBatches:
             for j, p in enumerate(pixels):
                 images[j] = torch.from_numpy(p)
             if self.convert:
-                images = to_model_input(images, torch.device("cpu"))
+                shape = (len(good), 3, t, t)
+                images = to_model_input(images, torch.device("cpu"), out=self._buffers.take(shape))
             return images, idx, lost
         tiles = [self.transform(_to_tensor(p)) for p in pixels]
         return torch.stack(tiles), idx, lost
@@ -454,19 +456,62 @@ def to_model_input(
     images: Tensor,
     device: torch.device,
     batch_transform: Callable[[Tensor], Tensor] | None = None,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Move a batch to ``device``; ``uint8`` N x T x T x 3 becomes float N x 3 x T x T in [0, 1].
 
     The conversion runs on ``device`` (bit-identical to converting each tile
     on the CPU), then ``batch_transform``, if any, on the whole batch there.
+    ``out`` (float32 N x 3 x T x T on ``device``) receives the conversion
+    instead of a new tensor.
 
     Returns:
         *Tensor*: the model's input batch on ``device``.
     """
     x = images.to(device, non_blocking=True)
     if x.dtype == torch.uint8:  # contiguous N x 3 x T x T, as stacking converted tiles gives
-        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
+        if out is not None:  # one pass (permute + cast), then the same division
+            x = out.copy_(x.permute(0, 3, 1, 2)).div_(255.0)
+        else:
+            x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
     return x if batch_transform is None else batch_transform(x)
+
+
+_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _BatchBuffers:
+    """Float batch buffers for the CPU conversion, reused once nothing else holds them.
+
+    glibc hands every allocation above 32 MiB (a 16 x 3 x 512 x 512 float batch is
+    48 MiB) out as a fresh ``mmap`` and returns it on free, so a new batch tensor
+    page-faults all its memory in again: 12 of the 16 ms of converting such a batch
+    on this CPU. A buffer is handed out as an alias (a view), and taken again only
+    when its storage has no user but the pool (torch's storage use count), so a
+    model or hook that keeps its input never sees it overwritten. Without that count
+    (another torch version) every batch is a new tensor, as before.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = keep  # the batch being filled, the one in the model, one spare
+        self._pool: list[Tensor] = []
+        self.reused = 0
+
+    def take(self, shape: tuple[int, ...]) -> Tensor:
+        """A float32 CPU tensor of ``shape``: a free pooled buffer's alias, or a new tensor."""
+        if _USE_COUNT is not None:
+            for buf in self._pool:
+                if tuple(buf.shape) == shape and _USE_COUNT(buf.untyped_storage()._cdata) <= 2:
+                    self.reused += 1
+                    return buf.view_as(buf)
+        new = torch.empty(shape, dtype=torch.float32)
+        if _USE_COUNT is None:
+            return new
+        if len(self._pool) >= self.keep:
+            self._pool.pop(0)
+        self._pool.append(new)
+        return new.view_as(new)
 
 
 def _to_tensor(pixels: RGB) -> Tensor:
