@@ -447,11 +447,10 @@ class FeatureStitcher:
         self._final_below = max(self._final_below, below)
         for band in [b for b in self._sums if (b + 1) * _BAND <= self._final_below]:
             del self._sums[band], self._counts[band]  # every row of it is handed out
-        for band in self._sums:  # a band still open: clear the rows just handed out
-            done = min(_BAND, self._final_below - band * _BAND)
-            if done > 0:
-                self._sums[band][:done] = 0.0
-                self._counts[band][:done] = 0
+        for r in rows:  # a row handed out from a band still open starts again from zero
+            if r // _BAND in self._sums:
+                self._sums[r // _BAND][r % _BAND] = 0.0
+                self._counts[r // _BAND][r % _BAND] = 0
         return StitchedRows(np.asarray(rows, dtype=np.int64), means.permute(0, 2, 1), counts)
 
     def _bands(self, taken: StitchedRows) -> list[StitchedBand]:
