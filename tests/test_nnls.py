@@ -330,6 +330,11 @@ def test_solve_rows_flags_negative_and_non_finite_rows_without_raising() -> None
         bad = x.clone()
         bad[39, 4] = value
         assert bool(solvers.solve_rows(bad, h, factors.pinv, factors)[1]), value
+    for half in (torch.float16, torch.bfloat16):  # any float width: the sign bit is on top
+        xh = x.to(half)
+        assert not bool(solvers.solve_rows(xh, h.to(half), factors.pinv.to(half), factors)[1])
+        xh[5, 1] = -0.5
+        assert bool(solvers.solve_rows(xh, h.to(half), factors.pinv.to(half), factors)[1])
     empty, flag = solvers.solve_rows(x[:0], h, factors.pinv, factors)
     assert empty.shape == (0, 3)
     assert not bool(flag)

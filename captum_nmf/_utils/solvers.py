@@ -602,7 +602,9 @@ def solve_rows(
     ``NaN * 0`` and ``inf * 0`` are NaN) and so into its sum.
 
     Args:
-        x (Tensor): n x C float32 or float64 rows.
+        x (Tensor): n x C floating rows (``transform`` passes float32 or
+                    float64; half precision works but loses the product's
+                    accuracy).
         h (Tensor): K x C concepts in ``x``'s dtype and on its device.
         pinv (Tensor): ``pinv(H H^T)`` (K x K) in ``x``'s dtype, for the guess.
         factors (NNLSFactors): the factors of ``H H^T``.
@@ -630,7 +632,8 @@ def solve_rows(
         return out, torch.zeros((), dtype=torch.bool, device=device)
     block = block_rows(k, device)
     chunk = max(256, _CHUNK_BYTES_CPU // max(1, c * x.element_size())) if compact else block
-    signed = torch.int32 if x.element_size() == 4 else torch.int64
+    # the same bits as a signed integer: the sign bit makes it negative (any float width)
+    signed = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     ht, pinv_t = h.T, pinv.T  # transposed views: MKL's fast path for a skinny product
     lowest: list[Tensor] = []
     sums: list[Tensor] = []
