@@ -141,6 +141,35 @@ def test_one_set_of_reading_threads_serves_every_slide(
     assert made[0].reader._shutdown  # type: ignore[attr-defined]
 
 
+def test_worker_processes_start_once_for_the_whole_cohort(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    reference: dict,
+) -> None:
+    # num_workers > 0: one set of DataLoader worker processes reads every slide's tiles.
+    from captum_nmf.wsi import tiling
+
+    made: list[tiling.PersistentTileLoader] = []
+
+    class Counting(tiling.PersistentTileLoader):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr("captum_nmf.wsi.blocks.PersistentTileLoader", Counting)
+    result = explain_cohort(attr, slides, tmp_path / "c", progress=False, num_workers=1, **OPTIONS)
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert len(made) == 1
+    assert made[0].slides == 3
+    assert made[0].loader._iterator is None  # the workers were stopped with the cohort
+    for s in slides:
+        np.testing.assert_array_equal(
+            _maps(tmp_path / "c", s.stem).concept_maps, reference[s.stem].concept_maps
+        )
+
+
 def test_reading_threads_shared_by_hand_give_the_same_maps(
     attr: NMFConceptAttribution, slides: list[Path], reference: dict
 ) -> None:

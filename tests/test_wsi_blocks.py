@@ -170,3 +170,31 @@ def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one() -
     finally:
         raw.close()
         converted.close()
+
+
+def test_persistent_workers_serve_slide_after_slide_even_after_an_early_stop(
+    tmp_path: Path,
+) -> None:
+    # A cohort's DataLoader workers read slide A, stop half-way (an error in the model),
+    # then read slide B: B's batches are exactly SlideTiles' and nothing of A leaks in.
+    from captum_nmf.wsi import SlideTiles
+    from captum_nmf.wsi.tiling import PersistentTileLoader, TileRequests
+
+    with Slide(CMU) as slide:
+        a = tile_grid(slide, tile_size=128, stride=64, tissue_mask=None)
+        b = tile_grid(slide, tile_size=96, stride=96, tissue_mask=None)
+    workers = PersistentTileLoader(1, TileRequests())
+    try:
+        first = workers.batches(a, [list(range(i, i + 4)) for i in range(0, 40, 4)])
+        next(first)
+        next(first)  # stop here: the rest of A is still in flight
+        batches = [list(range(i, min(i + 5, len(b)))) for i in range(0, 30, 5)]
+        reference = SlideTiles.from_grids([b])
+        for (images, idx, failed), wanted in zip(workers.batches(b, batches), batches, strict=True):
+            assert idx.tolist() == wanted
+            assert failed.numel() == 0
+            assert torch.equal(images, torch.stack([reference[i][0] for i in wanted]))
+        assert workers.slides == 2
+        reference.close()
+    finally:
+        workers.close()

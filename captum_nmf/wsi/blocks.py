@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor
 from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Slide
-from captum_nmf.wsi.tiling import TileGrid
+from captum_nmf.wsi.tiling import PersistentTileLoader, TileGrid, TileRequests
 
 __all__ = ["BlockReader", "ReadingThreads", "TileBatches", "to_model_input"]
 
@@ -269,6 +270,8 @@ class ReadingThreads:
         )
         self.runs = 0  # slide runs that used these threads
         self.closed = False
+        # DataLoader worker processes (num_workers > 0), one set per reading configuration
+        self._loaders: dict[tuple[Any, ...], PersistentTileLoader] = {}
         self._local = threading.local()  # each thread's stack of context tokens
         self._depth = 0  # open `with` blocks, over all threads: the last one closes
         self._lock = threading.Lock()
@@ -315,9 +318,46 @@ class ReadingThreads:
         if last:  # a nested or another thread's `with` leaves the threads running
             self.close()
 
+    def tile_loader(
+        self,
+        num_workers: int,
+        *,
+        transform: Callable[[Tensor], Tensor] | None,
+        on_tile_error: str,
+        slide_mpp: float | None,
+        pin_memory: bool,
+    ) -> PersistentTileLoader:
+        """Worker processes for ``num_workers > 0`` runs, started at the first and kept.
+
+        One set per configuration (workers, transform, error policy, mpp,
+        pinning), so every slide of a cohort reads through the same processes.
+
+        Raises:
+            RuntimeError: the threads were closed.
+        """
+        self._check_open()
+        key = (num_workers, transform, on_tile_error, slide_mpp, pin_memory)
+        loader = self._loaders.get(key)
+        if loader is None:
+            requests = TileRequests(
+                transform=transform,
+                on_tile_error=on_tile_error,  # type: ignore[arg-type]
+                slide_mpp=slide_mpp,
+            )
+            loader = self._loaders[key] = PersistentTileLoader(
+                num_workers, requests, pin_memory=pin_memory
+            )
+        return loader
+
     def close(self) -> None:
-        """Stop the threads (after the work they hold). Closing twice is harmless."""
+        """Stop the threads and worker processes (after the work they hold).
+
+        Closing twice is harmless.
+        """
         self.closed = True
+        for loader in self._loaders.values():
+            loader.close()
+        self._loaders.clear()
         self.reader.shutdown(wait=True)
         if self.decoder_pool is not None:
             self.decoder_pool.shutdown(wait=True)

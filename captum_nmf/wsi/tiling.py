@@ -22,7 +22,15 @@ from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
 from captum_nmf.wsi.reader import Resolution, Slide
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
 
-__all__ = ["EdgePolicy", "SlideTiles", "TileGrid", "TileErrorPolicy", "tile_grid"]
+__all__ = [
+    "EdgePolicy",
+    "PersistentTileLoader",
+    "SlideTiles",
+    "TileErrorPolicy",
+    "TileGrid",
+    "TileRequests",
+    "tile_grid",
+]
 
 EdgePolicy = Literal["pad", "drop"]
 TileErrorPolicy = Literal["raise", "skip"]
@@ -530,3 +538,132 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
 
     def __repr__(self) -> str:
         return f"SlideTiles({len(self.grids)} slide(s), {len(self)} tiles)"
+
+
+TileRequest = tuple[str, tuple[int, int], Resolution, int, int]
+
+
+class TileRequests(Dataset[tuple[Tensor | None, int]]):
+    """Tiles named by the request itself: one set of ``DataLoader`` workers serves any slide.
+
+    An item is requested as ``(path, level-0 location, resolution, tile size,
+    index)`` (what :class:`SlideTiles` reads for a grid's tile ``index``) and
+    comes back as ``(image, index)`` exactly as from :class:`SlideTiles`: the
+    same read, retry, ``on_tile_error`` and ``transform``. Each process opens
+    its own slide handles, at most ``max_open_slides`` at a time.
+
+    Args:
+        transform (Callable, optional): per-tile transform, as for :class:`SlideTiles`.
+                    Default: None
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"``. Default: ``"raise"``
+        slide_mpp (float, optional): microns per level-0 pixel, as for :class:`Slide`.
+                    Default: None
+        max_open_slides (int, optional): slide handles kept open per process.
+                    Default: 2
+    """
+
+    def __init__(
+        self,
+        *,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        on_tile_error: TileErrorPolicy = "raise",
+        slide_mpp: float | None = None,
+        max_open_slides: int = 2,
+    ) -> None:
+        self.transform = transform
+        self.on_tile_error = on_tile_error
+        self.slide_mpp = slide_mpp
+        self.max_open_slides = check_int("max_open_slides", max_open_slides)
+        self._handles: OrderedDict[str, Slide] = OrderedDict()
+        self._pid = os.getpid()
+
+    @staticmethod
+    def requests(grid: TileGrid, indices: Sequence[int]) -> list[TileRequest]:
+        """The requests of ``grid``'s tiles ``indices``."""
+        return [
+            (grid.path, grid.location(i), grid.resolution, grid.tile_size, int(i)) for i in indices
+        ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def _slide(self, path: str) -> Slide:
+        if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        slide = self._handles.get(path)
+        if slide is None or slide.closed:
+            slide = self._handles[path] = Slide(path, mpp=self.slide_mpp)
+            while len(self._handles) > self.max_open_slides:
+                self._handles.popitem(last=False)[1].close()
+        self._handles.move_to_end(path)
+        return slide
+
+    def __getitem__(self, request: TileRequest) -> tuple[Tensor | None, int]:
+        path, location, resolution, size, index = request
+        return load_item(
+            lambda: self._slide(path).read_tile(location, resolution, size),
+            index,
+            self.on_tile_error,
+            self.transform,
+        )
+
+    collate_fn = staticmethod(SlideTiles.collate_fn)
+
+
+class _Batches:
+    """A batch sampler whose batches are replaced for each slide (the workers stay)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[TileRequest]] = []
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PersistentTileLoader:
+    """``DataLoader`` worker processes started once and fed each slide's tile requests in turn.
+
+    Args:
+        num_workers (int): worker processes.
+        requests (TileRequests): the dataset (transform, error policy, mpp).
+        pin_memory (bool, optional): pin the batches (for a CUDA model).
+                    Default: False
+    """
+
+    def __init__(
+        self, num_workers: int, requests: TileRequests, *, pin_memory: bool = False
+    ) -> None:
+        self._sampler = _Batches()
+        self.loader: DataLoader[Any] = DataLoader(
+            requests,
+            batch_sampler=self._sampler,
+            num_workers=check_int("num_workers", num_workers),
+            collate_fn=requests.collate_fn,
+            pin_memory=pin_memory,
+            persistent_workers=True,
+        )
+        self.slides = 0
+
+    def batches(self, grid: TileGrid, batches: Sequence[Sequence[int]]) -> Any:
+        """An iterator over ``(images, indices, failed)`` of ``grid``'s tiles, batch by batch."""
+        self._sampler.batches = [TileRequests.requests(grid, b) for b in batches]
+        self.slides += 1
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        iterator = getattr(self.loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None

@@ -66,8 +66,10 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``).
     Each chunk is committed through the run store as soon as its last unit is in.
     The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
-    (a cohort's, shared by its slides) or, without any, started for this run.
-    DataLoader worker processes (``num_workers > 0``) are started per run.
+    (a cohort's, shared by its slides) or, without any, started for this run. So are
+    the ``DataLoader`` worker processes of ``num_workers > 0`` in tile mode: a
+    cohort's are started once (:meth:`~captum_nmf.wsi.blocks.ReadingThreads.tile_loader`);
+    a single run, or region mode, starts its own.
     """
     plan = assembler.plan
     todo = plan.chunks[done:]
@@ -83,7 +85,17 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     threads = shared if shared is not None else ReadingThreads(decoders_for(device))
     threads.runs += 1
     try:
-        _process(assembler, options, batches, chunk_end, device, threads, todo, progress)
+        _process(
+            assembler,
+            options,
+            batches,
+            chunk_end,
+            device,
+            threads,
+            todo,
+            progress,
+            shared is not None,
+        )
     finally:
         if shared is None:
             threads.close()
@@ -98,6 +110,7 @@ def _process(
     threads: ReadingThreads,
     todo: list[tuple[int, int]],
     progress: bool,
+    shared: bool,
 ) -> None:
     """:func:`process` with its batches planned and its reading threads chosen."""
     plan = assembler.plan
@@ -105,6 +118,15 @@ def _process(
     reads: Iterable[Any]
     if isinstance(source, TileBatches):
         reads = (source.batch(b) for b in batches)
+    elif shared and plan.regions is None:  # a cohort's worker processes, kept across slides
+        workers = threads.tile_loader(
+            options.num_workers,
+            transform=options.transform,
+            on_tile_error=options.on_tile_error,
+            slide_mpp=options.slide_mpp,
+            pin_memory=device.type == "cuda",
+        )
+        reads = workers.batches(plan.grid, batches)
     else:
         reads = DataLoader(
             source,
