@@ -137,7 +137,10 @@ def explain_slide(
                     while the model runs; 0 reads them in a background thread
                     of this process, one batch ahead (OpenSlide and PIL release
                     the GIL), which is as fast on a saturated CPU and keeps a
-                    GPU fed without extra processes.
+                    GPU fed without extra processes. Threads and (in tile mode)
+                    worker processes of an active
+                    :class:`~captum_nmf.wsi.ReadingThreads` (``explain_cohort``
+                    starts one) are reused instead of started for this call.
                     Default: 0
         on_tile_error (str, optional): after a failed read and a failed retry
                     on a reopened handle, ``"raise"`` or ``"skip"`` (the tile is
