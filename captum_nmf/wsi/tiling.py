@@ -7,7 +7,7 @@ import numbers
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -309,6 +309,57 @@ def load_item(
     return image, int(index)
 
 
+class SlideHandles:
+    """This process's open slide handles, at most ``limit``, the least recently used closed first.
+
+    Pickles empty, and a forked copy drops the parent's handles at its first
+    use, so every ``DataLoader`` worker opens its own.
+
+    Args:
+        limit (int): handles kept open.
+        slide_mpp (float, optional): microns per level-0 pixel, as for :class:`Slide`.
+    """
+
+    def __init__(self, limit: int, slide_mpp: float | None) -> None:
+        self.limit = limit
+        self.slide_mpp = slide_mpp
+        self._open: OrderedDict[str, Slide] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit, "slide_mpp": self.slide_mpp}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"], state["slide_mpp"])  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        """Handles open in this process."""
+        return len(self._open) if os.getpid() == self._pid else 0
+
+    def __iter__(self) -> Iterator[str]:
+        """Paths with an open handle in this process, least recently used first."""
+        return iter(list(self._open) if os.getpid() == self._pid else [])
+
+    def get(self, path: str) -> Slide:
+        """An open handle of ``path`` (opened, or reopened after a close, when needed)."""
+        if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        slide = self._open.get(path)
+        if slide is None or slide.closed:
+            slide = self._open[path] = Slide(path, mpp=self.slide_mpp)
+            while len(self._open) > self.limit:  # bounded file handles per process
+                self._open.popitem(last=False)[1].close()
+        self._open.move_to_end(path)
+        return slide
+
+    def close(self) -> None:
+        """Close every handle (a later ``get`` opens a new one)."""
+        for slide in self._open.values():
+            slide.close()
+        self._open = OrderedDict()
+
+
 class SlideTiles(Dataset[tuple[Tensor | None, int]]):
     r"""The tissue tiles of one or many slides as a picklable map-style ``Dataset``.
 
@@ -450,20 +501,10 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         sizes = [len(g) for g in grids]
         self._slide_of = np.repeat(np.arange(len(grids)), sizes)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._handles: OrderedDict[int, Slide] = OrderedDict()
-        self._pid = os.getpid()
+        self._handles = SlideHandles(self.max_open_slides, slide_mpp)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
 
     def locate(self, index: int) -> tuple[int, int]:
         """(slide index, tile index within that slide's grid) of item ``index``."""
@@ -474,17 +515,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         return s, index - int(self._offsets[s])
 
     def _slide(self, s: int) -> Slide:
-        if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
-            self._handles = OrderedDict()
-            self._pid = os.getpid()
-        slide = self._handles.get(s)
-        if slide is None or slide.closed:
-            slide = Slide(self.grids[s].path, mpp=self.slide_mpp)
-            self._handles[s] = slide
-            while len(self._handles) > self.max_open_slides:  # bounded file handles per process
-                self._handles.popitem(last=False)[1].close()
-        self._handles.move_to_end(s)
-        return slide
+        return self._handles.get(self.grids[s].path)
 
     def read(self, index: int) -> NDArray[np.uint8]:
         """The raw ``uint8`` pixels (T x T x 3) of item ``index``.
@@ -532,9 +563,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
 
     def close(self) -> None:
         """Close the handles this process opened (a later read opens a new one)."""
-        for slide in self._handles.values():
-            slide.close()
-        self._handles = OrderedDict()
+        self._handles.close()
 
     def __repr__(self) -> str:
         return f"SlideTiles({len(self.grids)} slide(s), {len(self)} tiles)"
@@ -574,8 +603,7 @@ class TileRequests(Dataset[tuple[Tensor | None, int]]):
         self.on_tile_error = on_tile_error
         self.slide_mpp = slide_mpp
         self.max_open_slides = check_int("max_open_slides", max_open_slides)
-        self._handles: OrderedDict[str, Slide] = OrderedDict()
-        self._pid = os.getpid()
+        self._handles = SlideHandles(self.max_open_slides, slide_mpp)
 
     @staticmethod
     def requests(grid: TileGrid, indices: Sequence[int]) -> list[TileRequest]:
@@ -584,31 +612,10 @@ class TileRequests(Dataset[tuple[Tensor | None, int]]):
             (grid.path, grid.location(i), grid.resolution, grid.tile_size, int(i)) for i in indices
         ]
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
-
-    def _slide(self, path: str) -> Slide:
-        if os.getpid() != self._pid:  # a forked worker must not use the parent's handles
-            self._handles = OrderedDict()
-            self._pid = os.getpid()
-        slide = self._handles.get(path)
-        if slide is None or slide.closed:
-            slide = self._handles[path] = Slide(path, mpp=self.slide_mpp)
-            while len(self._handles) > self.max_open_slides:
-                self._handles.popitem(last=False)[1].close()
-        self._handles.move_to_end(path)
-        return slide
-
     def __getitem__(self, request: TileRequest) -> tuple[Tensor | None, int]:
         path, location, resolution, size, index = request
         return load_item(
-            lambda: self._slide(path).read_tile(location, resolution, size),
+            lambda: self._handles.get(path).read_tile(location, resolution, size),
             index,
             self.on_tile_error,
             self.transform,
