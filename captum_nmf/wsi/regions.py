@@ -14,7 +14,6 @@ drop.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,8 @@ from numpy.typing import NDArray
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captum_nmf.wsi.reader import Resolution, Slide
-from captum_nmf.wsi.tiling import SlideTiles, load_item
+from captum_nmf.wsi.reader import Resolution
+from captum_nmf.wsi.tiling import SlideHandles, SlideTiles, load_item
 from captum_nmf.wsi.tissue import TissueMask
 
 __all__ = ["RegionTiles", "plan_regions", "tissue_cells"]
@@ -144,14 +143,10 @@ class RegionTiles(Dataset[tuple[Tensor | None, int]]):
         self.transform = transform
         self.slide_mpp = slide_mpp
         self.on_tile_error = on_tile_error
-        self._slide: Slide | None = None
-        self._pid = os.getpid()
+        self._handles = SlideHandles(1, slide_mpp)  # this process's one handle, fork-safe
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_slide": None}
 
     def location(self, index: int) -> tuple[int, int]:
         """Level-0 (x, y) of region ``index``'s corner, context margin included."""
@@ -168,10 +163,7 @@ class RegionTiles(Dataset[tuple[Tensor | None, int]]):
         return w * self.cell + 2 * self.margin, h * self.cell + 2 * self.margin
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
-        if self._slide is None or self._slide.closed or os.getpid() != self._pid:
-            self._slide = Slide(self.path, mpp=self.slide_mpp)
-            self._pid = os.getpid()
-        slide = self._slide
+        slide = self._handles.get(self.path)
         return load_item(
             lambda: slide.read_tile(self.location(index), self.resolution, self.size(index)),
             index,
@@ -184,6 +176,4 @@ class RegionTiles(Dataset[tuple[Tensor | None, int]]):
 
     def close(self) -> None:
         """Close the slide handle of this process."""
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
+        self._handles.close()
