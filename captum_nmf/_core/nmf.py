@@ -37,6 +37,21 @@ __all__ = ["NMF", "NMFStatistics"]
 _INNER_W = 5  # HALS sweeps over W per outer iteration (early stop at 1 % change); measured best
 
 
+def _refuse_overflow(w: Tensor, x: Tensor) -> None:
+    """Raise when the weights of checked (finite, non-negative) rows are not finite.
+
+    With finite ``X`` that only happens when ``X @ H^T`` overflowed ``X``'s dtype.
+
+    Raises:
+        ValueError: ``w`` holds NaN or infinity.
+    """
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(
+            f"X @ H^T overflows {x.dtype} (entries up to {float(x.max()):.3g}); "
+            "pass X in float64 or rescale it."
+        )
+
+
 @dataclass(frozen=True)
 class _FixedH:
     """``H`` cast for one device and dtype, with its NNLS factors.
@@ -494,11 +509,7 @@ class NMF(
         w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=v.dtype)
         if bool(suspect):  # the one host synchronisation; rare: decide exactly
             check_values(v)  # NaN, infinity or a negative entry: the usual errors
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(
-                    f"X @ H^T overflows {v.dtype} (entries up to {float(v.max()):.3g}); "
-                    "pass X in float64 or rescale it."
-                )
+            _refuse_overflow(w, v)
         return self._output(w, kind)
 
     def _transform_maps(self, act: Tensor) -> Tensor:
@@ -514,11 +525,7 @@ class NMF(
         x = act if self.device is None else act.to(check_device("device", self.device))
         fixed = self._fixed_h(x.device, x.dtype)
         maps = solvers.solve_maps(x, fixed.h, fixed.pinv, fixed.factors)
-        if not bool(torch.isfinite(maps).all()):  # finite activations: only an overflow
-            raise ValueError(
-                f"X @ H^T overflows {x.dtype} (activations up to {float(x.max()):.3g}); "
-                "rescale the activations or use float64."
-            )
+        _refuse_overflow(maps, x)
         return maps
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
