@@ -114,27 +114,7 @@ def _process(
 ) -> None:
     """:func:`process` with its batches planned and its reading threads chosen."""
     plan = assembler.plan
-    source = _source(assembler, options, device, threads)
-    reads: Iterable[Any]
-    if isinstance(source, TileBatches):
-        reads = (source.batch(b) for b in batches)
-    elif shared and plan.regions is None:  # a cohort's worker processes, kept across slides
-        workers = threads.tile_loader(
-            options.num_workers,
-            transform=options.transform,
-            on_tile_error=options.on_tile_error,
-            slide_mpp=options.slide_mpp,
-            pin_memory=device.type == "cuda",
-        )
-        reads = workers.batches(plan.grid, batches)
-    else:
-        reads = DataLoader(
-            source,
-            batch_sampler=batches,
-            num_workers=options.num_workers,
-            collate_fn=source.collate_fn,
-            pin_memory=device.type == "cuda",
-        )
+    reads, source = _reads(assembler, options, batches, device, threads, shared)
     bar = tqdm(
         total=sum(e - s for s, e in todo),
         disable=not progress,
@@ -158,7 +138,40 @@ def _process(
         if isinstance(batches_in, Generator):  # stop the reader thread before closing its slide
             batches_in.close()
         bar.close()
-        source.close()
+        if source is not None:
+            source.close()
+
+
+def _reads(
+    assembler: Assembler,
+    options: RunOptions,
+    batches: list[list[int]],
+    device: torch.device,
+    threads: ReadingThreads,
+    shared: bool,
+) -> tuple[Iterable[Any], SlideTiles | RegionTiles | TileBatches | None]:
+    """The batches to iterate, and the source to close after them (None: a cohort's workers)."""
+    plan = assembler.plan
+    if shared and plan.regions is None and options.num_workers:
+        workers = threads.tile_loader(  # a cohort's worker processes, kept across slides
+            options.num_workers,
+            transform=options.transform,
+            on_tile_error=options.on_tile_error,
+            slide_mpp=options.slide_mpp,
+            pin_memory=device.type == "cuda",
+        )
+        return workers.batches(plan.grid, batches), None
+    source = _source(assembler, options, device, threads)
+    if isinstance(source, TileBatches):
+        return (source.batch(b) for b in batches), source
+    loader = DataLoader(
+        source,
+        batch_sampler=batches,
+        num_workers=options.num_workers,
+        collate_fn=source.collate_fn,
+        pin_memory=device.type == "cuda",
+    )
+    return loader, source
 
 
 def _forward(
