@@ -205,23 +205,16 @@ def _forward(
 _END = object()
 
 
-def prefetched(
-    iterable: Iterable[Any], executor: ThreadPoolExecutor | None = None
-) -> Generator[Any, None, None]:
+def prefetched(iterable: Iterable[Any], executor: ThreadPoolExecutor) -> Generator[Any, None, None]:
     """Yield ``iterable``'s items, reading the next one in a background thread meanwhile.
 
     With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
     PIL release the GIL) with the forward pass without a worker process.
     Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
-    ``executor`` (e.g. :attr:`ReadingThreads.reader`, shared by a cohort's
-    slides) runs the reads; without one a thread is started for this iterable.
-    When the generator is closed early, the read in flight is waited for, so
-    the caller may close the source right after.
+    ``executor`` (:attr:`ReadingThreads.reader`, shared by a cohort's slides)
+    runs the reads. When the generator is closed early, the read in flight is
+    waited for, so the caller may close the source right after.
     """
-    if executor is None:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captum-nmf-read") as own:
-            yield from prefetched(iterable, own)
-        return
     iterator = iter(iterable)
     pending: Future[Any] = executor.submit(next, iterator, _END)
     try:
