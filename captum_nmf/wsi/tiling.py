@@ -119,10 +119,6 @@ class TileGrid:
         return None if self.tissue_mask is None else self.tissue_mask.tissue_share
 
 
-def _positive_int(name: str, value: Any) -> int:
-    return check_int(name, value)
-
-
 def _axis_count(extent: float, tile: int, stride: int, edge: EdgePolicy) -> int:
     if edge == "pad":
         return max(math.ceil((extent - tile) / stride - 1e-9), 0) + 1
@@ -193,8 +189,8 @@ def tile_grid(
                     does not cover the slide.
         SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
     """
-    tile = _positive_int("tile_size", tile_size)
-    step = _positive_int("stride", stride)
+    tile = check_int("tile_size", tile_size)
+    step = check_int("stride", stride)
     if edge not in ("pad", "drop"):
         raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
     if not isinstance(min_tissue, numbers.Real) or not 0.0 <= float(min_tissue) <= 1.0:
@@ -493,7 +489,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
         max_open_slides: int,
     ) -> None:
         _check_policy(on_tile_error, transform)
-        self.max_open_slides = _positive_int("max_open_slides", max_open_slides)
+        self.max_open_slides = check_int("max_open_slides", max_open_slides)
         self.grids = grids
         self.transform = transform
         self.on_tile_error: TileErrorPolicy = on_tile_error
