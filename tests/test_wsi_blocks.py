@@ -28,6 +28,9 @@ def _same_as_single_reads(slide: Slide, **grid_args: object) -> BlockReader:
         got = reader.read(i)
         assert got.dtype == np.uint8
         assert np.array_equal(got, expected), (i, grid.location(i))
+        slot = np.full_like(expected, 7)  # a batch's slot: the tile is cut straight into it
+        assert reader.read(i, slot) is slot
+        assert np.array_equal(slot, expected), (i, grid.location(i))
     return reader
 
 
@@ -73,7 +76,7 @@ def test_levels_with_fractional_downsamples_read_tile_by_tile(pyramid: Path) -> 
         assert slide.level_downsamples[1] != 2.0
         reader = _same_as_single_reads(slide, tile_size=256, stride=128, level=1, tissue_mask=None)
     assert not reader.exact
-    assert reader.single_reads == len(reader.grid)
+    assert reader.single_reads == 2 * len(reader.grid)  # the helper reads each tile twice
 
 
 def test_region_grids_with_negative_margins() -> None:
@@ -102,11 +105,23 @@ def test_a_failed_block_falls_back_to_the_tiles_own_reads(tmp_path: Path) -> Non
                 failed += 1
                 continue
             assert np.array_equal(reader.read(i), expected)
+            slot = np.zeros_like(expected)  # the fallback read lands in the slot too
+            assert np.array_equal(reader.read(i, slot), expected)
             reference = good.read_tile(grid.location(i), grid.resolution, 240)
             same += int(np.array_equal(expected, reference))
     assert failed >= 1
     assert reader.single_reads >= failed
     assert same == len(grid) - failed  # every other tile of the affected blocks is intact
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((64, 64, 3), np.uint8), ((128, 128, 4), np.uint8), ((128, 128, 3), float)]
+)
+def test_a_wrong_slot_is_a_value_error(shape: tuple[int, ...], dtype: type) -> None:
+    with Slide(CMU) as slide:
+        reader = BlockReader(slide, tile_grid(slide, tile_size=128, stride=64))
+        with pytest.raises(ValueError, match=r"out must be a 128 x 128 x 3 uint8 array"):
+            reader.read(0, np.zeros(shape, dtype))
 
 
 def test_the_cache_is_bounded() -> None:

@@ -400,11 +400,11 @@ attr = NMFConceptAttribution.load({str(concepts)!r}, net, net.relu)
 from captum_nmf.wsi.blocks import BlockReader
 calls = [0]
 original = BlockReader.read
-def read(self, index):
+def read(self, index, out=None):
     calls[0] += 1
     if calls[0] == 80:
         raise KeyboardInterrupt
-    return original(self, index)
+    return original(self, index, out)
 BlockReader.read = read
 try:
     explain_slide(attr, {str(he_slide)!r}, tile_size=64, stride=32, tissue_mask=None,

@@ -80,6 +80,24 @@ def test_out_of_slide_pixels_are_white_not_black(pyramid: Path) -> None:
         assert slide.read_region((-5, -5), 0, (4, 4)).tolist() == [[[0, 0, 255]] * 4] * 4
 
 
+@pytest.mark.parametrize("where", ["inside", "edge", "outside"])
+def test_read_pixels_equals_read_region_which_stays_writable(pyramid: Path, where: str) -> None:
+    # opaque regions drop their alpha in PIL; partly or fully transparent ones are composited
+    with Slide(pyramid, background=(10, 20, 30)) as slide:
+        w, h = slide.dimensions
+        location = {"inside": (100, 200), "edge": (w - 10, h - 10), "outside": (w + 5, 0)}[where]
+        with openslide.OpenSlide(str(pyramid)) as raw:
+            rgba = np.asarray(raw.read_region(location, 0, (40, 30))).astype(np.uint16)
+        alpha = rgba[..., 3:]
+        expected = (rgba[..., :3] * alpha + np.array([10, 20, 30]) * (255 - alpha) + 127) // 255
+        fast = slide.read_pixels(location, 0, (40, 30))
+        region = slide.read_region(location, 0, (40, 30))
+    np.testing.assert_array_equal(fast, expected)
+    np.testing.assert_array_equal(region, expected)
+    assert region.flags.writeable and region.flags.c_contiguous and region.dtype == np.uint8
+    assert (alpha == 255).all() == (where == "inside")
+
+
 def test_plain_jpeg_is_a_one_level_slide() -> None:
     with Slide(data_path("hgsc_nest.jpg")) as slide:
         assert slide.vendor == "image"

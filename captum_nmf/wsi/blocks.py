@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -98,13 +98,34 @@ class BlockReader:
         self.single_reads = 0
 
     # ---------------------------------------------------------------- public
-    def read(self, index: int) -> RGB:
+    def read(self, index: int, out: RGB | None = None) -> RGB:
         """The ``uint8`` pixels (T x T x 3) of tile ``index``, equal to ``Slide.read_tile``.
+
+        Args:
+            index (int): the tile in ``grid``.
+            out (ndarray, optional): a writable T x T x 3 ``uint8`` array (e.g.
+                        a batch's slot) that receives the tile instead of a new
+                        array; it is returned.
+                        Default: None
 
         Raises:
             SlideReadError: as :meth:`Slide.read_tile`, when the tile's own read
                         (after a block failed) fails twice.
         """
+        t = self.grid.tile_size
+        if out is not None and (out.shape != (t, t, 3) or out.dtype != np.uint8):
+            raise ValueError(
+                f"out must be a {t} x {t} x 3 uint8 array, got {out.shape} {out.dtype}."
+            )
+        direct = out if self.read_size == t else None  # cut straight into it
+        tile = self._cut(index, direct)
+        if out is None or tile is out:
+            return tile
+        out[...] = tile
+        return out
+
+    def _cut(self, index: int, out: RGB | None) -> RGB:
+        """:meth:`read` of ``index``, cut into ``out`` (read_size square) when given."""
         x, y = self.grid.location(index)
         if not self.exact:
             return self._single(x, y)
@@ -113,7 +134,8 @@ class BlockReader:
         ox, oy = self._origin
         rows, cols = self._blocks_of(index)
         self._evict_above(rows.start)
-        out = np.empty((r, r, 3), dtype=np.uint8)
+        if out is None:
+            out = np.empty((r, r, 3), dtype=np.uint8)
         for by in rows:
             for bx in cols:
                 pixels = self._block(bx, by)
@@ -159,8 +181,8 @@ class BlockReader:
         b = self.block
         ox, oy = self._origin
         left, top = ox + bx * b, oy + by * b
-        try:
-            return slide.read_region(
+        try:  # only copied out of: the read-only pixels save a pass
+            return slide.read_pixels(
                 (left * self._ds, top * self._ds), self.grid.resolution.level, (b, b)
             )
         except SlideReadError:
@@ -456,9 +478,18 @@ class TileBatches:
         pixels: list[RGB] = []
         if self._pool is not None:
             self.reader.prefetch(list(indices), self._pool, self._thread_slide)
+        # without a transform each tile is cut straight into its slot of the batch
+        images = (
+            torch.empty((len(indices), t, t, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+            if self.transform is None and len(indices)
+            else None
+        )
+        slots = None if images is None else images.numpy()
         for i in indices:
             try:
-                pixels.append(self.reader.read(i))
+                tile = self.reader.read(i, None if slots is None else slots[len(good)])
+                if slots is None:
+                    pixels.append(tile)
                 good.append(i)
             except SlideReadError:
                 if self.on_tile_error == "raise":
@@ -468,18 +499,14 @@ class TileBatches:
         lost = torch.tensor(failed, dtype=torch.int64)
         if not good:
             return torch.empty(0), idx, lost
-        if self.transform is None:
-            images = torch.empty(
-                (len(good), t, t, 3), dtype=torch.uint8, pin_memory=self.pin_memory
-            )
-            for j, p in enumerate(pixels):
-                images[j] = torch.from_numpy(p)
-            if self.convert:
-                shape = (len(good), 3, t, t)
-                images = to_model_input(images, torch.device("cpu"), out=self._buffers.take(shape))
-            return images, idx, lost
-        tiles = [self.transform(_to_tensor(p)) for p in pixels]
-        return torch.stack(tiles), idx, lost
+        transform = self.transform
+        if transform is not None:
+            return torch.stack([transform(_to_tensor(p)) for p in pixels]), idx, lost
+        batch = cast(Tensor, images)[: len(good)]  # the tiles that failed left no slot behind
+        if self.convert:
+            shape = (len(good), 3, t, t)
+            batch = to_model_input(batch, torch.device("cpu"), out=self._buffers.take(shape))
+        return batch, idx, lost
 
     def close(self) -> None:
         """Stop its own decoding threads, close every slide handle and drop the cached blocks."""

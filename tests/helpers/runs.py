@@ -65,11 +65,13 @@ class InterruptReads:
                 count()
             return original_tile(slide, *args, **kwargs)  # type: ignore[arg-type]
 
-        def read_block(reader: BlockReader, index: int) -> np.ndarray:
+        def read_block(
+            reader: BlockReader, index: int, out: np.ndarray | None = None
+        ) -> np.ndarray:
             count()
             self.inside = True
             try:
-                return original_block(reader, index)
+                return original_block(reader, index, out)
             finally:
                 self.inside = False
 
