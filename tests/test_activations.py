@@ -104,3 +104,90 @@ def test_threads_sharing_one_attribution_get_the_sequential_results() -> None:
     assert differ == []
     assert all(m.training for m in net.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+class _Doubler(nn.Module):
+    """conv -> relu -> (maybe) an in-place change of the ReLU's output -> mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.change = False
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.relu(self.conv(x))
+        if self.change:
+            y.mul_(2.0)  # in place, after the hooked layer ran
+        return y.mean(dim=(2, 3))
+
+
+def _expected(net: _Doubler, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.relu(net.conv(x))
+
+
+def test_an_untouched_layer_is_kept_by_reference_after_one_cloned_forward() -> None:
+    net = _Doubler()
+    seen: list[int] = []
+    net.relu.register_forward_hook(lambda _m, _i, out: seen.append(out.data_ptr()))
+    x = torch.rand(2, 3, 5, 5)
+    first = acts.capture(net, net.relu, x)
+    second = acts.capture(net, net.relu, x)
+    assert first.data_ptr() != seen[0]  # first forward: cloned, and the tensor watched
+    assert second.data_ptr() == seen[1]  # known untouched: the layer's own tensor, no copy
+    torch.testing.assert_close(first, _expected(net, x), rtol=0, atol=0)
+    torch.testing.assert_close(second, _expected(net, x), rtol=0, atol=0)
+    assert net.calls == 2
+
+
+def test_an_in_place_change_after_the_layer_is_detected_and_cloned() -> None:
+    net = _Doubler()
+    x = torch.rand(2, 3, 5, 5)
+    acts.capture(net, net.relu, x)  # learns: untouched
+    net.change = True  # data-dependent: this forward changes the tensor after the hook
+    net.calls = 0
+    got, out = acts.capture(net, net.relu, x, return_output=True)
+    torch.testing.assert_close(got, _expected(net, x), rtol=0, atol=0)  # not doubled
+    torch.testing.assert_close(out, 2 * _expected(net, x).mean(dim=(2, 3)))
+    assert net.calls == 2  # the forward that changed it ran once more, cloning
+    net.calls = 0
+    again = acts.capture(net, net.relu, x)  # from now on cloned: one forward
+    torch.testing.assert_close(again, _expected(net, x), rtol=0, atol=0)
+    assert net.calls == 1
+
+
+def test_an_in_place_layer_captured_at_its_input_is_cloned() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=True))
+    x = torch.rand(1, 3, 4, 4) - 0.5
+    with torch.no_grad():
+        expected = net[0](x)  # negative values: the in-place ReLU would zero them
+    for _ in range(3):
+        got = acts.capture(net, net[1], x, attribute_to_layer_input=True)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert (got < 0).any()
+
+
+def test_a_layer_that_is_the_output_or_the_input_is_not_handed_out_twice() -> None:
+    net = conv_net()
+    x = torch.rand(1, 3, 5, 5)
+    for _ in range(3):
+        act, out = acts.capture(net, net[3], x, return_output=True)  # the last layer
+        assert act.data_ptr() != out.data_ptr()
+        torch.testing.assert_close(act, out, rtol=0, atol=0)
+    for _ in range(3):
+        got = acts.capture(net, net[0], x, attribute_to_layer_input=True)  # the input itself
+        assert got.data_ptr() != x.data_ptr()
+        torch.testing.assert_close(got, x, rtol=0, atol=0)
+
+
+def test_inference_tensors_are_cloned() -> None:
+    net = _Doubler()
+    x = torch.rand(1, 3, 4, 4)
+    with torch.inference_mode():  # no version counters: never kept by reference
+        for _ in range(3):
+            got = acts.capture(net, net.relu, x)
+    torch.testing.assert_close(got, _expected(net, x), rtol=0, atol=0)

@@ -130,21 +130,86 @@ def model_lock(forward_func: Callable[..., Any], layer: nn.Module) -> threading.
         return lock
 
 
-def _hook(
-    saved: dict[torch.device, Any], guard: threading.Lock, attribute_to_layer_input: bool
-) -> Callable[..., None]:
-    """A forward (pre-)hook that clones what the layer saw into ``saved``, keyed by device."""
+# Whether the rest of a forward leaves a layer's output (or input) as the layer gave it:
+# True once a forward was seen not to change it in place, False once one did. Unknown and
+# False layers are cloned in the hook; True layers are kept by reference and checked.
+# Keyed by the layer, then by whether its input (True) or output (False) is captured.
+_UNTOUCHED: weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+class _Saved:
+    """What the hook saw, per device, and the version of every tensor it kept by reference."""
+
+    def __init__(self, clone: bool) -> None:
+        self.clone = clone
+        self.values: dict[torch.device, Any] = {}
+        self.watched: list[tuple[Tensor, int]] = []
+        self.guard = threading.Lock()
+
+    def touched(self) -> bool:
+        """Whether the forward changed a kept tensor in place after the hook (or cannot tell)."""
+        return any(t._version != v for t, v in self.watched)
+
+
+def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
+    """A forward (pre-)hook that keeps what the layer saw in ``saved``, keyed by device.
+
+    It clones, as :class:`captum.attr.LayerActivation` does, unless the layer is
+    known to be left untouched by the rest of the forward: then it keeps a
+    reference and the tensor's version counter (the one autograd uses to detect
+    in-place changes), which :func:`capture` checks after the forward.
+    """
 
     def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
         value = layer_in if attribute_to_layer_input else layer_out
         items = value if isinstance(value, (tuple, list)) else (value,)
         first = next((t for t in items if isinstance(t, Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
-        copy = tuple(t.clone() if isinstance(t, Tensor) else t for t in items)
-        with guard:  # DataParallel replicas call it from their own threads, as in Captum
-            saved[device] = copy if isinstance(value, (tuple, list)) else copy[0]
+        tensors = [t for t in items if isinstance(t, Tensor)]
+        # inference tensors carry no version counter: always cloned
+        watch = [(t, t._version) for t in tensors if not t.is_inference()]
+        clone = saved.clone or len(watch) < len(tensors)
+        copy = tuple(t.clone() if clone and isinstance(t, Tensor) else t for t in items)
+        with saved.guard:  # DataParallel replicas call it from their own threads, as in Captum
+            saved.values[device] = copy if isinstance(value, (tuple, list)) else copy[0]
+            saved.watched.extend(watch)
 
     return hook
+
+
+def _forward_once(
+    forward_func: Callable[..., Any],
+    layer: nn.Module,
+    args: tuple[Any, ...],
+    amp: contextlib.AbstractContextManager[Any],
+    attribute_to_layer_input: bool,
+    clone: bool,
+) -> tuple[_Saved, Any]:
+    """One forward in eval mode with the hook registered for it and removed in ``finally``."""
+    saved = _Saved(clone)
+    hook = _hook(saved, attribute_to_layer_input)
+    handle = (
+        layer.register_forward_pre_hook(hook)
+        if attribute_to_layer_input
+        else layer.register_forward_hook(hook)
+    )
+    try:
+        with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
+            output = forward_func(*args)
+    finally:
+        handle.remove()
+    return saved, output
+
+
+def _storages(value: Any) -> set[int]:
+    """Data pointers of the storages of the tensors in ``value`` (a tensor, tuple, list, dict)."""
+    if isinstance(value, Tensor):
+        return {value.untyped_storage().data_ptr()}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return set().union(*(_storages(v) for v in value)) if value else set()
+    return set()
 
 
 def _gather(saved: dict[torch.device, Any], device_ids: list[int] | None, label: str) -> Any:
@@ -187,10 +252,17 @@ def capture(
 ) -> Any:
     """Run ``forward_func`` once in eval mode and return the layer's N x C x H x W activations.
 
-    One hook, registered for the call and removed in ``finally``, clones what
-    the layer saw per device, as :class:`captum.attr.LayerActivation` does
-    (a DataParallel model's replicas each add their part; the parts are
-    concatenated in ``device_ids`` order, or the model's own). The forward,
+    One hook, registered for the call and removed in ``finally``, keeps what
+    the layer saw per device (a DataParallel model's replicas each add their
+    part; the parts are concatenated in ``device_ids`` order, or the model's
+    own). It clones it, as :class:`captum.attr.LayerActivation` does, until a
+    forward has shown that the rest of the model leaves the layer's tensor as
+    it was; from then on it keeps a reference and checks the tensor's version
+    counter (the one autograd uses to detect in-place changes) after each
+    forward. Should a later forward change it in place after all, that forward
+    runs once more with a clone, and the layer is cloned from then on. A
+    change autograd cannot see (through ``.data`` or a NumPy view) is not
+    detected, as it is not by autograd. The forward,
     the eval-mode flip and the hook hold the model's :func:`model_lock`, so
     threads sharing a model get the results of sequential calls.
     ``autocast`` and ``channels_last`` are checked and applied as in
@@ -218,27 +290,26 @@ def capture(
         if isinstance(additional_forward_args, tuple)
         else (additional_forward_args,)
     )
-    saved: dict[torch.device, Any] = {}
-    hook = _hook(saved, threading.Lock(), attribute_to_layer_input)
     with model_lock(forward_func, layer):
-        handle = (
-            layer.register_forward_pre_hook(hook)
-            if attribute_to_layer_input
-            else layer.register_forward_hook(hook)
-        )
-        try:
-            with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
-                output = forward_func(*args, *extra)
-        finally:
-            handle.remove()
-    if not saved:
+        known = _UNTOUCHED.setdefault(layer, {})
+        untouched = known.get(attribute_to_layer_input)
+        run = (forward_func, layer, (*args, *extra), amp, attribute_to_layer_input)
+        saved, output = _forward_once(*run, clone=untouched is not True)
+        touched = saved.touched()
+        if untouched is None or touched:
+            known[attribute_to_layer_input] = not touched
+        if touched and not saved.clone:  # changed in place after the layer: once more, cloned
+            saved, output = _forward_once(*run, clone=True)
+    if not saved.values:
         raise LayerError(
             f"Layer {label} was not executed during the forward pass; pass a module "
             "that forward_func actually calls."
         )
     ids = device_ids if device_ids is not None else getattr(forward_func, "device_ids", None)
-    act = _gather(saved, ids, label)
-    act = _restore(_as_4d(act, reshape_transform, label), autocast, channels_last)
+    act = _as_4d(_gather(saved.values, ids, label), reshape_transform, label)
+    if not saved.clone and act.untyped_storage().data_ptr() in _storages((output, args, extra)):
+        act = act.clone()  # the output or an input itself: never hand out one tensor twice
+    act = _restore(act, autocast, channels_last)
     if not return_output:
         return act
     return act, _to_float32(output) if autocast is not None else output
