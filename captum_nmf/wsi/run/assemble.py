@@ -198,16 +198,17 @@ class TileAssembler(Assembler):
         """
         if not taken.rows.size:
             return
-        rows, have = taken.rows, taken.counts > 0
+        rows = taken.rows
         self.counts[rows] = taken.counts
         self.chunk_rows.extend(int(r) for r in rows)
-        if not have.any():
+        if not taken.counts.any():
             return
-        mask = torch.from_numpy(have).to(taken.features.device)
-        weights = self.solve(taken.features[mask])  # (cells with data) x K, row-major
-        block = np.zeros((len(rows), have.shape[1], self.k), dtype=np.float32)
-        block[have] = weights
-        self.maps[:, rows, :] = block.transpose(2, 0, 1)
+        # solved from the sums' own n x C x Wc layout, each row of cells as a 1 x Wc map (no
+        # gather of the cells into rows); a cell without data is 0 and gets weights 0. The
+        # features are averages of checked activations: no second value check.
+        means = taken.features.permute(0, 2, 1).unsqueeze(2)  # n x C x 1 x Wc, a view
+        weights = self.attr.nmf_._transform_maps(means.float())  # n x K x 1 x Wc
+        self.maps[:, rows, :] = weights[:, :, 0].cpu().numpy().transpose(1, 0, 2)
 
     def write_chunk(self, i: int) -> None:
         """Chunk ``i``: its finished rows, tile outputs and failures, and the stitcher's carry."""
