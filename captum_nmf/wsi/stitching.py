@@ -261,6 +261,7 @@ class FeatureStitcher:
         self._sums: dict[int, Tensor] = {}
         self._counts: dict[int, NDArray[np.int32]] = {}  # on the host
         self._masks: dict[tuple[tuple[int, ...], bytes], Tensor] = {}  # edge masks, on device
+        self._padded: tuple[tuple[int, int], NDArray[np.uint8]] | None = None  # see _kept
         self._last_origin: int = -(1 << 62)  # origin row of the latest tile added
         self._final_below: int = 0  # rows below this were handed out
 
@@ -356,42 +357,96 @@ class FeatureStitcher:
         if not feats.is_floating_point():
             feats = feats.float()
         maps = feats.to(self._compute_device).permute(0, 3, 1, 2)  # N x C x h x w (a view)
-        for i in range(n):
-            r0, c0 = int(org[i, 0]), int(org[i, 1])
-            rows, cols, keep = self.footprint((r0, c0), (h, w))
-            live = np.flatnonzero(keep.any(axis=1))
-            if not live.size:
+        for i, (top, bottom, left, right, keep) in enumerate(self._kept(org, h, w)):
+            if top >= bottom:
                 continue
+            if top < self._final_below:
+                raise ValueError(f"cell row {top} was already finished; tiles out of order.")
+            r0, c0 = int(org[i, 0]), int(org[i, 1])
             # only the rows and columns with a kept cell (at an edge the kept cells are
             # mostly still a rectangle: no mask needed then)
-            first, last = int(live[0]), int(live[-1]) + 1
-            rows = slice(rows.start + first, rows.start + last)
-            live = np.flatnonzero(keep.any(axis=0))
-            left, right = int(live[0]), int(live[-1]) + 1
-            cols = slice(cols.start + left, cols.start + right)
-            keep = keep[first:last, left:right]
-            if rows.start < self._final_below:
-                raise ValueError(f"cell row {rows.start} was already finished; tiles out of order.")
-            part = maps[i, :, rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
-            part = part.permute(1, 0, 2)  # rows x C x cols
-            if not keep.all():  # a tile at an edge keeps only some cells
-                part = torch.where(self._mask(keep).unsqueeze(1), part, 0.0)
-            counts = keep.astype(np.int32)
-            for band, local, at in self._bands_of(rows.start, rows.stop):
+            part = maps[i, :, top - r0 : bottom - r0, left - c0 : right - c0].permute(1, 0, 2)
+            mask = None if keep is None else self._mask(keep)  # rows x 1 x cols, 0 or 1
+            for band, local, at in self._bands_of(top, bottom):
                 sums, band_counts = self._band_of(band)
-                sums[local, :, cols] += part[at]
-                band_counts[local, cols] += counts[at]
+                if keep is None or mask is None:
+                    sums[local, :, left:right] += part[at]
+                    band_counts[local, left:right] += 1
+                else:  # a masked-out cell adds 0 * x = 0: the sums of the cell loop, bit for bit
+                    sums[local, :, left:right].addcmul_(part[at], mask[at])
+                    band_counts[local, left:right] += keep[at]
         if n:
             self._last_origin = int(org[-1, 0])
 
+    def _kept(
+        self, org: NDArray[np.int64], h: int, w: int
+    ) -> list[tuple[int, int, int, int, NDArray[np.bool_] | None]]:
+        """Per tile: the box of grid cells holding its kept cells, and their mask.
+
+        The box is rows ``top:bottom`` and cols ``left:right`` of
+        :meth:`footprint`'s cells, trimmed to the kept ones; the mask is None
+        when every cell of the box is kept. Computed for the whole batch at
+        once (the per-tile :meth:`footprint`, vectorised): an empty box
+        (``top >= bottom``) means nothing is kept.
+        """
+        hc, wc = self.grid_shape
+        b = self.border
+        r0, c0 = org[:, 0], org[:, 1]
+        if self.coverage is None:  # the interior, clipped to the grid: always a rectangle
+            top, bottom = np.clip(r0 + b, 0, hc), np.clip(r0 + h - b, 0, hc)
+            left, right = np.clip(c0 + b, 0, wc), np.clip(c0 + w - b, 0, wc)
+            empty = (top >= bottom) | (left >= right)
+            bottom = np.where(empty, top, bottom)
+            boxes = zip(top.tolist(), bottom.tolist(), left.tolist(), right.tolist(), strict=True)
+            return [(t, bo, le, ri, None) for t, bo, le, ri in boxes]
+        ri, ci = np.arange(h), np.arange(w)
+        sides = ((ri < b) | (ri >= h - b)).astype(np.uint8)[:, None] + (
+            (ci < b) | (ci >= w - b)
+        ).astype(np.uint8)[None, :]
+        padded = self._padded_coverage(h, w)  # NO_TILE + 1 outside the grid: never kept
+        ys = np.clip(r0[:, None] + h + ri, 0, padded.shape[0] - 1)  # far outside: the frame
+        xs = np.clip(c0[:, None] + w + ci, 0, padded.shape[1] - 1)
+        window = padded[ys[:, :, None], xs[:, None, :]]
+        keep = window == sides  # N x h x w
+        rows, cols = keep.any(axis=2), keep.any(axis=1)
+        live = rows.any(axis=1)
+        first, last = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
+        lo, hi = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
+        full = keep.sum(axis=(1, 2)) == (last - first) * (hi - lo)
+        out: list[tuple[int, int, int, int, NDArray[np.bool_] | None]] = []
+        for i, (f, la, le, rt) in enumerate(
+            zip(first.tolist(), last.tolist(), lo.tolist(), hi.tolist(), strict=True)
+        ):
+            top, left = int(r0[i]) + f, int(c0[i]) + le
+            if not live[i]:
+                out.append((top, top, left, left, None))
+                continue
+            mask = None if full[i] else keep[i, f:la, le:rt]
+            out.append((top, int(r0[i]) + la, left, int(c0[i]) + rt, mask))
+        return out
+
+    def _padded_coverage(self, h: int, w: int) -> NDArray[np.uint8]:
+        """``coverage`` inside a frame of ``h`` rows and ``w`` cols of NO_TILE + 1, cached."""
+        if self._padded is not None and self._padded[0] == (h, w):
+            return self._padded[1]
+        hc, wc = self.grid_shape
+        padded = np.full((hc + 2 * h, wc + 2 * w), NO_TILE + 1, dtype=np.uint8)
+        padded[h : h + hc, w : w + wc] = np.asarray(self.coverage)
+        self._padded = ((h, w), padded)
+        return padded
+
     def _mask(self, keep: NDArray[np.bool_]) -> Tensor:
-        """``keep`` on the compute device; edge tiles repeat a few patterns, each uploaded once."""
+        """``keep`` as rows x 1 x cols of float 0/1 on the compute device.
+
+        Edge tiles repeat a few patterns, each uploaded once.
+        """
         key = (keep.shape, keep.tobytes())
         mask = self._masks.get(key)
         if mask is None:
             if len(self._masks) >= 256:  # bounded: oddly shaped edges would not repeat
                 self._masks.clear()
-            mask = self._masks[key] = torch.from_numpy(keep.copy()).to(self._compute_device)
+            ones = torch.from_numpy(keep.astype(np.float32)).unsqueeze(1)
+            mask = self._masks[key] = ones.to(self._compute_device)
         return mask
 
     # ------------------------------------------------------------ bands of rows
@@ -437,14 +492,26 @@ class FeatureStitcher:
         rows = [r for r in self._live_rows() if r < below]
         wc, c = self.grid_shape[1], self.n_channels
         device = self._compute_device
+        final = max(self._final_below, below)
         if rows:
-            sums, counts = self._gather(rows)
-            divisor = torch.from_numpy(np.maximum(counts, 1).astype(np.float32))
-            means = sums / divisor.to(device).unsqueeze(1)
+            parts, held = [], []
+            for band in sorted({r // _BAND for r in rows}):
+                local = [r - band * _BAND for r in rows if r // _BAND == band]
+                count = self._counts[band][local]
+                divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32))
+                divisor = divisor.to(device).unsqueeze(1)
+                if len(local) == _BAND and (band + 1) * _BAND <= final:
+                    parts.append(self._sums[band].div_(divisor))  # all of a band freed below
+                else:
+                    index = torch.tensor(local, dtype=torch.long, device=device)
+                    parts.append(self._sums[band].index_select(0, index).div_(divisor))
+                held.append(count)
+            means = parts[0] if len(parts) == 1 else torch.cat(parts)
+            counts = np.concatenate(held)
         else:
             counts = np.zeros((0, wc), dtype=np.int32)
             means = torch.zeros((0, c, wc), dtype=torch.float32, device=device)
-        self._final_below = max(self._final_below, below)
+        self._final_below = final
         for band in [b for b in self._sums if (b + 1) * _BAND <= self._final_below]:
             del self._sums[band], self._counts[band]  # every row of it is handed out
         for r in rows:  # a row handed out from a band still open starts again from zero
