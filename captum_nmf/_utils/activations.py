@@ -291,7 +291,8 @@ def capture(
         else (additional_forward_args,)
     )
     with model_lock(forward_func, layer):
-        known = _UNTOUCHED.setdefault(layer, {})
+        with _LOCKS_GUARD:  # other models' threads may add their layers meanwhile
+            known = _UNTOUCHED.setdefault(layer, {})
         untouched = known.get(attribute_to_layer_input)
         run = (forward_func, layer, (*args, *extra), amp, attribute_to_layer_input)
         saved, output = _forward_once(*run, clone=untouched is not True)
