@@ -79,8 +79,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def machine_header(title: str, device: torch.device) -> None:
-    """Print what the numbers below were measured on."""
+    """Print what the numbers below were measured on (glibc's malloc settings included)."""
     print(f"# {title}")
+    tuned = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("MALLOC_")]
+    # glibc mmaps (and page-faults again) every block above its dynamic threshold: the
+    # absolute times of a CPU forward depend on that state, see README "Performance"
+    print(f"# glibc malloc: {' '.join(tuned) if tuned else 'defaults'}")
     print(
         f"# machine: {platform.machine()} {platform.processor() or ''}".rstrip()
         + f", {os.cpu_count()} CPUs (torch threads {torch.get_num_threads()}), "

@@ -14,8 +14,10 @@ with ``captum_nmf.zoo.normalize`` for both models. Batch tiles: the 2 x 2 grid a
 ``random_state=0``) are first fitted in memory on 10 *other* tiles: offsets (988, 0),
 (988, 494), (988, 988), (0, 988), (494, 988) of each image (disjoint from the batch tiles).
 
-Timed (wall clock, each call warmed up once, then ``--repeats`` rounds in which the methods
-run one after the other, in an order rotated each round; the median per method is
+Timed (wall clock, each call warmed up once; ours and LayerActivation in ``2 x --repeats``
+rounds of their own, one after the other, alternating which goes first; DFF and the
+transform alone in ``--repeats`` further rounds, so that the memory DFF's autograd graph
+releases is never re-faulted by one of the two compared; the median per method is
 reported; torch threads left at default):
 
 * ``NMFConceptAttribution(model, layer, 6).attribute(x)`` -> N x 6 x h x w concept maps;
@@ -129,17 +131,23 @@ def bench_model(
     times: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():  # warm-up
         fn()
-    names = list(calls)
+
+    def timed(name: str) -> None:
+        sync(device)
+        t = time.perf_counter()
+        calls[name]()
+        sync(device)
+        times[name].append(time.perf_counter() - t)
+
+    # ours and its floor side by side, alternating which goes first, in rounds of their own:
+    # the call after DFF pays for re-faulting the memory DFF's autograd graph released, which
+    # would land on one of the two at random and swamp a difference of a few percent
+    for r in range(2 * repeats):
+        for name in ("ours", "LayerActivation") if r % 2 else ("LayerActivation", "ours"):
+            timed(name)
     for r in range(repeats):
-        # rotate the order each round: the call after DFF pays for re-faulting the memory
-        # DFF's autograd graph released, so no method should always follow it
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn = calls[name]
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
+        for name in ("DFF", "transform") if r % 2 else ("transform", "DFF"):
+            timed(name)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     n, c, h, w = acts.shape
     return [
