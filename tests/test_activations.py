@@ -130,32 +130,39 @@ def _expected(net: _Doubler, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(net.conv(x))
 
 
-def test_an_untouched_layer_is_kept_by_reference_after_one_cloned_forward() -> None:
-    net = _Doubler()
+def _pointers(layer: nn.Module) -> list[int]:
     seen: list[int] = []
-    net.relu.register_forward_hook(lambda _m, _i, out: seen.append(out.data_ptr()))
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.data_ptr()))
+    return seen
+
+
+def test_a_transient_capture_keeps_an_untouched_layer_by_reference_after_one_clone() -> None:
+    net = _Doubler()
+    seen = _pointers(net.relu)
     x = torch.rand(2, 3, 5, 5)
-    first = acts.capture(net, net.relu, x)
-    second = acts.capture(net, net.relu, x)
+    first = acts.capture(net, net.relu, x, transient=True)
+    second = acts.capture(net, net.relu, x, transient=True)
+    third = acts.capture(net, net.relu, x)  # not transient: always a clone, as Captum
     assert first.data_ptr() != seen[0]  # first forward: cloned, and the tensor watched
     assert second.data_ptr() == seen[1]  # known untouched: the layer's own tensor, no copy
-    torch.testing.assert_close(first, _expected(net, x), rtol=0, atol=0)
-    torch.testing.assert_close(second, _expected(net, x), rtol=0, atol=0)
-    assert net.calls == 2
+    assert third.data_ptr() != seen[2]
+    for got in (first, second, third):
+        torch.testing.assert_close(got, _expected(net, x), rtol=0, atol=0)
+    assert net.calls == 3
 
 
 def test_an_in_place_change_after_the_layer_is_detected_and_cloned() -> None:
     net = _Doubler()
     x = torch.rand(2, 3, 5, 5)
-    acts.capture(net, net.relu, x)  # learns: untouched
+    acts.capture(net, net.relu, x, transient=True)  # learns: untouched
     net.change = True  # data-dependent: this forward changes the tensor after the hook
     net.calls = 0
-    got, out = acts.capture(net, net.relu, x, return_output=True)
+    got, out = acts.capture(net, net.relu, x, return_output=True, transient=True)
     torch.testing.assert_close(got, _expected(net, x), rtol=0, atol=0)  # not doubled
     torch.testing.assert_close(out, 2 * _expected(net, x).mean(dim=(2, 3)))
     assert net.calls == 2  # the forward that changed it ran once more, cloning
     net.calls = 0
-    again = acts.capture(net, net.relu, x)  # from now on cloned: one forward
+    again = acts.capture(net, net.relu, x, transient=True)  # from now on cloned: one forward
     torch.testing.assert_close(again, _expected(net, x), rtol=0, atol=0)
     assert net.calls == 1
 
@@ -166,7 +173,7 @@ def test_an_in_place_layer_captured_at_its_input_is_cloned() -> None:
     with torch.no_grad():
         expected = net[0](x)  # negative values: the in-place ReLU would zero them
     for _ in range(3):
-        got = acts.capture(net, net[1], x, attribute_to_layer_input=True)
+        got = acts.capture(net, net[1], x, attribute_to_layer_input=True, transient=True)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert (got < 0).any()
 
@@ -174,12 +181,12 @@ def test_an_in_place_layer_captured_at_its_input_is_cloned() -> None:
 def test_a_layer_that_is_the_output_or_the_input_is_not_handed_out_twice() -> None:
     net = conv_net()
     x = torch.rand(1, 3, 5, 5)
-    for _ in range(3):
-        act, out = acts.capture(net, net[3], x, return_output=True)  # the last layer
+    for _ in range(3):  # the last layer: its tensor is the output
+        act, out = acts.capture(net, net[3], x, return_output=True, transient=True)
         assert act.data_ptr() != out.data_ptr()
         torch.testing.assert_close(act, out, rtol=0, atol=0)
-    for _ in range(3):
-        got = acts.capture(net, net[0], x, attribute_to_layer_input=True)  # the input itself
+    for _ in range(3):  # the first layer's input: the caller's tensor
+        got = acts.capture(net, net[0], x, attribute_to_layer_input=True, transient=True)
         assert got.data_ptr() != x.data_ptr()
         torch.testing.assert_close(got, x, rtol=0, atol=0)
 
@@ -189,5 +196,44 @@ def test_inference_tensors_are_cloned() -> None:
     x = torch.rand(1, 3, 4, 4)
     with torch.inference_mode():  # no version counters: never kept by reference
         for _ in range(3):
-            got = acts.capture(net, net.relu, x)
+            got = acts.capture(net, net.relu, x, transient=True)
     torch.testing.assert_close(got, _expected(net, x), rtol=0, atol=0)
+
+
+class _ReusedBuffer(nn.Module):
+    """A layer that writes its output into one tensor it keeps across forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = torch.empty(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.buf.shape != x.shape:
+            self.buf = torch.empty_like(x)
+        return torch.clamp(x, min=0.0, out=self.buf)
+
+
+def test_results_kept_across_forwards_are_copies_even_when_the_model_reuses_its_tensor() -> None:
+    # features() (and fit) hand activations to callers that keep them: never the layer's
+    # own tensor, which this model overwrites on its next forward
+    torch.manual_seed(2)
+    layer = _ReusedBuffer()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), layer, nn.Conv2d(4, 2, 1))
+    concepts = NMFConceptAttribution(net, layer, 2, random_state=0)
+    inputs = [torch.rand(1, 3, 4, 4) for _ in range(4)]
+    results = [acts.capture(net, layer, x) for x in inputs]
+    results += [concepts.features(x) for x in inputs]
+    with torch.no_grad():
+        expected = [torch.relu(net[0](x)) for x in inputs] * 2
+    for got, want in zip(results, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_attribute_on_a_reused_tensor_is_solved_before_the_next_forward() -> None:
+    torch.manual_seed(3)
+    layer = _ReusedBuffer()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), layer, nn.Conv2d(4, 2, 1))
+    x = torch.rand(6, 3, 5, 5)
+    concepts = NMFConceptAttribution(net, layer, 2, random_state=0).fit(x, progress=False)
+    maps = [concepts.attribute(x[i : i + 1]) for i in range(6)]  # transient: by reference
+    torch.testing.assert_close(torch.cat(maps), concepts.attribute(x), rtol=1e-6, atol=1e-7)

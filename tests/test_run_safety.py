@@ -386,17 +386,17 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_chunks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "run"
-    original = NMFConceptAttribution.features
+    original = NMFConceptAttribution._activations  # the slide run's forward
     calls = {"n": 0}
 
-    def features(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
+    def forward(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
         if kwargs.get("return_output"):
             calls["n"] += 1
             if calls["n"] == 6:  # a batch after the first chunk was committed
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(NMFConceptAttribution, "features", features)
+    monkeypatch.setattr(NMFConceptAttribution, "_activations", forward)
     with pytest.raises(
         torch.OutOfMemoryError,
         match=r"batch of 16 tile\(s\) of 64 px .* lower batch_size \(now 16\) and run again "

@@ -94,7 +94,9 @@ def test_read_pixels_equals_read_region_which_stays_writable(pyramid: Path, wher
         region = slide.read_region(location, 0, (40, 30))
     np.testing.assert_array_equal(fast, expected)
     np.testing.assert_array_equal(region, expected)
-    assert region.flags.writeable and region.flags.c_contiguous and region.dtype == np.uint8
+    assert region.flags.writeable
+    assert region.flags.c_contiguous
+    assert region.dtype == np.uint8
     assert (alpha == 255).all() == (where == "inside")
 
 

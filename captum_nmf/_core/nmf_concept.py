@@ -188,8 +188,13 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         autocast: torch.dtype | None = None,
         channels_last: bool = False,
         return_output: bool = False,
+        transient: bool = False,
     ) -> Any:
-        """Checked activations (and with ``return_output`` the output) of one forward."""
+        """Checked activations (and with ``return_output`` the output) of one forward.
+
+        ``transient``: the caller is done with them before the model's next
+        forward, so the layer's own tensor may be used (see :func:`acts.capture`).
+        """
         captured = acts.capture(
             self.forward_func,
             self.layer,
@@ -202,6 +207,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             autocast=autocast,
             channels_last=channels_last,
             return_output=return_output,
+            transient=transient,
         )
         act, output = captured if return_output else (captured, None)
         act = acts.check_activations(act, negative=self.negative, name=self._layer_name)
@@ -496,6 +502,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             attribute_to_layer_input,
             autocast=autocast,
             channels_last=channels_last,
+            transient=True,  # solved right away: the layer's own tensor will do
         )
         self.check_channels(int(act.shape[1]))
         # values checked by _activations: solved from the maps' own layout, no row copy

@@ -132,7 +132,8 @@ def model_lock(forward_func: Callable[..., Any], layer: nn.Module) -> threading.
 
 # Whether the rest of a forward leaves a layer's output (or input) as the layer gave it:
 # True once a forward was seen not to change it in place, False once one did. Unknown and
-# False layers are cloned in the hook; True layers are kept by reference and checked.
+# False layers are cloned in the hook; True layers are kept by reference and checked, in
+# transient captures (see capture).
 # Keyed by the layer, then by whether its input (True) or output (False) is captured.
 _UNTOUCHED: weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]] = weakref.WeakKeyDictionary()
 
@@ -147,8 +148,19 @@ class _Saved:
         self.guard = threading.Lock()
 
     def touched(self) -> bool:
-        """Whether the forward changed a kept tensor in place after the hook (or cannot tell)."""
+        """Whether the forward changed a kept tensor in place after the hook."""
         return any(t._version != v for t, v in self.watched)
+
+
+def _storages(value: Any) -> set[int]:
+    """Data pointers of the storages of the tensors in ``value`` (tensors, tuples, lists, dicts)."""
+    if isinstance(value, Tensor):
+        return {value.untyped_storage().data_ptr()}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return set().union(*(_storages(v) for v in value))
+    return set()
 
 
 def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
@@ -201,17 +213,6 @@ def _forward_once(
     return saved, output
 
 
-def _storages(value: Any) -> set[int]:
-    """Data pointers of the storages of the tensors in ``value`` (a tensor, tuple, list, dict)."""
-    if isinstance(value, Tensor):
-        return {value.untyped_storage().data_ptr()}
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return set().union(*(_storages(v) for v in value)) if value else set()
-    return set()
-
-
 def _gather(saved: dict[torch.device, Any], device_ids: list[int] | None, label: str) -> Any:
     """One result from the per-device results, concatenated in ``device_ids`` order."""
     if len(saved) == 1:
@@ -249,20 +250,24 @@ def capture(
     autocast: torch.dtype | None = None,
     channels_last: bool = False,
     return_output: bool = False,
+    transient: bool = False,
 ) -> Any:
     """Run ``forward_func`` once in eval mode and return the layer's N x C x H x W activations.
 
-    One hook, registered for the call and removed in ``finally``, keeps what
-    the layer saw per device (a DataParallel model's replicas each add their
-    part; the parts are concatenated in ``device_ids`` order, or the model's
-    own). It clones it, as :class:`captum.attr.LayerActivation` does, until a
-    forward has shown that the rest of the model leaves the layer's tensor as
-    it was; from then on it keeps a reference and checks the tensor's version
-    counter (the one autograd uses to detect in-place changes) after each
-    forward. Should a later forward change it in place after all, that forward
-    runs once more with a clone, and the layer is cloned from then on. A
-    change autograd cannot see (through ``.data`` or a NumPy view) is not
-    detected, as it is not by autograd. The forward,
+    One hook, registered for the call and removed in ``finally``, clones what
+    the layer saw per device, as :class:`captum.attr.LayerActivation` does
+    (a DataParallel model's replicas each add their part; the parts are
+    concatenated in ``device_ids`` order, or the model's own).
+
+    With ``transient=True`` (the caller is done with the activations before
+    the model's next forward: the attribution's solve, a slide run's
+    stitching) the clone is skipped once a forward has shown that the rest of
+    the model leaves the layer's tensor as it was: the hook keeps a reference
+    and the tensor's version counter (the one autograd uses to detect in-place
+    changes), checked after each forward. Should a later forward change it in
+    place after all, that forward runs once more with a clone, and the layer
+    is cloned from then on. A change autograd cannot see (through ``.data``
+    or a NumPy view) is not detected, as it is not by autograd. The forward,
     the eval-mode flip and the hook hold the model's :func:`model_lock`, so
     threads sharing a model get the results of sequential calls.
     ``autocast`` and ``channels_last`` are checked and applied as in
@@ -295,9 +300,9 @@ def capture(
             known = _UNTOUCHED.setdefault(layer, {})
         untouched = known.get(attribute_to_layer_input)
         run = (forward_func, layer, (*args, *extra), amp, attribute_to_layer_input)
-        saved, output = _forward_once(*run, clone=untouched is not True)
+        saved, output = _forward_once(*run, clone=not transient or untouched is not True)
         touched = saved.touched()
-        if untouched is None or touched:
+        if transient and (untouched is None or touched):
             known[attribute_to_layer_input] = not touched
         if touched and not saved.clone:  # changed in place after the layer: once more, cloned
             saved, output = _forward_once(*run, clone=True)

@@ -183,10 +183,14 @@ def _forward(
         torch.OutOfMemoryError: the device ran out of memory; the message names
                     the batch size to lower (finished chunks are kept for ``resume``).
     """
-    try:
-        result = assembler.attr.features(
+    attr = assembler.attr
+    try:  # as attr.features, stitched before the next forward: the layer's own tensor will do
+        result = attr._activations(
             to_model_input(images, device, options.batch_transform),
+            None,
+            bool(getattr(attr, "attribute_to_layer_input_", False)),
             return_output=True,
+            transient=True,
             **options.forward,
         )
     except torch.OutOfMemoryError as exc:
