@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import random
 
 import numpy as np
@@ -15,6 +16,15 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def allocator_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, not apply, the CLI's glibc setting: it is process-wide (tested in a subprocess)."""
+    calls: list[bool] = []
+    module = importlib.import_module("captum_nmf.cli.main")  # `cli.main` is also the function
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: calls.append(True))
+    return calls
 
 
 def _tiles(size: int, corners: tuple[tuple[int, int], ...]) -> torch.Tensor:

@@ -347,3 +347,54 @@ def test_fit_on_ray_actors(
     code, _, err = _run([*fit, "--overwrite", "--workers", "2", str(slide)], capsys)
     assert code == 1
     assert "--workers needs --ray" in err
+
+
+def test_the_command_line_keeps_freed_memory_unless_told(
+    capsys: pytest.CaptureFixture[str], allocator_calls: list[bool]
+) -> None:
+    assert _run(["info", str(CMU)], capsys)[0] == 0
+    assert allocator_calls == [True]
+    for argv in (["--return-memory", "info", str(CMU)], ["info", "--return-memory", str(CMU)]):
+        assert _run(argv, capsys)[0] == 0
+    assert allocator_calls == [True]  # --return-memory, before or after the command
+
+
+_RSS_AFTER_FREE = """
+import sys
+from captum_nmf.cli.allocator import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+before = rss()
+block = bytearray(256 << 20)  # one 256 MiB allocation, touched
+del block
+print(applied, (rss() - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_memory_keeps_a_freed_block_resident(mode: str) -> None:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_AFTER_FREE, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.split()
+    if mode == "keep":
+        assert out[0] == "True"
+        assert int(out[1]) >= 250  # freed, but kept for reuse: no page faults next time
+    else:
+        assert int(out[1]) < 16  # glibc's default: a large block goes back at once
+
+
+def test_keep_freed_memory_defers_to_the_users_own_malloc_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from captum_nmf.cli.allocator import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False

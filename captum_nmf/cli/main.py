@@ -6,6 +6,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from captum_nmf.cli.allocator import keep_freed_memory
 from captum_nmf.cli.commands import COMMANDS
 from captum_nmf.cli.errors import flag_spelling
 from captum_nmf.cli.parser import build_parser
@@ -25,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad usage exits 2 through argparse.
     """
     args = build_parser().parse_args(argv)
+    if not args.return_memory:
+        keep_freed_memory()  # this process is ours: no page faults per batch (allocator.py)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
