@@ -237,3 +237,54 @@ def test_attribute_on_a_reused_tensor_is_solved_before_the_next_forward() -> Non
     concepts = NMFConceptAttribution(net, layer, 2, random_state=0).fit(x, progress=False)
     maps = [concepts.attribute(x[i : i + 1]) for i in range(6)]  # transient: by reference
     torch.testing.assert_close(torch.cat(maps), concepts.attribute(x), rtol=1e-6, atol=1e-7)
+
+
+def test_threads_sharing_a_model_that_reuses_its_tensor_get_the_sequential_results() -> None:
+    # attribute keeps the layer's own tensor (transient) and solves it holding the model's
+    # lock: another thread's forward cannot overwrite the buffer in between
+    torch.manual_seed(3)
+    layer = _ReusedBuffer()
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), layer, nn.Conv2d(4, 2, 1))
+    x1, x2 = torch.rand(1, 3, 5, 5), torch.rand(1, 3, 5, 5)
+    concepts = NMFConceptAttribution(net, layer, 2, random_state=0)
+    concepts.fit(torch.cat([x1, x2]), progress=False)
+    concepts.attribute(x1)  # learns: untouched, so later calls keep the reference
+    expected = {1: concepts.attribute(x1), 2: concepts.attribute(x2)}
+    solve = concepts.nmf_._transform_maps
+    other: dict[int, torch.Tensor] = {}
+    thread = threading.Thread(target=lambda: other.setdefault(2, concepts.attribute(x2)))
+
+    def interleaved(act: torch.Tensor) -> torch.Tensor:
+        if not thread.is_alive() and not other:  # between A's capture and A's solve:
+            thread.start()  # B's attribute runs now, or waits for A's lock
+            thread.join(timeout=0.5)
+        return solve(act)
+
+    concepts.nmf_._transform_maps = interleaved  # type: ignore[method-assign]
+    got = concepts.attribute(x1)
+    thread.join()
+    torch.testing.assert_close(got, expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(other[2], expected[2], rtol=0, atol=0)
+
+
+def test_sparse_tensors_around_a_transient_capture() -> None:
+    class WithMask(nn.Module):  # a sparse extra argument and a sparse part of the output
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            y = self.relu(self.conv(x))
+            return y.mean(dim=(2, 3)), mask
+
+    net = WithMask()
+    x = torch.rand(2, 3, 4, 4)
+    mask = torch.eye(3).to_sparse()
+    concepts = NMFConceptAttribution(net, net.relu, 2, random_state=0)
+    concepts.fit(x, additional_forward_args=(mask,), progress=False)
+    first = concepts.attribute(x, additional_forward_args=(mask,))
+    for _ in range(2):  # the second call keeps the reference and checks around sparse tensors
+        torch.testing.assert_close(
+            concepts.attribute(x, additional_forward_args=(mask,)), first, rtol=0, atol=0
+        )

@@ -496,17 +496,20 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                 f"with attribute_to_layer_input={self.attribute_to_layer_input_}; use the same "
                 "value."
             )
-        act = self._activations(
-            inputs,
-            additional_forward_args,
-            attribute_to_layer_input,
-            autocast=autocast,
-            channels_last=channels_last,
-            transient=True,  # solved right away: the layer's own tensor will do
-        )
-        self.check_channels(int(act.shape[1]))
-        # values checked by _activations: solved from the maps' own layout, no row copy
-        maps = self.nmf_._transform_maps(act)
+        # the layer's own tensor is solved before another thread's forward of this model can
+        # reuse it (a model may write into a buffer it keeps): the model's lock spans both
+        with acts.model_lock(self.forward_func, self.layer):
+            act = self._activations(
+                inputs,
+                additional_forward_args,
+                attribute_to_layer_input,
+                autocast=autocast,
+                channels_last=channels_last,
+                transient=True,
+            )
+            self.check_channels(int(act.shape[1]))
+            # values checked by _activations: solved from the maps' own layout, no row copy
+            maps = self.nmf_._transform_maps(act)
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
         return maps.to(device)
 
@@ -521,8 +524,10 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
     ) -> Tensor | tuple[Tensor, Any]:
         r"""The checked layer activations that :meth:`attribute` factorises.
 
-        Whole-slide stitching averages these feature vectors over overlapping
-        tiles before solving for concept weights (``self.nmf_.transform``).
+        Whole-slide stitching averages the same feature vectors over
+        overlapping tiles before solving for concept weights (a slide run
+        captures them itself, holding the model's lock until they are stitched,
+        so it does not go through this method).
         The negative-activation policy is applied; the model runs in eval mode
         and once, even with ``return_output=True``.
 

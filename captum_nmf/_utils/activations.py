@@ -154,8 +154,8 @@ class _Saved:
 
 def _storages(value: Any) -> set[int]:
     """Data pointers of the storages of the tensors in ``value`` (tensors, tuples, lists, dicts)."""
-    if isinstance(value, Tensor):
-        return {value.untyped_storage().data_ptr()}
+    if isinstance(value, Tensor):  # sparse and other layouts have no storage of their own
+        return {value.untyped_storage().data_ptr()} if value.layout == torch.strided else set()
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
@@ -260,9 +260,10 @@ def capture(
     concatenated in ``device_ids`` order, or the model's own).
 
     With ``transient=True`` (the caller is done with the activations before
-    the model's next forward: the attribution's solve, a slide run's
-    stitching) the clone is skipped once a forward has shown that the rest of
-    the model leaves the layer's tensor as it was: the hook keeps a reference
+    the model's next forward, holding :func:`model_lock` until then: the
+    attribution's solve, a slide run's stitching) the clone is skipped once a
+    forward has shown that the rest of the model leaves the layer's tensor as
+    it was: the hook keeps a reference
     and the tensor's version counter (the one autograd uses to detect in-place
     changes), checked after each forward. Should a later forward change it in
     place after all, that forward runs once more with a clone, and the layer
@@ -302,7 +303,7 @@ def capture(
         run = (forward_func, layer, (*args, *extra), amp, attribute_to_layer_input)
         saved, output = _forward_once(*run, clone=not transient or untouched is not True)
         touched = saved.touched()
-        if transient and (untouched is None or touched):
+        if transient and saved.watched and (untouched is None or touched):
             known[attribute_to_layer_input] = not touched
         if touched and not saved.clone:  # changed in place after the layer: once more, cloned
             saved, output = _forward_once(*run, clone=True)

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from captum_nmf._utils.activations import model_lock
 from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, to_model_input
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
@@ -125,11 +126,14 @@ def _process(
     try:
         for images, idx, failed in batches_in:
             ids, lost = idx.numpy(), failed.numpy()
-            if ids.size:
-                act, output = _forward(assembler, images, device, options)
-            else:
-                act, output = torch.empty(0, 0, 0, 0), None
-            assembler.add(act, output, ids, lost)
+            # the layer's own tensor (a transient capture) is stitched before another thread's
+            # forward of this model can reuse it: the model's lock spans both
+            with model_lock(assembler.attr.forward_func, assembler.attr.layer):
+                if ids.size:
+                    act, output = _forward(assembler, images, device, options)
+                else:
+                    act, output = torch.empty(0, 0, 0, 0), None
+                assembler.add(act, output, ids, lost)
             bar.update(len(ids) + len(lost))
             last = int(max(ids.max(initial=-1), lost.max(initial=-1))) + 1
             if last in chunk_end:
