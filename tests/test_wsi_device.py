@@ -221,3 +221,65 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device='cuda:1': this machine has 1 CUDA device\(s\)"):
         FeatureStitcher((4, 4), 2, device="cuda:1")
+
+
+def test_a_slide_run_stitches_each_batch_holding_the_models_lock(
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the run keeps the layer's own tensor (no clone): no other thread's forward of the model
+    # may run before that tensor is stitched
+    from captum_nmf._utils.activations import model_lock
+    from captum_nmf.wsi.run.assemble import TileAssembler
+
+    lock = model_lock(attr.forward_func, attr.layer)
+    free: list[bool] = []
+    original = TileAssembler.add
+
+    def add(self: TileAssembler, *args: Any) -> None:
+        probe = threading.Thread(target=lambda: free.append(_try(lock)))
+        probe.start()
+        probe.join()
+        original(self, *args)
+
+    monkeypatch.setattr(TileAssembler, "add", add)
+    explain_slide(
+        attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
+    )
+    assert free
+    assert not any(free)  # another thread never got the model while a batch was stitched
+
+
+def _try(lock: Any) -> bool:
+    if lock.acquire(blocking=False):
+        lock.release()
+        return True
+    return False
+
+
+def test_masked_out_non_finite_features_add_nothing() -> None:
+    # an edge tile's dropped cells inside its kept box add 0 whatever they hold (NaN, inf),
+    # as the cell-by-cell loop does
+    rng = np.random.default_rng(5)
+    shape = (27, 31)
+    tiles = [(4 * i - 2, 4 * j - 1) for i in range(8) for j in range(9) if rng.random() < 0.6]
+    origins = np.array(tiles)
+    coverage = cell_coverage(origins, (8, 8), 2, shape)
+    st = FeatureStitcher(shape, 1, border=2, coverage=coverage, device="cpu")
+    feats = torch.ones(len(tiles), 8, 8, 1)
+    poisoned = 0
+    for t, (r0, c0) in enumerate(tiles):
+        rows, cols, keep = st.footprint((r0, c0), (8, 8))
+        if not keep.any():
+            continue
+        ys, xs = np.nonzero(keep)
+        box = keep[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        for y, x in zip(*np.nonzero(~box), strict=True):  # dropped, inside the kept box
+            r, c = rows.start + ys.min() + y, cols.start + xs.min() + x
+            feats[t, r - r0, c - c0, 0] = float("nan") if (r + c) % 2 else float("inf")
+            poisoned += 1
+    assert poisoned > 10  # the masked path is exercised
+    st.add(feats, origins)
+    taken = st.finish_rows()
+    values = taken.features[:, :, 0].numpy()
+    assert np.isfinite(values).all()
+    np.testing.assert_array_equal(values, (taken.counts > 0).astype(np.float32))  # means of 1
