@@ -372,8 +372,8 @@ class FeatureStitcher:
                 if keep is None or mask is None:
                     sums[local, :, left:right] += part[at]
                     band_counts[local, left:right] += 1
-                else:  # a masked-out cell adds 0 * x = 0: the sums of the cell loop, bit for bit
-                    sums[local, :, left:right].addcmul_(part[at], mask[at])
+                else:  # a masked-out cell adds 0 (whatever its value): the cell loop's sums
+                    sums[local, :, left:right] += torch.where(mask[at], part[at], 0.0)
                     band_counts[local, left:right] += keep[at]
         if n:
             self._last_origin = int(org[-1, 0])
@@ -436,7 +436,7 @@ class FeatureStitcher:
         return padded
 
     def _mask(self, keep: NDArray[np.bool_]) -> Tensor:
-        """``keep`` as rows x 1 x cols of float 0/1 on the compute device.
+        """``keep`` as rows x 1 x cols on the compute device.
 
         Edge tiles repeat a few patterns, each uploaded once.
         """
@@ -445,8 +445,9 @@ class FeatureStitcher:
         if mask is None:
             if len(self._masks) >= 256:  # bounded: oddly shaped edges would not repeat
                 self._masks.clear()
-            ones = torch.from_numpy(keep.astype(np.float32)).unsqueeze(1)
-            mask = self._masks[key] = ones.to(self._compute_device)
+            mask = self._masks[key] = torch.from_numpy(keep.copy()).unsqueeze(1).to(
+                self._compute_device
+            )
         return mask
 
     # ------------------------------------------------------------ bands of rows
