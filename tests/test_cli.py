@@ -373,7 +373,10 @@ print(applied, (rss() - before) >> 20)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/statm").exists() or __import__("platform").libc_ver()[0] != "glibc",
+    reason="needs Linux /proc and glibc",
+)
 @pytest.mark.parametrize("mode", ["keep", "default"])
 def test_keep_freed_memory_keeps_a_freed_block_resident(mode: str) -> None:
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
@@ -397,4 +400,7 @@ def test_keep_freed_memory_defers_to_the_users_own_malloc_settings(
     from captum_nmf.cli.allocator import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
     assert keep_freed_memory() is False

@@ -30,11 +30,14 @@ def keep_freed_memory() -> bool:
 
     Returns:
         *bool*: True when applied; False on another C library or platform, or
-        when the environment sets ``MALLOC_*`` variables (the user's own tuning wins).
+        when the environment sets ``MALLOC_*`` variables or ``glibc.malloc``
+        tunables (the user's own tuning wins).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -111,6 +111,7 @@ class BlockReader:
         Raises:
             SlideReadError: as :meth:`Slide.read_tile`, when the tile's own read
                         (after a block failed) fails twice.
+            ValueError: ``out`` is not a T x T x 3 ``uint8`` array.
         """
         t = self.grid.tile_size
         if out is not None and (out.shape != (t, t, 3) or out.dtype != np.uint8):
