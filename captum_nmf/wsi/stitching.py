@@ -445,8 +445,8 @@ class FeatureStitcher:
         if mask is None:
             if len(self._masks) >= 256:  # bounded: oddly shaped edges would not repeat
                 self._masks.clear()
-            mask = self._masks[key] = torch.from_numpy(keep.copy()).unsqueeze(1).to(
-                self._compute_device
+            mask = self._masks[key] = (
+                torch.from_numpy(keep.copy()).unsqueeze(1).to(self._compute_device)
             )
         return mask
 
