@@ -308,12 +308,12 @@ class FeatureStitcher:
             return rows, cols, np.ones((rows.stop - rows.start, cols.stop - cols.start), bool)
         rows = slice(min(max(r0, 0), hc), min(max(r0 + h, 0), hc))
         cols = slice(min(max(c0, 0), wc), min(max(c0 + w, 0), wc))
-        ri = np.arange(rows.start, rows.stop) - r0
-        ci = np.arange(cols.start, cols.stop) - c0
-        sides = ((ri < b) | (ri >= h - b)).astype(np.uint8)[:, None] + (
-            (ci < b) | (ci >= w - b)
-        ).astype(np.uint8)[None, :]
-        return rows, cols, sides == self.coverage[rows, cols]
+        window = self._keep_windows(np.array([[r0, c0]], dtype=np.int64), h, w)[0]
+        return (
+            rows,
+            cols,
+            window[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0],
+        )
 
     def add(self, features: NDArray[np.floating] | Tensor, origins: NDArray[np.integer]) -> None:
         """Add tiles' feature maps (channels last) at their cell origins.
@@ -366,7 +366,7 @@ class FeatureStitcher:
             # only the rows and columns with a kept cell (at an edge the kept cells are
             # mostly still a rectangle: no mask needed then)
             part = maps[i, :, top - r0 : bottom - r0, left - c0 : right - c0].permute(1, 0, 2)
-            mask = None if keep is None else self._mask(keep)  # rows x 1 x cols, 0 or 1
+            mask = None if keep is None else self._mask(keep)  # rows x 1 x cols
             for band, local, at in self._bands_of(top, bottom):
                 sums, band_counts = self._band_of(band)
                 if keep is None or mask is None:
@@ -399,17 +399,9 @@ class FeatureStitcher:
             bottom = np.where(empty, top, bottom)
             boxes = zip(top.tolist(), bottom.tolist(), left.tolist(), right.tolist(), strict=True)
             return [(t, bo, le, ri, None) for t, bo, le, ri in boxes]
-        ri, ci = np.arange(h), np.arange(w)
-        sides = ((ri < b) | (ri >= h - b)).astype(np.uint8)[:, None] + (
-            (ci < b) | (ci >= w - b)
-        ).astype(np.uint8)[None, :]
-        padded = self._padded_coverage(h, w)  # NO_TILE + 1 outside the grid: never kept
-        ys = np.clip(r0[:, None] + h + ri, 0, padded.shape[0] - 1)  # far outside: the frame
-        xs = np.clip(c0[:, None] + w + ci, 0, padded.shape[1] - 1)
-        window = padded[ys[:, :, None], xs[:, None, :]]
-        keep = window == sides  # N x h x w
-        rows, cols = keep.any(axis=2), keep.any(axis=1)
-        live = rows.any(axis=1)
+        keep = self._keep_windows(org, h, w)
+        rows, cols = np.any(keep, axis=2), np.any(keep, axis=1)
+        live = np.any(rows, axis=1)
         first, last = rows.argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)
         lo, hi = cols.argmax(axis=1), w - cols[:, ::-1].argmax(axis=1)
         full = keep.sum(axis=(1, 2)) == (last - first) * (hi - lo)
@@ -424,6 +416,23 @@ class FeatureStitcher:
             mask = None if full[i] else keep[i, f:la, le:rt]
             out.append((top, int(r0[i]) + la, left, int(c0[i]) + rt, mask))
         return out
+
+    def _keep_windows(self, org: NDArray[np.int64], h: int, w: int) -> NDArray[np.bool_]:
+        """N x h x w: which cells of each tile's whole window it contributes (with ``coverage``).
+
+        A cell is kept when it lies in the tile's border on exactly ``coverage``
+        sides; cells outside the grid never are.
+        """
+        b = self.border
+        ri, ci = np.arange(h), np.arange(w)
+        sides = ((ri < b) | (ri >= h - b)).astype(np.uint8)[:, None] + (
+            (ci < b) | (ci >= w - b)
+        ).astype(np.uint8)[None, :]
+        padded = self._padded_coverage(h, w)  # NO_TILE + 1 outside the grid: never kept
+        ys = np.clip(org[:, :1] + h + ri, 0, padded.shape[0] - 1)  # far outside: the frame
+        xs = np.clip(org[:, 1:] + w + ci, 0, padded.shape[1] - 1)
+        keep: NDArray[np.bool_] = padded[ys[:, :, None], xs[:, None, :]] == sides
+        return keep
 
     def _padded_coverage(self, h: int, w: int) -> NDArray[np.uint8]:
         """``coverage`` inside a frame of ``h`` rows and ``w`` cols of NO_TILE + 1, cached."""
@@ -478,14 +487,29 @@ class FeatureStitcher:
             rows.extend(int(r) for r in held if r >= self._final_below)
         return rows
 
-    def _gather(self, rows: list[int]) -> tuple[Tensor, NDArray[np.int32]]:
-        """Sums (n x C x Wc) and counts (n x Wc) of ``rows`` (increasing, all held)."""
-        sums, counts = [], []
+    def _parts(
+        self, rows: list[int], freed_below: int = 0
+    ) -> list[tuple[Tensor, NDArray[np.int32]]]:
+        """Per band of ``rows`` (increasing, all held): its sums (rows x C x Wc) and counts.
+
+        A band all of whose rows are asked and which is freed below
+        ``freed_below`` is handed out itself (the caller may change it);
+        otherwise the rows are copied.
+        """
+        parts = []
         for band in sorted({r // _BAND for r in rows}):
             local = [r - band * _BAND for r in rows if r // _BAND == band]
-            index = torch.tensor(local, dtype=torch.long, device=self._sums[band].device)
-            sums.append(self._sums[band].index_select(0, index))
-            counts.append(self._counts[band][local])
+            sums = self._sums[band]
+            if len(local) < _BAND or (band + 1) * _BAND > freed_below:
+                sums = sums.index_select(
+                    0, torch.tensor(local, dtype=torch.long, device=sums.device)
+                )
+            parts.append((sums, self._counts[band][local]))
+        return parts
+
+    def _gather(self, rows: list[int]) -> tuple[Tensor, NDArray[np.int32]]:
+        """Sums (n x C x Wc) and counts (n x Wc) of ``rows`` (increasing, all held), copied."""
+        sums, counts = zip(*self._parts(rows), strict=True)
         return torch.cat(sums), np.concatenate(counts)
 
     def _take(self, below: int) -> StitchedRows:
@@ -496,16 +520,9 @@ class FeatureStitcher:
         final = max(self._final_below, below)
         if rows:
             parts, held = [], []
-            for band in sorted({r // _BAND for r in rows}):
-                local = [r - band * _BAND for r in rows if r // _BAND == band]
-                count = self._counts[band][local]
+            for sums, count in self._parts(rows, freed_below=final):  # a whole band: in place
                 divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32))
-                divisor = divisor.to(device).unsqueeze(1)
-                if len(local) == _BAND and (band + 1) * _BAND <= final:
-                    parts.append(self._sums[band].div_(divisor))  # all of a band freed below
-                else:
-                    index = torch.tensor(local, dtype=torch.long, device=device)
-                    parts.append(self._sums[band].index_select(0, index).div_(divisor))
+                parts.append(sums.div_(divisor.to(device).unsqueeze(1)))
                 held.append(count)
             means = parts[0] if len(parts) == 1 else torch.cat(parts)
             counts = np.concatenate(held)
