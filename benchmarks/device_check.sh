@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command for a lent GPU machine (the device tool's `run`).
+#
+#   here:    bash benchmarks/device_wheels.sh            (once: the wheels it lacks, into .whl/)
+#   device:  run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=590)
+#
+# Steps, each under its own time limit so that one that overruns leaves the next its time,
+# each logged into $OUT (what comes back): versions, the CUDA tests (every test of the
+# files that touch a device; the CPU cases of those files run too), bench_nnls on cuda,
+# then bench_gpu (attribute, slides, NMF fit). NO_WHEELS=1 skips the wheels; SMALL=1 runs the benchmarks' --small
+# configurations on the CPU: a check of this script on a machine without a GPU.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench_out/device}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [ "${NO_WHEELS:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+if [ "${SMALL:-0}" = 1 ]; then bench=(--small --device cpu); else bench=(--device cuda); fi
+step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, report its exit status
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit} s)"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  echo "$name $rc $((SECONDS - t0))" >>"$OUT/steps.txt"
+}
+step versions 60 "$PY" -c "
+import torch, captum, numpy, sklearn, openslide, captum_nmf
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    print('device', torch.cuda.get_device_name(0))
+print('captum', captum.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)
+print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__version__)
+"
+step cuda_tests "${TEST_LIMIT:-170}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
+  tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
+  tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py
+step bench_nnls "${NNLS_LIMIT:-100}" "$PY" benchmarks/bench_nnls.py "${bench[@]}" --repeats 3
+step bench_gpu "${GPU_LIMIT:-290}" "$PY" benchmarks/bench_gpu.py "${bench[@]}"
+cat "$OUT/steps.txt"
