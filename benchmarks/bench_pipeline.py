@@ -14,7 +14,9 @@ runs in one process, side by side, median of ``--repeats`` rounds (order rotated
     convolution to 1,280 channels, ReLU; K = 6 concepts fitted beforehand) against the block
     reader alone: the pipeline around the model (conversion, capture, stitching, NNLS, maps)
     should cost no more than reading. Target >= 0.8. Also timed: the model's forward alone on
-    the batches read and converted beforehand (what the model itself costs on these cores).
+    the batches read and converted beforehand (what the model itself costs on these cores),
+    and each call's process CPU time (all threads): explain's less the reader's and the
+    forward's is what the pipeline around the model costs in CPU, beside the reading's.
     Timed twice: with the tissue mask
     computed once and given to both (so neither pays the tissue detection, which is planning,
     not reading nor the pipeline around the model), and with the detection in both calls.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -80,18 +83,32 @@ def _slide(out: Path, mosaic: int) -> Path:
     return write_pyramid(tiled, out / f"cmu_mosaic_{mosaic}x{mosaic}.svs", mpp=mpp)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+CPU: dict[str, float] = {}  # median process CPU seconds (all threads) of the last _rounds
+
+
+def _cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    """Wall and process CPU seconds (every thread: readers, torch's pool) of one call."""
+    c0, t0 = _cpu(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu() - c0
 
 
 def _rounds(methods: dict, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
     names = list(methods)
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(_timed(methods[name]))
+            wall, used = _timed(methods[name])
+            times[name].append(wall)
+            cpu[name].append(used)
+    CPU.clear()
+    CPU.update({k: statistics.median(v) for k, v in cpu.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -229,6 +246,13 @@ def part_b(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None
     print(
         f"the model's own forward takes {t['forward'] / t['reader']:.2f} of the reading time "
         "on the same cores"
+    )
+    around = CPU["explain"] - CPU["reader"] - CPU["forward"]
+    print(
+        f"CPU seconds (all threads), mask given: reader {CPU['reader']:.2f}, explain "
+        f"{CPU['explain']:.2f}, the model's forward alone {CPU['forward']:.2f}; the pipeline "
+        f"around the model (explain - reading - forward) {around:.2f} = "
+        f"{around / CPU['reader']:.2f} of the reading's CPU"
     )
 
 
