@@ -180,6 +180,55 @@ def test_train_flags_restored_and_no_hooks_and_inputs_untouched(
     assert torch.equal(maps, snapshot)
 
 
+class _FlagWrites(PlantedConceptNet):
+    """Counts writes of ``training`` to itself and every submodule; may flip one in forward."""
+
+    writes = 0
+    flip_in_forward = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for m in self.modules():
+            m.__class__ = type(f"Counted{type(m).__name__}", (type(m),), {"__setattr__": _count})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip_in_forward:
+            self.fc.training = True  # a forward that changes a flag itself
+        return super().forward(x)
+
+
+def _count(self: nn.Module, name: str, value: object) -> None:
+    if name == "training" and "training" in self.__dict__:
+        _FlagWrites.writes += 1
+    nn.Module.__setattr__(self, name, value)
+
+
+def test_a_model_in_eval_mode_is_not_written_to() -> None:
+    # eval() and a full restore wrote every submodule's flag through nn.Module.__setattr__
+    # on every call (about 1 ms on EfficientNet-Lite0): an eval-mode model is left alone
+    net = _FlagWrites().eval()
+    x = planted_maps(2, 4, 4)
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0).fit(x, progress=False)
+    _FlagWrites.writes = 0
+    attr.attribute(x)
+    attr.features(x)
+    assert _FlagWrites.writes == 0
+    assert training_flags(net) == {name: False for name, _ in net.named_modules()}
+    # a forward that flips a flag itself gets it set back, and only that one is written
+    net.flip_in_forward = True
+    attr.attribute(x)
+    assert _FlagWrites.writes == 2  # the forward's flip and the restore
+    assert not any(m.training for m in net.modules())
+    # a model in train mode: eval inside the call, every flag back afterwards
+    net.flip_in_forward = False
+    net.train()
+    _FlagWrites.writes = 0
+    out = attr.attribute(x)
+    assert torch.equal(out, attr.attribute(x))  # dropout was off inside the call
+    assert all(m.training for m in net.modules())
+    assert _FlagWrites.writes > 0
+
+
 @pytest.mark.parametrize(
     "case",
     ["negative", "nan", "not_executed", "forward_raises", "linear", "tuple", "empty"],
