@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +17,23 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    """float32 convolutions and products on CUDA: TF32 (cuDNN's default) is off in tests.
+
+    With it, a CUDA convolution differs from the CPU's by about 5e-4 relative, which
+    would read as a parity failure of our code; the benchmarks run with torch's defaults
+    and print them.
+    """
+    # saved and restored by hand: the matmul flag is a property monkeypatch cannot undo
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @pytest.fixture(autouse=True)
