@@ -254,11 +254,11 @@ def test_threads_sharing_a_model_that_reuses_its_tensor_get_the_sequential_resul
     other: dict[int, torch.Tensor] = {}
     thread = threading.Thread(target=lambda: other.setdefault(2, concepts.attribute(x2)))
 
-    def interleaved(act: torch.Tensor) -> torch.Tensor:
+    def interleaved(act: torch.Tensor, *pending: object) -> torch.Tensor:
         if not thread.is_alive() and not other:  # between A's capture and A's solve:
             thread.start()  # B's attribute runs now, or waits for A's lock
             thread.join(timeout=0.5)
-        return solve(act)
+        return solve(act, *pending)  # type: ignore[arg-type]
 
     concepts.nmf_._transform_maps = interleaved  # type: ignore[method-assign]
     got = concepts.attribute(x1)

@@ -7,6 +7,7 @@ import torch
 from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_nmf import NMFConceptAttribution
@@ -201,6 +202,64 @@ def _count(self: nn.Module, name: str, value: object) -> None:
     if name == "training" and "training" in self.__dict__:
         _FlagWrites.writes += 1
     nn.Module.__setattr__(self, name, value)
+
+
+class _Calls(TorchFunctionMode):
+    """The names of the torch functions and tensor methods called while active, in order."""
+
+    READS = ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_solve_is_queued_before_the_value_check_is_read_back() -> None:
+    # on a GPU, reading the check's extremes back right after the forward made the device
+    # wait while the solve's kernels were launched one by one; now the first read-back of
+    # attribute comes after the solve's product (counted on the CPU: the same calls)
+    net = PlantedConceptNet().eval()
+    x = planted_maps(2, 4, 4)
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0).fit(x, progress=False)
+    with _Calls() as calls:
+        maps = attr.attribute(x)
+    names = calls.names
+    forward = names.index("conv2d")
+    check = names.index("aminmax", forward)
+    first_read = next(i for i in range(check, len(names)) if names[i] in _Calls.READS)
+    assert "matmul" in names[check:first_read]  # the solve's product, queued first
+    assert torch.equal(maps, attr.attribute(x))  # and the result is the same
+
+
+@pytest.mark.parametrize(
+    ("value", "word"), [(float("nan"), "2 NaN and 0 Inf"), (float("inf"), "0 NaN and 2 Inf")]
+)
+@pytest.mark.parametrize("also", [None, "channels", "solve"])
+def test_attribute_reports_bad_activations_before_any_later_error(
+    value: float, word: str, also: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the value check is read back after the solve is queued: its error still comes first,
+    # also when the channel check or the solve fails in between, and no maps are returned
+    net = NonFiniteNet(value)
+    x = torch.rand(3, 2, 4, 4)
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=1, random_state=0)
+    attr.fit(x[:1], progress=False)  # one item: finite (the net spoils item 1 of a batch)
+    if also == "channels":
+        monkeypatch.setattr(
+            attr, "check_channels", lambda c: (_ for _ in ()).throw(ConceptModelMismatchError("x"))
+        )
+    elif also == "solve":
+        monkeypatch.setattr(
+            attr.nmf_, "_transform_maps", lambda *a: (_ for _ in ()).throw(RuntimeError("solve"))
+        )
+    with pytest.raises(NonFiniteActivationError, match=f"{word}.*batch items \\[1\\]"):
+        attr.attribute(x)
+    monkeypatch.undo()
+    assert torch.isfinite(attr.attribute(x[:1])).all()  # a clean batch still solves
 
 
 def test_a_model_in_eval_mode_is_not_written_to() -> None:

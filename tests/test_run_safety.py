@@ -22,6 +22,7 @@ from captum_nmf.exceptions import (
     ConceptModelFormatError,
     ConceptModelMismatchError,
     LayerNameMismatchWarning,
+    NonFiniteActivationError,
     NoTissueError,
     RunStateError,
 )
@@ -173,6 +174,41 @@ def test_flipped_bytes_in_a_chunk_are_refused_on_resume(
     again = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
     assert np.array_equal(again.concept_maps, ref.concept_maps)
     assert not (out / "chunks").exists()
+
+
+class _SpoilsOneBatch(PoolNet):
+    """PoolNet whose ``at``-th forward gets a NaN input pixel block (NaN in its features)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            x = x.clone()
+            x[-1, :, :8, :8] = float("nan")
+        return super().forward(x)
+
+
+def test_nan_features_mid_run_stop_it_and_the_finished_chunks_resume(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    # the value check of a batch is read back after its stitching is queued: a bad batch
+    # still stops the run before any of its cells is solved or committed
+    net = _SpoilsOneBatch(at=6).eval()  # the probe, then batches: the 5th batch
+    spoiled = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
+    out = tmp_path / "run"
+    # an 8 px NaN block: one NaN cell, spread by the 3 x 3 conv to 4 cells x 4 channels
+    with pytest.raises(
+        NonFiniteActivationError,
+        match=r"'relu' produced 16 NaN and 0 Inf values \(batch items \[31\]\)",
+    ):
+        _explain(spoiled, he_slide, out_dir=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 1 <= manifest["done"] < len(manifest["chunks"])
+    resumed = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(resumed.concept_maps, _explain(pool_attr, he_slide).concept_maps)
 
 
 # --------------------------------------------------------------- 3. failed starts

@@ -99,6 +99,50 @@ def test_features_never_leave_the_device_only_weights_do(
     assert np.isfinite(ex.concept_maps).all()
 
 
+class _Calls(TorchFunctionMode):
+    """The names of the torch functions and tensor methods called while active, in order."""
+
+    READS = ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.names.append(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+    def first_read_after(self, i: int) -> int:
+        """Index of the first call after ``i`` that brings a value to the host."""
+        return next(j for j in range(i + 1, len(self.names)) if self.names[j] in self.READS)
+
+
+def test_each_batch_is_stitched_before_its_value_check_is_read_back(
+    attr: NMFConceptAttribution, slide: Path
+) -> None:
+    # on a GPU, reading the check back right after the forward made the device wait while
+    # the stitcher's per-tile additions were launched; now every batch's first read-back
+    # comes after its additions are queued (counted here, on the CPU: the same calls)
+    with _Calls() as calls:
+        ex = explain_slide(
+            attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
+        )
+    names = calls.names
+    forwards = [i for i, n in enumerate(names) if n == "conv2d"]
+    n_tiles = len(ex.tile_locations)
+    assert len(forwards) == 1 + -(-n_tiles // 5)  # the probe of the layer's shape, the batches
+    for f in forwards[1:]:
+        assert "add_" in names[f : calls.first_read_after(f)]
+    # the probe is read back at once: nothing is queued after it
+    assert "add_" not in names[forwards[0] : calls.first_read_after(forwards[0])]
+
+
 def test_transform_returns_on_the_inputs_device_and_solves_there() -> None:
     # A tensor is solved on its own device: H is cast there (cached), nothing moves X.
     h = torch.rand(3, 6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from captum_nmf._core.nmf_stream import StreamMixin, canonical
 from captum_nmf._utils import solvers
 from captum_nmf._utils.validation import check_device
 from captum_nmf.exceptions import NotFittedError
+
+if TYPE_CHECKING:
+    from captum_nmf._utils.activations import PendingCheck
 
 __all__ = ["NMF", "NMFStatistics"]
 
@@ -512,19 +515,24 @@ class NMF(
             _refuse_overflow(w, v)
         return self._output(w, kind)
 
-    def _transform_maps(self, act: Tensor) -> Tensor:
+    def _transform_maps(self, act: Tensor, pending: PendingCheck | None = None) -> Tensor:
         """Concept maps (N x K x h x w) of N x C x h x w activations the caller has checked.
 
         :meth:`transform` of every location, solved from the activations' own
         layout (no transposition to rows; :func:`solvers.solve_maps`), on their
-        device unless ``device`` is set, in their dtype.
+        device unless ``device`` is set, in their dtype. ``pending``: the
+        activations' value check, finished once the solve is queued and before
+        its result is looked at.
 
         Raises:
             ValueError: the product ``X @ H^T`` overflows the activations' dtype.
+            NonFiniteActivationError, NegativeActivationError: from ``pending``.
         """
         x = act if self.device is None else act.to(check_device("device", self.device))
         fixed = self._fixed_h(x.device, x.dtype)
         maps = solvers.solve_maps(x, fixed.h, fixed.pinv, fixed.factors)
+        if pending is not None:
+            pending.finish()
         _refuse_overflow(maps, x)
         return maps
 

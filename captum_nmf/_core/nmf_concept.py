@@ -189,11 +189,15 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         channels_last: bool = False,
         return_output: bool = False,
         transient: bool = False,
+        deferred: bool = False,
     ) -> Any:
         """Checked activations (and with ``return_output`` the output) of one forward.
 
         ``transient``: the caller is done with them before the model's next
         forward, so the layer's own tensor may be used (see :func:`acts.capture`).
+        ``deferred``: return ``(act, output, pending)`` where ``pending`` (an
+        :class:`acts.PendingCheck`, or None when the values were checked now)
+        must be finished before any result computed from ``act`` is used.
         """
         captured = acts.capture(
             self.forward_func,
@@ -210,7 +214,11 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             transient=transient,
         )
         act, output = captured if return_output else (captured, None)
-        act = acts.check_activations(act, negative=self.negative, name=self._layer_name)
+        act, pending = acts.start_check(act, negative=self.negative, name=self._layer_name)
+        if deferred:
+            return act, output, pending
+        if pending is not None:
+            pending.finish()
         return (act, output) if return_output else act
 
     def check_fitted(self, before: str = "attribute") -> None:
@@ -499,17 +507,25 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         # the layer's own tensor is solved before another thread's forward of this model can
         # reuse it (a model may write into a buffer it keeps): the model's lock spans both
         with acts.model_lock(self.forward_func, self.layer):
-            act = self._activations(
+            act, _, pending = self._activations(
                 inputs,
                 additional_forward_args,
                 attribute_to_layer_input,
                 autocast=autocast,
                 channels_last=channels_last,
                 transient=True,
+                deferred=True,
             )
-            self.check_channels(int(act.shape[1]))
-            # values checked by _activations: solved from the maps' own layout, no row copy
-            maps = self.nmf_._transform_maps(act)
+            # the solve is queued before the value check is read back (on a GPU its kernels
+            # are not launched while the device waits), and the check is read before the
+            # maps are looked at or returned; solved from the maps' own layout, no row copy
+            try:
+                self.check_channels(int(act.shape[1]))
+                maps = self.nmf_._transform_maps(act, pending)
+            except Exception:
+                if pending is not None:
+                    pending.finish()  # bad activations are the error to report
+                raise
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
         return maps.to(device)
 

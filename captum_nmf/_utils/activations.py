@@ -29,7 +29,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,9 @@ from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFinite
 __all__ = [
     "NegativePolicy",
     "capture",
+    "PendingCheck",
     "check_activations",
+    "start_check",
     "check_device_options",
     "device_options",
     "eval_mode",
@@ -499,17 +501,86 @@ def check_activations(act: Tensor, *, negative: NegativePolicy, name: str | None
         NonFiniteActivationError: NaN or infinite values.
         NegativeActivationError: negative values with ``negative="raise"``.
     """
-    label = repr(name) if name else "the hooked layer"
+    act, pending = start_check(act, negative=negative, name=name)
+    if pending is not None:
+        pending.finish()
+    return act
+
+
+class PendingCheck:
+    """The value check of activations, its reading back to the host deferred.
+
+    :func:`start_check` queues the one pass over the values (their minimum and
+    maximum); :meth:`finish` reads the two numbers back, which waits for the
+    device. A caller that can queue more work on the same values first (the
+    solve, the stitching) calls :meth:`finish` after queuing it and before it
+    uses any result, so that on a GPU that work is not launched while the
+    device sits idle after the forward.
+    """
+
+    def __init__(self, act: Tensor, name: str | None) -> None:
+        self.act = act
+        self.name = name
+        self.extremes: Tensor | None = torch.stack(torch.aminmax(act))
+        self.finished = False
+
+    def finish(self) -> None:
+        """Read the extremes back; raise for NaN, infinite or negative values.
+
+        Raises:
+            NonFiniteActivationError: NaN or infinite values.
+            NegativeActivationError: negative values.
+        """
+        if self.finished:
+            return
+        extremes, self.extremes = self.extremes, None
+        low, high = (float(v) for v in cast(Tensor, extremes).tolist())  # one synchronisation
+        self.finished = True
+        # NaN makes both extremes NaN, +-Inf shows in them, a negative value in the minimum
+        if not (math.isfinite(low) and math.isfinite(high) and low >= 0):
+            _refuse(self.act, "raise", _label(self.name))
+
+
+def start_check(
+    act: Tensor, *, negative: NegativePolicy, name: str | None
+) -> tuple[Tensor, PendingCheck | None]:
+    """:func:`check_activations` with the reading back of its result deferred where it can be.
+
+    Returns:
+        *tuple*: the activations (float32 for float16 / bfloat16 ones) and, with
+        ``negative="raise"``, the :class:`PendingCheck` whose :meth:`~PendingCheck.finish`
+        must run before any result computed from them is used; with ``"relu"``
+        (whose result depends on the values) or an empty tensor, the checked
+        activations and None.
+
+    Raises:
+        NonFiniteActivationError, NegativeActivationError: as
+                    :func:`check_activations`, for the values checked now.
+    """
     if act.dtype in (torch.float16, torch.bfloat16):
         act = act.float()
     if act.numel() == 0:
-        return torch.relu(act) if negative == "relu" else act
-    # one pass over the batch (and one synchronisation) decides the common, clean case:
-    # NaN makes both extremes NaN, +-Inf shows in them, and a negative value in the minimum
-    low, high = torch.aminmax(act)
-    low_f, high_f = float(low), float(high)
-    if math.isfinite(low_f) and math.isfinite(high_f) and (low_f >= 0 or negative == "relu"):
-        return torch.relu(act) if negative == "relu" and low_f < 0 else act
+        return (torch.relu(act) if negative == "relu" else act), None
+    if negative == "raise":
+        return act, PendingCheck(act, name)
+    # one pass over the batch (and one synchronisation) decides the common, clean case
+    low, high = (float(v) for v in torch.stack(torch.aminmax(act)).tolist())
+    if math.isfinite(low) and math.isfinite(high):
+        return (torch.relu(act) if low < 0 else act), None
+    return _refuse(act, negative, _label(name)), None
+
+
+def _label(name: str | None) -> str:
+    return repr(name) if name else "the hooked layer"
+
+
+def _refuse(act: Tensor, negative: NegativePolicy, label: str) -> Tensor:
+    """The slow path of the check, with counts for the message.
+
+    Raises:
+        NonFiniteActivationError: NaN or infinite values.
+        NegativeActivationError: negative values with ``negative="raise"``.
+    """
     finite = torch.isfinite(act)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(act).sum())

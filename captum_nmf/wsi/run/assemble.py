@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.activations import PendingCheck
 from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.run.config import model_device
@@ -56,19 +57,34 @@ class Assembler:
 
     # ----------------------------------------------------------------- batches
     def add(
-        self, act: Tensor, output: Any, idx: NDArray[np.int64], failed: NDArray[np.int64]
+        self,
+        act: Tensor,
+        output: Any,
+        idx: NDArray[np.int64],
+        failed: NDArray[np.int64],
+        pending: PendingCheck | None = None,
     ) -> None:
-        """Take a batch: activations N x C x h x w, the model's output, units read and failed."""
+        """Take a batch: activations N x C x h x w, the model's output, units read and failed.
+
+        ``pending``: the activations' value check, finished by :meth:`add_features`
+        once the device work on them is queued and before any result is used (on
+        any error first: bad activations are the error to report).
+        """
         self.failed.extend(int(i) for i in failed)
         if act.shape[0] == 0:
             return
         n = int(act.shape[0])
-        self.attr.check_channels(int(act.shape[1]))
+        try:
+            self.attr.check_channels(int(act.shape[1]))
+            self.add_features(act, idx, pending)
+        except Exception:
+            if pending is not None:
+                pending.finish()
+            raise
         keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
         self.keep_outputs(int(output[:1].numel()) if keep else 0)
         if self.n_outputs and self.outputs is not None:
             self.outputs[idx] = output.detach().reshape(n, -1).float().cpu().numpy()
-        self.add_features(act, idx)
 
     def keep_outputs(self, n_outputs: int) -> None:
         """Allocate the per-unit outputs once their size is known."""
@@ -77,8 +93,10 @@ class Assembler:
             if n_outputs:
                 self.outputs = np.full((self.n_units, n_outputs), np.nan, dtype=np.float32)
 
-    def add_features(self, act: Tensor, idx: NDArray[np.int64]) -> None:
-        """Mode-specific: stitch or solve the batch's activations."""
+    def add_features(
+        self, act: Tensor, idx: NDArray[np.int64], pending: PendingCheck | None = None
+    ) -> None:
+        """Mode-specific: stitch or solve the batch's activations (``pending``: see :meth:`add`)."""
         raise NotImplementedError
 
     def solve(self, features: Tensor) -> NDArray[np.float32]:
@@ -183,12 +201,22 @@ class TileAssembler(Assembler):
         step = grid.stride // self.plan.cell
         return np.stack([grid.rows[idx] * step, grid.cols[idx] * step], axis=1)
 
-    def add_features(self, act: Tensor, idx: NDArray[np.int64]) -> None:
-        """Stitch the tiles' features on their device; solve the rows no later tile can touch."""
+    def add_features(
+        self, act: Tensor, idx: NDArray[np.int64], pending: PendingCheck | None = None
+    ) -> None:
+        """Stitch the tiles' features on their device; solve the rows no later tile can touch.
+
+        The value check is read back after the stitching is queued (on a GPU the
+        per-tile additions are not launched while the device waits) and before
+        any row is solved; a batch that fails it stops the run, and its
+        additions never reach a chunk (the run's state is the last chunk's).
+        """
         feats = act.detach().permute(0, 2, 3, 1)  # a view: N x h x w x C
         self.stitcher.add(
             feats if feats.dtype == torch.float32 else feats.float(), self.origins(idx)
         )
+        if pending is not None:
+            pending.finish()
         self.solve_rows(self.stitcher.pop_final_rows())
 
     def solve_rows(self, taken: StitchedRows) -> None:
@@ -281,8 +309,12 @@ class RegionAssembler(Assembler):
         """The planned regions."""
         return len(self.regions)
 
-    def add_features(self, act: Tensor, idx: NDArray[np.int64]) -> None:
-        """Solve the interior cells of each region (its margin dropped)."""
+    def add_features(
+        self, act: Tensor, idx: NDArray[np.int64], pending: PendingCheck | None = None
+    ) -> None:
+        """Solve the interior cells of each region (its margin dropped), values checked first."""
+        if pending is not None:
+            pending.finish()
         b, c = self.border, int(act.shape[1])
         for j, i in enumerate(idx):
             r0, c0, h, w = (int(v) for v in self.regions[i])

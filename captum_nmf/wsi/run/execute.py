@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from captum_nmf._utils.activations import model_lock
+from captum_nmf._utils.activations import PendingCheck, model_lock
 from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, to_model_input
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
@@ -130,10 +130,10 @@ def _process(
             # forward of this model can reuse it: the model's lock spans both
             with model_lock(assembler.attr.forward_func, assembler.attr.layer):
                 if ids.size:
-                    act, output = _forward(assembler, images, device, options)
+                    act, output, pending = _forward(assembler, images, device, options)
                 else:
-                    act, output = torch.empty(0, 0, 0, 0), None
-                assembler.add(act, output, ids, lost)
+                    act, output, pending = torch.empty(0, 0, 0, 0), None, None
+                assembler.add(act, output, ids, lost, pending)
             bar.update(len(ids) + len(lost))
             last = int(max(ids.max(initial=-1), lost.max(initial=-1))) + 1
             if last in chunk_end:
@@ -180,8 +180,10 @@ def _reads(
 
 def _forward(
     assembler: Assembler, images: Tensor, device: torch.device, options: RunOptions
-) -> tuple[Tensor, Any]:
-    """The layer's activations and the model's output for one batch.
+) -> tuple[Tensor, Any, PendingCheck | None]:
+    """The layer's activations, the model's output and the pending value check for one batch.
+
+    The check is finished by the assembler once the batch's stitching is queued.
 
     Raises:
         torch.OutOfMemoryError: the device ran out of memory; the message names
@@ -195,6 +197,7 @@ def _forward(
             bool(getattr(attr, "attribute_to_layer_input_", False)),
             return_output=True,
             transient=True,
+            deferred=True,
             **options.forward,
         )
     except torch.OutOfMemoryError as exc:
@@ -207,7 +210,7 @@ def _forward(
             f"{assembler.plan.grid.tile_size} px ({exc}); finished chunks are kept: lower "
             f"{knob} (now {value}) and run again with resume=True."
         ) from exc
-    return cast(tuple[Tensor, Any], result)
+    return cast(tuple[Tensor, Any, PendingCheck | None], result)
 
 
 _END = object()
