@@ -206,36 +206,40 @@ class TileAssembler(Assembler):
     ) -> None:
         """Stitch the tiles' features on their device; solve the rows no later tile can touch.
 
-        The value check is read back after the stitching is queued (on a GPU the
-        per-tile additions are not launched while the device waits) and before
-        any row is solved; a batch that fails it stops the run, and its
-        additions never reach a chunk (the run's state is the last chunk's).
+        The value check is read back after the stitching and the solve are
+        queued (on a GPU their kernels are not launched while the device
+        waits) and before any weight is looked at; a batch that fails it stops
+        the run, and nothing of it reaches a chunk (the run's state is the last
+        chunk's).
         """
         feats = act.detach().permute(0, 2, 3, 1)  # a view: N x h x w x C
         self.stitcher.add(
             feats if feats.dtype == torch.float32 else feats.float(), self.origins(idx)
         )
-        if pending is not None:
-            pending.finish()
-        self.solve_rows(self.stitcher.pop_final_rows())
+        self.solve_rows(self.stitcher.pop_final_rows(), pending)
 
-    def solve_rows(self, taken: StitchedRows) -> None:
+    def solve_rows(self, taken: StitchedRows, pending: PendingCheck | None = None) -> None:
         """Solve the concept weights of finished rows, all in one call (a band, not a row).
 
         The means stay on the device; only the K-channel weights come back.
+        ``pending`` (the value check of the batch whose tiles finished these
+        rows) is finished once the solve is queued, before the weights are read.
         """
-        if not taken.rows.size:
-            return
-        rows = taken.rows
-        self.counts[rows] = taken.counts
-        self.chunk_rows.extend(int(r) for r in rows)
-        if not taken.counts.any():
+        if not taken.rows.size or not taken.counts.any():
+            if pending is not None:
+                pending.finish()
+            if taken.rows.size:  # finished rows without data: counts 0, weights 0
+                self.counts[taken.rows] = taken.counts
+                self.chunk_rows.extend(int(r) for r in taken.rows)
             return
         # solved from the sums' own n x C x Wc layout, each row of cells as a 1 x Wc map (no
         # gather of the cells into rows); a cell without data is 0 and gets weights 0. The
         # features are averages of checked activations: no second value check.
         means = taken.features.permute(0, 2, 1).unsqueeze(2)  # n x C x 1 x Wc, a view
-        weights = self.attr.nmf_._transform_maps(means.float())  # n x K x 1 x Wc
+        weights = self.attr.nmf_._transform_maps(means.float(), pending)  # n x K x 1 x Wc
+        rows = taken.rows
+        self.counts[rows] = taken.counts
+        self.chunk_rows.extend(int(r) for r in rows)
         self.maps[:, rows, :] = weights[:, :, 0].cpu().numpy().transpose(1, 0, 2)
 
     def write_chunk(self, i: int) -> None:
