@@ -7,7 +7,6 @@ import torch
 from captum.attr import LayerActivation, LayerAttribution, LayerGradCam
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_nmf import NMFConceptAttribution
@@ -31,6 +30,7 @@ from tests.helpers.basic_models import (
     planted_maps,
     training_flags,
 )
+from tests.helpers.calls import CallRecorder
 
 
 def match_concepts(found: torch.Tensor, planted: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -204,20 +204,6 @@ def _count(self: nn.Module, name: str, value: object) -> None:
     nn.Module.__setattr__(self, name, value)
 
 
-class _Calls(TorchFunctionMode):
-    """The names of the torch functions and tensor methods called while active, in order."""
-
-    READS = ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names.append(getattr(func, "__name__", ""))
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_solve_is_queued_before_the_value_check_is_read_back() -> None:
     # on a GPU, reading the check's extremes back right after the forward made the device
     # wait while the solve's kernels were launched one by one; now the first read-back of
@@ -225,13 +211,11 @@ def test_the_solve_is_queued_before_the_value_check_is_read_back() -> None:
     net = PlantedConceptNet().eval()
     x = planted_maps(2, 4, 4)
     attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0).fit(x, progress=False)
-    with _Calls() as calls:
+    with CallRecorder() as calls:
         maps = attr.attribute(x)
     names = calls.names
-    forward = names.index("conv2d")
-    check = names.index("aminmax", forward)
-    first_read = next(i for i in range(check, len(names)) if names[i] in _Calls.READS)
-    assert "matmul" in names[check:first_read]  # the solve's product, queued first
+    check = names.index("aminmax", names.index("conv2d"))
+    assert "matmul" in names[check : calls.first_read_after(check)]  # the solve, queued first
     assert torch.equal(maps, attr.attribute(x))  # and the result is the same
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from captum_nmf import NMF, NMFConceptAttribution
 from captum_nmf.wsi import FeatureStitcher, SlideTiles, explain_slide, write_pyramid
 from captum_nmf.wsi.run.execute import prefetched
 from captum_nmf.wsi.stitching import cell_coverage
+from tests.helpers.calls import CallRecorder
 from tests.helpers.synthetic_slides import he_image
 
 C = 37  # channels no other tensor of the run has
@@ -48,27 +48,6 @@ class WideNet(nn.Module):
         return torch.stack([f[:, :5].mean(1), f[:, 5:].mean(1)], dim=1)
 
 
-class _HostCopies(TorchFunctionMode):
-    """Shapes of the tensors brought to the host (or to Python) while active."""
-
-    _NAMES = ("numpy", "cpu", "tolist")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        if getattr(func, "__name__", "") in self._NAMES and args and isinstance(args[0], Tensor):
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pixels = he_image()[:320, :448]
@@ -86,41 +65,18 @@ def attr(slide: Path) -> NMFConceptAttribution:
 def test_features_never_leave_the_device_only_weights_do(
     attr: NMFConceptAttribution, slide: Path
 ) -> None:
-    with _HostCopies() as seen:
+    with CallRecorder() as calls:
         ex = explain_slide(
             attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
         )
-    assert seen.shapes, "the recorder saw nothing: the check would be vacuous"
+    seen = calls.shapes_of(("numpy", "cpu", "tolist"))  # tensors brought to the host
+    assert seen, "the recorder saw nothing: the check would be vacuous"
     k = int(attr.concepts_.shape[0])
     # the K x C concepts go into the explanation; no feature tensor (N x C x h x w, n x C)
-    carrying_features = [s for s in seen.shapes if C in s and s != (k, C)]
+    carrying_features = [s for s in seen if C in s and s != (k, C)]
     assert carrying_features == []
-    assert any(len(s) == 3 and s[1] == k for s in seen.shapes)  # rows x K x Wc weights came back
+    assert any(len(s) == 3 and s[1] == k for s in seen)  # rows x K x Wc weights came back
     assert np.isfinite(ex.concept_maps).all()
-
-
-class _Calls(TorchFunctionMode):
-    """The names of the torch functions and tensor methods called while active, in order."""
-
-    READS = ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        self.names.append(getattr(func, "__name__", ""))
-        return func(*args, **(kwargs or {}))
-
-    def first_read_after(self, i: int) -> int:
-        """Index of the first call after ``i`` that brings a value to the host."""
-        return next(j for j in range(i + 1, len(self.names)) if self.names[j] in self.READS)
 
 
 def test_each_batch_is_stitched_before_its_value_check_is_read_back(
@@ -129,7 +85,7 @@ def test_each_batch_is_stitched_before_its_value_check_is_read_back(
     # on a GPU, reading the check back right after the forward made the device wait while
     # the stitcher's per-tile additions were launched; now every batch's first read-back
     # comes after its additions are queued (counted here, on the CPU: the same calls)
-    with _Calls() as calls:
+    with CallRecorder() as calls:
         ex = explain_slide(
             attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
         )
