@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_nmf import NMFConceptAttribution
+from captum_nmf._utils import activations as acts
 from captum_nmf.exceptions import (
     ConceptModelMismatchError,
     LayerError,
@@ -244,6 +245,57 @@ def test_attribute_reports_bad_activations_before_any_later_error(
         attr.attribute(x)
     monkeypatch.undo()
     assert torch.isfinite(attr.attribute(x[:1])).all()  # a clean batch still solves
+
+
+def test_a_failed_read_back_fails_again_with_the_same_error() -> None:
+    # on a GPU an error of any queued kernel surfaces at the check's read-back; the error
+    # handlers finish the check once more, which must raise that error again, not another
+    pending = acts.PendingCheck(torch.rand(2, 3, 4, 4), "relu")
+
+    class _Broken:
+        def tolist(self) -> list[float]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    pending.extremes = _Broken()  # type: ignore[assignment]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            pending.finish()
+    bad = acts.PendingCheck(torch.full((1, 2, 2, 2), float("nan")), "relu")
+    for _ in range(2):
+        with pytest.raises(NonFiniteActivationError, match="8 NaN and 0 Inf"):
+            bad.finish()
+    good = acts.PendingCheck(torch.rand(1, 2, 2, 2), "relu")
+    good.finish()
+    good.finish()  # finished: nothing more to read
+
+
+class _Wrapper(nn.Module):
+    """Holds a model outside its registered modules and switches it in ``train``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["inner"] = inner  # not registered: invisible to modules()
+        self.relu = nn.ReLU()
+        self.seen: list[bool] = []
+
+    def train(self, mode: bool = True) -> _Wrapper:
+        self.inner.train(mode)
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.inner.training)
+        return self.relu(self.inner.conv(x)).sum(dim=(1, 2, 3))
+
+
+def test_a_train_override_still_runs_in_an_eval_mode_model() -> None:
+    inner = PlantedConceptNet()
+    wrapper = _Wrapper(inner).eval()
+    inner.train()  # the wrapper's own flags say eval; its train() is what switches inner
+    x = planted_maps(2, 4, 4)
+    attr = NMFConceptAttribution(wrapper, wrapper.relu, n_concepts=3, random_state=0)
+    attr.fit(x, progress=False)
+    assert wrapper.seen
+    assert not any(wrapper.seen)  # inner ran in eval mode every time
 
 
 def test_a_model_in_eval_mode_is_not_written_to() -> None:

@@ -108,10 +108,12 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     the flags that differ are set back: ``eval()`` and a full restore write the flag
     of every submodule through ``nn.Module.__setattr__``, about 1 ms a call on
     EfficientNet-Lite0 or ResNet-50, which a GPU forward of a batch cannot hide.
+    ``eval()`` is still called when a module overrides ``train`` (it may switch
+    modules the tree does not hold).
     """
     saved = [(m, m.training) for root in modules for m in root.modules()]
     try:
-        if any(training for _, training in saved):
+        if any(training or type(m).train is not nn.Module.train for m, training in saved):
             for root in modules:
                 root.eval()
         yield
@@ -523,6 +525,7 @@ class PendingCheck:
         self.name = name
         self.extremes: Tensor | None = torch.stack(torch.aminmax(act))
         self.finished = False
+        self.error: Exception | None = None
 
     def finish(self) -> None:
         """Read the extremes back; raise for NaN, infinite or negative values.
@@ -531,14 +534,21 @@ class PendingCheck:
             NonFiniteActivationError: NaN or infinite values.
             NegativeActivationError: negative values.
         """
+        if self.error is not None:  # finished before, and failed: the same error again
+            raise self.error
         if self.finished:
             return
-        extremes, self.extremes = self.extremes, None
-        low, high = (float(v) for v in cast(Tensor, extremes).tolist())  # one synchronisation
+        try:
+            # one synchronisation; on a GPU an error of any queued kernel surfaces here too
+            low, high = (float(v) for v in cast(Tensor, self.extremes).tolist())
+            # NaN makes both extremes NaN, +-Inf shows in them, a negative value in the minimum
+            if not (math.isfinite(low) and math.isfinite(high) and low >= 0):
+                _refuse(self.act, "raise", _label(self.name))
+        except Exception as exc:
+            self.error = exc
+            raise
         self.finished = True
-        # NaN makes both extremes NaN, +-Inf shows in them, a negative value in the minimum
-        if not (math.isfinite(low) and math.isfinite(high) and low >= 0):
-            _refuse(self.act, "raise", _label(self.name))
+        self.extremes = None
 
 
 def start_check(
