@@ -19,8 +19,8 @@ from captum_nmf.wsi import (
     explain_slide,
     write_pyramid,
 )
-from captum_nmf.wsi.cohort import COHORT_FILE, slide_dirs
-from tests.helpers.cohort_faults import DieOnce, DieOnRed, InterruptAfter
+from captum_nmf.wsi.cohort import COHORT_FILE, _SlideWorker, slide_dirs
+from tests.helpers.cohort_faults import DieOnce, DieOnRed, InterruptAfter, MarksItsClose
 from tests.helpers.synthetic_slides import he_image
 from tests.helpers.wsi_models import PoolNet
 
@@ -335,6 +335,29 @@ def test_ray_two_workers_equal_the_local_engine(
         attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
     )
     assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+
+
+def test_a_pool_lets_its_actors_release_what_they_hold_before_killing_them(
+    ray_local: object, tmp_path: Path
+) -> None:
+    from captum_nmf.engines.ray_actors import ActorPool
+
+    pool = ActorPool(ray_local, MarksItsClose, (str(tmp_path),), workers=2, cap=2)
+    seen: list[int] = []
+    pool.map([(1,), (2,), (3,)], lambda o: seen.append(o.value), progress=False)
+    assert sorted(seen) == [1, 2, 3]
+    pool.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"closed_{p}" for p in pool.pids)
+    pool.close()  # the actors are gone: closing again only skips them
+
+
+def test_a_slide_worker_stops_its_reading_threads_on_close(attr: NMFConceptAttribution) -> None:
+    worker = _SlideWorker(attr, 1, False)
+    assert not worker.reading.closed
+    worker.close()
+    assert worker.reading.closed
+    with pytest.raises(RuntimeError, match="closed"), worker.reading.activated():
+        pass
 
 
 def test_ray_worker_death_is_retried_once_then_reported(

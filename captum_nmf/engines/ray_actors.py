@@ -250,6 +250,12 @@ class ActorWorker:
         """This actor's process id."""
         return os.getpid()
 
+    def close(self) -> None:
+        """Release what the worker holds before its actor is killed (threads, worker processes).
+
+        Called by :meth:`ActorPool.close`; the default holds nothing.
+        """
+
 
 @dataclass
 class TaskOutcome:
@@ -367,8 +373,19 @@ class ActorPool:
                 bar.update(1)
                 on_outcome(outcome)
 
-    def close(self) -> None:
-        """Kill every actor (already dead ones are skipped)."""
+    def close(self, grace: float = 10.0) -> None:
+        """Let every actor release what it holds, for at most ``grace`` seconds, then kill it.
+
+        Already dead actors are skipped; one that does not answer in time is
+        killed all the same.
+        """
+        refs = []
+        for actor in self.actors:
+            with contextlib.suppress(Exception):  # already dead
+                refs.append(actor.close.remote())
+        if refs:
+            with contextlib.suppress(Exception):
+                self.ray.wait(refs, num_returns=len(refs), timeout=grace)
         for actor in self.actors:
             _kill(self.ray, actor)
 

@@ -249,6 +249,10 @@ class _SlideWorker(ActorWorker):
         with self.reading.activated():
             return _explain_one(self.attr, slide, run_dir, options, f"ray:{os.getpid()}")
 
+    def close(self) -> None:
+        """Stop the reading threads (and a cohort's worker processes) before the actor goes."""
+        self.reading.close()
+
 
 def explain_cohort(
     attr: NMFConceptAttribution,

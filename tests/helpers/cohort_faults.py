@@ -7,6 +7,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from captum_nmf.engines.ray_actors import ActorWorker
+
 
 def _is_red(tile: Tensor) -> bool:
     r, g, b = (float(tile[c, 8, 8]) for c in range(3))
@@ -63,3 +65,17 @@ class InterruptAfter:
 
     def __repr__(self) -> str:
         return "InterruptAfter()"
+
+
+class MarksItsClose(ActorWorker):
+    """A pool worker that echoes its task and leaves ``closed_<pid>`` in ``folder`` on close."""
+
+    def __init__(self, folder: str, threads: int, gpu: bool) -> None:
+        super().__init__(threads, gpu)
+        self.folder = Path(folder)
+
+    def run(self, value: int) -> int:
+        return value
+
+    def close(self) -> None:
+        (self.folder / f"closed_{os.getpid()}").touch()
