@@ -23,9 +23,9 @@ def _seed_everything() -> None:
 def _no_tf32() -> Iterator[None]:
     """float32 convolutions and products on CUDA: TF32 (cuDNN's default) is off in tests.
 
-    With it, a CUDA convolution differs from the CPU's by about 5e-4 relative, which
-    would read as a parity failure of our code; the benchmarks run with torch's defaults
-    and print them.
+    With it, a CUDA convolution rounds its inputs to TF32 (10-bit mantissa, about 5e-4
+    relative; not measured here, no GPU was lent), which would read as a parity failure
+    of our code; the benchmarks run with torch's defaults and print them.
     """
     # saved and restored by hand: the matmul flag is a property monkeypatch cannot undo
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

@@ -107,7 +107,8 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     A model already in eval mode (the usual case) is left alone, and on exit only
     the flags that differ are set back: ``eval()`` and a full restore write the flag
     of every submodule through ``nn.Module.__setattr__``, about 1 ms a call on
-    EfficientNet-Lite0 or ResNet-50, which a GPU forward of a batch cannot hide.
+    EfficientNet-Lite0 or ResNet-50 (measured on a CPU): host time that a fast GPU
+    forward would not hide.
     ``eval()`` is still called when a module overrides ``train`` (it may switch
     modules the tree does not hold).
     """
