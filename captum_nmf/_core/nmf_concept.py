@@ -519,13 +519,9 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             # the solve is queued before the value check is read back (on a GPU its kernels
             # are not launched while the device waits), and the check is read before the
             # maps are looked at or returned; solved from the maps' own layout, no row copy
-            try:
+            with acts.reported_first(pending):
                 self.check_channels(int(act.shape[1]))
                 maps = self.nmf_._transform_maps(act, pending)
-            except Exception:
-                if pending is not None:
-                    pending.finish()  # bad activations are the error to report
-                raise
         device = (inputs[0] if isinstance(inputs, tuple) else inputs).device
         return maps.to(device)
 

@@ -29,7 +29,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ __all__ = [
     "capture",
     "PendingCheck",
     "check_activations",
+    "reported_first",
     "start_check",
     "check_device_options",
     "device_options",
@@ -524,8 +525,7 @@ class PendingCheck:
     def __init__(self, act: Tensor, name: str | None) -> None:
         self.act = act
         self.name = name
-        self.extremes: Tensor | None = torch.stack(torch.aminmax(act))
-        self.finished = False
+        self.extremes: Tensor | None = torch.stack(torch.aminmax(act))  # None once passed
         self.error: Exception | None = None
 
     def finish(self) -> None:
@@ -537,19 +537,33 @@ class PendingCheck:
         """
         if self.error is not None:  # finished before, and failed: the same error again
             raise self.error
-        if self.finished:
+        if self.extremes is None:
             return
         try:
             # one synchronisation; on a GPU an error of any queued kernel surfaces here too
-            low, high = (float(v) for v in cast(Tensor, self.extremes).tolist())
+            low, high = (float(v) for v in self.extremes.tolist())
             # NaN makes both extremes NaN, +-Inf shows in them, a negative value in the minimum
             if not (math.isfinite(low) and math.isfinite(high) and low >= 0):
                 _refuse(self.act, "raise", _label(self.name))
         except Exception as exc:
             self.error = exc
             raise
-        self.finished = True
         self.extremes = None
+
+
+@contextlib.contextmanager
+def reported_first(pending: PendingCheck | None) -> Iterator[None]:
+    """Within the block, an error makes ``pending`` finish first: bad activations are the error.
+
+    For code that queues work on checked-later activations: a solve or a
+    shape check that fails on them must not hide that the values were bad.
+    """
+    try:
+        yield
+    except Exception:
+        if pending is not None:
+            pending.finish()
+        raise
 
 
 def start_check(

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.activations import PendingCheck
+from captum_nmf._utils.activations import PendingCheck, reported_first
 from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.run.config import model_device
@@ -74,13 +74,9 @@ class Assembler:
         if act.shape[0] == 0:
             return
         n = int(act.shape[0])
-        try:
+        with reported_first(pending):
             self.attr.check_channels(int(act.shape[1]))
             self.add_features(act, idx, pending)
-        except Exception:
-            if pending is not None:
-                pending.finish()
-            raise
         keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
         self.keep_outputs(int(output[:1].numel()) if keep else 0)
         if self.n_outputs and self.outputs is not None:
@@ -225,22 +221,20 @@ class TileAssembler(Assembler):
         ``pending`` (the value check of the batch whose tiles finished these
         rows) is finished once the solve is queued, before the weights are read.
         """
-        if not taken.rows.size or not taken.counts.any():
-            if pending is not None:
-                pending.finish()
-            if taken.rows.size:  # finished rows without data: counts 0, weights 0
-                self.counts[taken.rows] = taken.counts
-                self.chunk_rows.extend(int(r) for r in taken.rows)
-            return
-        # solved from the sums' own n x C x Wc layout, each row of cells as a 1 x Wc map (no
-        # gather of the cells into rows); a cell without data is 0 and gets weights 0. The
-        # features are averages of checked activations: no second value check.
-        means = taken.features.permute(0, 2, 1).unsqueeze(2)  # n x C x 1 x Wc, a view
-        weights = self.attr.nmf_._transform_maps(means.float(), pending)  # n x K x 1 x Wc
-        rows = taken.rows
+        weights = None
+        if taken.counts.any():
+            # solved from the sums' own n x C x Wc layout, each row of cells as a 1 x Wc map
+            # (no gather of the cells into rows); a cell without data is 0 and gets weights 0.
+            # The features are averages of checked activations: no second value check.
+            means = taken.features.permute(0, 2, 1).unsqueeze(2)  # n x C x 1 x Wc, a view
+            weights = self.attr.nmf_._transform_maps(means.float(), pending)  # n x K x 1 x Wc
+        elif pending is not None:
+            pending.finish()
+        rows = taken.rows  # recorded only once the batch's values passed
         self.counts[rows] = taken.counts
         self.chunk_rows.extend(int(r) for r in rows)
-        self.maps[:, rows, :] = weights[:, :, 0].cpu().numpy().transpose(1, 0, 2)
+        if weights is not None:  # rows without data keep weights 0
+            self.maps[:, rows, :] = weights[:, :, 0].cpu().numpy().transpose(1, 0, 2)
 
     def write_chunk(self, i: int) -> None:
         """Chunk ``i``: its finished rows, tile outputs and failures, and the stitcher's carry."""
