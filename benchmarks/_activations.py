@@ -42,8 +42,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,6 +118,28 @@ def sync(device: torch.device) -> None:
     """Wait for queued CUDA work so wall-clock timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_times(
+    calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median wall time of each call over ``repeats`` rounds, order rotated per round.
+
+    Each call runs once first, untimed (caches such as the per-H solve factors, kernels,
+    cuDNN plans); with two calls the rotation alternates which goes first.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up
+        fn()
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(device)
+            t = time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def objective(v: NDArray[np.floating], w: NDArray[np.floating], h: NDArray[np.floating]) -> float:

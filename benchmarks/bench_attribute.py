@@ -43,8 +43,6 @@ channels-last memory and gives both channels-last batches (``channels_last=True`
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -56,9 +54,9 @@ from _activations import (
     base_parser,
     load_image,
     machine_header,
+    median_times,
     print_table,
     resolve_device,
-    sync,
 )
 from captum.attr import LayerActivation
 from pytorch_grad_cam import DeepFeatureFactorization
@@ -128,27 +126,13 @@ def bench_model(
         "DFF": lambda: run_dff(model, layer, x),
         "transform": lambda: concepts.nmf_.transform(rows),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up
-        fn()
-
-    def timed(name: str) -> None:
-        sync(device)
-        t = time.perf_counter()
-        calls[name]()
-        sync(device)
-        times[name].append(time.perf_counter() - t)
-
     # ours and its floor side by side, alternating which goes first, in rounds of their own:
     # the call after DFF pays for re-faulting the memory DFF's autograd graph released, which
     # would land on one of the two at random and swamp a difference of a few percent
-    for r in range(2 * repeats):
-        for name in ("ours", "LayerActivation") if r % 2 else ("LayerActivation", "ours"):
-            timed(name)
-    for r in range(repeats):
-        for name in ("DFF", "transform") if r % 2 else ("transform", "DFF"):
-            timed(name)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    pair = ("LayerActivation", "ours")
+    med = median_times({name: calls[name] for name in pair}, 2 * repeats, device)
+    rest = ("transform", "DFF")
+    med |= median_times({name: calls[name] for name in rest}, repeats, device)
     n, c, h, w = acts.shape
     return [
         label,

@@ -46,6 +46,7 @@ from _activations import (
     activation_matrix,
     base_parser,
     machine_header,
+    median_times,
     objective,
     print_table,
     resolve_device,
@@ -217,18 +218,6 @@ def solver_part(device: torch.device, small: bool) -> None:
     )
 
 
-def _paired(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
-    """Median time of each call over ``repeats`` rounds, alternating which goes first."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for fn in calls.values():  # warm-up
-        fn()
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(_time(calls[name], device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def attribute_part(device: torch.device, small: bool, batch: int, repeats: int) -> None:
     size = 224 if small else 512
     gen = torch.Generator().manual_seed(0)
@@ -254,7 +243,7 @@ def attribute_part(device: torch.device, small: bool, batch: int, repeats: int) 
             def ours(attr=attr, xb=xb, opts=opts) -> object:
                 return attr.attribute(xb, **opts)
 
-            t = _paired({"ours": ours, "LayerActivation": floor}, device, repeats)
+            t = median_times({"ours": ours, "LayerActivation": floor}, repeats, device)
             _row(
                 [
                     f"attribute / LayerActivation, {name}, {label}, batch {batch} x {size} px",

@@ -46,6 +46,7 @@ from _activations import (
     activation_matrix,
     base_parser,
     machine_header,
+    median_times,
     print_table,
     resolve_device,
     sync,
@@ -70,24 +71,6 @@ def old_transform(model: NMF, x: torch.Tensor) -> torch.Tensor:
     h = model._h.to(x.dtype)
     cross = x @ h.T
     return solvers._nnls_bpp(h @ h.T, cross).to(x.dtype)
-
-
-def median_times(
-    calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time of each call over ``repeats`` rounds, order rotated per round."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up (and the per-H factors are built here)
-        fn()
-    names = list(calls)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            sync(device)
-            t = time.perf_counter()
-            calls[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def copy_bandwidth(x: torch.Tensor, repeats: int) -> float:
