@@ -321,6 +321,46 @@ def test_maps_solve_refuses_an_overflowing_product() -> None:
     assert bool(torch.isfinite(model._transform_maps(act.double())).all())
 
 
+def test_averaged_products_solve_to_the_weights_of_the_averaged_rows(
+    real_rows: torch.Tensor,
+) -> None:
+    # a slide run averages x H^T over the tiles covering a cell and solves from that mean:
+    # the same weights as transform() of the averaged rows (the solve needs only x H^T)
+    h = fitted_h(real_rows.double(), 6).float()
+    model = NMF.from_components(h)
+    x = real_rows[:1024].float()
+    act = x.reshape(4, 16, 16, -1).permute(0, 3, 1, 2)  # 4 overlapping "tiles" of one place
+    products = model._products_maps(act)
+    assert products.shape == (4, 6, 16, 16)
+    expected_products = (act.permute(0, 2, 3, 1) @ h.T).permute(0, 3, 1, 2)
+    torch.testing.assert_close(products, expected_products, rtol=1e-5, atol=1e-5)
+    mean_products = products.mean(0).permute(1, 2, 0).reshape(-1, 6)  # 256 x K
+    w = model._transform_products(mean_products)
+    assert w.shape == (256, 6)
+    assert w.dtype == torch.float32
+    expected = model.transform(act.mean(0).permute(1, 2, 0).reshape(-1, act.shape[1]))
+    scale = float(expected.abs().max())
+    assert torch.allclose(w, expected, rtol=0, atol=1e-5 * scale)
+    # the maps solve is these two steps
+    assert torch.equal(model._transform_maps(act), solve_in_two_steps(model, act))
+
+
+def solve_in_two_steps(model: NMF, act: torch.Tensor) -> torch.Tensor:
+    products = model._products_maps(act)
+    n, k, hh, ww = products.shape
+    rows = products.permute(0, 2, 3, 1).reshape(-1, k)
+    w = model._transform_products(rows)
+    return w.reshape(n, hh, ww, k).permute(0, 3, 1, 2)
+
+
+def test_products_solve_refuses_overflowed_products() -> None:
+    model = NMF.from_components(torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+    products = model._products_maps(torch.full((1, 2, 2, 2), 3e38))
+    assert not bool(torch.isfinite(products).all())  # 6e38 overflows float32
+    with pytest.raises(ValueError, match=r"X @ H\^T overflows torch.float32 \(products up to inf"):
+        model._transform_products(products.permute(0, 2, 3, 1).reshape(-1, 2))
+
+
 def test_solve_rows_flags_negative_and_non_finite_rows_without_raising() -> None:
     h = torch.rand(3, 5, dtype=F64)
     factors = solvers.NNLSFactors(h @ h.T)

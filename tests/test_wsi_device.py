@@ -21,7 +21,15 @@ import torch
 from torch import Tensor, nn
 
 from captum_nmf import NMF, NMFConceptAttribution
-from captum_nmf.wsi import FeatureStitcher, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi import (
+    FeatureStitcher,
+    Slide,
+    SlideTiles,
+    explain_slide,
+    tile_grid,
+    write_pyramid,
+)
+from captum_nmf.wsi.run.assemble import TileAssembler
 from captum_nmf.wsi.run.execute import prefetched
 from captum_nmf.wsi.stitching import cell_coverage
 from tests.helpers.calls import CallRecorder
@@ -75,7 +83,7 @@ def test_features_never_leave_the_device_only_weights_do(
     # the K x C concepts go into the explanation; no feature tensor (N x C x h x w, n x C)
     carrying_features = [s for s in seen if C in s and s != (k, C)]
     assert carrying_features == []
-    assert any(len(s) == 3 and s[1] == k for s in seen)  # rows x K x Wc weights came back
+    assert any(len(s) == 3 and s[2] == k for s in seen)  # rows x Wc x K weights came back
     assert np.isfinite(ex.concept_maps).all()
 
 
@@ -97,6 +105,56 @@ def test_each_batch_is_stitched_before_its_value_check_is_read_back(
         assert "add_" in names[f : calls.first_read_after(f)]
     # the probe is read back at once: nothing is queued after it
     assert "add_" not in names[forwards[0] : calls.first_read_after(forwards[0])]
+
+
+def test_averaged_products_give_the_weights_of_the_averaged_features(
+    attr: NMFConceptAttribution, slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a slide run averages each location's x H^T (K channels), not x (C channels): the solve
+    # needs nothing else of x, and the mean of the products is the product of the mean. The
+    # reference averages the C-channel features themselves and solves their means.
+    with Slide(slide) as s:
+        grid = tile_grid(s, tile_size=64, stride=32, tissue_mask=None)
+    tiles = SlideTiles.from_grids([grid])
+    carried: list[tuple[int, ...]] = []
+    save = TileAssembler.save_chunk
+
+    def record(self: TileAssembler, i: int, kind: str, arrays: dict[str, Any]) -> None:
+        if kind == "carry" and "sums" in arrays:
+            carried.append(tuple(arrays["sums"].shape))
+        save(self, i, kind, arrays)
+
+    monkeypatch.setattr(TileAssembler, "save_chunk", record)
+    ex = explain_slide(
+        attr,
+        slide,
+        tile_size=64,
+        stride=32,
+        tissue_mask=None,
+        batch_size=5,
+        out_dir=tmp_path / "run",
+        chunk_tiles=10,
+        progress=False,
+    )
+    images = torch.stack([tiles[i][0] for i in range(len(tiles))])
+    with torch.no_grad():
+        feats = attr.features(images)  # N x C x 8 x 8
+    tiles.close()
+    cells = grid.stride // 8  # 8 px cells
+    origins = np.stack([grid.rows * cells, grid.cols * cells], axis=1)
+    shape = ex.grid_shape
+    coverage = cell_coverage(origins, (8, 8), 2, shape)
+    stitcher = FeatureStitcher(shape, C, border=2, coverage=coverage)
+    stitcher.add(feats.permute(0, 2, 3, 1).numpy(), origins)
+    expected = np.zeros_like(ex.concept_maps)
+    for band in stitcher.finish():
+        expected[:, band.row] = attr.nmf_.transform(band.features).T
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(ex.concept_maps, expected, rtol=1e-5, atol=1e-5 * scale)
+    assert not np.array_equal(ex.concept_maps, np.zeros_like(expected))
+    # what a chunk carries over to the next (rows x cols x channels) is K channels, not C
+    assert carried
+    assert {s[-1] for s in carried} == {attr.concepts_.shape[0]} == {3}
 
 
 def test_transform_returns_on_the_inputs_device_and_solves_there() -> None:

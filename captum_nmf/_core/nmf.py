@@ -536,6 +536,42 @@ class NMF(
         _refuse_overflow(maps, x)
         return maps
 
+    def _products_maps(self, act: Tensor) -> Tensor:
+        """``X @ H^T`` (N x K x h x w) of every location of checked N x C x h x w activations.
+
+        Computed where the activations are, in their dtype (:func:`solvers.products_maps`).
+        All :meth:`_transform_products` needs of them: the mean of several
+        locations' products is the product of their mean, so a slide run
+        averages overlapping tiles in K channels instead of C.
+        """
+        return solvers.products_maps(act, self._fixed_h(act.device, act.dtype).h)
+
+    def _transform_products(self, cross: Tensor, pending: PendingCheck | None = None) -> Tensor:
+        """Concept weights (n x K, ``cross``'s dtype) of rows given by their products ``X @ H^T``.
+
+        The exact solve of :meth:`transform` from n x K products of checked rows
+        (e.g. averaged from :meth:`_products_maps`), on their device unless
+        ``device`` is set. ``pending``: the value check of the activations they
+        came from, finished once the solve is queued and before its result is
+        looked at.
+
+        Raises:
+            ValueError: the products overflowed (non-finite weights).
+            NonFiniteActivationError, NegativeActivationError: from ``pending``.
+        """
+        b = cross if self.device is None else cross.to(check_device("device", self.device))
+        fixed = self._fixed_h(b.device, b.dtype)
+        w = solvers.solve_products(b, fixed.pinv, fixed.factors).to(b.dtype)
+        if pending is not None:
+            pending.finish()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"X @ H^T overflows {b.dtype} (products up to {float(b.abs().max()):.3g}): the "
+                "layer's activations are too large for this dtype; rescale the model's input "
+                "or hook a layer with smaller activations."
+            )
+        return w
+
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
         """Reconstruct rows ``W H`` from weights ``W`` (n x K).
 

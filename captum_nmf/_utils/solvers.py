@@ -41,7 +41,9 @@ __all__ = [
     "objective_from_stats",
     "random_init",
     "randomized_svd",
+    "products_maps",
     "solve_maps",
+    "solve_products",
     "solve_rows",
     "sq_norm",
 ]
@@ -671,15 +673,52 @@ def _mask(passive: Tensor, dtype: torch.dtype) -> Tensor:
     return passive.view(torch.uint8).to(dtype)
 
 
+def products_maps(act: Tensor, h: Tensor) -> Tensor:
+    """``X H^T`` of every location of N x C x h x w activations: N x K x h x w.
+
+    One batched product ``H @ act[i]`` per image over its C x (h w) layout
+    (contiguous or channels-last), in ``act``'s dtype and on its device. This
+    is all of ``X`` that the solve with ``H`` fixed needs (besides ``H H^T``):
+    ``argmin_{w >= 0} ||x - H^T w||`` depends on ``x`` only through ``H x``.
+    Being linear, the products of several vectors average to the product of
+    their mean, which is how a slide run averages overlapping tiles.
+
+    Args:
+        act (Tensor): N x C x h x w floating activations.
+        h (Tensor): K x C concepts in ``act``'s dtype and on its device.
+
+    Returns:
+        *Tensor*: N x K x h x w products (no autograd history).
+    """
+    act, h = act.detach(), h.detach()
+    n, c, height, width = act.shape
+    return torch.matmul(h, act.reshape(n, c, height * width)).view(n, -1, height, width)
+
+
+def solve_products(cross: Tensor, pinv: Tensor, factors: NNLSFactors) -> Tensor:
+    """``argmin_{w >= 0} ||x - H^T w||`` of every row from its product ``b = x H^T`` (n x K).
+
+    :func:`nnls_factored` started from the signs of ``b @ pinv(H H^T)``.
+
+    Args:
+        cross (Tensor): n x K products, on the factors' device.
+        pinv (Tensor): ``pinv(H H^T)`` (K x K) in ``cross``'s dtype.
+        factors (NNLSFactors): the factors of ``H H^T``.
+
+    Returns:
+        *Tensor*: n x K non-negative float64 weights.
+    """
+    return nnls_factored(factors, cross, guess=cross @ pinv.T)
+
+
 def solve_maps(act: Tensor, h: Tensor, pinv: Tensor, factors: NNLSFactors) -> Tensor:
     """``argmin_{W >= 0} ||X - W H||`` for every location of N x C x h x w activations.
 
     The same solve as :func:`solve_rows`, without reshaping the activations to
-    rows first: ``X H^T`` is one batched product ``H @ act[i]`` per image over
-    its C x (h w) layout (contiguous or channels-last), and only the small
-    N x K x (h w) result is rearranged. The values of ``act`` are not checked
-    (the caller has); a product that overflows gives non-finite maps, which the
-    caller can test cheaply on the K-channel result.
+    rows first: the products are :func:`products_maps` (one batched product per
+    image), and only the small N x K x (h w) result is rearranged. The values
+    of ``act`` are not checked (the caller has); a product that overflows gives
+    non-finite maps, which the caller can test cheaply on the K-channel result.
 
     Args:
         act (Tensor): N x C x h x w float32 or float64 activations.
@@ -690,12 +729,10 @@ def solve_maps(act: Tensor, h: Tensor, pinv: Tensor, factors: NNLSFactors) -> Te
     Returns:
         *Tensor*: N x K x h x w concept maps in ``act``'s dtype (no autograd history).
     """
-    act, h, pinv = act.detach(), h.detach(), pinv.detach()  # the solve is not differentiable
-    n, c, height, width = act.shape
-    k = int(h.shape[0])
-    cross = torch.matmul(h, act.reshape(n, c, height * width))  # N x K x hw
-    rows = cross.transpose(1, 2).reshape(-1, k)  # (N h w) x K
-    w = nnls_factored(factors, rows, guess=rows @ pinv.T)
+    cross = products_maps(act, h)
+    n, k, height, width = cross.shape
+    rows = cross.flatten(2).transpose(1, 2).reshape(-1, k)  # (N h w) x K
+    w = solve_products(rows, pinv.detach(), factors)
     return w.to(act.dtype).reshape(n, height, width, k).permute(0, 3, 1, 2).contiguous()
 
 

@@ -5,8 +5,10 @@ Data flows one way: a :class:`Slide` is cut into overlapping tiles
 tissue; the fitted concept model's layer activations of every tile are
 averaged per slide location (:class:`FeatureStitcher`), and the concept
 weights are solved on the averaged feature vectors (:func:`explain_slide`,
-giving a :class:`SlideExplanation`); :func:`explain_cohort` runs many slides,
-in this process or on Ray actors, and restarts where it stopped.
+giving a :class:`SlideExplanation`; it averages each vector's products with
+the K concepts, all that the solve needs of it, instead of its C channels);
+:func:`explain_cohort` runs many slides, in this process or on Ray actors,
+and restarts where it stopped.
 
 This subpackage needs the ``wsi`` extra (openslide-python with openslide-bin,
 tifffile, scikit-image)::

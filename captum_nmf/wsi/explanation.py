@@ -30,7 +30,9 @@ class SlideExplanation:
     Cell ``(i, j)`` covers level-0 pixels ``origin[0] + j * cell_size`` to
     ``origin[0] + (j + 1) * cell_size`` horizontally (likewise ``i``
     vertically). Its concept weights were solved on the mean of the feature
-    vectors of every tile that covered it (minus each tile's border).
+    vectors of every tile that covered it (minus each tile's border). That
+    mean enters the solve only through its products with the K concepts, so
+    a run averages the tiles' products ``x H^T`` (equal up to float rounding).
 
     Attributes:
         concept_maps (ndarray): K x Hc x Wc float32 concept weights; 0 where

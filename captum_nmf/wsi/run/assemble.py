@@ -4,10 +4,15 @@ Both modes share one protocol (:class:`Assembler`): ``add`` a batch (its
 activations, the model's output, the indices read and the indices that
 failed), ``write_chunk`` / ``restore`` the finished part through the run
 store, and ``finish`` the maps. :class:`TileAssembler` averages overlapping
-tiles' features on the cell grid (:class:`~captum_nmf.wsi.FeatureStitcher`)
-on the model's device and solves each finished band of rows there in one call
-(only the K-channel weights come back to the host); :class:`RegionAssembler`
-solves the interior cells of each region on their own.
+tiles on the cell grid (:class:`~captum_nmf.wsi.FeatureStitcher`) on the
+model's device and solves each finished band of rows there in one call (only
+the K-channel weights come back to the host). It averages each location's
+products ``x H^T`` (K channels) rather than its feature vector ``x`` (C
+channels): the solve with ``H`` fixed needs nothing else of ``x``, and the mean
+of the products is the product of the mean, so the weights are those of the
+averaged feature vectors (up to float rounding) at K / C of the stitching's
+work and memory. :class:`RegionAssembler` solves the interior cells of each
+region on their own.
 """
 
 from __future__ import annotations
@@ -169,7 +174,10 @@ class Assembler:
 
 
 class TileAssembler(Assembler):
-    """Tile mode: overlapping tiles averaged per cell, each finished band solved in one call."""
+    """Tile mode: overlapping tiles averaged per cell, each finished band solved in one call.
+
+    What is averaged per cell is each tile's ``x H^T`` (K channels, see the module).
+    """
 
     def __init__(
         self, attr: NMFConceptAttribution, plan: Plan, store: RunStore | None, border: int
@@ -182,9 +190,9 @@ class TileAssembler(Assembler):
         every = self.origins(np.arange(len(grid), dtype=np.int64))
         self.coverage = cell_coverage(every, (h, h), border, plan.shape)
         self.device = model_device(attr)  # features are averaged and solved there
-        self.stitcher = FeatureStitcher(
+        self.stitcher = FeatureStitcher(  # of the products x H^T: K channels
             plan.shape,
-            int(attr.n_channels_in_),
+            self.k,
             border=border,
             coverage=self.coverage,
             device=self.device,
@@ -200,15 +208,16 @@ class TileAssembler(Assembler):
     def add_features(
         self, act: Tensor, idx: NDArray[np.int64], pending: PendingCheck | None = None
     ) -> None:
-        """Stitch the tiles' features on their device; solve the rows no later tile can touch.
+        """Stitch the tiles' products ``x H^T`` on their device; solve the rows now final.
 
-        The value check is read back after the stitching and the solve are
-        queued (on a GPU their kernels are not launched while the device
-        waits) and before any weight is looked at; a batch that fails it stops
-        the run, and nothing of it reaches a chunk (the run's state is the last
-        chunk's).
+        The value check is read back after the products, the stitching and the
+        solve are queued (on a GPU their kernels are not launched while the
+        device waits) and before any weight is looked at; a batch that fails it
+        stops the run, and nothing of it reaches a chunk (the run's state is the
+        last chunk's).
         """
-        feats = act.detach().permute(0, 2, 3, 1)  # a view: N x h x w x C
+        products = self.attr.nmf_._products_maps(act.detach())  # N x K x h x w
+        feats = products.permute(0, 2, 3, 1)  # a view: N x h x w x K
         self.stitcher.add(
             feats if feats.dtype == torch.float32 else feats.float(), self.origins(idx)
         )
@@ -217,24 +226,25 @@ class TileAssembler(Assembler):
     def solve_rows(self, taken: StitchedRows, pending: PendingCheck | None = None) -> None:
         """Solve the concept weights of finished rows, all in one call (a band, not a row).
 
-        The means stay on the device; only the K-channel weights come back.
-        ``pending`` (the value check of the batch whose tiles finished these
-        rows) is finished once the solve is queued, before the weights are read.
+        The averaged products stay on the device; only the K-channel weights
+        come back. ``pending`` (the value check of the batch whose tiles
+        finished these rows) is finished once the solve is queued, before the
+        weights are read.
         """
         weights = None
         if taken.counts.any():
-            # solved from the sums' own n x C x Wc layout, each row of cells as a 1 x Wc map
-            # (no gather of the cells into rows); a cell without data is 0 and gets weights 0.
-            # The features are averages of checked activations: no second value check.
-            means = taken.features.permute(0, 2, 1).unsqueeze(2)  # n x C x 1 x Wc, a view
-            weights = self.attr.nmf_._transform_maps(means.float(), pending)  # n x K x 1 x Wc
+            # a cell without data has products 0 and gets weights 0. The products are
+            # averages of checked activations' products: no second value check.
+            n, wc, k = taken.features.shape
+            cross = taken.features.reshape(n * wc, k)  # (n Wc) x K
+            weights = self.attr.nmf_._transform_products(cross, pending).reshape(n, wc, k)
         elif pending is not None:
             pending.finish()
         rows = taken.rows  # recorded only once the batch's values passed
         self.counts[rows] = taken.counts
         self.chunk_rows.extend(int(r) for r in rows)
         if weights is not None:  # rows without data keep weights 0
-            self.maps[:, rows, :] = weights[:, :, 0].cpu().numpy().transpose(1, 0, 2)
+            self.maps[:, rows, :] = weights.cpu().numpy().transpose(2, 0, 1)
 
     def write_chunk(self, i: int) -> None:
         """Chunk ``i``: its finished rows, tile outputs and failures, and the stitcher's carry."""
@@ -264,7 +274,7 @@ class TileAssembler(Assembler):
         carry = self.load_chunk(done - 1, "carry")
         state = {k: v.numpy() for k, v in carry.items()}
         self.stitcher = FeatureStitcher.from_state(
-            state, int(self.attr.n_channels_in_), coverage=self.coverage, device=self.device
+            state, self.k, coverage=self.coverage, device=self.device
         )
         if manifest.get("n_outputs") is not None:
             self.keep_outputs(int(manifest["n_outputs"]))

@@ -133,6 +133,7 @@ def run_config(
         "resample": grid.resolution.resample,
         "border": options.border,
         "edges": "best-tile",  # border cells no interior covers: the tiles that see them best
+        "averaged": "products",  # per cell the mean of the tiles' x H^T (the carry: K channels)
         "mode": options.mode,
         "region_margin": options.region_margin if options.mode == "region" else 0,
         "edge": options.edge,

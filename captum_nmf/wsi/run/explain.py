@@ -157,11 +157,11 @@ def explain_slide(
                     Default: False
         chunk_tiles (int, optional): tiles per chunk (rounded up to whole tile
                     rows); each chunk boundary also writes the stitcher's pending
-                    rows (up to a tile height of cells x slide width x C).
+                    rows (up to a tile height of cells x slide width x K).
                     Default: 1024
         autocast (torch.dtype, optional): run the forward under
                     ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``;
-                    activations are stitched and solved in float32). Part of
+                    activations are projected, stitched and solved in float32). Part of
                     the run's configuration; see the README for its speed and
                     agreement with float32.
                     Default: None (float32)
