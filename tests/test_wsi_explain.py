@@ -318,6 +318,34 @@ def test_interrupted_run_resumes_bit_identical(
     assert np.array_equal(again.concept_maps, reference.concept_maps)
 
 
+def test_a_run_that_averaged_features_is_not_resumed_with_averaged_products(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # earlier versions carried C-channel feature sums from chunk to chunk; now they are the
+    # K-channel products x H^T. The run's configuration says which, so such a folder is
+    # refused with advice instead of mixing the two (or failing on the carry's shape).
+    import captum_nmf.wsi.run.explain as explain_module
+
+    real = explain_module.run_config
+
+    def before(*args: object, **kwargs: object) -> dict[str, object]:
+        config = real(*args, **kwargs)  # type: ignore[arg-type]
+        del config["averaged"]  # what an earlier version recorded
+        return config
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(explain_module, "run_config", before)
+    _Interrupt(monkeypatch, at=100)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out)
+    monkeypatch.setattr(explain_module, "run_config", real)
+    with pytest.raises(RunStateError, match="different configuration.*overwrite=True"):
+        _explain(pool_attr, he_slide, chunk_tiles=50, out_dir=out, resume=True)
+
+
 def test_resume_refuses_another_slide_and_foreign_dirs(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:
