@@ -71,8 +71,16 @@ def attr(slide: Path) -> NMFConceptAttribution:
 
 
 def test_features_never_leave_the_device_only_weights_do(
-    attr: NMFConceptAttribution, slide: Path
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    solves = []
+    solve = NMF._transform_products
+
+    def counted(self: NMF, cross: Tensor, pending: Any = None) -> Tensor:
+        solves.append(cross.shape)
+        return solve(self, cross, pending)
+
+    monkeypatch.setattr(NMF, "_transform_products", counted)
     with CallRecorder() as calls:
         ex = explain_slide(
             attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=5, progress=False
@@ -83,7 +91,12 @@ def test_features_never_leave_the_device_only_weights_do(
     # the K x C concepts go into the explanation; no feature tensor (N x C x h x w, n x C)
     carrying_features = [s for s in seen if C in s and s != (k, C)]
     assert carrying_features == []
-    assert any(len(s) == 3 and s[2] == k for s in seen)  # rows x Wc x K weights came back
+    # rows x Wc x K weights came back, once per solve; the averaged products x H^T (also
+    # K wide) stay on the device
+    assert solves
+    for read in ("cpu", "numpy"):  # weights.cpu().numpy(): one of each per solve, no more
+        wide = [s for s in calls.shapes_of((read,)) if len(s) == 3 and s[2] == k]
+        assert len(wide) == len(solves), read
     assert np.isfinite(ex.concept_maps).all()
 
 
@@ -107,14 +120,36 @@ def test_each_batch_is_stitched_before_its_value_check_is_read_back(
     assert "add_" not in names[forwards[0] : calls.first_read_after(forwards[0])]
 
 
+class SpreadNet(nn.Module):
+    """8 px average pool, a 7 x 7 convolution to 37 channels and ReLU: each cell sees 3 cells
+    around it, so a cell in a tile's 2-cell border differs from the same cell deeper in a
+    neighbouring tile (the zero padding): overlapping tiles give different vectors to average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(8)
+        self.conv = nn.Conv2d(3, C, 7, padding=3)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            self.conv.weight.copy_(0.2 * torch.randn(C, 3, 7, 7, generator=gen))
+            self.conv.bias.copy_(0.3 * torch.randn(C, generator=gen))  # type: ignore[union-attr]
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv(self.pool(x))).mean(dim=(2, 3))[:, :2]
+
+
 def test_averaged_products_give_the_weights_of_the_averaged_features(
-    attr: NMFConceptAttribution, slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a slide run averages each location's x H^T (K channels), not x (C channels): the solve
     # needs nothing else of x, and the mean of the products is the product of the mean. The
     # reference averages the C-channel features themselves and solves their means.
+    net = SpreadNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit(SlideTiles(slide, tile_size=64, stride=32, tissue_mask=None), progress=False)
     with Slide(slide) as s:
-        grid = tile_grid(s, tile_size=64, stride=32, tissue_mask=None)
+        grid = tile_grid(s, tile_size=64, stride=16, tissue_mask=None)
     tiles = SlideTiles.from_grids([grid])
     carried: list[tuple[int, ...]] = []
     save = TileAssembler.save_chunk
@@ -129,19 +164,24 @@ def test_averaged_products_give_the_weights_of_the_averaged_features(
         attr,
         slide,
         tile_size=64,
-        stride=32,
+        stride=16,
         tissue_mask=None,
-        batch_size=5,
+        batch_size=7,
         out_dir=tmp_path / "run",
-        chunk_tiles=10,
+        chunk_tiles=40,
         progress=False,
     )
+    assert set(np.unique(ex.counts).tolist()) == {1, 2, 4}  # up to 4 tiles per cell
     images = torch.stack([tiles[i][0] for i in range(len(tiles))])
     with torch.no_grad():
         feats = attr.features(images)  # N x C x 8 x 8
     tiles.close()
-    cells = grid.stride // 8  # 8 px cells
+    cells = grid.stride // 8  # 8 px cells: tiles every 2 cells
     origins = np.stack([grid.rows * cells, grid.cols * cells], axis=1)
+    # the averaged vectors differ: cell (10, 10) at depth 2 of one tile and 4 of another
+    a = int(np.flatnonzero((origins == (8, 8)).all(axis=1))[0])
+    b = int(np.flatnonzero((origins == (6, 6)).all(axis=1))[0])
+    assert not torch.allclose(feats[a, :, 2, 2], feats[b, :, 4, 4], rtol=1e-2)
     shape = ex.grid_shape
     coverage = cell_coverage(origins, (8, 8), 2, shape)
     stitcher = FeatureStitcher(shape, C, border=2, coverage=coverage)
@@ -151,10 +191,60 @@ def test_averaged_products_give_the_weights_of_the_averaged_features(
         expected[:, band.row] = attr.nmf_.transform(band.features).T
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(ex.concept_maps, expected, rtol=1e-5, atol=1e-5 * scale)
-    assert not np.array_equal(ex.concept_maps, np.zeros_like(expected))
+    # the mean of the features is not the mean of the weights: averaging after the solve
+    # (or averaging anything but what the solve is linear in) would not pass the line above
+    per_tile = attr.nmf_._transform_maps(feats)  # N x K x 8 x 8
+    wrong = FeatureStitcher(shape, 3, border=2, coverage=coverage)
+    wrong.add(per_tile.permute(0, 2, 3, 1).numpy(), origins)
+    averaged_weights = np.zeros_like(expected)
+    for band in wrong.finish():
+        averaged_weights[:, band.row] = band.features.T
+    assert np.abs(averaged_weights - expected).max() > 1e-3 * scale
     # what a chunk carries over to the next (rows x cols x channels) is K channels, not C
     assert carried
     assert {s[-1] for s in carried} == {attr.concepts_.shape[0]} == {3}
+
+
+def test_the_free_space_needed_counts_k_channels_of_pending_rows(
+    attr: NMFConceptAttribution, slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the disk check before a run sizes the first chunk and its carry: K channels per cell
+    # (the averaged products), whatever C is; and it covers what the first chunk writes
+    import captum_nmf.wsi.run.explain as explain_module
+
+    plans: list[Any] = []
+    make = explain_module.make_plan
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        plans.append(make(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(explain_module, "make_plan", keep)
+    out = tmp_path / "run"
+    written: dict[str, int] = {}
+    save = TileAssembler.save_chunk
+
+    def record(self: TileAssembler, i: int, kind: str, arrays: dict[str, Any]) -> None:
+        save(self, i, kind, arrays)
+        if i == 0:
+            written[kind] = (out / self.chunk_name(i, kind)).stat().st_size
+
+    monkeypatch.setattr(TileAssembler, "save_chunk", record)
+    explain_slide(
+        attr,
+        slide,
+        tile_size=64,
+        stride=32,
+        tissue_mask=None,
+        out_dir=out,
+        chunk_tiles=30,
+        progress=False,
+    )
+    plan = plans[0]
+    needed = plan.first_chunk_bytes(attr)
+    assert needed >= sum(written.values()) > 0
+    wide = type("Wide", (), {"concepts_": attr.concepts_, "n_channels_in_": 10**6})()
+    assert plan.first_chunk_bytes(wide) == needed  # C does not enter
 
 
 def test_transform_returns_on_the_inputs_device_and_solves_there() -> None:

@@ -133,7 +133,9 @@ def run_config(
         "resample": grid.resolution.resample,
         "border": options.border,
         "edges": "best-tile",  # border cells no interior covers: the tiles that see them best
-        "averaged": "products",  # per cell the mean of the tiles' x H^T (the carry: K channels)
+        # tile mode: per cell the mean of the tiles' x H^T (the carry: K channels); region
+        # mode averages nothing
+        "averaged": "products" if options.mode == "tile" else None,
         "mode": options.mode,
         "region_margin": options.region_margin if options.mode == "region" else 0,
         "edge": options.edge,

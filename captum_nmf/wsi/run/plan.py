@@ -49,9 +49,12 @@ class Plan:
     chunks: list[tuple[int, int]]
 
     def first_chunk_bytes(self, attr: NMFConceptAttribution) -> int:
-        """Bytes the first chunk and its carry may take (maps, counts, pending features), x2."""
+        """Bytes the first chunk and its carry may take (maps, counts, pending rows), x2.
+
+        The pending rows hold K channels (the averaged products ``x H^T``), not C.
+        """
         hc, wc = self.shape
-        k, c = int(attr.concepts_.shape[0]), int(attr.n_channels_in_)
+        k = int(attr.concepts_.shape[0])
         start, end = self.chunks[0] if self.chunks else (0, 0)
         if self.regions is not None:
             cells = int((self.regions[start:end, 2] * self.regions[start:end, 3]).sum())
@@ -60,7 +63,7 @@ class Plan:
         tile_cells = max(1, grid.tile_size // self.cell)
         n_rows = int(grid.rows[end - 1] - grid.rows[start]) + 1 if end > start else 1
         rows = min(hc, n_rows * max(1, grid.stride // self.cell) + tile_cells)
-        return 2 * 4 * wc * (rows * (k + 1) + tile_cells * c) + (1 << 20)
+        return 2 * 4 * wc * (rows * (k + 1) + tile_cells * k) + (1 << 20)
 
 
 def make_plan(
