@@ -189,7 +189,7 @@ class TileAssembler(Assembler):
         h = self.tile_cells
         every = self.origins(np.arange(len(grid), dtype=np.int64))
         self.coverage = cell_coverage(every, (h, h), border, plan.shape)
-        self.device = model_device(attr)  # features are averaged and solved there
+        self.device = model_device(attr)  # the products are formed, averaged and solved there
         self.stitcher = FeatureStitcher(  # of the products x H^T: K channels
             plan.shape,
             self.k,
