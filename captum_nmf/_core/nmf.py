@@ -40,19 +40,24 @@ __all__ = ["NMF", "NMFStatistics"]
 _INNER_W = 5  # HALS sweeps over W per outer iteration (early stop at 1 % change); measured best
 
 
-def _refuse_overflow(w: Tensor, x: Tensor) -> None:
+def _refuse_overflow(
+    w: Tensor,
+    x: Tensor,
+    *,
+    what: str = "entries",
+    fix: str = "; pass X in float64 or rescale it.",
+) -> None:
     """Raise when the weights of checked (finite, non-negative) rows are not finite.
 
     With finite ``X`` that only happens when ``X @ H^T`` overflowed ``X``'s dtype.
+    ``x`` is what was solved (the rows, or their products), named ``what`` in
+    the message, which ends with ``fix``.
 
     Raises:
         ValueError: ``w`` holds NaN or infinity.
     """
     if not bool(torch.isfinite(w).all()):
-        raise ValueError(
-            f"X @ H^T overflows {x.dtype} (entries up to {float(x.max()):.3g}); "
-            "pass X in float64 or rescale it."
-        )
+        raise ValueError(f"X @ H^T overflows {x.dtype} ({what} up to {float(x.max()):.3g}){fix}")
 
 
 @dataclass(frozen=True)
@@ -564,12 +569,13 @@ class NMF(
         w = solvers.solve_products(b, fixed.pinv, fixed.factors).to(b.dtype)
         if pending is not None:
             pending.finish()
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(
-                f"X @ H^T overflows {b.dtype} (products up to {float(b.abs().max()):.3g}): the "
-                "layer's activations are too large for this dtype; rescale the model's input "
-                "or hook a layer with smaller activations."
-            )
+        _refuse_overflow(
+            w,
+            b,
+            what="products",
+            fix=": the layer's activations are too large for this dtype; rescale the model's "
+            "input or hook a layer with smaller activations.",
+        )
         return w
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
