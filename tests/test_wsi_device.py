@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pytest
@@ -32,6 +32,7 @@ from captum_nmf.wsi import (
 from captum_nmf.wsi.run.assemble import TileAssembler
 from captum_nmf.wsi.run.execute import prefetched
 from captum_nmf.wsi.stitching import cell_coverage
+from captum_nmf.wsi.store import RunStore
 from tests.helpers.calls import CallRecorder
 from tests.helpers.synthetic_slides import he_image
 
@@ -139,6 +140,27 @@ class SpreadNet(nn.Module):
         return self.relu(self.conv(self.pool(x))).mean(dim=(2, 3))[:, :2]
 
 
+class _Saved(NamedTuple):
+    index: int
+    kind: str  # "chunk" or "carry"
+    arrays: dict[str, Any]
+    size: int  # bytes of the file, right after it was written
+
+
+def _saved_chunks(monkeypatch: pytest.MonkeyPatch) -> list[_Saved]:
+    """Every chunk file a tile-mode run writes, in order (a run removes them when it ends)."""
+    saved: list[_Saved] = []
+    save = TileAssembler.save_chunk
+
+    def record(self: TileAssembler, i: int, kind: str, arrays: dict[str, Any]) -> None:
+        save(self, i, kind, arrays)
+        path = cast(RunStore, self.store).work_dir / self.chunk_name(i, kind)
+        saved.append(_Saved(i, kind, arrays, path.stat().st_size))
+
+    monkeypatch.setattr(TileAssembler, "save_chunk", record)
+    return saved
+
+
 def test_averaged_products_give_the_weights_of_the_averaged_features(
     slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,15 +173,7 @@ def test_averaged_products_give_the_weights_of_the_averaged_features(
     with Slide(slide) as s:
         grid = tile_grid(s, tile_size=64, stride=16, tissue_mask=None)
     tiles = SlideTiles.from_grids([grid])
-    carried: list[tuple[int, ...]] = []
-    save = TileAssembler.save_chunk
-
-    def record(self: TileAssembler, i: int, kind: str, arrays: dict[str, Any]) -> None:
-        if kind == "carry" and "sums" in arrays:
-            carried.append(tuple(arrays["sums"].shape))
-        save(self, i, kind, arrays)
-
-    monkeypatch.setattr(TileAssembler, "save_chunk", record)
+    saved = _saved_chunks(monkeypatch)
     ex = explain_slide(
         attr,
         slide,
@@ -201,6 +215,7 @@ def test_averaged_products_give_the_weights_of_the_averaged_features(
         averaged_weights[:, band.row] = band.features.T
     assert np.abs(averaged_weights - expected).max() > 1e-3 * scale
     # what a chunk carries over to the next (rows x cols x channels) is K channels, not C
+    carried = [tuple(s.arrays["sums"].shape) for s in saved if s.kind == "carry"]
     assert carried
     assert {s[-1] for s in carried} == {attr.concepts_.shape[0]} == {3}
 
@@ -221,15 +236,7 @@ def test_the_free_space_needed_counts_k_channels_of_pending_rows(
 
     monkeypatch.setattr(explain_module, "make_plan", keep)
     out = tmp_path / "run"
-    written: dict[str, int] = {}
-    save = TileAssembler.save_chunk
-
-    def record(self: TileAssembler, i: int, kind: str, arrays: dict[str, Any]) -> None:
-        save(self, i, kind, arrays)
-        if i == 0:
-            written[kind] = (out / self.chunk_name(i, kind)).stat().st_size
-
-    monkeypatch.setattr(TileAssembler, "save_chunk", record)
+    saved = _saved_chunks(monkeypatch)
     explain_slide(
         attr,
         slide,
@@ -242,7 +249,7 @@ def test_the_free_space_needed_counts_k_channels_of_pending_rows(
     )
     plan = plans[0]
     needed = plan.first_chunk_bytes(attr)
-    assert needed >= sum(written.values()) > 0
+    assert needed >= sum(s.size for s in saved if s.index == 0) > 0
     wide = type("Wide", (), {"concepts_": attr.concepts_, "n_channels_in_": 10**6})()
     assert plan.first_chunk_bytes(wide) == needed  # C does not enter
 
