@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import nnls as scipy_nnls
-from torch.overrides import TorchFunctionMode
 
 from captum_nmf import NMF
 from captum_nmf._utils import solvers
+from tests.helpers.calls import CallRecorder
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 F64 = torch.float64
@@ -391,8 +391,8 @@ def test_bfloat16_activations_are_solved_in_float32() -> None:
 
 
 # ------------------------------------------------ device-agnostic kernels (on CPU)
-class _Recorder(TorchFunctionMode):
-    """Records integer matmuls and the calls that would synchronise a GPU with the host."""
+class _Recorder(CallRecorder):
+    """Also records integer matmuls and the calls that would synchronise a GPU with the host."""
 
     _MATMULS = ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "mv", "einsum")
     _SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "unique")
@@ -402,15 +402,9 @@ class _Recorder(TorchFunctionMode):
         self.int_matmuls: list[str] = []
         self.syncs: list[str] = []
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        name = getattr(func, "__name__", str(func))
-        flat = [*args, *(kwargs or {}).values()]
+    def record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().record(name, args, kwargs)
+        flat = [*args, *kwargs.values()]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if name in self._MATMULS and any(not t.is_floating_point() for t in tensors):
             self.int_matmuls.append(name)
@@ -420,7 +414,6 @@ class _Recorder(TorchFunctionMode):
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
                 self.syncs.append(f"{name}[bool]")
-        return func(*args, **(kwargs or {}))
 
 
 @contextmanager

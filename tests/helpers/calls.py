@@ -31,10 +31,14 @@ class CallRecorder(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        self.names.append(getattr(func, "__name__", ""))
+        self.record(getattr(func, "__name__", ""), args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+    def record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Note one call (a subclass may look at its arguments too)."""
+        self.names.append(name)
         first = args[0] if args else None
         self.shapes.append(tuple(first.shape) if isinstance(first, Tensor) else None)
-        return func(*args, **(kwargs or {}))
 
     def first_read_after(self, i: int) -> int:
         """Index of the first call after ``i`` that brings a value to the host."""
