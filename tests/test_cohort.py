@@ -184,6 +184,7 @@ def test_reading_threads_shared_by_hand_give_the_same_maps(
     assert threads.runs == 3
     assert ReadingThreads.active() is None
     assert threads.reader._shutdown  # type: ignore[attr-defined]
+    assert threads.converter._shutdown  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="decoders must be >= 1"):
         ReadingThreads(decoders=0)
     with ReadingThreads() as outer:  # nested `with`: only the outer one closes

@@ -159,32 +159,50 @@ def test_batches_decoded_in_threads_equal_one_thread(tmp_path: Path) -> None:
     assert many._handles == []
 
 
-def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one() -> None:
-    # For a CPU model the reading thread converts each batch to float. Buffers are reused
-    # only once nothing holds them: a batch someone keeps (or a view of it) stays intact.
-    from captum_nmf.wsi.blocks import TileBatches, to_model_input
+@pytest.mark.parametrize("where", ["TileBatches(convert=True)", "converted()"])
+def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one(where: str) -> None:
+    # For a CPU model each batch is converted to float (in TileBatches.batch, or by a slide
+    # run's converting stage). Buffers are reused only once nothing holds them: a batch
+    # someone keeps (or a view of it) stays intact.
+    from captum_nmf.wsi.blocks import TileBatches, converted, to_model_input
 
     with Slide(CMU) as slide:
         grid = tile_grid(slide, tile_size=128, stride=64, tissue_mask=None)
     batches = [list(range(i, i + 4)) for i in range(0, 40, 4)]
-    raw = TileBatches(grid)
-    converted = TileBatches(grid, convert=True)
+    raw, source = TileBatches(grid), TileBatches(grid, convert=where.startswith("Tile"))
+    stage = converted(source.batch(b) for b in batches)
+    take = (lambda b: source.batch(b)[0]) if source.convert else (lambda b: next(stage)[0])
     try:
-        kept = converted.batch(batches[0])[0]
+        kept = take(batches[0])
         kept_copy = kept.clone()
-        view = converted.batch(batches[1])[0][1:3]  # only a view of batch 1 survives
+        view = take(batches[1])[1:3]  # only a view of batch 1 survives
         view_copy = view.clone()
         for b in batches[2:]:
-            images = converted.batch(b)[0]
+            images = take(b)
+            assert images.dtype == torch.float32
+            assert images.shape == (4, 3, 128, 128)
             expected = to_model_input(raw.batch(b)[0], torch.device("cpu"))
             assert torch.equal(images, expected)  # bit-identical to a fresh conversion
             del images
         assert torch.equal(kept, kept_copy)
         assert torch.equal(view, view_copy)
-        assert converted._buffers.reused >= 5  # the free buffers did go round
+        buffers = source._buffers if source.convert else stage.gi_frame.f_locals["pool"]
+        assert buffers.reused >= 5  # the free buffers did go round
     finally:
         raw.close()
-        converted.close()
+        source.close()
+
+
+def test_converted_passes_float_and_empty_batches_unchanged() -> None:
+    from captum_nmf.wsi.blocks import converted
+
+    floats = torch.rand(2, 3, 4, 4)
+    empty = torch.empty(0)
+    idx, none = torch.tensor([0, 1]), torch.tensor([], dtype=torch.int64)
+    out = list(converted(iter([(floats, idx, none), (empty, none, idx)])))
+    assert out[0][0] is floats
+    assert out[1][0] is empty
+    assert out[1][2] is idx  # the failed tiles go on as they came
 
 
 def test_persistent_workers_serve_slide_after_slide_even_after_an_early_stop(

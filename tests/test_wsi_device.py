@@ -338,6 +338,107 @@ def test_an_early_stop_waits_for_the_read_in_flight() -> None:
         assert list(prefetched(iter([7, 8]), pool)) == [7, 8]  # the thread is still usable
 
 
+def _record_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.dtype, int]]:
+    """(thread name, input dtype, batch size) of every ``to_model_input`` of a slide run."""
+    from captum_nmf.wsi import blocks
+    from captum_nmf.wsi.run import execute
+
+    seen: list[tuple[str, torch.dtype, int]] = []
+
+    def recording(real: Any) -> Any:
+        def wrapper(images: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            seen.append((threading.current_thread().name, images.dtype, len(images)))
+            return real(images, *args, **kwargs)
+
+        return wrapper
+
+    for module in (blocks, execute):
+        monkeypatch.setattr(module, "to_model_input", recording(module.to_model_input))
+    return seen
+
+
+def test_a_cpu_run_converts_in_a_thread_of_its_own_with_the_same_maps(
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # reading thread -> converting thread -> the model's thread: the uint8 batches become
+    # float in the converting stage only, and the maps are bit-identical to converting in
+    # the model's thread (as for a model on a GPU)
+    from captum_nmf.wsi.run import execute
+
+    args = {"tile_size": 64, "stride": 32, "tissue_mask": None, "batch_size": 4}
+    seen = _record_conversions(monkeypatch)
+    staged = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+    with Slide(slide) as s:
+        n = len(tile_grid(s, tile_size=64, stride=32, tissue_mask=None))
+    uint8 = [(name, size) for name, dtype, size in seen if dtype == torch.uint8]
+    assert sum(size for _, size in uint8) == n  # every tile, once
+    assert all(name.startswith("captum-nmf-convert") for name, _ in uint8)
+    here = [dtype for name, dtype, _ in seen if name == threading.current_thread().name]
+    assert here
+    assert set(here) == {torch.float32}
+    seen.clear()
+    monkeypatch.setattr(execute, "_converted_ahead", lambda read, threads: read)
+    inline = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+    assert {name for name, dtype, _ in seen if dtype == torch.uint8} == {
+        threading.current_thread().name
+    }
+    assert torch.equal(torch.as_tensor(staged.concept_maps), torch.as_tensor(inline.concept_maps))
+
+
+def test_an_error_in_the_model_stops_reading_and_converting_before_the_slide_closes(
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shared threads (a cohort's) outlive a run that fails at its third batch: when
+    # explain_slide raises, no conversion or read of that run is still going on, and
+    # the same threads then run the slide to the same maps as a fresh run.
+    from captum_nmf.wsi import ReadingThreads, blocks
+
+    args = {"tile_size": 64, "stride": 32, "tissue_mask": None, "batch_size": 2}
+    reference = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+    done: list[int] = []
+    real = blocks.to_model_input
+
+    def slow(images: Tensor, *a: Any, **k: Any) -> Tensor:
+        time.sleep(0.03)  # the converting stage is still busy when the model fails
+        out = real(images, *a, **k)
+        done.append(len(images))
+        return out
+
+    read: list[int] = []
+    batch = blocks.TileBatches.batch
+
+    def slow_read(self: Any, indices: list[int]) -> Any:
+        time.sleep(0.03)  # and so is the reading thread
+        out = batch(self, indices)
+        read.append(len(indices))
+        return out
+
+    calls = [0]
+
+    def fail_third(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        calls[0] += 1
+        if calls[0] == 4:  # the plan's probe tile, then batches 1 and 2
+            raise RuntimeError("boom in batch 3")
+
+    monkeypatch.setattr(blocks, "to_model_input", slow)
+    monkeypatch.setattr(blocks.TileBatches, "batch", slow_read)
+    with ReadingThreads() as threads:
+        hook = attr.forward_func.register_forward_hook(fail_third)  # type: ignore[union-attr]
+        try:
+            with pytest.raises(RuntimeError, match="boom in batch 3"):
+                explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+        finally:
+            hook.remove()
+        after = len(done), len(read)
+        time.sleep(0.2)
+        assert (len(done), len(read)) == after  # nothing of the failed run goes on after it
+        assert 3 <= after[0] <= after[1] <= 6  # it worked ahead of the model, a batch or two
+        again = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+        assert threads.runs == 2
+    assert threads.converter._shutdown  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(again.concept_maps, reference.concept_maps)
+
+
 def test_a_gap_without_tiles_takes_no_memory() -> None:
     # One batch ends above a stretch of glass and the next piece of tissue starts 2000
     # rows lower: only the bands the tiles touch are held, never the gap.

@@ -41,7 +41,7 @@ from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.tiling import PersistentTileLoader, TileGrid, TileRequests
 
-__all__ = ["BlockReader", "ReadingThreads", "TileBatches", "to_model_input"]
+__all__ = ["BlockReader", "ReadingThreads", "TileBatches", "converted", "to_model_input"]
 
 RGB = NDArray[np.uint8]
 
@@ -258,8 +258,10 @@ class ReadingThreads:
     """The threads that read slides, started once and reused by every slide run in their ``with``.
 
     One thread reads the next batch while the model runs on the current one;
-    ``decoders`` threads (if more than one) decode the blocks of a batch in
-    parallel, each with its own slide handle. :func:`~captum_nmf.wsi.explain_slide`
+    for a model on the CPU another converts the batch read before to float
+    (a third stage, so that reading and conversion do not queue behind each
+    other); ``decoders`` threads (if more than one) decode the blocks of a
+    batch in parallel, each with its own slide handle. :func:`~captum_nmf.wsi.explain_slide`
     (with ``num_workers=0``) uses the threads active in the calling context and
     otherwise starts its own for the slide; :func:`~captum_nmf.wsi.explain_cohort`
     starts one set for all its slides, so no slide pays a thread start-up. The
@@ -286,6 +288,8 @@ class ReadingThreads:
         check_int("decoders", decoders, minimum=1, hint="pass e.g. decoders=8 for a GPU model.")
         self.decoders = int(decoders)
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="captum-nmf-read")
+        # started at its first batch: only runs of a model on the CPU convert here
+        self.converter = ThreadPoolExecutor(1, thread_name_prefix="captum-nmf-convert")
         self.decoder_pool: ThreadPoolExecutor | None = (
             ThreadPoolExecutor(self.decoders, thread_name_prefix="captum-nmf-block")
             if self.decoders > 1
@@ -382,6 +386,7 @@ class ReadingThreads:
             loader.close()
         self._loaders.clear()
         self.reader.shutdown(wait=True)
+        self.converter.shutdown(wait=True)
         if self.decoder_pool is not None:
             self.decoder_pool.shutdown(wait=True)
 
@@ -413,8 +418,9 @@ class TileBatches:
                     would otherwise wait (measured only on the CPU so far).
                     Default: 1
         convert (bool, optional): convert ``uint8`` batches to float N x 3 x T x T
-                    here (in the reading thread; for a model on the CPU, whose
-                    thread is busy with the forward) instead of on the device.
+                    in :meth:`batch` (in the calling thread, into reused buffers)
+                    instead of on the device. Slide runs convert in a thread of
+                    their own instead (:func:`converted`).
                     Default: False
         pool (ThreadPoolExecutor, optional): decoding threads shared with other
                     slides (:attr:`ReadingThreads.decoder_pool`); used instead of
@@ -547,6 +553,33 @@ def to_model_input(
 
 
 _USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def converted(
+    batches: Iterator[tuple[Tensor, Tensor, Tensor]], keep: int = 3
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``batches`` of ``(images, indices, failed)`` with ``uint8`` images converted for the CPU.
+
+    Each ``uint8`` N x T x T x 3 batch becomes float N x 3 x T x T in [0, 1]
+    (:func:`to_model_input`, bit-identical), written into one of ``keep``
+    reused buffers once no one else holds it; float and empty batches pass
+    unchanged.
+
+    Args:
+        batches (Iterator): ``(images, indices, failed)`` as :meth:`TileBatches.batch` gives.
+        keep (int, optional): buffers kept for reuse: the batches alive at once.
+                    Default: 3
+
+    Returns:
+        *Iterator*: the batches, converted one at a time as they are asked for.
+    """
+    pool = _BatchBuffers(keep)
+    cpu = torch.device("cpu")
+    for images, idx, failed in batches:
+        if images.dtype == torch.uint8 and len(images):
+            n, t, w = images.shape[:3]
+            images = to_model_input(images, cpu, out=pool.take((n, 3, t, w)))
+        yield images, idx, failed
 
 
 class _BatchBuffers:

@@ -14,7 +14,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import PendingCheck, model_lock
-from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, to_model_input
+from captum_nmf.wsi.blocks import (
+    ReadingThreads,
+    TileBatches,
+    converted,
+    to_model_input,
+)
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
 from captum_nmf.wsi.run.config import RunOptions, model_device
@@ -54,7 +59,6 @@ def _source(
             slide_mpp=mpp,
             pin_memory=device.type == "cuda",
             pool=threads.decoder_pool,  # shared across the slides of a cohort
-            convert=device.type == "cpu",  # in the reading thread, beside the forward
         )
     return SlideTiles.from_grids([grid], transform=transform, on_tile_error=policy, slide_mpp=mpp)
 
@@ -64,7 +68,8 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
 
     Tiles are read one batch ahead of the forward (a thread with ``num_workers=0``,
     else ``DataLoader`` worker processes), moved to the model's device and
-    converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``).
+    converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``);
+    for a model on the CPU a converting thread does that one batch ahead too.
     Each chunk is committed through the run store as soon as its last unit is in.
     The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
     (a cohort's, shared by its slides) or, without any, started for this run. So are
@@ -122,7 +127,7 @@ def _process(
         desc=f"explain {Path(plan.grid.path).name}",
         unit="tile" if plan.regions is None else "region",
     )
-    batches_in = reads if options.num_workers else prefetched(reads, threads.reader)
+    batches_in = _ahead(reads, source, device, threads) if not options.num_workers else reads
     try:
         for images, idx, failed in batches_in:
             ids, lost = idx.numpy(), failed.numpy()
@@ -211,6 +216,39 @@ def _forward(
             f"{knob} (now {value}) and run again with resume=True."
         ) from exc
     return cast(tuple[Tensor, Any, PendingCheck | None], result)
+
+
+def _ahead(
+    reads: Iterable[Any],
+    source: SlideTiles | RegionTiles | TileBatches | None,
+    device: torch.device,
+    threads: ReadingThreads,
+) -> Generator[Any, None, None]:
+    """The batches, read one ahead of the forward; for a CPU model also converted one ahead.
+
+    The block reader gives ``uint8`` batches. A model on a GPU gets them as they
+    are (converted on the device); for one on the CPU the conversion is a stage
+    of its own (:attr:`ReadingThreads.converter`) between the reading thread and
+    the model's: on 2 cores, converting in the reading thread made it the
+    slowest stage (measured in ``benchmarks/bench_pipeline.py`` (b)).
+    """
+    read = prefetched(reads, threads.reader)
+    if device.type != "cpu" or not isinstance(source, TileBatches) or source.transform is not None:
+        return read
+    return _converted_ahead(read, threads)
+
+
+def _converted_ahead(
+    read: Generator[Any, None, None], threads: ReadingThreads
+) -> Generator[Any, None, None]:
+    # 5 buffers: the batch being converted, the one converted ahead, the one in the model,
+    # the one before it (still named by the caller's loop) and a spare
+    stage = prefetched(converted(read, keep=5), threads.converter)
+    try:
+        yield from stage
+    finally:  # the conversion in flight ends first, then the read it may have asked for
+        stage.close()
+        read.close()
 
 
 _END = object()
