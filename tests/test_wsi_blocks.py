@@ -168,16 +168,21 @@ def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one(whe
 
     with Slide(CMU) as slide:
         grid = tile_grid(slide, tile_size=128, stride=64, tissue_mask=None)
-    batches = [list(range(i, i + 4)) for i in range(0, 40, 4)]
+    batches = [list(range(i, i + 4)) for i in range(0, 44, 4)]
     raw, source = TileBatches(grid), TileBatches(grid, convert=where.startswith("Tile"))
-    stage = converted(source.batch(b) for b in batches)
+    stage = converted(source.batch(b) for b in batches)  # in the order taken below
     take = (lambda b: source.batch(b)[0]) if source.convert else (lambda b: next(stage)[0])
     try:
         kept = take(batches[0])
         kept_copy = kept.clone()
-        view = take(batches[1])[1:3]  # only a view of batch 1 survives
+        # the pool's own tensor is not reachable from a batch (a view's _base would be)
+        based = take(batches[1])
+        base = based if based._base is None else based._base
+        base_copy = base.clone()
+        del based
+        view = take(batches[2])[1:3]  # only a view of batch 2 survives
         view_copy = view.clone()
-        for b in batches[2:]:
+        for b in batches[3:]:
             images = take(b)
             assert images.dtype == torch.float32
             assert images.shape == (4, 3, 128, 128)
@@ -185,12 +190,21 @@ def test_converted_batches_reuse_free_buffers_and_never_overwrite_a_held_one(whe
             assert torch.equal(images, expected)  # bit-identical to a fresh conversion
             del images
         assert torch.equal(kept, kept_copy)
+        assert torch.equal(base, base_copy)
         assert torch.equal(view, view_copy)
         buffers = source._buffers if source.convert else stage.gi_frame.f_locals["pool"]
         assert buffers.reused >= 5  # the free buffers did go round
     finally:
         raw.close()
         source.close()
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_converted_refuses_keeping_no_buffer(keep: int) -> None:
+    from captum_nmf.wsi.blocks import converted
+
+    with pytest.raises(ValueError, match=f"keep must be >= 1, got {keep}"):
+        converted(iter([]), keep=keep)  # at the call, not at the first batch
 
 
 def test_converted_passes_float_and_empty_batches_unchanged() -> None:

@@ -258,9 +258,10 @@ class ReadingThreads:
     """The threads that read slides, started once and reused by every slide run in their ``with``.
 
     One thread reads the next batch while the model runs on the current one;
-    for a model on the CPU another converts the batch read before to float
-    (a third stage, so that reading and conversion do not queue behind each
-    other); ``decoders`` threads (if more than one) decode the blocks of a
+    for a model on the CPU another converts the ``uint8`` batch read before to
+    float (a third stage, so that reading and conversion do not queue behind
+    each other; in tile mode without a per-tile ``transform``, which converts
+    in the reading thread); ``decoders`` threads (if more than one) decode the blocks of a
     batch in parallel, each with its own slide handle. :func:`~captum_nmf.wsi.explain_slide`
     (with ``num_workers=0``) uses the threads active in the calling context and
     otherwise starts its own for the slide; :func:`~captum_nmf.wsi.explain_cohort`
@@ -572,8 +573,17 @@ def converted(
 
     Returns:
         *Iterator*: the batches, converted one at a time as they are asked for.
+
+    Raises:
+        TypeError: ``keep`` is not an int.
+        ValueError: ``keep`` is below 1.
     """
-    pool = _BatchBuffers(keep)
+    return _converting(batches, _BatchBuffers(keep))  # keep is checked here, not at a batch
+
+
+def _converting(
+    batches: Iterator[tuple[Tensor, Tensor, Tensor]], pool: _BatchBuffers
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     cpu = torch.device("cpu")
     for images, idx, failed in batches:
         if images.dtype == torch.uint8 and len(images):
@@ -588,14 +598,18 @@ class _BatchBuffers:
     glibc hands every allocation above 32 MiB (a 16 x 3 x 512 x 512 float batch is
     48 MiB) out as a fresh ``mmap`` and returns it on free, so a new batch tensor
     page-faults all its memory in again: 12 of the 16 ms of converting such a batch
-    on this CPU. A buffer is handed out as an alias (a view), and taken again only
-    when its storage has no user but the pool (torch's storage use count), so a
-    model or hook that keeps its input never sees it overwritten. Without that count
-    (another torch version) every batch is a new tensor, as before.
+    on this CPU. A buffer is handed out as a tensor of its own on the pool's storage
+    (not a view: holding its ``_base`` would hold nothing new), and taken again only
+    when that storage has no user but the pool (torch's storage use count), so a
+    model or hook that keeps its input, or any view of it, never sees it
+    overwritten. Not detected: keeping only ``x.untyped_storage()`` (torch hands
+    every caller the same Python object, which the pool's check holds too).
+    Without that count (another torch version) every batch is a new tensor.
     """
 
     def __init__(self, keep: int = 3) -> None:
-        self.keep = keep  # the batch being filled, the one in the model, one spare
+        check_int("keep", keep, minimum=1, hint="keep at least the batches alive at once.")
+        self.keep = int(keep)  # the batch being filled, the one in the model, one spare
         self._pool: list[Tensor] = []
         self.reused = 0
 
@@ -605,14 +619,19 @@ class _BatchBuffers:
             for buf in self._pool:
                 if tuple(buf.shape) == shape and _USE_COUNT(buf.untyped_storage()._cdata) <= 2:
                     self.reused += 1
-                    return buf.view_as(buf)
+                    return _alias(buf)
         new = torch.empty(shape, dtype=torch.float32)
         if _USE_COUNT is None:
             return new
         if len(self._pool) >= self.keep:
             self._pool.pop(0)
         self._pool.append(new)
-        return new.view_as(new)
+        return _alias(new)
+
+
+def _alias(buf: Tensor) -> Tensor:
+    """A new tensor (no ``_base``) over ``buf``'s storage, with ``buf``'s shape and strides."""
+    return torch.empty(0, dtype=buf.dtype).set_(buf.untyped_storage(), 0, buf.shape, buf.stride())
 
 
 def _to_tensor(pixels: RGB) -> Tensor:
