@@ -439,6 +439,35 @@ def test_an_error_in_the_model_stops_reading_and_converting_before_the_slide_clo
     np.testing.assert_array_equal(again.concept_maps, reference.concept_maps)
 
 
+def test_reading_threads_closed_under_a_run_name_the_cause(
+    attr: NMFConceptAttribution, slide: Path
+) -> None:
+    # another thread ends the `with` of the threads a run is using: the run stops with
+    # an error that says so, not "cannot schedule new futures after shutdown"
+    from captum_nmf.wsi import ReadingThreads
+
+    threads = ReadingThreads()
+    calls = [0]
+
+    def close_at_second(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        calls[0] += 1
+        if calls[0] == 3:  # the plan's probe tile, then batch 1, then batch 2
+            threads.close()
+
+    hook = attr.forward_func.register_forward_hook(close_at_second)  # type: ignore[union-attr]
+    try:
+        with (
+            threads.activated(),
+            pytest.raises(RuntimeError, match="reading threads were closed while a slide run"),
+        ):
+            explain_slide(
+                attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=2, progress=False
+            )
+    finally:
+        hook.remove()
+    assert not any(t.name.startswith("captum-nmf-") for t in threading.enumerate())
+
+
 def test_a_gap_without_tiles_takes_no_memory() -> None:
     # One batch ends above a stretch of glass and the next piece of tissue starts 2000
     # rows lower: only the bands the tiles touch are held, never the gap.

@@ -260,18 +260,40 @@ def prefetched(iterable: Iterable[Any], executor: ThreadPoolExecutor) -> Generat
     With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
     PIL release the GIL) with the forward pass without a worker process.
     Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
+
+    Raises:
+        RuntimeError: ``executor`` was shut down while items were still to come.
     ``executor`` (:attr:`ReadingThreads.reader`, shared by a cohort's slides)
     runs the reads. When the generator is closed early, the read in flight is
     waited for, so the caller may close the source right after.
     """
     iterator = iter(iterable)
-    pending: Future[Any] = executor.submit(next, iterator, _END)
+    pending: Future[Any] = _submit(executor, next, iterator, _END)
     try:
         while True:
             item = pending.result()
             if item is _END:
                 return
-            pending = executor.submit(next, iterator, _END)
+            pending = _submit(executor, next, iterator, _END)
             yield item
     finally:
         wait([pending])  # a read still running must not outlive the caller's source
+
+
+def _submit(executor: ThreadPoolExecutor, *call: Any) -> Future[Any]:
+    """``executor.submit(*call)``; threads closed under a run are named as the cause.
+
+    Raises:
+        RuntimeError: ``executor`` was shut down (its :class:`ReadingThreads`
+                    were closed while a run still used them).
+    """
+    try:
+        return executor.submit(*call)
+    except RuntimeError as exc:
+        if not getattr(executor, "_shutdown", False):
+            raise
+        raise RuntimeError(
+            "The reading threads were closed while a slide run still used them "
+            "(ReadingThreads.close(), or the end of its `with` block, in another thread); "
+            "keep them open until every run that uses them has returned."
+        ) from exc
