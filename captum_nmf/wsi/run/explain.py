@@ -136,9 +136,10 @@ def explain_slide(
         num_workers (int, optional): DataLoader worker processes reading tiles
                     while the model runs; 0 reads them in a background thread
                     of this process, one batch ahead (OpenSlide and PIL release
-                    the GIL), which is as fast on a saturated CPU and keeps a
-                    GPU fed without extra processes. Threads and (in tile mode)
-                    worker processes of an active
+                    the GIL; for a model on the CPU another thread converts
+                    them to float, also one batch ahead), which is as fast on
+                    a saturated CPU and keeps a GPU fed without extra processes.
+                    Threads and (in tile mode) worker processes of an active
                     :class:`~captum_nmf.wsi.ReadingThreads` (``explain_cohort``
                     starts one) are reused instead of started for this call.
                     Default: 0
