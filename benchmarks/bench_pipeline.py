@@ -16,7 +16,9 @@ runs in one process, side by side, median of ``--repeats`` rounds (order rotated
     should cost no more than reading. Target >= 0.8. Also timed: the model's forward alone on
     the batches read and converted beforehand (what the model itself costs on these cores),
     and each call's process CPU time (all threads): explain's less the reader's and the
-    forward's is what the pipeline around the model costs in CPU, beside the reading's.
+    forward's is what the pipeline around the model costs in CPU, beside the reading's;
+    explain's CPU over the cores gives the shortest time it could take, and so the
+    highest ratio these cores allow.
     Timed twice: with the tissue mask
     computed once and given to both (so neither pays the tissue detection, which is planning,
     not reading nor the pipeline around the model), and with the detection in both calls.
@@ -246,6 +248,13 @@ def part_b(path: Path, tile: int, stride: int, batch: int, repeats: int) -> None
     print(
         f"the model's own forward takes {t['forward'] / t['reader']:.2f} of the reading time "
         "on the same cores"
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    floor = CPU["explain"] / (cores or 1)  # every core busy all the time
+    print(
+        f"explain needs {CPU['explain']:.2f} s of CPU: on {cores} cores it could take no less "
+        f"than {floor:.2f} s, so the ratio could not pass {t['reader'] / floor:.2f} "
+        f"(took {t['explain']:.2f} s)"
     )
     around = CPU["explain"] - CPU["reader"] - CPU["forward"]
     print(
