@@ -14,12 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import PendingCheck, model_lock
-from captum_nmf.wsi.blocks import (
-    ReadingThreads,
-    TileBatches,
-    converted,
-    to_model_input,
-)
+from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, converted, to_model_input
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
 from captum_nmf.wsi.run.config import RunOptions, model_device
@@ -260,12 +255,12 @@ def prefetched(iterable: Iterable[Any], executor: ThreadPoolExecutor) -> Generat
     With ``num_workers=0`` this overlaps tile reading (OpenSlide's C decoder and
     PIL release the GIL) with the forward pass without a worker process.
     Exceptions (also ``KeyboardInterrupt``) reach the caller at the item that raised.
-
-    Raises:
-        RuntimeError: ``executor`` was shut down while items were still to come.
     ``executor`` (:attr:`ReadingThreads.reader`, shared by a cohort's slides)
     runs the reads. When the generator is closed early, the read in flight is
     waited for, so the caller may close the source right after.
+
+    Raises:
+        RuntimeError: ``executor`` was shut down while items were still to come.
     """
     iterator = iter(iterable)
     pending: Future[Any] = _submit(executor, next, iterator, _END)
