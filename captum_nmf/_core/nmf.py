@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -533,13 +534,9 @@ class NMF(
             ValueError: the product ``X @ H^T`` overflows the activations' dtype.
             NonFiniteActivationError, NegativeActivationError: from ``pending``.
         """
-        x = act if self.device is None else act.to(check_device("device", self.device))
-        fixed = self._fixed_h(x.device, x.dtype)
-        maps = solvers.solve_maps(x, fixed.h, fixed.pinv, fixed.factors)
-        if pending is not None:
-            pending.finish()
-        _refuse_overflow(maps, x)
-        return maps
+        return self._solve_checked(
+            act, lambda x, f: solvers.solve_maps(x, f.h, f.pinv, f.factors), pending
+        )
 
     def _products_maps(self, act: Tensor) -> Tensor:
         """``X @ H^T`` (N x K x h x w) of every location of checked N x C x h x w activations.
@@ -564,18 +561,34 @@ class NMF(
             ValueError: the products overflowed (non-finite weights).
             NonFiniteActivationError, NegativeActivationError: from ``pending``.
         """
-        b = cross if self.device is None else cross.to(check_device("device", self.device))
-        fixed = self._fixed_h(b.device, b.dtype)
-        w = solvers.solve_products(b, fixed.pinv, fixed.factors).to(b.dtype)
-        if pending is not None:
-            pending.finish()
-        _refuse_overflow(
-            w,
-            b,
+        return self._solve_checked(
+            cross,
+            lambda b, f: solvers.solve_products(b, f.pinv, f.factors).to(b.dtype),
+            pending,
             what="products",
             fix=": the layer's activations are too large for this dtype; rescale the model's "
             "input or hook a layer with smaller activations.",
         )
+
+    def _solve_checked(
+        self,
+        x: Tensor,
+        solve: Callable[[Tensor, _FixedH], Tensor],
+        pending: PendingCheck | None,
+        **overflow: str,
+    ) -> Tensor:
+        """``solve(x, fixed H)`` on the estimator's device (if set), then the checks, in order.
+
+        The solve is queued first; then ``pending`` (the activations' value check)
+        is read back, so bad values are the error reported; then non-finite
+        weights are refused as an overflow of ``x`` (``overflow``: the message's
+        ``what`` and ``fix``, see :func:`_refuse_overflow`).
+        """
+        x = x if self.device is None else x.to(check_device("device", self.device))
+        w = solve(x, self._fixed_h(x.device, x.dtype))
+        if pending is not None:
+            pending.finish()
+        _refuse_overflow(w, x, **overflow)
         return w
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
