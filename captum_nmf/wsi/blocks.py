@@ -511,10 +511,7 @@ class TileBatches:
         if transform is not None:
             return torch.stack([transform(_to_tensor(p)) for p in pixels]), idx, lost
         batch = cast(Tensor, images)[: len(good)]  # the tiles that failed left no slot behind
-        if self.convert:
-            shape = (len(good), 3, t, t)
-            batch = to_model_input(batch, torch.device("cpu"), out=self._buffers.take(shape))
-        return batch, idx, lost
+        return (_to_float(batch, self._buffers) if self.convert else batch), idx, lost
 
     def close(self) -> None:
         """Stop its own decoding threads, close every slide handle and drop the cached blocks."""
@@ -584,12 +581,15 @@ def converted(
 def _converting(
     batches: Iterator[tuple[Tensor, Tensor, Tensor]], pool: _BatchBuffers
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    cpu = torch.device("cpu")
     for images, idx, failed in batches:
-        if images.dtype == torch.uint8 and len(images):
-            n, t, w = images.shape[:3]
-            images = to_model_input(images, cpu, out=pool.take((n, 3, t, w)))
-        yield images, idx, failed
+        converting = images.dtype == torch.uint8 and len(images)
+        yield (_to_float(images, pool) if converting else images), idx, failed
+
+
+def _to_float(images: Tensor, pool: _BatchBuffers) -> Tensor:
+    """:func:`to_model_input` of a ``uint8`` CPU batch, into a free buffer of ``pool``."""
+    n, t, w = images.shape[:3]
+    return to_model_input(images, torch.device("cpu"), out=pool.take((n, 3, t, w)))
 
 
 class _BatchBuffers:
