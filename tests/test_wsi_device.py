@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -385,6 +385,18 @@ def test_a_cpu_run_converts_in_a_thread_of_its_own_with_the_same_maps(
     assert torch.equal(torch.as_tensor(staged.concept_maps), torch.as_tensor(inline.concept_maps))
 
 
+def _at_forward(attr: NMFConceptAttribution, n: int, action: Callable[[], None]) -> Any:
+    """Hook ``attr``'s model to run ``action`` after its ``n``-th forward; the hook's handle."""
+    calls = [0]
+
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        calls[0] += 1
+        if calls[0] == n:
+            action()
+
+    return attr.forward_func.register_forward_hook(hook)  # type: ignore[union-attr]
+
+
 def test_an_error_in_the_model_stops_reading_and_converting_before_the_slide_closes(
     attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,17 +425,13 @@ def test_an_error_in_the_model_stops_reading_and_converting_before_the_slide_clo
         read.append(len(indices))
         return out
 
-    calls = [0]
-
-    def fail_third(module: nn.Module, inputs: Any, output: Tensor) -> None:
-        calls[0] += 1
-        if calls[0] == 4:  # the plan's probe tile, then batches 1 and 2
-            raise RuntimeError("boom in batch 3")
+    def boom() -> None:
+        raise RuntimeError("boom in batch 3")
 
     monkeypatch.setattr(blocks, "to_model_input", slow)
     monkeypatch.setattr(blocks.TileBatches, "batch", slow_read)
     with ReadingThreads() as threads:
-        hook = attr.forward_func.register_forward_hook(fail_third)  # type: ignore[union-attr]
+        hook = _at_forward(attr, 4, boom)  # the plan's probe tile, then batches 1 and 2
         try:
             with pytest.raises(RuntimeError, match="boom in batch 3"):
                 explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
@@ -447,14 +455,7 @@ def test_reading_threads_closed_under_a_run_name_the_cause(
     from captum_nmf.wsi import ReadingThreads
 
     threads = ReadingThreads()
-    calls = [0]
-
-    def close_at_second(module: nn.Module, inputs: Any, output: Tensor) -> None:
-        calls[0] += 1
-        if calls[0] == 3:  # the plan's probe tile, then batch 1, then batch 2
-            threads.close()
-
-    hook = attr.forward_func.register_forward_hook(close_at_second)  # type: ignore[union-attr]
+    hook = _at_forward(attr, 3, threads.close)  # the plan's probe tile, then batches 1 and 2
     try:
         with (
             threads.activated(),
