@@ -288,3 +288,52 @@ def test_sparse_tensors_around_a_transient_capture() -> None:
         torch.testing.assert_close(
             concepts.attribute(x, additional_forward_args=(mask,)), first, rtol=0, atol=0
         )
+
+
+# ---------------------------------------------------------- the value check
+def _layouts(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``t`` (N x C x h x w) contiguous, channels-last, cropped (not dense) and expanded."""
+    return {
+        "contiguous": t,
+        "channels_last": t.contiguous(memory_format=torch.channels_last),
+        "cropped": t.contiguous(memory_format=torch.channels_last)[:, :, 1:-1, 1:-1],
+        "expanded": t[:1, :, :1].expand(3, -1, 4, -1),
+    }
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped", "expanded"])
+def test_value_range_is_the_minimum_and_maximum_in_every_layout(layout: str) -> None:
+    from captum_nmf._utils.validation import value_range
+
+    t = torch.arange(2 * 5 * 4 * 3, dtype=torch.float32).reshape(2, 5, 4, 3) - 7.0
+    x = _layouts(t)[layout]
+    assert value_range(x).tolist() == [float(x.min()), float(x.max())]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone(memory_format=torch.preserve_format)
+        y[1, 3, 1, 0] = bad
+        low, high = value_range(y).tolist()
+        assert not (torch.isfinite(torch.tensor([low, high])).all()), (bad, low, high)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "cropped"])
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (float("nan"), "NonFiniteActivationError", r"1 NaN and 0 Inf"),
+        (float("inf"), "NonFiniteActivationError", r"0 NaN and 1 Inf"),
+        (-2.5, "NegativeActivationError", r"min=-2\.5"),
+    ],
+)
+def test_activations_of_any_layout_are_checked(
+    layout: str, value: float, error: str, match: str
+) -> None:
+    # the check reduces a dense tensor in its memory order: channels-last activations
+    # with one bad value anywhere are refused exactly as contiguous ones
+    from captum_nmf import exceptions
+
+    act = _layouts(torch.rand(2, 5, 6, 6, generator=torch.Generator().manual_seed(0)))[layout]
+    assert acts.check_activations(act, negative="raise", name="x") is act  # clean: passed as is
+    act = act.clone(memory_format=torch.preserve_format)
+    act[1, 4, 3, 2] = value
+    with pytest.raises(getattr(exceptions, error), match=match):
+        acts.check_activations(act, negative="raise", name="x")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_int, value_range
 
 __all__ = [
     "ArrayLike",
@@ -118,7 +118,7 @@ def check_values(x: Tensor) -> None:
     """
     # One pass, one host synchronisation, no temporary: NaN propagates into the
     # minimum and maximum, infinities show in them.
-    low, high = torch.stack(torch.aminmax(x)).tolist()
+    low, high = value_range(x).tolist()
     if not (math.isfinite(low) and math.isfinite(high)):
         what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
         raise ValueError(f"Input X contains {what}; NMF needs finite values.")

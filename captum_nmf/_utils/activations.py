@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from captum_nmf._utils.validation import value_range
 from captum_nmf.exceptions import LayerError, NegativeActivationError, NonFiniteActivationError
 
 __all__ = [
@@ -525,7 +526,7 @@ class PendingCheck:
     def __init__(self, act: Tensor, name: str | None) -> None:
         self.act = act
         self.name = name
-        self.extremes: Tensor | None = torch.stack(torch.aminmax(act))  # None once passed
+        self.extremes: Tensor | None = value_range(act)  # None once passed
         self.error: Exception | None = None
 
     def finish(self) -> None:
@@ -589,7 +590,7 @@ def start_check(
     if negative == "raise":
         return act, PendingCheck(act, name)
     # one pass over the batch (and one synchronisation) decides the common, clean case
-    low, high = (float(v) for v in torch.stack(torch.aminmax(act)).tolist())
+    low, high = (float(v) for v in value_range(act).tolist())
     if math.isfinite(low) and math.isfinite(high):
         return (torch.relu(act) if low < 0 else act), None
     return _refuse(act, negative, _label(name)), None

