@@ -447,6 +447,36 @@ def test_an_error_in_the_model_stops_reading_and_converting_before_the_slide_clo
     np.testing.assert_array_equal(again.concept_maps, reference.concept_maps)
 
 
+def test_a_batchs_activations_are_freed_before_the_next_forward(
+    attr: NMFConceptAttribution, slide: Path
+) -> None:
+    # the layer's output of batch i is stitched and dropped before batch i + 1 runs the
+    # model: one batch of activations alive at a time, not two (memory, and on the CPU a
+    # heap that reuses the same block)
+    import weakref
+
+    outputs: list[weakref.ref[Tensor]] = []
+    alive_at_forward: list[bool] = []
+
+    def before(module: nn.Module, inputs: Any) -> None:
+        alive_at_forward.append(bool(outputs) and outputs[-1]() is not None)
+
+    def after(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        outputs.append(weakref.ref(output))
+
+    net = cast(nn.Module, attr.forward_func)
+    handles = [net.register_forward_pre_hook(before), attr.layer.register_forward_hook(after)]
+    try:
+        explain_slide(
+            attr, slide, tile_size=64, stride=32, tissue_mask=None, batch_size=4, progress=False
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(alive_at_forward) >= 5  # the plan's probe tile, then batches of 4
+    assert not any(alive_at_forward)
+
+
 def test_reading_threads_closed_under_a_run_name_the_cause(
     attr: NMFConceptAttribution, slide: Path
 ) -> None:

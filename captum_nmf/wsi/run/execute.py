@@ -134,6 +134,8 @@ def _process(
                 else:
                     act, output, pending = torch.empty(0, 0, 0, 0), None, None
                 assembler.add(act, output, ids, lost, pending)
+                # dropped before the next forward: two batches' activations are never alive at once
+                del act, output, pending
             bar.update(len(ids) + len(lost))
             last = int(max(ids.max(initial=-1), lost.max(initial=-1))) + 1
             if last in chunk_end:
