@@ -83,6 +83,37 @@ def test_streamed_fit_from_dataloader_equals_planted(
     assert attr.n_samples_seen_ == 6 * 8 * 8
 
 
+def test_a_streamed_fit_frees_each_batchs_rows_before_the_next_forward(
+    planted: tuple[nn.Module, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one batch of feature rows alive at a time: the rows given to partial_fit are gone
+    # when the model runs on the next batch (not still named by the fit's loops)
+    import weakref
+
+    from captum_nmf import NMF
+
+    net, maps = planted
+    given: list[weakref.ref[torch.Tensor]] = []
+    alive: list[bool] = []
+    partial_fit = NMF.partial_fit
+
+    def recorded(self: NMF, x: torch.Tensor, *a: object, **k: object) -> NMF:
+        given.append(weakref.ref(x))
+        return partial_fit(self, x, *a, **k)
+
+    monkeypatch.setattr(NMF, "partial_fit", recorded)
+    handle = net.register_forward_pre_hook(
+        lambda module, inputs: alive.append(bool(given) and given[-1]() is not None)
+    )
+    try:
+        attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+        attr.fit(list(maps.split(2)), n_epochs=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(given) == len(alive) == 6
+    assert not any(alive)
+
+
 def test_fit_from_list_and_generator_and_subsampling(
     planted: tuple[nn.Module, torch.Tensor],
 ) -> None:

@@ -202,3 +202,4 @@ def rows_of(
             found = rows(batch, generator)
             if found is not None:
                 yield found
+            del found  # not alive during the next batch's forward

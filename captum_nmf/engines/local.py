@@ -34,4 +34,5 @@ class LocalEngine:
                 solver.fit(v)
             else:
                 solver.partial_fit(v)
+            del v  # one batch of rows alive at a time: dropped before the next forward
         return solver
