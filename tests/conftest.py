@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from captum_nmf import data
+from tests.helpers.emulated_cuda import EmulatedCuda, emulated_cuda
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +35,23 @@ def _no_tf32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.fixture
+def cuda() -> Iterator[EmulatedCuda | None]:
+    """A CUDA device for the test: the GPU where there is one (None), else an emulated one.
+
+    Without a GPU (CI) the test runs on :mod:`tests.helpers.emulated_cuda`: CPU
+    tensors marked as on ``cuda:0``, with CUDA's rules enforced on every torch
+    call. That catches what crashes a first CUDA call, not CUDA's numerics or speed.
+    """
+    if torch.cuda.is_available():
+        yield None
+        return
+    with emulated_cuda() as mode:
+        yield mode
+    if mode.calls == 0:
+        pytest.fail("the test asked for CUDA but never touched the (emulated) device")
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,24 @@
-"""CPU/CUDA parity of every path that touches a device (skipped without CUDA; run on a GPU).
+"""CPU/CUDA parity of every path that touches a device.
 
 Each test runs the same call with the model and inputs on the CPU and on CUDA and
 compares the results; every returned tensor must be on the input's device.
-``CAPTUM_NMF_PARITY_DEVICE=cpu`` runs them with the CPU as the "device" (a check
-of the calls themselves where no GPU is lent).
+
+On a machine with a GPU they run on it. Without one (CI) they run on an
+emulated CUDA device (:mod:`tests.helpers.emulated_cuda`): CPU tensors marked as
+on the device, with CUDA's rules enforced on every torch call (no mixing of
+devices, no ``.numpy()`` of a device tensor, no integer matmul, no CPU generator
+for device random numbers). That catches the crashes of a first CUDA call, not
+CUDA's speed or numerics. ``CAPTUM_NMF_PARITY_DEVICE`` picks one: ``cuda``,
+``emulated`` or ``cpu`` (the CPU as the "device": the calls without any rule).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,13 +26,28 @@ import torch
 
 from captum_nmf import NMF, NMFConceptAttribution
 from captum_nmf.wsi import SlideTiles, explain_cohort, explain_slide, write_pyramid
+from tests.helpers.emulated_cuda import EmulatedCuda, emulated_cuda
 from tests.helpers.synthetic_slides import he_image
 from tests.helpers.wsi_models import PoolNet
 
-CUDA = torch.device(os.environ.get("CAPTUM_NMF_PARITY_DEVICE", "cuda"))
-pytestmark = pytest.mark.skipif(
-    CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+MODE = os.environ.get(
+    "CAPTUM_NMF_PARITY_DEVICE", "cuda" if torch.cuda.is_available() else "emulated"
 )
+CUDA = torch.device("cpu" if MODE == "cpu" else "cuda")
+pytestmark = pytest.mark.skipif(
+    MODE == "cuda" and not torch.cuda.is_available(), reason="CAPTUM_NMF_PARITY_DEVICE=cuda"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def device() -> Iterator[EmulatedCuda | None]:
+    """The emulated device for the whole module (its fixtures too), or None on a real one."""
+    if MODE != "emulated":
+        yield None
+        return
+    with emulated_cuda() as mode:
+        yield mode
+    assert mode.calls > 0, "the module never touched the emulated device"
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +158,126 @@ def test_cams_analyses_viz_and_export_of_cuda_results(
     assert result.to_markdown()
     fig = plot_overlay(x[:1].to(CUDA), gpu.attribute(x[:1].to(CUDA)))
     assert fig is not None
+    ex = explain_slide(gpu, slide, tile_size=64, stride=32, tissue_mask=None, progress=False)
+    export_explanation(ex, tmp_path / "export")
+    assert (tmp_path / "export" / "concepts.geojson").is_file()
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    return t.device.type == CUDA.type
+
+
+def test_solver_paths_inits_and_numpy_inputs() -> None:
+    """The K > 12 pattern path, the exact fallback, every init, NumPy in with ``device=``."""
+    from captum_nmf._utils import solvers
+
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(600, 24, generator=gen, dtype=torch.float64)
+    inits: tuple[tuple[int, Any], ...] = ((14, "nndsvda"), (5, "nndsvd"), (5, "random"))
+    for k, init in inits:
+        a = NMF(k, init=init, random_state=0, max_iter=30).fit(v)
+        b = NMF(k, init=init, random_state=0, max_iter=30).fit(v.to(CUDA))
+        assert _on_device(b.components_)
+        torch.testing.assert_close(b.components_.cpu(), a.components_, rtol=1e-5, atol=1e-8)
+        w = b.transform(v.to(CUDA))
+        assert _on_device(w)
+        torch.testing.assert_close(w.cpu(), a.transform(v), rtol=1e-5, atol=1e-8)
+    h = a.components_
+    gram, cross = h @ h.T, v @ h.T
+    for compact in (False, True):
+        got = solvers.nnls(gram.to(CUDA), cross.to(CUDA), compact=compact)
+        assert _on_device(got)
+        torch.testing.assert_close(got.cpu(), solvers.nnls(gram, cross, compact=compact))
+    wide = NMF(14, random_state=0, max_iter=5).fit(v).components_  # 14 concepts: pattern path
+    g14, c14 = wide @ wide.T, v @ wide.T
+    exact = solvers._nnls_bpp(g14.to(CUDA), c14.to(CUDA))
+    assert _on_device(exact)
+    torch.testing.assert_close(exact.cpu(), solvers._nnls_bpp(g14, c14))
+    x = v.numpy()
+    model = NMF(4, random_state=0, max_iter=30, device=CUDA).fit(x)
+    assert isinstance(model.components_, np.ndarray)
+    assert isinstance(model.transform(x), np.ndarray)
+    np.testing.assert_allclose(
+        model.components_, NMF(4, random_state=0, max_iter=30).fit(x).components_, rtol=1e-5
+    )
+
+
+def test_fit_with_sampled_locations_and_device_options(slide: Path) -> None:
+    tiles = SlideTiles(slide, tile_size=64, stride=32, tissue_mask=None)
+    options: dict[str, Any] = {"max_locations_per_batch": 20, "batch_size": 8, "progress": False}
+    net = PoolNet().eval()
+    a = NMFConceptAttribution(net, net.relu, 3, random_state=0).fit(tiles, **options)
+    g = copy.deepcopy(net).to(CUDA)
+    b = NMFConceptAttribution(g, g.relu, 3, random_state=0).fit(tiles, **options)
+    assert _on_device(b.concepts_)
+    torch.testing.assert_close(b.concepts_.cpu(), a.concepts_.cpu(), rtol=1e-4, atol=1e-5)
+    c = NMFConceptAttribution(g, g.relu, 3, random_state=0)
+    c.fit(tiles, channels_last=True, **options)
+    torch.testing.assert_close(c.concepts_.cpu(), a.concepts_.cpu(), rtol=1e-4, atol=1e-5)
+    x = torch.stack([tiles[i][0] for i in range(4)]).to(CUDA)
+    maps = c.attribute(x, channels_last=True)
+    assert _on_device(maps)
+    assert maps.is_contiguous()
+
+
+def test_explain_slide_with_workers_device_options_and_two_slides(
+    tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...]
+) -> None:
+    cpu, gpu = pair
+    kwargs: dict[str, Any] = {"tile_size": 64, "stride": 32, "tissue_mask": None, "progress": False}
+    reference = explain_slide(cpu, slide, **kwargs).concept_maps
+    workers = explain_slide(gpu, slide, num_workers=2, batch_size=8, **kwargs)
+    np.testing.assert_allclose(workers.concept_maps, reference, rtol=1e-4, atol=1e-5)
+    fast = explain_slide(gpu, slide, channels_last=True, **kwargs)
+    np.testing.assert_allclose(fast.concept_maps, reference, rtol=1e-4, atol=1e-5)
+    half = explain_slide(gpu, slide, autocast=torch.bfloat16, **kwargs)
+    assert half.concept_maps.dtype == np.float32
+    np.testing.assert_allclose(half.concept_maps, reference, rtol=0.05, atol=0.05 * reference.max())
+    second = write_pyramid(he_image()[384:640, :384], tmp_path / "second.svs")
+    cohort = explain_cohort(gpu, [slide, second], tmp_path / "cohort", num_workers=0, **kwargs)
+    assert cohort.ok
+    again = explain_cohort(gpu, [slide, second], tmp_path / "cohort2", num_workers=1, **kwargs)
+    assert again.ok
+
+
+def test_every_cam_method_and_the_paper_analyses(pair: tuple[NMFConceptAttribution, ...]) -> None:
+    from captum_nmf.compare import CAM_METHODS, analyse, cam_maps
+
+    cpu, gpu = pair
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for method in CAM_METHODS:
+        on_cpu = cam_maps(cpu.forward_func, cpu.layer, x, method, target=1)
+        on_device = cam_maps(gpu.forward_func, gpu.layer, x.to(CUDA), method, target=1)
+        assert _on_device(on_device), method
+        torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=1e-4, atol=1e-6)
+    a = analyse(cpu, x, target=1, progress=False, batch_size=4)
+    b = analyse(gpu, x.to(CUDA), target=1, progress=False, batch_size=4)
+    assert b.to_markdown() == a.to_markdown()
+
+
+def test_plots_and_exports_take_device_tensors(
+    tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...]
+) -> None:
+    import matplotlib.pyplot as plt
+
+    from captum_nmf.compare import cam_maps, concept_similarity, weight_correlation
+    from captum_nmf.viz import overlay, plot_comparison, plot_concepts, plot_structure
+
+    cpu, gpu = pair
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    maps_cpu, maps = cpu.attribute(x), gpu.attribute(x.to(CUDA))
+    np.testing.assert_allclose(
+        overlay(x[0].to(CUDA), maps[0]), overlay(x[0], maps_cpu[0]), rtol=1e-4, atol=1e-5
+    )
+    cam = cam_maps(gpu.forward_func, gpu.layer, x.to(CUDA), "gradcam", target=1)
+    for fig in (
+        plot_concepts(x[0].to(CUDA), maps[0]),
+        plot_comparison(x[0].to(CUDA), cam[0], maps[0]),
+        plot_structure(concept_similarity(gpu.concepts_), weight_correlation(maps)),
+    ):
+        plt.close(fig)
+    from captum_nmf.export import export_explanation
+
     ex = explain_slide(gpu, slide, tile_size=64, stride=32, tissue_mask=None, progress=False)
     export_explanation(ex, tmp_path / "export")
     assert (tmp_path / "export" / "concepts.geojson").is_file()

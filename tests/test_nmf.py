@@ -14,8 +14,7 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from captum_nmf import NMF
 from captum_nmf._utils import solvers
 from captum_nmf.exceptions import NotFittedError
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from tests.helpers.emulated_cuda import EmulatedCuda
 
 
 def low_rank(n: int, c: int, k: int, *, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -250,8 +249,7 @@ def test_from_components_transform() -> None:
         NMF.from_components(-h)
 
 
-@CUDA
-def test_cuda_matches_cpu() -> None:
+def test_cuda_matches_cpu(cuda: EmulatedCuda | None) -> None:
     x = low_rank(2000, 32, 4)
     cpu = NMF(4, random_state=0).fit(x)
     gpu = NMF(4, random_state=0).fit(x.cuda())

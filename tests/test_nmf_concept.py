@@ -32,6 +32,7 @@ from tests.helpers.basic_models import (
     training_flags,
 )
 from tests.helpers.calls import CallRecorder
+from tests.helpers.emulated_cuda import EmulatedCuda
 
 
 def match_concepts(found: torch.Tensor, planted: torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -568,8 +569,9 @@ def test_real_weights_on_real_he(lite0: nn.Module, he_tiles: torch.Tensor) -> No
     assert set(attr.assign(x).unique().tolist()) >= set(range(6)) - {-1}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_inputs_give_cuda_maps(planted: tuple[nn.Module, torch.Tensor]) -> None:
+def test_cuda_inputs_give_cuda_maps(
+    planted: tuple[nn.Module, torch.Tensor], cuda: EmulatedCuda | None
+) -> None:
     net, maps = planted
     net = net.cuda()
     attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)

@@ -1,0 +1,287 @@
+"""An emulated CUDA device on the CPU: CUDA's rules without a GPU.
+
+Tensors "on the device" are CPU tensors whose storage is marked as such. While
+:func:`emulated_cuda` is active, a ``TorchFunctionMode`` sees every torch call
+(in every thread started meanwhile) and applies the rules that make code
+written on a CPU crash on its first CUDA call:
+
+- ``.device`` / ``.is_cuda`` of a marked tensor say ``cuda:0``; ``.to("cuda")``,
+  ``.cuda()`` and ``device="cuda"`` give marked copies, ``.cpu()`` unmarked ones;
+  the results of a call with a marked argument are marked.
+- An operation mixing marked tensors with CPU tensors of one dimension or more
+  raises CUDA's ``RuntimeError`` ("Expected all tensors to be on the same
+  device"). Indexing with CPU indices and ``copy_`` across devices are allowed,
+  as on CUDA; so are CPU 0-dim tensors beside device tensors.
+- ``.numpy()`` / ``np.asarray`` of a marked tensor raises CUDA's ``TypeError``;
+  ``.pin_memory()`` of a marked tensor raises.
+- A matmul of integer tensors on the device raises ``NotImplementedError``
+  (CUDA has none: the first CUDA call of our NNLS crashed on one).
+- Random numbers drawn on the device from a CPU ``torch.Generator`` raise
+  CUDA's ``RuntimeError``.
+- ``torch.cuda.is_available()`` and ``torch.accelerator.is_available()`` say
+  True (one device); ``pin_memory=True`` is accepted; ``torch.autocast("cuda")``
+  may be entered but changes nothing (the emulated kernels are the CPU's).
+
+What it cannot show: speed, asynchrony (a missing synchronisation), kernels
+CUDA lacks for other dtypes, numerical differences of CUDA's kernels, and work
+done by C++ threads or other processes. It is no substitute for running on a
+GPU: ``tests/test_cuda_parity.py`` runs on a real one whenever there is one.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+CUDA0 = torch.device("cuda", 0)
+
+_MATMULS = frozenset(
+    {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "mv", "dot", "einsum"}
+    | {"baddbmm", "addbmm", "tensordot", "linear", "inner", "outer", "chain_matmul"}
+)
+# calls that may take tensors of both devices on CUDA too
+_CROSS_DEVICE = frozenset(
+    {"copy_", "__getitem__", "__setitem__", "index_put_", "__repr__", "__format__", "__str__"}
+    | {"_has_compatible_shallow_copy_type", "__reduce_ex__", "__deepcopy__", "new_tensor"}
+)
+_NO_CHECK = frozenset({"__get__", "__set__", "grad"})  # handled on their own
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+
+
+def _device_of(value: Any) -> torch.device | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, int):
+        return torch.device("cuda", value)
+    return torch.device(value)
+
+
+class EmulatedCuda(TorchFunctionMode):
+    """The mode behind :func:`emulated_cuda` (see the module's docstring).
+
+    ``calls`` counts the torch calls that touched a device tensor, so a test can
+    tell that work really ran "on the device".
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._storages: dict[int, bool] = {}  # data_ptrs of the live device storages
+        self._empty: dict[int, Any] = {}  # id -> weakref of marked tensors without bytes
+        self._lock = threading.RLock()
+        self.calls = 0
+
+    # ------------------------------------------------------------------ marks
+    def on_device(self, t: Tensor) -> bool:
+        """Whether ``t`` is (emulated) on the device."""
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            ref = self._empty.get(id(t))
+            return ref is not None and ref() is t
+        return storage.data_ptr() in self._storages
+
+    def _mark(self, value: Any) -> None:
+        for t in _tensors(value):
+            storage = t.untyped_storage()
+            with self._lock:
+                if storage.nbytes() == 0:
+                    self._empty[id(t)] = weakref.ref(t)
+                elif storage.data_ptr() not in self._storages:
+                    ptr = storage.data_ptr()
+                    self._storages[ptr] = True
+                    # the storage's Python object lives as long as its memory: forget the
+                    # address when that is freed (the allocator may reuse it for the host)
+                    weakref.finalize(storage, self._storages.pop, ptr, None)
+
+    # ------------------------------------------------------------------ calls
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__"):
+            return self._attribute(func, name, args, kwargs)
+        if name in ("to", "cuda", "cpu"):
+            return self._transfer(func, name, args, kwargs)
+        tensors = _tensors((args, kwargs))
+        marked = [t for t in tensors if self.on_device(t)]
+        if name in ("numpy", "__array__") and marked:
+            raise TypeError(
+                "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy "
+                "the tensor to host memory first."
+            )
+        if name == "pin_memory":
+            if marked:
+                raise RuntimeError("cannot pin 'torch.cuda.FloatTensor' only dense CPU tensors")
+            return args[0].clone()
+        if name == "is_pinned":
+            return False
+        if name == "get_device":
+            return 0 if marked else -1
+        target = _device_of(kwargs.get("device"))
+        to_device = False
+        if target is not None and target.type == "cuda":
+            self._check_ordinal(target)
+            kwargs["device"], to_device = "cpu", True
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        generator = kwargs.get("generator")
+        if (
+            isinstance(generator, torch.Generator)
+            and generator.device.type != "cuda"
+            and (to_device or marked)
+        ):
+            raise RuntimeError(
+                f"Expected a 'cuda' device type for generator but found '{generator.device.type}'"
+            )
+        if marked and name not in _NO_CHECK:
+            self.calls += 1
+            if name in _MATMULS:
+                ints = [t for t in tensors if not (t.is_floating_point() or t.is_complex())]
+                if ints:
+                    raise NotImplementedError(
+                        f"\"{name}_cuda\" not implemented for '{str(ints[0].dtype)[6:].title()}'"
+                    )
+            if name not in _CROSS_DEVICE:
+                self._check_same_device(name, tensors, marked)
+        out = func(*args, **kwargs)
+        if name == "grad" and marked:  # torch.autograd.grad: gradients live where their inputs do
+            return self._grads_like(out, kwargs.get("inputs", args[1] if len(args) > 1 else ()))
+        if to_device:  # a copy on the device, never memory shared with a host array or tensor
+            shared = {t.untyped_storage().data_ptr() for t in tensors}
+            if isinstance(out, Tensor) and (
+                name in ("as_tensor", "asarray") or out.untyped_storage().data_ptr() in shared
+            ):
+                out = out.clone()
+            self._mark(out)
+        elif marked and target is None and name not in ("__setitem__", "copy_"):
+            self._mark(out)
+        return out
+
+    def _check_ordinal(self, device: torch.device) -> None:
+        if device.index not in (None, 0):
+            raise RuntimeError(
+                "CUDA error: invalid device ordinal (the emulated machine has one device)"
+            )
+
+    def _check_same_device(self, name: str, tensors: list[Tensor], marked: list[Tensor]) -> None:
+        # CPU 0-dim tensors may join device tensors (CUDA takes them as scalars); no others
+        if any(t.dim() > 0 and not self.on_device(t) for t in tensors):
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two "
+                f"devices, cuda:0 and cpu! (when checking argument for {name}, emulated CUDA)"
+            )
+
+    def _grads_like(self, grads: Any, inputs: Any) -> Any:
+        inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        for g, i in zip(grads, inputs, strict=False):
+            if g is not None and self.on_device(i):
+                self._mark(g)
+        return grads
+
+    def _attribute(
+        self, func: Callable[..., Any], kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        attr = getattr(getattr(func, "__self__", None), "__name__", "")
+        t = args[0]
+        if kind == "__get__" and isinstance(t, Tensor):
+            if attr == "device":
+                return CUDA0 if self.on_device(t) else func(*args, **kwargs)
+            if attr == "is_cuda":
+                return self.on_device(t)
+            if attr == "is_cpu":
+                return not self.on_device(t)
+            out = func(*args, **kwargs)
+            if attr in ("grad", "data", "T", "mT", "H", "mH", "real") and self.on_device(t):
+                self._mark(out)
+            return out
+        return func(*args, **kwargs)
+
+    def _transfer(
+        self, func: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        t = args[0]
+        if not isinstance(t, Tensor):
+            return func(*args, **kwargs)
+        source_on_device = self.on_device(t)
+        fmt = kwargs.get("memory_format")
+        target: torch.device | None
+        dtype: torch.dtype | None = None
+        if name == "cpu":
+            target = torch.device("cpu")
+        elif name == "cuda":
+            target = _device_of(args[1] if len(args) > 1 else kwargs.get("device")) or CUDA0
+        else:
+            rest = args[1:]
+            other = rest[0] if rest and isinstance(rest[0], Tensor) else kwargs.get("other")
+            if isinstance(other, Tensor):
+                target = CUDA0 if self.on_device(other) else torch.device("cpu")
+                dtype = other.dtype
+            else:
+                target, dtype, _, fmt = torch._C._nn._parse_to(*rest, **kwargs)
+        if target is None or target.type not in ("cuda", "cpu"):
+            out = func(*args, **kwargs)
+            if source_on_device:
+                self._mark(out)
+            return out
+        crossing = source_on_device != (target.type == "cuda")
+        if target.type == "cuda":
+            self._check_ordinal(target)
+        out = t.to(
+            dtype or t.dtype,
+            copy=crossing or bool(kwargs.get("copy", False)),
+            memory_format=fmt or torch.preserve_format,
+        )
+        if target.type == "cuda":
+            self._mark(out)
+        return out
+
+
+@contextmanager
+def emulated_cuda() -> Iterator[EmulatedCuda]:
+    """Run the block with an emulated CUDA device (see the module's docstring).
+
+    Threads started inside the block run their work under the same rules.
+    """
+    mode = EmulatedCuda()
+    original_run = threading.Thread.run
+
+    def run(thread: threading.Thread) -> None:
+        with mode:
+            original_run(thread)
+
+    with ExitStack() as stack:
+        patches: list[tuple[Any, str, Any]] = [
+            (threading.Thread, "run", run),
+            (torch.cuda, "is_available", lambda: True),
+            (torch.cuda, "device_count", lambda: 1),
+            (torch.cuda, "current_device", lambda: 0),
+            (torch.cuda, "set_device", lambda device: None),
+            (torch.cuda, "synchronize", lambda device=None: None),
+            (torch.cuda, "is_bf16_supported", lambda including_emulation=True: True),
+            (torch.accelerator, "is_available", lambda: True),
+            (torch.accelerator, "current_accelerator", lambda check_available=False: CUDA0),
+            (torch.accelerator, "set_device_index", lambda device: None),
+            (torch.accelerator, "current_device_index", lambda: 0),
+        ]
+        for owner, attr, value in patches:
+            stack.enter_context(mock.patch.object(owner, attr, value))
+        stack.enter_context(mode)
+        yield mode

@@ -1,0 +1,167 @@
+"""The emulated CUDA device of the tests: each of CUDA's rules it claims, enforced.
+
+The CUDA tests of this suite run on it where no GPU is lent (CI). They can only
+catch what it catches, so each rule is shown here to fail code that breaks it,
+including the line that crashed the first real CUDA call of our NNLS.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers.emulated_cuda import emulated_cuda
+
+MIXED = r"Expected all tensors to be on the same device, but found at least two devices"
+
+
+def test_device_tensors_say_cuda_and_come_back_as_host_copies() -> None:
+    with emulated_cuda() as mode:
+        host = torch.arange(6.0).reshape(2, 3)
+        x = host.to("cuda")
+        assert x.device == torch.device("cuda", 0)
+        assert x.is_cuda
+        assert x.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
+        for made in (x * 2, x.sum(), x.T, x[0], x.float(), torch.zeros_like(x), x.new_ones(3)):
+            assert made.device.type == "cuda"
+        for made in (
+            torch.zeros(3, device="cuda"),
+            torch.ones(2, device=x.device),
+            host.cuda(),
+            host.to(x),
+            torch.as_tensor(np.ones(3), device="cuda"),
+        ):
+            assert made.device.type == "cuda"
+        back = x.cpu()
+        assert back.device.type == "cpu"
+        assert not back.is_cuda
+        assert torch.equal(back, host)
+        assert x.to("cpu", torch.float64).device.type == "cpu"
+        assert host.device.type == "cpu"  # the source stays where it was
+        assert mode.calls > 0
+    with pytest.raises(RuntimeError, match="invalid device ordinal"), emulated_cuda():
+        host.to("cuda:1")
+
+
+def test_mixing_devices_raises_as_cuda_does() -> None:
+    with emulated_cuda():
+        x = torch.rand(4, 3, device="cuda")
+        cpu = torch.rand(4, 3)
+        for call in (
+            lambda: x + cpu,
+            lambda: cpu * x,
+            lambda: torch.cat([x, cpu]),
+            lambda: x @ cpu.T,
+            lambda: torch.where(x > 0, x, cpu),
+            lambda: cpu + x.sum(),  # a device scalar does not join host tensors
+            lambda: nn.Linear(3, 2)(x),  # a model left on the host
+        ):
+            with pytest.raises(RuntimeError, match=MIXED):
+                call()
+        # what CUDA allows: host 0-dim tensors and Python numbers, host indices, copies
+        assert (x + torch.tensor(2.0)).device.type == "cuda"
+        assert x[torch.tensor([0, 2])].shape == (2, 3)
+        x[torch.tensor([1])] = 0.0
+        x.copy_(cpu)
+        assert torch.equal(x.cpu(), cpu)
+
+
+def test_numpy_of_a_device_tensor_raises() -> None:
+    with emulated_cuda():
+        x = torch.rand(3, device="cuda")
+        with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
+            x.numpy()
+        with pytest.raises(TypeError, match="can't convert cuda:0"):
+            np.asarray(x)
+        assert x.cpu().numpy().shape == (3,)
+        assert isinstance(x.sum().item(), float)  # .item() and .tolist() work (they synchronise)
+
+
+def test_an_integer_matmul_on_the_device_raises_like_our_first_nnls_did() -> None:
+    with emulated_cuda():
+        passive = torch.rand(5, 4, device="cuda") > 0.5
+        bits = torch.ones(4, dtype=torch.long, device="cuda") << torch.arange(4, device="cuda")
+        with pytest.raises(NotImplementedError, match=r"not implemented for 'Int64'"):
+            passive.long() @ bits  # the line that crashed on the H200
+        codes = (passive.long() * bits).sum(1)  # its replacement
+        assert codes.device.type == "cuda"
+        assert (torch.rand(2, 3, device="cuda") @ torch.rand(3, 2, device="cuda")).is_cuda
+
+
+def test_device_random_numbers_need_a_device_generator() -> None:
+    gen = torch.Generator().manual_seed(0)
+    with emulated_cuda():
+        with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator"):
+            torch.rand(3, device="cuda", generator=gen)
+        with pytest.raises(RuntimeError, match="Expected a 'cuda' device type for generator"):
+            torch.rand(3, device="cuda").uniform_(generator=gen)
+        # drawn on the host, then moved: the pattern the library uses
+        assert torch.rand(3, generator=gen).to("cuda").is_cuda
+
+
+def test_threads_started_inside_follow_the_same_rules() -> None:
+    seen: list[object] = []
+    with emulated_cuda():
+        x = torch.rand(3, device="cuda")
+
+        def work() -> None:
+            seen.append((x * 2).device)
+            try:
+                x + torch.rand(3)
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    assert seen[0] == torch.device("cuda", 0)
+    assert "same device" in str(seen[1])
+
+
+def test_models_gradients_and_pinned_batches() -> None:
+    with emulated_cuda():
+        net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).to("cuda")
+        assert all(p.device.type == "cuda" for p in net.parameters())
+        x = torch.rand(1, 3, 5, 5, device="cuda", requires_grad=True)
+        out = net(x)
+        assert out.device.type == "cuda"
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.device.type == "cuda"
+        net(x).sum().backward()
+        assert net[0].weight.grad is not None
+        assert net[0].weight.grad.device.type == "cuda"
+        pinned = torch.empty(2, 3, pin_memory=True)
+        assert pinned.device.type == "cpu"
+        assert torch.rand(3).pin_memory().device.type == "cpu"
+        with pytest.raises(RuntimeError, match="cannot pin"):
+            x.pin_memory()
+
+
+def test_freed_device_memory_is_forgotten() -> None:
+    """The allocator may give a freed device tensor's address to a host one: not marked then."""
+    with emulated_cuda() as mode:
+        x = torch.rand(1000, device="cuda")
+        ptr = x.untyped_storage().data_ptr()
+        view = x[10:]
+        del x
+        gc.collect()
+        assert ptr in mode._storages  # the view keeps the memory alive
+        del view
+        gc.collect()
+        assert ptr not in mode._storages
+
+
+def test_outside_the_block_nothing_is_emulated() -> None:
+    originals = torch.cuda.is_available, torch.accelerator.is_available, threading.Thread.run
+    with emulated_cuda():
+        assert torch.cuda.is_available()
+        x = torch.rand(3, device="cuda")
+    assert (torch.cuda.is_available, torch.accelerator.is_available, threading.Thread.run) == (
+        originals
+    )
+    assert x.device.type == "cpu"  # a tensor made inside is an ordinary CPU tensor outside
