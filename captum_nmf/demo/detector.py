@@ -115,15 +115,22 @@ def he_tiles(
 
 @torch.no_grad()
 def _pooled(model: zoo.EfficientNetLite0, images: Tensor, batch_size: int) -> NDArray[np.float64]:
+    """The pooled ``head_relu`` features of ``images``, computed on the model's device."""
+    device = next(model.parameters()).device
     feats = []
     for start in range(0, images.shape[0], batch_size):
-        x = zoo.normalize(images[start : start + batch_size])
-        feats.append(torch.flatten(model.pool(model.features(x)), 1).double().numpy())
+        x = zoo.normalize(images[start : start + batch_size].to(device))
+        feats.append(torch.flatten(model.pool(model.features(x)), 1).double().cpu().numpy())
     return np.concatenate(feats)
 
 
 def train_tumour_detector(
-    tiles: HETiles, *, batch_size: int = 16, c: float = 0.1, random_state: int = 0
+    tiles: HETiles,
+    *,
+    batch_size: int = 16,
+    c: float = 0.1,
+    random_state: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[zoo.EfficientNetLite0, float]:
     """EfficientNet-Lite0 (ImageNet, frozen) with a 2-class head fitted on ``tiles``.
 
@@ -140,16 +147,18 @@ def train_tumour_detector(
                     Default: 0.1
         random_state (int, optional): seed of the solver.
                     Default: 0
+        device (str or torch.device, optional): where the model is put and runs.
+                    Default: ``"cpu"``
 
     Returns:
-        *tuple*: the model (eval mode) and its training accuracy.
+        *tuple*: the model (eval mode, on ``device``) and its training accuracy.
 
     Raises:
         ValueError: the tiles hold one label only.
     """
     if len(np.unique(tiles.labels)) < 2:
         raise ValueError("the tiles hold one label only; a detector needs both.")
-    model = zoo.efficientnet_lite0(num_classes=2)
+    model = zoo.efficientnet_lite0(num_classes=2).to(device)
     x = _pooled(model, tiles.images, batch_size)
     clf = LogisticRegression(C=c, max_iter=2000, random_state=random_state).fit(x, tiles.labels)
     with torch.no_grad():

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_nmf import NMFConceptAttribution
+from captum_nmf._utils.validation import check_device
 from captum_nmf.compare import AnalysisResult, CamAgreement, analyse, cam_agreement
 from captum_nmf.demo import data
 from captum_nmf.demo.detector import HETiles, he_tiles, train_tumour_detector
@@ -65,7 +66,13 @@ class _Steps:
             self.bar.close()
 
 
-def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool = False) -> Path:
+def run_demo(
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    small: bool = False,
+    device: str | torch.device | None = "auto",
+) -> Path:
     """Run the demo into ``out`` and return the path of ``report.html``.
 
     Args:
@@ -77,13 +84,22 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
                     and a quick look; the environment variable
                     ``CAPTUM_NMF_DEMO_SMALL=1`` does the same.
                     Default: False
+        device (str or torch.device, optional): where the model runs: ``"auto"``
+                    or None (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"``, ...
+                    Default: ``"auto"``
 
     Returns:
         *Path*: ``report.html``.
 
     Raises:
         ImportError: an extra is missing (``pip install 'captum-nmf[all]'``).
+        TypeError: ``device`` is neither a string, a ``torch.device`` nor None.
+        ValueError: ``device`` is not a device, or one this machine lacks
+                    (checked before any work).
     """
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device("device", device)
     small = small or os.environ.get("CAPTUM_NMF_DEMO_SMALL", "") not in ("", "0")
     stride = TILE if small else TILE // 2
     out_dir = Path(out)
@@ -91,10 +107,10 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     steps = _Steps(progress)
     torch.manual_seed(0)
     tiles = he_tiles(TILE, stride)
-    model, train_accuracy = train_tumour_detector(tiles)
+    model, train_accuracy = train_tumour_detector(tiles, device=device)
     steps.done("detector")
     attr = NMFConceptAttribution(model, model.head_relu, K, random_state=0)
-    x = normalize(tiles.images)
+    x = normalize(tiles.images.to(device))  # the tiles on the model's device, as attribute wants
     attr.fit([x[i : i + 32] for i in range(0, len(x), 32)], progress=False)
     concept_step = run_concept_step(attr, tiles, x, small=small)
     attr.save(out_dir / "concepts.safetensors")  # with the names and the stability record
@@ -116,11 +132,27 @@ def run_demo(out: str | os.PathLike[str], *, progress: bool = True, small: bool 
     concept_step.gallery.save(out_dir / "figures" / "gallery")
     steps.done("figures")
     findings = DemoFindings(
-        result, vs_mask, gradcam_vs_mask, summary, train_accuracy, repr(ex), K, concept_step
+        result,
+        vs_mask,
+        gradcam_vs_mask,
+        summary,
+        train_accuracy,
+        repr(ex),
+        K,
+        concept_step,
+        _describe(device),
     )
     report = write_report(out_dir, figures, findings)
     steps.done("report")
     return report
+
+
+def _describe(device: torch.device) -> str:
+    """``device`` for the report: ``"cpu"``, or e.g. ``"cuda:0 (NVIDIA H200)"``."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _explain(

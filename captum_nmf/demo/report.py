@@ -29,6 +29,8 @@ class DemoFindings:
         train_accuracy (float): the detector's training accuracy.
         slide (str): a one-line description of the slide's explanation.
         n_concepts (int): K.
+        concepts: the concept step (``naming.ConceptStep``), when it ran.
+        device (str): where the model ran, e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H200)"``.
     """
 
     result: AnalysisResult
@@ -39,6 +41,7 @@ class DemoFindings:
     slide: str
     n_concepts: int
     concepts: Any = None  # the concept step (naming.ConceptStep), when it ran
+    device: str = "cpu"
 
 
 def _figure(figures: dict[str, str], key: str, caption: str) -> str:
@@ -136,7 +139,7 @@ def write_report(out_dir: Path, figures: dict[str, str], found: DemoFindings) ->
 <p>Real H&amp;E (high-grade serous ovarian carcinoma, packaged with attribution), EfficientNet-Lite0
 with its real ImageNet weights and a tumour-tile head (training accuracy
 {found.train_accuracy:.3f}), {found.n_concepts} NMF concepts of <code>head_relu</code>.
-{found.result.n_tiles} tiles analysed.</p>
+{found.result.n_tiles} tiles analysed. The model ran on {html.escape(found.device)}.</p>
 {sections}</body></html>
 """
     path = out_dir / "report.html"

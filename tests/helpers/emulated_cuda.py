@@ -273,6 +273,7 @@ def emulated_cuda() -> Iterator[EmulatedCuda]:
             (torch.cuda, "is_available", lambda: True),
             (torch.cuda, "device_count", lambda: 1),
             (torch.cuda, "current_device", lambda: 0),
+            (torch.cuda, "get_device_name", lambda device=None: "emulated CUDA device"),
             (torch.cuda, "set_device", lambda device: None),
             (torch.cuda, "synchronize", lambda device=None: None),
             (torch.cuda, "is_bf16_supported", lambda including_emulation=True: True),
