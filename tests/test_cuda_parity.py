@@ -15,6 +15,7 @@ CUDA's speed or numerics. ``CAPTUM_NMF_PARITY_DEVICE`` picks one: ``cuda``,
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,3 +282,38 @@ def test_plots_and_exports_take_device_tensors(
     ex = explain_slide(gpu, slide, tile_size=64, stride=32, tissue_mask=None, progress=False)
     export_explanation(ex, tmp_path / "export")
     assert (tmp_path / "export" / "concepts.geojson").is_file()
+
+
+def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
+    tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...]
+) -> None:
+    cpu, gpu = pair
+    kwargs: dict[str, Any] = {
+        "tile_size": 64,
+        "stride": 32,
+        "tissue_mask": None,
+        "progress": False,
+        "chunk_tiles": 32,
+        "batch_size": 8,
+    }
+    original = NMFConceptAttribution._activations  # the slide run's forward
+    calls = {"n": 0}
+
+    def forward(self: NMFConceptAttribution, *args: Any, **options: Any) -> Any:
+        if options.get("return_output"):
+            calls["n"] += 1
+            if calls["n"] == 8:  # a batch after the first chunk (45 tiles: 6 batches) is in
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **options)
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NMFConceptAttribution, "_activations", forward)
+        with pytest.raises(
+            torch.OutOfMemoryError, match=r"cuda ran out of memory on a batch of 8 tile\(s\)"
+        ):
+            explain_slide(gpu, slide, out_dir=out, **kwargs)
+    assert json.loads((out / "manifest.json").read_text())["done"] >= 1
+    resumed = explain_slide(gpu, slide, out_dir=out, resume=True, **kwargs)
+    reference = explain_slide(cpu, slide, **kwargs)
+    np.testing.assert_allclose(resumed.concept_maps, reference.concept_maps, rtol=1e-4, atol=1e-5)
