@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+
+from tests.helpers.emulated_cuda import EmulatedCuda
 
 pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("PIL")
@@ -15,16 +21,31 @@ pytest.importorskip("PIL")
 SCRIPT = Path(__file__).resolve().parents[1] / "tutorials" / "00_quickstart.py"
 
 
-def test_quickstart_end_to_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CAPTUM_NMF_TUTORIAL_SMALL", "1")
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), str(tmp_path)])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    printed = capsys.readouterr().out
-    summary = json.loads(printed.strip().splitlines()[-1])
+def _quickstart(out: Path) -> tuple[dict[str, Any], str]:
+    """Run the script small into ``out``: its summary and everything it printed."""
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("CAPTUM_NMF_TUTORIAL_SMALL", "1")
+        mp.setattr(sys, "argv", [str(SCRIPT), str(out)])
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    text = printed.getvalue()
+    return json.loads(text.strip().splitlines()[-1]), text
+
+
+@pytest.fixture(scope="module")
+def on_cpu(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    out = tmp_path_factory.mktemp("quickstart")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)  # the CPU run, also on a GPU machine
+        summary, printed = _quickstart(out)
+    return summary, printed, out
+
+
+def test_quickstart_end_to_end(on_cpu: tuple[dict[str, Any], str, Path]) -> None:
+    summary, printed, tmp_path = on_cpu
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert (tmp_path / "concepts.safetensors").is_file()
+    assert summary["device"] == "cpu"
     assert summary["reload_identical"] is True
     assert summary["layer"] == "head_relu"
     assert summary["grid"] == [8, 8]
@@ -47,3 +68,19 @@ def test_quickstart_end_to_end(
     # Some concept follows the neoplastic nuclei better than GradCAM of the top ImageNet class.
     assert max(correlations) > summary["gradcam_corr_with_neoplastic_share"]
     assert "Agreement of concepts with neoplastic-nuclei share" in printed
+
+
+def test_quickstart_on_cuda_finds_what_the_cpu_does(
+    on_cpu: tuple[dict[str, Any], str, Path], tmp_path: Path, cuda: EmulatedCuda | None
+) -> None:
+    """The script takes the GPU when there is one (here a GPU, or the emulated device)."""
+    summary, _ = _quickstart(tmp_path)
+    reference = on_cpu[0]
+    assert summary["device"] == "cuda"
+    assert summary["reload_identical"] is True
+    assert summary["tiles"] == reference["tiles"]
+    if cuda is not None:  # the emulated device computes with the CPU's kernels
+        assert {**summary, "device": "cpu"} == reference
+    else:
+        for got, want in zip(summary["concepts"], reference["concepts"], strict=True):
+            assert got["mean_intensity_nest"] == pytest.approx(want["mean_intensity_nest"], 1e-3)

