@@ -49,7 +49,7 @@ print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__ver
 step cuda_tests "${TEST_LIMIT:-180}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
   tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
   tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py \
-  tests/test_demo.py
+  tests/test_demo.py tests/test_quickstart.py
 # the 1M x 512 activation matrix, built on the GPU (bench_nnls and bench_gpu load it)
 step matrix "${MATRIX_LIMIT:-90}" "$PY" benchmarks/_activations.py "${bench[@]}"
 step bench_nnls "${NNLS_LIMIT:-60}" "$PY" benchmarks/bench_nnls.py "${bench[@]}" --repeats 3
