@@ -165,3 +165,59 @@ def test_outside_the_block_nothing_is_emulated() -> None:
         originals
     )
     assert x.device.type == "cpu"  # a tensor made inside is an ordinary CPU tensor outside
+
+
+def test_host_scalars_only_as_one_operand_of_an_elementwise_op() -> None:
+    with emulated_cuda():
+        x = torch.rand(4, device="cuda")
+        one = torch.tensor(1.0)
+        assert (x * one).is_cuda
+        assert torch.where(x > 0.5, one, torch.tensor(0.0)).is_cuda
+        for call in (
+            lambda: torch.stack([x.sum(), one]),  # no TensorIterator: every argument checked
+            lambda: torch.clamp(x, min=one),
+            lambda: torch.index_select(x, 0, torch.tensor(0)),
+            lambda: torch.addcmul(x, one, torch.tensor(2.0)),  # two host scalars
+        ):
+            with pytest.raises(RuntimeError, match=MIXED):
+                call()
+        total = torch.tensor(0.0)
+        with pytest.raises(RuntimeError, match=MIXED):
+            total += x.sum()  # a host tensor written in place with a device value
+        assert total.device.type == "cpu"  # and left a host tensor
+
+
+def test_indexing_rules() -> None:
+    with emulated_cuda():
+        x = torch.zeros(4, device="cuda")
+        host = torch.zeros(4)
+        x[torch.tensor([0, 1])] = torch.tensor(5.0)  # one host element: taken as a scalar
+        x[0:2] = torch.ones(2)  # basic slicing is a copy: any device
+        with pytest.raises(RuntimeError, match="expected them on cuda:0"):
+            x[torch.tensor([0, 1])] = torch.ones(2)
+        with pytest.raises(RuntimeError, match="indices should be either on cpu"):
+            host[torch.tensor([0], device="cuda")]
+        assert x[torch.tensor([2, 3])].is_cuda
+
+
+def test_what_stays_on_the_host_and_the_false_alarms_avoided() -> None:
+    with emulated_cuda():
+        x = torch.rand(3, device="cuda")
+        assert torch.tensor([x.sum().item(), 1.0]).device.type == "cpu"
+        assert torch.tensor([x[0], x[1]]).device.type == "cpu"  # a sequence: the default device
+        with pytest.warns(UserWarning, match="copy construct"):
+            assert torch.tensor(x).is_cuda  # a tensor: where it is
+        assert not torch.empty(2, device="meta").is_cuda
+        x.to("meta")
+        assert not torch.empty(2, device="meta").is_cuda
+        assert torch.rand(3).type_as(x).is_cuda
+        assert x.numpy(force=True).shape == (3,)
+
+
+def test_autocast_on_the_device_casts() -> None:
+    with emulated_cuda():
+        conv = nn.Conv2d(3, 4, 1).to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = conv(torch.rand(1, 3, 4, 4, device="cuda"))
+        assert out.dtype == torch.bfloat16
+        assert out.is_cuda

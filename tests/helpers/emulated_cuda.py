@@ -8,10 +8,13 @@ written on a CPU crash on its first CUDA call:
 - ``.device`` / ``.is_cuda`` of a marked tensor say ``cuda:0``; ``.to("cuda")``,
   ``.cuda()`` and ``device="cuda"`` give marked copies, ``.cpu()`` unmarked ones;
   the results of a call with a marked argument are marked.
-- An operation mixing marked tensors with CPU tensors of one dimension or more
-  raises CUDA's ``RuntimeError`` ("Expected all tensors to be on the same
-  device"). Indexing with CPU indices and ``copy_`` across devices are allowed,
-  as on CUDA; so are CPU 0-dim tensors beside device tensors.
+- An operation mixing marked tensors with CPU tensors raises CUDA's
+  ``RuntimeError`` ("Expected all tensors to be on the same device"). As on
+  CUDA, ``copy_`` may cross devices, a device tensor may be indexed with CPU
+  indices (a CPU tensor never with device ones), a value written through tensor
+  indices must be on the device unless it is one element, and one CPU 0-dim
+  tensor may join device tensors as a scalar operand of an elementwise op (not
+  as the tensor written in place).
 - ``.numpy()`` / ``np.asarray`` of a marked tensor raises CUDA's ``TypeError``;
   ``.pin_memory()`` of a marked tensor raises.
 - A matmul of integer tensors on the device raises ``NotImplementedError``
@@ -20,12 +23,15 @@ written on a CPU crash on its first CUDA call:
   CUDA's ``RuntimeError``.
 - ``torch.cuda.is_available()`` and ``torch.accelerator.is_available()`` say
   True (one device); ``pin_memory=True`` is accepted; ``torch.autocast("cuda")``
-  may be entered but changes nothing (the emulated kernels are the CPU's).
+  casts as the CPU's autocast does (so bf16 tensors do flow through the code).
 
 What it cannot show: speed, asynchrony (a missing synchronisation), kernels
 CUDA lacks for other dtypes, numerical differences of CUDA's kernels, and work
-done by C++ threads or other processes. It is no substitute for running on a
-GPU: ``tests/test_cuda_parity.py`` runs on a real one whenever there is one.
+done by C++ threads or other processes (gradients handed to tensor hooks are
+made in C++ and stay unmarked; ``.grad`` and ``torch.autograd.grad`` are
+marked). Memory re-allocated in place (``resize_``, ``set_``) keeps its old
+mark. It is no substitute for running on a GPU: the tests that use it run on a
+real one whenever there is one.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 from unittest import mock
 
@@ -48,16 +55,37 @@ _MATMULS = frozenset(
     {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "mv", "dot", "einsum"}
     | {"baddbmm", "addbmm", "tensordot", "linear", "inner", "outer", "chain_matmul"}
 )
-# calls that may take tensors of both devices on CUDA too
+# calls that may take tensors of both devices on CUDA too (indexing has rules of its own)
 _CROSS_DEVICE = frozenset(
-    {"copy_", "__getitem__", "__setitem__", "index_put_", "__repr__", "__format__", "__str__"}
-    | {"_has_compatible_shallow_copy_type", "__reduce_ex__", "__deepcopy__", "new_tensor"}
+    {"copy_", "__repr__", "__format__", "__str__", "_has_compatible_shallow_copy_type"}
+    | {"__reduce_ex__", "__deepcopy__", "new_tensor", "tensor"}
 )
+_INDEXING = frozenset({"__getitem__", "__setitem__", "index_put_", "index_put"})
 _NO_CHECK = frozenset({"__get__", "__set__", "grad"})  # handled on their own
+# TensorIterator ops: the only ones where CUDA takes one host 0-dim tensor as a scalar
+# (every other op checks the device of each tensor argument, 0-dim ones included)
+_ARITHMETIC = ("add", "sub", "mul", "div", "truediv", "floordiv", "pow", "mod", "and", "or", "xor")
+_COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+_IN_PLACE_DUNDERS = frozenset(f"__i{op}__" for op in _ARITHMETIC)
+_SCALAR_OPS = frozenset(
+    {f"__{op}__" for op in (*_ARITHMETIC, *_COMPARISONS)}
+    | {f"__r{op}__" for op in _ARITHMETIC}
+    | {f"__i{op}__" for op in _ARITHMETIC}
+    | {"add", "sub", "mul", "div", "true_divide", "floor_divide", "pow", "remainder", "fmod"}
+    | {"add_", "sub_", "mul_", "div_", "pow_", "fill_", "masked_fill", "masked_fill_", "where"}
+    | {"eq", "ne", "lt", "le", "gt", "ge", "maximum", "minimum", "fmax", "fmin", "atan2"}
+    | {"addcmul", "addcdiv", "addcmul_", "addcdiv_", "lerp", "lerp_", "logical_and", "logical_or"}
+    | {"bitwise_and", "bitwise_or", "bitwise_xor", "hypot", "copysign", "xlogy", "rsub"}
+)
 
 
 def _tensors(value: Any) -> list[Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, Tensor)]
+
+
+def _has_list(index: Any) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, list) for p in parts)
 
 
 def _device_of(value: Any) -> torch.device | None:
@@ -80,7 +108,7 @@ class EmulatedCuda(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._storages: dict[int, bool] = {}  # data_ptrs of the live device storages
-        self._empty: dict[int, Any] = {}  # id -> weakref of marked tensors without bytes
+        self._empty: dict[int, Any] = {}  # id -> weakref of marked tensors without memory
         self._lock = threading.RLock()
         self.calls = 0
 
@@ -88,7 +116,7 @@ class EmulatedCuda(TorchFunctionMode):
     def on_device(self, t: Tensor) -> bool:
         """Whether ``t`` is (emulated) on the device."""
         storage = t.untyped_storage()
-        if storage.nbytes() == 0:
+        if storage.nbytes() == 0 or storage.data_ptr() == 0:  # empty, or meta
             ref = self._empty.get(id(t))
             return ref is not None and ref() is t
         return storage.data_ptr() in self._storages
@@ -97,14 +125,17 @@ class EmulatedCuda(TorchFunctionMode):
         for t in _tensors(value):
             storage = t.untyped_storage()
             with self._lock:
-                if storage.nbytes() == 0:
-                    self._empty[id(t)] = weakref.ref(t)
+                if storage.nbytes() == 0 or storage.data_ptr() == 0:
+                    self._empty[id(t)] = weakref.ref(t, partial(self._forget, id(t)))
                 elif storage.data_ptr() not in self._storages:
                     ptr = storage.data_ptr()
                     self._storages[ptr] = True
                     # the storage's Python object lives as long as its memory: forget the
                     # address when that is freed (the allocator may reuse it for the host)
                     weakref.finalize(storage, self._storages.pop, ptr, None)
+
+    def _forget(self, key: int, _: Any) -> None:
+        self._empty.pop(key, None)
 
     # ------------------------------------------------------------------ calls
     def __torch_function__(
@@ -118,10 +149,12 @@ class EmulatedCuda(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in ("__get__", "__set__"):
             return self._attribute(func, name, args, kwargs)
-        if name in ("to", "cuda", "cpu"):
+        if name in ("to", "cuda", "cpu", "type_as"):
             return self._transfer(func, name, args, kwargs)
         tensors = _tensors((args, kwargs))
         marked = [t for t in tensors if self.on_device(t)]
+        if name == "numpy" and marked and kwargs.get("force"):  # a host copy, as on CUDA
+            return func(args[0].to(args[0].dtype, copy=True), **kwargs)
         if name in ("numpy", "__array__") and marked:
             raise TypeError(
                 "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy "
@@ -159,8 +192,10 @@ class EmulatedCuda(TorchFunctionMode):
                     raise NotImplementedError(
                         f"\"{name}_cuda\" not implemented for '{str(ints[0].dtype)[6:].title()}'"
                     )
-            if name not in _CROSS_DEVICE:
-                self._check_same_device(name, tensors, marked)
+            if name in _INDEXING:
+                self._check_indexing(name, args, kwargs)
+            elif name not in _CROSS_DEVICE:
+                self._check_same_device(name, args, kwargs, tensors)
         out = func(*args, **kwargs)
         if name == "grad" and marked:  # torch.autograd.grad: gradients live where their inputs do
             return self._grads_like(out, kwargs.get("inputs", args[1] if len(args) > 1 else ()))
@@ -172,7 +207,11 @@ class EmulatedCuda(TorchFunctionMode):
                 out = out.clone()
             self._mark(out)
         elif marked and target is None and name not in ("__setitem__", "copy_"):
-            self._mark(out)
+            if name == "tensor" and not isinstance(args[0], Tensor):
+                return out  # built from a sequence: on the default (host) device, as on CUDA
+            # never what was written into a host tensor (in place, out=): that stays host memory
+            host = {t.untyped_storage().data_ptr() for t in tensors if not self.on_device(t)}
+            self._mark([o for o in _tensors(out) if o.untyped_storage().data_ptr() not in host])
         return out
 
     def _check_ordinal(self, device: torch.device) -> None:
@@ -181,12 +220,51 @@ class EmulatedCuda(TorchFunctionMode):
                 "CUDA error: invalid device ordinal (the emulated machine has one device)"
             )
 
-    def _check_same_device(self, name: str, tensors: list[Tensor], marked: list[Tensor]) -> None:
-        # CPU 0-dim tensors may join device tensors (CUDA takes them as scalars); no others
-        if any(t.dim() > 0 and not self.on_device(t) for t in tensors):
+    def _check_same_device(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], tensors: list[Tensor]
+    ) -> None:
+        """CUDA's device check: a host tensor beside a device one only as one scalar operand."""
+        host = [t for t in tensors if not self.on_device(t)]
+        written = _tensors((args[0] if args else None, kwargs.get("out")))
+        in_place = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+        in_place = in_place or kwargs.get("out") is not None
+        scalars = [t for t in host if t.dim() == 0]
+        allowed = (
+            name in _SCALAR_OPS
+            and len(scalars) == len(host)
+            and (len(scalars) <= 1 or name == "where")
+            and not (in_place and any(w is s for w in written for s in scalars))
+        )
+        if host and not allowed:
             raise RuntimeError(
                 "Expected all tensors to be on the same device, but found at least two "
                 f"devices, cuda:0 and cpu! (when checking argument for {name}, emulated CUDA)"
+            )
+
+    def _check_indexing(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Indices may be on the host for a device tensor, never on the device for a host one.
+
+        A value written through tensor indices must be on the device, unless it is
+        a single host element (``__setitem__``/``index_put_``).
+        """
+        target = args[0]
+        index = args[1] if len(args) > 1 else kwargs.get("indices")
+        indices = _tensors(index)
+        if not self.on_device(target):
+            if any(self.on_device(i) for i in indices):
+                raise RuntimeError(
+                    "indices should be either on cpu or on the same device as the indexed "
+                    "tensor (cpu) (emulated CUDA)"
+                )
+            return
+        value = args[2] if len(args) > 2 else kwargs.get("values")
+        advanced = bool(indices) or _has_list(index)
+        if not (advanced and isinstance(value, Tensor)) or self.on_device(value):
+            return
+        if value.numel() > 1:
+            raise RuntimeError(
+                f"{name}: values of {value.numel()} elements on cpu written into a cuda:0 "
+                "tensor through tensor indices: expected them on cuda:0 (emulated CUDA)"
             )
 
     def _grads_like(self, grads: Any, inputs: Any) -> Any:
@@ -226,6 +304,10 @@ class EmulatedCuda(TorchFunctionMode):
         dtype: torch.dtype | None = None
         if name == "cpu":
             target = torch.device("cpu")
+        elif name == "type_as":
+            other = args[1]
+            target = CUDA0 if self.on_device(other) else torch.device("cpu")
+            dtype = other.dtype
         elif name == "cuda":
             target = _device_of(args[1] if len(args) > 1 else kwargs.get("device")) or CUDA0
         else:
@@ -267,8 +349,15 @@ def emulated_cuda() -> Iterator[EmulatedCuda]:
         with mode:
             original_run(thread)
 
+    autocast_init = torch.amp.autocast_mode.autocast.__init__
+
+    def autocast(amp: Any, device_type: str, *args: Any, **kwargs: Any) -> None:
+        # CUDA's autocast would change no CPU kernel: the CPU's casts the same way instead
+        autocast_init(amp, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
     with ExitStack() as stack:
         patches: list[tuple[Any, str, Any]] = [
+            (torch.amp.autocast_mode.autocast, "__init__", autocast),
             (threading.Thread, "run", run),
             (torch.cuda, "is_available", lambda: True),
             (torch.cuda, "device_count", lambda: 1),
