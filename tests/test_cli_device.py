@@ -111,13 +111,20 @@ def test_a_cuda_index_the_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:x", "meta", ""])
 def test_not_a_device(value: str) -> None:
-    with pytest.raises(cli.CLIError, match=r"use auto, cpu, cuda, cuda:N or mps"):
+    with pytest.raises(cli.CLIError, match=r"use auto, cpu, cuda or cuda:N\."):
         cli.resolve_device(value)
 
 
-def test_mps_without_mps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(cli.CLIError, match="--device mps: MPS is not available"):
+@pytest.mark.parametrize("available", [False, True])
+def test_mps_is_refused_the_solver_needs_float64(
+    available: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    with pytest.raises(
+        cli.CLIError,
+        match=r"--device mps: MPS is not supported: the NMF solver computes in float64, which "
+        r"PyTorch's MPS backend lacks; use --device cpu or auto\.",
+    ):
         cli.resolve_device("mps")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from captum_nmf import NMF, NMFConceptAttribution
 from captum_nmf.wsi import (
@@ -537,6 +538,44 @@ def test_a_device_this_machine_lacks_is_refused_before_any_work(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device='cuda:1': this machine has 1 CUDA device\(s\)"):
         FeatureStitcher((4, 4), 2, device="cuda:1")
+
+
+class _OnMps(TorchFunctionMode):
+    """Every tensor says it is on ``mps`` (no Mac here): what the checks look at."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        owner = getattr(getattr(func, "__self__", None), "__name__", "")
+        if getattr(func, "__name__", "") == "__get__" and owner == "device":
+            return torch.device("mps", 0)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("available", [False, True])
+def test_mps_is_refused_with_the_reason_the_solver_needs_float64(
+    available: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    why = r"MPS is not supported: the NMF solver computes in float64, which PyTorch's MPS backend"
+    x = torch.rand(30, 4)
+    with pytest.raises(ValueError, match=rf"device='mps': {why}"):
+        NMF(2, device="mps").fit(x)
+    with pytest.raises(ValueError, match=rf"device='mps': {why}"):
+        FeatureStitcher((4, 4), 2, device="mps")
+    with (
+        _OnMps(),
+        pytest.raises(
+            ValueError,
+            match=r"NMF cannot compute on an MPS device.*"
+            r"pass NMF\(device='cpu'\)",
+        ),
+    ):
+        NMF(2).fit(x)  # rows already on an MPS device
 
 
 def test_a_slide_run_stitches_each_batch_holding_the_models_lock(

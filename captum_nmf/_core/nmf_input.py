@@ -74,12 +74,17 @@ def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> T
 
     Raises:
         TypeError: ``x`` is not dense.
-        ValueError: ``x`` is not 2-D, is empty, has NaN, infinite or negative
-                    values, or has another C than ``n_features``.
+        ValueError: ``x`` is on an MPS device, is not 2-D, is empty, has NaN,
+                    infinite or negative values, or has another C than ``n_features``.
     """
     if x.layout != torch.strided:
         raise TypeError(
             f"NMF needs a dense tensor, got layout {x.layout}; call X.to_dense() first."
+        )
+    if x.device.type == "mps":
+        raise ValueError(
+            "NMF cannot compute on an MPS device: its solver needs float64, which PyTorch's "
+            "MPS backend lacks; pass NMF(device='cpu') (it moves X there) or X.cpu()."
         )
     if x.ndim != 2:
         raise ValueError(

@@ -98,16 +98,19 @@ def check_bool(name: str, value: object, *, optional: bool = False) -> bool | No
     return value
 
 
+_MPS = "MPS is not supported: the NMF solver computes in float64, which PyTorch's MPS backend lacks"
+
+
 def device_problem(device: torch.device) -> str | None:
-    """Why this machine cannot run on ``device`` (no CUDA, no such CUDA index, no MPS), or None."""
+    """Why the library cannot run on ``device`` here (no CUDA, no such CUDA index, MPS), or None."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available (torch.cuda.is_available() is False)"
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             return f"this machine has {count} CUDA device(s), 0 to {count - 1}"
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        return "MPS is not available"
+    elif device.type == "mps":
+        return _MPS
     return None
 
 
@@ -116,15 +119,15 @@ def check_device(name: str, value: object) -> torch.device:
 
     Args:
         name (str): the argument's name, for the message.
-        value (str or torch.device): ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ...
+        value (str or torch.device): ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
     Returns:
         *torch.device*: the device.
 
     Raises:
         TypeError: ``value`` is neither a string nor a ``torch.device``.
-        ValueError: not a device name, or a device this machine does not have
-                    (no CUDA, a CUDA index past the last device, no MPS).
+        ValueError: not a device name, a device this machine does not have (no
+                    CUDA, a CUDA index past the last device), or MPS (no float64).
     """
     if not isinstance(value, (str, torch.device)):
         raise TypeError(
@@ -135,7 +138,7 @@ def check_device(name: str, value: object) -> torch.device:
         device = torch.device(value)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(
-            f"{name}={value!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'."
+            f"{name}={value!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'."
         ) from exc
     problem = device_problem(device)
     if problem is not None:

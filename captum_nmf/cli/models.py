@@ -160,13 +160,14 @@ def resolve_device(value: str) -> torch.device:
     """The device of ``--device``: ``auto`` is CUDA when available, else the CPU.
 
     Args:
-        value (str): ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        value (str): ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``mps`` is refused:
+                    the solver needs float64, which MPS lacks).
 
     Returns:
         *torch.device*: a device this machine has.
 
     Raises:
-        CLIError: not a device, or a device this machine does not have.
+        CLIError: not a device, a device this machine does not have, or MPS.
     """
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,10 +175,10 @@ def resolve_device(value: str) -> torch.device:
         device = torch.device(value)
     except (RuntimeError, ValueError) as exc:
         raise CLIError(
-            f"--device {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps."
+            f"--device {value!r} is not a device; use auto, cpu, cuda or cuda:N."
         ) from exc
     if device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {value!r}: use auto, cpu, cuda, cuda:N or mps.")
+        raise CLIError(f"--device {value!r}: use auto, cpu, cuda or cuda:N.")
     problem = device_problem(device)
     if problem is not None:
         advice = {

@@ -44,7 +44,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--device",
         default="auto",
         help="where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, "
-        "cuda:N or mps; with --ray each actor uses the GPU Ray gives it (default auto)",
+        "cuda:N (not mps: no float64 there); with --ray each actor uses the GPU Ray gives it "
+        "(default auto)",
     )
 
 
