@@ -567,15 +567,15 @@ def test_mps_is_refused_with_the_reason_the_solver_needs_float64(
         NMF(2, device="mps").fit(x)
     with pytest.raises(ValueError, match=rf"device='mps': {why}"):
         FeatureStitcher((4, 4), 2, device="mps")
-    with (
-        _OnMps(),
-        pytest.raises(
-            ValueError,
-            match=r"NMF cannot compute on an MPS device.*"
-            r"pass NMF\(device='cpu'\)",
-        ),
-    ):
-        NMF(2).fit(x)  # rows already on an MPS device
+    on_mps = r"NMF cannot compute on an MPS device.*run the model on the CPU or CUDA"
+    fitted = NMF(2, random_state=0).fit(x)
+    with _OnMps():
+        with pytest.raises(ValueError, match=on_mps):
+            NMF(2).fit(x)  # rows already on an MPS device
+        with pytest.raises(ValueError, match=on_mps):
+            fitted.transform(x)
+        with pytest.raises(ValueError, match=on_mps):
+            fitted._transform_products(x @ fitted.components_.T)  # a slide run's solve
 
 
 def test_a_slide_run_stitches_each_batch_holding_the_models_lock(

@@ -26,6 +26,7 @@ from captum_nmf._core.nmf_input import (
     check_values,
     components_matrix,
     rank,
+    refuse_mps,
 )
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._core.nmf_stream import StreamMixin, canonical
@@ -585,6 +586,7 @@ class NMF(
         ``what`` and ``fix``, see :func:`_refuse_overflow`).
         """
         x = x if self.device is None else x.to(check_device("device", self.device))
+        refuse_mps(x)  # the products of a model on MPS (transform's rows were checked already)
         w = solve(x, self._fixed_h(x.device, x.dtype))
         if pending is not None:
             pending.finish()

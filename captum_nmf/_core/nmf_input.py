@@ -81,11 +81,7 @@ def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> T
         raise TypeError(
             f"NMF needs a dense tensor, got layout {x.layout}; call X.to_dense() first."
         )
-    if x.device.type == "mps":
-        raise ValueError(
-            "NMF cannot compute on an MPS device: its solver needs float64, which PyTorch's "
-            "MPS backend lacks; pass NMF(device='cpu') (it moves X there) or X.cpu()."
-        )
+    refuse_mps(x)
     if x.ndim != 2:
         raise ValueError(
             f"Expected a 2-D tensor (n_samples x n_features), got shape {tuple(x.shape)}; "
@@ -113,6 +109,20 @@ def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> T
             f"X has {c} features, but NMF is expecting {n_features} features as input."
         )
     return x
+
+
+def refuse_mps(x: Tensor) -> None:
+    """Refuse rows on an MPS device before any work: the solver needs float64 there.
+
+    Raises:
+        ValueError: ``x`` is on an MPS device.
+    """
+    if x.device.type == "mps":
+        raise ValueError(
+            "NMF cannot compute on an MPS device: its solver needs float64, which PyTorch's "
+            "MPS backend lacks; run the model on the CPU or CUDA (NMF alone: NMF(device='cpu') "
+            "moves X, or pass X.cpu())."
+        )
 
 
 def check_values(x: Tensor) -> None:
