@@ -30,6 +30,7 @@ from captum_nmf.wsi import (
     tile_grid,
     write_pyramid,
 )
+from captum_nmf.wsi.blocks import ReadingThreads, to_model_input
 from captum_nmf.wsi.run.assemble import TileAssembler
 from captum_nmf.wsi.run.execute import prefetched
 from captum_nmf.wsi.stitching import cell_coverage
@@ -366,6 +367,7 @@ def test_a_cpu_run_converts_in_a_thread_of_its_own_with_the_same_maps(
     # the model's thread (as for a model on a GPU)
     from captum_nmf.wsi.run import execute
 
+    monkeypatch.setattr(execute, "_spare_core", lambda: True)  # read ahead from the first batch
     args = {"tile_size": 64, "stride": 32, "tissue_mask": None, "batch_size": 4}
     seen = _record_conversions(monkeypatch)
     staged = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
@@ -384,6 +386,122 @@ def test_a_cpu_run_converts_in_a_thread_of_its_own_with_the_same_maps(
         threading.current_thread().name
     }
     assert torch.equal(torch.as_tensor(staged.concept_maps), torch.as_tensor(inline.concept_maps))
+
+
+def test_a_slow_cpu_model_with_every_core_reads_in_its_own_thread_with_the_same_maps(
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a CPU forward that takes all the cores and much longer than the reading: reading beside
+    # it would take a core from its OpenMP team, so the model's thread reads and converts
+    # each batch itself; the maps are those of a run that reads ahead
+    from captum_nmf.wsi.run import execute
+
+    args = {"tile_size": 64, "stride": 32, "tissue_mask": None, "batch_size": 4}
+    monkeypatch.setattr(execute, "_spare_core", lambda: True)
+    ahead = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+    monkeypatch.setattr(execute, "_spare_core", lambda: False)
+    seen = _record_conversions(monkeypatch)
+    handle = attr.forward_func.register_forward_hook(  # type: ignore[union-attr]
+        lambda *_: time.sleep(0.05)  # 50 x the reading of 4 tiles of 64 px
+    )
+    try:
+        inline = explain_slide(attr, slide, progress=False, **args)  # type: ignore[arg-type]
+    finally:
+        handle.remove()
+    with Slide(slide) as s:
+        n = len(tile_grid(s, tile_size=64, stride=32, tissue_mask=None))
+    uint8 = [(name, size) for name, dtype, size in seen if dtype == torch.uint8]
+    assert sum(size for _, size in uint8) == n
+    assert {name for name, _ in uint8} == {threading.current_thread().name}
+    assert torch.equal(torch.as_tensor(ahead.concept_maps), torch.as_tensor(inline.concept_maps))
+    np.testing.assert_array_equal(ahead.counts, inline.counts)
+
+
+def _timed_reads(
+    n: int, seconds: float, names: list[str], fail_at: int = -1
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``n`` uint8 batches of one 2 x 2 tile, each read in ``seconds``; reading threads named."""
+    for i in range(n):
+        time.sleep(seconds)
+        names.append(threading.current_thread().name)
+        if i == fail_at:
+            raise ValueError(f"tile {i} is unreadable")
+        images = torch.full((1, 2, 2, 3), i, dtype=torch.uint8)
+        yield images, torch.tensor([i]), torch.empty(0, dtype=torch.long)
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_a_cheap_cpu_model_reads_ahead_from_its_second_batch(convert: bool) -> None:
+    from captum_nmf.wsi.run.execute import _inline_while_slow
+
+    names: list[str] = []
+    with ReadingThreads() as threads:
+        batches = _inline_while_slow(_timed_reads(6, 0.01, names), threads, convert)
+        got = [(images.clone(), int(idx[0])) for images, idx, _ in batches]  # buffers are reused
+    assert [i for _, i in got] == list(range(6))
+    for images, i in got:
+        expected = torch.full((1, 2, 2, 3), i, dtype=torch.uint8)
+        if convert:  # float N x 3 x T x T in [0, 1], as the model's thread would convert
+            expected = to_model_input(expected, torch.device("cpu"))
+        assert torch.equal(images, expected)
+    me = threading.current_thread().name
+    assert names[0] == me  # the first batch shows that the work is cheap ...
+    assert all(n.startswith("captum-nmf-read") for n in names[1:])  # ... then it reads ahead
+
+
+def test_slow_work_keeps_the_reading_in_its_thread_and_the_switch_is_one_way() -> None:
+    from captum_nmf.wsi.run.execute import _inline_while_slow
+
+    me = threading.current_thread().name
+    names: list[str] = []
+    with ReadingThreads() as threads:
+        batches = _inline_while_slow(_timed_reads(6, 0.0, names), threads, False)
+        for _ in batches:
+            time.sleep(0.02)  # a forward far slower than the reading
+        assert names == [me] * 6
+        names.clear()
+        batches = _inline_while_slow(_timed_reads(6, 0.01, names), threads, False)
+        next(batches)  # cheap work on the first batch: the rest is read ahead ...
+        for _ in batches:
+            time.sleep(0.05)  # ... and stays so when the work becomes slow
+        assert names[0] == me
+        assert len(names) == 6
+        assert all(n.startswith("captum-nmf-read") for n in names[1:])
+
+
+def test_a_core_is_spare_only_when_torch_leaves_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captum_nmf.wsi.run import execute
+
+    monkeypatch.setattr(execute.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for threads, spare in ((1, True), (2, False), (4, False)):
+        monkeypatch.setattr(execute.torch, "get_num_threads", lambda n=threads: n)
+        assert execute._spare_core() is spare
+    monkeypatch.delattr(execute.os, "sched_getaffinity", raising=False)  # not Linux
+    monkeypatch.setattr(execute.os, "cpu_count", lambda: 8)
+    assert execute._spare_core() is True
+
+
+def test_a_read_error_in_the_models_thread_reaches_the_caller_at_its_batch() -> None:
+    from captum_nmf.wsi.run.execute import _inline_while_slow
+
+    me = threading.current_thread().name
+    names: list[str] = []
+    got = []
+    with ReadingThreads() as threads:
+        batches = _inline_while_slow(_timed_reads(6, 0.0, names, fail_at=3), threads, False)
+        for _ in range(3):
+            got.append(int(next(batches)[1][0]))
+            time.sleep(0.02)
+        with pytest.raises(ValueError, match="tile 3 is unreadable"):
+            next(batches)
+        assert got == [0, 1, 2]
+        assert names == [me] * 4
+        batches = _inline_while_slow(_timed_reads(6, 0.0, names), threads, False)
+        next(batches)
+        time.sleep(0.02)
+        batches.close()  # closed between batches: no read runs after
+        time.sleep(0.05)
+        assert names == [me] * 5
 
 
 def _at_forward(attr: NMFConceptAttribution, n: int, action: Callable[[], None]) -> Any:
@@ -479,11 +597,14 @@ def test_a_batchs_activations_are_freed_before_the_next_forward(
 
 
 def test_reading_threads_closed_under_a_run_name_the_cause(
-    attr: NMFConceptAttribution, slide: Path
+    attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # another thread ends the `with` of the threads a run is using: the run stops with
     # an error that says so, not "cannot schedule new futures after shutdown"
     from captum_nmf.wsi import ReadingThreads
+    from captum_nmf.wsi.run import execute
+
+    monkeypatch.setattr(execute, "_spare_core", lambda: True)  # read ahead from the first batch
 
     threads = ReadingThreads()
     hook = _at_forward(attr, 3, threads.close)  # the plan's probe tile, then batches 1 and 2

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Iterable
+import time
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, cast
@@ -64,8 +65,11 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     Tiles are read one batch ahead of the forward (a thread with ``num_workers=0``,
     else ``DataLoader`` worker processes), moved to the model's device and
     converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``);
-    for a model on the CPU a converting thread does that one batch ahead too.
-    Each chunk is committed through the run store as soon as its last unit is in.
+    for a model on the CPU a converting thread does that one batch ahead too. A
+    model on the CPU that keeps every core busy and takes at least twice as long
+    as the reading of a batch reads and converts in its own thread instead (the
+    same batches; see :func:`_ahead`). Each chunk is committed through the run
+    store as soon as its last unit is in.
     The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
     (a cohort's, shared by its slides) or, without any, started for this run. So are
     the ``DataLoader`` worker processes of ``num_workers > 0`` in tile mode: a
@@ -228,11 +232,67 @@ def _ahead(
     of its own (:attr:`ReadingThreads.converter`) between the reading thread and
     the model's: on 2 cores, converting in the reading thread made it the
     slowest stage (measured in ``benchmarks/bench_pipeline.py`` (b)).
+
+    A model on the CPU whose intra-op threads take every core reads in its own
+    thread as long as its work on a batch takes at least :data:`_INLINE_FACTOR`
+    times the batch's reading (:func:`_inline_while_slow`): reading beside such a
+    forward takes a core from its OpenMP team, whose threads wait for each other
+    at every operation, and costs it more than the reading itself.
     """
+    convert = device.type == "cpu" and isinstance(source, TileBatches) and source.transform is None
+    if device.type == "cpu" and not _spare_core():
+        return _inline_while_slow(reads, threads, convert)
+    return _threaded(iter(reads), threads, convert)
+
+
+def _threaded(
+    reads: Iterator[Any], threads: ReadingThreads, convert: bool
+) -> Generator[Any, None, None]:
     read = prefetched(reads, threads.reader)
-    if device.type != "cpu" or not isinstance(source, TileBatches) or source.transform is not None:
-        return read
-    return _converted_ahead(read, threads)
+    return _converted_ahead(read, threads) if convert else read
+
+
+# a CPU model's work on a batch, in units of the batch's reading, from which it reads itself
+_INLINE_FACTOR = 2.0
+
+
+def _spare_core() -> bool:
+    """Whether this process may use a core that torch's intra-op threads leave free."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+def _inline_while_slow(
+    reads: Iterable[Any], threads: ReadingThreads, convert: bool
+) -> Generator[Any, None, None]:
+    """The batches read (and converted) in the caller's thread, then ahead once the work is cheap.
+
+    After each batch the caller's time on the batches so far (the forward, the
+    stitching, the chunk commits) is set against their reading; once it falls
+    under :data:`_INLINE_FACTOR` times the reading, the rest is read ahead in
+    :class:`ReadingThreads` as for a model with a core to spare. The batches
+    are the same either way (bit-identical maps); only the thread that reads
+    them changes. The switch is one-way, so a run never goes back and forth.
+    """
+    iterator = iter(reads)
+    inline: Iterator[Any] = converted(iterator, keep=5) if convert else iterator
+    reading = working = 0.0
+    while True:
+        start = time.perf_counter()
+        item = next(inline, _END)
+        read = time.perf_counter()
+        if item is _END:
+            return
+        yield item
+        reading += read - start
+        working += time.perf_counter() - read
+        if working < _INLINE_FACTOR * reading:
+            break
+    del inline  # its float buffers go with it once the caller lets go of its batches
+    yield from _threaded(iterator, threads, convert)
 
 
 def _converted_ahead(
