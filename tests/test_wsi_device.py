@@ -457,7 +457,7 @@ def test_slow_work_keeps_the_reading_in_its_thread_and_the_switch_is_one_way() -
     with ReadingThreads() as threads:
         batches = _inline_while_slow(_timed_reads(6, 0.0, names), threads, False)
         for _ in batches:
-            time.sleep(0.02)  # a forward far slower than the reading
+            time.sleep(0.1)  # a forward far slower than the reading
         assert names == [me] * 6
         names.clear()
         batches = _inline_while_slow(_timed_reads(6, 0.01, names), threads, False)
@@ -491,17 +491,28 @@ def test_a_read_error_in_the_models_thread_reaches_the_caller_at_its_batch() -> 
         batches = _inline_while_slow(_timed_reads(6, 0.0, names, fail_at=3), threads, False)
         for _ in range(3):
             got.append(int(next(batches)[1][0]))
-            time.sleep(0.02)
+            time.sleep(0.1)
         with pytest.raises(ValueError, match="tile 3 is unreadable"):
             next(batches)
         assert got == [0, 1, 2]
         assert names == [me] * 4
         batches = _inline_while_slow(_timed_reads(6, 0.0, names), threads, False)
         next(batches)
-        time.sleep(0.02)
-        batches.close()  # closed between batches: no read runs after
+        time.sleep(0.1)
+        batches.close()  # closed between batches in the model's thread: no read after
         time.sleep(0.05)
         assert names == [me] * 5
+        names.clear()
+        batches = _inline_while_slow(_timed_reads(6, 0.05, names), threads, False)
+        next(batches)  # cheap work: batch 2 is read ahead ...
+        next(batches)  # ... and batch 3 is being read in the reading thread now
+        batches.close()  # waits for that read, then none follows
+        read = list(names)
+        time.sleep(0.2)
+        assert names == read
+        assert len(read) == 3
+        assert read[0] == me
+        assert all(n.startswith("captum-nmf-read") for n in read[1:])
 
 
 def _at_forward(attr: NMFConceptAttribution, n: int, action: Callable[[], None]) -> Any:

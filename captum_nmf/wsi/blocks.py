@@ -261,15 +261,16 @@ class ReadingThreads:
     for a model on the CPU another converts the ``uint8`` batch read before to
     float (a third stage, so that reading and conversion do not queue behind
     each other; in tile mode without a per-tile ``transform``, which converts
-    in the reading thread). A model on the CPU whose intra-op threads take every
-    core, and whose forward takes at least twice the reading, reads in its own
-    thread instead: reading beside it would cost its OpenMP team more than the
-    reading itself. ``decoders`` threads (if more than one) decode the blocks of a
-    batch in parallel, each with its own slide handle. :func:`~captum_nmf.wsi.explain_slide`
-    (with ``num_workers=0``) uses the threads active in the calling context and
-    otherwise starts its own for the slide; :func:`~captum_nmf.wsi.explain_cohort`
-    starts one set for all its slides, so no slide pays a thread start-up. The
-    threads hold no slide: each run opens and closes its own handles.
+    in the reading thread). For a model on the CPU whose intra-op threads take
+    every logical CPU, and whose work on a batch takes at least twice its
+    reading, the model's thread reads instead: reading beside it would cost its
+    OpenMP team more than the reading itself. ``decoders`` threads (if more than
+    one) decode the blocks of a batch in parallel, each with its own slide
+    handle. :func:`~captum_nmf.wsi.explain_slide` (with ``num_workers=0``) uses
+    the threads active in the calling context and otherwise starts its own for
+    the slide; :func:`~captum_nmf.wsi.explain_cohort` starts one set for all its
+    slides, so no slide pays a thread start-up. The threads hold no slide: each
+    run opens and closes its own handles.
 
     Args:
         decoders (int, optional): threads decoding blocks; 1 decodes in the

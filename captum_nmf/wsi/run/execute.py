@@ -65,10 +65,11 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     Tiles are read one batch ahead of the forward (a thread with ``num_workers=0``,
     else ``DataLoader`` worker processes), moved to the model's device and
     converted there (``uint8`` in, float N x 3 x T x T with ``batch_transform``);
-    for a model on the CPU a converting thread does that one batch ahead too. A
-    model on the CPU that keeps every core busy and takes at least twice as long
-    as the reading of a batch reads and converts in its own thread instead (the
-    same batches; see :func:`_ahead`). Each chunk is committed through the run
+    for a model on the CPU a converting thread does that one batch ahead too. For
+    a model on the CPU that keeps every logical CPU busy, the model's thread reads
+    and converts each batch itself, from the first batch on and while its work on
+    the batches takes at least twice their reading (the same batches; see
+    :func:`_ahead`). Each chunk is committed through the run
     store as soon as its last unit is in.
     The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
     (a cohort's, shared by its slides) or, without any, started for this run. So are
@@ -225,7 +226,7 @@ def _ahead(
     device: torch.device,
     threads: ReadingThreads,
 ) -> Generator[Any, None, None]:
-    """The batches, read one ahead of the forward; for a CPU model also converted one ahead.
+    """The batches, read one ahead of the forward (or, for a slow CPU model, in its thread).
 
     The block reader gives ``uint8`` batches. A model on a GPU gets them as they
     are (converted on the device); for one on the CPU the conversion is a stage
@@ -233,11 +234,15 @@ def _ahead(
     the model's: on 2 cores, converting in the reading thread made it the
     slowest stage (measured in ``benchmarks/bench_pipeline.py`` (b)).
 
-    A model on the CPU whose intra-op threads take every core reads in its own
-    thread as long as its work on a batch takes at least :data:`_INLINE_FACTOR`
-    times the batch's reading (:func:`_inline_while_slow`): reading beside such a
-    forward takes a core from its OpenMP team, whose threads wait for each other
-    at every operation, and costs it more than the reading itself.
+    A model on the CPU whose intra-op threads take every logical CPU of the
+    process has its batches read in the model's (the calling) thread, from the
+    first batch on and as long as the caller's work on them (forward, stitching,
+    commits) takes at least :data:`_INLINE_FACTOR` times their reading
+    (:func:`_inline_while_slow`): reading beside such a forward takes a core from
+    its OpenMP team, whose threads wait for each other at every operation, and
+    costs it more than the reading itself. A hyperthread sibling left free by
+    torch's default (one thread per physical core) counts as spare; a CPU quota
+    of a container does not show here.
     """
     convert = device.type == "cpu" and isinstance(source, TileBatches) and source.transform is None
     if device.type == "cpu" and not _spare_core():
@@ -257,7 +262,7 @@ _INLINE_FACTOR = 2.0
 
 
 def _spare_core() -> bool:
-    """Whether this process may use a core that torch's intra-op threads leave free."""
+    """Whether this process may use a logical CPU that torch's intra-op threads leave free."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -291,7 +296,7 @@ def _inline_while_slow(
         working += time.perf_counter() - read
         if working < _INLINE_FACTOR * reading:
             break
-    del inline  # its float buffers go with it once the caller lets go of its batches
+    del inline, item  # their float buffers go once the caller lets go of its batches
     yield from _threaded(iterator, threads, convert)
 
 
