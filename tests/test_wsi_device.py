@@ -388,7 +388,7 @@ def test_a_cpu_run_converts_in_a_thread_of_its_own_with_the_same_maps(
     assert torch.equal(torch.as_tensor(staged.concept_maps), torch.as_tensor(inline.concept_maps))
 
 
-def test_a_slow_cpu_model_with_every_core_reads_in_its_own_thread_with_the_same_maps(
+def test_a_slow_cpu_model_with_every_core_reads_in_the_models_thread_with_the_same_maps(
     attr: NMFConceptAttribution, slide: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a CPU forward that takes all the cores and much longer than the reading: reading beside

@@ -69,8 +69,8 @@ def process(assembler: Assembler, options: RunOptions, done: int, *, progress: b
     a model on the CPU that keeps every logical CPU busy, the model's thread reads
     and converts each batch itself, from the first batch on and while its work on
     the batches takes at least twice their reading (the same batches; see
-    :func:`_ahead`). Each chunk is committed through the run
-    store as soon as its last unit is in.
+    :func:`_ahead`). Each chunk is committed through the run store as soon as
+    its last unit is in.
     The reading threads are the active :class:`~captum_nmf.wsi.blocks.ReadingThreads`
     (a cohort's, shared by its slides) or, without any, started for this run. So are
     the ``DataLoader`` worker processes of ``num_workers > 0`` in tile mode: a
@@ -283,7 +283,8 @@ def _inline_while_slow(
     them changes. The switch is one-way, so a run never goes back and forth.
     """
     iterator = iter(reads)
-    inline: Iterator[Any] = converted(iterator, keep=5) if convert else iterator
+    # converted in this thread: the batch being converted and the caller's last one are alive
+    inline: Iterator[Any] = converted(iterator) if convert else iterator
     reading = working = 0.0
     while True:
         start = time.perf_counter()
