@@ -63,6 +63,15 @@ def allocator_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return calls
 
 
+@pytest.fixture(autouse=True)
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, not apply, the CLI's cap on torch's threads: it is process-wide (tested alone)."""
+    calls: list[bool] = []
+    module = importlib.import_module("captum_nmf.cli.main")
+    monkeypatch.setattr(module, "fit_threads_to_cpus", lambda: calls.append(True))
+    return calls
+
+
 def _tiles(size: int, corners: tuple[tuple[int, int], ...]) -> torch.Tensor:
     pil = pytest.importorskip("PIL.Image")
     tiles = []

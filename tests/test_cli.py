@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -357,6 +358,61 @@ def test_the_command_line_keeps_freed_memory_unless_told(
     for argv in (["--return-memory", "info", str(CMU)], ["info", "--return-memory", str(CMU)]):
         assert _run(argv, capsys)[0] == 0
     assert allocator_calls == [True]  # --return-memory, before or after the command
+
+
+def test_the_command_line_fits_torchs_threads_to_the_cpus(
+    capsys: pytest.CaptureFixture[str], thread_calls: list[bool]
+) -> None:
+    assert _run(["info", str(CMU)], capsys)[0] == 0
+    assert _run(["--return-memory", "info", str(CMU)], capsys)[0] == 0
+    assert thread_calls == [True, True]
+
+
+def test_fit_threads_to_cpus_lowers_only_and_defers_to_the_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from captum_nmf.cli import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+        assert threads.fit_threads_to_cpus() is None  # fits: never raised
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(threads, "usable_cpus", lambda: 2)  # e.g. a quota of 2 CPUs
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert threads.fit_threads_to_cpus() is None  # the user's own setting wins
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", " ")
+        assert threads.fit_threads_to_cpus() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+_THREADS_AFTER_MAIN = """
+import sys, torch
+from captum_nmf.cli import main
+torch.set_num_threads(2)
+code = main(["info", sys.argv[1]])
+print("threads", code, torch.get_num_threads())
+"""
+
+
+def test_the_cpus_of_the_process_cap_the_console_commands_threads() -> None:
+    """End to end through joblib's count, with ``LOKY_MAX_CPU_COUNT`` standing in for a quota."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env["LOKY_MAX_CPU_COUNT"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_AFTER_MAIN, str(CMU)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    assert out.splitlines()[-1] == "threads 0 1"
 
 
 _RSS_AFTER_FREE = """

@@ -472,13 +472,35 @@ def test_slow_work_keeps_the_reading_in_its_thread_and_the_switch_is_one_way() -
 def test_a_core_is_spare_only_when_torch_leaves_one(monkeypatch: pytest.MonkeyPatch) -> None:
     from captum_nmf.wsi.run import execute
 
-    monkeypatch.setattr(execute.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(execute, "usable_cpus", lambda: 2)
     for threads, spare in ((1, True), (2, False), (4, False)):
         monkeypatch.setattr(execute.torch, "get_num_threads", lambda n=threads: n)
         assert execute._spare_core() is spare
-    monkeypatch.delattr(execute.os, "sched_getaffinity", raising=False)  # not Linux
-    monkeypatch.setattr(execute.os, "cpu_count", lambda: 8)
-    assert execute._spare_core() is True
+
+
+def test_a_containers_cpu_quota_and_the_affinity_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 CPUs seen, a quota of 2 (cgroup CFS bandwidth): torch's 8 threads leave none spare."""
+    from joblib.externals.loky.backend import context
+
+    from captum_nmf.wsi.run import execute
+
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    monkeypatch.setattr(context.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(context.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(context, "_cpu_count_cgroup", lambda n: n)
+    monkeypatch.setattr(execute.torch, "get_num_threads", lambda: 8)
+    assert execute._spare_core() is True  # no quota: 8 of 16 busy
+    assert execute.decoders_for(torch.device("cuda")) == 8
+    monkeypatch.setattr(context, "_cpu_count_cgroup", lambda n: 2)  # e.g. --cpus=1.5, rounded up
+    assert execute._spare_core() is False
+    assert execute.decoders_for(torch.device("cuda")) == 2
+    assert execute.decoders_for(torch.device("cpu")) == 1
+    monkeypatch.setattr(context, "_cpu_count_cgroup", lambda n: n)
+    monkeypatch.setattr(context.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert execute._spare_core() is False  # taskset -c 0-2
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "4")
+    monkeypatch.setattr(context.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert execute._spare_core() is False
 
 
 def test_a_read_error_in_the_models_thread_reaches_the_caller_at_its_batch() -> None:

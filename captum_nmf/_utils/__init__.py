@@ -1,1 +1,1 @@
-"""Private helpers: input validation, activation capture, solver kernels."""
+"""Private helpers: input validation, activation capture, solver kernels, CPU count."""

@@ -10,6 +10,7 @@ from captum_nmf.cli.allocator import keep_freed_memory
 from captum_nmf.cli.commands import COMMANDS
 from captum_nmf.cli.errors import flag_spelling
 from captum_nmf.cli.parser import build_parser
+from captum_nmf.cli.threads import fit_threads_to_cpus
 
 __all__ = ["main"]
 
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.return_memory:
         keep_freed_memory()  # this process is ours: no page faults per batch (allocator.py)
+    fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import PendingCheck, model_lock
+from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf.wsi.blocks import ReadingThreads, TileBatches, converted, to_model_input
 from captum_nmf.wsi.regions import RegionTiles
 from captum_nmf.wsi.run.assemble import Assembler
@@ -25,8 +25,12 @@ __all__ = ["prefetched", "process"]
 
 
 def decoders_for(device: torch.device) -> int:
-    """Block-decoding threads for a model on ``device``: 1 on the CPU (it needs the cores)."""
-    return 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    """Block-decoding threads for a model on ``device``: 1 on the CPU (it needs the cores).
+
+    Elsewhere up to 8, and no more than the CPUs the process may use
+    (:func:`~captum_nmf._utils.cpus.usable_cpus`: affinity and a container's CPU quota).
+    """
+    return 1 if device.type == "cpu" else min(8, usable_cpus())
 
 
 def _source(
@@ -240,9 +244,9 @@ def _ahead(
     commits) takes at least :data:`_INLINE_FACTOR` times their reading
     (:func:`_inline_while_slow`): reading beside such a forward takes a core from
     its OpenMP team, whose threads wait for each other at every operation, and
-    costs it more than the reading itself. A hyperthread sibling left free by
-    torch's default (one thread per physical core) counts as spare; a CPU quota
-    of a container does not show here.
+    costs it more than the reading itself. The CPUs are those the process may
+    use (:func:`_spare_core`); a hyperthread sibling left free by torch's
+    default (one thread per physical core) counts as spare.
     """
     convert = device.type == "cpu" and isinstance(source, TileBatches) and source.transform is None
     if device.type == "cpu" and not _spare_core():
@@ -262,12 +266,14 @@ _INLINE_FACTOR = 2.0
 
 
 def _spare_core() -> bool:
-    """Whether this process may use a logical CPU that torch's intra-op threads leave free."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    """Whether this process may use a logical CPU that torch's intra-op threads leave free.
+
+    The CPUs are :func:`~captum_nmf._utils.cpus.usable_cpus` (affinity and a
+    container's CPU quota count). In a container limited to 2 CPUs on a larger
+    machine, torch's default threads (one per physical core it sees) already
+    take them all, so the batches are read in the model's thread.
+    """
+    return torch.get_num_threads() < usable_cpus()
 
 
 def _inline_while_slow(

@@ -1,0 +1,19 @@
+"""The CPUs this process may use (joblib's count: affinity and a container's CPU quota)."""
+
+from __future__ import annotations
+
+from joblib import cpu_count
+
+__all__ = ["usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """The logical CPUs this process may use, at least 1.
+
+    :func:`joblib.cpu_count`: the fewest of the machine's logical CPUs, the
+    process's affinity (``taskset``), a container's CPU quota (cgroup v1 or v2
+    CFS bandwidth, as Docker ``--cpus`` and Kubernetes CPU limits set it,
+    rounded up) and ``LOKY_MAX_CPU_COUNT``. ``os.cpu_count()`` sees none of the
+    last three.
+    """
+    return max(1, int(cpu_count()))
