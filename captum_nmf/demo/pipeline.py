@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from captum_nmf import NMFConceptAttribution
+from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf._utils.validation import check_device
 from captum_nmf.compare import AnalysisResult, CamAgreement, analyse, cam_agreement
 from captum_nmf.demo import data
@@ -148,7 +149,9 @@ def run_demo(
 
 
 def _describe(device: torch.device) -> str:
-    """``device`` for the report: ``"cpu"``, or e.g. ``"cuda:0 (NVIDIA H200)"``."""
+    """Where the model ran: ``"cpu (2 threads, 2 CPUs usable)"``, ``"cuda:0 (NVIDIA H200)"``."""
+    if device.type == "cpu":  # torch's threads against affinity and a container's CPU quota
+        return f"cpu ({torch.get_num_threads()} threads, {usable_cpus()} CPUs usable)"
     if device.type != "cuda":
         return str(device)
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -30,7 +30,8 @@ class DemoFindings:
         slide (str): a one-line description of the slide's explanation.
         n_concepts (int): K.
         concepts: the concept step (``naming.ConceptStep``), when it ran.
-        device (str): where the model ran, e.g. ``"cpu"`` or ``"cuda:0 (NVIDIA H200)"``.
+        device (str): where the model ran, e.g. ``"cpu (2 threads, 2 CPUs usable)"``
+            or ``"cuda:0 (NVIDIA H200)"``.
     """
 
     result: AnalysisResult
