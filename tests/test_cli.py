@@ -413,6 +413,17 @@ def test_the_cpus_of_the_process_cap_the_console_commands_threads() -> None:
         env=env,
     ).stdout
     assert out.splitlines()[-1] == "threads 0 1"
+    env["LOKY_MAX_CPU_COUNT"] = "four"
+    bad = subprocess.run(
+        [sys.executable, "-m", "captum_nmf.cli", "info", str(CMU)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("captum-nmf: error: LOKY_MAX_CPU_COUNT='four' is not a whole")
+    assert "Traceback" not in bad.stderr
 
 
 _RSS_AFTER_FREE = """

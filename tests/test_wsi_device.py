@@ -792,3 +792,16 @@ def test_masked_out_non_finite_features_add_nothing() -> None:
     values = taken.features[:, :, 0].numpy()
     assert np.isfinite(values).all()
     np.testing.assert_array_equal(values, (taken.counts > 0).astype(np.float32))  # means of 1
+
+
+def test_a_bad_cpu_count_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captum_nmf._utils.cpus import usable_cpus
+    from captum_nmf.wsi.run import execute
+
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "four")
+    with pytest.raises(ValueError, match=r"LOKY_MAX_CPU_COUNT='four' is not a whole number"):
+        usable_cpus()
+    with pytest.raises(ValueError, match="LOKY_MAX_CPU_COUNT='four'"):
+        execute._spare_core()
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "0")  # joblib's floor: at least one
+    assert usable_cpus() == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from joblib import cpu_count
 
 __all__ = ["usable_cpus"]
@@ -15,5 +17,15 @@ def usable_cpus() -> int:
     CFS bandwidth, as Docker ``--cpus`` and Kubernetes CPU limits set it,
     rounded up) and ``LOKY_MAX_CPU_COUNT``. ``os.cpu_count()`` sees none of the
     last three.
+
+    Raises:
+        ValueError: ``LOKY_MAX_CPU_COUNT`` is set but not a whole number.
     """
-    return max(1, int(cpu_count()))
+    try:
+        return max(1, int(cpu_count()))
+    except ValueError as exc:  # joblib's int() of the variable
+        value = os.environ.get("LOKY_MAX_CPU_COUNT")
+        raise ValueError(
+            f"LOKY_MAX_CPU_COUNT={value!r} is not a whole number; set it to the number of "
+            "CPUs this process may use (e.g. LOKY_MAX_CPU_COUNT=4), or unset it."
+        ) from exc

@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.return_memory:
         keep_freed_memory()  # this process is ours: no page faults per batch (allocator.py)
-    fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
     try:
+        fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(
