@@ -794,8 +794,11 @@ def test_masked_out_non_finite_features_add_nothing() -> None:
     np.testing.assert_array_equal(values, (taken.counts > 0).astype(np.float32))  # means of 1
 
 
-def test_a_bad_cpu_count_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_cpu_count_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, attr: NMFConceptAttribution, slide: Path, tmp_path: Path
+) -> None:
     from captum_nmf._utils.cpus import usable_cpus
+    from captum_nmf.wsi import explain_cohort
     from captum_nmf.wsi.run import execute
 
     monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "four")
@@ -803,5 +806,10 @@ def test_a_bad_cpu_count_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> N
         usable_cpus()
     with pytest.raises(ValueError, match="LOKY_MAX_CPU_COUNT='four'"):
         execute._spare_core()
+    with pytest.raises(ValueError, match="LOKY_MAX_CPU_COUNT='four'"):  # before any work
+        explain_slide(attr, slide, tile_size=64, stride=32, out_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="LOKY_MAX_CPU_COUNT='four'"):
+        explain_cohort(attr, [slide], tmp_path / "cohort", tile_size=64, stride=32)
+    assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "0")  # joblib's floor: at least one
     assert usable_cpus() == 1

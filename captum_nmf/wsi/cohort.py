@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import module_of
+from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import check_engine
 from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
@@ -316,7 +317,8 @@ def explain_cohort(
                     or ``retries``, ``workers``/``address`` with the local
                     engine, ``slide_options`` that are not ``explain_slide``
                     arguments (or are set by the cohort) or have bad values
-                    (checked before any work), or an unparsable ``address``.
+                    (checked before any work), an unparsable ``address``, or
+                    a ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
         TypeError: a non-str ``address`` or a mistyped slide option.
         RuntimeError: the Ray actors could not be started (e.g. the model
                     does not unpickle there).
@@ -329,6 +331,7 @@ def explain_cohort(
     check_engine(engine, workers, address)
     check_int("retries", retries, minimum=0)
     _check_options(attr, slide_options)
+    usable_cpus()  # a LOKY_MAX_CPU_COUNT that is not a number stops here, before any work
     slides = [Path(p).expanduser().absolute() for p in paths]
     if not slides:
         raise ValueError("paths is empty; pass at least one slide.")

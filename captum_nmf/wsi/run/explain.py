@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
+from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf.exceptions import NoTissueError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
@@ -185,7 +186,8 @@ def explain_slide(
         FileExistsError: ``out_dir`` holds files and neither ``resume`` nor ``overwrite``.
         RunStateError: ``resume`` with a different configuration or slide.
         ValueError: bad tiling arguments, a level or mpp the slide does not
-                    have, or tile and stride that do not fit the layer's cells.
+                    have, tile and stride that do not fit the layer's cells, or a
+                    ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
         TypeError: a non-int size, level or count.
     """
     attr.check_fitted("explain_slide")
@@ -202,6 +204,7 @@ def explain_slide(
         autocast=autocast,
         channels_last=channels_last,
     )
+    usable_cpus()  # a LOKY_MAX_CPU_COUNT that is not a number stops here, before any work
     if out_dir is None and (resume or overwrite):
         raise ValueError("resume=True and overwrite=True need out_dir=...; pass the run directory.")
     options = RunOptions(
