@@ -3,16 +3,17 @@
 torch starts one intra-op thread per physical core it sees; a container's CPU quota
 (Docker ``--cpus``, a Kubernetes CPU limit: cgroup CFS bandwidth) does not show there,
 so the team can be larger than the CPU time the kernel grants. ``captum-nmf`` (the
-command) lowers torch's threads to ``captum_nmf._utils.cpus.usable_cpus()`` (joblib's
-count: affinity, the quota rounded up, ``LOKY_MAX_CPU_COUNT``). This measures what that
-buys, side by side in one process:
+command) lowers torch's threads to ``captum_nmf._utils.cpus.usable_cpus()`` (loky's
+count, as joblib's: affinity, the quota rounded up, ``LOKY_MAX_CPU_COUNT``). This
+measures what that buys, side by side in one process:
 
 * EfficientNet-Lite0 (ImageNet weights, ``captum_nmf.zoo.efficientnet_lite0``), the
   features up to ``head_relu``, on a batch of ``--batch`` real 512 px H&E tiles (crops of
   the two packaged images), ``torch.no_grad``, float32;
 * the same forward with ``torch.set_num_threads(default)`` and with
-  ``torch.set_num_threads(usable_cpus())``, ``--repeats`` rounds each, alternating which
-  goes first (``median_times``); medians and their ratio are printed.
+  ``torch.set_num_threads(min(default, usable_cpus()))`` (the command line's rule),
+  ``--repeats`` rounds each, alternating which goes first (``median_times``); medians
+  and their ratio are printed.
 
 Outside a quota both are the same number of threads and the ratio is about 1. To see a
 quota, run it inside one, e.g. ``docker run --cpus 1 ...``, or as root on cgroup v1 (a
@@ -58,14 +59,16 @@ def main() -> None:
         "bench_threads: Lite0 forward, torch's default threads vs usable_cpus()",
         torch.device("cpu"),
     )
-    default, usable = torch.get_num_threads(), usable_cpus()
+    # as the command line does: never more than torch's default (one per physical core)
+    default = torch.get_num_threads()
+    usable = min(default, usable_cpus())
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         affinity = os.cpu_count() or 1
     print(
         f"# os.cpu_count {os.cpu_count()}, affinity {affinity}, {_quota()}, "
-        f"usable_cpus {usable}, torch default threads {default}"
+        f"usable_cpus {usable_cpus()}, torch default threads {default}"
     )
     images = [load_image(name) for name in IMAGES]
     crops = [
@@ -97,7 +100,7 @@ def main() -> None:
                 f"{times['default']:.3f}",
                 f"{n / times['default']:.2f}",
             ],
-            [f"usable_cpus() ({usable})", f"{times['usable']:.3f}", f"{n / times['usable']:.2f}"],
+            [f"cut to the CPUs ({usable})", f"{times['usable']:.3f}", f"{n / times['usable']:.2f}"],
         ],
     )
     print(f"# default / usable time: {times['default'] / times['usable']:.2f}x")

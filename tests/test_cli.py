@@ -371,6 +371,7 @@ def test_the_command_line_fits_torchs_threads_to_the_cpus(
 def test_fit_threads_to_cpus_lowers_only_and_defers_to_the_user(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from captum_nmf._utils.cpus import usable_cpus
     from captum_nmf.cli import threads
 
     before = torch.get_num_threads()
@@ -388,6 +389,11 @@ def test_fit_threads_to_cpus_lowers_only_and_defers_to_the_user(
         monkeypatch.setenv("OMP_NUM_THREADS", " ")
         assert threads.fit_threads_to_cpus() == 2
         assert torch.get_num_threads() == 2
+        monkeypatch.setattr(threads, "usable_cpus", usable_cpus)  # the real count again
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the variable is checked all the same
+        monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "2.5")
+        with pytest.raises(ValueError, match=r"LOKY_MAX_CPU_COUNT='2\.5' is not a whole number"):
+            threads.fit_threads_to_cpus()
     finally:
         torch.set_num_threads(before)
 
@@ -422,7 +428,8 @@ def test_the_cpus_of_the_process_cap_the_console_commands_threads() -> None:
         env=env,
     )
     assert bad.returncode == 1
-    assert bad.stderr.startswith("captum-nmf: error: LOKY_MAX_CPU_COUNT='four' is not a whole")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("captum-nmf: error: LOKY_MAX_CPU_COUNT='four' is not a whole")
     assert "Traceback" not in bad.stderr
 
 

@@ -482,6 +482,9 @@ def test_a_containers_cpu_quota_and_the_affinity_count(monkeypatch: pytest.Monke
     """16 CPUs seen, a quota of 2 (cgroup CFS bandwidth): torch's 8 threads leave none spare."""
     from joblib.externals.loky.backend import context
 
+    if not hasattr(context, "_cpu_count_cgroup"):  # loky's quota reader, private
+        pytest.skip("this joblib's loky reads the quota elsewhere")
+
     from captum_nmf.wsi.run import execute
 
     monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
@@ -811,5 +814,25 @@ def test_a_bad_cpu_count_variable_is_named(
     with pytest.raises(ValueError, match="LOKY_MAX_CPU_COUNT='four'"):
         explain_cohort(attr, [slide], tmp_path / "cohort", tile_size=64, stride=32)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "0")  # joblib's floor: at least one
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "0")  # loky's floor: at least one
     assert usable_cpus() == 1
+
+
+def test_the_cpu_count_does_not_fall_to_one_without_joblibs_multiprocessing() -> None:
+    """``joblib.cpu_count()`` says 1 with ``JOBLIB_MULTIPROCESSING=0``; ours counts the CPUs."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from captum_nmf._utils.cpus import usable_cpus; "
+        "print(usable_cpus(), len(os.sched_getaffinity(0)))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOKY_")}
+    env["JOBLIB_MULTIPROCESSING"] = "0"
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs Linux's affinity")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    assert out[0] == out[1]

@@ -18,6 +18,11 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used by the console script).
 
+    Like the ``captum-nmf`` process, the calling process then keeps glibc's
+    freed memory (unless ``--return-memory``) and runs torch on no more
+    threads than the CPUs it may use (:mod:`captum_nmf.cli.allocator`,
+    :mod:`captum_nmf.cli.threads`).
+
     Args:
         argv (Sequence[str], optional): the arguments.
                     Default: None (``sys.argv[1:]``)

@@ -95,12 +95,14 @@ def run_demo(
     Raises:
         ImportError: an extra is missing (``pip install 'captum-nmf[all]'``).
         TypeError: ``device`` is neither a string, a ``torch.device`` nor None.
-        ValueError: ``device`` is not a device, or one this machine lacks
-                    (checked before any work).
+        ValueError: ``device`` is not a device, or one this machine lacks, or
+                    ``LOKY_MAX_CPU_COUNT`` is not a whole number (checked
+                    before any work).
     """
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = check_device("device", device)
+    usable_cpus()  # a LOKY_MAX_CPU_COUNT that is not a number stops here, before any work
     small = small or os.environ.get("CAPTUM_NMF_DEMO_SMALL", "") not in ("", "0")
     stride = TILE if small else TILE // 2
     out_dir = Path(out)
