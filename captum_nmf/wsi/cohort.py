@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import module_of
-from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import check_engine
 from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
@@ -331,7 +330,6 @@ def explain_cohort(
     check_engine(engine, workers, address)
     check_int("retries", retries, minimum=0)
     _check_options(attr, slide_options)
-    usable_cpus()  # a LOKY_MAX_CPU_COUNT that is not a number stops here, before any work
     slides = [Path(p).expanduser().absolute() for p in paths]
     if not slides:
         raise ValueError("paths is empty; pass at least one slide.")

@@ -14,6 +14,7 @@ from torch import Tensor
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import check_device_options
 from captum_nmf._utils.activations import model_device as _device_of
+from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf._utils.validation import check_int
 from captum_nmf._version import __version__
 from captum_nmf.wsi.tiling import TileErrorPolicy, TileGrid
@@ -59,9 +60,13 @@ def check_run_options(
 ) -> None:
     """Check the run options of :func:`explain_slide` that do not need the slide.
 
+    Also counts the CPUs the run may use (:func:`~captum_nmf._utils.cpus.usable_cpus`),
+    so that a bad ``LOKY_MAX_CPU_COUNT`` stops a run before any work.
+
     Raises:
         TypeError: a non-int count, or a bad ``autocast``/``channels_last``.
-        ValueError: a value out of range or an unknown ``mode``/``on_tile_error``.
+        ValueError: a value out of range, an unknown ``mode``/``on_tile_error``,
+                    or a ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
     """
     check_int("border", border, minimum=0)
     if mode not in ("tile", "region"):
@@ -75,6 +80,7 @@ def check_run_options(
     check_int("chunk_tiles", chunk_tiles, minimum=1)
     if on_tile_error not in ("raise", "skip"):
         raise ValueError(f"on_tile_error must be 'raise' or 'skip', got {on_tile_error!r}.")
+    usable_cpus()  # the count reading slides relies on (execute.py): its variable checked here
 
 
 @dataclass(frozen=True)

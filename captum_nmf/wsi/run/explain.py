@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf._utils.cpus import usable_cpus
 from captum_nmf.exceptions import NoTissueError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
@@ -204,7 +203,6 @@ def explain_slide(
         autocast=autocast,
         channels_last=channels_last,
     )
-    usable_cpus()  # a LOKY_MAX_CPU_COUNT that is not a number stops here, before any work
     if out_dir is None and (resume or overwrite):
         raise ValueError("resume=True and overwrite=True need out_dir=...; pass the run directory.")
     options = RunOptions(
