@@ -54,22 +54,24 @@ def cuda() -> Iterator[EmulatedCuda | None]:
         pytest.fail("the test asked for CUDA but never touched the (emulated) device")
 
 
+def _recorded(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
+    """Replace ``captum_nmf.cli.main``'s process-wide setting ``name`` by a record of its calls."""
+    calls: list[bool] = []
+    module = importlib.import_module("captum_nmf.cli.main")  # `cli.main` is also the function
+    monkeypatch.setattr(module, name, lambda: calls.append(True))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def allocator_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record, not apply, the CLI's glibc setting: it is process-wide (tested in a subprocess)."""
-    calls: list[bool] = []
-    module = importlib.import_module("captum_nmf.cli.main")  # `cli.main` is also the function
-    monkeypatch.setattr(module, "keep_freed_memory", lambda: calls.append(True))
-    return calls
+    return _recorded(monkeypatch, "keep_freed_memory")
 
 
 @pytest.fixture(autouse=True)
 def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record, not apply, the CLI's cap on torch's threads: it is process-wide (tested alone)."""
-    calls: list[bool] = []
-    module = importlib.import_module("captum_nmf.cli.main")
-    monkeypatch.setattr(module, "fit_threads_to_cpus", lambda: calls.append(True))
-    return calls
+    return _recorded(monkeypatch, "fit_threads_to_cpus")
 
 
 def _tiles(size: int, corners: tuple[tuple[int, int], ...]) -> torch.Tensor:
