@@ -56,6 +56,8 @@ def test_mixing_devices_raises_as_cuda_does() -> None:
             lambda: x + cpu,
             lambda: cpu * x,
             lambda: torch.cat([x, cpu]),
+            lambda: torch.cat(tensors=(x, cpu)),  # tensors in a keyword's tuple
+            lambda: torch.stack(tensors=[x, cpu], dim=0),  # ... and in its list
             lambda: x @ cpu.T,
             lambda: torch.where(x > 0, x, cpu),
             lambda: cpu + x.sum(),  # a device scalar does not join host tensors
@@ -221,3 +223,20 @@ def test_autocast_on_the_device_casts() -> None:
             out = conv(torch.rand(1, 3, 4, 4, device="cuda"))
         assert out.dtype == torch.bfloat16
         assert out.is_cuda
+
+
+def test_every_tensor_of_a_call_is_seen_however_nested() -> None:
+    """The mode's own walk finds what ``torch.utils._pytree`` finds, in the same order."""
+    from collections import OrderedDict, namedtuple
+
+    from torch.utils._pytree import tree_flatten
+
+    from tests.helpers.emulated_cuda import _call_tensors, _tensors
+
+    a, b, c, d, e = (torch.full((1,), float(i)) for i in range(5))
+    pair = namedtuple("pair", "first second")
+    value = ([a, (b, {"k": [c]})], OrderedDict(x=pair(d, "text")), 3, None, torch.Size([2]))
+    expected = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    assert [t is u for t, u in zip(_tensors(value), expected, strict=True)] == [True] * 4
+    found = _call_tensors((value, e), {"out": [a], "dim": 0})
+    assert [float(t) for t in found] == [0, 1, 2, 3, 4, 0]
