@@ -46,7 +46,8 @@ elif '${SMALL:-0}' != '1':
 print('captum', captum.__version__, 'numpy', numpy.__version__, 'sklearn', sklearn.__version__)
 print('openslide', openslide.__library_version__, 'captum_nmf', captum_nmf.__version__)
 " || { echo "stopped: a package is missing (was .whl carried?) or CUDA is absent"; exit 1; }
-step cuda_tests "${TEST_LIMIT:-180}" "$PY" -m pytest -q -p no:cacheprovider -rs --timeout 120 \
+# -m "": the cases marked slow too (the demo on CUDA); the default run skips them
+step cuda_tests "${TEST_LIMIT:-180}" "$PY" -m pytest -q -p no:cacheprovider -rs -m "" --timeout 120 \
   tests/test_cuda_parity.py tests/test_cli_device.py tests/test_wsi_device.py \
   tests/test_nnls.py tests/test_nmf.py tests/test_nmf_concept.py tests/test_activations.py \
   tests/test_demo.py tests/test_quickstart.py

@@ -66,10 +66,16 @@ def test_demo_writes_a_report_with_figures_tables_and_exports(cpu_demo: tuple[Pa
     assert analysis["n_tiles"] == 50
 
 
+@pytest.mark.slow  # 30-45 s on 2 cores; the device check runs it on a GPU
 def test_the_demo_on_cuda_reports_what_the_cpu_does(
     cpu_demo: tuple[Path, str], tmp_path: Path, cuda: EmulatedCuda | None
 ) -> None:
-    """Every step runs its model on CUDA (a GPU, or the emulated device without one)."""
+    """Every step runs its model on CUDA (a GPU, or the emulated device without one).
+
+    ``slow``: the whole demo a second time. The default suite runs each of its
+    steps on the emulated device (``test_cli_device.py``: fit, explain, analyse
+    from the command line; ``test_cuda_parity.py``: the library's calls).
+    """
     cpu_out, _ = cpu_demo
     out = tmp_path / "demo"
     assert "report.html" in _demo(out, "cuda")

@@ -27,13 +27,16 @@ _CALLS = """import json as _json
 print(_json.dumps(_emulated.calls))"""
 
 
-@pytest.fixture(params=["default", "emulated-cuda"])
+@pytest.fixture(params=["default", pytest.param("emulated-cuda", marks=pytest.mark.slow)])
 def where(request: pytest.FixtureRequest) -> str:
     """Each tutorial on this machine's default device, then on the emulated CUDA device.
 
     The tutorials take the GPU when there is one; without one (CI) the second run
     takes their CUDA branch on the emulated device. On a GPU machine the first run
-    already uses the GPU and the second is skipped.
+    already uses the GPU and the second is skipped. The emulated runs are ``slow``
+    (about a minute for the four): what the tutorials call on a device is also run
+    on the emulated device by the default suite (``test_cuda_parity.py``,
+    ``test_cli_device.py``, ``test_quickstart.py``).
     """
     if request.param == "emulated-cuda" and torch.cuda.is_available():
         pytest.skip("the default run uses this machine's GPU")
