@@ -91,13 +91,10 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 def _call_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
-    """:func:`_tensors` of a call's ``args`` and ``kwargs``, without walking the two."""
+    """:func:`_tensors` of a call's ``args``, then its ``kwargs``."""
     found: list[Tensor] = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            found.append(value)
-        elif isinstance(value, (tuple, list, dict)):
-            _collect(value, found)
+    _collect(args, found)
+    _collect(kwargs, found)
     return found
 
 
@@ -206,6 +203,8 @@ class EmulatedCuda(TorchFunctionMode):
         if kwargs.get("pin_memory"):
             kwargs["pin_memory"] = False
         generator = kwargs.get("generator")
+        # `is not None` first: most calls have no generator, and isinstance of torch.Generator
+        # (a custom class) is slow
         if (
             generator is not None
             and isinstance(generator, torch.Generator)
