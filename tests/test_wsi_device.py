@@ -824,14 +824,14 @@ def test_the_cpu_count_does_not_fall_to_one_without_joblibs_multiprocessing() ->
     import subprocess
     import sys
 
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs Linux's affinity")
     code = (
         "import os; from captum_nmf._utils.cpus import usable_cpus; "
         "print(usable_cpus(), len(os.sched_getaffinity(0)))"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOKY_")}
     env["JOBLIB_MULTIPROCESSING"] = "0"
-    if not hasattr(os, "sched_getaffinity"):
-        pytest.skip("needs Linux's affinity")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
