@@ -114,6 +114,40 @@ def test_a_failed_block_falls_back_to_the_tiles_own_reads(tmp_path: Path) -> Non
     assert same == len(grid) - failed  # every other tile of the affected blocks is intact
 
 
+def test_storage_away_during_a_failed_read_skips_as_tile_by_tile_reads_do(tmp_path: Path) -> None:
+    """The file away while a broken block is retried: the same tiles fail, later ones read."""
+    from captum_nmf.wsi import SlideTiles
+    from captum_nmf.wsi.blocks import TileBatches
+
+    broken = tmp_path / "broken.svs"
+    away = tmp_path / "away.svs"
+    flip_tile_markers(CMU, broken, [52])
+    with Slide(broken) as slide:
+        grid = tile_grid(slide, tile_size=240, stride=120, tissue_mask=None)
+    first, later = 165, list(range(166, 174))  # tile 165 overlaps the broken JPEG tile
+    per_tile = SlideTiles.from_grids([grid], on_tile_error="skip")
+    blocks = TileBatches(grid, on_tile_error="skip")
+    got = []
+    try:
+        for read in (lambda b: per_tile.collate_fn([per_tile[i] for i in b]), blocks.batch):
+            read(list(range(first)))  # handles open, blocks cached
+            broken.rename(away)
+            try:
+                _, idx, lost = read([first])
+            finally:
+                away.rename(broken)
+            assert (idx.tolist(), lost.tolist()) == ([], [first])
+            got.append(read(later))
+    finally:
+        per_tile.close()
+        blocks.close()
+    (a_img, a_idx, a_lost), (b_img, b_idx, b_lost) = got
+    assert a_idx.tolist() == b_idx.tolist()
+    assert len(a_idx) >= 1
+    assert a_lost.tolist() == b_lost.tolist()
+    assert torch.equal((b_img.permute(0, 3, 1, 2).float() / 255.0), a_img)
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype"), [((64, 64, 3), np.uint8), ((128, 128, 4), np.uint8), ((128, 128, 3), float)]
 )

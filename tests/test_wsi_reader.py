@@ -14,6 +14,7 @@ import pytest
 from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import (
     LargeThumbnailWarning,
+    SlideError,
     SlideNotFoundError,
     SlideReadError,
     UnreadableRegionWarning,
@@ -200,6 +201,31 @@ def test_one_broken_tile_does_not_poison_the_handle(tmp_path: Path) -> None:
             slide.read_region((x + 8, y + 8), 0, (32, 32))
         np.testing.assert_array_equal(slide.read_region((0, 0), 0, (64, 64)), good)
         assert slide.read_retries == 1
+
+
+def test_a_read_whose_reopen_failed_costs_that_read_not_the_slide(tmp_path: Path) -> None:
+    """Storage away while a broken tile is retried: later reads reopen the file themselves."""
+    broken = tmp_path / "broken.svs"
+    away = tmp_path / "away.svs"
+    x, y = flip_tile_marker(CMU, broken, tile_index=52)
+    good = cmu_pixels()[0:64, 0:64]
+    with Slide(broken) as slide:
+        broken.rename(away)  # the open handle still reads; a reopen cannot
+        with pytest.raises(SlideReadError, match=r"broken\.svs"):
+            slide.read_region((x + 8, y + 8), 0, (32, 32))
+        assert not slide.closed  # not closed by the user: no "slide is closed" ValueError
+        assert "unreachable since a failed read" in repr(slide)
+        with pytest.raises(SlideReadError, match=r"broken\.svs.*not found") as info:
+            slide.read_region((0, 0), 0, (64, 64))  # still away: a read error, skippable
+        assert info.value.location == (0, 0)
+        with pytest.raises(SlideError, match=r"could not be reopened after a failed read"):
+            _ = slide.dimensions
+        away.rename(broken)  # back
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (64, 64)), good)
+        assert slide.dimensions == (2220, 2967)
+    assert slide.closed
+    with pytest.raises(ValueError, match=r"slide is closed"):
+        slide.read_region((0, 0), 0, (64, 64))
 
 
 # --------------------------------------------------------------- levels and mpp (row 6)

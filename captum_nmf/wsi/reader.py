@@ -96,7 +96,10 @@ class Slide:
     r"""A whole-slide image (or plain image) opened for reading, in level-0 coordinates.
 
     Use it as a context manager, or call :meth:`close`. After ``close`` every
-    method raises ``ValueError("slide is closed")``. A handle must not be
+    method raises ``ValueError("slide is closed")``. A read that fails is
+    retried once on a new handle; when even that reopen fails (the file
+    briefly unreachable), the next read tries to reopen again, so one lost
+    moment of storage costs that read, not the slide. A handle must not be
     shared between processes: :class:`~captum_nmf.wsi.SlideTiles` opens one
     per DataLoader worker.
 
@@ -146,10 +149,7 @@ class Slide:
         background: tuple[int, int, int] = (255, 255, 255),
     ) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise SlideNotFoundError(f"Slide file not found: {self.path}")
-        if not os.access(self.path, os.R_OK):
-            raise PermissionError(f"Slide file {self.path} is not readable (permission denied).")
+        self._check_file()
         if self.path.is_dir():
             raise UnsupportedSlideError(
                 f"{self.path} is a directory; pass the slide file itself (for MRXS the .mrxs "
@@ -172,6 +172,7 @@ class Slide:
         self.read_retries = 0
         self._layouts: dict[int, TileLayout | None] = {}
         self._handle: OpenSlide | ImageSlide | None = None
+        self._lost = False  # a failed read's reopen failed too: the next read reopens
         self.vendor = self._open()
 
     # ------------------------------------------------------------------ opening
@@ -208,24 +209,41 @@ class Slide:
             + ("" if self._allow_plain else " Plain images need allow_plain_images=True.")
         )
 
+    def _check_file(self) -> None:
+        if not self.path.exists():
+            raise SlideNotFoundError(f"Slide file not found: {self.path}")
+        if not os.access(self.path, os.R_OK):
+            raise PermissionError(f"Slide file {self.path} is not readable (permission denied).")
+
     def _reopen(self) -> None:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.close()
+        self._check_file()  # gone or locked is said so, not "not a whole-slide image"
         self.vendor = self._open()
+        self._lost = False
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._handle is None
+        return self._handle is None and not self._lost
 
     def _osr(self) -> OpenSlide | ImageSlide:
+        if self._handle is None and self._lost:  # the last read's reopen failed: try again
+            try:
+                self._reopen()
+            except (OpenSlideError, OSError, SlideError) as exc:
+                raise SlideError(
+                    f"{self.path} could not be reopened after a failed read ({exc}); "
+                    "check that the file is still there and readable."
+                ) from exc
         if self._handle is None:
             raise ValueError(f"slide is closed: {self.path}; open a new Slide to read it again.")
         return self._handle
 
     def close(self) -> None:
         """Release the file handle (idempotent)."""
+        self._lost = False
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.close()
@@ -242,7 +260,10 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.dimensions[0]} x {self.dimensions[1]} px"
+        if self._handle is None:  # never reopened here: a repr must not raise
+            state = "unreachable since a failed read" if self._lost else "closed"
+        else:
+            state = f"{self.dimensions[0]} x {self.dimensions[1]} px"
         return f"Slide({str(self.path)!r}, vendor={self.vendor!r}, {state})"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -469,14 +490,19 @@ class Slide:
         tiles from it), saving one pass over its pixels. Arguments, result and
         errors as :meth:`read_region`.
         """
-        osr = self._osr()
-        level = self.check_level(level)
         if len(size) != 2 or not all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in size
         ):
             raise ValueError(f"size must be two positive ints (width, height), got {size!r}.")
         loc = (int(location[0]), int(location[1]))
         dims = (int(size[0]), int(size[1]))
+        if self._lost:  # the last read's reopen failed: this read tries again, as a read
+            try:
+                self._reopen()
+            except (OpenSlideError, OSError, SlideError, ValueError) as exc:
+                raise _read_error(self.path, level, loc, dims, exc) from exc
+        osr = self._osr()
+        level = self.check_level(level)
         try:
             image = osr.read_region(loc, level, dims)
         except (OpenSlideError, OSError):
@@ -487,6 +513,7 @@ class Slide:
             except (OpenSlideError, OSError, SlideError, ValueError) as exc:
                 with contextlib.suppress(OpenSlideError, OSError, SlideError):
                     self._reopen()  # leave the slide usable for the next tile
+                self._lost = self._handle is None  # unreachable now: the next read reopens
                 raise _read_error(self.path, level, loc, dims, exc) from exc
         return self._rgb(image)
 
