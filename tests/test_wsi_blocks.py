@@ -279,3 +279,30 @@ def test_persistent_workers_serve_slide_after_slide_even_after_an_early_stop(
         reference.close()
     finally:
         workers.close()
+
+
+def test_worker_loaders_are_kept_per_transform_even_an_unhashable_one() -> None:
+    # a dataclass transform has no hash: a cohort with num_workers > 0 failed every slide
+    import dataclasses
+
+    from captum_nmf.wsi.blocks import ReadingThreads
+
+    @dataclasses.dataclass
+    class Shift:
+        d: float = 0.0
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.d
+
+    shift = Shift()
+    with ReadingThreads() as threads:
+
+        def loader(workers: int, transform: Shift) -> object:
+            return threads.tile_loader(
+                workers, transform=transform, on_tile_error="skip", slide_mpp=None, pin_memory=False
+            )
+
+        first = loader(1, shift)
+        assert loader(1, shift) is first
+        assert loader(1, Shift()) is not first  # equal, but another object
+        assert loader(2, shift) is not first

@@ -361,14 +361,17 @@ class ReadingThreads:
     ) -> PersistentTileLoader:
         """Worker processes for ``num_workers > 0`` runs, started at the first and kept.
 
-        One set per configuration (workers, transform, error policy, mpp,
-        pinning), so every slide of a cohort reads through the same processes.
+        One set per configuration (workers, transform (the same object, hashable
+        or not), error policy, mpp, pinning), so every slide of a cohort reads
+        through the same processes.
 
         Raises:
             RuntimeError: the threads were closed.
         """
         self._check_open()
-        key = (num_workers, transform, on_tile_error, slide_mpp, pin_memory)
+        # the transform by identity: a dataclass or other unhashable callable is fine,
+        # and the loader keeps it alive, so its id is not reused while the key exists
+        key = (num_workers, id(transform), on_tile_error, slide_mpp, pin_memory)
         loader = self._loaders.get(key)
         if loader is None:
             requests = TileRequests(
