@@ -443,5 +443,44 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_chunks(
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running"
     assert manifest["done"] >= 1
-    resumed = _explain(pool_attr, he_slide, out_dir=out, batch_size=16, resume=True)
-    assert np.array_equal(resumed.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+    # as the message says: smaller batches finish the run (the batch size is not hashed)
+    resumed = _explain(pool_attr, he_slide, out_dir=out, batch_size=5, resume=True)
+    reference = _explain(pool_attr, he_slide, batch_size=16)
+    np.testing.assert_allclose(resumed.concept_maps, reference.concept_maps, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(resumed.assignment, reference.assignment)
+    assert resumed.config["batch_sizes"] == [16, 5]  # what each part of the run used
+    assert json.loads((out / "manifest.json").read_text())["batch_sizes"] == [16, 5]
+    assert SlideExplanation.load(out).config["batch_sizes"] == [16, 5]
+    again = _explain(pool_attr, he_slide, out_dir=out, batch_size=3, resume=True)  # complete
+    assert np.array_equal(again.concept_maps, resumed.concept_maps)
+    with pytest.raises(RunStateError, match="different configuration"):  # the rest still counts
+        _explain(pool_attr, he_slide, out_dir=out, stride=16, resume=True)
+
+
+def test_out_of_memory_in_region_mode_says_what_can_resume(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = NMFConceptAttribution._activations
+
+    def forward(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
+        if kwargs.get("return_output"):  # the run's forward, not the plan's probe
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NMFConceptAttribution, "_activations", forward)
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=r"one region of 160 px .* resume=True once the device has more free memory\. "
+        r"Otherwise lower region_size \(now 128\) and run again with overwrite=True",
+    ):
+        _explain(
+            pool_attr,
+            he_slide,
+            mode="region",
+            region_size=128,
+            region_margin=16,
+            out_dir=tmp_path / "run",
+        )

@@ -172,9 +172,16 @@ def describe(transform: Callable[[Tensor], Tensor] | None) -> str | None:
     return name if " at 0x" in text else f"{name}: {text}"
 
 
+#: recorded in the configuration, but a resume may change them: ``batch_size`` so that a
+#: run stopped by an out-of-memory error finishes with smaller batches (the chunks do not
+#: depend on it; a tile's features may differ in their last bits between batch sizes)
+UNHASHED = ("batch_size",)
+
+
 def config_hash(attr: NMFConceptAttribution, config: dict[str, Any], grid: TileGrid) -> str:
-    """SHA-256 of the configuration, the model fingerprint and the tile positions."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    """SHA-256 of the configuration (less :data:`UNHASHED`), the model and the tile positions."""
+    hashed = {k: v for k, v in config.items() if k not in UNHASHED}
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())
     digest.update(model_fingerprint(attr).encode())
     digest.update(grid.rows.tobytes() + grid.cols.tobytes())
     return digest.hexdigest()

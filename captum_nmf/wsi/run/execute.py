@@ -212,15 +212,21 @@ def _forward(
             **options.forward,
         )
     except torch.OutOfMemoryError as exc:
-        if assembler.plan.regions is None:
-            knob, value, unit = "batch_size", options.batch_size, f"{options.batch_size} tile(s)"
-        else:
-            knob, value, unit = "region_size", options.region_size, "one region"
-        raise torch.OutOfMemoryError(
-            f"{device.type} ran out of memory on a batch of {unit} of "
-            f"{assembler.plan.grid.tile_size} px ({exc}); finished chunks are kept: lower "
-            f"{knob} (now {value}) and run again with resume=True."
-        ) from exc
+        size = assembler.plan.grid.tile_size
+        if assembler.plan.regions is None:  # the batch size is not part of the run's hash
+            advice = (
+                f"on a batch of {options.batch_size} tile(s) of {size} px ({exc}); finished "
+                f"chunks are kept: lower batch_size (now {options.batch_size}) and run again "
+                "with resume=True."
+            )
+        else:  # one region per forward: a smaller region is another plan
+            advice = (
+                f"on a batch of one region of {size} px ({exc}); finished chunks are kept "
+                "for resume=True once the device has more free memory. Otherwise lower "
+                f"region_size (now {options.region_size}) and run again with overwrite=True "
+                "(regions of another size are another plan), or use mode='tile'."
+            )
+        raise torch.OutOfMemoryError(f"{device.type} ran out of memory {advice}") from exc
     return cast(tuple[Tensor, Any, PendingCheck | None], result)
 
 

@@ -253,11 +253,17 @@ def explain_slide(
                     "cell": None,
                     "n_outputs": None,
                     "status": "running",
+                    "batch_sizes": [config["batch_size"]],
                 }
             )
             manifest = store.manifest
         else:
             _check_resumable(store, manifest, run_hash, plan.fingerprint)
+            sizes = list(manifest.get("batch_sizes") or [manifest["config"]["batch_size"]])
+            if manifest.get("status") != "complete" and sizes[-1] != config["batch_size"]:
+                store.manifest["batch_sizes"] = [*sizes, config["batch_size"]]
+                store.write_manifest()  # e.g. smaller batches after an out-of-memory error
+        config = {**config, "batch_sizes": manifest.get("batch_sizes", [config["batch_size"]])}
         if manifest.get("status") == "complete":
             result = SlideExplanation.load(store.verify(EXPLANATION_FILE))
         else:
