@@ -128,7 +128,8 @@ def test_an_interrupted_swap_is_redone_by_overwrite(
     out = tmp_path / "run"
     _explain(pool_attr, he_slide, out_dir=out)
     manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "replacing"}))
+    replacing = store_module.sealed({**manifest, "status": "replacing"})
+    (out / "manifest.json").write_text(json.dumps(replacing))
     with pytest.raises(RunStateError, match="overwrite of .* was interrupted"):
         _explain(pool_attr, he_slide, out_dir=out, resume=True)
     again = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
@@ -484,3 +485,162 @@ def test_out_of_memory_in_region_mode_says_what_can_resume(
             region_margin=16,
             out_dir=tmp_path / "run",
         )
+
+
+# ------------------------------------------------- found by a hostile review (2026-12-07)
+def _interrupt_after_first_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = NMFConceptAttribution._activations
+    calls = {"n": 0}
+
+    def forward(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
+        if kwargs.get("return_output"):
+            calls["n"] += 1
+            if calls["n"] == 3:  # 32-tile batches, 40-tile chunks: chunk 0 is committed
+                raise KeyboardInterrupt
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NMFConceptAttribution, "_activations", forward)
+
+
+def test_a_kill_after_the_commit_leaves_a_complete_run_and_its_chunks_are_cleaned(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    real = store_module._remove
+
+    def killed(path: Path) -> None:  # killed as the first chunk file goes, after the commit
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest["status"] == "complete" and path.parent.name == "chunks":
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(store_module, "_remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, out_dir=out)
+    monkeypatch.undo()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert any((out / "chunks").iterdir())  # chunk files left behind
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(got.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+    assert not (out / "chunks").exists()  # removed by the resume that found them
+
+
+def test_a_full_disk_at_the_commit_keeps_the_run_resumable(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    real = store_module._write_json
+
+    def full_at_commit(path: Path, data: dict[str, object]) -> None:
+        if data.get("status") == "complete":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(store_module, "_write_json", full_at_commit)
+    with pytest.raises(OSError, match="No space left"):
+        _explain(pool_attr, he_slide, out_dir=out)
+    monkeypatch.undo()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    assert all((out / rel).is_file() for rel in manifest["files"])  # no chunk removed
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(got.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+
+
+@pytest.mark.parametrize(("key", "value"), [("n_outputs", 0), ("done", 0), ("status", "complete")])
+def test_a_changed_manifest_is_refused_on_resume(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    value: object,
+) -> None:
+    out = tmp_path / "run"
+    _interrupt_after_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, out_dir=out)
+    monkeypatch.undo()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["done"] == 1
+    assert manifest[key] != value
+    (out / "manifest.json").write_text(json.dumps({**manifest, key: value}, indent=2))
+    with pytest.raises(RunStateError, match=r"changed since it was written \(its digest"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    got = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+    assert np.array_equal(got.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+
+
+def test_an_overwrite_removes_only_its_own_stale_working_folders(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    marker = json.dumps({"key": "captum-nmf/slide-run-folder", "run_id": "x", "library": "y"})
+    stale = tmp_path / ".res.new-0123456789ab"  # a killed overwrite of res
+    other = tmp_path / ".res.new-norm.new-0123456789ab"  # a running overwrite of res.new-norm
+    for folder in (stale, other):
+        folder.mkdir()
+        (folder / MARKER_FILE).write_text(marker)
+    _explain(pool_attr, he_slide, out_dir=tmp_path / "res", overwrite=True)
+    assert not stale.exists()
+    assert (other / MARKER_FILE).read_text() == marker
+
+
+def test_a_resume_removes_the_folder_of_a_killed_overwrite(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    stale = tmp_path / ".run.new-0123456789ab"
+    (stale / "chunks").mkdir(parents=True)
+    (stale / MARKER_FILE).write_text(
+        json.dumps({"key": "captum-nmf/slide-run-folder", "run_id": "x", "library": "y"})
+    )
+    _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_user_files_named_like_temporary_files_are_not_debris(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "scan"
+    (out / "chunks").mkdir(parents=True)
+    (out / ".scan.2024.tmp").write_text("mine")
+    (out / "chunks" / ".notes.1.tmp").write_text("mine too")
+    before = _tree(out)
+    assert inspect_folder(out).kind == "foreign"
+    for flags in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(FileExistsError, match=r"did not write \(\.scan\.2024\.tmp, chunks\)"):
+            _explain(pool_attr, he_slide, out_dir=out, **flags)
+    assert _tree(out) == before
+
+
+def test_a_swap_killed_between_the_marker_and_the_manifest_says_so(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    real = Path.replace
+
+    def replace(self: Path, target: Path) -> Path:  # killed as the new manifest moves in
+        if self.name == "manifest.json" and self.parent.name.startswith(".run.new-"):
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(RunStateError, match="overwrite of .* was interrupted"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    again = _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
+    assert np.array_equal(SlideExplanation.load(out).concept_maps, again.concept_maps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -4,7 +4,9 @@ A run folder written by :func:`~captum_nmf.wsi.explain_slide` holds
 
 * ``.captum-nmf-run`` -- the ownership marker: a library-specific key and the run id;
 * ``manifest.json`` -- the run's state (configuration hash, slide fingerprint,
-  chunks done) and ``files``: every file the run wrote, with its SHA-256;
+  chunks done) and ``files``: every file the run wrote, with its SHA-256; the
+  manifest carries the SHA-256 of its own content, so a changed byte makes it
+  unusable instead of silently different;
 * ``chunks/`` while the run is incomplete, then ``explanation.safetensors`` and
   ``explanation.json``;
 * ``.captum-nmf-run.lock`` while a process writes it.
@@ -25,12 +27,19 @@ Rules that keep users' data safe:
   of a process that died (even by ``kill -9``) is released by the kernel and
   taken over.
 * A folder holding only our marker and the debris of a failed start (a lock
-  file, temporary files, an empty ``chunks/``) is cleaned and reused.
+  file, our temporary files, an empty ``chunks/``) is cleaned and reused. A
+  temporary file is ours only by the name of a file we write
+  (``.manifest.json.<pid>.tmp``, ``chunks/.chunk_00003.safetensors.<pid>.tmp``);
+  a user's ``.notes.1.tmp`` is foreign.
+* A run is marked complete (the manifest, without its chunks) before the chunk
+  files are removed: a kill in between leaves a complete run and leftover
+  chunks, which the next claim of the folder removes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -66,8 +75,15 @@ CHUNK_DIR = "chunks"
 RESULT_FILES = ("explanation.safetensors", "explanation.json")
 MARKER_KEY = "captum-nmf/slide-run-folder"
 RUN_FORMAT = "captum-nmf/slide-run"
-RUN_VERSION = 2
-_TMP = re.compile(r"^\..+\.\d+\.tmp$")
+RUN_VERSION = 3  # 3: the manifest's own digest
+DIGEST_KEY = "manifest_sha256"
+# temporary files of atomic writes (`.{name}.{pid}.tmp`) of the files a run writes
+_TMP_TOP = re.compile(
+    r"^\.(?:"
+    + "|".join(re.escape(n) for n in (MARKER_FILE, MANIFEST_FILE, *RESULT_FILES))
+    + r")\.\d+\.tmp$"
+)
+_TMP_CHUNK = re.compile(r"^\.(?:chunk|carry)_\d{5}\.safetensors\.\d+\.tmp$")
 _CHUNK = re.compile(r"^(chunk|carry)_\d{5}\.safetensors$")
 _OURS_TOP = {MARKER_FILE, LOCK_FILE, MANIFEST_FILE, *RESULT_FILES}
 
@@ -87,12 +103,31 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         fh.write(json.dumps(data, indent=2, sort_keys=True))
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's content, its own digest left out (canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with the digest of its content, as it is written."""
+    return {**manifest, DIGEST_KEY: manifest_digest(manifest)}
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """A run manifest whose digest matches its content; None if missing, foreign or changed."""
+    data = _read_json(path)
+    if data is None or data.get("format") != RUN_FORMAT:
+        return None
+    return data if data.get(DIGEST_KEY) == manifest_digest(data) else None
+
+
 def _is_debris(entry: Path) -> bool:
-    """Left by a failed start of ours: temporary files, our lock, an empty ``chunks/``."""
-    if entry.name == LOCK_FILE or (_TMP.match(entry.name) and entry.is_file()):
+    """Left by a failed start of ours: our temporary files, our lock, an empty ``chunks/``."""
+    if entry.name == LOCK_FILE or (_TMP_TOP.match(entry.name) and entry.is_file()):
         return True
     if entry.name == CHUNK_DIR and entry.is_dir():
-        return all(_TMP.match(p.name) and p.is_file() for p in entry.iterdir())
+        return all(_TMP_CHUNK.match(p.name) and p.is_file() for p in entry.iterdir())
     return False
 
 
@@ -136,10 +171,8 @@ def inspect_folder(folder: Path) -> FolderState:
         if all(_is_debris(e) for e in entries):
             return FolderState("debris")
         return FolderState("foreign", foreign=[e.name for e in entries])
-    manifest = _read_json(folder / MANIFEST_FILE)
-    if manifest is not None and (
-        manifest.get("format") != RUN_FORMAT or manifest.get("run_id") != marker.get("run_id")
-    ):
+    manifest = read_manifest(folder / MANIFEST_FILE)
+    if manifest is not None and manifest.get("run_id") != marker.get("run_id"):
         manifest = None
     listed = set() if manifest is None else {Path(f).parts[0] for f in manifest.get("files", {})}
     foreign = [
@@ -236,7 +269,7 @@ def _remove_chunk_dir(folder: Path) -> None:
     if not chunks.is_dir():
         return
     for entry in chunks.iterdir():
-        if _CHUNK.match(entry.name) or _TMP.match(entry.name):
+        if _CHUNK.match(entry.name) or _TMP_CHUNK.match(entry.name):
             _remove(entry)
     with contextlib.suppress(OSError):  # foreign files inside keep the folder
         chunks.rmdir()
@@ -304,6 +337,7 @@ class RunStore:
     def _claim(self, *, resume: bool, overwrite: bool) -> tuple[RunStore, dict[str, Any] | None]:
         """Decide, holding the lock, how this run uses the target (looked at again)."""
         target = self.target
+        self._clean_stale_siblings()  # killed overwrites' folders: we hold the target's lock
         state = inspect_folder(target)
         if state.kind in ("absent", "empty", "debris"):
             self._clean_debris(target)
@@ -312,7 +346,6 @@ class RunStore:
             raise FileExistsError(f"out_dir {target} holds files captum-nmf did not write.")
         manifest = state.manifest
         if overwrite:
-            self._clean_stale_siblings()
             run_id = uuid.uuid4().hex
             self.work_dir = target.with_name(f".{target.name}.new-{run_id[:12]}")
             self.work_dir.mkdir()
@@ -325,20 +358,23 @@ class RunStore:
                 "it, overwrite=True to replace it when the new run completes (other files there "
                 "are kept), or another directory."
             )
-        if manifest is None:
-            raise RunStateError(
-                f"{target / MANIFEST_FILE} is missing, unreadable or belongs to another run, so "
-                "the run cannot be resumed; pass overwrite=True to start it over (other files "
-                "there are kept)."
-            )
-        if manifest.get("status") == "replacing":
+        current = read_manifest(target / MANIFEST_FILE)  # the marker may be the new run's
+        if (manifest or current or {}).get("status") == "replacing":
             raise RunStateError(
                 f"an overwrite of {target} was interrupted while its files were being replaced; "
                 "pass overwrite=True to run it again (other files there are kept)."
             )
+        if manifest is None:
+            raise RunStateError(
+                f"{target / MANIFEST_FILE} is missing, unreadable, changed since it was written "
+                "(its digest does not match) or belongs to another run, so the run cannot be "
+                "resumed; pass overwrite=True to start it over (other files there are kept)."
+            )
         if int(manifest.get("format_version", 0)) > RUN_VERSION:
             raise RunStateError(f"{target / MANIFEST_FILE} was written by a newer captum-nmf.")
         self.manifest = manifest
+        if manifest.get("status") == "complete":  # a kill after the commit left chunks
+            _remove_chunk_dir(target)
         return self, manifest
 
     def _clean_debris(self, folder: Path) -> None:
@@ -347,14 +383,22 @@ class RunStore:
                 continue
             if entry.name == CHUNK_DIR:
                 _remove_chunk_dir(folder)
-            elif entry.name == MARKER_FILE or _TMP.match(entry.name):
+            elif entry.name == MARKER_FILE or _TMP_TOP.match(entry.name):
                 _remove(entry)
 
     def _clean_stale_siblings(self) -> None:
-        """Hidden sibling folders of overwrites that were killed (we hold the target's lock)."""
-        prefix = f".{self.target.name}.new-"
-        for sibling in self.target.parent.glob(f"{prefix}*"):
-            if sibling.is_dir() and inspect_folder(sibling).kind in ("ours", "debris", "empty"):
+        """Hidden sibling folders of overwrites that were killed (we hold the target's lock).
+
+        Only this target's: ``.res.new-<12 hex>``, never ``.res.new-norm.new-<12 hex>``
+        (the working folder of an overwrite of ``res.new-norm``, which may be running).
+        """
+        name = re.compile(rf"^\.{re.escape(self.target.name)}\.new-[0-9a-f]{{12}}$")
+        if not self.target.parent.is_dir():
+            return
+        for sibling in self.target.parent.iterdir():
+            if not name.match(sibling.name) or not sibling.is_dir():
+                continue
+            if inspect_folder(sibling).kind in ("ours", "debris", "empty"):
                 self._remove_run_files(sibling, foreign_ok=False)
 
     # ---------------------------------------------------------------- writing
@@ -383,7 +427,8 @@ class RunStore:
         self.started = self.work_dir == self.target
 
     def write_manifest(self) -> None:
-        """Write ``manifest.json`` atomically (the run's commit point)."""
+        """Write ``manifest.json`` atomically (the run's commit point), with its digest."""
+        self.manifest[DIGEST_KEY] = manifest_digest(self.manifest)  # in place: callers hold it
         _write_json(self.work_dir / MANIFEST_FILE, self.manifest)
 
     def record(self, *relpaths: str) -> None:
@@ -420,11 +465,21 @@ class RunStore:
         return path
 
     def complete(self) -> None:
-        """Mark the run complete: results recorded, chunks removed, then (overwrite) swapped in."""
+        """Mark the run complete: results recorded and committed, chunks removed, swapped in.
+
+        The manifest says ``complete`` (without the chunks) before any chunk is
+        removed: a kill or a full disk before the commit leaves a resumable run,
+        one after it a complete run and chunk files that the next claim removes.
+        """
         self.record(*(f for f in RESULT_FILES if (self.work_dir / f).is_file()))
         self.manifest["status"] = "complete"
-        self.forget(*[f for f in self.manifest["files"] if f.startswith(f"{CHUNK_DIR}/")])
+        files = self.manifest["files"]
+        chunks = [f for f in files if f.startswith(f"{CHUNK_DIR}/")]
+        for rel in chunks:
+            files.pop(rel)
         self.write_manifest()
+        for rel in chunks:
+            _remove(self.work_dir / rel)
         _remove_chunk_dir(self.work_dir)
         if self.work_dir != self.target:
             self._swap()
@@ -432,11 +487,11 @@ class RunStore:
     def _swap(self) -> None:
         """Move a complete overwrite from its sibling into the target, manifest last."""
         target, new = self.target, self.work_dir
-        old = _read_json(target / MANIFEST_FILE)
-        if old is not None and old.get("format") == RUN_FORMAT:
-            _write_json(target / MANIFEST_FILE, {**old, "status": "replacing"})
+        old = read_manifest(target / MANIFEST_FILE)  # a changed one: its files are kept
+        if old is not None:
+            _write_json(target / MANIFEST_FILE, sealed({**old, "status": "replacing"}))
         keep = set(self.manifest["files"])
-        for rel in sorted(keep):
+        for rel in sorted(keep - {MARKER_FILE}):  # the marker moves with the manifest, last
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             (new / rel).replace(target / rel)
         if old is not None:
@@ -447,6 +502,7 @@ class RunStore:
         for name in RESULT_FILES:  # results of an older run that are not in the new one
             if name not in keep:
                 _remove(target / name)
+        (new / MARKER_FILE).replace(target / MARKER_FILE)
         (new / MANIFEST_FILE).replace(target / MANIFEST_FILE)
         self.created = [p for p in self.created if p != new]
         self._remove_run_files(new, foreign_ok=False)
@@ -454,7 +510,7 @@ class RunStore:
 
     def _remove_run_files(self, folder: Path, *, foreign_ok: bool) -> None:
         """Remove a run folder's own files (listed or by our names), and the folder if empty."""
-        manifest = _read_json(folder / MANIFEST_FILE) or {}
+        manifest = read_manifest(folder / MANIFEST_FILE) or {}
         for rel in manifest.get("files", {}):
             if not Path(rel).is_absolute() and ".." not in Path(rel).parts:
                 _remove(folder / rel)
@@ -462,7 +518,7 @@ class RunStore:
         for name in (*RESULT_FILES, MANIFEST_FILE, MARKER_FILE):
             _remove(folder / name)
         for entry in folder.iterdir():
-            if _TMP.match(entry.name) or entry.name == LOCK_FILE:
+            if _TMP_TOP.match(entry.name) or entry.name == LOCK_FILE:
                 _remove(entry)
         try:
             folder.rmdir()
