@@ -644,3 +644,79 @@ def test_a_swap_killed_between_the_marker_and_the_manifest_says_so(
     again = _explain(pool_attr, he_slide, stride=16, out_dir=out, overwrite=True)
     assert np.array_equal(SlideExplanation.load(out).concept_maps, again.concept_maps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x * factor
+
+
+def _scaler(factor: float) -> object:
+    return lambda x: x * factor
+
+
+def test_transforms_are_described_by_what_decides_their_result() -> None:
+    import functools
+
+    from captum_nmf.wsi.run.config import describe
+
+    different = [
+        (functools.partial(_scale, factor=0.5), functools.partial(_scale, factor=1.0)),
+        (lambda x: x * 0.5, lambda x: x * 1.0),
+        (_scaler(0.5), _scaler(1.0)),
+        (torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)),  # same repr, other weights
+    ]
+    for a, b in different:
+        assert describe(a) != describe(b)  # type: ignore[arg-type]
+    assert describe(_scaler(0.5)) == describe(_scaler(0.5))  # type: ignore[arg-type]
+    assert describe(functools.partial(_scale, factor=0.5)) == (
+        describe(functools.partial(_scale, factor=0.5))
+    )
+    for transform in (*[t for pair in different for t in pair], _scale):
+        assert " at 0x" not in (describe(transform) or "")  # type: ignore[arg-type]
+
+
+def test_a_resume_with_another_partial_transform_is_refused(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import functools
+
+    out = tmp_path / "run"
+    _interrupt_after_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _explain(pool_attr, he_slide, out_dir=out, transform=functools.partial(_scale, factor=0.5))
+    monkeypatch.undo()
+    with pytest.raises(RunStateError, match="different configuration"):
+        _explain(
+            pool_attr,
+            he_slide,
+            out_dir=out,
+            resume=True,
+            transform=functools.partial(_scale, factor=1.0),
+        )
+    same = functools.partial(_scale, factor=0.5)
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True, transform=same)
+    reference = _explain(pool_attr, he_slide, transform=same)
+    assert np.array_equal(got.concept_maps, reference.concept_maps)
+
+
+def test_a_resume_sees_weights_changed_through_data(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        _interrupt_after_first_chunk(mp)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(attr, he_slide, out_dir=out)
+    weight = net.conv.weight
+    saved = weight.detach().clone()
+    weight.data.mul_(3)  # torch's version counter does not see this
+    with pytest.raises(RunStateError, match="different configuration"):
+        _explain(attr, he_slide, out_dir=out, resume=True)
+    weight.data.copy_(saved)
+    got = _explain(attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)

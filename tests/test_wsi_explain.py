@@ -452,7 +452,8 @@ except KeyboardInterrupt:
     )
     reference = _explain(pool_attr, he_slide, stride=32, transform=halve, chunk_tiles=30)
     assert np.array_equal(resumed.concept_maps, reference.concept_maps)
-    assert resumed.config["transform"] == "tests.helpers.wsi_models.halve"
+    # the function's code digest is the same in the new process
+    assert resumed.config["transform"].startswith("tests.helpers.wsi_models.halve [code ")
 
 
 def test_overwrite_refuses_a_directory_it_did_not_write(

@@ -256,13 +256,20 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                 "fit or load concepts for this layer."
             )
 
-    def model_fingerprint(self) -> str:
+    def model_fingerprint(self, *, cached: bool = True) -> str:
         """SHA-256 of the model's weights, the layer and the concepts; cached until one changes.
 
         Whole-slide runs record it to refuse resuming with another model. The
         digest is recomputed only when a state-dict tensor is replaced, moved
         or modified in place, or the concepts or the layer change, so calling
-        it once per slide of a cohort hashes the weights once.
+        it once per slide of a cohort hashes the weights once. Edits that
+        torch does not count (through ``.data`` or a NumPy view) are not seen
+        by the cache: a resume passes ``cached=False``.
+
+        Args:
+            cached (bool, optional): reuse the cached digest while nothing it
+                        covers was replaced or changed in place.
+                        Default: True
 
         Returns:
             *str*: hex digest.
@@ -270,7 +277,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         Raises:
             NotFittedError: before ``fit`` or ``load``.
         """
-        return persistence.model_fingerprint(self)
+        return persistence.model_fingerprint(self, cached=cached)
 
     def _check_rank(self, c: int) -> None:
         """``fit`` needs K <= C."""

@@ -205,17 +205,21 @@ def declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> in
     return None
 
 
-def model_fingerprint(attr: NMFConceptAttribution) -> str:
+def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> str:
     """SHA-256 of the model's parameters and buffers, the layer and the concepts, cached.
 
     The digest is recomputed only when something it covers changed: a
     tensor of the state dict replaced, moved or modified in place (its
     identity, storage, device and version counter are the cache key), the
     concepts, or the layer name. A cohort therefore hashes the model once,
-    not once per slide.
+    not once per slide. In-place edits that torch does not count (through
+    ``.data``, or a NumPy view of a CPU tensor) do not change the key: pass
+    ``cached=False`` where a stale digest would matter (a resume).
 
     Args:
         attr (NMFConceptAttribution): fitted concepts with their model.
+        cached (bool, optional): reuse the cached digest when the key matches.
+                    Default: True
 
     Returns:
         *str*: hex digest (the same value for the same weights in any process).
@@ -232,9 +236,9 @@ def model_fingerprint(attr: NMFConceptAttribution) -> str:
         _tensor_key(concepts),
         tuple((name, _tensor_key(t)) for state in states for name, t in state.items()),
     )
-    cached: tuple[Any, str] | None = attr.__dict__.get("_fingerprint_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    previous: tuple[Any, str] | None = attr.__dict__.get("_fingerprint_cache")
+    if cached and previous is not None and previous[0] == key:
+        return previous[1]
     digest = hashlib.sha256()
     for state in states:
         for name, tensor in state.items():

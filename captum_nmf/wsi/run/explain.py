@@ -240,7 +240,8 @@ def explain_slide(
     check_output_location(target, plan.first_chunk_bytes(attr))
     store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
     try:
-        run_hash = config_hash(attr, config, plan.grid)
+        # a resume hashes the weights again: the cache misses edits through .data
+        run_hash = config_hash(attr, config, plan.grid, cached=manifest is None)
         if manifest is None:
             store.start(
                 {
