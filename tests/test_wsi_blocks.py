@@ -168,6 +168,36 @@ def test_the_cache_is_bounded() -> None:
             assert reader._bytes <= 4 * 128 * 128 * 3  # at most one block over while reading
 
 
+@pytest.mark.parametrize(("threads", "slack"), [(1, 2), (2, 2 + 8)])
+def test_a_budget_of_one_block_row_decodes_each_block_once(threads: int, slack: int) -> None:
+    # over the budget, the blocks raster order has passed go first (not the oldest, which
+    # the next tile row still needs), and a batch prefetches no more than the budget holds;
+    # a prefetching batch of 8 tiles needs room for its 8 new blocks too
+    from captum_nmf.wsi.blocks import TileBatches
+
+    with Slide(CMU) as slide:
+        grid = tile_grid(slide, tile_size=256, stride=128, tissue_mask=None)
+        reference = [slide.read_tile(grid.location(i), grid.resolution, 256) for i in range(60)]
+    block = 128 * 128 * 3
+    batches = TileBatches(grid, threads=threads)
+    try:
+        batches.reader.max_bytes = (grid.n_cols + 1 + slack) * block  # one block row and slack
+        for start in range(0, 60, 8):
+            images, idx, _ = batches.batch(list(range(start, min(start + 8, 60))))
+            for image, i in zip(images, idx.tolist(), strict=True):
+                assert np.array_equal(image.numpy(), reference[i])
+            assert batches.reader._bytes <= batches.reader.max_bytes + block
+        needed = {
+            (by, bx)
+            for i in range(60)
+            for by in batches.reader._blocks_of(i)[0]
+            for bx in batches.reader._blocks_of(i)[1]
+        }
+        assert batches.reader.blocks_read == len(needed) == 82  # each block once
+    finally:
+        batches.close()
+
+
 def test_batches_decoded_in_threads_equal_one_thread(tmp_path: Path) -> None:
     from captum_nmf.wsi.blocks import TileBatches
 

@@ -17,7 +17,10 @@ same retry, errors and ``on_tile_error`` behaviour.
 
 Memory is bounded: blocks are dropped once the raster order has passed them,
 and the cache never holds more than ``max_bytes`` (default 512 MiB; a 512 px
-tile row of a 100,000 px wide slide at level 0 holds about 150 MiB).
+tile row of a 100,000 px wide slide at level 0 holds about 150 MiB). Over the
+budget, blocks that raster order has passed go first (the top block row left
+of the current tile), then the least recently used, so a budget of one block
+row and two blocks still decodes each block once in raster order.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class BlockReader:
         self._origin = (int(np.rint(-m)) // self._ds, int(np.rint(-m)) // self._ds)
         self._cache: OrderedDict[tuple[int, int], RGB | None] = OrderedDict()
         self._bytes = 0
+        self._at = (0, 0)  # (block row, block col) of the tile being cut: raster order's place
         self.blocks_read = 0
         self.pixels_read = 0
         self.single_reads = 0
@@ -135,6 +139,7 @@ class BlockReader:
         ox, oy = self._origin
         rows, cols = self._blocks_of(index)
         self._evict_above(rows.start)
+        self._at = (rows.start, cols.start)
         if out is None:
             out = np.empty((r, r, 3), dtype=np.uint8)
         for by in rows:
@@ -194,6 +199,14 @@ class BlockReader:
         self.pixels_read += self.block * self.block
         self._cache[key] = pixels
         self._bytes += 0 if pixels is None else pixels.nbytes
+        if self._bytes <= self.max_bytes:
+            return
+        row, col = self._at  # first the blocks raster order has passed: never needed again
+        for passed in [k for k in self._cache if k[0] == row and k[1] < col and k != key]:
+            if self._bytes <= self.max_bytes:
+                return
+            old = self._cache.pop(passed)
+            self._bytes -= 0 if old is None else old.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._bytes -= 0 if old is None else old.nbytes
@@ -221,8 +234,13 @@ class BlockReader:
         keys = self.missing_blocks(indices)
         if len(keys) < 2:
             return
-        top = min(self._blocks_of(i)[0].start for i in indices)
-        self._evict_above(top)  # rows raster order has passed; never one this batch needs
+        rows, cols = min(
+            (self._blocks_of(i) for i in indices), key=lambda rc: (rc[0].start, rc[1].start)
+        )
+        self._evict_above(rows.start)  # rows raster order has passed; never one this batch needs
+        self._at = (rows.start, cols.start)
+        free = (self.max_bytes - self._bytes) // (self.block * self.block * 3)
+        keys = keys[: max(2, free)]  # within the budget; the rest are decoded as they are cut
 
         def decode(key: tuple[int, int]) -> RGB | None:
             return self.read_block(slides(), key)  # in the pool's thread: its own handle
