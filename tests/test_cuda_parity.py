@@ -315,5 +315,6 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
             explain_slide(gpu, slide, out_dir=out, **kwargs)
     assert json.loads((out / "manifest.json").read_text())["done"] >= 1
     resumed = explain_slide(gpu, slide, out_dir=out, resume=True, **kwargs)
+    assert [p["device"][:4] for p in resumed.config["parts"]] == ["cuda", "cuda"]
     reference = explain_slide(cpu, slide, **kwargs)
     np.testing.assert_allclose(resumed.concept_maps, reference.concept_maps, rtol=1e-4, atol=1e-5)

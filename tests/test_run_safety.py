@@ -449,9 +449,13 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_chunks(
     reference = _explain(pool_attr, he_slide, batch_size=16)
     np.testing.assert_allclose(resumed.concept_maps, reference.concept_maps, rtol=1e-6, atol=1e-6)
     assert np.array_equal(resumed.assignment, reference.assignment)
-    assert resumed.config["batch_sizes"] == [16, 5]  # what each part of the run used
-    assert json.loads((out / "manifest.json").read_text())["batch_sizes"] == [16, 5]
-    assert SlideExplanation.load(out).config["batch_sizes"] == [16, 5]
+    parts = [  # what each part of the run used
+        {"from_chunk": 0, "batch_size": 16, "device": "cpu"},
+        {"from_chunk": manifest["done"], "batch_size": 5, "device": "cpu"},
+    ]
+    assert resumed.config["parts"] == parts
+    assert json.loads((out / "manifest.json").read_text())["parts"] == parts
+    assert SlideExplanation.load(out).config["parts"] == parts
     again = _explain(pool_attr, he_slide, out_dir=out, batch_size=3, resume=True)  # complete
     assert np.array_equal(again.concept_maps, resumed.concept_maps)
     with pytest.raises(RunStateError, match="different configuration"):  # the rest still counts

@@ -109,7 +109,8 @@ class BlockReader:
             index (int): the tile in ``grid``.
             out (ndarray, optional): a writable T x T x 3 ``uint8`` array (e.g.
                         a batch's slot) that receives the tile instead of a new
-                        array; it is returned.
+                        array; it is returned. When the read raises, ``out`` may
+                        hold part of the tile (a batch reuses that slot).
                         Default: None
 
         Raises:

@@ -25,7 +25,13 @@ from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf.exceptions import NoTissueError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
-from captum_nmf.wsi.run.config import RunOptions, check_run_options, config_hash, run_config
+from captum_nmf.wsi.run.config import (
+    RunOptions,
+    check_run_options,
+    config_hash,
+    model_device,
+    run_config,
+)
 from captum_nmf.wsi.run.execute import process
 from captum_nmf.wsi.run.plan import Plan, check_output_location, make_plan
 from captum_nmf.wsi.store import RunStore
@@ -242,6 +248,8 @@ def explain_slide(
     try:
         # a resume hashes the weights again: the cache misses edits through .data
         run_hash = config_hash(attr, config, plan.grid, cached=manifest is None)
+        # each call that computes chunks is a part: what a resume may change is recorded
+        part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
         if manifest is None:
             store.start(
                 {
@@ -254,17 +262,17 @@ def explain_slide(
                     "cell": None,
                     "n_outputs": None,
                     "status": "running",
-                    "batch_sizes": [config["batch_size"]],
+                    "parts": [{"from_chunk": 0, **part}],
                 }
             )
             manifest = store.manifest
         else:
             _check_resumable(store, manifest, run_hash, plan.fingerprint)
-            sizes = list(manifest.get("batch_sizes") or [manifest["config"]["batch_size"]])
-            if manifest.get("status") != "complete" and sizes[-1] != config["batch_size"]:
-                store.manifest["batch_sizes"] = [*sizes, config["batch_size"]]
-                store.write_manifest()  # e.g. smaller batches after an out-of-memory error
-        config = {**config, "batch_sizes": manifest.get("batch_sizes", [config["batch_size"]])}
+            if manifest.get("status") != "complete":
+                done = int(manifest["done"])
+                manifest["parts"] = [*manifest.get("parts", []), {"from_chunk": done, **part}]
+                store.write_manifest()
+        config = {**config, "parts": manifest.get("parts", [])}
         if manifest.get("status") == "complete":
             result = SlideExplanation.load(store.verify(EXPLANATION_FILE))
         else:
