@@ -707,3 +707,128 @@ def test_a_resume_sees_weights_changed_through_data(
     weight.data.copy_(saved)
     got = _explain(attr, he_slide, out_dir=out, resume=True)
     assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)
+
+
+def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        runs.InterruptReads(mp, at=100)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(pool_attr, he_slide, out_dir=out)
+    stale = tmp_path / ".run.new-0123456789ab"  # a killed overwrite's, and a Finder file
+    (stale / "chunks").mkdir(parents=True)
+    (stale / MARKER_FILE).write_text(
+        json.dumps({"key": "captum-nmf/slide-run-folder", "run_id": "x", "library": "y"})
+    )
+    (stale / ".DS_Store").write_bytes(b"finder")
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(got.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+    assert sorted(p.name for p in stale.iterdir()) == [".DS_Store"]  # ours gone, theirs kept
+
+
+def test_a_manifest_of_the_previous_format_is_named_as_such(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        runs.InterruptReads(mp, at=100)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(pool_attr, he_slide, out_dir=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+    with pytest.raises(RunStateError, match=r"older captum-nmf \(run format 2, without a digest"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+
+
+def test_a_complete_run_is_loaded_without_hashing_the_weights_again(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a restarted cohort resumes every finished slide: each must not re-hash the model
+    out = tmp_path / "run"
+    first = _explain(pool_attr, he_slide, out_dir=out)
+    calls: list[bool] = []
+    original = NMFConceptAttribution.model_fingerprint
+
+    def spy(self: NMFConceptAttribution, *, cached: bool = True) -> str:
+        calls.append(cached)
+        return original(self, cached=cached)
+
+    monkeypatch.setattr(NMFConceptAttribution, "model_fingerprint", spy)
+    again = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(again.concept_maps, first.concept_maps)
+    assert calls == [True]
+
+
+def test_a_resume_that_computed_nothing_leaves_no_part_behind(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    _out_of_memory_at(monkeypatch, 4)
+    with pytest.raises(torch.OutOfMemoryError):
+        _explain(pool_attr, he_slide, out_dir=out)
+    monkeypatch.undo()
+    done = json.loads((out / "manifest.json").read_text())["done"]
+    _out_of_memory_at(monkeypatch, 1)  # this resume stops at once
+    with pytest.raises(torch.OutOfMemoryError):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    monkeypatch.undo()
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True, batch_size=8)
+    assert [p["from_chunk"] for p in got.config["parts"]] == [0, done]
+    assert got.config["parts"][-1]["batch_size"] == 8
+
+
+def test_transform_descriptions_do_not_depend_on_the_hash_seed_or_print_options() -> None:
+    code = """
+import dataclasses, functools, torch
+from captum_nmf.wsi.run.config import describe
+@dataclasses.dataclass
+class Stains:
+    names: frozenset
+    def __call__(self, x):
+        return x
+def mode(x, order="rgb"):
+    return x.flip(0) if order in {"bgr", "gbr", "brg"} else x
+def closure(chans):
+    return lambda x: x if chans & {"he"} else x
+torch.set_printoptions(precision=int(__import__("os").environ["PRECISION"]))
+mean = torch.tensor([0.48501, 0.456, 0.406])
+for t in (mode, closure({"dab", "he", "ihc"}), Stains(frozenset({"h", "e", "dab", "x"})),
+          functools.partial(mode, order="gbr"), (lambda x: x - mean)):
+    print(describe(t))
+"""
+    root = Path(__file__).resolve().parents[1]
+    outputs = set()
+    for seed, precision in (("1", "4"), ("2", "8"), ("3", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PRECISION": precision}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
+    assert " at 0x" not in next(iter(outputs))
+
+
+def test_transform_descriptions_see_values_a_repr_rounds_or_hides() -> None:
+    import torchvision.transforms as tv
+
+    from captum_nmf.wsi.run.config import describe
+
+    a, b = torch.full((2048,), 0.5), torch.full((2048,), 0.5)
+    b[1000] = 0.50001  # under the print precision, inside the "..." of a long tensor
+    assert describe(lambda x: x * a) != describe(lambda x: x * b)  # type: ignore[arg-type]
+    compose_a = tv.Compose([lambda x: x, tv.Normalize([0.485], [0.229])])
+    compose_b = tv.Compose([lambda x: x, tv.Normalize([0.486], [0.229])])
+    assert describe(compose_a) != describe(compose_b)  # type: ignore[arg-type]
+    sparse = torch.nn.Module()
+    sparse.register_buffer("s", torch.eye(3).to_sparse())
+    assert "state" in (describe(sparse) or "")  # type: ignore[arg-type]

@@ -311,7 +311,9 @@ def test_persistent_workers_serve_slide_after_slide_even_after_an_early_stop(
         workers.close()
 
 
-def test_worker_loaders_are_kept_per_transform_even_an_unhashable_one() -> None:
+def test_worker_loaders_are_kept_per_transform_even_an_unhashable_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # a dataclass transform has no hash: a cohort with num_workers > 0 failed every slide
     import dataclasses
 
@@ -336,3 +338,11 @@ def test_worker_loaders_are_kept_per_transform_even_an_unhashable_one() -> None:
         assert loader(1, shift) is first
         assert loader(1, Shift()) is not first  # equal, but another object
         assert loader(2, shift) is not first
+        closed = []
+        monkeypatch.setattr(type(first), "close", lambda self: closed.append(self))
+        shift.d = 0.3  # refitted in place: the workers started with d = 0.0
+        again = loader(1, shift)
+        assert again is not first
+        assert closed == [first]  # the old workers are stopped, not left running
+        assert again.loader.dataset.transform is shift  # type: ignore[attr-defined]
+        assert loader(1, shift) is again

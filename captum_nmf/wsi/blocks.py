@@ -39,6 +39,7 @@ from numpy.typing import NDArray
 from PIL import Image
 from torch import Tensor
 
+from captum_nmf._utils.describe import describe
 from captum_nmf._utils.validation import check_int
 from captum_nmf.exceptions import SlideReadError
 from captum_nmf.wsi.reader import Slide
@@ -322,7 +323,7 @@ class ReadingThreads:
         self.runs = 0  # slide runs that used these threads
         self.closed = False
         # DataLoader worker processes (num_workers > 0), one set per reading configuration
-        self._loaders: dict[tuple[Any, ...], PersistentTileLoader] = {}
+        self._loaders: dict[tuple[Any, ...], tuple[PersistentTileLoader, str | None]] = {}
         self._local = threading.local()  # each thread's stack of context tokens
         self._depth = 0  # open `with` blocks, over all threads: the last one closes
         self._lock = threading.Lock()
@@ -382,7 +383,11 @@ class ReadingThreads:
 
         One set per configuration (workers, transform (the same object, hashable
         or not), error policy, mpp, pinning), so every slide of a cohort reads
-        through the same processes.
+        through the same processes. The workers hold the transform as it was
+        when they started: when its description
+        (:func:`~captum_nmf._utils.describe.describe`: code, arguments,
+        attributes, weights) has changed since (a stain normaliser refitted in
+        place between slides), that set is closed and a new one started.
 
         Raises:
             RuntimeError: the threads were closed.
@@ -391,17 +396,22 @@ class ReadingThreads:
         # the transform by identity: a dataclass or other unhashable callable is fine,
         # and the loader keeps it alive, so its id is not reused while the key exists
         key = (num_workers, id(transform), on_tile_error, slide_mpp, pin_memory)
-        loader = self._loaders.get(key)
-        if loader is None:
+        state = describe(transform)
+        entry = self._loaders.get(key)
+        if entry is not None and entry[1] != state:  # changed in place: the workers' is old
+            entry[0].close()
+            entry = None
+        if entry is None:
             requests = TileRequests(
                 transform=transform,
                 on_tile_error=on_tile_error,  # type: ignore[arg-type]
                 slide_mpp=slide_mpp,
             )
-            loader = self._loaders[key] = PersistentTileLoader(
-                num_workers, requests, pin_memory=pin_memory
+            entry = self._loaders[key] = (
+                PersistentTileLoader(num_workers, requests, pin_memory=pin_memory),
+                state,
             )
-        return loader
+        return entry[0]
 
     def close(self) -> None:
         """Stop the threads and worker processes (after the work they hold).
@@ -409,7 +419,7 @@ class ReadingThreads:
         Closing twice is harmless.
         """
         self.closed = True
-        for loader in self._loaders.values():
+        for loader, _ in self._loaders.values():
             loader.close()
         self._loaders.clear()
         self.reader.shutdown(wait=True)

@@ -364,6 +364,14 @@ class RunStore:
                 f"an overwrite of {target} was interrupted while its files were being replaced; "
                 "pass overwrite=True to run it again (other files there are kept)."
             )
+        raw = _read_json(target / MANIFEST_FILE) or {}
+        version = raw.get("format_version")
+        if manifest is None and raw.get("format") == RUN_FORMAT and DIGEST_KEY not in raw:
+            raise RunStateError(
+                f"{target / MANIFEST_FILE} was written by an older captum-nmf (run format "
+                f"{version}, without a digest of its own), so the run cannot be resumed; pass "
+                "overwrite=True to start it over (other files there are kept)."
+            )
         if manifest is None:
             raise RunStateError(
                 f"{target / MANIFEST_FILE} is missing, unreadable, changed since it was written "
@@ -398,8 +406,11 @@ class RunStore:
         for sibling in self.target.parent.iterdir():
             if not name.match(sibling.name) or not sibling.is_dir():
                 continue
-            if inspect_folder(sibling).kind in ("ours", "debris", "empty"):
-                self._remove_run_files(sibling, foreign_ok=False)
+            # housekeeping: a file we cannot remove, or one that is not ours (a .DS_Store)
+            # keeps the folder, never the run from starting
+            with contextlib.suppress(OSError, RunStateError):
+                if inspect_folder(sibling).kind in ("ours", "debris", "empty"):
+                    self._remove_run_files(sibling, foreign_ok=True)
 
     # ---------------------------------------------------------------- writing
     def start(self, manifest: dict[str, Any]) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +15,7 @@ from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import check_device_options
 from captum_nmf._utils.activations import model_device as _device_of
 from captum_nmf._utils.cpus import usable_cpus
+from captum_nmf._utils.describe import describe
 from captum_nmf._utils.validation import check_int
 from captum_nmf._version import __version__
 from captum_nmf.wsi.tiling import TileErrorPolicy, TileGrid
@@ -162,91 +161,6 @@ def run_config(
         config["batch_size"] = None  # one region per forward
         config["n_tiles"] = len(regions_list)
     return config
-
-
-def describe(transform: Callable[[Tensor], Tensor] | None) -> str | None:
-    """A description of ``transform`` that is the same in every process (no memory address).
-
-    It covers what decides the transform's result and can be read without
-    running it: the qualified name; for a Python function (lambdas and
-    closures too) a digest of its bytecode and constants, and the values of its
-    defaults and closure cells; for a ``functools.partial`` its function,
-    arguments and keywords; for another callable its ``repr``, or, where that
-    shows only an address, its attributes; for a module, also a digest of its
-    parameters and buffers. A value is described by its
-    ``repr`` unless that shows an address (then by its type). So a resume with
-    another ``partial(scale, factor=...)`` or another lambda is refused; state
-    that none of this shows (an opaque object's internals) is not seen.
-    """
-    if transform is None:
-        return None
-    return _describe(transform, 0)
-
-
-def _name(obj: Any) -> str:
-    kind = obj if hasattr(obj, "__qualname__") else type(obj)
-    return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', '?')}"
-
-
-def _describe(obj: Any, depth: int) -> str:
-    if depth > 4:  # a closure over itself, or deep nesting: the name alone
-        return _name(obj)
-    if isinstance(obj, functools.partial):
-        args = [_value(a, depth) for a in obj.args]
-        args += [f"{k}={_value(v, depth)}" for k, v in sorted(obj.keywords.items())]
-        return f"functools.partial({_describe(obj.func, depth + 1)}, {', '.join(args)})"
-    if isinstance(obj, types.MethodType):
-        return f"{_describe(obj.__func__, depth + 1)} of {_value(obj.__self__, depth)}"
-    if isinstance(obj, types.FunctionType):
-        parts = [f"code {_code_digest(obj.__code__)[:16]}"]
-        if obj.__defaults__:
-            parts.append(f"defaults {[_value(v, depth) for v in obj.__defaults__]}")
-        if obj.__kwdefaults__:
-            kw = {k: _value(v, depth) for k, v in sorted(obj.__kwdefaults__.items())}
-            parts.append(f"kwdefaults {kw}")
-        if obj.__closure__:
-            cells = []
-            for name, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
-                try:
-                    content = cell.cell_contents
-                except ValueError:  # an empty cell
-                    content = None
-                cells.append(f"{name}={_value(content, depth)}")
-            parts.append(f"closure {cells}")
-        return f"{_name(obj)} [{'; '.join(parts)}]"
-    text = repr(obj)
-    if isinstance(obj, torch.nn.Module) and (tensors := obj.state_dict()):
-        digest = hashlib.sha256()
-        for key, t in tensors.items():
-            flat = t.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"{key}|{flat.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes())
-        return f"{_name(obj)}: {text} [state {digest.hexdigest()[:16]}]"
-    if " at 0x" not in text:
-        return f"{_name(obj)}: {text}"
-    state = getattr(obj, "__dict__", None)
-    if isinstance(state, dict) and state:
-        shown = {k: _value(v, depth) for k, v in sorted(state.items())}
-        return f"{_name(obj)}: {shown}"
-    return _name(obj)
-
-
-def _value(value: Any, depth: int) -> str:
-    """An argument, default or closure value: described if callable, else its address-free repr."""
-    if callable(value) and not isinstance(value, type):
-        return _describe(value, depth + 1)
-    text = repr(value)
-    return _name(value) if " at 0x" in text else text
-
-
-def _code_digest(code: types.CodeType) -> str:
-    """SHA-256 of a code object's bytecode, names and constants (nested code included)."""
-    digest = hashlib.sha256(code.co_code)
-    digest.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
-    for const in code.co_consts:
-        text = _code_digest(const) if isinstance(const, types.CodeType) else repr(const)
-        digest.update(text.encode())
-    return digest.hexdigest()
 
 
 #: recorded in the configuration, but a resume may change them: ``batch_size`` so that a

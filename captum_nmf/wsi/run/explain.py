@@ -246,8 +246,10 @@ def explain_slide(
     check_output_location(target, plan.first_chunk_bytes(attr))
     store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
     try:
-        # a resume hashes the weights again: the cache misses edits through .data
-        run_hash = config_hash(attr, config, plan.grid, cached=manifest is None)
+        # a resume that computes hashes the weights again (the cache misses edits through
+        # .data); one of a complete run only loads it, as a restarted cohort does per slide
+        again = manifest is not None and manifest.get("status") != "complete"
+        run_hash = config_hash(attr, config, plan.grid, cached=not again)
         # each call that computes chunks is a part: what a resume may change is recorded
         part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
         if manifest is None:
@@ -269,8 +271,9 @@ def explain_slide(
         else:
             _check_resumable(store, manifest, run_hash, plan.fingerprint)
             if manifest.get("status") != "complete":
-                done = int(manifest["done"])
-                manifest["parts"] = [*manifest.get("parts", []), {"from_chunk": done, **part}]
+                done = int(manifest["done"])  # a part that computed nothing is replaced
+                parts = [p for p in manifest.get("parts", []) if p.get("from_chunk") != done]
+                manifest["parts"] = [*parts, {"from_chunk": done, **part}]
                 store.write_manifest()
         config = {**config, "parts": manifest.get("parts", [])}
         if manifest.get("status") == "complete":
