@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -799,10 +800,22 @@ def mode(x, order="rgb"):
     return x.flip(0) if order in {"bgr", "gbr", "brg"} else x
 def closure(chans):
     return lambda x: x if chans & {"he"} else x
-torch.set_printoptions(precision=int(__import__("os").environ["PRECISION"]))
+import argparse, logging, os, types
+import torchvision.transforms as tv
+torch.set_printoptions(precision=int(os.environ["PRECISION"]))
+logging.getLogger("norm").setLevel(int(os.environ["PRECISION"]))
 mean = torch.tensor([0.48501, 0.456, 0.406])
+class Norm:
+    def __init__(self):
+        self.log = logging.getLogger("norm")
+        self.alpha = 0.5
+    def __call__(self, x):
+        return x
 for t in (mode, closure({"dab", "he", "ihc"}), Stains(frozenset({"h", "e", "dab", "x"})),
-          functools.partial(mode, order="gbr"), (lambda x: x - mean)):
+          functools.partial(mode, order="gbr"), (lambda x: x - mean), Norm(),
+          functools.partial(mode, order=argparse.Namespace(s={"fat", "tumor", "lymph"})),
+          functools.partial(mode, order=types.SimpleNamespace(k={"a1", "b2", "c3"})),
+          tv.Normalize(mean, torch.tensor([0.2, 0.2, 0.2]))):
     print(describe(t))
 """
     root = Path(__file__).resolve().parents[1]
@@ -820,6 +833,7 @@ for t in (mode, closure({"dab", "he", "ihc"}), Stains(frozenset({"h", "e", "dab"
 
 def test_transform_descriptions_see_values_a_repr_rounds_or_hides() -> None:
     import torchvision.transforms as tv
+    import torchvision.transforms.v2  # noqa: F401  (tv.v2)
 
     from captum_nmf.wsi.run.config import describe
 
@@ -832,3 +846,122 @@ def test_transform_descriptions_see_values_a_repr_rounds_or_hides() -> None:
     sparse = torch.nn.Module()
     sparse.register_buffer("s", torch.eye(3).to_sparse())
     assert "state" in (describe(sparse) or "")  # type: ignore[arg-type]
+
+    class Refit(torch.nn.Module):  # a normaliser keeping its fitted stats as plain attributes
+        def __init__(self, mean: float) -> None:
+            super().__init__()
+            self.mean = torch.tensor([mean])
+
+    assert describe(Refit(0.5)) != describe(Refit(0.6))  # type: ignore[arg-type]
+    assert describe(tv.v2.Lambda(lambda x: x * 2)) != describe(tv.v2.Lambda(lambda x: x * 3))  # type: ignore[arg-type]
+    assert describe(tv.v2.RandomApply([tv.v2.Lambda(abs)], p=0.5)) != describe(  # type: ignore[arg-type]
+        tv.v2.RandomApply([tv.v2.Lambda(abs)], p=0.9)
+    )
+
+
+class _ExtraState(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stats = {"mean": [0.5, 0.5, 0.5]}
+
+    def get_extra_state(self) -> object:
+        return self.stats
+
+    def set_extra_state(self, state: object) -> None:
+        self.stats = state  # type: ignore[assignment]
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("not initialised yet")
+
+
+class _KeyErrorAttributes:
+    def __getattr__(self, key: str) -> object:
+        raise KeyError(key)
+
+
+def test_describing_a_transform_never_raises() -> None:
+    import dataclasses
+    import functools
+
+    from captum_nmf.wsi.run.config import describe
+
+    @dataclasses.dataclass
+    class Lazy:
+        factor: float = 1.0
+        cache: dict[str, float] = dataclasses.field(init=False)
+
+    looped: list[object] = [1]
+    looped.append(looped)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.eye(3).to_sparse_csr()
+    refs = [
+        _BadRepr(),
+        _KeyErrorAttributes(),
+        torch.empty(3, device="meta"),
+        csr,
+        torch.tensor([1 + 2j, 3 - 1j]).conj(),
+        looped,
+    ]
+    for ref in refs:
+        assert describe(functools.partial(_scale, factor=ref))  # type: ignore[arg-type]
+    for transform in (_ExtraState(), _BadRepr(), Lazy()):
+        assert describe(transform)  # type: ignore[arg-type]
+    assert describe(_ExtraState()) == describe(_ExtraState())  # type: ignore[arg-type]
+
+
+def test_a_symlink_named_like_a_working_folder_is_never_followed(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    other = tmp_path / "elsewhere" / "run"
+    _explain(pool_attr, he_slide, out_dir=other)
+    before = _tree(other)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / ".res.new-0123456789ab").symlink_to(other, target_is_directory=True)
+    _explain(pool_attr, he_slide, out_dir=tmp_path / "work" / "res")
+    assert _tree(other) == before
+
+
+class _Counting:
+    """Scales tiles; also counts its calls (state that does not decide its result)."""
+
+    __captum_nmf_description__ = "scale 0.5"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 0.5
+
+
+def test_a_changed_transform_is_named_and_a_class_can_state_what_decides_its_result(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    import functools
+
+    out = tmp_path / "run"
+    half, whole = functools.partial(_scale, factor=0.5), functools.partial(_scale, factor=1.0)
+    with pytest.MonkeyPatch.context() as mp:
+        runs.InterruptReads(mp, at=100)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(pool_attr, he_slide, out_dir=out, transform=half)
+    with pytest.raises(
+        RunStateError,
+        match=r"different configuration \(transform: recorded 'functools\.partial\(.*"
+        r"factor=0\.5\)', now 'functools\.partial\(.*factor=1\.0\)'\).*__captum_nmf_description__",
+    ):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True, transform=whole)
+    counting = tmp_path / "counting"
+    transform = _Counting()
+    with pytest.MonkeyPatch.context() as mp:
+        runs.InterruptReads(mp, at=100)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(pool_attr, he_slide, out_dir=counting, transform=transform)
+    assert transform.calls > 0  # its counter changed; what it states did not
+    got = _explain(pool_attr, he_slide, out_dir=counting, resume=True, transform=transform)
+    reference = _explain(pool_attr, he_slide, transform=_Counting())
+    assert np.array_equal(got.concept_maps, reference.concept_maps)
+    assert got.config["transform"].endswith("_Counting: scale 0.5")

@@ -366,7 +366,8 @@ class RunStore:
             )
         raw = _read_json(target / MANIFEST_FILE) or {}
         version = raw.get("format_version")
-        if manifest is None and raw.get("format") == RUN_FORMAT and DIGEST_KEY not in raw:
+        older = isinstance(version, int) and version < RUN_VERSION
+        if manifest is None and raw.get("format") == RUN_FORMAT and older and DIGEST_KEY not in raw:
             raise RunStateError(
                 f"{target / MANIFEST_FILE} was written by an older captum-nmf (run format "
                 f"{version}, without a digest of its own), so the run cannot be resumed; pass "
@@ -401,10 +402,12 @@ class RunStore:
         (the working folder of an overwrite of ``res.new-norm``, which may be running).
         """
         name = re.compile(rf"^\.{re.escape(self.target.name)}\.new-[0-9a-f]{{12}}$")
-        if not self.target.parent.is_dir():
+        try:
+            siblings = [p for p in self.target.parent.iterdir() if name.match(p.name)]
+        except OSError:  # an unlistable parent: nothing to clean, nothing to stop the run
             return
-        for sibling in self.target.parent.iterdir():
-            if not name.match(sibling.name) or not sibling.is_dir():
+        for sibling in siblings:
+            if sibling.is_symlink() or not sibling.is_dir():  # never another folder's files
                 continue
             # housekeeping: a file we cannot remove, or one that is not ours (a .DS_Store)
             # keeps the folder, never the run from starting

@@ -37,6 +37,9 @@ class DieOnce:
     def __repr__(self) -> str:
         return f"DieOnce(after={self.after})"
 
+    def __captum_nmf_description__(self) -> str:  # the tiles are unchanged: not the counts
+        return "identity"
+
 
 class DieOnRed:
     """Kill the worker process whenever a tile has a pure red 16 px block at its top-left."""
@@ -48,6 +51,8 @@ class DieOnRed:
 
     def __repr__(self) -> str:
         return "DieOnRed()"
+
+    __captum_nmf_description__ = "identity"
 
 
 class InterruptAfter:
@@ -65,6 +70,8 @@ class InterruptAfter:
 
     def __repr__(self) -> str:
         return "InterruptAfter()"
+
+    __captum_nmf_description__ = "identity"  # the tiles are unchanged: not its counts
 
 
 class MarksItsClose(ActorWorker):

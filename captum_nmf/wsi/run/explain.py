@@ -26,6 +26,7 @@ from captum_nmf.exceptions import NoTissueError, RunStateError
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
 from captum_nmf.wsi.run.config import (
+    UNHASHED,
     RunOptions,
     check_run_options,
     config_hash,
@@ -269,7 +270,7 @@ def explain_slide(
             )
             manifest = store.manifest
         else:
-            _check_resumable(store, manifest, run_hash, plan.fingerprint)
+            _check_resumable(store, manifest, run_hash, plan.fingerprint, config)
             if manifest.get("status") != "complete":
                 done = int(manifest["done"])  # a part that computed nothing is replaced
                 parts = [p for p in manifest.get("parts", []) if p.get("from_chunk") != done]
@@ -308,19 +309,37 @@ def _run(
 
 
 def _check_resumable(
-    store: RunStore, manifest: dict[str, Any], run_hash: str, fingerprint: str
+    store: RunStore,
+    manifest: dict[str, Any],
+    run_hash: str,
+    fingerprint: str,
+    config: dict[str, Any],
 ) -> None:
     if manifest.get("config_hash") != run_hash:
+        recorded = manifest.get("config") or {}
+        changed = [
+            f"{key}: recorded {_short(recorded.get(key))}, now {_short(config.get(key))}"
+            for key in sorted(set(recorded) | set(config))
+            if key not in UNHASHED and recorded.get(key) != config.get(key)
+        ]
+        what = "; ".join(changed) or "the model's weights, the concepts or the tile positions"
         raise RunStateError(
-            f"out_dir {store.work_dir} was produced with a different configuration (model, "
-            "layer, concepts, tiling or library version); pass resume=False with another "
-            "directory, or overwrite=True."
+            f"out_dir {store.work_dir} was produced with a different configuration ({what}); "
+            "pass resume=False with another directory, or overwrite=True. A transform is "
+            "compared by its code, arguments and attributes: a class whose attributes also "
+            "count calls or cache results can state what decides its result in a class "
+            "attribute __captum_nmf_description__."
         )
     if manifest.get("slide_fingerprint") != fingerprint:
         raise RunStateError(
             f"out_dir {store.work_dir} was produced from another slide (fingerprint "
             f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
         )
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanation:
