@@ -62,6 +62,16 @@ def _explain(attr: NMFConceptAttribution, path: Path, **kwargs: object) -> Slide
 
 
 _tree, _flip = runs.tree, runs.flip
+
+
+def _interrupted(attr: NMFConceptAttribution, path: Path, out: Path, **kwargs: object) -> None:
+    """A run into ``out`` stopped by KeyboardInterrupt at its 100th tile read (chunks kept)."""
+    with pytest.MonkeyPatch.context() as mp:
+        runs.InterruptReads(mp, at=100)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(attr, path, out_dir=out, **kwargs)
+
+
 _WRITE_JSON = store_module._write_json
 
 
@@ -551,10 +561,7 @@ def test_a_changed_manifest_is_refused_on_resume(
     value: object,
 ) -> None:
     out = tmp_path / "run"
-    runs.InterruptReads(monkeypatch, at=100)  # chunks 0-1 of 40 tiles are in
-    with pytest.raises(KeyboardInterrupt):
-        _explain(pool_attr, he_slide, out_dir=out)
-    monkeypatch.undo()
+    _interrupted(pool_attr, he_slide, out)  # chunks 0-1 are in
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["done"] >= 1
     assert manifest[key] != value
@@ -672,10 +679,7 @@ def test_a_resume_with_another_partial_transform_is_refused(
     import functools
 
     out = tmp_path / "run"
-    runs.InterruptReads(monkeypatch, at=100)  # chunks 0-1 of 40 tiles are in
-    with pytest.raises(KeyboardInterrupt):
-        _explain(pool_attr, he_slide, out_dir=out, transform=functools.partial(_scale, factor=0.5))
-    monkeypatch.undo()
+    _interrupted(pool_attr, he_slide, out, transform=functools.partial(_scale, factor=0.5))
     with pytest.raises(RunStateError, match="different configuration"):
         _explain(
             pool_attr,
@@ -696,10 +700,7 @@ def test_a_resume_sees_weights_changed_through_data(
     net = PoolNet().eval()
     attr = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
     out = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        runs.InterruptReads(mp, at=100)
-        with pytest.raises(KeyboardInterrupt):
-            _explain(attr, he_slide, out_dir=out)
+    _interrupted(attr, he_slide, out)
     weight = net.conv.weight
     saved = weight.detach().clone()
     weight.data.mul_(3)  # torch's version counter does not see this
@@ -714,10 +715,7 @@ def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:
     out = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        runs.InterruptReads(mp, at=100)
-        with pytest.raises(KeyboardInterrupt):
-            _explain(pool_attr, he_slide, out_dir=out)
+    _interrupted(pool_attr, he_slide, out)
     stale = tmp_path / ".run.new-0123456789ab"  # a killed overwrite's, and a Finder file
     (stale / "chunks").mkdir(parents=True)
     (stale / MARKER_FILE).write_text(
@@ -733,10 +731,7 @@ def test_a_manifest_of_the_previous_format_is_named_as_such(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:
     out = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        runs.InterruptReads(mp, at=100)
-        with pytest.raises(KeyboardInterrupt):
-            _explain(pool_attr, he_slide, out_dir=out)
+    _interrupted(pool_attr, he_slide, out)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["manifest_sha256"]
     (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
@@ -944,10 +939,7 @@ def test_a_changed_transform_is_named_and_a_class_can_state_what_decides_its_res
 
     out = tmp_path / "run"
     half, whole = functools.partial(_scale, factor=0.5), functools.partial(_scale, factor=1.0)
-    with pytest.MonkeyPatch.context() as mp:
-        runs.InterruptReads(mp, at=100)
-        with pytest.raises(KeyboardInterrupt):
-            _explain(pool_attr, he_slide, out_dir=out, transform=half)
+    _interrupted(pool_attr, he_slide, out, transform=half)
     with pytest.raises(
         RunStateError,
         match=r"different configuration \(transform: recorded 'functools\.partial\(.*"
@@ -956,10 +948,7 @@ def test_a_changed_transform_is_named_and_a_class_can_state_what_decides_its_res
         _explain(pool_attr, he_slide, out_dir=out, resume=True, transform=whole)
     counting = tmp_path / "counting"
     transform = _Counting()
-    with pytest.MonkeyPatch.context() as mp:
-        runs.InterruptReads(mp, at=100)
-        with pytest.raises(KeyboardInterrupt):
-            _explain(pool_attr, he_slide, out_dir=counting, transform=transform)
+    _interrupted(pool_attr, he_slide, counting, transform=transform)
     assert transform.calls > 0  # its counter changed; what it states did not
     got = _explain(pool_attr, he_slide, out_dir=counting, resume=True, transform=transform)
     reference = _explain(pool_attr, he_slide, transform=_Counting())
