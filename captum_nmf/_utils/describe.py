@@ -166,6 +166,8 @@ class _Describer:
         if isinstance(value, torch.Tensor):
             return _tensor(value)
         if isinstance(value, np.ndarray):
+            if value.dtype == object:  # its items, in this description (cycles, sharing)
+                return f"array(object, {value.shape}, {self.value(value.tolist(), depth + 1)})"
             return _array(value)
         if isinstance(value, np.generic):
             return f"{value.dtype}({value.item()!r})"
@@ -289,8 +291,6 @@ def _tensor(t: torch.Tensor) -> str:
 
 
 def _array(a: np.ndarray) -> str:
-    if a.dtype == object:
-        return f"array(object, {a.shape}, {_Describer().value(a.tolist(), 1)})"
     digest = hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
     return f"array({a.dtype}, {a.shape}, {digest})"
 

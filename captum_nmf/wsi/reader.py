@@ -496,12 +496,10 @@ class Slide:
             raise ValueError(f"size must be two positive ints (width, height), got {size!r}.")
         loc = (int(location[0]), int(location[1]))
         dims = (int(size[0]), int(size[1]))
-        if self._lost:  # the last read's reopen failed: this read tries again, as a read
-            try:
-                self._reopen()
-            except (OpenSlideError, OSError, SlideError, ValueError) as exc:
-                raise _read_error(self.path, level, loc, dims, exc) from exc
-        osr = self._osr()
+        try:  # after a read whose reopen failed, this one reopens; failing, it is a read error
+            osr = self._osr()
+        except SlideError as exc:
+            raise _read_error(self.path, level, loc, dims, exc) from exc
         level = self.check_level(level)
         try:
             image = osr.read_region(loc, level, dims)

@@ -116,7 +116,11 @@ def sealed(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """A run manifest whose digest matches its content; None if missing, foreign or changed."""
-    data = _read_json(path)
+    return _intact(_read_json(path))
+
+
+def _intact(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``data`` if it is a run manifest whose digest matches its content, else None."""
     if data is None or data.get("format") != RUN_FORMAT:
         return None
     return data if data.get(DIGEST_KEY) == manifest_digest(data) else None
@@ -358,13 +362,13 @@ class RunStore:
                 "it, overwrite=True to replace it when the new run completes (other files there "
                 "are kept), or another directory."
             )
-        current = read_manifest(target / MANIFEST_FILE)  # the marker may be the new run's
+        raw = _read_json(target / MANIFEST_FILE) or {}
+        current = _intact(raw)  # intact, but maybe not the marker's: the swap moves it last
         if (manifest or current or {}).get("status") == "replacing":
             raise RunStateError(
                 f"an overwrite of {target} was interrupted while its files were being replaced; "
                 "pass overwrite=True to run it again (other files there are kept)."
             )
-        raw = _read_json(target / MANIFEST_FILE) or {}
         version = raw.get("format_version")
         older = isinstance(version, int) and version < RUN_VERSION
         if manifest is None and raw.get("format") == RUN_FORMAT and older and DIGEST_KEY not in raw:
