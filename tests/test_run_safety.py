@@ -506,6 +506,39 @@ def test_out_of_memory_in_region_mode_says_what_can_resume(
         )
 
 
+@pytest.mark.parametrize("mode", ["tile", "region"])
+def test_out_of_memory_in_the_plans_probe_writes_nothing_and_does_not_advise_batches(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    original = NMFConceptAttribution._activations
+
+    def forward(self: NMFConceptAttribution, *args: object, **kwargs: object) -> object:
+        if not kwargs.get("return_output"):  # the plan's probe: one image
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NMFConceptAttribution, "_activations", forward)
+    out = tmp_path / "run"
+    side = 64 if mode == "tile" else 512  # the tile, or the region mode's probe image
+    smaller = "a smaller tile_size, " if mode == "tile" else ""
+    regions = {"mode": "region", "region_size": 128, "region_margin": 16}
+    kwargs: dict[str, object] = regions if mode == "region" else {}
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=rf"cpu ran out of memory on the plan's forward of one {side} px image \(CUDA out "
+        rf"of memory\. Tried to allocate 9\.00 GiB\); nothing was written\. A smaller "
+        rf"batch_size cannot help .* use {smaller}a smaller model, or run the model on the CPU",
+    ) as caught:
+        _explain(pool_attr, he_slide, out_dir=out, batch_size=16, **kwargs)
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------- found by a hostile review (2026-12-07)
 def test_a_kill_after_the_commit_leaves_a_complete_run_and_its_chunks_are_cleaned(
     tmp_path: Path,

@@ -92,6 +92,7 @@ def make_plan(
         ConceptModelFormatError: concepts with NaN, negative or huge entries.
         ConceptModelMismatchError: the layer's channels differ from the concepts'.
         ValueError: tile size, stride or region sizes that do not fit the cells.
+        torch.OutOfMemoryError: the device cannot hold the forward of one image.
     """
     region = options.mode == "region"
     with Slide(path, mpp=options.slide_mpp) as slide:
@@ -187,6 +188,8 @@ def _probe(
     Raises:
         ConceptModelMismatchError: the layer's channel count differs from the concepts'.
         ValueError: tile size or stride that do not fit the layer's cells.
+        torch.OutOfMemoryError: the device cannot hold one image's forward; the
+                    message says what to change (nothing is written yet).
     """
     mode = options.mode
     side = grid.tile_size if mode == "tile" else _PROBE
@@ -196,7 +199,18 @@ def _probe(
     batch = image.unsqueeze(0).to(model_device(attr))
     if options.batch_transform is not None:
         batch = options.batch_transform(batch)
-    act = attr.features(batch, **options.forward)
+    try:
+        act = attr.features(batch, **options.forward)
+    except torch.OutOfMemoryError as exc:  # one image: a smaller batch would not help
+        where = model_device(attr)
+        smaller = "a smaller tile_size, " if mode == "tile" else ""
+        raise torch.OutOfMemoryError(
+            f"{where.type} ran out of memory on the plan's forward of one {side} px image "
+            f"({exc}); nothing was written. A smaller batch_size cannot help (this was one "
+            f"image): free memory on {where} (other processes, cached tensors), use "
+            f"{smaller}a smaller model, or run the model on the CPU (--device cpu on the "
+            "command line)."
+        ) from exc
     act = act[0] if isinstance(act, tuple) else act
     if act.ndim != 4:
         raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
