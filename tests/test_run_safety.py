@@ -744,6 +744,26 @@ def test_a_resume_sees_weights_changed_through_data(
     assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)
 
 
+def test_a_fresh_run_records_the_weights_it_computes_with(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    net = PoolNet().eval()
+    attr = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
+    _explain(attr, he_slide, out_dir=tmp_path / "first")  # caches the fingerprint
+    weight = net.conv.weight
+    saved = weight.detach().clone()
+    weight.data.mul_(3)  # torch's version counter does not see this: the cache stays
+    out = tmp_path / "run"
+    _interrupted(attr, he_slide, out)  # its chunks are computed with the tripled weights
+    weight.data.copy_(saved)
+    # the weights now differ from those of the chunks: no mix of the two
+    with pytest.raises(RunStateError, match="different configuration"):
+        _explain(attr, he_slide, out_dir=out, resume=True)
+    weight.data.mul_(3)
+    got = _explain(attr, he_slide, out_dir=out, resume=True)
+    assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)
+
+
 def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:

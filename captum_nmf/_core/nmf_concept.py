@@ -261,10 +261,9 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
 
         Whole-slide runs record it to refuse resuming with another model. The
         digest is recomputed only when a state-dict tensor is replaced, moved
-        or modified in place, or the concepts or the layer change, so calling
-        it once per slide of a cohort hashes the weights once. Edits that
+        or modified in place, or the concepts or the layer change. Edits that
         torch does not count (through ``.data`` or a NumPy view) are not seen
-        by the cache: a resume passes ``cached=False``.
+        by the cache: a slide run that computes chunks passes ``cached=False``.
 
         Args:
             cached (bool, optional): reuse the cached digest while nothing it

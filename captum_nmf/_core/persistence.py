@@ -211,10 +211,12 @@ def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> st
     The digest is recomputed only when something it covers changed: a
     tensor of the state dict replaced, moved or modified in place (its
     identity, storage, device and version counter are the cache key), the
-    concepts, or the layer name. A cohort therefore hashes the model once,
-    not once per slide. In-place edits that torch does not count (through
-    ``.data``, or a NumPy view of a CPU tensor) do not change the key: pass
-    ``cached=False`` where a stale digest would matter (a resume).
+    concepts, or the layer name. In-place edits that torch does not count
+    (through ``.data``, or a NumPy view of a CPU tensor) do not change the
+    key: pass ``cached=False`` where a stale digest would matter. A slide run
+    that computes does (fresh or resumed: its record names the weights it
+    computes with); one that only loads a finished run does not, so a
+    restarted cohort does not hash the model again for each finished slide.
 
     Args:
         attr (NMFConceptAttribution): fitted concepts with their model.

@@ -174,7 +174,8 @@ def config_hash(
 ) -> str:
     """SHA-256 of the configuration (less :data:`UNHASHED`), the model and the tile positions.
 
-    ``cached=False`` hashes the weights again (see :func:`model_fingerprint`): for a resume.
+    ``cached=False`` hashes the weights again (see :func:`model_fingerprint`): for a
+    call that computes chunks, fresh or resumed.
     """
     hashed = {k: v for k, v in config.items() if k not in UNHASHED}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())

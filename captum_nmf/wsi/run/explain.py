@@ -247,10 +247,10 @@ def explain_slide(
     check_output_location(target, plan.first_chunk_bytes(attr))
     store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
     try:
-        # a resume that computes hashes the weights again (the cache misses edits through
-        # .data); one of a complete run only loads it, as a restarted cohort does per slide
-        again = manifest is not None and manifest.get("status") != "complete"
-        run_hash = config_hash(attr, config, plan.grid, cached=not again)
+        # a call that computes hashes the weights it computes with (the cache misses edits
+        # through .data); one of a complete run only loads it, as a restarted cohort does
+        computes = manifest is None or manifest.get("status") != "complete"
+        run_hash = config_hash(attr, config, plan.grid, cached=not computes)
         # each call that computes chunks is a part: what a resume may change is recorded
         part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
         if manifest is None:
