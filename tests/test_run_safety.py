@@ -703,6 +703,64 @@ def test_transforms_are_described_by_what_decides_their_result() -> None:
         assert " at 0x" not in (describe(transform) or "")  # type: ignore[arg-type]
 
 
+_NOTEBOOK = """
+import os
+from os.path import join
+MEAN = 0.5
+def helper(x):
+    return x - MEAN
+class Norm:
+    def __init__(self, alpha):
+        self.alpha = alpha
+    def __call__(self, x):
+        return x * self.alpha
+norm = Norm(2.0)
+def transform(x):
+    return norm(helper(x)) if join and os else x
+"""
+
+
+def test_a_transform_is_described_with_the_helpers_and_objects_of_its_own_module() -> None:
+    from captum_nmf.wsi.run.config import describe
+
+    cell: dict[str, object] = {"__name__": "__main__"}  # a notebook's namespace
+    exec(_NOTEBOOK, cell)
+    transform = cell["transform"]
+    before = describe(transform)  # type: ignore[arg-type]
+    assert before is not None
+    assert "helper=__main__.helper [code" in before
+    assert "MEAN=0.5" in before  # the helper's own globals, in turn
+    assert "norm=__main__.Norm: {'alpha': 2.0}" in before
+    assert "join" not in before  # library code: by name
+    assert "os=" not in before
+    exec("def helper(x):\n    return x + MEAN\n", cell)  # the helper edited, re-run
+    edited = describe(transform)  # type: ignore[arg-type]
+    assert edited != before
+    cell["norm"].alpha = 3.0  # type: ignore[attr-defined]  # the normaliser refitted
+    assert describe(transform) not in (before, edited)  # type: ignore[arg-type]
+    exec("def a(x):\n    return b(x)\ndef b(x):\n    return a(x) if x is None else x\n", cell)
+    cycle = describe(cell["a"])  # type: ignore[arg-type]  # mutual recursion ends
+    assert cycle is not None
+    assert "globals [b=__main__.b [code " in cycle
+    assert cycle.endswith("; globals [a=<cycle __main__.a>]]]]")
+
+
+def test_a_resume_after_editing_a_helper_the_transform_calls_is_refused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    cell: dict[str, object] = {"__name__": "__main__"}
+    exec("def helper(x):\n    return x * 0.5\ndef transform(x):\n    return helper(x)\n", cell)
+    out = tmp_path / "run"
+    _interrupted(pool_attr, he_slide, out, transform=cell["transform"])
+    exec("def helper(x):\n    return x * 1.0\n", cell)  # edited in the notebook
+    with pytest.raises(RunStateError, match="different configuration.*transform"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True, transform=cell["transform"])
+    exec("def helper(x):\n    return x * 0.5\n", cell)  # put back: the same code again
+    got = _explain(pool_attr, he_slide, out_dir=out, resume=True, transform=cell["transform"])
+    reference = _explain(pool_attr, he_slide, transform=lambda x: x * 0.5)
+    assert np.array_equal(got.concept_maps, reference.concept_maps)
+
+
 def test_a_resume_with_another_partial_transform_is_refused(
     tmp_path: Path,
     he_slide: Path,
@@ -859,7 +917,10 @@ class Norm:
         self.alpha = 0.5
     def __call__(self, x):
         return x
-for t in (mode, closure({"dab", "he", "ihc"}), Stains(frozenset({"h", "e", "dab", "x"})),
+stains = Stains(frozenset({"he", "dab", "ihc", "pas"}))
+def calls(x):
+    return stains(closure({"x1", "y2"})(mode(x)))
+for t in (calls, mode, closure({"dab", "he", "ihc"}), Stains(frozenset({"h", "e", "dab", "x"})),
           functools.partial(mode, order="gbr"), (lambda x: x - mean), Norm(),
           functools.partial(mode, order=argparse.Namespace(s={"fat", "tumor", "lymph"})),
           functools.partial(mode, order=types.SimpleNamespace(k={"a1", "b2", "c3"})),

@@ -36,7 +36,8 @@ def describe(transform: Callable[..., Any] | None) -> str | None:
     It covers what decides the transform's result and can be read without
     running it: for a Python function (lambdas and closures too) a digest of
     its bytecode and constants and the values of its defaults, closure cells
-    and the plain-data globals it names (and what ``functools.wraps`` wraps);
+    and the globals it names that are plain data, modules, or functions of its
+    own module (described in turn), and what ``functools.wraps`` wraps;
     for a ``functools.partial`` its function, arguments and keywords; for a
     method its function and object; for a module its parameters and buffers
     (by a digest of their bytes), its extra state, its attributes and its
@@ -53,8 +54,8 @@ def describe(transform: Callable[..., Any] | None) -> str | None:
     objects whose attributes also hold counters or caches: a class attribute
     ``__captum_nmf_description__``, a string or a method returning one, is used
     instead of the attributes. Not seen: state held in C objects without attributes
-    (a NumPy ``Generator``), and the code of the modules and functions a
-    transform calls by global name.
+    (a NumPy ``Generator``), and the code of the library functions (those of
+    other modules) and of the classes a transform calls by global name.
 
     Args:
         transform (Callable or None): the transform.
@@ -144,10 +145,10 @@ class _Describer:
                     content = None
                 cells.append(f"{name}={self.callable(content, depth + 1)}")
             parts.append(f"closure [{', '.join(cells)}]")
-        data = [  # the plain-data globals it names (a module-level constant, a mean tensor)
+        data = [  # the globals it names that decide its result, as cloudpickle sees them
             f"{name}={self.value(fn.__globals__[name], depth + 1)}"
             for name in sorted(set(_global_names(code)))
-            if name in fn.__globals__ and _plain(fn.__globals__[name], set())
+            if name in fn.__globals__ and _own(fn.__globals__[name], fn.__globals__)
         ]
         if data:
             parts.append(f"globals [{', '.join(data)}]")
@@ -257,6 +258,24 @@ def _global_names(code: types.CodeType) -> list[str]:
         if isinstance(const, types.CodeType):
             names += _global_names(const)
     return names
+
+
+def _own(value: Any, namespace: dict[str, Any]) -> bool:
+    """A global a function's result depends on, beyond its name.
+
+    Plain data (a module-level constant, a mean tensor), a torch module (a
+    global stain network: its weights), a partial (its arguments), and the
+    functions and objects of the function's own module (a notebook's or
+    script's helpers and the normaliser it fitted, which may change between a
+    run and its resume). Functions, classes and objects of other modules
+    (libraries) and namespaces are known by name.
+    """
+    if isinstance(value, (torch.nn.Module, functools.partial)):
+        return True
+    if isinstance(value, types.FunctionType):
+        return value.__globals__ is namespace
+    # classes and modules are of module "builtins", library objects of their library
+    return type(value).__module__ == namespace.get("__name__") or _plain(value, set())
 
 
 def _plain(value: Any, seen: set[int]) -> bool:
