@@ -822,6 +822,36 @@ def test_a_fresh_run_records_the_weights_it_computes_with(
     assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)
 
 
+def test_a_complete_run_with_another_tissue_mask_and_the_same_tiles_is_refused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    from captum_nmf.wsi import TissueMask
+
+    mask = np.ones((48, 64), dtype=bool)  # 8 px of the slide per mask pixel
+    mask[:, 60:] = False  # 32 px of glass on the right: in tiles, but its cells not solved
+    given = TissueMask.from_array(mask, (512, 384))
+    out = tmp_path / "run"
+    # min_tissue=0: every tile is kept either way, so only the mask differs
+    first = _explain(pool_attr, he_slide, out_dir=out, tissue_mask=None, min_tissue=0.0)
+    for other in (given, "otsu"):
+        with pytest.raises(RunStateError, match=r"different configuration.*tissue_mask"):
+            _explain(
+                pool_attr, he_slide, out_dir=out, resume=True, tissue_mask=other, min_tissue=0.0
+            )
+    again = _explain(
+        pool_attr, he_slide, out_dir=out, resume=True, tissue_mask=None, min_tissue=0.0
+    )
+    assert np.array_equal(again.assignment, first.assignment)
+    masked = _explain(
+        pool_attr, he_slide, out_dir=tmp_path / "masked", tissue_mask=given, min_tissue=0.0
+    )
+    assert np.array_equal(masked.tile_locations, first.tile_locations)  # the same tiles
+    assert (masked.assignment[:, 60:] < 0).all()  # but the glass's cells are not assigned
+    assert (first.assignment[:, 60:] >= 0).all()
+    assert masked.config["tissue_mask"].startswith("48 x 64, downsample (8, 8), sha256 ")
+    assert first.config["tissue_mask"] is None
+
+
 def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:

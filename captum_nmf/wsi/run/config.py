@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,6 +20,7 @@ from captum_nmf._utils.describe import describe
 from captum_nmf._utils.validation import check_int
 from captum_nmf._version import __version__
 from captum_nmf.wsi.tiling import TileErrorPolicy, TileGrid
+from captum_nmf.wsi.tissue import TissueMask
 
 __all__ = [
     "RunOptions",
@@ -147,6 +149,8 @@ def run_config(
         "region_margin": options.region_margin if options.mode == "region" else 0,
         "edge": options.edge,
         "min_tissue": float(options.min_tissue),
+        # the mask in use decides which cells are solved: detected, given, or none
+        "tissue_mask": _mask_digest(grid.tissue_mask),
         "n_tiles": len(grid),
         "batch_size": options.batch_size,
         "chunk_tiles": options.chunk_tiles,
@@ -161,6 +165,16 @@ def run_config(
         config["batch_size"] = None  # one region per forward
         config["n_tiles"] = len(regions_list)
     return config
+
+
+def _mask_digest(mask: TissueMask | None) -> str | None:
+    """The tissue mask a run uses, by its shape, downsample and a digest of its pixels."""
+    if mask is None:
+        return None
+    pixels = np.packbits(np.ascontiguousarray(mask.mask, dtype=bool))
+    digest = hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+    down = ", ".join(f"{d:.6g}" for d in mask.downsample)
+    return f"{mask.mask.shape[0]} x {mask.mask.shape[1]}, downsample ({down}), sha256 {digest}"
 
 
 #: recorded in the configuration, but a resume may change them: ``batch_size`` so that a
