@@ -18,6 +18,7 @@ already catch ``ValueError``, ``FileNotFoundError`` or ``OSError`` keep working:
     │   ├── ConceptModelFormatError     # corrupt, unknown or unsafe file
     │   └── ConceptModelMismatchError   # layer / channel count mismatch
     └── RunStateError(CaptumNMFError, ValueError)
+        └── RunLockedError              # another live process writes the folder
 
     CaptumNMFWarning(UserWarning)
     ├── EmptyTileGridWarning
@@ -46,6 +47,7 @@ __all__ = [
     "NoTissueError",
     "NonFiniteActivationError",
     "NotFittedError",
+    "RunLockedError",
     "RunStateError",
     "SlideError",
     "SlideNotFoundError",
@@ -144,6 +146,10 @@ class ConceptModelMismatchError(ConceptModelError):
 
 class RunStateError(CaptumNMFError, ValueError):
     """Raised when an output directory was produced with a different configuration."""
+
+
+class RunLockedError(RunStateError):
+    """Raised when another live process is writing the run or cohort folder (wait for it)."""
 
 
 class CaptumNMFWarning(UserWarning):

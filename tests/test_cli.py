@@ -222,10 +222,19 @@ def test_interrupt_exits_130(
     def interrupted(_: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(cli_commands.COMMANDS, "info", interrupted)
+    for name in ("info", "explain"):
+        monkeypatch.setitem(cli_commands.COMMANDS, name, interrupted)
     code, _, err = _run(["info", str(CMU)], capsys)
     assert code == 130
-    assert "--resume" in err
+    assert err.strip() == "captum-nmf: interrupted"  # nothing to resume
+    explain = ["explain", "--concepts", "c", "--model", "m", "--layer", "l", "--out", "o"]
+    code, _, err = _run([*explain, str(CMU)], capsys)
+    assert code == 130
+    assert "finished chunks are kept; rerun with --resume" in err
+    code, _, err = _run([*explain, str(CMU), "other.svs"], capsys)  # a cohort refuses --resume
+    assert code == 130
+    assert "finished slides and chunks are kept; run the same command again" in err
+    assert "--resume" not in err
 
 
 def test_help_shows_an_example_per_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,7 +92,7 @@ def test_local_cohort_equals_single_slides_and_skips_on_restart(
 ) -> None:
     result = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
     assert result.ok
-    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert [r.n_tiles for r in result.records] == [35, 35, 35]
     for s in slides:
         ex = _maps(tmp_path / "c", s.stem)
@@ -102,7 +102,7 @@ def test_local_cohort_equals_single_slides_and_skips_on_restart(
     assert (tmp_path / "c" / "cohort.csv").read_text().count("\n") == 4
     stamp = (tmp_path / "c" / "slide1" / "explanation.safetensors").stat().st_mtime_ns
     again = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
-    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0, "pending": 0}
     assert (tmp_path / "c" / "slide1" / "explanation.safetensors").stat().st_mtime_ns == stamp
     assert "3 skipped" in repr(again)
 
@@ -127,7 +127,7 @@ def test_one_set_of_reading_threads_serves_every_slide(
     monkeypatch.setattr("captum_nmf.wsi.cohort.ReadingThreads", Counting)
     monkeypatch.setattr("captum_nmf.wsi.run.execute.ReadingThreads", Counting)
     result = explain_cohort(attr, slides, tmp_path / "c", progress=False, **OPTIONS)
-    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert len(made) == 1
     assert made[0].runs == 3
     for s in slides:
@@ -160,7 +160,7 @@ def test_worker_processes_start_once_for_the_whole_cohort(
 
     monkeypatch.setattr("captum_nmf.wsi.blocks.PersistentTileLoader", Counting)
     result = explain_cohort(attr, slides, tmp_path / "c", progress=False, num_workers=1, **OPTIONS)
-    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0}
+    assert result.counts() == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert len(made) == 1
     assert made[0].slides == 3
     assert made[0].loader._iterator is None  # the workers were stopped with the cohort
@@ -335,7 +335,7 @@ def test_ray_two_workers_equal_the_local_engine(
     again = explain_cohort(
         attr, slides, tmp_path, engine="ray", workers=2, progress=False, **OPTIONS
     )
-    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0, "pending": 0}
 
 
 def test_a_pool_lets_its_actors_release_what_they_hold_before_killing_them(
@@ -408,7 +408,7 @@ def test_ray_worker_death_is_retried_once_then_reported(
     assert (corrupt.error or "").startswith("UnsupportedSlideError")
     assert corrupt.worker.startswith("ray:")
     summary = json.loads((tmp_path / "always" / COHORT_FILE).read_text())
-    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 2}
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 2, "pending": 0}
 
 
 class _FakeRay:
@@ -523,3 +523,193 @@ def test_model_fingerprint_is_cached_until_the_weights_change(
             param.copy_(saved)
     assert attr.model_fingerprint() == first  # the weights are back (in-place: a new version)
     assert calls == [1, 1]
+
+
+# ------------------------------------------ found by a hostile review (2026-12-07, cohort)
+def test_a_users_cohort_csv_or_json_in_out_dir_is_never_replaced(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    for name, text in (
+        ("cohort.csv", "patient,grade\nP1,3\n"),
+        ("cohort.json", '{"patients": ["P1"]}'),
+    ):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text(text)
+        with pytest.raises(FileExistsError, match=rf"holds {name} that captum-nmf did not write"):
+            explain_cohort(attr, slides[:1], out, progress=False, **OPTIONS)
+        assert (out / name).read_text() == text
+        assert [p.name for p in out.iterdir()] == [name]  # no slide was started
+
+
+def test_a_summary_left_by_a_stopped_cohort_says_what_is_pending(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    with pytest.raises(KeyboardInterrupt):  # in the second slide (see the test above)
+        explain_cohort(
+            attr, slides, tmp_path, progress=False, transform=InterruptAfter(52), **OPTIONS
+        )
+    summary = json.loads((tmp_path / COHORT_FILE).read_text())
+    assert summary["complete"] is False
+    assert summary["n_slides"] == 3
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0, "pending": 2}
+    assert [r["status"] for r in summary["records"]] == ["done", "pending", "pending"]
+    assert [Path(r["slide"]).name for r in summary["records"]] == [s.name for s in slides]
+    with (tmp_path / "cohort.csv").open() as fh:
+        assert len(fh.readlines()) == 4  # a header and every slide
+    assert not (tmp_path / ".captum-nmf-cohort.lock").exists()
+    result = explain_cohort(
+        attr, slides, tmp_path, progress=False, transform=InterruptAfter(10**9), **OPTIONS
+    )
+    assert result.complete
+    assert json.loads((tmp_path / COHORT_FILE).read_text())["complete"] is True
+    assert "pending" not in repr(result)
+
+
+def test_a_second_cohort_on_the_same_out_dir_is_refused_at_once(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    from captum_nmf.exceptions import RunLockedError
+    from captum_nmf.wsi.cohort import COHORT_LOCK
+    from captum_nmf.wsi.store import RunLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = RunLock(out, COHORT_LOCK, "cohort")  # another cohort's (another open file)
+    try:
+        with pytest.raises(RunLockedError, match=r"being written by another captum-nmf cohort"):
+            explain_cohort(attr, slides, out, progress=False, **OPTIONS)
+    finally:
+        other.release()
+    assert sorted(p.name for p in out.iterdir()) == []  # no slide, no summary
+    (out / slides[0].stem).mkdir()
+    busy = RunLock(out / slides[0].stem)  # one slide written by another (single) run
+    try:
+        result = explain_cohort(attr, slides[:2], out, progress=False, **OPTIONS)
+    finally:
+        busy.release()
+    assert [r.status for r in result.records] == ["failed", "done"]
+    error = result.records[0].error or ""
+    assert "RunLockedError" in error
+    assert "run the cohort again once that process has finished" in error
+    assert "delete" not in error  # the folder is another live process's work
+
+
+def test_a_forked_child_does_not_keep_a_dead_parents_lock(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from captum_nmf.wsi.store import RunLock
+
+    lock = RunLock(tmp_path)
+    read, write = os.pipe()
+    pid = os.fork()  # as a persistent DataLoader worker is forked during a run
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"x")
+        signal.pause()
+        os._exit(0)
+    try:
+        assert os.read(read, 1) == b"x"
+        assert lock._fd is not None
+        os.close(lock._fd)  # the parent's descriptor gone, as when it is killed
+        lock._fd = None
+        RunLock(tmp_path).release()  # the next run takes the lock at once
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+        os.close(write)
+
+
+def test_a_slide_added_to_a_restarted_cohort_never_moves_the_finished_ones(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    import shutil
+
+    first, second = tmp_path / "site1" / "a.svs", tmp_path / "site2" / "a.svs"
+    for path, source in ((first, slides[0]), (second, slides[1])):
+        path.parent.mkdir()
+        shutil.copy(source, path)
+    out = tmp_path / "out"
+    alone = explain_cohort(attr, [first], out, progress=False, **OPTIONS)
+    assert Path(alone.records[0].out_dir).name == "a"
+    both = explain_cohort(attr, [first, second], out, progress=False, **OPTIONS)
+    assert [r.status for r in both.records] == ["skipped", "done"]
+    assert Path(both.records[0].out_dir).name == "a"  # kept, not renamed and run again
+    assert Path(both.records[1].out_dir).name.startswith("a-")
+    again = explain_cohort(attr, [second], out, progress=False, **OPTIONS)
+    assert again.records[0].status == "skipped"  # its folder found under its hashed name
+    assert again.records[0].out_dir == both.records[1].out_dir
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
+        ["a", Path(both.records[1].out_dir).name]
+    )
+    upper = slide_dirs([tmp_path / "x" / "A.svs", tmp_path / "y" / "a.svs"], out / "new")
+    assert all(d.name.lower().startswith("a-") for d in upper)  # a case-insensitive disk
+
+
+def test_the_same_slide_under_two_names_and_a_single_path_are_refused(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    link = tmp_path / "link.svs"
+    link.symlink_to(slides[0])
+    dotted = slides[0].parent / "sub_missing" / ".." / slides[0].name
+    for paths in ([slides[0], link], [slides[0], dotted]):
+        with pytest.raises(ValueError, match="the same slide more than once"):
+            explain_cohort(attr, paths, tmp_path / "out", progress=False, **OPTIONS)
+    with pytest.raises(TypeError, match=r"got the single path .*; pass \[path\]"):
+        explain_cohort(attr, str(slides[0]), tmp_path / "out", progress=False, **OPTIONS)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "error", "match"),
+    [
+        ({"tile_size": 0}, ValueError, "tile_size must be >= 1, got 0"),
+        ({"tile_size": "64"}, TypeError, "tile_size must be an int"),
+        ({"stride": -32}, ValueError, "stride must be >= 1"),
+        ({"tissue_mask": "otsu "}, ValueError, "tissue_mask must be a TissueMask, 'otsu' or None"),
+        ({"tissue_mask": np.ones((2, 2))}, TypeError, "wrap an array with TissueMask.from_array"),
+        ({"min_tissue": 2}, ValueError, r"min_tissue must be a fraction in \[0, 1\]"),
+        ({"edge": "crop"}, ValueError, "edge must be 'pad' or 'drop', got 'crop'"),
+        ({"mpp": -1.0}, ValueError, "mpp must be a positive number, got -1.0"),
+        ({"level": 1, "mpp": 1.0}, ValueError, "pass level= or mpp=, not both"),
+        ({"level": "1"}, TypeError, "level must be an int"),
+        ({"slide_mpp": 0}, ValueError, "slide_mpp must be a positive number"),
+    ],
+)
+def test_bad_tiling_options_are_refused_before_any_slide(
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    option: dict[str, object],
+    error: type[Exception],
+    match: str,
+) -> None:
+    options = {**OPTIONS, **option}
+    with pytest.raises(error, match=match):
+        explain_cohort(attr, slides, tmp_path / "never", progress=False, **options)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_relative_out_dir_is_made_absolute_for_every_worker(
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = explain_cohort(attr, slides[:1], "rel", progress=False, **OPTIONS)
+    assert result.out_dir == str(tmp_path / "rel")
+    assert result.records[0].out_dir == str(tmp_path / "rel" / slides[0].stem)
+
+
+def test_a_killed_summary_writes_temporary_files_are_removed_by_the_next_cohort(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    tmp_path.joinpath(".cohort.json.4242.tmp").write_text("{")  # killed mid-write
+    tmp_path.joinpath(".cohort.csv.4242.tmp").write_text("slide")
+    tmp_path.joinpath(".cohort.json.backup.tmp").write_text("mine")  # not a name we write
+    explain_cohort(attr, slides[:1], tmp_path, progress=False, **OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        ".cohort.json.backup.tmp"
+    ]

@@ -22,6 +22,7 @@ from captum_nmf import exceptions as ex
         (ex.ConceptModelFormatError, (ex.ConceptModelError, ValueError)),
         (ex.ConceptModelMismatchError, (ex.ConceptModelError, ValueError)),
         (ex.RunStateError, (ValueError,)),
+        (ex.RunLockedError, (ex.RunStateError, ValueError)),
         (ex.EmptyTileGridWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.LayerNameMismatchWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.CamScaleWarning, (ex.CaptumNMFWarning, UserWarning)),

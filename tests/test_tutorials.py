@@ -97,7 +97,7 @@ def test_whole_slides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: st
     assert (tmp_path / "clusters.tif").is_file()
     assert 0 < values["n_regions"] < values["n_tiles"]
     assert values["region_same_argmax"] > 0.5
-    assert values["cohort"] == {"done": 1, "skipped": 0, "failed": 0}
+    assert values["cohort"] == {"done": 1, "skipped": 0, "failed": 0, "pending": 0}
 
 
 def test_paper_analyses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:

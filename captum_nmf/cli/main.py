@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Sequence
@@ -38,10 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(
-            "captum-nmf: interrupted (finished chunks are kept; rerun with --resume)",
-            file=sys.stderr,
-        )
+        print(f"captum-nmf: interrupted{_after_interrupt(args)}", file=sys.stderr)
         return 130
     except Exception as exc:  # every error becomes one line unless --debug
         if args.debug:
@@ -49,3 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"captum-nmf: error: {flag_spelling(message)}", file=sys.stderr)
         return 1
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command kept, and how to go on (only ``explain`` resumes)."""
+    if args.command != "explain":
+        return ""
+    if len(args.slide) > 1 or args.ray is not None:  # a cohort skips what is finished
+        return " (finished slides and chunks are kept; run the same command again to go on)"
+    return " (finished chunks are kept; rerun with --resume)"

@@ -19,18 +19,21 @@ runs each slide.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import inspect
 import io
 import json
 import logging
+import math
 import os
+import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,20 +45,25 @@ from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import check_engine
 from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
 from captum_nmf.engines.ray_cluster import ray_session
-from captum_nmf.exceptions import RunStateError
+from captum_nmf.exceptions import RunLockedError, RunStateError
 from captum_nmf.io import atomic_write_all, sha256_bytes
 from captum_nmf.wsi.blocks import ReadingThreads
 from captum_nmf.wsi.explanation import EXPLANATION_FILE
 from captum_nmf.wsi.run.config import model_device
 from captum_nmf.wsi.run.execute import decoders_for
 from captum_nmf.wsi.runner import MANIFEST_FILE, check_run_options, explain_slide
+from captum_nmf.wsi.store import RunLock
+from captum_nmf.wsi.tiling import check_tiling_options
 
 __all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
 
 COHORT_FILE = "cohort.json"
+COHORT_FORMAT = "captum-nmf/cohort-summary"
 _RESERVED = ("out_dir", "resume", "overwrite", "progress")
 
-Status = Literal["done", "skipped", "failed"]
+Status = Literal["done", "skipped", "failed", "pending"]
+#: the cohort's own lock in ``out_dir``: one cohort at a time writes there
+COHORT_LOCK = ".captum-nmf-cohort.lock"
 _log = logging.getLogger(__name__)
 
 
@@ -67,8 +75,10 @@ class SlideRecord:
         slide (str): the slide file (absolute).
         out_dir (str): its run directory.
         status (str): ``"done"`` (explained now), ``"skipped"`` (a complete
-                    run with the same configuration was already there) or
-                    ``"failed"``.
+                    run with the same configuration was already there),
+                    ``"failed"``, or ``"pending"`` (not finished yet: only in
+                    the summaries written while the cohort runs, or left by
+                    one that was stopped).
         attempts (int): runs started for it (2 after a retry).
         error (str or None): why it failed: the exception's type and whole message.
         n_tiles (int): tiles of its grid (0 when failed).
@@ -91,6 +101,9 @@ class SlideRecord:
     traceback: str | None = None
 
 
+_CSV_FIELDS = [f.name for f in fields(SlideRecord)]  # the table's columns
+
+
 @dataclass
 class CohortResult:
     """The summary of a cohort run (also written to ``out_dir/cohort.json`` and ``.csv``).
@@ -102,6 +115,9 @@ class CohortResult:
         seconds (float): wall time of the whole run.
         out_dir (str): the cohort directory.
         config (dict): the engine and the per-slide options (as text).
+        complete (bool): every slide has finished (done, skipped or failed);
+                    False in the summaries written while the cohort runs, so a
+                    summary left by a stopped cohort says so.
     """
 
     records: list[SlideRecord]
@@ -110,6 +126,7 @@ class CohortResult:
     seconds: float
     out_dir: str
     config: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
 
     @property
     def failed(self) -> list[SlideRecord]:
@@ -124,7 +141,7 @@ class CohortResult:
     def counts(self) -> dict[str, int]:
         """Number of slides per status."""
         found = Counter(r.status for r in self.records)
-        return {s: found.get(s, 0) for s in ("done", "skipped", "failed")}
+        return {s: found.get(s, 0) for s in ("done", "skipped", "failed", "pending")}
 
     def throughput(self) -> dict[str, float]:
         """Slides per minute and tiles per second over the slides explained in this run."""
@@ -142,6 +159,9 @@ class CohortResult:
             "workers": self.workers,
             "seconds": self.seconds,
             "out_dir": self.out_dir,
+            "format": COHORT_FORMAT,
+            "complete": self.complete,
+            "n_slides": len(self.records),
             "counts": self.counts(),
             "throughput": self.throughput(),
             "config": self.config,
@@ -149,19 +169,20 @@ class CohortResult:
         }
 
     def save(self) -> Path:
-        """Write ``cohort.json`` and ``cohort.csv`` into :attr:`out_dir`, atomically as a pair.
+        """Write ``cohort.json`` and ``cohort.csv`` into :attr:`out_dir`, each atomically.
 
         Both files are written in full before either replaces its old
-        version (the table first, the JSON record last), and the JSON holds
-        the table's SHA-256 (``csv_sha256``), so the two always describe the
-        same run state.
+        version (the table first, the JSON record last), so a full disk
+        leaves both old files. The JSON holds the table's SHA-256
+        (``csv_sha256``): a process killed between the two replacements
+        leaves a newer table beside the older JSON, which that digest shows.
 
         Returns:
             *Path*: the JSON file.
         """
         path = Path(self.out_dir) / COHORT_FILE
         table = io.StringIO(newline="")
-        writer = csv.DictWriter(table, fieldnames=list(asdict(self.records[0])))
+        writer = csv.DictWriter(table, fieldnames=_CSV_FIELDS)
         writer.writeheader()
         writer.writerows(asdict(r) for r in self.records)
         text = table.getvalue()
@@ -173,23 +194,44 @@ class CohortResult:
 
     def __repr__(self) -> str:
         c = self.counts()
+        pending = f", {c['pending']} pending" if c["pending"] else ""
         return (
             f"CohortResult({len(self.records)} slides: {c['done']} done, {c['skipped']} "
-            f"skipped, {c['failed']} failed; engine={self.engine!r}, workers={self.workers}, "
-            f"{self.seconds:.1f} s)"
+            f"skipped, {c['failed']} failed{pending}; engine={self.engine!r}, "
+            f"workers={self.workers}, {self.seconds:.1f} s)"
         )
 
 
 def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
-    """One run directory per slide: its file stem, plus a path hash when stems collide."""
-    stems = Counter(p.stem for p in paths)
+    """One run directory per slide: its file stem, plus a path hash when stems collide.
+
+    A folder an earlier run of the slide wrote (its manifest names the slide)
+    is kept, whichever name it has, so a slide added to a restarted cohort
+    never moves the finished ones. Stems are compared without case (a
+    case-insensitive disk), and a stem whose folder holds another slide's run
+    gets the hash too.
+    """
+    stems = Counter(p.stem.casefold() for p in paths)
     dirs = []
     for p in paths:
-        name = p.stem
-        if stems[name] > 1:
-            name += "-" + hashlib.sha256(str(p).encode()).hexdigest()[:8]
-        dirs.append(out_dir / name)
+        plain = out_dir / p.stem
+        hashed = out_dir / f"{p.stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+        if _run_of(hashed) == str(p) or _run_of(plain) == str(p):
+            dirs.append(hashed if _run_of(hashed) == str(p) else plain)
+        elif stems[p.stem.casefold()] > 1 or _run_of(plain) is not None:
+            dirs.append(hashed)
+        else:
+            dirs.append(plain)
     return dirs
+
+
+def _run_of(folder: Path) -> str | None:
+    """The slide a run folder's manifest names (None: no readable manifest)."""
+    try:
+        slide = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("slide")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return slide if isinstance(slide, str) else None
 
 
 def _complete(run_dir: Path) -> bool:
@@ -225,7 +267,9 @@ def _explain_one(
 def _failure(exc: BaseException) -> str:
     """The exception's type and whole message, with the cohort's advice for run-state errors."""
     message = f"{type(exc).__name__}: {str(exc).strip()}".strip()
-    if isinstance(exc, RunStateError):
+    if isinstance(exc, RunLockedError):  # a live process writes it: nothing to delete
+        message += " In a cohort: run the cohort again once that process has finished."
+    elif isinstance(exc, RunStateError):
         message += (
             " In a cohort: use a new out_dir, or delete this slide's directory to explain it again."
         )
@@ -330,34 +374,104 @@ def explain_cohort(
     check_engine(engine, workers, address)
     check_int("retries", retries, minimum=0)
     _check_options(attr, slide_options)
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"paths must be a sequence of slides, got the single path {paths!r}; pass "
+            "[path] (or explain_slide for one slide)."
+        )
     slides = [Path(p).expanduser().absolute() for p in paths]
     if not slides:
         raise ValueError("paths is empty; pass at least one slide.")
-    repeated = [str(p) for p, n in Counter(slides).items() if n > 1]
+    same: dict[str, list[str]] = {}  # one file under two names (a symlink, "..") counts too
+    for p in slides:
+        same.setdefault(os.path.realpath(p), []).append(str(p))
+    repeated = [names for names in same.values() if len(names) > 1]
     if repeated:
         raise ValueError(f"paths lists the same slide more than once: {repeated[:3]}.")
-    root = Path(out_dir)
+    # absolute: Ray actors on a cluster resolve a relative folder in their own directory
+    root = Path(out_dir).expanduser().absolute()
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"out_dir {root} exists and is not a directory.")
+    _check_summaries(root)
     dirs = slide_dirs(slides, root)
     config = {
         "engine": engine,
         "slide_options": {k: repr(v) for k, v in sorted(slide_options.items())},
     }
     start = time.perf_counter()
+    pending = [
+        SlideRecord(str(p), str(d), "pending", attempts=0)
+        for p, d in zip(slides, dirs, strict=True)
+    ]
     if engine == "local":
-        root.mkdir(parents=True, exist_ok=True)
-        result = CohortResult([], "local", 1, 0.0, str(root), config)
-        records = _run_local(attr, slides, dirs, slide_options, progress, result, start)
+        result = CohortResult(pending, "local", 1, 0.0, str(root), config)
+        with _cohort_lock(root):
+            result.records = _run_local(attr, slides, dirs, slide_options, progress, result, start)
+            _finish(result, start)
     else:
-        result = CohortResult([], "ray", 0, 0.0, str(root), config)
-        records = _run_ray(
+        result = CohortResult(pending, "ray", 0, 0.0, str(root), config)
+        _run_ray(
             attr, slides, dirs, slide_options, workers, address, retries, progress, result, start
         )
-    result.records = records
-    result.seconds = time.perf_counter() - start
-    result.save()
     return result
+
+
+def _finish(result: CohortResult, start: float) -> None:
+    result.seconds = time.perf_counter() - start
+    result.complete = True
+    result.save()
+
+
+@contextlib.contextmanager
+def _cohort_lock(root: Path) -> Iterator[None]:
+    """``root`` created and locked for this cohort (a second one on it is refused at once).
+
+    Raises:
+        RunLockedError: another cohort is writing ``root``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    _check_summaries(root)  # again: a file could have come since the first check
+    lock = RunLock(root, COHORT_LOCK, "cohort")
+    for name in (COHORT_FILE, "cohort.csv"):  # a killed summary write's (we hold the lock)
+        for tmp in root.glob(f".{name}.*.tmp"):
+            if re.fullmatch(rf"\.{re.escape(name)}\.[0-9]+\.tmp", tmp.name) and tmp.is_file():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_summaries(root: Path) -> None:
+    """Refuse an ``out_dir`` whose ``cohort.json`` or ``cohort.csv`` we did not write.
+
+    Raises:
+        FileExistsError: one of them is someone else's (a clinical table named
+                    ``cohort.csv``): it would be replaced by the summary.
+    """
+    json_path, csv_path = root / COHORT_FILE, (root / COHORT_FILE).with_suffix(".csv")
+    foreign = []
+    if json_path.exists():
+        try:
+            record = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if not (isinstance(record, dict) and {"engine", "records", "csv_sha256"} <= set(record)):
+            foreign.append(json_path.name)
+    if csv_path.exists():
+        try:
+            with csv_path.open(encoding="utf-8", newline="") as fh:
+                header = fh.readline().strip()
+        except (OSError, ValueError):
+            header = ""
+        if header != ",".join(_CSV_FIELDS):
+            foreign.append(csv_path.name)
+    if foreign:
+        raise FileExistsError(
+            f"out_dir {root} holds {' and '.join(foreign)} that captum-nmf did not write; the "
+            "cohort summary would replace it. Move it away or choose another out_dir."
+        )
 
 
 def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None:
@@ -379,6 +493,18 @@ def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None
         name: options.get(name, parameters[name].default) for name in checked if name != "attr"
     }
     check_run_options(attr, **values)  # the same checks explain_slide makes, before any work
+    tiling = inspect.signature(check_tiling_options).parameters
+    check_tiling_options(**{k: options.get(k, parameters[k].default) for k in tiling})
+    slide_mpp = options.get("slide_mpp")
+    if slide_mpp is not None and (
+        isinstance(slide_mpp, bool)
+        or not isinstance(slide_mpp, (int, float))
+        or not math.isfinite(slide_mpp)
+        or not slide_mpp > 0
+    ):
+        raise ValueError(
+            f"slide_mpp must be a positive number of microns per pixel, got {slide_mpp!r}."
+        )
 
 
 def _record_failure(
@@ -392,7 +518,8 @@ def _record_failure(
 
 
 def _progress_save(result: CohortResult, records: dict[int, SlideRecord], start: float) -> None:
-    result.records = [records[i] for i in sorted(records)]
+    """The summary so far: the finished slides' records, the others still pending."""
+    result.records = [records.get(i, r) for i, r in enumerate(result.records)]
     result.seconds = time.perf_counter() - start
     result.save()
 
@@ -429,7 +556,7 @@ def _run_ray(
     progress: bool,
     result: CohortResult,
     start: float,
-) -> list[SlideRecord]:
+) -> None:
     records: dict[int, SlideRecord] = {}
 
     def finished(outcome: TaskOutcome) -> None:
@@ -451,10 +578,11 @@ def _run_ray(
     with ray_session(address, feature="explain_cohort(engine='ray')") as ray:
         pool = ActorPool(ray, _SlideWorker, (attr,), workers=workers, cap=len(slides))
         result.workers = pool.n
-        Path(result.out_dir).mkdir(parents=True, exist_ok=True)
         tasks = [(str(slides[i]), str(dirs[i]), options) for i in range(len(slides))]
         try:
-            pool.map(tasks, finished, retries=retries, progress=progress, desc="cohort (ray)")
+            with _cohort_lock(Path(result.out_dir)):
+                pool.map(tasks, finished, retries=retries, progress=progress, desc="cohort (ray)")
+                result.records = [records[i] for i in range(len(slides))]
+                _finish(result, start)
         finally:
             pool.close()
-    return [records[i] for i in range(len(slides))]

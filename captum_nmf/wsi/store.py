@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from captum_nmf.exceptions import RunStateError
+from captum_nmf.exceptions import RunLockedError, RunStateError
 from captum_nmf.io import atomic_write, default_file_mode, sha256_file
 
 try:  # POSIX advisory locks; msvcrt on Windows
@@ -195,17 +195,23 @@ class RunLock:
     The lock is ``flock`` on ``.captum-nmf-run.lock`` inside the folder, which
     records the holder's pid, host and start time for the message a second
     writer gets. The kernel drops the lock when its process dies, so the lock
-    of a killed run is taken over by the next one.
+    of a killed run is taken over by the next one. Processes forked while it
+    is held (``DataLoader`` workers) close their copy of it at once, so a
+    killed run's lock does not live on in its orphaned workers.
 
     Args:
         folder (Path): the folder to lock; it must exist.
+        name (str, optional): the lock file's name in ``folder``.
+                    Default: ``".captum-nmf-run.lock"``
+        what (str, optional): what is written there, for the message.
+                    Default: ``"run"``
 
     Raises:
-        RunStateError: another process (or another thread) holds the lock.
+        RunLockedError: another process (or another thread) holds the lock.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_FILE
+    def __init__(self, folder: Path, name: str = LOCK_FILE, what: str = "run") -> None:
+        self.path = folder / name
         self._fd: int | None = None
         for _ in range(5):  # retry if the file was unlinked between our open and lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
@@ -214,10 +220,10 @@ class RunLock:
             except OSError:
                 holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
                 os.close(fd)
-                raise RunStateError(
-                    f"{folder} is being written by another captum-nmf run ({holder}); wait "
-                    "for it to finish, or stop it, then run again. Only one process may write "
-                    "a run folder at a time."
+                raise RunLockedError(
+                    f"{folder} is being written by another captum-nmf {what} ({holder}); wait "
+                    f"for it to finish, or stop it, then run again. Only one process may write "
+                    f"a {what} folder at a time."
                 ) from None
             try:
                 same = os.fstat(fd).st_ino == self.path.stat().st_ino
@@ -225,6 +231,7 @@ class RunLock:
                 same = False
             if same:
                 self._fd = fd
+                _HELD.add(fd)
                 break
             os.close(fd)
         else:  # pragma: no cover - a folder whose lock file keeps being replaced
@@ -244,8 +251,29 @@ class RunLock:
             return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
+
+
+_HELD: set[int] = set()  # the descriptors of the locks this process holds
+
+
+def _forget_locks() -> None:
+    """In a forked child: close the inherited lock descriptors (the lock stays the parent's).
+
+    ``flock`` belongs to the open file, which a fork shares: a child that kept
+    it (a persistent ``DataLoader`` worker) would hold a killed parent's lock
+    until it noticed the parent was gone.
+    """
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_locks)
 
 
 def _try_lock(fd: int) -> None:

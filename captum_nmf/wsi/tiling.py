@@ -29,6 +29,7 @@ __all__ = [
     "TileErrorPolicy",
     "TileGrid",
     "TileRequests",
+    "check_tiling_options",
     "tile_grid",
 ]
 
@@ -189,30 +190,24 @@ def tile_grid(
                     does not cover the slide.
         SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
     """
-    tile = check_int("tile_size", tile_size)
-    step = check_int("stride", stride)
-    if edge not in ("pad", "drop"):
-        raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
-    if not isinstance(min_tissue, numbers.Real) or not 0.0 <= float(min_tissue) <= 1.0:
-        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}.")
+    check_tiling_options(  # the level is checked against the slide's (its message lists them)
+        tile_size=tile_size,
+        stride=stride,
+        mpp=mpp if level is None else None,
+        edge=edge,
+        tissue_mask=tissue_mask,
+        min_tissue=min_tissue,
+    )
+    tile, step = int(tile_size), int(stride)
     _check_policy(on_tile_error, None)
     resolution = slide.resolve(level=level, mpp=mpp)
     if isinstance(tissue_mask, str):
-        if tissue_mask != "otsu":
-            raise ValueError(
-                f"tissue_mask must be a TissueMask, 'otsu' or None, got {tissue_mask!r}."
-            )
         mask: TissueMask | None = detect_tissue(slide, on_tile_error=on_tile_error)
-    elif tissue_mask is None:
-        mask = None
     elif isinstance(tissue_mask, TissueMask):
         tissue_mask.check_dimensions(slide.dimensions, slide.path.name)
         mask = tissue_mask
     else:
-        raise TypeError(
-            "tissue_mask must be a TissueMask, 'otsu' or None, got "
-            f"{type(tissue_mask).__name__}; wrap an array with TissueMask.from_array(...)."
-        )
+        mask = None
     check_int("margin", margin, minimum=0)
     if margin and (tile != step + 2 * margin or edge != "pad"):
         raise ValueError(
@@ -269,6 +264,59 @@ def tile_grid(
             stacklevel=2,
         )
     return grid
+
+
+def check_tiling_options(
+    *,
+    tile_size: Any = 512,
+    stride: Any = 256,
+    level: Any = None,
+    mpp: Any = None,
+    edge: Any = "pad",
+    tissue_mask: Any = "otsu",
+    min_tissue: Any = 0.25,
+) -> None:
+    """The checks of :func:`tile_grid` that need no slide (a cohort makes them before any work).
+
+    Raises:
+        TypeError: a non-int ``tile_size``, ``stride`` or ``level``, or a
+                    ``tissue_mask`` that is not a TissueMask, ``"otsu"`` or None.
+        ValueError: sizes below 1, a negative ``level``, both ``level`` and
+                    ``mpp``, an ``mpp`` that is not a positive number, a bad
+                    ``edge``, ``min_tissue`` outside [0, 1], or another string
+                    as ``tissue_mask``.
+    """
+    check_int("tile_size", tile_size)
+    check_int("stride", stride)
+    if level is not None:
+        check_int("level", level, minimum=0)
+        if mpp is not None:
+            raise ValueError(f"pass level= or mpp=, not both (got level={level}, mpp={mpp}).")
+    if mpp is not None and (
+        isinstance(mpp, bool)
+        or not isinstance(mpp, numbers.Real)
+        or not math.isfinite(mpp)
+        or not float(mpp) > 0
+    ):
+        raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
+    if edge not in ("pad", "drop"):
+        raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
+    if (
+        isinstance(min_tissue, bool)
+        or not isinstance(min_tissue, numbers.Real)
+        or not 0.0 <= float(min_tissue) <= 1.0
+    ):
+        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}.")
+    if isinstance(tissue_mask, str):
+        if tissue_mask != "otsu":
+            raise ValueError(
+                f"tissue_mask must be a TissueMask, 'otsu' or None, got {tissue_mask!r}."
+            )
+    elif tissue_mask is not None and not isinstance(tissue_mask, TissueMask):
+        raise TypeError(
+            "tissue_mask must be a TissueMask, 'otsu' or None, got "
+            f"{type(tissue_mask).__name__}; wrap an array with TissueMask.from_array(...)."
+        )
 
 
 def _check_policy(on_tile_error: str, transform: object) -> None:
