@@ -137,7 +137,9 @@ def atomic_write_all(
     Every file is written into a hidden sibling and flushed to disk; only
     when the ``with`` body and every write succeeded are they renamed into
     place, in the order given (put the file that records the others last).
-    An error while writing leaves every destination as it was.
+    An error while writing leaves every destination as it was. A destination
+    that is a symbolic link is followed: the file it points to is replaced
+    and the link stays (a ``current.safetensors`` link to a versioned file).
 
     Args:
         paths (sequence of str or PathLike): destination files.
@@ -158,7 +160,8 @@ def atomic_write_all(
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}.")
     binary = mode == "wb"
-    targets = [Path(p) for p in paths]
+    # a link is followed (as sed --follow-symlinks): its target is replaced, the link stays
+    targets = [Path(os.path.realpath(p)) if Path(p).is_symlink() else Path(p) for p in paths]
     tmps = [t.with_name(f".{t.name}.{os.getpid()}.tmp") for t in targets]
     try:
         with contextlib.ExitStack() as stack:

@@ -305,3 +305,22 @@ def test_a_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path: 
     fake.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(ConceptModelFormatError, match="refusing to unpickle"):
         load_tensors(fake, format_name="t")
+
+
+def test_a_write_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    from captum_nmf._core.names import rename_concept_file
+
+    net, attr = fitted
+    (tmp_path / "models").mkdir()
+    target = attr.save(tmp_path / "models" / "v3.safetensors")
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(Path("models") / "v3.safetensors")  # relative, as ln -s makes it
+    rename_concept_file(link, {0: "stroma"})
+    assert link.is_symlink()
+    assert os.readlink(link) == str(Path("models") / "v3.safetensors")
+    loaded = NMFConceptAttribution.load(target, net, net.relu)
+    assert loaded.concept_names[0] == "stroma"  # the file the link points to was renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.safetensors", "models"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v3.safetensors"]
