@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from captum_nmf.io import atomic_write
+from captum_nmf._utils.validation import check_int
+from captum_nmf.io import atomic_write, sha256_file
 from captum_nmf.viz import concept_colors
 from captum_nmf.wsi.pyramid import write_tiled_levels
 
@@ -476,7 +478,11 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
         data = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("key") == _EXPORT_KEY else None
+    if not (isinstance(data, dict) and data.get("key") == _EXPORT_KEY):
+        return None
+    files = data.get("files")
+    data["files"] = [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    return data
 
 
 def export_explanation(
@@ -490,11 +496,18 @@ def export_explanation(
 
     ``concepts.geojson``, ``clusters.tif``, one ``concept_<k>.tif`` per concept
     and ``summary/`` (:func:`slide_summary`) are built in a hidden sibling
-    folder; only when all are written are they moved into ``out_dir``, file by
-    file, with the list of files (``.captum-nmf-export``) last. A failure (a
-    full disk, an interrupt) leaves the previous export as it was and no
-    partial file. Files of a previous export that the new one does not write
-    are removed; anything else in ``out_dir`` (e.g. it is a run folder) is kept.
+    folder. Only when all are written is the list of files
+    (``.captum-nmf-export``) marked ``replacing`` and the files moved into
+    ``out_dir``; the list is then rewritten ``complete`` with each file's
+    SHA-256. A failure while building (a full disk, an interrupt) leaves the
+    previous export as it was; a process killed while moving leaves the list
+    saying ``replacing``, and the next export finishes the job. Files of a
+    previous export that the new one does not write are removed; anything else
+    in ``out_dir`` (e.g. it is a run folder) is kept. One export at a time
+    writes a folder (a lock file), and a file of the previous export that was
+    changed since (a GeoJSON corrected in QuPath) is never replaced: the
+    export is refused, naming it. A link as ``out_dir`` is followed: the
+    export is built beside its target.
 
     Args:
         explanation (SlideExplanation): the explained slide.
@@ -508,58 +521,135 @@ def export_explanation(
         *Path*: ``out_dir``.
 
     Raises:
-        FileExistsError: ``out_dir`` is a file, or a non-empty folder holding
-                    files of the export's names that an export did not write.
+        FileExistsError: ``out_dir`` is a file; or a folder holding files of
+                    the export's names that an export did not write, or files
+                    of the previous export that were changed since.
+        RunLockedError: another export is writing ``out_dir``.
+        ValueError: ``top_n`` below 1, names of the wrong number, or an
+                    ``out_dir`` that names no folder (``/``).
         OSError: the files could not be written (nothing is changed then).
     """
-    out = Path(out_dir)
+    from captum_nmf.wsi.store import RunLock
+
+    check_int("top_n", top_n)
+    _names(explanation, names)  # the count of names, before any work
+    out = Path(os.path.realpath(Path(out_dir).expanduser()))  # a link: beside its target
+    if not out.name:
+        raise ValueError(f"out_dir={str(out_dir)!r} names no folder to export into; pass one.")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"export folder {out} exists and is not a directory.")
-    previous = _read_marker(out) if out.is_dir() else None
-    ours = {"concepts.geojson", "clusters.tif", "summary"} | {
-        f"concept_{j}.tif" for j in range(explanation.n_concepts)
-    }
-    if out.is_dir() and previous is None:
-        clash = sorted(p.name for p in out.iterdir() if p.name in ours)
-        if clash:
-            raise FileExistsError(
-                f"export folder {out} already holds {clash}, not written by an export of "
-                "captum-nmf; they are kept. Choose another folder."
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()
     try:
+        lock = RunLock(out, _EXPORT_LOCK, "export")
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    try:
+        _remove_stale(out)  # killed exports' folders (this lock is held: none is running)
+        previous = _read_marker(out)
+        _check_previous(out, previous, explanation.n_concepts)
+        tmp.mkdir()
         to_geojson(explanation, tmp / "concepts.geojson", names=names)
         write_overlay_tiff(explanation, tmp / "clusters.tif")
         for j in range(explanation.n_concepts):
             write_overlay_tiff(explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j)
         slide_summary(explanation, tmp / "summary", top_n=top_n, names=names)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        with atomic_write(tmp / EXPORT_MARKER) as fh:
-            fh.write(json.dumps({"key": _EXPORT_KEY, "files": files}, indent=2))
-        _move_in(tmp, out, files, [] if previous is None else previous.get("files", []))
+        digests = {rel: sha256_file(tmp / rel) for rel in files}
+        _move_in(tmp, out, files, digests, [] if previous is None else previous["files"])
+    except BaseException:
+        if created:  # a new folder that got nothing: gone again
+            lock.release()
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         _remove_tree(tmp)
+        lock.release()
     return out
 
 
-def _move_in(tmp: Path, out: Path, files: list[str], old_files: list[str]) -> None:
-    """Move a complete export into ``out``: files, stale files of the old export, marker last."""
-    out.mkdir(exist_ok=True)
+_EXPORT_LOCK = ".captum-nmf-export.lock"
+
+
+def _check_previous(out: Path, previous: dict[str, Any] | None, k: int) -> None:
+    """Refuse files of our names that no export wrote, or that were changed since ours.
+
+    Raises:
+        FileExistsError: naming the files (they are kept).
+    """
+    if previous is None:
+        ours = {"concepts.geojson", "clusters.tif", "summary"} | {
+            f"concept_{j}.tif" for j in range(k)
+        }
+        clash = sorted(p.name for p in out.iterdir() if p.name in ours)
+        if clash:
+            raise FileExistsError(
+                f"export folder {out} already holds {clash}, not written by an export of "
+                "captum-nmf; they are kept. Choose another folder."
+            )
+        return
+    recorded = previous.get("sha256")
+    if previous.get("status") != "complete" or not isinstance(recorded, dict):
+        return  # an interrupted move (or an export of an older version): replaced in full
+    edited = []
+    for rel, digest in sorted(recorded.items()):
+        path = out / rel
+        if _inside(rel) and path.is_file() and sha256_file(path) != digest:
+            edited.append(rel)
+    if edited:
+        raise FileExistsError(
+            f"export folder {out}: {edited} changed since captum-nmf exported them (edited, "
+            "e.g. in QuPath or a spreadsheet?); they are kept. Move them away (or delete "
+            "them) and export again, or choose another folder."
+        )
+
+
+def _inside(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and ".." not in parts and not Path(rel).is_absolute()
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the hidden build folders of killed exports into ``out`` (best effort)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.export-[0-9a-f]{{12}}")
+    with contextlib.suppress(OSError):
+        for entry in out.parent.iterdir():
+            if pattern.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                with contextlib.suppress(OSError):
+                    _remove_tree(entry)
+
+
+def _move_in(
+    tmp: Path, out: Path, files: list[str], digests: dict[str, str], old_files: list[str]
+) -> None:
+    """Move a complete export into ``out`` under a ``replacing`` list, then mark it complete."""
+    old = [rel for rel in old_files if _inside(rel)]
+    with atomic_write(out / EXPORT_MARKER) as fh:  # every file either export may leave
+        fh.write(
+            json.dumps(
+                {"key": _EXPORT_KEY, "status": "replacing", "files": sorted({*files, *old})},
+                indent=2,
+            )
+        )
     for rel in files:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).replace(out / rel)
     keep = set(files)
-    for rel in old_files:
-        parts = Path(rel).parts
-        if rel not in keep and parts and ".." not in parts and not Path(rel).is_absolute():
+    for rel in old:
+        if rel not in keep:
             (out / rel).unlink(missing_ok=True)
-    for folder in sorted({(out / rel).parent for rel in old_files}, key=lambda p: -len(p.parts)):
+    for folder in sorted({(out / rel).parent for rel in old}, key=lambda p: -len(p.parts)):
         if folder != out:
             with contextlib.suppress(OSError):  # only empty folders of the old export go
                 folder.rmdir()
-    (tmp / EXPORT_MARKER).replace(out / EXPORT_MARKER)
+    record = {"key": _EXPORT_KEY, "status": "complete", "files": files, "sha256": digests}
+    with atomic_write(out / EXPORT_MARKER) as fh:
+        fh.write(json.dumps(record, indent=2))
 
 
 def _remove_tree(folder: Path) -> None:

@@ -248,3 +248,106 @@ def test_on_tile_error_on_the_command_line(
     assert "pass on_tile_error" not in err
     ex = SlideExplanation.load(tmp_path / "run")
     assert len(ex.failed_tiles) > 0
+
+
+# ------------------------------------------ found by a hostile review (2026-12-07, exports)
+@pytest.fixture(scope="module")
+def explained(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("explained") / "run"
+    assert cli.main(_explain(setup, run)) == 0
+    return run
+
+
+def _marker(folder: Path) -> dict[str, object]:
+    import json
+
+    return json.loads((folder / export_module.EXPORT_MARKER).read_text())  # type: ignore[no-any-return]
+
+
+def test_an_export_stopped_while_moving_in_says_so_and_the_next_one_finishes_it(
+    tmp_path: Path, explained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ex = SlideExplanation.load(explained)
+    out = tmp_path / "export"
+    export_module.export_explanation(ex, out)
+    real = Path.replace
+    moved = {"n": 0}
+
+    def replace(self: Path, target: Path) -> Path:  # stopped after 2 files moved in
+        if ".export-" in str(self) and ".export-" not in str(target):  # into the folder
+            moved["n"] += 1
+            if moved["n"] == 3:
+                raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export_explanation(ex, out, top_n=2)
+    monkeypatch.undo()
+    assert _marker(out)["status"] == "replacing"  # a mixed folder is never shown as complete
+    stale = tmp_path / ".export.export-0123456789ab"  # a kill -9's build folder
+    (stale / "summary").mkdir(parents=True)
+    (stale / "summary" / "summary.json").write_text("{}")
+    export_module.export_explanation(ex, out, top_n=2)
+    record = _marker(out)
+    assert record["status"] == "complete"
+    fresh = export_module.export_explanation(ex, tmp_path / "fresh", top_n=2)
+    assert record["sha256"] == _marker(fresh)["sha256"]
+    for rel in record["files"]:  # type: ignore[attr-defined]
+        assert (out / rel).read_bytes() == (fresh / rel).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "fresh"]
+
+
+def test_a_second_export_into_the_same_folder_is_refused_at_once(
+    tmp_path: Path, explained: Path
+) -> None:
+    from captum_nmf.exceptions import RunLockedError
+    from captum_nmf.wsi.store import RunLock
+
+    ex = SlideExplanation.load(explained)
+    out = tmp_path / "export"
+    export_module.export_explanation(ex, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = RunLock(out, ".captum-nmf-export.lock", "export")
+    try:
+        with pytest.raises(RunLockedError, match="being written by another captum-nmf export"):
+            export_module.export_explanation(ex, out, top_n=2)
+    finally:
+        other.release()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_file_changed_since_the_last_export_is_never_replaced(
+    tmp_path: Path, explained: Path
+) -> None:
+    ex = SlideExplanation.load(explained)
+    out = tmp_path / "export"
+    export_module.export_explanation(ex, out)
+    corrected = out / "concepts.geojson"
+    corrected.write_text('{"reviewed by": "Dr X"}')  # corrected in QuPath, saved back
+    with pytest.raises(FileExistsError, match=r"\['concepts.geojson'\] changed since captum-nmf"):
+        export_module.export_explanation(ex, out, top_n=2)
+    assert corrected.read_text() == '{"reviewed by": "Dr X"}'
+    corrected.rename(tmp_path / "reviewed.geojson")  # as the message says: moved away
+    export_module.export_explanation(ex, out, top_n=2)
+    assert _marker(out)["status"] == "complete"
+
+
+def test_an_export_through_a_link_is_built_beside_its_target(
+    tmp_path: Path, explained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ex = SlideExplanation.load(explained)
+    share = tmp_path / "share"
+    (share / "exports").mkdir(parents=True)
+    link = tmp_path / "link_out"
+    link.symlink_to(share / "exports")
+    assert export_module.export_explanation(ex, link) == share / "exports"
+    assert link.is_symlink()
+    assert (share / "exports" / "clusters.tif").is_file()
+    with pytest.raises(ValueError, match="names no folder"):
+        export_module.export_explanation(ex, "/")
+    monkeypatch.chdir(share / "exports")
+    assert export_module.export_explanation(ex, ".") == share / "exports"  # a re-export
+    with pytest.raises(ValueError, match="top_n must be >= 1, got 0"):
+        export_module.export_explanation(ex, tmp_path / "never", top_n=0)
+    assert not (tmp_path / "never").exists()
