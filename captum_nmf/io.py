@@ -259,6 +259,27 @@ def save_tensors(
             f"captum_nmf saves .safetensors files, got path {str(target)!r}; "
             f"use e.g. {target.with_suffix('.safetensors').name!r}."
         )
+    blob = tensor_file_bytes(tensors, metadata, format_name=format_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target, "wb") as fh:
+        fh.write(blob)
+    return target
+
+
+def tensor_file_bytes(
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    *,
+    format_name: str = FORMAT_NAME,
+) -> bytes:
+    """The bytes :func:`save_tensors` writes (for a file written together with others).
+
+    Returns:
+        *bytes*: a ``.safetensors`` file with the format, versions and content digest.
+
+    Raises:
+        TypeError: a metadata value is not a string.
+    """
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise TypeError(f"metadata[{key!r}] must be a str, got {type(value).__name__}.")
@@ -270,10 +291,7 @@ def save_tensors(
     }
     data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header[_DIGEST_KEY] = content_digest(data, header)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(target, "wb") as fh:
-        fh.write(safetensors_bytes(data, metadata=header))
-    return target
+    return bytes(safetensors_bytes(data, metadata=header))
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -515,3 +515,31 @@ def test_rows_without_tiles_are_not_tissue(
     assert no_tiles.sum() > 40  # the white lower part: no tile has tissue there
     assert not ex.tissue_cells[no_tiles].any()
     assert ex.tissue_cells[:30].mean() > 0.9
+
+
+def test_an_explanations_two_files_are_replaced_together(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+    import hashlib
+    import json
+    import os
+
+    ex = _explain(pool_attr, he_slide, stride=32)
+    path = ex.save(tmp_path / "e")
+    summary = json.loads((tmp_path / "e" / "explanation.json").read_text())
+    assert summary["explanation_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir()}
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    other = _explain(pool_attr, he_slide, stride=16)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        other.save(tmp_path / "e")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir()} == before  # both old

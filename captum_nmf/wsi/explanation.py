@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from numpy.typing import NDArray
 
 from captum_nmf.exceptions import ConceptModelFormatError
-from captum_nmf.io import atomic_write, load_tensors, save_tensors
+from captum_nmf.io import atomic_write_all, load_tensors, tensor_file_bytes
 from captum_nmf.wsi.tissue import TissueMask
 
 __all__ = ["EXPLANATION_FILE", "SlideExplanation"]
@@ -152,7 +153,9 @@ class SlideExplanation:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``explanation.safetensors`` (arrays, metadata) and a readable ``explanation.json``.
 
-        Both files are written atomically. Nothing is pickled.
+        Both files are written in full before either replaces its old version
+        (a full disk leaves both old files); the JSON holds the SHA-256 of the
+        arrays file it describes. Nothing is pickled.
 
         Args:
             directory (str or PathLike): created if missing.
@@ -189,12 +192,8 @@ class SlideExplanation:
             ),
         }
         text = json.dumps(meta, sort_keys=True)
-        path = save_tensors(
-            out / EXPLANATION_FILE,
-            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
-            {"explanation": text},
-            format_name=FORMAT,
-        )
+        tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+        blob = tensor_file_bytes(tensors_t, {"explanation": text}, format_name=FORMAT)
         summary = {
             **meta,
             "n_concepts": self.n_concepts,
@@ -202,9 +201,13 @@ class SlideExplanation:
             "n_tiles": len(self.tile_locations),
             "n_failed_tiles": len(self.failed_tiles),
             "tissue_cells": int(self.tissue_mask.sum()),
+            # the arrays this summary describes (a kill between the two renames shows)
+            "explanation_sha256": hashlib.sha256(blob).hexdigest(),
         }
-        with atomic_write(out / SUMMARY_FILE) as fh:
-            fh.write(json.dumps(summary, indent=2, sort_keys=True))
+        path = out / EXPLANATION_FILE
+        with atomic_write_all([path, out / SUMMARY_FILE], "wb") as (arrays, readable):
+            arrays.write(blob)
+            readable.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
         return path
 
     @classmethod
