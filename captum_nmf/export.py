@@ -233,6 +233,7 @@ def write_overlay_tiff(
     downsample: float | None = None,
     tile: int = 256,
     slide_mpp: float | None = None,
+    names: Sequence[str] | None = None,
 ) -> Path:
     r"""A pyramidal tiled RGBA TIFF of the clusters or of one concept's intensity.
 
@@ -264,6 +265,10 @@ def write_overlay_tiff(
                     (times ``downsample``) into the description; None uses the
                     slide's mpp recorded in the explanation, and 1.0 when unknown.
                     Default: None
+        names (sequence of str, optional): concept names for the description
+                    (TIFF text is ASCII: other characters are written as
+                    ``\\xf6``-style escapes).
+                    Default: None (the names the explanation recorded)
 
     Returns:
         *Path*: the file.
@@ -287,7 +292,10 @@ def write_overlay_tiff(
         levels = [base]
         while min(levels[-1]) >= 2 * tile:
             levels.append((levels[-1][0] // 2, levels[-1][1] // 2))
-    labels = [n.replace("|", "/").replace("=", "-") for n in _names(explanation, None)]
+    labels = [  # TIFF text is 7-bit ASCII: "Tumör" is written "Tum\xf6r"
+        n.replace("|", "/").replace("=", "-").encode("ascii", "backslashreplace").decode("ascii")
+        for n in _names(explanation, names)
+    ]
     shown = (
         f"Concept = {labels[concept]}"
         if kind == "intensity" and concept is not None
@@ -554,9 +562,11 @@ def export_explanation(
         _check_previous(out, previous, explanation.n_concepts)
         tmp.mkdir()
         to_geojson(explanation, tmp / "concepts.geojson", names=names)
-        write_overlay_tiff(explanation, tmp / "clusters.tif")
+        write_overlay_tiff(explanation, tmp / "clusters.tif", names=names)
         for j in range(explanation.n_concepts):
-            write_overlay_tiff(explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j)
+            write_overlay_tiff(
+                explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j, names=names
+            )
         slide_summary(explanation, tmp / "summary", top_n=top_n, names=names)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         digests = {rel: sha256_file(tmp / rel) for rel in files}

@@ -351,3 +351,25 @@ def test_an_export_through_a_link_is_built_beside_its_target(
     with pytest.raises(ValueError, match="top_n must be >= 1, got 0"):
         export_module.export_explanation(ex, tmp_path / "never", top_n=0)
     assert not (tmp_path / "never").exists()
+
+
+def test_concept_names_beyond_ascii_are_exported(tmp_path: Path, explained: Path) -> None:
+    import json
+
+    import openslide
+
+    ex = SlideExplanation.load(explained)
+    names = ["Tumör", "中文 stroma", "fat|=x"]
+    out = export_module.export_explanation(ex, tmp_path / "export", names=names)
+    with openslide.OpenSlide(out / "clusters.tif") as tif:
+        described = tif.properties["tiff.ImageDescription"]
+    assert "0: Tum\\xf6r; 1: \\u4e2d\\u6587 stroma; 2: fat/-x" in described
+    with openslide.OpenSlide(out / "concept_0.tif") as tif:
+        assert "Concept = Tum\\xf6r" in tif.properties["tiff.ImageDescription"]
+    geojson = json.loads((out / "concepts.geojson").read_text(encoding="utf-8"))
+    classes = {f["properties"]["classification"]["name"] for f in geojson["features"]}
+    assert classes <= set(names)  # GeoJSON is Unicode: the names as given
+    ex.config["concept_names"] = names  # as `captum-nmf name` then `explain` record them
+    again = export_module.export_explanation(ex, tmp_path / "recorded")
+    with openslide.OpenSlide(again / "clusters.tif") as tif:
+        assert "0: Tum\\xf6r" in tif.properties["tiff.ImageDescription"]
