@@ -267,7 +267,7 @@ def write_overlay_tiff(
                     Default: None
         names (sequence of str, optional): concept names for the description
                     (TIFF text is ASCII: other characters are written as
-                    ``\\xf6``-style escapes).
+                    ``\xf6``-style escapes).
                     Default: None (the names the explanation recorded)
 
     Returns:
