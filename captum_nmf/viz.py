@@ -17,6 +17,7 @@ Needs the ``viz`` extra (matplotlib) for the ``plot_*`` functions.
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+from captum_nmf._utils.validation import check_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -69,12 +72,23 @@ _EXTRA = "the 'viz' extra: pip install 'captum-nmf[viz]'"
 def concept_colors(k: int) -> NDArray[np.float64]:
     """The fixed RGB colour (floats in [0, 1]) of concepts ``0 .. k-1``.
 
+    The first 17 are :data:`PALETTE` (colour-blind safe), so a concept keeps
+    its colour whatever K is. Beyond them, colours are spread over the hue
+    circle by the golden angle at two brightness steps: each is distinct, but
+    more than 17 concepts are hard to tell apart by colour alone (the exports
+    also carry each concept's name and index).
+
     Raises:
-        ValueError: ``k`` < 1 or more concepts than the palette holds (17).
+        TypeError: ``k`` is not an int.
+        ValueError: ``k`` < 1.
     """
-    if k < 1 or k > len(PALETTE):
-        raise ValueError(f"k must be in [1, {len(PALETTE)}] to get distinct colours, got {k}.")
-    return np.asarray([[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] for c in PALETTE[:k]])
+    k = check_int("k", k)
+    fixed = [[int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)] for c in PALETTE[:k]]
+    more = [
+        list(colorsys.hsv_to_rgb((0.11 + j * 0.618033988749895) % 1.0, 0.7, 0.95 - 0.3 * (j % 2)))
+        for j in range(k - len(fixed))
+    ]
+    return np.asarray(fixed + more, dtype=np.float64)
 
 
 def _numpy(x: Any) -> Any:

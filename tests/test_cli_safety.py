@@ -373,3 +373,29 @@ def test_concept_names_beyond_ascii_are_exported(tmp_path: Path, explained: Path
     again = export_module.export_explanation(ex, tmp_path / "recorded")
     with openslide.OpenSlide(again / "clusters.tif") as tif:
         assert "0: Tum\\xf6r" in tif.properties["tiff.ImageDescription"]
+
+
+def test_an_explanation_of_20_concepts_is_exported(tmp_path: Path, explained: Path) -> None:
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    ex = SlideExplanation.load(explained)
+    k = 20
+    h, w = ex.assignment.shape
+    maps = np.zeros((k, h, w), np.float32)
+    labels = (np.arange(h * w).reshape(h, w) % k).astype(np.int16)
+    np.put_along_axis(maps, labels[None].astype(np.int64), 1.0, axis=0)
+    big = dataclasses.replace(
+        ex,
+        concept_maps=maps,
+        assignment=np.where(ex.assignment >= 0, labels, -1).astype(np.int16),
+        concepts=np.ones((k, ex.concepts.shape[1]), np.float32),
+        config={**ex.config, "concept_names": None},
+    )
+    out = export_module.export_explanation(big, tmp_path / "export", top_n=1)
+    assert (out / "concept_19.tif").is_file()
+    geojson = json.loads((out / "concepts.geojson").read_text())
+    colours = {tuple(f["properties"]["classification"]["color"]) for f in geojson["features"]}
+    assert len(colours) == len(geojson["features"]) == k

@@ -56,8 +56,25 @@ def test_palette_is_fixed_and_colour_blind_safe() -> None:
         "#CC79A7",
         "#000000",
     )  # Okabe-Ito
-    with pytest.raises(ValueError, match=r"k must be in \[1, 17\]"):
-        concept_colors(18)
+    many = concept_colors(60)  # beyond the palette: distinct, the palette's first
+    assert many.shape == (60, 3)
+    assert np.array_equal(many[:17], concept_colors(17))
+    assert len({tuple(np.round(c, 3)) for c in many}) == 60
+    assert ((many >= 0) & (many <= 1)).all()
+    assert np.array_equal(concept_colors(20), many[:20])  # a concept keeps its colour
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        concept_colors(0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        concept_colors(2.5)  # type: ignore[arg-type]
+
+
+def test_more_than_17_concepts_have_distinct_colours_in_a_plot() -> None:
+    from captum_nmf.viz import cluster_image
+
+    labels = np.arange(20).reshape(4, 5)
+    image = cluster_image(labels, 20)
+    colours = {tuple(image[r, c]) for r in range(4) for c in range(5)}
+    assert len(colours) == 20
 
 
 def test_overlay_by_hand() -> None:
