@@ -399,3 +399,111 @@ def test_an_explanation_of_20_concepts_is_exported(tmp_path: Path, explained: Pa
     geojson = json.loads((out / "concepts.geojson").read_text())
     colours = {tuple(f["properties"]["classification"]["color"]) for f in geojson["features"]}
     assert len(colours) == len(geojson["features"]) == k
+
+
+def test_fit_and_select_k_refuse_an_unwritable_out_before_any_work(
+    tmp_path: Path,
+    setup: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tempfile
+
+    from captum_nmf import NMFConceptAttribution
+
+    slide, _ = setup
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(NMFConceptAttribution, "fit", never)
+    fit = ["fit", *MODEL, *TILING, "--k", "3", str(slide), "--out"]
+    (tmp_path / "d.safetensors").mkdir()
+    code, _, err = _run([*fit, str(tmp_path / "d.safetensors"), "--overwrite"], capsys)
+    assert code == 1
+    assert "d.safetensors is a directory; name the concepts file to write" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run([*fit, str(tmp_path / "file" / "c.safetensors")], capsys)
+    assert code == 1
+    assert f"cannot write into {tmp_path / 'file'}" in err
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    code, _, err = _run([*fit, str(tmp_path / "new" / "c.safetensors")], capsys)
+    assert code == 1
+    assert f"cannot write into {tmp_path} (Read-only file system); choose another --out" in err
+    sweep = ["select-k", *MODEL, *TILING, "--ks", "2", "3", str(slide), "--out"]
+    code, _, err = _run([*sweep, str(tmp_path / "k")], capsys)
+    assert code == 1
+    assert "Read-only file system" in err
+    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "k").exists()
+
+
+def test_export_takes_the_names_given_after_explain_from_the_concepts_file(
+    tmp_path: Path,
+    setup: tuple[Path, Path],
+    explained: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    import shutil
+
+    _, concepts = setup
+    renamed = tmp_path / "concepts.safetensors"
+    shutil.copy(concepts, renamed)
+    assert _run(["name", str(renamed), "0=stroma", "2=tumour epithelium"], capsys)[0] == 0
+    out = tmp_path / "export"
+    code, _, err = _run(
+        ["export", str(explained), "--out", str(out), "--concepts", str(renamed)], capsys
+    )
+    assert code == 0, err
+    geojson = json.loads((out / "concepts.geojson").read_text())
+    classes = {f["properties"]["classification"]["name"] for f in geojson["features"]}
+    assert classes <= {"stroma", "concept 1", "tumour epithelium"}
+    assert "stroma" in classes
+    other = tmp_path / "other.safetensors"  # concepts of another fit: refused
+    fit = ["fit", *MODEL, *TILING, "--no-tissue-mask", "--k", "2", "--out", str(other)]
+    assert _run([*fit, str(setup[0])], capsys)[0] == 0
+    code, _, err = _run(
+        ["export", str(explained), "--out", str(tmp_path / "x"), "--concepts", str(other)], capsys
+    )
+    assert code == 1
+    assert "holds other concepts than those the slide was explained with" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_of_an_unfinished_run_says_how_to_finish_it(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    run = tmp_path / "run"
+    assert _run(_explain(setup, run), capsys)[0] == 0
+    manifest = run / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["status"] = "running"  # as a killed explain leaves it
+    manifest.write_text(json.dumps(record))
+    code, _, err = _run(["export", str(run), "--out", str(tmp_path / "e")], capsys)
+    assert code == 1
+    assert "is an unfinished explain run" in err
+    assert "--resume" in err
+    code, _, err = _run(["export", str(run), "--out", str(tmp_path / "e"), "--top-n", "0"], capsys)
+    assert code == 1
+    assert "--top-n must be >= 1, got 0" in err
+
+
+def test_library_messages_name_the_flags() -> None:
+    from captum_nmf.cli.errors import flag_spelling
+
+    assert flag_spelling("n_concepts must be >= 1, got 0; pass e.g. n_concepts=6") == (
+        "--k must be >= 1, got 0; pass e.g. --k 6"
+    )
+    assert flag_spelling("level=1 out of range") == "--level 1 out of range"
+    assert flag_spelling("pass level= or mpp=, not both (got level=1, mpp=1.0).") == (
+        "pass --level or --mpp, not both (got --level 1, --mpp 1.0)."
+    )
+    assert flag_spelling("top_n must be >= 1") == "--top-n must be >= 1"
+    assert flag_spelling("the tiles at level 1") == "the tiles at level 1"

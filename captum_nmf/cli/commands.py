@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,27 @@ def _forward_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder (or the nearest existing one above it) this process cannot write.
+
+    A probe file is created and removed, so a read-only mount is seen too (where
+    ``os.access`` may say yes to root).
+
+    Raises:
+        CLIError: naming the folder and the reason.
+    """
+    anchor = Path(os.path.realpath(folder))
+    while not anchor.exists():
+        anchor = anchor.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=anchor, prefix=".captum-nmf-probe-"):
+            pass
+    except OSError as exc:
+        raise CLIError(
+            f"cannot write into {anchor} ({exc.strerror or exc}); choose another --out."
+        ) from None
+
+
 # ------------------------------------------------------------------ commands
 def fit(args: argparse.Namespace) -> int:
     """``captum-nmf fit``: fit K concepts on the tissue tiles of slides and save them."""
@@ -89,6 +112,9 @@ def fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out} must end in .safetensors (concepts are saved as safetensors).")
     if out.exists() and not args.overwrite:
         raise CLIError(f"--out {out} exists; pass --overwrite to replace it.")
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; name the concepts file to write.")
+    _check_writable(out.parent)  # before the fit, not after it
     _slides_and_ray(args)
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
@@ -210,10 +236,58 @@ def export(args: argparse.Namespace) -> int:
     from captum_nmf.export import export_explanation
     from captum_nmf.wsi import SlideExplanation
 
+    if args.top_n < 1:  # before the explanation is read
+        raise CLIError(f"--top-n must be >= 1, got {args.top_n}.")
+    _check_finished(Path(args.explanation))
     ex = SlideExplanation.load(args.explanation)  # checks the file's digest: nothing on a mismatch
-    out = export_explanation(ex, args.out, top_n=args.top_n)
+    names = None if args.concepts is None else _names_of(Path(args.concepts), ex.concepts)
+    out = export_explanation(ex, args.out, top_n=args.top_n, names=names)
     print(f"wrote GeoJSON, {ex.n_concepts + 1} overlay TIFFs and a summary to {out}")
     return 0
+
+
+def _check_finished(run: Path) -> None:
+    """Refuse a run folder whose ``explain`` has not finished, saying how to finish it.
+
+    Raises:
+        CLIError: the run's manifest says it is still running (or was stopped).
+    """
+    from captum_nmf.wsi.runner import MANIFEST_FILE
+
+    try:
+        manifest = json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a run folder (a saved explanation): its own check follows
+    if isinstance(manifest, dict) and manifest.get("status") not in (None, "complete"):
+        done, chunks = manifest.get("done"), manifest.get("chunks")
+        progress = f" ({done} of {len(chunks)} chunks)" if isinstance(chunks, list) else ""
+        raise CLIError(
+            f"{run} is an unfinished explain run{progress}: nothing to export yet. Finish it "
+            "with the same 'captum-nmf explain' command and --resume, then export."
+        )
+
+
+def _names_of(path: Path, concepts: Any) -> list[str]:
+    """The current names in a concepts file, if its concepts are the explanation's.
+
+    Raises:
+        CLIError: the file's concepts are not the ones the slide was explained with.
+    """
+    import numpy as np
+
+    from captum_nmf._core.names import default_concept_names, names_from_metadata
+    from captum_nmf.io import load_tensors
+
+    tensors, meta = load_tensors(path, required=("concepts",))
+    vectors = tensors["concepts"].to(torch.float32).numpy()
+    if vectors.shape != concepts.shape or not np.array_equal(vectors, concepts):
+        raise CLIError(
+            f"--concepts {path} holds other concepts than those the slide was explained with "
+            f"({vectors.shape[0]} x {vectors.shape[1]} against {concepts.shape[0]} x "
+            f"{concepts.shape[1]}, or other values); pass the file given to 'explain'."
+        )
+    k = int(vectors.shape[0])
+    return names_from_metadata(meta, k, str(path)) or default_concept_names(k)
 
 
 def _slide_info(path: str) -> dict[str, Any]:
@@ -291,6 +365,7 @@ def select_k(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory.")
+    _check_writable(out)  # before the sweep, not after it
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)

@@ -21,8 +21,15 @@ _SPELLINGS: tuple[tuple[str, str], ...] = (
     (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
     (r"\bslide_mpp=", "--slide-mpp "),
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
-    (r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size)=(?=\S)", ""),
-    (r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin)\b", ""),
+    (r"\bpass level= or mpp=", "pass --level or --mpp"),
+    (r"\bn_concepts=(?=\S)", "--k "),
+    (r"\bn_concepts\b", "--k"),
+    (
+        r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size|top_n|level"
+        r"|mpp)=(?=[^\s,])",
+        "",
+    ),
+    (r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin|top_n)\b", ""),
     (r"\bout_dir\b", "--out"),
 )
 

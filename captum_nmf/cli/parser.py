@@ -170,6 +170,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("explanation", help="a directory written by 'explain'")
     p.add_argument("--out", required=True)
     p.add_argument("--top-n", type=int, default=5)
+    p.add_argument(
+        "--concepts",
+        help="the concepts file the slide was explained with: its current names (from "
+        "'name', also given after 'explain') label the export",
+    )
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
