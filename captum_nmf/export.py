@@ -371,6 +371,7 @@ def slide_summary(
     top_n: int = 5,
     crop_size: int = 256,
     names: Sequence[str] | None = None,
+    slide: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     r"""Per-concept area share, mean intensity and top tiles of one slide.
 
@@ -381,7 +382,11 @@ def slide_summary(
     (region mode: windows of 512 output px every 256 px, at least half tissue).
     With ``out_dir``, writes ``summary.json``, ``summary.csv`` (one row per
     concept), ``top_tiles.csv`` and PNG crops of each whole tile (resized to
-    ``crop_size`` px) under ``prototypes/concept_<k>/``.
+    ``crop_size`` px) under ``prototypes/concept_<k>/``. A crop is read at the
+    coarsest pyramid level that still gives ``crop_size`` px (not at level 0).
+    When the slide is not where the explanation recorded it (a run folder
+    copied to another machine) and no ``slide`` is given, the summary is
+    written without crops (``crop`` None) and a warning says so.
 
     Args:
         explanation (SlideExplanation): the explained slide.
@@ -393,13 +398,18 @@ def slide_summary(
                     Default: 256
         names (sequence of str, optional): class names per concept.
                     Default: None
+        slide (str or PathLike, optional): where the slide is now, for the
+                    crops; it must be the explained slide (its fingerprint).
+                    Default: None (the path the explanation recorded)
 
     Returns:
         *dict*: ``{"slide", "tissue_cells", "concepts": [{name, area_fraction,
         mean_intensity, top_tiles: [{x, y, mean_weight, crop}]}]}``.
 
     Raises:
-        ValueError: ``top_n`` < 1 or ``names`` of the wrong length.
+        ValueError: ``top_n`` < 1, ``names`` of the wrong length, or a
+                    ``slide`` that is not the explained one.
+        SlideNotFoundError: ``slide`` does not exist.
     """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}.")
@@ -416,11 +426,7 @@ def slide_summary(
         "concepts": [],
     }
     out = None if out_dir is None else Path(out_dir)
-    slide = None
-    if out is not None:
-        from captum_nmf.wsi import Slide
-
-        slide = Slide(explanation.slide_path)
+    source = None if out is None else _open_slide(explanation, slide)
     try:
         for j in range(k):
             entry: dict[str, Any] = {
@@ -443,11 +449,14 @@ def slide_summary(
             for rank, t in enumerate(chosen):
                 x, y = (int(v) for v in locations[t])
                 item: dict[str, Any] = {"x": x, "y": y, "mean_weight": float(scores[t, j])}
-                if out is not None and slide is not None:
+                if out is not None:
+                    item["crop"] = None
+                if out is not None and source is not None:
                     crop_path = out / "prototypes" / f"concept_{j}" / f"rank_{rank}.png"
                     crop_path.parent.mkdir(parents=True, exist_ok=True)
-                    read = max(1, round(side))
-                    pixels = slide.read_region((x, y), 0, (read, read))
+                    level, down = _crop_level(source.level_downsamples, side / crop_size)
+                    read = max(1, round(side / down))
+                    pixels = source.read_region((x, y), level, (read, read))
                     with atomic_write(crop_path, "wb") as fh:
                         Image.fromarray(pixels).resize(
                             (crop_size, crop_size), Image.Resampling.BOX
@@ -456,8 +465,8 @@ def slide_summary(
                 entry["top_tiles"].append(item)
             summary["concepts"].append(entry)
     finally:
-        if slide is not None:
-            slide.close()
+        if source is not None:
+            source.close()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "summary.json") as fh:
@@ -481,6 +490,49 @@ def slide_summary(
     return summary
 
 
+def _open_slide(explanation: Any, slide: str | os.PathLike[str] | None) -> Any:
+    """The explained slide for the crops: ``slide`` (checked), else the recorded path if there.
+
+    Raises:
+        ValueError: ``slide`` is another slide than the explained one.
+        SlideNotFoundError: ``slide`` does not exist.
+    """
+    import warnings
+
+    from captum_nmf.exceptions import CaptumNMFWarning, SlideNotFoundError
+    from captum_nmf.wsi import Slide
+
+    if slide is None:
+        try:
+            return Slide(explanation.slide_path)
+        except SlideNotFoundError:
+            warnings.warn(
+                f"the explained slide is no longer at {explanation.slide_path}: the summary "
+                "has no prototype crops. Pass slide=... (--slide on the command line) to add "
+                "them.",
+                CaptumNMFWarning,
+                stacklevel=3,
+            )
+            return None
+    opened = Slide(slide)
+    if opened.fingerprint() != explanation.slide_fingerprint:
+        opened.close()
+        raise ValueError(
+            f"slide={str(slide)!r} is not the slide this explanation was made from (its "
+            f"content differs from {Path(explanation.slide_path).name}'s); pass that slide."
+        )
+    return opened
+
+
+def _crop_level(downsamples: Sequence[float], want: float) -> tuple[int, float]:
+    """The coarsest level whose downsample is at most ``want`` (level 0 at the least)."""
+    level = 0
+    for i, down in enumerate(downsamples):
+        if down <= want * (1 + 1e-9):
+            level = i
+    return level, float(downsamples[level])
+
+
 def _read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
@@ -499,6 +551,7 @@ def export_explanation(
     *,
     top_n: int = 5,
     names: Sequence[str] | None = None,
+    slide: str | os.PathLike[str] | None = None,
 ) -> Path:
     r"""Write every export of one slide into ``out_dir``, atomically.
 
@@ -524,6 +577,9 @@ def export_explanation(
                     Default: 5
         names (sequence of str, optional): class names per concept.
                     Default: None
+        slide (str or PathLike, optional): where the slide is now (for the
+                    summary's crops; see :func:`slide_summary`).
+                    Default: None (the path the explanation recorded)
 
     Returns:
         *Path*: ``out_dir``.
@@ -567,7 +623,7 @@ def export_explanation(
             write_overlay_tiff(
                 explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j, names=names
             )
-        slide_summary(explanation, tmp / "summary", top_n=top_n, names=names)
+        slide_summary(explanation, tmp / "summary", top_n=top_n, names=names, slide=slide)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         digests = {rel: sha256_file(tmp / rel) for rel in files}
         _move_in(tmp, out, files, digests, [] if previous is None else previous["files"])

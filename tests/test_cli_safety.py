@@ -507,3 +507,48 @@ def test_library_messages_name_the_flags() -> None:
     )
     assert flag_spelling("top_n must be >= 1") == "--top-n must be >= 1"
     assert flag_spelling("the tiles at level 1") == "the tiles at level 1"
+
+
+def test_export_after_the_slide_moved_writes_everything_but_the_crops_or_takes_slide(
+    tmp_path: Path,
+    setup: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    import shutil
+
+    slide, _ = setup
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    moved = shutil.copy(slide, scans / "s.svs")
+    run = tmp_path / "run"
+    flags = _explain(setup, run)
+    flags[-1] = str(moved)
+    assert _run(flags, capsys)[0] == 0
+    (scans / "s.svs").rename(tmp_path / "s_moved.svs")  # the run folder on another machine
+    with pytest.warns(UserWarning, match="no longer at .*no prototype crops.*--slide"):
+        code, _, err = _run(["export", str(run), "--out", str(tmp_path / "e")], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary" / "summary.json").read_text())
+    assert all(t["crop"] is None for c in summary["concepts"] for t in c["top_tiles"])
+    assert (tmp_path / "e" / "clusters.tif").is_file()
+    at = ["export", str(run), "--out", str(tmp_path / "f"), "--slide"]
+    assert _run([*at, str(tmp_path / "s_moved.svs")], capsys)[0] == 0
+    summary = json.loads((tmp_path / "f" / "summary" / "summary.json").read_text())
+    crops = [t["crop"] for c in summary["concepts"] for t in c["top_tiles"]]
+    assert crops
+    assert all((tmp_path / "f" / "summary" / c).is_file() for c in crops)
+    other = write_pyramid(he_image()[200:392, :256], tmp_path / "other.svs")
+    code, _, err = _run([*at[:-2], str(tmp_path / "g"), "--slide", str(other)], capsys)
+    assert code == 1
+    assert "is not the slide this explanation was made from" in err
+
+
+def test_prototype_crops_are_read_at_the_coarsest_level_that_gives_their_size() -> None:
+    from captum_nmf.export import _crop_level
+
+    downsamples = (1.0, 4.0, 16.0)
+    assert _crop_level(downsamples, 2048 / 256) == (1, 4.0)  # a 2048 px tile for 256 px
+    assert _crop_level(downsamples, 512 / 256) == (0, 1.0)
+    assert _crop_level(downsamples, 16.0) == (2, 16.0)
+    assert _crop_level(downsamples, 0.5) == (0, 1.0)

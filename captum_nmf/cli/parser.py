@@ -175,6 +175,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         help="the concepts file the slide was explained with: its current names (from "
         "'name', also given after 'explain') label the export",
     )
+    p.add_argument(
+        "--slide",
+        help="where the explained slide is now, for the prototype crops (a run folder copied "
+        "to another machine); default: the path recorded by 'explain'",
+    )
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
