@@ -39,6 +39,7 @@ class _Entry:
     image: NDArray[np.float64]  # h x w x 3 in [0, 1]
     intensity: NDArray[np.float64]  # the concept's map, cells
     location: tuple[int, int] | None
+    slide: str | None = None  # the slide file of a SlideTiles tile
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ConceptGallery:
     entries: list[list[_Entry]] = field(default_factory=list)
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per shown tile: concept, name, rank, tile, mean intensity, location.
+        """One row per shown tile: concept, name, rank, tile, slide, mean intensity, location.
 
         Returns:
             *list[dict]*: the rows.
@@ -70,6 +71,7 @@ class ConceptGallery:
                         "name": self.names[j],
                         "rank": rank,
                         "tile": e.tile,
+                        "slide": e.slide,
                         "mean_intensity": e.score,
                         "x": x,
                         "y": y,
@@ -102,7 +104,8 @@ class ConceptGallery:
             maps[concept] = e.intensity
             axes[row][0].imshow(e.image)
             axes[row][1].imshow(overlay(e.image, maps, alpha=0.7))
-            where = "" if e.location is None else f" at {e.location[0]}, {e.location[1]}"
+            where = "" if e.slide is None else f" of {Path(e.slide).name}"
+            where += "" if e.location is None else f" at {e.location[0]}, {e.location[1]}"
             axes[row][0].set_title(f"tile {e.tile}{where}", fontsize="small")
             axes[row][1].set_title(f"mean intensity {e.score:.3g}", fontsize="small")
         for ax in axes.ravel():
@@ -122,7 +125,7 @@ class ConceptGallery:
             with atomic_write(out / f"gallery_concept_{j}.png", "wb") as fh:
                 self.figure(j).savefig(fh, format="png", dpi=100)
         text = io.StringIO()
-        fields = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y"]
+        fields = ["concept", "name", "rank", "tile", "slide", "mean_intensity", "x", "y"]
         writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         writer.writerows(self.table())
@@ -206,6 +209,7 @@ def concept_gallery(
                         _display(x[i] if images is None else images[ids[i]], dataset, ids[i]),
                         maps64[i, j].numpy(),
                         _location(dataset, ids[i]),
+                        _slide(dataset, ids[i]),
                     )
                 )
             candidates[j] = sorted(candidates[j], key=lambda e: -e.score)[: 4 * top_n]
@@ -233,6 +237,12 @@ def _location(dataset: Any, index: int) -> tuple[int, int] | None:
     s, t = dataset.locate(index)
     x, y = dataset.grids[s].location(t)
     return int(x), int(y)
+
+
+def _slide(dataset: Any, index: int) -> str | None:
+    if dataset is None:
+        return None
+    return str(dataset.grids[dataset.locate(index)[0]].path)
 
 
 def _tile_side(dataset: Any) -> float | None:
@@ -263,8 +273,9 @@ def _unique(candidates: list[_Entry], top_n: int, side: float | None) -> list[_E
         if any(c.tile == e.tile for c in chosen):
             continue
         if side is not None and e.location is not None:
-            if any(
+            if any(  # a near repeat is on the same slide
                 c.location is not None
+                and c.slide == e.slide
                 and abs(c.location[0] - e.location[0]) < side / 2
                 and abs(c.location[1] - e.location[1]) < side / 2
                 for c in chosen

@@ -90,3 +90,23 @@ def test_bad_input(attr: NMFConceptAttribution) -> None:
         concept_gallery(NMFConceptAttribution(net, net.relu, 3), x, progress=False)
     with pytest.raises(IndexError, match="no concept 5"):
         concept_gallery(attr, x, progress=False).figure(5)
+
+
+def test_a_gallery_over_several_slides_names_each_tiles_slide(
+    tmp_path: Path, slide: Path, attr: NMFConceptAttribution
+) -> None:
+    import csv
+    import shutil
+
+    twin = Path(shutil.copy(slide, tmp_path / "twin.svs"))  # the same pixels at the same places
+    tiles = SlideTiles([slide, twin], tile_size=64, stride=32, tissue_mask=None)
+    gallery = concept_gallery(attr, tiles, top_n=2, progress=False)
+    for entries in gallery.entries:
+        # a tile and its twin at the same place are not near repeats of each other:
+        # they are on two slides, and both are shown
+        assert [e.score for e in entries][0] == pytest.approx(entries[1].score)
+        assert {e.slide for e in entries} == {str(slide.resolve()), str(twin.resolve())}
+        assert entries[0].location == entries[1].location
+    with (gallery.save(tmp_path / "g") / "gallery.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {Path(r["slide"]).name for r in rows} == {"he.svs", "twin.svs"}
