@@ -104,7 +104,7 @@ def test_a_gallery_over_several_slides_names_each_tiles_slide(
     for entries in gallery.entries:
         # a tile and its twin at the same place are not near repeats of each other:
         # they are on two slides, and both are shown
-        assert [e.score for e in entries][0] == pytest.approx(entries[1].score)
+        assert entries[0].score == pytest.approx(entries[1].score)
         assert {e.slide for e in entries} == {str(slide.resolve()), str(twin.resolve())}
         assert entries[0].location == entries[1].location
     with (gallery.save(tmp_path / "g") / "gallery.csv").open() as fh:
