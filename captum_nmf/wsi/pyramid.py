@@ -139,6 +139,11 @@ def write_tiled_levels(
                     metadata=None,
                 )
         tmp.chmod(default_file_mode())
+        fd = os.open(tmp, os.O_RDONLY)  # on disk before it takes the name (a power cut)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
