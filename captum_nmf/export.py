@@ -377,7 +377,7 @@ def slide_summary(
 
     Area share: the share of tissue cells whose argmax is the concept. Mean
     intensity: the concept's mean weight over tissue cells. Top tiles: the
-    kept tiles whose window of the concept map has the highest mean weight,
+    kept tiles whose window of the concept map has the highest (positive) mean weight,
     skipping tiles that overlap a better-ranked one by more than half a tile
     (region mode: windows of 512 output px every 256 px, at least half tissue).
     With ``out_dir``, writes ``summary.json``, ``summary.csv`` (one row per
@@ -440,7 +440,7 @@ def slide_summary(
             }
             chosen: list[int] = []
             for t in np.argsort(-scores[:, j], kind="stable"):
-                if len(chosen) == top_n:
+                if len(chosen) == top_n or not scores[t, j] > 0:  # no concept: no prototype
                     break
                 # prototypes that overlap a better one by more than half a tile add nothing
                 if any(np.abs(locations[t] - locations[c]).max() < side / 2 for c in chosen):

@@ -552,3 +552,17 @@ def test_prototype_crops_are_read_at_the_coarsest_level_that_gives_their_size() 
     assert _crop_level(downsamples, 512 / 256) == (0, 1.0)
     assert _crop_level(downsamples, 16.0) == (2, 16.0)
     assert _crop_level(downsamples, 0.5) == (0, 1.0)
+
+
+def test_a_concept_absent_from_the_slide_has_no_prototypes(explained: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    ex = SlideExplanation.load(explained)
+    maps = np.array(ex.concept_maps)
+    maps[1] = 0.0  # concept 1 is nowhere on this slide
+    summary = export_module.slide_summary(dataclasses.replace(ex, concept_maps=maps), top_n=3)
+    assert summary["concepts"][1]["top_tiles"] == []
+    assert summary["concepts"][1]["mean_intensity"] == 0.0
+    assert len(summary["concepts"][0]["top_tiles"]) == 3
