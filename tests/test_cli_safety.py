@@ -258,6 +258,14 @@ def explained(setup: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
     return run
 
 
+def _first_export(tmp_path: Path, explained: Path) -> tuple[SlideExplanation, Path]:
+    """The explanation and its export into ``tmp_path / "export"``."""
+    ex = SlideExplanation.load(explained)
+    out = tmp_path / "export"
+    export_module.export_explanation(ex, out)
+    return ex, out
+
+
 def _marker(folder: Path) -> dict[str, object]:
     import json
 
@@ -267,9 +275,7 @@ def _marker(folder: Path) -> dict[str, object]:
 def test_an_export_stopped_while_moving_in_says_so_and_the_next_one_finishes_it(
     tmp_path: Path, explained: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ex = SlideExplanation.load(explained)
-    out = tmp_path / "export"
-    export_module.export_explanation(ex, out)
+    ex, out = _first_export(tmp_path, explained)
     real = Path.replace
     moved = {"n": 0}
 
@@ -304,9 +310,7 @@ def test_a_second_export_into_the_same_folder_is_refused_at_once(
     from captum_nmf.exceptions import RunLockedError
     from captum_nmf.wsi.store import RunLock
 
-    ex = SlideExplanation.load(explained)
-    out = tmp_path / "export"
-    export_module.export_explanation(ex, out)
+    ex, out = _first_export(tmp_path, explained)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = RunLock(out, ".captum-nmf-export.lock", "export")
     try:
@@ -320,9 +324,7 @@ def test_a_second_export_into_the_same_folder_is_refused_at_once(
 def test_a_file_changed_since_the_last_export_is_never_replaced(
     tmp_path: Path, explained: Path
 ) -> None:
-    ex = SlideExplanation.load(explained)
-    out = tmp_path / "export"
-    export_module.export_explanation(ex, out)
+    ex, out = _first_export(tmp_path, explained)
     corrected = out / "concepts.geojson"
     corrected.write_text('{"reviewed by": "Dr X"}')  # corrected in QuPath, saved back
     with pytest.raises(FileExistsError, match=r"\['concepts.geojson'\] changed since captum-nmf"):
