@@ -713,3 +713,21 @@ def test_a_killed_summary_writes_temporary_files_are_removed_by_the_next_cohort(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
         ".cohort.json.backup.tmp"
     ]
+
+
+def test_a_cohort_whose_slides_were_moved_keeps_its_folders(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    import shutil
+
+    old = tmp_path / "mnt_old"
+    old.mkdir()
+    first = [Path(shutil.copy(s, old / s.name)) for s in slides[:2]]
+    out = tmp_path / "out"
+    explain_cohort(attr, first, out, progress=False, **OPTIONS)
+    new = old.rename(tmp_path / "mnt_new")  # the share mounted elsewhere
+    moved = [new / s.name for s in first]
+    again = explain_cohort(attr, moved, out, progress=False, **OPTIONS)
+    assert [r.status for r in again.records] == ["skipped", "skipped"]  # not computed again
+    assert [Path(r.out_dir).name for r in again.records] == [s.stem for s in first]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(s.stem for s in first)

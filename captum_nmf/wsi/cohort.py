@@ -208,21 +208,31 @@ def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     A folder an earlier run of the slide wrote (its manifest names the slide)
     is kept, whichever name it has, so a slide added to a restarted cohort
     never moves the finished ones. Stems are compared without case (a
-    case-insensitive disk), and a stem whose folder holds another slide's run
-    gets the hash too.
+    case-insensitive disk). A stem whose folder holds the run of another slide
+    that is still on disk gets the hash too; one whose slide is no longer at
+    its recorded path (the slides were moved) is kept, and the run checks that
+    it is the same slide by its content.
     """
     stems = Counter(p.stem.casefold() for p in paths)
     dirs = []
     for p in paths:
         plain = out_dir / p.stem
         hashed = out_dir / f"{p.stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
-        if _run_of(hashed) == str(p) or _run_of(plain) == str(p):
-            dirs.append(hashed if _run_of(hashed) == str(p) else plain)
-        elif stems[p.stem.casefold()] > 1 or _run_of(plain) is not None:
+        other = _run_of(plain)
+        if _run_of(hashed) == str(p):
+            dirs.append(hashed)
+        elif other == str(p):
+            dirs.append(plain)
+        elif stems[p.stem.casefold()] > 1 or (other is not None and _another_slide(other, p)):
             dirs.append(hashed)
         else:
             dirs.append(plain)
     return dirs
+
+
+def _another_slide(recorded: str, slide: Path) -> bool:
+    """Whether ``recorded`` is a slide still on disk that is not ``slide`` (not moved away)."""
+    return Path(recorded).exists() and os.path.realpath(recorded) != os.path.realpath(slide)
 
 
 def _run_of(folder: Path) -> str | None:
