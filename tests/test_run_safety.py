@@ -852,6 +852,63 @@ def test_a_complete_run_with_another_tissue_mask_and_the_same_tiles_is_refused(
     assert first.config["tissue_mask"] is None
 
 
+def _as_before_the_mask_was_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs written as captum-nmf wrote them before 2026-12-07 (no tissue mask in the config)."""
+    from captum_nmf.wsi.run import explain as explain_module
+
+    real = explain_module.run_config
+
+    def old(*args: object, **kwargs: object) -> dict[str, object]:
+        config = real(*args, **kwargs)  # type: ignore[arg-type]
+        del config["tissue_mask"]
+        return config
+
+    monkeypatch.setattr(explain_module, "run_config", old)
+
+
+@pytest.mark.parametrize("mask", [None, "otsu"])
+def test_a_finished_run_of_an_older_version_is_still_loaded_when_its_mask_is_the_same(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+    mask: str | None,
+) -> None:
+    from captum_nmf.wsi import TissueMask
+
+    out = tmp_path / "run"
+    options = {"tissue_mask": mask, "min_tissue": 0.0}
+    with monkeypatch.context() as old:
+        _as_before_the_mask_was_recorded(old)
+        first = _explain(pool_attr, he_slide, out_dir=out, **options)
+    assert "tissue_mask" not in json.loads((out / "manifest.json").read_text())["config"]
+    again = _explain(pool_attr, he_slide, out_dir=out, resume=True, **options)
+    assert np.array_equal(again.concept_maps, first.concept_maps, equal_nan=True)
+    glass = np.ones((48, 64), dtype=bool)
+    glass[:, 60:] = False
+    other = TissueMask.from_array(glass, (512, 384))
+    with pytest.raises(RunStateError, match=r"different configuration \(tissue_mask: recorded"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True, tissue_mask=other, min_tissue=0.0)
+
+
+def test_an_unfinished_run_of_an_older_version_asks_for_overwrite(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run"
+    with monkeypatch.context() as old:
+        _as_before_the_mask_was_recorded(old)
+        _interrupted(pool_attr, he_slide, out)
+    with pytest.raises(
+        RunStateError, match="unfinished run of an older captum-nmf.*overwrite=True"
+    ):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    done = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+    assert np.array_equal(done.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+
+
 def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "config_hash",
     "describe",
     "model_device",
+    "mask_digest",
     "model_fingerprint",
     "run_config",
 ]
@@ -150,7 +151,7 @@ def run_config(
         "edge": options.edge,
         "min_tissue": float(options.min_tissue),
         # the mask in use decides which cells are solved: detected, given, or none
-        "tissue_mask": _mask_digest(grid.tissue_mask),
+        "tissue_mask": mask_digest(grid.tissue_mask),
         "n_tiles": len(grid),
         "batch_size": options.batch_size,
         "chunk_tiles": options.chunk_tiles,
@@ -167,7 +168,7 @@ def run_config(
     return config
 
 
-def _mask_digest(mask: TissueMask | None) -> str | None:
+def mask_digest(mask: TissueMask | None) -> str | None:
     """The tissue mask a run uses, by its shape, downsample and a digest of its pixels."""
     if mask is None:
         return None

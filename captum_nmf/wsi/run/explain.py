@@ -30,6 +30,7 @@ from captum_nmf.wsi.run.config import (
     RunOptions,
     check_run_options,
     config_hash,
+    mask_digest,
     model_device,
     run_config,
 )
@@ -270,7 +271,14 @@ def explain_slide(
             )
             manifest = store.manifest
         else:
+            # a run from before the tissue mask was recorded: its hash lacks the mask
+            legacy = "tissue_mask" not in (manifest.get("config") or {"tissue_mask": None})
+            if legacy:
+                unmasked = {k: v for k, v in config.items() if k != "tissue_mask"}
+                run_hash = config_hash(attr, unmasked, plan.grid, cached=not computes)
             _check_resumable(store, manifest, run_hash, plan.fingerprint, config)
+            if legacy:
+                _check_legacy_mask(store, manifest, config)
             if manifest.get("status") != "complete":
                 done = int(manifest["done"])  # a part that computed nothing is replaced
                 parts = [p for p in manifest.get("parts", []) if p.get("from_chunk") != done]
@@ -318,9 +326,11 @@ def _check_resumable(
     if manifest.get("config_hash") != run_hash:
         recorded = manifest.get("config") or {}
         changed = [
-            f"{key}: recorded {_short(recorded.get(key))}, now {_short(config.get(key))}"
+            f"{key}: recorded {_short(recorded[key])}, now {_short(config.get(key))}"
+            if key in recorded
+            else f"{key}: not recorded (an older captum-nmf), now {_short(config.get(key))}"
             for key in sorted(set(recorded) | set(config))
-            if key not in UNHASHED and recorded.get(key) != config.get(key)
+            if key not in UNHASHED and (key not in recorded or recorded[key] != config.get(key))
         ]
         what = "; ".join(changed) or "the model's weights, the concepts or the tile positions"
         raise RunStateError(
@@ -334,6 +344,30 @@ def _check_resumable(
         raise RunStateError(
             f"out_dir {store.work_dir} was produced from another slide (fingerprint "
             f"{manifest.get('slide_fingerprint')}, this one {fingerprint})."
+        )
+
+
+def _check_legacy_mask(store: RunStore, manifest: dict[str, Any], config: dict[str, Any]) -> None:
+    """A run of an older captum-nmf (no mask in its configuration): its saved mask must match.
+
+    A complete run is compared by the tissue mask saved in its explanation; an
+    unfinished one cannot be (its chunks do not keep the mask).
+
+    Raises:
+        RunStateError: another mask, or an unfinished run of an older version.
+    """
+    if manifest.get("status") != "complete":
+        raise RunStateError(
+            f"out_dir {store.work_dir} holds an unfinished run of an older captum-nmf, whose "
+            "configuration does not record the tissue mask, so resuming it could mix two "
+            "masks; pass overwrite=True to run it again."
+        )
+    recorded = mask_digest(SlideExplanation.load(store.verify(EXPLANATION_FILE)).tissue)
+    if recorded != config["tissue_mask"]:
+        raise RunStateError(
+            f"out_dir {store.work_dir} was produced with a different configuration "
+            f"(tissue_mask: recorded {_short(recorded)}, now {_short(config['tissue_mask'])}); "
+            "pass resume=False with another directory, or overwrite=True."
         )
 
 
