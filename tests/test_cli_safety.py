@@ -568,3 +568,21 @@ def test_a_concept_absent_from_the_slide_has_no_prototypes(explained: Path) -> N
     assert summary["concepts"][1]["top_tiles"] == []
     assert summary["concepts"][1]["mean_intensity"] == 0.0
     assert len(summary["concepts"][0]["top_tiles"]) == 3
+
+
+def test_a_filesystem_without_locks_warns_and_still_exports(
+    tmp_path: Path, explained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from captum_nmf.exceptions import CaptumNMFWarning
+
+    def no_locks(fd: int, operation: int) -> None:  # NFSv3 without lockd
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ex = SlideExplanation.load(explained)
+    with pytest.warns(CaptumNMFWarning, match="gives no file locks .*No locks available"):
+        out = export_module.export_explanation(ex, tmp_path / "export")
+    assert (out / "clusters.tif").is_file()
+    assert not (out / ".captum-nmf-export.lock").exists()

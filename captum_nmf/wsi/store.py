@@ -39,6 +39,7 @@ Rules that keep users' data safe:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -46,11 +47,12 @@ import re
 import socket
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from captum_nmf.exceptions import RunLockedError, RunStateError
+from captum_nmf.exceptions import CaptumNMFWarning, RunLockedError, RunStateError
 from captum_nmf.io import atomic_write, default_file_mode, sha256_file
 
 try:  # POSIX advisory locks; msvcrt on Windows
@@ -217,7 +219,18 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
             try:
                 _try_lock(fd)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _HELD_ERRNOS:  # NFS without lockd: no locks at all here
+                    warnings.warn(
+                        f"{folder}: this filesystem gives no file locks ({exc.strerror}), so "
+                        f"a second captum-nmf {what} writing it at the same time would not be "
+                        "refused; make sure only one process writes it.",
+                        CaptumNMFWarning,
+                        stacklevel=2,
+                    )
+                    _HELD.add(fd)
+                    self._fd = fd
+                    break
                 holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
                 os.close(fd)
                 raise RunLockedError(
@@ -274,6 +287,10 @@ def _forget_locks() -> None:
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_locks)
+
+
+# what flock / msvcrt.locking give when another process holds the lock
+_HELD_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK}
 
 
 def _try_lock(fd: int) -> None:
