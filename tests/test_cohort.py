@@ -731,3 +731,49 @@ def test_a_cohort_whose_slides_were_moved_keeps_its_folders(
     assert [r.status for r in again.records] == ["skipped", "skipped"]  # not computed again
     assert [Path(r.out_dir).name for r in again.records] == [s.stem for s in first]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(s.stem for s in first)
+
+
+def test_a_cohort_stopped_in_its_first_slide_leaves_no_older_summary_behind(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    explain_cohort(attr, slides[:2], tmp_path, progress=False, **OPTIONS)
+    assert json.loads((tmp_path / COHORT_FILE).read_text())["complete"] is True
+    with pytest.raises(KeyboardInterrupt):  # in the first slide of a longer list
+        explain_cohort(
+            attr, slides[::-1], tmp_path, progress=False, transform=InterruptAfter(5), **OPTIONS
+        )
+    summary = json.loads((tmp_path / COHORT_FILE).read_text())
+    assert summary["complete"] is False
+    assert summary["n_slides"] == 3
+    assert summary["counts"]["pending"] == 3
+
+
+def test_a_ray_cohort_on_a_locked_out_dir_is_refused_before_ray_starts(
+    tmp_path: Path,
+    attr: NMFConceptAttribution,
+    slides: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from captum_nmf.exceptions import RunLockedError
+    from captum_nmf.wsi import cohort
+    from captum_nmf.wsi.store import RunLock
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(cohort, "ray_session", never)
+    other = RunLock(tmp_path, cohort.COHORT_LOCK, "cohort")
+    try:
+        with pytest.raises(RunLockedError, match="another captum-nmf cohort"):
+            explain_cohort(attr, slides, tmp_path, engine="ray", progress=False, **OPTIONS)
+    finally:
+        other.release()
+
+
+def test_slide_mpp_may_be_a_numpy_number(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    result = explain_cohort(
+        attr, slides[:1], tmp_path, progress=False, slide_mpp=np.float32(0.5), **OPTIONS
+    )
+    assert result.ok

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import time
@@ -205,8 +206,8 @@ class CohortResult:
 def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     """One run directory per slide: its file stem, plus a path hash when stems collide.
 
-    A folder an earlier run of the slide wrote (its manifest names the slide)
-    is kept, whichever name it has, so a slide added to a restarted cohort
+    A folder an earlier run of the slide wrote under either name (its
+    manifest names the slide) is kept, so a slide added to a restarted cohort
     never moves the finished ones. Stems are compared without case (a
     case-insensitive disk). A stem whose folder holds the run of another slide
     that is still on disk gets the hash too; one whose slide is no longer at
@@ -416,6 +417,7 @@ def explain_cohort(
     if engine == "local":
         result = CohortResult(pending, "local", 1, 0.0, str(root), config)
         with _cohort_lock(root):
+            _progress_save(result, {}, start)  # at once: an older summary never outlives a kill
             result.records = _run_local(attr, slides, dirs, slide_options, progress, result, start)
             _finish(result, start)
     else:
@@ -439,6 +441,7 @@ def _cohort_lock(root: Path) -> Iterator[None]:
     Raises:
         RunLockedError: another cohort is writing ``root``.
     """
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     _check_summaries(root)  # again: a file could have come since the first check
     lock = RunLock(root, COHORT_LOCK, "cohort")
@@ -451,6 +454,9 @@ def _cohort_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        if created:  # a cohort that wrote nothing (Ray unreachable) leaves no folder
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def _check_summaries(root: Path) -> None:
@@ -508,9 +514,9 @@ def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None
     slide_mpp = options.get("slide_mpp")
     if slide_mpp is not None and (
         isinstance(slide_mpp, bool)
-        or not isinstance(slide_mpp, (int, float))
+        or not isinstance(slide_mpp, numbers.Real)
         or not math.isfinite(slide_mpp)
-        or not slide_mpp > 0
+        or not float(slide_mpp) > 0
     ):
         raise ValueError(
             f"slide_mpp must be a positive number of microns per pixel, got {slide_mpp!r}."
@@ -585,14 +591,18 @@ def _run_ray(
         records[s] = record
         _progress_save(result, records, start)
 
-    with ray_session(address, feature="explain_cohort(engine='ray')") as ray:
+    # locked before Ray starts: a second cohort is refused at once
+    with (
+        _cohort_lock(Path(result.out_dir)),
+        ray_session(address, feature="explain_cohort(engine='ray')") as ray,
+    ):
         pool = ActorPool(ray, _SlideWorker, (attr,), workers=workers, cap=len(slides))
         result.workers = pool.n
         tasks = [(str(slides[i]), str(dirs[i]), options) for i in range(len(slides))]
         try:
-            with _cohort_lock(Path(result.out_dir)):
-                pool.map(tasks, finished, retries=retries, progress=progress, desc="cohort (ray)")
-                result.records = [records[i] for i in range(len(slides))]
-                _finish(result, start)
+            _progress_save(result, records, start)  # every slide pending, "complete": false
+            pool.map(tasks, finished, retries=retries, progress=progress, desc="cohort (ray)")
+            result.records = [records[i] for i in range(len(slides))]
+            _finish(result, start)
         finally:
             pool.close()
