@@ -385,8 +385,9 @@ def slide_summary(
     ``crop_size`` px) under ``prototypes/concept_<k>/``. A crop is read at the
     coarsest pyramid level that still gives ``crop_size`` px (not at level 0).
     When the slide is not where the explanation recorded it (a run folder
-    copied to another machine) and no ``slide`` is given, the summary is
-    written without crops (``crop`` None) and a warning says so.
+    copied to another machine), or another file is there now (checked by the
+    slide's fingerprint), and no ``slide`` is given, the summary is written
+    without crops (``crop`` None) and a warning says so.
 
     Args:
         explanation (SlideExplanation): the explained slide.
@@ -503,17 +504,23 @@ def _open_slide(explanation: Any, slide: str | os.PathLike[str] | None) -> Any:
     from captum_nmf.wsi import Slide
 
     if slide is None:
+        why = None
         try:
-            return Slide(explanation.slide_path)
+            recorded = Slide(explanation.slide_path)
         except SlideNotFoundError:
-            warnings.warn(
-                f"the explained slide is no longer at {explanation.slide_path}: the summary "
-                "has no prototype crops. Pass slide=... (--slide on the command line) to add "
-                "them.",
-                CaptumNMFWarning,
-                stacklevel=3,
-            )
-            return None
+            why = f"is no longer at {explanation.slide_path}"
+        else:
+            if recorded.fingerprint() == explanation.slide_fingerprint:
+                return recorded
+            recorded.close()  # a re-scan under the same name, another machine's file
+            why = f"is not the file now at {explanation.slide_path} (its content differs)"
+        warnings.warn(
+            f"the explained slide {why}: the summary has no prototype crops. Pass slide=... "
+            "(--slide on the command line) to add them.",
+            CaptumNMFWarning,
+            stacklevel=3,
+        )
+        return None
     opened = Slide(slide)
     if opened.fingerprint() != explanation.slide_fingerprint:
         opened.close()

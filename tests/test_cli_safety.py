@@ -544,6 +544,12 @@ def test_export_after_the_slide_moved_writes_everything_but_the_crops_or_takes_s
     code, _, err = _run([*at[:-2], str(tmp_path / "g"), "--slide", str(other)], capsys)
     assert code == 1
     assert "is not the slide this explanation was made from" in err
+    shutil.copy(other, moved)  # a re-scan now sits at the recorded path: no crops of it
+    with pytest.warns(UserWarning, match="is not the file now at .*content differs"):
+        code, _, err = _run(["export", str(run), "--out", str(tmp_path / "h")], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "h" / "summary" / "summary.json").read_text())
+    assert all(t["crop"] is None for c in summary["concepts"] for t in c["top_tiles"])
 
 
 def test_prototype_crops_are_read_at_the_coarsest_level_that_gives_their_size() -> None:

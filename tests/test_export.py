@@ -14,9 +14,16 @@ from PIL import Image
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.export import concept_polygons, slide_summary, to_geojson, write_overlay_tiff
 from captum_nmf.viz import PALETTE
-from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
+from captum_nmf.wsi import Slide, SlideExplanation, SlideTiles, explain_slide, write_pyramid
 from tests.helpers.synthetic_slides import he_image, tissue_on_white
 from tests.helpers.wsi_models import PoolNet
+
+
+def _fingerprint(path: Path) -> str:
+    if not path.is_file():
+        return "sha256:x"
+    with Slide(path) as slide:
+        return slide.fingerprint()
 
 
 def _hand_made(path: Path) -> SlideExplanation:
@@ -41,7 +48,7 @@ def _hand_made(path: Path) -> SlideExplanation:
         failed_tiles=np.zeros((0, 2), np.int64),
         concepts=np.eye(2, 3, dtype=np.float32),
         slide_path=str(path),
-        slide_fingerprint="sha256:x",
+        slide_fingerprint=_fingerprint(path),
         dimensions=(96, 80),
         config={"tile_size": 32, "cell_px": 16, "slide_mpp": 0.5},
     )
