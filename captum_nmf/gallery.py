@@ -125,7 +125,7 @@ class ConceptGallery:
             with atomic_write(out / f"gallery_concept_{j}.png", "wb") as fh:
                 self.figure(j).savefig(fh, format="png", dpi=100)
         text = io.StringIO()
-        fields = ["concept", "name", "rank", "tile", "slide", "mean_intensity", "x", "y"]
+        fields = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y", "slide"]
         writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         writer.writerows(self.table())

@@ -777,3 +777,24 @@ def test_slide_mpp_may_be_a_numpy_number(
         attr, slides[:1], tmp_path, progress=False, slide_mpp=np.float32(0.5), **OPTIONS
     )
     assert result.ok
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    from captum_nmf.exceptions import RunStateError
+    from captum_nmf.wsi.store import LOCK_FILE, RunLock
+
+    precious = tmp_path / "thesis.txt"
+    precious.write_text("four years")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(precious)
+    with pytest.raises(RunStateError, match="is a symbolic link, not a lock file"):
+        RunLock(tmp_path / "run")
+    assert precious.read_text() == "four years"
+
+
+def test_slide_names_that_are_not_utf8_get_folders(tmp_path: Path) -> None:
+    import os
+
+    odd = Path(os.fsdecode(b"/scans/a/slide\xff.svs"))
+    dirs = slide_dirs([odd, Path("/scans/b/slide\xff.svs")], tmp_path)
+    assert len(set(dirs)) == 2

@@ -539,6 +539,17 @@ def test_out_of_memory_in_the_plans_probe_writes_nothing_and_does_not_advise_bat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_out_of_memory_in_the_probes_batch_transform_gets_the_same_message(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    def normalise_on_device(batch: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError, match="on the plan's forward of one 64 px image"):
+        _explain(pool_attr, he_slide, out_dir=tmp_path / "r", batch_transform=normalise_on_device)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------- found by a hostile review (2026-12-07)
 def test_a_kill_after_the_commit_leaves_a_complete_run_and_its_chunks_are_cleaned(
     tmp_path: Path,

@@ -218,7 +218,7 @@ def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     dirs = []
     for p in paths:
         plain = out_dir / p.stem
-        hashed = out_dir / f"{p.stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+        hashed = out_dir / f"{p.stem}-{hashlib.sha256(os.fsencode(p)).hexdigest()[:8]}"
         other = _run_of(plain)
         if _run_of(hashed) == str(p):
             dirs.append(hashed)

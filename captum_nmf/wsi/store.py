@@ -216,7 +216,15 @@ class RunLock:
         self.path = folder / name
         self._fd: int | None = None
         for _ in range(5):  # retry if the file was unlinked between our open and lock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_file_mode())
+            try:  # never through a link: its target would be truncated
+                fd = os.open(self.path, _LOCK_FLAGS, default_file_mode())
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise RunStateError(
+                    f"{self.path} is a symbolic link, not a lock file of captum-nmf; remove the "
+                    "link, then run again."
+                ) from None
             try:
                 _try_lock(fd)
             except OSError as exc:
@@ -288,6 +296,8 @@ def _forget_locks() -> None:
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
     os.register_at_fork(after_in_child=_forget_locks)
 
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
 
 # what flock / msvcrt.locking give when another process holds the lock
 _HELD_ERRNOS = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK}

@@ -196,10 +196,10 @@ def _probe(
     image = torch.ones(3, side, side)
     if options.transform is not None:
         image = options.transform(image)
-    batch = image.unsqueeze(0).to(model_device(attr))
-    if options.batch_transform is not None:
-        batch = options.batch_transform(batch)
-    try:
+    try:  # the copy to the device and the batch transform run there too
+        batch = image.unsqueeze(0).to(model_device(attr))
+        if options.batch_transform is not None:
+            batch = options.batch_transform(batch)
         act = attr.features(batch, **options.forward)
     except torch.OutOfMemoryError as exc:  # one image: a smaller batch would not help
         where = model_device(attr)
