@@ -833,14 +833,19 @@ def test_a_fresh_run_records_the_weights_it_computes_with(
     assert np.array_equal(got.concept_maps, _explain(attr, he_slide).concept_maps)
 
 
-def test_a_complete_run_with_another_tissue_mask_and_the_same_tiles_is_refused(
-    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
-) -> None:
+def _glass_on_the_right() -> object:
+    """A mask of the 512 x 384 px slide: 32 px of glass on the right (in tiles, cells unsolved)."""
     from captum_nmf.wsi import TissueMask
 
     mask = np.ones((48, 64), dtype=bool)  # 8 px of the slide per mask pixel
-    mask[:, 60:] = False  # 32 px of glass on the right: in tiles, but its cells not solved
-    given = TissueMask.from_array(mask, (512, 384))
+    mask[:, 60:] = False
+    return TissueMask.from_array(mask, (512, 384))
+
+
+def test_a_complete_run_with_another_tissue_mask_and_the_same_tiles_is_refused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    given = _glass_on_the_right()
     out = tmp_path / "run"
     # min_tissue=0: every tile is kept either way, so only the mask differs
     first = _explain(pool_attr, he_slide, out_dir=out, tissue_mask=None, min_tissue=0.0)
@@ -885,8 +890,6 @@ def test_a_finished_run_of_an_older_version_is_still_loaded_when_its_mask_is_the
     monkeypatch: pytest.MonkeyPatch,
     mask: str | None,
 ) -> None:
-    from captum_nmf.wsi import TissueMask
-
     out = tmp_path / "run"
     options = {"tissue_mask": mask, "min_tissue": 0.0}
     with monkeypatch.context() as old:
@@ -895,9 +898,7 @@ def test_a_finished_run_of_an_older_version_is_still_loaded_when_its_mask_is_the
     assert "tissue_mask" not in json.loads((out / "manifest.json").read_text())["config"]
     again = _explain(pool_attr, he_slide, out_dir=out, resume=True, **options)
     assert np.array_equal(again.concept_maps, first.concept_maps, equal_nan=True)
-    glass = np.ones((48, 64), dtype=bool)
-    glass[:, 60:] = False
-    other = TissueMask.from_array(glass, (512, 384))
+    other = _glass_on_the_right()
     with pytest.raises(RunStateError, match=r"different configuration \(tissue_mask: recorded"):
         _explain(pool_attr, he_slide, out_dir=out, resume=True, tissue_mask=other, min_tissue=0.0)
 
