@@ -798,3 +798,15 @@ def test_slide_names_that_are_not_utf8_get_folders(tmp_path: Path) -> None:
     odd = Path(os.fsdecode(b"/scans/a/slide\xff.svs"))
     dirs = slide_dirs([odd, Path("/scans/b/slide\xff.svs")], tmp_path)
     assert len(set(dirs)) == 2
+
+
+def test_a_run_folder_renamed_by_hand_is_found_by_the_slide_it_names(
+    tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path]
+) -> None:
+    out = tmp_path / "out"
+    first = explain_cohort(attr, slides[:2], out, progress=False, **OPTIONS)
+    Path(first.records[0].out_dir).rename(out / "patient_A")
+    again = explain_cohort(attr, slides[:2], out, progress=False, **OPTIONS)
+    assert [r.status for r in again.records] == ["skipped", "skipped"]
+    assert Path(again.records[0].out_dir).name == "patient_A"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["patient_A", slides[1].stem]

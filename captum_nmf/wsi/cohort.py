@@ -206,15 +206,16 @@ class CohortResult:
 def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     """One run directory per slide: its file stem, plus a path hash when stems collide.
 
-    A folder an earlier run of the slide wrote under either name (its
-    manifest names the slide) is kept, so a slide added to a restarted cohort
-    never moves the finished ones. Stems are compared without case (a
+    A folder an earlier run of the slide wrote (its manifest names the slide)
+    is kept, under either name or one the user gave it, so a slide added to a
+    restarted cohort never moves the finished ones. Stems are compared without case (a
     case-insensitive disk). A stem whose folder holds the run of another slide
     that is still on disk gets the hash too; one whose slide is no longer at
     its recorded path (the slides were moved) is kept, and the run checks that
     it is the same slide by its content.
     """
     stems = Counter(p.stem.casefold() for p in paths)
+    found = _runs_in(out_dir)
     dirs = []
     for p in paths:
         plain = out_dir / p.stem
@@ -224,11 +225,25 @@ def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
             dirs.append(hashed)
         elif other == str(p):
             dirs.append(plain)
+        elif str(p) in found:  # a folder the user renamed
+            dirs.append(found[str(p)])
         elif stems[p.stem.casefold()] > 1 or (other is not None and _another_slide(other, p)):
             dirs.append(hashed)
         else:
             dirs.append(plain)
     return dirs
+
+
+def _runs_in(out_dir: Path) -> dict[str, Path]:
+    """The slide each run folder in ``out_dir`` was written for (one manifest read per folder)."""
+    found: dict[str, Path] = {}
+    with contextlib.suppress(OSError):
+        for entry in sorted(out_dir.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                slide = _run_of(entry)
+                if slide is not None:
+                    found.setdefault(slide, entry)
+    return found
 
 
 def _another_slide(recorded: str, slide: Path) -> bool:
