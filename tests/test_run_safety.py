@@ -921,6 +921,21 @@ def test_an_unfinished_run_of_an_older_version_asks_for_overwrite(
     assert np.array_equal(done.concept_maps, _explain(pool_attr, he_slide).concept_maps)
 
 
+def test_a_finished_run_is_loaded_whatever_its_chunk_size_but_an_unfinished_one_is_not(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    done = _explain(pool_attr, he_slide, out_dir=tmp_path / "done", chunk_tiles=40)
+    again = _explain(pool_attr, he_slide, out_dir=tmp_path / "done", resume=True, chunk_tiles=7)
+    assert np.array_equal(again.concept_maps, done.concept_maps)  # the chunks change no map
+    assert np.array_equal(
+        _explain(pool_attr, he_slide, chunk_tiles=7).concept_maps, done.concept_maps
+    )
+    out = tmp_path / "running"
+    _interrupted(pool_attr, he_slide, out)  # its finished chunks are cut at chunk_tiles=40
+    with pytest.raises(RunStateError, match="different configuration .*chunk_tiles: recorded 40"):
+        _explain(pool_attr, he_slide, out_dir=out, resume=True, chunk_tiles=7)
+
+
 def test_a_stale_working_folder_with_a_file_not_ours_never_blocks_a_run(
     tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
 ) -> None:

@@ -251,6 +251,9 @@ def explain_slide(
         # a call that computes hashes the weights it computes with (the cache misses edits
         # through .data); one of a complete run only loads it, as a restarted cohort does
         computes = manifest is None or manifest.get("status") != "complete"
+        recorded = (manifest or {}).get("config") or {}
+        if not computes and "chunk_tiles" in recorded:  # how a finished run was cut into
+            config = {**config, "chunk_tiles": recorded["chunk_tiles"]}  # chunks: same maps
         run_hash = config_hash(attr, config, plan.grid, cached=not computes)
         # each call that computes chunks is a part: what a resume may change is recorded
         part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
