@@ -26,6 +26,8 @@ import csv
 import hashlib
 import io
 import json
+import math
+import numbers
 import os
 import re
 import uuid
@@ -188,8 +190,14 @@ def _slide_levels(explanation: Any) -> list[tuple[int, int]] | None:
         return None
 
 
-def _overlay_cells(explanation: Any, kind: str, concept: int | None) -> NDArray[np.uint8]:
-    """RGBA per cell: cluster colours, or one concept's intensity in its colour."""
+def _overlay_cells(
+    explanation: Any, kind: str, concept: int | None, scale: float | None = None
+) -> tuple[NDArray[np.uint8], float | None]:
+    """RGBA per cell (cluster colours, or one concept's intensity in its colour) and the scale.
+
+    The scale is the weight drawn fully opaque: ``scale``, else the concept's
+    maximum over the slide's tissue (None for clusters).
+    """
     k = explanation.n_concepts
     hc, wc = explanation.grid_shape
     rgba = np.zeros((hc, wc, 4), np.uint8)
@@ -199,16 +207,16 @@ def _overlay_cells(explanation: Any, kind: str, concept: int | None) -> NDArray[
         inside = labels >= 0
         rgba[inside, :3] = colours[labels[inside]]
         rgba[inside, 3] = 255
-        return rgba
+        return rgba, None
     if concept is None or not 0 <= concept < k:
         raise ValueError(f"kind='intensity' needs concept in [0, {k}), got {concept!r}.")
     values = np.nan_to_num(np.asarray(explanation.concept_maps[concept], np.float64))
-    top = float(values[explanation.tissue_mask].max(initial=0.0))
+    top = float(values[explanation.tissue_mask].max(initial=0.0)) if scale is None else scale
     level = np.clip(values / top, 0, 1) if top > 0 else np.zeros_like(values)
     level[~explanation.tissue_mask] = 0
     rgba[..., :3] = colours[concept]
     rgba[..., 3] = np.round(255 * level).astype(np.uint8)
-    return rgba
+    return rgba, top
 
 
 def _tiles(
@@ -234,6 +242,7 @@ def write_overlay_tiff(
     tile: int = 256,
     slide_mpp: float | None = None,
     names: Sequence[str] | None = None,
+    scale: float | None = None,
 ) -> Path:
     r"""A pyramidal tiled RGBA TIFF of the clusters or of one concept's intensity.
 
@@ -269,6 +278,11 @@ def write_overlay_tiff(
                     (TIFF text is ASCII: other characters are written as
                     ``\xf6``-style escapes).
                     Default: None (the names the explanation recorded)
+        scale (float, optional): for ``kind="intensity"``, the concept weight
+                    drawn fully opaque (weights above it too); pass the same
+                    value for several slides to compare them on one scale.
+                    The description records the scale used.
+                    Default: None (the concept's maximum on this slide's tissue)
 
     Returns:
         *Path*: the file.
@@ -283,7 +297,11 @@ def write_overlay_tiff(
     down = 1.0 if downsample is None else float(downsample)
     if not down > 0:
         raise ValueError(f"downsample must be positive, got {downsample!r}.")
-    cells = _overlay_cells(explanation, kind, concept)
+    if scale is not None and not (
+        isinstance(scale, numbers.Real) and math.isfinite(scale) and float(scale) > 0
+    ):
+        raise ValueError(f"scale must be a positive number, got {scale!r}.")
+    cells, top = _overlay_cells(explanation, kind, concept, scale)
     w0, h0 = explanation.dimensions
     base = (max(1, round(h0 / down)), max(1, round(w0 / down)))
     mpp = slide_mpp or explanation.config.get("slide_mpp") or 1.0
@@ -297,7 +315,7 @@ def write_overlay_tiff(
         for n in _names(explanation, names)
     ]
     shown = (
-        f"Concept = {labels[concept]}"
+        f"Concept = {labels[concept]}|Opaque at weight = {top:.6g}"
         if kind == "intensity" and concept is not None
         else "Concepts = " + "; ".join(f"{j}: {n}" for j, n in enumerate(labels))
     )

@@ -217,3 +217,24 @@ def test_geojson_ids_are_stable_uuids(tmp_path: Path, slide_path: Path) -> None:
     ex.slide_fingerprint = "sha256:y"
     other = [f["id"] for f in to_geojson(ex)["features"]]
     assert not set(other) & set(first)
+
+
+def test_intensity_overlays_record_their_scale_and_can_share_one(
+    tmp_path: Path, slide_path: Path
+) -> None:
+    import tifffile
+
+    ex = _hand_made(slide_path)  # concept 0 weighs 2.0 where it is
+    own = write_overlay_tiff(ex, tmp_path / "own.tif", kind="intensity", concept=0)
+    shared = write_overlay_tiff(
+        ex, tmp_path / "shared.tif", kind="intensity", concept=0, scale=np.float32(4.0)
+    )
+    with tifffile.TiffFile(own) as a, tifffile.TiffFile(shared) as b:
+        assert "Opaque at weight = 2|" not in a.pages[0].description
+        assert a.pages[0].description.endswith("Concept = concept 0|Opaque at weight = 2")
+        assert b.pages[0].description.endswith("Opaque at weight = 4")
+        alpha_own, alpha_shared = a.pages[0].asarray()[..., 3], b.pages[0].asarray()[..., 3]
+    assert alpha_own.max() == 255
+    assert alpha_shared.max() == 128  # the same weight, half the scale's
+    with pytest.raises(ValueError, match="scale must be a positive number, got 0"):
+        write_overlay_tiff(ex, tmp_path / "x.tif", kind="intensity", concept=0, scale=0)
