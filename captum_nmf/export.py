@@ -168,12 +168,17 @@ def to_geojson(
 def _feature_id(explanation: Any, concept: int) -> uuid.UUID:
     """A UUID for a concept's GeoJSON feature, as QuPath writes them; the same on every export.
 
-    Derived (UUID 5) from the slide's fingerprint, the explanation's concepts and the
-    concept index, so re-exporting an explanation gives the same ids and two slides never
-    share one.
+    Derived (UUID 5) from the slide's fingerprint, the explanation's concepts, the
+    assignment map (so two runs of one slide with other tiles or levels differ) and the
+    concept index, so re-exporting an explanation gives the same ids and neither two
+    slides nor two runs of one slide share one.
     """
     concepts = np.ascontiguousarray(np.asarray(explanation.concepts, np.float32)).tobytes()
-    key = f"captum-nmf:{explanation.slide_fingerprint}:{hashlib.sha256(concepts).hexdigest()}"
+    cells = np.asarray(explanation.assignment)
+    digest = hashlib.sha256(concepts)
+    digest.update(f"{cells.shape}|{explanation.cell_size!r}|".encode())
+    digest.update(np.ascontiguousarray(cells, np.int16).tobytes())
+    key = f"captum-nmf:{explanation.slide_fingerprint}:{digest.hexdigest()}"
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{key}:{concept}")
 
 

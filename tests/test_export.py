@@ -217,6 +217,11 @@ def test_geojson_ids_are_stable_uuids(tmp_path: Path, slide_path: Path) -> None:
     ex.slide_fingerprint = "sha256:y"
     other = [f["id"] for f in to_geojson(ex)["features"]]
     assert not set(other) & set(first)
+    ex.slide_fingerprint = _hand_made(slide_path).slide_fingerprint  # the same slide, run
+    ex.assignment = ex.assignment.copy()  # with other tiles: another map, other ids
+    ex.assignment[0, 0] = 1
+    rerun = [f["id"] for f in to_geojson(ex)["features"]]
+    assert not set(rerun) & set(first)
 
 
 def test_intensity_overlays_record_their_scale_and_can_share_one(
