@@ -75,6 +75,12 @@ def _interrupted(attr: NMFConceptAttribution, path: Path, out: Path, **kwargs: o
 _WRITE_JSON = store_module._write_json
 
 
+def _overwrite_gives_a_fresh_runs_maps(attr: NMFConceptAttribution, slide: Path, out: Path) -> None:
+    """As a refusal advises: ``overwrite=True`` starts over, with the maps of a fresh run."""
+    got = _explain(attr, slide, out_dir=out, overwrite=True)
+    assert np.array_equal(got.concept_maps, _explain(attr, slide).concept_maps)
+
+
 def _full_disk_when(
     monkeypatch: pytest.MonkeyPatch, when: Callable[[Path, dict[str, object]], bool]
 ) -> None:
@@ -612,8 +618,7 @@ def test_a_changed_manifest_is_refused_on_resume(
     (out / "manifest.json").write_text(json.dumps({**manifest, key: value}, indent=2))
     with pytest.raises(RunStateError, match=r"changed since it was written \(its digest"):
         _explain(pool_attr, he_slide, out_dir=out, resume=True)
-    got = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
-    assert np.array_equal(got.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+    _overwrite_gives_a_fresh_runs_maps(pool_attr, he_slide, out)
 
 
 def test_an_overwrite_removes_only_its_own_stale_working_folders(
@@ -917,8 +922,7 @@ def test_an_unfinished_run_of_an_older_version_asks_for_overwrite(
         RunStateError, match="unfinished run of an older captum-nmf.*overwrite=True"
     ):
         _explain(pool_attr, he_slide, out_dir=out, resume=True)
-    done = _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
-    assert np.array_equal(done.concept_maps, _explain(pool_attr, he_slide).concept_maps)
+    _overwrite_gives_a_fresh_runs_maps(pool_attr, he_slide, out)
 
 
 def test_a_finished_run_is_loaded_whatever_its_chunk_size_but_an_unfinished_one_is_not(
