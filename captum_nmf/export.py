@@ -182,6 +182,18 @@ def _feature_id(explanation: Any, concept: int) -> uuid.UUID:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"{key}:{concept}")
 
 
+def _check_scale(name: str, scale: object) -> None:
+    """A weight drawn opaque: None or a positive finite number.
+
+    Raises:
+        ValueError: anything else, naming ``name``.
+    """
+    if scale is not None and not (
+        isinstance(scale, numbers.Real) and math.isfinite(scale) and float(scale) > 0
+    ):
+        raise ValueError(f"{name} must be a positive number, got {scale!r}.")
+
+
 def _slide_levels(explanation: Any) -> list[tuple[int, int]] | None:
     """(height, width) of each level of the explained slide, when its file can be read."""
     from captum_nmf.wsi import Slide
@@ -302,10 +314,7 @@ def write_overlay_tiff(
     down = 1.0 if downsample is None else float(downsample)
     if not down > 0:
         raise ValueError(f"downsample must be positive, got {downsample!r}.")
-    if scale is not None and not (
-        isinstance(scale, numbers.Real) and math.isfinite(scale) and float(scale) > 0
-    ):
-        raise ValueError(f"scale must be a positive number, got {scale!r}.")
+    _check_scale("scale", scale)
     cells, top = _overlay_cells(explanation, kind, concept, scale)
     w0, h0 = explanation.dimensions
     base = (max(1, round(h0 / down)), max(1, round(w0 / down)))
@@ -582,6 +591,7 @@ def export_explanation(
     top_n: int = 5,
     names: Sequence[str] | None = None,
     slide: str | os.PathLike[str] | None = None,
+    intensity_scale: float | None = None,
 ) -> Path:
     r"""Write every export of one slide into ``out_dir``, atomically.
 
@@ -610,6 +620,10 @@ def export_explanation(
         slide (str or PathLike, optional): where the slide is now (for the
                     summary's crops; see :func:`slide_summary`).
                     Default: None (the path the explanation recorded)
+        intensity_scale (float, optional): the weight drawn opaque in every
+                    ``concept_<k>.tif`` (one scale for several slides; see
+                    :func:`write_overlay_tiff`).
+                    Default: None (each concept's maximum on this slide)
 
     Returns:
         *Path*: ``out_dir``.
@@ -626,6 +640,7 @@ def export_explanation(
     from captum_nmf.wsi.store import RunLock
 
     check_int("top_n", top_n)
+    _check_scale("intensity_scale", intensity_scale)
     _names(explanation, names)  # the count of names, before any work
     out = Path(os.path.realpath(Path(out_dir).expanduser()))  # a link: beside its target
     if not out.name:
@@ -651,7 +666,12 @@ def export_explanation(
         write_overlay_tiff(explanation, tmp / "clusters.tif", names=names)
         for j in range(explanation.n_concepts):
             write_overlay_tiff(
-                explanation, tmp / f"concept_{j}.tif", kind="intensity", concept=j, names=names
+                explanation,
+                tmp / f"concept_{j}.tif",
+                kind="intensity",
+                concept=j,
+                names=names,
+                scale=intensity_scale,
             )
         slide_summary(explanation, tmp / "summary", top_n=top_n, names=names, slide=slide)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

@@ -592,3 +592,22 @@ def test_a_filesystem_without_locks_warns_and_still_exports(
         out = export_module.export_explanation(ex, tmp_path / "export")
     assert (out / "clusters.tif").is_file()
     assert not (out / ".captum-nmf-export.lock").exists()
+
+
+def test_export_puts_slides_on_one_intensity_scale(
+    tmp_path: Path, explained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tifffile
+
+    out = tmp_path / "e"
+    code, _, err = _run(
+        ["export", str(explained), "--out", str(out), "--intensity-scale", "4"], capsys
+    )
+    assert code == 0, err
+    with tifffile.TiffFile(out / "concept_1.tif") as tif:
+        assert tif.pages[0].description.endswith("|Opaque at weight = 4")
+    bad = ["export", str(explained), "--out", str(tmp_path / "x"), "--intensity-scale", "-1"]
+    code, _, err = _run(bad, capsys)
+    assert code == 1
+    assert "--intensity-scale must be a positive number, got -1.0" in err
+    assert not (tmp_path / "x").exists()

@@ -241,7 +241,14 @@ def export(args: argparse.Namespace) -> int:
     _check_finished(Path(args.explanation))
     ex = SlideExplanation.load(args.explanation)  # checks the file's digest: nothing on a mismatch
     names = None if args.concepts is None else _names_of(Path(args.concepts), ex.concepts)
-    out = export_explanation(ex, args.out, top_n=args.top_n, names=names, slide=args.slide)
+    out = export_explanation(
+        ex,
+        args.out,
+        top_n=args.top_n,
+        names=names,
+        slide=args.slide,
+        intensity_scale=args.intensity_scale,
+    )
     print(f"wrote GeoJSON, {ex.n_concepts + 1} overlay TIFFs and a summary to {out}")
     return 0
 

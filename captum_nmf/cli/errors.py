@@ -29,7 +29,11 @@ _SPELLINGS: tuple[tuple[str, str], ...] = (
         r"|mpp)=(?=[^\s,])",
         "",
     ),
-    (r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin|top_n)\b", ""),
+    (
+        r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin|top_n"
+        r"|intensity_scale)\b",
+        "",
+    ),
     (r"\bout_dir\b", "--out"),
 )
 

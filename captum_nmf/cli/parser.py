@@ -180,6 +180,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         help="where the explained slide is now, for the prototype crops (a run folder copied "
         "to another machine); default: the path recorded by 'explain'",
     )
+    p.add_argument(
+        "--intensity-scale",
+        type=float,
+        help="the concept weight drawn opaque in every concept_<k>.tif (the same value for "
+        "several slides puts them on one scale); default: each concept's maximum on the slide",
+    )
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
