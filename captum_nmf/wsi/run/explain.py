@@ -254,7 +254,10 @@ def explain_slide(
         recorded = (manifest or {}).get("config") or {}
         if not computes and "chunk_tiles" in recorded:  # how a finished run was cut into
             config = {**config, "chunk_tiles": recorded["chunk_tiles"]}  # chunks: same maps
-        run_hash = config_hash(attr, config, plan.grid, cached=not computes)
+        # a run from before the tissue mask was recorded: its hash lacks the mask
+        legacy = "tissue_mask" not in (recorded or {"tissue_mask": None})
+        hashed = {k: v for k, v in config.items() if k != "tissue_mask"} if legacy else config
+        run_hash = config_hash(attr, hashed, plan.grid, cached=not computes)
         # each call that computes chunks is a part: what a resume may change is recorded
         part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
         if manifest is None:
@@ -274,11 +277,6 @@ def explain_slide(
             )
             manifest = store.manifest
         else:
-            # a run from before the tissue mask was recorded: its hash lacks the mask
-            legacy = "tissue_mask" not in (manifest.get("config") or {"tissue_mask": None})
-            if legacy:
-                unmasked = {k: v for k, v in config.items() if k != "tissue_mask"}
-                run_hash = config_hash(attr, unmasked, plan.grid, cached=not computes)
             _check_resumable(store, manifest, run_hash, plan.fingerprint, config)
             if legacy:
                 _check_legacy_mask(store, manifest, config)
@@ -336,12 +334,12 @@ def _check_resumable(
             if key not in UNHASHED and (key not in recorded or recorded[key] != config.get(key))
         ]
         what = "; ".join(changed) or "the model's weights, the concepts or the tile positions"
-        raise RunStateError(
-            f"out_dir {store.work_dir} was produced with a different configuration ({what}); "
-            "pass resume=False with another directory, or overwrite=True. A transform is "
-            "compared by its code, arguments and attributes: a class whose attributes also "
-            "count calls or cache results can state what decides its result in a class "
-            "attribute __captum_nmf_description__."
+        raise _different(
+            store,
+            what,
+            " A transform is compared by its code, arguments and attributes: a class whose "
+            "attributes also count calls or cache results can state what decides its result in "
+            "a class attribute __captum_nmf_description__.",
         )
     if manifest.get("slide_fingerprint") != fingerprint:
         raise RunStateError(
@@ -367,11 +365,16 @@ def _check_legacy_mask(store: RunStore, manifest: dict[str, Any], config: dict[s
         )
     recorded = mask_digest(SlideExplanation.load(store.verify(EXPLANATION_FILE)).tissue)
     if recorded != config["tissue_mask"]:
-        raise RunStateError(
-            f"out_dir {store.work_dir} was produced with a different configuration "
-            f"(tissue_mask: recorded {_short(recorded)}, now {_short(config['tissue_mask'])}); "
-            "pass resume=False with another directory, or overwrite=True."
-        )
+        now = config["tissue_mask"]
+        raise _different(store, f"tissue_mask: recorded {_short(recorded)}, now {_short(now)}")
+
+
+def _different(store: RunStore, what: str, more: str = "") -> RunStateError:
+    """The refusal of a run folder made with another configuration, naming ``what`` differs."""
+    return RunStateError(
+        f"out_dir {store.work_dir} was produced with a different configuration ({what}); "
+        f"pass resume=False with another directory, or overwrite=True.{more}"
+    )
 
 
 def _short(value: object, limit: int = 160) -> str:
