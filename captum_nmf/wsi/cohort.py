@@ -60,6 +60,8 @@ __all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
 
 COHORT_FILE = "cohort.json"
 COHORT_FORMAT = "captum-nmf/cohort-summary"
+# the temporary files of the summary's atomic writes (`.{name}.{pid}.tmp`)
+_SUMMARY_TMP = re.compile(r"\.cohort\.(?:json|csv)\.[0-9]+\.tmp")
 _RESERVED = ("out_dir", "resume", "overwrite", "progress")
 
 Status = Literal["done", "skipped", "failed", "pending"]
@@ -215,13 +217,21 @@ def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     it is the same slide by its content.
     """
     stems = Counter(p.stem.casefold() for p in paths)
-    found = _runs_in(out_dir)
+    owner = _runs_in(out_dir)  # every folder's manifest read once
+    found: dict[str, Path] = {}  # per slide, its first folder that is not a link
+    for folder, slide in owner.items():
+        if not folder.is_symlink():
+            found.setdefault(slide, folder)
+
+    def run_of(folder: Path) -> str | None:  # a name not listed may be there in another case
+        return owner[folder] if folder in owner else _run_of(folder)
+
     dirs = []
     for p in paths:
         plain = out_dir / p.stem
         hashed = out_dir / f"{p.stem}-{hashlib.sha256(os.fsencode(p)).hexdigest()[:8]}"
-        other = _run_of(plain)
-        if _run_of(hashed) == str(p):
+        other = run_of(plain)
+        if run_of(hashed) == str(p):
             dirs.append(hashed)
         elif other == str(p):
             dirs.append(plain)
@@ -234,16 +244,15 @@ def slide_dirs(paths: Sequence[Path], out_dir: Path) -> list[Path]:
     return dirs
 
 
-def _runs_in(out_dir: Path) -> dict[str, Path]:
-    """The slide each run folder in ``out_dir`` was written for (one manifest read per folder)."""
-    found: dict[str, Path] = {}
+def _runs_in(out_dir: Path) -> dict[Path, str]:
+    """The slide each run folder in ``out_dir`` was written for, in name order."""
+    owner: dict[Path, str] = {}
     with contextlib.suppress(OSError):
         for entry in sorted(out_dir.iterdir()):
-            if entry.is_dir() and not entry.is_symlink():
-                slide = _run_of(entry)
-                if slide is not None:
-                    found.setdefault(slide, entry)
-    return found
+            slide = _run_of(entry) if entry.is_dir() else None
+            if slide is not None:
+                owner[entry] = slide
+    return owner
 
 
 def _another_slide(recorded: str, slide: Path) -> bool:
@@ -460,11 +469,10 @@ def _cohort_lock(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     _check_summaries(root)  # again: a file could have come since the first check
     lock = RunLock(root, COHORT_LOCK, "cohort")
-    for name in (COHORT_FILE, "cohort.csv"):  # a killed summary write's (we hold the lock)
-        for tmp in root.glob(f".{name}.*.tmp"):
-            if re.fullmatch(rf"\.{re.escape(name)}\.[0-9]+\.tmp", tmp.name) and tmp.is_file():
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+    for tmp in root.iterdir():  # a killed summary write's temporary files (we hold the lock)
+        if _SUMMARY_TMP.fullmatch(tmp.name) and tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     try:
         yield
     finally:
