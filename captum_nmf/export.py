@@ -26,8 +26,6 @@ import csv
 import hashlib
 import io
 import json
-import math
-import numbers
 import os
 import re
 import uuid
@@ -39,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.io import atomic_write, sha256_file
 from captum_nmf.viz import concept_colors
 from captum_nmf.wsi.pyramid import write_tiled_levels
@@ -188,9 +186,7 @@ def _check_scale(name: str, scale: object) -> None:
     Raises:
         ValueError: anything else, naming ``name``.
     """
-    if scale is not None and not (
-        isinstance(scale, numbers.Real) and math.isfinite(scale) and float(scale) > 0
-    ):
+    if scale is not None and not is_positive_number(scale):
         raise ValueError(f"{name} must be a positive number, got {scale!r}.")
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_bool", "check_device", "check_int", "device_problem", "value_range"]
+__all__ = [
+    "check_bool",
+    "check_device",
+    "check_int",
+    "device_problem",
+    "is_positive_number",
+    "value_range",
+]
 
 
 @overload
@@ -70,6 +78,16 @@ def check_int(
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}{tail}")
     return int(value)
+
+
+def is_positive_number(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and above 0 (an mpp, a scale)."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and float(value) > 0
+    )
 
 
 def check_bool(name: str, value: object, *, optional: bool = False) -> bool | None:

@@ -26,8 +26,6 @@ import inspect
 import io
 import json
 import logging
-import math
-import numbers
 import os
 import re
 import time
@@ -42,7 +40,7 @@ from tqdm.auto import tqdm
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import module_of
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.engines import check_engine
 from captum_nmf.engines.ray_actors import ActorPool, ActorWorker, TaskOutcome
 from captum_nmf.engines.ray_cluster import ray_session
@@ -535,12 +533,7 @@ def _check_options(attr: NMFConceptAttribution, options: dict[str, Any]) -> None
     tiling = inspect.signature(check_tiling_options).parameters
     check_tiling_options(**{k: options.get(k, parameters[k].default) for k in tiling})
     slide_mpp = options.get("slide_mpp")
-    if slide_mpp is not None and (
-        isinstance(slide_mpp, bool)
-        or not isinstance(slide_mpp, numbers.Real)
-        or not math.isfinite(slide_mpp)
-        or not float(slide_mpp) > 0
-    ):
+    if slide_mpp is not None and not is_positive_number(slide_mpp):
         raise ValueError(
             f"slide_mpp must be a positive number of microns per pixel, got {slide_mpp!r}."
         )

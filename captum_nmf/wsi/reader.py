@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from openslide import ImageSlide, OpenSlide, OpenSlideError
 from PIL import Image, UnidentifiedImageError
 
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.exceptions import (
     SlideError,
     SlideNotFoundError,
@@ -155,12 +155,7 @@ class Slide:
                 f"{self.path} is a directory; pass the slide file itself (for MRXS the .mrxs "
                 "file beside its data directory)."
             )
-        if mpp is not None and not (
-            isinstance(mpp, numbers.Real)
-            and not isinstance(mpp, bool)
-            and math.isfinite(mpp)
-            and mpp > 0
-        ):
+        if mpp is not None and not is_positive_number(mpp):
             raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}.")
         if len(background) != 3 or not all(
             isinstance(v, numbers.Integral) and 0 <= int(v) <= 255 for v in background
@@ -392,12 +387,7 @@ class Slide:
             lv = self.check_level(0 if level is None else level)
             down = self.level_downsamples[lv]
             return Resolution(lv, down, 1.0, None if mpps is None else mpps[lv])
-        if (
-            isinstance(mpp, bool)
-            or not isinstance(mpp, numbers.Real)
-            or not math.isfinite(mpp)
-            or not mpp > 0
-        ):
+        if not is_positive_number(mpp):
             raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
         if mpps is None:
             raise ValueError(

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from captum_nmf._utils.validation import check_int
+from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
 from captum_nmf.wsi.reader import Resolution, Slide
 from captum_nmf.wsi.tissue import TissueMask, detect_tissue
@@ -292,12 +292,7 @@ def check_tiling_options(
         check_int("level", level, minimum=0)
         if mpp is not None:
             raise ValueError(f"pass level= or mpp=, not both (got level={level}, mpp={mpp}).")
-    if mpp is not None and (
-        isinstance(mpp, bool)
-        or not isinstance(mpp, numbers.Real)
-        or not math.isfinite(mpp)
-        or not float(mpp) > 0
-    ):
+    if mpp is not None and not is_positive_number(mpp):
         raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
     if edge not in ("pad", "drop"):
         raise ValueError(f"edge must be 'pad' or 'drop', got {edge!r}.")
