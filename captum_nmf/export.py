@@ -646,14 +646,9 @@ def export_explanation(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export-{uuid.uuid4().hex[:12]}")
+    lock: RunLock | None = None
     try:
         lock = RunLock(out, _EXPORT_LOCK, "export")
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-    try:
         _remove_stale(out)  # killed exports' folders (this lock is held: none is running)
         previous = _read_marker(out)
         _check_previous(out, previous, explanation.n_concepts)
@@ -673,15 +668,13 @@ def export_explanation(
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         digests = {rel: sha256_file(tmp / rel) for rel in files}
         _move_in(tmp, out, files, digests, [] if previous is None else previous["files"])
-    except BaseException:
-        if created:  # a new folder that got nothing: gone again
-            lock.release()
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
     finally:
         _remove_tree(tmp)
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if created:  # a new folder that got nothing goes again (rmdir takes only an empty one)
+            with contextlib.suppress(OSError):
+                out.rmdir()
     return out
 
 
