@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,7 +228,8 @@ def test_cam_agreement_keeps_label_values_as_data() -> None:
         "corr. with GradCAM (label -2, 1 tiles)",
         "corr. with GradCAM (label 7, 2 tiles)",
     ]
-    assert res.table.rows == [["concept 0", "0.833 ± 0.236", "0.577 ± 0.000", "1.000 ± 0.000"]]
+    shown = [[str(v) for v in row] for row in res.table.rows]
+    assert shown == [["concept 0", "0.833 ± 0.236", "0.577 ± 0.000", "1.000 ± 0.000"]]
 
 
 def test_tables_render_numbers_and_text() -> None:
@@ -361,3 +365,185 @@ def test_saved_analysis_files_are_written_together(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="No space left"):
         result.save(out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no file replaced
+
+
+# ------------------------------------------- review of 2026-12-07 (third session)
+def test_surrogate_metrics_undefined_on_one_held_out_label_are_nan_and_said() -> None:
+    # slide 0 holds every label-1 tile; a grouped split that holds out a benign slide leaves
+    # no label-1 tile on the test side: recall, F1 and AUC are 0/0, never a reported 0.0
+    rng = np.random.default_rng(0)
+    y = np.zeros(40, int)
+    y[:10] = 1
+    maps = np.maximum(rng.normal(size=(40, 2, 3, 3)), 0)
+    maps[y == 1, 0] += 2.0  # concept 0 separates perfectly
+    groups = np.repeat([0, 1, 2, 3], 10)
+    report = next(
+        r
+        for r in (surrogate_report(maps, y, groups=groups, random_state=s) for s in range(20))
+        if r.n_test == 10 and "held-out tiles all have label 0" in r.table.title
+    )
+    assert report.metrics["accuracy"] == 1.0
+    for name in ("precision", "recall", "f1", "roc_auc"):
+        assert math.isnan(report.metrics[name]), name
+    assert "| recall | nan |" in report.table.to_markdown()
+    assert "metrics that need the other label are undefined (nan)" in report.table.title
+
+
+def test_constant_float64_maps_give_no_correlation() -> None:
+    # a concept present uniformly on a tile: centring leaves ~1e-16 in float64, which divided
+    # gave a correlation of -8e-17 counted as a tile; Pearson's r is undefined there (scipy: nan)
+    maps = np.zeros((1, 2, 3, 3))
+    maps[0, 0] = 0.9127555772777217
+    maps[0, 1] = np.random.default_rng(0).random((3, 3))
+    res = weight_correlation(maps)
+    assert np.isnan(res.per_tile[0, 0, 1])
+    assert res.n_tiles[0, 1] == 0
+    cams = np.random.default_rng(1).normal(size=(1, 3, 3))
+    assert np.isnan(cam_agreement(maps, cams, [1]).correlation[0, 0])
+
+
+def test_cells_over_fewer_tiles_show_their_count_and_files_keep_full_precision(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    maps = np.maximum(rng.normal(size=(10, 2, 4, 4)), 0)
+    maps[1:, 1] = 0.0  # concept 1 absent on 9 of 10 tiles
+    corr = weight_correlation(maps)
+    cell = corr.table.rows[0][2]
+    assert isinstance(cell, compare_tables.MeanStd)
+    assert (cell.n, cell.of) == (1, 10)
+    assert str(cell).endswith(" ± 0.000 (n=1)")
+    assert str(corr.table.rows[0][1]) == "1.000 ± 0.000"  # over every tile: no count
+    agreement = cam_agreement(maps, rng.normal(size=(10, 4, 4)), np.ones(10, int))
+    assert str(agreement.table.rows[1][2]).endswith("(n=1)")
+    assert agreement.summary["all"]["corr_n"].tolist() == [10, 1]
+    # CSV: a MeanStd column becomes mean, std and n at full precision
+    rows = list(csv.reader(io.StringIO(agreement.table.to_csv())))
+    assert rows[0][:4] == [
+        "concept",
+        "IoU with GradCAM > 0 mean",
+        "IoU with GradCAM > 0 std",
+        "IoU with GradCAM > 0 n",
+    ]
+    assert float(rows[1][1]) == agreement.summary["all"]["iou_mean"][0]  # not rounded
+    assert rows[2][-1] == "1"
+    record = agreement.table.to_dict()["rows"][0][1]
+    assert record == {
+        "mean": agreement.summary["all"]["iou_mean"][0],
+        "std": agreement.summary["all"]["iou_std"][0],
+        "n": 10,
+    }
+    nan_cell = compare_tables.MeanStd(float("nan"), float("nan"), 0, 4)
+    assert str(nan_cell) == "nan"
+    assert nan_cell.to_dict() == {"mean": None, "std": None, "n": 0}
+
+
+def test_cam_agreement_labels_from_probabilities_scores_and_integral_floats() -> None:
+    maps = np.ones((4, 1, 2, 2))
+    cams = np.random.default_rng(0).normal(size=(4, 2, 2))
+    probs = cam_agreement(maps, cams, np.array([0.9, 0.2, 0.6, 0.4]))  # was truncated to 0
+    assert probs.labels.tolist() == [1, 0, 1, 0]
+    scores = cam_agreement(maps, cams, np.array([[0.1, 0.9], [3.0, 0.0], [0, 1], [2, 1]]))
+    assert scores.labels.tolist() == [1, 0, 1, 0]
+    assert cam_agreement(maps, cams, np.array([2.0, 7.0, 2.0, 2.0])).labels.tolist() == [2, 7, 2, 2]
+    with pytest.raises(ValueError, match="fractional values outside"):
+        cam_agreement(maps, cams, np.array([1.5, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="predicted_labels contain NaN"):
+        cam_agreement(maps, cams, np.array([np.nan, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="predicted_labels holds NaN scores on 1 tiles"):
+        cam_agreement(maps, cams, np.array([[np.nan, 1], [0, 1], [0, 1], [1, 0]]))
+    with pytest.raises(ValueError, match=r"must be \(n,\) labels or \(n, classes\) scores"):
+        cam_agreement(maps, cams, np.array(1))
+
+
+@pytest.mark.parametrize(
+    ("predictions", "match"),
+    [
+        (np.array(1.0), r"predictions must be \(n,\) labels or \(n, 2\) scores, got shape \(\)"),
+        (np.array([[0.2, np.nan], [0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]), "NaN scores on 1 tiles"),
+    ],
+)
+def test_surrogate_refuses_0d_and_nan_scores(predictions: np.ndarray, match: str) -> None:
+    maps = np.random.default_rng(0).random((4, 2, 2, 2))
+    with pytest.raises(ValueError, match=match):
+        surrogate_report(maps, predictions)
+
+
+def test_nan_in_maps_or_cams_is_refused_naming_the_tiles() -> None:
+    maps = np.ones((3, 2, 2, 2))
+    maps[1, 0, 0, 0] = np.nan
+    for call in (weight_correlation, lambda m: surrogate_report(m, [0, 1, 1])):
+        with pytest.raises(
+            ValueError,
+            match=r"maps holds NaN or infinite values on 1 of 3 tiles "
+            r"\(the first: tile 1\)",
+        ):
+            call(maps)
+    cams = np.zeros((3, 2, 2))
+    cams[2, 1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"cams holds NaN or infinite values on 1 of 3 tiles"):
+        cam_agreement(np.ones((3, 2, 2, 2)), cams, [0, 1, 1])
+
+
+def test_a_binary_mask_is_no_scaled_cam() -> None:
+    rng = np.random.default_rng(0)
+    maps = np.maximum(rng.normal(size=(20, 3, 8, 8)), 0)
+    mask = (rng.random((20, 8, 8)) < 0.6).astype(np.float32)  # nuclei on ~60 % of cells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CamScaleWarning)
+        cam_agreement(maps, mask, np.ones(20, int), name="neoplastic nuclei")
+
+
+class MixNet(ColourNet):
+    """ColourNet with a 3x3 convolution after the ReLU: its input (the ReLU's output,
+    non-negative) is what the concepts factorise; its output is that input smoothed over
+    neighbours, so the CAMs of its input and of its output differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(
+                torch.rand(3, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mix(self.relu(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_analyse_concepts_of_the_layer_input() -> None:
+    net = MixNet().eval()
+    x = _colour_tiles()
+    attr = NMFConceptAttribution(net, net.mix, n_concepts=2, random_state=0)
+    attr.fit(x, attribute_to_layer_input=True, progress=False)  # failed in analyse before
+    result = analyse(attr, x, cam_methods=("gradcam",), progress=False)
+    expected = cam_maps(net, net.mix, x, "gradcam", 1, attribute_to_layer_input=True)
+    np.testing.assert_allclose(result.cam_values["gradcam"], expected.numpy(), rtol=1e-6)
+    at_output = cam_maps(net, net.mix, x, "gradcam", 1)
+    assert not torch.allclose(expected, at_output)  # the input's CAM, not the output's
+
+
+def test_analyse_keeps_its_work_when_the_surrogate_split_cannot_fit() -> None:
+    net = ColourNet().eval()
+    x = _colour_tiles()[23:26]  # one red, two blue: holding out the red one leaves one label
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(x, progress=False)
+    notes = []
+    for seed in range(10):
+        result = analyse(attr, x, cam_methods=("gradcam",), random_state=seed, progress=False)
+        if result.surrogate is None:
+            notes = result.notes
+            assert result.cams["gradcam"].iou.shape == (3, 2)  # the rest of the work is kept
+            break
+    assert notes
+    assert notes[-1].startswith("no surrogate model: the training split holds one")
+
+
+def test_analyse_refuses_a_bare_or_repeated_cam_method() -> None:
+    net = ColourNet().eval()
+    attr = NMFConceptAttribution(net, net.relu, 2, random_state=0).fit(
+        _colour_tiles(), progress=False
+    )
+    with pytest.raises(TypeError, match=r"got the string 'gradcam'; pass \('gradcam',\)"):
+        analyse(attr, _colour_tiles(), cam_methods="gradcam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="names 'gradcam' twice"):
+        analyse(attr, _colour_tiles(), cam_methods=("gradcam", "gradcam"))

@@ -394,3 +394,42 @@ def test_real_he_with_lite0(lite0: torch.nn.Module, he_tiles: Tensor) -> None:
     assert r.concepts[4].shape == (4, 1280)
     assert all(r.stability[k].matched_cosine.shape == (k, 2) for k in r.ks)
     assert elapsed < 60
+
+
+# ------------------------------------------- review of 2026-12-07 (third session)
+def test_resample_shares_with_fewer_rows_than_k_are_refused_before_any_fit(
+    planted: tuple[PlantedConceptNet, Tensor],
+) -> None:
+    # before: such a share fell back to every training row, which with the deterministic
+    # initialisation repeated the reference fit and called pure noise "stable" (cosine 1.0)
+    net, x = planted
+    rows = torch.rand(10, 10, generator=torch.Generator().manual_seed(0))
+    sample = RowSample(
+        rows=rows,
+        tiles=np.arange(10, dtype=np.int64),
+        groups=np.full(10, -1, np.int64),
+        n_tiles_seen=10,
+        locations_per_tile=1,
+    )
+    with pytest.raises(ValueError, match=r"gets 4 rows, fewer than K = 6\. .*perturbation='init'"):
+        select_k((net, net.relu), sample, ks=[3, 6], progress=False)
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=6, random_state=0)
+    attr.fit(x, progress=False)
+    with pytest.raises(ValueError, match=r"rows, fewer than K = 6"):
+        concept_stability(attr, sample, progress=False)
+    init = select_k((net, net.relu), sample, ks=[3, 6], perturbation="init", progress=False)
+    assert init.ks == [3, 6]
+
+
+def test_a_tile_never_exceeds_max_rows_on_its_own(
+    planted: tuple[PlantedConceptNet, Tensor],
+) -> None:
+    net, x = planted  # 36 locations per tile
+    batches = (x[i : i + 8] for i in range(0, 40, 8))  # a generator: the tile count is unknown
+    sample = sample_rows((net, net.relu), batches, max_rows=30, progress=False)
+    assert sample.rows.shape[0] == 30  # was 0 rows: every tile's 36 locations exceeded 30
+    assert sample.locations_per_tile == 30
+    with pytest.raises(ValueError, match=r"locations_per_tile=40 is more than max_rows=30"):
+        sample_rows((net, net.relu), x, max_rows=30, locations_per_tile=40, progress=False)
+    with pytest.raises(ValueError, match=r"1 tile \(of 40 seen, 30 locations each\).*smaller "):
+        select_k((net, net.relu), iter([x]), ks=[2], max_rows=30, progress=False)

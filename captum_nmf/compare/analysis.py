@@ -44,7 +44,10 @@ class TileSample:
     """A reproducible random sample of tiles.
 
     Attributes:
-        indices (ndarray): the chosen positions in the source (sorted).
+        indices (ndarray): the chosen positions (sorted): in the tensor or
+                    Dataset; for slide explanations, among the readable tiles
+                    of all slides in order (``groups`` and ``locations`` name
+                    each tile's slide and place).
         inputs (Tensor or None): the tiles themselves (from a tensor or a Dataset).
         maps (ndarray or None): N x K x h x w concept maps (from slide explanations).
         outputs (ndarray or None): N x O model outputs (from slide explanations).
@@ -169,7 +172,8 @@ class AnalysisResult:
         similarity (ConceptSimilarity): cosine similarity of concept vectors.
         correlation (ConceptCorrelation): correlation of concept weights.
         surrogate (SurrogateReport or None): the surrogate model (None with a
-                    reason in ``notes`` when the tiles hold one predicted label).
+                    reason in ``notes`` when the tiles hold one predicted label,
+                    or the split left one label on the training side).
         cams (dict[str, CamAgreement]): agreement with each CAM method.
         predictions (ndarray): the model's predicted label per tile.
         n_tiles (int): tiles analysed.
@@ -243,6 +247,25 @@ class AnalysisResult:
         return out
 
 
+def _check_cam_methods(cam_methods: Any) -> tuple[CamMethod, ...]:
+    """``cam_methods`` as a tuple of known, distinct methods; refused before any work."""
+    if isinstance(cam_methods, str):
+        raise TypeError(
+            f"cam_methods must be a sequence of methods, got the string {cam_methods!r}; "
+            f"pass ({cam_methods!r},)."
+        )
+    methods = tuple(cam_methods)
+    for method in methods:
+        if method not in CAM_METHODS:
+            raise ValueError(f"cam_methods must be among {CAM_METHODS}, got {method!r}.")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise ValueError(
+            f"cam_methods names {', '.join(map(repr, repeated))} twice; name each once."
+        )
+    return methods
+
+
 def analyse(
     attr: NMFConceptAttribution,
     data: Any,
@@ -260,7 +283,8 @@ def analyse(
 
     Tiles are drawn with :func:`sample_tiles`; for each batch the concept
     maps, the model's output (its predicted label = argmax) and the CAMs of
-    ``target`` at the concepts' layer are computed; then
+    ``target`` at the concepts' layer (its input for concepts fitted with
+    ``attribute_to_layer_input=True``) are computed; then
     :func:`concept_similarity`, :func:`weight_correlation`,
     :func:`surrogate_report` (predicting the model's label) and
     :func:`cam_agreement` per CAM method.
@@ -295,24 +319,24 @@ def analyse(
 
     Raises:
         NotFittedError: ``attr`` is not fitted.
-        ValueError: an unknown CAM method, an empty source, or a model whose
-                    output is not N x (classes >= 2).
+        TypeError: ``cam_methods`` given as one string.
+        ValueError: an unknown or repeated CAM method, an empty source, or a
+                    model whose output is not N x (classes >= 2).
     """
     attr.check_fitted("analyse")
-    for method in cam_methods:
-        if method not in CAM_METHODS:
-            raise ValueError(f"cam_methods must be among {CAM_METHODS}, got {method!r}.")
+    methods = _check_cam_methods(cam_methods)
+    to_input = bool(getattr(attr, "attribute_to_layer_input_", False))
     sample = sample_tiles(data, n_tiles, random_state=random_state)
     if sample.inputs is None:
         raise TypeError("analyse needs tiles (a tensor or a Dataset), not slide explanations.")
     x_all = sample.inputs
     device = acts.model_device(attr.forward_func, attr.layer) or x_all.device
     maps, outputs = [], []
-    cams: dict[str, list[Tensor]] = {m: [] for m in cam_methods}
+    cams: dict[str, list[Tensor]] = {m: [] for m in methods}
     starts = range(0, x_all.shape[0], batch_size)
     for start in tqdm(starts, disable=not progress, desc="analyse", unit="batch"):
         x = x_all[start : start + batch_size].to(device)  # tiles are read on the CPU
-        maps.append(attr.attribute(x).detach().cpu())
+        maps.append(attr.attribute(x, attribute_to_layer_input=to_input).detach().cpu())
         _, out = attr.features(x, return_output=True)
         if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[1] < 2:
             raise ValueError(
@@ -320,13 +344,16 @@ def analyse(
                 f"{type(out).__name__} {tuple(out.shape) if isinstance(out, Tensor) else ''}."
             )
         outputs.append(out.detach().cpu())
-        for method in cam_methods:
-            cams[method].append(cam_maps(attr.forward_func, attr.layer, x, method, target).cpu())
+        for method in methods:
+            cam = cam_maps(
+                attr.forward_func, attr.layer, x, method, target, attribute_to_layer_input=to_input
+            )
+            cams[method].append(cam.cpu())
     m = torch.cat(maps).numpy()
     scores = torch.cat(outputs)
     predictions = scores.argmax(dim=1).numpy().astype(np.int64)
     cam_values: dict[str, NDArray[np.float32]] = {
-        method: torch.cat(cams[method]).float().numpy() for method in cam_methods
+        method: torch.cat(cams[method]).float().numpy() for method in methods
     }
     notes = []
     group_ids = groups if groups is not None else sample.groups
@@ -345,9 +372,12 @@ def analyse(
             f"every tile has the same predicted label ({int(predictions[0])}): no surrogate model."
         )
     else:
-        surrogate = surrogate_report(
-            m, binary, groups=group_ids, feature=surrogate_feature, random_state=random_state
-        )
+        try:
+            surrogate = surrogate_report(
+                m, binary, groups=group_ids, feature=surrogate_feature, random_state=random_state
+            )
+        except ValueError as error:  # a split it cannot fit (one class on the training side)
+            notes.append(f"no surrogate model: {error}")
     names = attr.concept_names  # the tables show the concepts' names
 
     def named(result: Any) -> Any:
@@ -355,7 +385,7 @@ def analyse(
 
     agreements: dict[str, CamAgreement] = {
         method: named(cam_agreement(m, cam_values[method], predictions, name=_CAM_NAMES[method]))
-        for method in cam_methods
+        for method in methods
     }
     return AnalysisResult(
         named(concept_similarity(attr)),

@@ -70,6 +70,7 @@ def cam_maps(
     target: int | Tensor,
     *,
     additional_forward_args: Any = None,
+    attribute_to_layer_input: bool = False,
 ) -> Tensor:
     r"""Signed CAM maps of ``target`` at ``layer``'s resolution.
 
@@ -85,6 +86,10 @@ def cam_maps(
                     class), one for all or one per input.
         additional_forward_args (Any, optional): as in Captum.
                     Default: None
+        attribute_to_layer_input (bool, optional): the CAM of the layer's
+                    input instead of its output, as in Captum (for concepts
+                    fitted on the input).
+                    Default: False
 
     Returns:
         *Tensor*: N x h x w signed maps (detached, on the inputs' device).
@@ -100,20 +105,31 @@ def cam_maps(
                 inputs,
                 target=target,
                 additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
                 relu_attributions=False,
             )
             out = _single(cam)[:, 0]
         elif method == "hirescam":
             gxa = LayerGradientXActivation(forward_func, layer).attribute(
-                inputs, target=target, additional_forward_args=additional_forward_args
+                inputs,
+                target=target,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
             )
             out = _single(gxa).sum(dim=1)
         else:
             grads = LayerGradientXActivation(
                 forward_func, layer, multiply_by_inputs=False
-            ).attribute(inputs, target=target, additional_forward_args=additional_forward_args)
+            ).attribute(
+                inputs,
+                target=target,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+            )
             acts = LayerActivation(forward_func, layer).attribute(
-                inputs, additional_forward_args=additional_forward_args
+                inputs,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
             )
             a, g = _single(acts).double(), _single(grads).double()
             weights = gradcam_plus_plus_weights(a, g)

@@ -8,6 +8,7 @@ numbers as arrays and a printable :class:`~captum_nmf.compare.tables.Table` laid
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -68,13 +69,31 @@ def _maps(maps: Any) -> Array:
         )
     if arr.shape[0] == 0:
         raise ValueError("maps holds 0 tiles; pass at least one.")
+    _check_finite(arr, "maps")
     return arr
 
 
+def _check_finite(arr: NDArray[Any], name: str) -> None:
+    """Refuse NaN or infinite values, naming how many tiles hold them and the first."""
+    bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} holds NaN or infinite values on {int(bad.sum())} of {arr.shape[0]} tiles "
+            f"(the first: tile {first}); drop those tiles or recompute them."
+        )
+
+
 def _centred(x: Array) -> tuple[Array, Array]:
-    """Each row minus its mean over the last axis, and the centred rows' norms (Pearson's parts)."""
+    """Each row minus its mean over the last axis, and the centred rows' norms (Pearson's parts).
+
+    A row that is constant gets norm 0 exactly (so its correlations are NaN),
+    not the rounding error of its centring (about 1e-16 in float64).
+    """
     centred = x - x.mean(axis=-1, keepdims=True)
-    return centred, np.sqrt((centred**2).sum(axis=-1))
+    norms = np.sqrt((centred**2).sum(axis=-1))
+    norms[x.max(axis=-1) == x.min(axis=-1)] = 0.0
+    return centred, norms
 
 
 # ------------------------------------------------------------------ structure
@@ -158,13 +177,15 @@ def weight_correlation(maps: Any) -> ConceptCorrelation:
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(per_tile, axis=0)
         std = np.nanstd(per_tile, axis=0)
-    table = correlation_table(mean, std, n)
+    table = correlation_table(mean, std, n, count)
     return ConceptCorrelation(mean, std, count.astype(np.int64), per_tile, table)
 
 
 # ------------------------------------------------------------------ surrogate
 def _labels(predictions: Any, n: int) -> NDArray[np.int64]:
     p = _np(predictions, "predictions")
+    if p.ndim not in (1, 2):
+        raise ValueError(f"predictions must be (n,) labels or (n, 2) scores, got shape {p.shape}.")
     if p.shape[0] != n:
         raise ValueError(f"predictions has {p.shape[0]} entries for {n} tiles of maps.")
     if p.ndim == 2:  # scores or logits per class: the predicted class
@@ -173,9 +194,7 @@ def _labels(predictions: Any, n: int) -> NDArray[np.int64]:
                 f"predictions with {p.shape[1]} columns: pass binary labels (n,) or two-class "
                 "scores (n, 2)."
             )
-        return np.asarray(np.argmax(p, axis=1), dtype=np.int64)
-    if p.ndim != 1:
-        raise ValueError(f"predictions must be (n,) labels or (n, 2) scores, got {p.shape}.")
+        return _argmax(p, "predictions")
     if p.dtype.kind == "f":
         if np.any(np.isnan(p)):
             raise ValueError("predictions contain NaN; drop those tiles first.")
@@ -186,6 +205,46 @@ def _labels(predictions: Any, n: int) -> NDArray[np.int64]:
     if not np.all(np.isin(labels, (0, 1))):
         raise ValueError(f"labels must be 0 or 1, got values {np.unique(labels)[:5].tolist()}.")
     return labels
+
+
+def _argmax(scores: NDArray[Any], name: str) -> NDArray[np.int64]:
+    """The predicted class of each row of scores; NaN refused (argmax would pick it)."""
+    if scores.dtype.kind == "f" and np.isnan(scores).any():
+        rows = int(np.isnan(scores).any(axis=1).sum())
+        raise ValueError(f"{name} holds NaN scores on {rows} tiles; drop those tiles first.")
+    return np.asarray(np.argmax(scores, axis=1), dtype=np.int64)
+
+
+def _predicted_labels(predicted: Any, n: int) -> NDArray[np.int64]:
+    """``cam_agreement``'s labels: ints, integral floats, probabilities (cut at 0.5) or scores."""
+    p = _np(predicted, "predicted_labels")
+    if p.ndim == 2 and p.shape[1] == 1:
+        p = p[:, 0]
+    if p.ndim not in (1, 2):
+        raise ValueError(
+            f"predicted_labels must be (n,) labels or (n, classes) scores, got shape {p.shape}."
+        )
+    if p.shape[0] != n:
+        raise ValueError(f"predicted_labels has {p.shape[0]} entries for {n} tiles.")
+    if p.ndim == 2:
+        return _argmax(p, "predicted_labels")
+    if p.dtype.kind == "b":
+        return p.astype(np.int64)
+    if p.dtype.kind in "iu":
+        return p.astype(np.int64)
+    if p.dtype.kind != "f":
+        raise TypeError(f"predicted_labels must be numbers, got dtype {p.dtype}.")
+    if np.isnan(p).any():
+        raise ValueError("predicted_labels contain NaN; drop those tiles first.")
+    if np.all(p == np.round(p)):
+        return p.astype(np.int64)
+    if np.all((p >= 0) & (p <= 1)):  # probabilities of the positive class, as surrogate_report
+        return (p >= 0.5).astype(np.int64)
+    raise ValueError(
+        "predicted_labels holds fractional values outside [0, 1] (e.g. "
+        f"{float(p[p != np.round(p)][0])!r}): pass the predicted labels, probabilities in "
+        "[0, 1] or (n, classes) scores."
+    )
 
 
 def surrogate_features(maps: Any, feature: SurrogateFeature = "sum") -> Array:
@@ -230,7 +289,9 @@ class SurrogateReport:
                     they compare across concepts); > 0 pushes towards label 1.
         intercept (float): the intercept.
         metrics (dict[str, float]): accuracy, precision, recall, f1, roc_auc on
-                    the held-out tiles.
+                    the held-out tiles; NaN where undefined (recall with no
+                    label-1 tile held out, precision with none predicted 1, AUC
+                    with one label held out), which the table's title says.
         n_train (int): training tiles.
         n_test (int): held-out tiles.
         grouped (bool): whether the split kept each group (slide) on one side.
@@ -305,7 +366,10 @@ def surrogate_report(
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=random_state)
         train, test = next(splitter.split(x, y, g))
     else:
-        stratify = y if np.bincount(y).min() >= 2 else None
+        n_test = math.ceil(test_size * n)  # sklearn's rounding of the held-out share
+        classes = len(np.unique(y))
+        fits = np.bincount(y).min() >= 2 and min(n_test, n - n_test) >= classes
+        stratify = y if fits else None  # a stratified split needs each class on both sides
         train, test = train_test_split(
             idx, test_size=test_size, random_state=random_state, stratify=stratify
         )
@@ -319,12 +383,13 @@ def surrogate_report(
     pred = model.predict(x[test])
     proba = model.predict_proba(x[test])[:, 1]
     both = len(np.unique(y[test])) == 2
+    nan = np.nan  # undefined metrics are NaN, never a 0 that reads as a poor score
     metrics = {
         "accuracy": float(accuracy_score(y[test], pred)),
-        "precision": float(precision_score(y[test], pred, zero_division=0.0)),
-        "recall": float(recall_score(y[test], pred, zero_division=0.0)),
-        "f1": float(f1_score(y[test], pred, zero_division=0.0)),
-        "roc_auc": float(roc_auc_score(y[test], proba)) if both else float("nan"),
+        "precision": float(precision_score(y[test], pred, zero_division=nan)),
+        "recall": float(recall_score(y[test], pred, zero_division=nan)),
+        "f1": float(f1_score(y[test], pred, zero_division=nan)),
+        "roc_auc": float(roc_auc_score(y[test], proba)) if both else nan,
     }
     coefficients = clf.coef_[0].astype(np.float64)
     table = surrogate_table(
@@ -334,6 +399,7 @@ def surrogate_report(
         n_train=len(train),
         n_test=len(test),
         grouped=groups is not None,
+        test_labels=np.unique(y[test]).tolist(),
     )
     return SurrogateReport(
         feature,
@@ -359,7 +425,8 @@ class CamAgreement:
                     locations (NaN where either map is constant).
         labels (ndarray): the predicted label of each tile.
         summary (dict): ``"all"`` and ``"label <v>"`` for each predicted label
-                    ``v``: K means and stds of IoU and correlation.
+                    ``v``: K means and stds of IoU and correlation, and the
+                    tiles each is defined on (``iou_n``, ``corr_n``).
         table (Table): the paper's Table 2 layout.
         name (str): what the concepts were compared with.
         by_label (dict[int, dict]): the same statistics keyed by the label value
@@ -379,6 +446,20 @@ def _stats(values: Array) -> tuple[Array, Array]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+
+
+def _summary(iou: Array, corr: Array) -> dict[str, Array]:
+    """K means, stds and counts of the tiles where each is defined, of IoU and correlation."""
+    iou_m, iou_s = _stats(iou)
+    cor_m, cor_s = _stats(corr)
+    return {
+        "iou_mean": iou_m,
+        "iou_std": iou_s,
+        "iou_n": np.isfinite(iou).sum(axis=0),
+        "corr_mean": cor_m,
+        "corr_std": cor_s,
+        "corr_n": np.isfinite(corr).sum(axis=0),
+    }
 
 
 def cam_agreement(
@@ -405,7 +486,10 @@ def cam_agreement(
     Args:
         maps (Tensor or ndarray): N x K x h x w concept maps.
         cams (Tensor or ndarray): N x h x w (or N x 1 x h x w) maps.
-        predicted_labels (array-like): the model's label per tile (any ints).
+        predicted_labels (array-like): the model's label per tile: any ints
+                    (or floats with integer values), probabilities (n,) in
+                    [0, 1] (cut at 0.5, as :func:`surrogate_report`) or scores
+                    (n, classes) (argmax).
         name (str, optional): what ``cams`` is, for the table.
                     Default: ``"GradCAM"``
 
@@ -414,7 +498,8 @@ def cam_agreement(
 
     Raises:
         ValueError: shapes that do not match (use ``LayerAttribution.interpolate``
-                    to bring maps to one grid) or a wrong number of labels.
+                    to bring maps to one grid), a wrong number of labels,
+                    fractional labels outside [0, 1], or NaN in any input.
     """
     m = _maps(maps)
     c = _np(cams, "cams").astype(np.float64)
@@ -426,12 +511,12 @@ def cam_agreement(
             f"cams must be N x h x w = {(n, h, w)} to match the concept maps, got {c.shape}; "
             "compute CAMs at the concepts' layer or interpolate one grid to the other."
         )
-    labels = np.asarray(_np(predicted_labels, "predicted_labels")).astype(np.int64).reshape(-1)
-    if labels.shape[0] != n:
-        raise ValueError(f"predicted_labels has {labels.shape[0]} entries for {n} tiles.")
+    _check_finite(c, "cams")
+    labels = _predicted_labels(predicted_labels, n)
     flat = c.reshape(n, -1)
     scaled = (np.abs(flat.min(axis=1)) < 1e-6) & (np.abs(flat.max(axis=1) - 1) < 1e-3)
-    if scaled.mean() > 0.9 and float((c > 0).mean()) > 0.5:
+    mask = bool(np.isin(c, (0.0, 1.0)).all())  # a binary map (e.g. a nuclei mask) is no CAM
+    if not mask and scaled.mean() > 0.9 and float((c > 0).mean()) > 0.5:
         warnings.warn(
             f"{name} has minimum 0 and maximum 1 on {100 * scaled.mean():.0f} % of tiles and is "
             f"> 0 on {100 * float((c > 0).mean()):.0f} % of locations: it looks ReLU'd and "
@@ -450,20 +535,11 @@ def cam_agreement(
         xc, norm_c = _centred(c.reshape(n, 1, -1))
         corr = (xm * xc).sum(axis=2) / (norm_m * norm_c)
     corr[~np.isfinite(corr)] = np.nan
-    iou_m, iou_s = _stats(iou)
-    cor_m, cor_s = _stats(corr)
-    overall = {"iou_mean": iou_m, "iou_std": iou_s, "corr_mean": cor_m, "corr_std": cor_s}
+    overall = _summary(iou, corr)
     by_label: dict[int, dict[str, Array]] = {}
     for value in np.unique(labels).tolist():
         sel = labels == value
-        iou_m, iou_s = _stats(iou[sel])
-        cor_m, cor_s = _stats(corr[sel])
-        by_label[value] = {
-            "iou_mean": iou_m,
-            "iou_std": iou_s,
-            "corr_mean": cor_m,
-            "corr_std": cor_s,
-        }
+        by_label[value] = _summary(iou[sel], corr[sel])
     summary = {"all": overall, **{f"label {v}": stats for v, stats in by_label.items()}}
     counts = [(v, int((labels == v).sum()), stats) for v, stats in by_label.items()]
     table = agreement_table(overall, counts, name)

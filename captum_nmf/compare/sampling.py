@@ -257,7 +257,7 @@ def sample_rows(
         locations_per_tile (int, optional): most locations kept per tile;
                     None uses ``ceil(max_rows / tiles)`` when the number of
                     tiles is known up front (so every tile is represented)
-                    and every location otherwise.
+                    and every location otherwise, at most ``max_rows``.
                     Default: None
         groups (sequence of int, optional): a group (e.g. slide or patient)
                     id per tile of the source, in source order; overrides
@@ -283,7 +283,7 @@ def sample_rows(
     Raises:
         TypeError: a bad argument type or batch type.
         ValueError: ``max_rows``/``locations_per_tile``/``batch_size`` < 1,
-                    ``max_k`` larger than the layer's channels, ``groups``
+                    ``locations_per_tile`` > ``max_rows``, ``max_k`` larger than the layer's channels, ``groups``
                     shorter than the source, or a source with no tiles.
         NoTissueError: a ``SlideTiles`` source none of whose slides has a
                     tile with tissue (the slides are named).
@@ -295,6 +295,11 @@ def sample_rows(
     quota = check_int(
         "locations_per_tile", locations_per_tile, optional=True, hint="pass e.g. 16, or None."
     )
+    if quota is not None and quota > max_rows:  # no whole tile would fit: an empty sample
+        raise ValueError(
+            f"locations_per_tile={quota} is more than max_rows={max_rows}: not one tile's "
+            "locations would fit in the sample. Pass locations_per_tile <= max_rows."
+        )
     batch_size = check_int("batch_size", batch_size, hint="pass e.g. batch_size=32.")
     seed = check_int("random_state", random_state, minimum=0, hint="pass e.g. random_state=0.")
     max_k = check_int("max_k", max_k, optional=True)
@@ -323,7 +328,8 @@ def sample_rows(
         _check_max_k(attr, max_k, int(act.shape[1]))
         if quota is None:
             hw = int(act.shape[2] * act.shape[3])
-            quota = hw if n_known is None else max(1, min(hw, -(-max_rows // n_known)))
+            share = max_rows if n_known is None else -(-max_rows // n_known)
+            quota = max(1, min(hw, share))  # a tile never exceeds max_rows on its own
         rows = _pick_locations(act, quota, generator)
         keys = torch.rand(n, generator=generator)
         reservoir.add(rows, keys, ids, _tile_groups(ids, group_ids, dataset))

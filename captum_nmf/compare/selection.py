@@ -41,6 +41,7 @@ from captum_nmf.compare.stability import (
     Perturbation,
     _check_fraction,
     _check_perturbation,
+    _check_resample,
     _refits,
     _solver,
     concept_stability,
@@ -90,8 +91,10 @@ def _split(
     tiles = np.unique(sample.tiles)
     if len(tiles) < 2:
         raise ValueError(
-            f"the sample holds rows of {len(tiles)} tile; holding out part of it needs at "
-            "least 2 tiles. Pass more tiles."
+            f"the sample holds rows of {len(tiles)} tile (of {sample.n_tiles_seen} seen, "
+            f"{sample.locations_per_tile or 'all'} locations each); holding out part of it needs "
+            "at least 2 tiles. Pass more tiles, or a smaller locations_per_tile or a larger "
+            "max_rows so that more tiles fit."
         )
     known = sample.groups[sample.groups >= 0]
     by_group = len(known) == len(sample.groups) and len(np.unique(known)) >= 2
@@ -369,7 +372,9 @@ def select_k(
         ValueError: an empty ``ks``, a K < 1 or > C (checked after the first
                     batch, before any fit), ``holdout`` outside (0, 1),
                     ``n_seeds`` < 2, a sample of fewer than 2 tiles or fewer
-                    training rows than the largest K, or an empty source.
+                    training rows than the largest K (with ``"resample"``: a
+                    reseeded share of the training tiles with fewer rows than
+                    it), or an empty source.
         NoTissueError: a ``SlideTiles`` source none of whose slides has tissue.
         NegativeActivationError, NonFiniteActivationError, LayerError: as
                     :meth:`NMFConceptAttribution.fit`.
@@ -392,6 +397,8 @@ def select_k(
     )
     held, split_by, held_tiles, train_tiles = _split(sample, holdout, seed)
     v_train, v_held = _train_and_held_rows(sample, held, k_values[-1])
+    if perturbation == "resample":  # before any fit: every reseeded share fits the largest K
+        _check_resample(sample.tiles[~held], k_values[-1], n_seeds - 1, seed)
     per_k = _sweep(
         model,
         v_train,

@@ -258,19 +258,46 @@ def _refits(
     initialisations on every row.
     """
     out = []
-    ids = np.unique(tiles)
-    size = max(1, round(RESAMPLE_SHARE * len(ids)))
+    if perturbation == "resample":
+        _check_resample(tiles, k, n_runs, random_state)
     for r in range(1, n_runs + 1):
         seed = random_state + r
         if perturbation == "init":
             solver = _solver(k, attr, "random", seed).fit(v)
         else:
-            chosen = np.random.default_rng(seed).choice(ids, size=size, replace=False)
-            keep = torch.from_numpy(np.isin(tiles, chosen)).to(v.device)
-            rows = v[keep] if int(keep.sum()) >= k else v
-            solver = _solver(k, attr, attr.init, seed).fit(rows)
+            keep = torch.from_numpy(_resampled(tiles, seed)).to(v.device)
+            solver = _solver(k, attr, attr.init, seed).fit(v[keep])
         out.append(solver.components)
     return out
+
+
+def _resampled(tiles: NDArray[np.int64], seed: int) -> NDArray[np.bool_]:
+    """Which rows belong to the seeded share (:data:`RESAMPLE_SHARE`) of the tiles."""
+    ids = np.unique(tiles)
+    size = max(1, round(RESAMPLE_SHARE * len(ids)))
+    chosen = np.random.default_rng(seed).choice(ids, size=size, replace=False)
+    return np.isin(tiles, chosen)
+
+
+def _check_resample(tiles: NDArray[np.int64], k: int, n_runs: int, random_state: int) -> None:
+    """Refuse ``perturbation="resample"`` when a reseeded share of the tiles has fewer than K rows.
+
+    Such a fit cannot be run on the share; fitting all rows instead would, with a
+    deterministic initialisation, repeat the reference fit and call every concept
+    stable. Checked before any fit.
+
+    Raises:
+        ValueError: naming the share's rows, K and the ways out.
+    """
+    for r in range(1, n_runs + 1):
+        rows = int(_resampled(tiles, random_state + r).sum())
+        if rows < k:
+            raise ValueError(
+                f"perturbation='resample' fits each reseeded run on {RESAMPLE_SHARE:.0%} of the "
+                f"{len(np.unique(tiles))} sampled tiles; the run with seed {random_state + r} "
+                f"gets {rows} rows, fewer than K = {k}. Pass more tiles or raise max_rows / "
+                "locations_per_tile, lower K, or use perturbation='init'."
+            )
 
 
 def concept_stability(
@@ -329,7 +356,9 @@ def concept_stability(
         NotFittedError: ``attr`` is not fitted.
         TypeError: ``attr`` is not an NMFConceptAttribution, or a bad argument type.
         ValueError: ``n_seeds`` < 2, a sample with other channels than the
-                    concepts or fewer rows than K, or an empty source.
+                    concepts or fewer rows than K (with ``"resample"``: a
+                    reseeded share of its tiles with fewer rows than K), or an
+                    empty source.
         NoTissueError: a ``SlideTiles`` source without tissue.
     """
     if not isinstance(attr, NMFConceptAttribution):
