@@ -171,7 +171,7 @@ def _rewrite(path: Path, *, redigest: bool = True, **changes: str) -> None:
         ({"format_version": "999"}, "format 999.*Upgrade captum-nmf"),
         ({"format_version": "one"}, "unreadable format_version"),
         ({"n_channels": "6"}, "metadata says 3 x 6"),
-        ({"solver": "{not json"}, "incomplete metadata"),
+        ({"solver": "{not json"}, "unreadable metadata .solver."),
         ({"negative": "shift"}, "invalid settings"),
     ],
 )

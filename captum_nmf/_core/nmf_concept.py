@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -19,7 +20,12 @@ from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import FitOptions, select_engine
-from captum_nmf.exceptions import ConceptModelMismatchError, LayerError, NotFittedError
+from captum_nmf.exceptions import (
+    CaptumNMFWarning,
+    ConceptModelMismatchError,
+    LayerError,
+    NotFittedError,
+)
 
 __all__ = ["NMFConceptAttribution", "check_concept_values"]
 
@@ -63,7 +69,15 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
     in ``finally``; inputs are never modified.
 
     Args:
-        forward_func (Callable): the model or any function of it.
+        forward_func (Callable): the model or any function of it. For a
+                    function (``lambda x: model(x).softmax(1)``, a
+                    ``functools.partial``, a method of a plain object) the
+                    model is the module it refers to that holds ``layer`` (a
+                    closure variable, a global it names, an argument of the
+                    partial, an attribute of the object): that model is put in
+                    eval mode, gives the device and its weights are
+                    fingerprinted. When none is found, a
+                    :class:`~captum_nmf.exceptions.CaptumNMFWarning` says so.
         layer (torch.nn.Module): layer whose output (or input) is factorised.
                     It must produce one N x C x H x W tensor of non-negative
                     values (hook the ReLU, not the convolution before it), or
@@ -141,7 +155,11 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         check_int("n_concepts", n_concepts, hint="pass e.g. n_concepts=6.")
         acts.validate_negative(negative)
         if not isinstance(layer, nn.Module):
-            raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}.")
+            hint = f", e.g. model.get_submodule({layer!r})" if isinstance(layer, str) else ""
+            raise TypeError(
+                f"layer must be a torch.nn.Module, got {type(layer).__name__} {layer!r:.80}; "
+                f"pass the module itself{hint}."
+            )
         if isinstance(forward_func, nn.Module) and not any(
             m is layer for m in forward_func.modules()
         ):
@@ -151,7 +169,22 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                 "model.features[29]."
             )
         if reshape_transform is not None and not callable(reshape_transform):
-            raise TypeError("reshape_transform must be callable or None.")
+            raise TypeError(
+                f"reshape_transform must be callable or None, got "
+                f"{type(reshape_transform).__name__} {reshape_transform!r:.80}; pass a function "
+                "of the layer's output, e.g. lambda t: t.permute(0, 3, 1, 2)."
+            )
+        if acts.module_of(forward_func) is None and not acts.models_found(forward_func, layer):
+            warnings.warn(
+                f"forward_func {getattr(forward_func, '__name__', type(forward_func).__name__)!r} "
+                f"is a function in which captum-nmf finds no model holding layer "
+                f"{type(layer).__name__}: eval mode, the device and the weights fingerprint that "
+                "guards slide runs' resume cover the layer alone. Pass the model (or a method of "
+                "it) as forward_func, or a function that names the model (a closure or global "
+                "variable, a functools.partial argument).",
+                CaptumNMFWarning,
+                stacklevel=2,
+            )
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         self.n_concepts = n_concepts
         self.random_state = random_state

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -45,13 +46,15 @@ def save_concepts(attr: NMFConceptAttribution, path: str | os.PathLike[str]) -> 
         ValueError: ``path`` does not end in ``.safetensors``.
     """
     attr.check_fitted("save")
-    seed = attr.random_state if isinstance(attr.random_state, int) else None
-    solver = {
-        "init": attr.init,
-        "max_iter": attr.max_iter,
-        "tol": attr.tol,
-        "random_state": seed,
-        "forget_factor": attr.forget_factor,
+    seed = attr.random_state
+    # NumPy integers count (a RandomState or Generator is not a seed: not recorded)
+    integral = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    solver = {  # plain Python numbers: json cannot write NumPy scalars
+        "init": str(attr.init),
+        "max_iter": int(attr.max_iter),
+        "tol": float(attr.tol),
+        "random_state": int(seed) if integral else None,  # type: ignore[arg-type]
+        "forget_factor": float(attr.forget_factor),
     }
     metadata = {
         "n_concepts": str(attr.concepts_.shape[0]),
@@ -88,14 +91,27 @@ def load_concepts(
                     another name with ``strict=True``).
     """
     tensors, meta = load_tensors(path, required=("concepts",))
-    try:
-        k, c = int(meta["n_concepts"]), int(meta["n_channels"])
-        solver = json.loads(meta["solver"])
-        negative = meta["negative"]
-        to_input = bool(json.loads(meta["attribute_to_layer_input"]))
-        saved_name = meta["layer_name"] or None
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConceptModelFormatError(f"{path} has incomplete metadata ({exc!r}).") from exc
+
+    def field(key: str, parse: Callable[[str], Any], default: str | None = None) -> Any:
+        raw = meta.get(key, default)
+        if raw is None:
+            raise ConceptModelFormatError(f"{path} has incomplete metadata (no {key!r}).")
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConceptModelFormatError(
+                f"{path} has unreadable metadata {key!r} ({raw!r:.60}: {exc}). The file is "
+                "damaged or was not written by captum-nmf; fit the concepts again or load "
+                "another copy."
+            ) from exc
+
+    k, c = field("n_concepts", int), field("n_channels", int)
+    solver = field("solver", lambda raw: _json_of(raw, dict, "a JSON object"))
+    negative = field("negative", str)
+    to_input = field("attribute_to_layer_input", lambda raw: _json_of(raw, bool, "true or false"))
+    saved_name = field("layer_name", str) or None
+    n_seen = field("n_samples_seen", int, "0")
+    error = field("reconstruction_err", float, "nan")
     concepts = tensors["concepts"]
     if tuple(concepts.shape) != (k, c) or not concepts.is_floating_point():
         raise ConceptModelFormatError(
@@ -110,7 +126,7 @@ def load_concepts(
             k,
             device_ids,
             random_state=solver.get("random_state"),
-            negative=negative,  # type: ignore[arg-type]
+            negative=negative,
             init=solver.get("init", "nndsvda"),
             max_iter=solver.get("max_iter", 200),
             tol=solver.get("tol", 1e-4),
@@ -146,8 +162,8 @@ def load_concepts(
     attr.n_channels_in_ = c
     attr.layer_name_ = saved_name
     attr.attribute_to_layer_input_ = to_input
-    attr.n_samples_seen_ = int(meta.get("n_samples_seen", "0"))
-    attr.reconstruction_err_ = float(meta.get("reconstruction_err", "nan"))
+    attr.n_samples_seen_ = n_seen
+    attr.reconstruction_err_ = error
     attr._concept_names = names_from_metadata(meta, k, str(path))  # None: an older file
     try:
         attr.stability_ = json.loads(meta["stability"]) if "stability" in meta else None
@@ -194,6 +210,14 @@ def check_concept_values(concepts: Tensor, where: str = "") -> None:
             f"norm (at most {MAX_CONCEPT_NORM:g} is accepted), so the vectors were altered or "
             f"not written by captum-nmf. {fix}"
         )
+
+
+def _json_of(raw: str, kind: type, what: str) -> Any:
+    """``raw`` parsed as JSON, refused unless it is a ``kind`` (``what`` names it)."""
+    value = json.loads(raw)
+    if not isinstance(value, kind):
+        raise TypeError(f"{what} was expected")
+    return value
 
 
 def declared_channels(layer: nn.Module, *, attribute_to_layer_input: bool) -> int | None:

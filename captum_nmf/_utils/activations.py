@@ -51,6 +51,8 @@ __all__ = [
     "maps_to_rows",
     "model_device",
     "model_lock",
+    "found_models",
+    "models_found",
     "models_of",
     "module_of",
     "rows_to_maps",
@@ -61,7 +63,15 @@ _NEGATIVE_POLICIES = ("raise", "relu")
 
 
 def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Module]:
-    """Modules whose train/eval state a call of ``forward_func`` depends on."""
+    """Modules whose train/eval state, device and weights a call of ``forward_func`` depends on.
+
+    ``forward_func`` itself when it is a module, or the module it is a bound
+    method of; for a function of the model (Captum's usual
+    ``lambda x: model(x).softmax(1)``, a ``functools.partial``, a method of a
+    plain object) the modules it refers to that hold ``layer``, found by
+    :func:`found_models`; only ``layer`` itself when none is found
+    (:func:`models_found` says which case it is).
+    """
     roots: list[nn.Module] = []
     if isinstance(forward_func, nn.Module):
         roots.append(forward_func)
@@ -69,8 +79,58 @@ def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Mod
     if isinstance(owner, nn.Module):
         roots.append(owner)
     if not roots:
+        roots += found_models(forward_func, layer)
+    if not roots:
         roots.append(layer)
     return roots
+
+
+def models_found(forward_func: Callable[..., Any], layer: nn.Module) -> bool:
+    """Whether :func:`models_of` finds a model that holds ``layer`` (not ``layer`` alone)."""
+    return any(root is not layer for root in models_of(forward_func, layer))
+
+
+def found_models(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Module]:
+    """The outermost modules holding ``layer`` that a function refers to, one level deep.
+
+    Looked at: a ``functools.partial``'s function, arguments and keywords; a
+    function's closure cells, default arguments and the globals its code names; the attributes of
+    the object a method is bound to. Each such value that is a module holding
+    ``layer`` counts; a module inside another found one is dropped.
+    """
+    values: list[Any] = []
+    func: Any = forward_func
+    if isinstance(func, functools.partial):
+        values += [*func.args, *func.keywords.values()]
+        func = func.func
+        values.append(func)
+    owner = getattr(func, "__self__", None)
+    if owner is not None and not isinstance(owner, nn.Module):
+        values += list(getattr(owner, "__dict__", {}).values())
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        values += [cell.cell_contents for cell in (func.__closure__ or ()) if _filled(cell)]
+        values += [*(func.__defaults__ or ()), *(func.__kwdefaults__ or {}).values()]
+        scope = getattr(func, "__globals__", {})
+        values += [scope[n] for n in code.co_names if n in scope]
+    found: list[nn.Module] = []
+    for value in values:
+        new = isinstance(value, nn.Module) and all(value is not f for f in found)
+        if new and _holds(value, layer):
+            found.append(value)
+    return [r for r in found if not any(r is not o and _holds(o, r) for o in found)]
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
+
+
+def _holds(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 def module_of(forward_func: Callable[..., Any]) -> nn.Module | None:
@@ -81,10 +141,26 @@ def module_of(forward_func: Callable[..., Any]) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
+def _unwrapped(root: nn.Module) -> nn.Module:
+    """The model inside DataParallel, DistributedDataParallel or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            root = root.module
+        elif isinstance(getattr(root, "_orig_mod", None), nn.Module):  # torch.compile's module
+            root = root._orig_mod  # type: ignore[assignment]
+        else:
+            return root
+
+
 def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None:
-    """Dotted name of ``layer`` inside ``forward_func`` (``None`` when unknown)."""
+    """Dotted name of ``layer`` inside ``forward_func`` (``None`` when unknown).
+
+    The name inside the model itself: a DataParallel, DistributedDataParallel
+    or ``torch.compile`` wrapper adds no ``module.`` or ``_orig_mod.`` prefix, so
+    concepts fitted through a wrapper load onto the bare model with ``strict=True``.
+    """
     for root in models_of(forward_func, layer):
-        for name, module in root.named_modules():
+        for name, module in _unwrapped(root).named_modules():
             if module is layer:
                 return str(name)
     return None
@@ -115,14 +191,40 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     modules the tree does not hold).
     """
     saved = [(m, m.training) for root in modules for m in root.modules()]
+    flipped = False
     try:
-        if any(training or type(m).train is not nn.Module.train for m, training in saved):
+        if any(training or _overrides_train(m) for m, training in saved):
+            flipped = True
             for root in modules:
                 root.eval()
         yield
-    finally:
-        for module, training in saved:
-            if module.training != training:
+    finally:  # also what the forward itself flipped
+        _restore_training(modules, saved, flipped)
+
+
+def _overrides_train(module: nn.Module) -> bool:
+    return type(module).train is not nn.Module.train
+
+
+def _restore_training(
+    modules: Sequence[nn.Module], saved: list[tuple[nn.Module, bool]], flipped: bool
+) -> None:
+    """Set back the flags that differ: through ``train(flag)`` where a module overrides it.
+
+    A module's own ``train`` may do more than set flags (switch modules outside the
+    tree, ``requires_grad``): after ``eval()`` (``flipped``) each root whose tree
+    overrides it is called back with its saved flag first, then the flags that
+    still differ are set back one by one.
+    """
+    before = {id(m): t for m, t in saved}
+    for root in modules if flipped else ():
+        if any(_overrides_train(m) for m in root.modules()):
+            root.train(before[id(root)])
+    for module, training in saved:
+        if module.training != training:
+            if _overrides_train(module):
+                module.train(training)
+            else:
                 module.training = training
 
 
@@ -160,8 +262,13 @@ class _Saved:
     def __init__(self, clone: bool) -> None:
         self.clone = clone
         self.values: dict[torch.device, Any] = {}
+        self.calls: dict[torch.device, list[str]] = {}  # the shapes of each call, per device
         self.watched: list[tuple[Tensor, int]] = []
         self.guard = threading.Lock()
+
+    def repeated(self) -> list[str] | None:
+        """The shapes of the layer's calls on a device where it ran more than once."""
+        return next((shapes for shapes in self.calls.values() if len(shapes) > 1), None)
 
     def touched(self) -> bool:
         """Whether the forward changed a kept tensor in place after the hook."""
@@ -190,7 +297,10 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
 
     def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
         value = layer_in if attribute_to_layer_input else layer_out
-        items = value if isinstance(value, (tuple, list)) else (value,)
+        if isinstance(value, dict):  # e.g. IntermediateLayerGetter's {"out": ...}
+            keys, items = list(value), tuple(value.values())
+        else:
+            keys, items = [], tuple(value) if isinstance(value, (tuple, list)) else (value,)
         first = next((t for t in items if isinstance(t, Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
         tensors = [t for t in items if isinstance(t, Tensor)]
@@ -198,8 +308,14 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
         watch = [(t, t._version) for t in tensors if not t.is_inference()]
         clone = saved.clone or len(watch) < len(tensors)
         copy = tuple(t.clone() if clone and isinstance(t, Tensor) else t for t in items)
+        if isinstance(value, dict):
+            kept: Any = type(value)(zip(keys, copy, strict=True))
+        else:
+            kept = copy if isinstance(value, (tuple, list)) else copy[0]
+        shape = " ".join(str(tuple(t.shape)) for t in tensors) or type(value).__name__
         with saved.guard:  # DataParallel replicas call it from their own threads, as in Captum
-            saved.values[device] = copy if isinstance(value, (tuple, list)) else copy[0]
+            saved.values[device] = kept
+            saved.calls.setdefault(device, []).append(shape)
             saved.watched.extend(watch)
 
     return hook
@@ -296,7 +412,8 @@ def capture(
         ``(activations, output)`` from the same forward.
 
     Raises:
-        LayerError: the layer did not run, produced several tensors, or its
+        LayerError: the layer did not run, ran more than once in the forward
+                    (a reused module), produced several tensors, or its
                     (reshaped) output is not a 4-D tensor.
         TypeError: ``autocast`` is not a dtype or ``channels_last`` not a bool.
         ValueError: ``autocast`` is unsupported on the inputs' device, or
@@ -327,6 +444,14 @@ def capture(
         raise LayerError(
             f"Layer {label} was not executed during the forward pass; pass a module "
             "that forward_func actually calls."
+        )
+    shapes = saved.repeated()
+    if shapes is not None:
+        raise LayerError(
+            f"Layer {label} ran {len(shapes)} times in one forward pass (outputs "
+            f"{', '.join(shapes)}): one module object reused at several places of the model "
+            "(e.g. one ReLU after two convolutions). Which call to explain is ambiguous; pass "
+            "a module that runs once, e.g. the block around it, or give each place its own module."
         )
     ids = device_ids if device_ids is not None else getattr(forward_func, "device_ids", None)
     act = _as_4d(_gather(saved.values, ids, label), reshape_transform, label)

@@ -113,7 +113,7 @@ def _state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def resolve_layer(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at a dotted path such as ``features.29`` or ``layer4.1.relu``.
+    """The submodule at a dotted path such as ``features.29`` or ``layer4.1``.
 
     Args:
         model (nn.Module): the model.

@@ -283,8 +283,9 @@ def sample_rows(
     Raises:
         TypeError: a bad argument type or batch type.
         ValueError: ``max_rows``/``locations_per_tile``/``batch_size`` < 1,
-                    ``locations_per_tile`` > ``max_rows``, ``max_k`` larger than the layer's channels, ``groups``
-                    shorter than the source, or a source with no tiles.
+                    ``locations_per_tile`` > ``max_rows``, ``max_k`` larger than
+                    the layer's channels, ``groups`` shorter than the source,
+                    or a source with no tiles.
         NoTissueError: a ``SlideTiles`` source none of whose slides has a
                     tile with tissue (the slides are named).
         NegativeActivationError, NonFiniteActivationError, LayerError: as

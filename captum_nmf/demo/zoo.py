@@ -96,8 +96,21 @@ def normalize(images: Tensor) -> Tensor:
     """Map RGB images in [0, 1] to the [-1, 1] range EfficientNet-Lite was trained on.
 
     Works on one 3 x H x W image or an N x 3 x H x W batch, on any device.
+
+    Raises:
+        TypeError: ``images`` are not floating point (e.g. uint8 0-255).
     """
+    _check_float(images)
     return (images - 0.5) / 0.5
+
+
+def _check_float(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        kind = images.dtype if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(
+            f"images must be a floating-point tensor in [0, 1], got {kind}; pass "
+            "images.float() / 255 for uint8 images."
+        )
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,7 +122,11 @@ def imagenet_normalize(images: Tensor) -> Tensor:
 
     Works on one 3 x H x W image or an N x 3 x H x W batch (broadcast over the
     channel axis, third from the end), on the images' device and in their dtype.
+
+    Raises:
+        TypeError: ``images`` are not floating point (e.g. uint8 0-255).
     """
+    _check_float(images)
     shape = (3, 1, 1)
     mean = torch.tensor(_IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(shape)
     std = torch.tensor(_IMAGENET_STD, dtype=images.dtype, device=images.device).view(shape)

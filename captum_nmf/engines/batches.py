@@ -33,6 +33,10 @@ _EMPTY = (
 def first_tensor(batch: Any) -> Tensor:
     """The model input of a batch: the batch itself, or the first element of a tuple or list.
 
+    The rest of a tuple (labels, ids) is not given to the model: a model with
+    several per-sample inputs is fitted through a module that takes them as
+    one tensor (e.g. stacked along the channels) and splits them.
+
     Raises:
         TypeError: the batch is neither a tensor nor a sequence starting with one.
     """
@@ -40,9 +44,12 @@ def first_tensor(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    keys = f" with keys {sorted(map(str, batch))[:5]}" if isinstance(batch, dict) else ""
     raise TypeError(
-        "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches, got a batch "
-        f"of type {type(batch).__name__}."
+        "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches whose first "
+        f"element is the model's input, got a batch of type {type(batch).__name__}{keys}. "
+        "Pass a DataLoader whose collate_fn returns (images, ...); for a model with several "
+        "per-sample inputs, fit a module that takes them as one tensor and splits them."
     )
 
 
