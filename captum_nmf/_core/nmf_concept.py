@@ -174,7 +174,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                 f"{type(reshape_transform).__name__} {reshape_transform!r:.80}; pass a function "
                 "of the layer's output, e.g. lambda t: t.permute(0, 3, 1, 2)."
             )
-        if acts.module_of(forward_func) is None and not acts.models_found(forward_func, layer):
+        if not acts.models_found(forward_func, layer):
             warnings.warn(
                 f"forward_func {getattr(forward_func, '__name__', type(forward_func).__name__)!r} "
                 f"is a function in which captum-nmf finds no model holding layer "

@@ -86,8 +86,12 @@ def models_of(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Mod
 
 
 def models_found(forward_func: Callable[..., Any], layer: nn.Module) -> bool:
-    """Whether :func:`models_of` finds a model that holds ``layer`` (not ``layer`` alone)."""
-    return any(root is not layer for root in models_of(forward_func, layer))
+    """Whether ``forward_func`` is, or names, a module holding ``layer`` (see :func:`models_of`).
+
+    False when :func:`models_of` falls back to ``layer`` alone; a function whose
+    model is ``layer`` itself counts as found.
+    """
+    return module_of(forward_func) is not None or bool(found_models(forward_func, layer))
 
 
 def found_models(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.Module]:
