@@ -202,10 +202,12 @@ def test_interrupted_cohort_resumes_where_it_stopped(
     tmp_path: Path, attr: NMFConceptAttribution, slides: list[Path], reference: dict
 ) -> None:
     # 35 tiles per slide, plus one probe tile through the transform before each slide's
-    # run: the 52nd call is the 15th tile of the second slide, in its second chunk
+    # run and, before the first slide only, the probe's image of twice the size (the cell
+    # size's check, made once per geometry): the 53rd call is the 15th tile of the second
+    # slide, in its second chunk
     with pytest.raises(KeyboardInterrupt):
         explain_cohort(
-            attr, slides, tmp_path, progress=False, transform=InterruptAfter(52), **OPTIONS
+            attr, slides, tmp_path, progress=False, transform=InterruptAfter(53), **OPTIONS
         )
     manifest = json.loads((tmp_path / "slide1" / "manifest.json").read_text())
     assert manifest["status"] == "running"

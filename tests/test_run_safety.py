@@ -229,7 +229,7 @@ def test_nan_features_mid_run_stop_it_and_the_finished_chunks_resume(
 ) -> None:
     # the value check of a batch is read back after its stitching is queued: a bad batch
     # still stops the run before any of its cells is solved or committed
-    net = _SpoilsOneBatch(at=6).eval()  # the probe, then batches: the 5th batch
+    net = _SpoilsOneBatch(at=7).eval()  # the probe and its twice-size check, then the 5th batch
     spoiled = NMFConceptAttribution.load(pool_attr.save(tmp_path / "c.safetensors"), net, net.relu)
     out = tmp_path / "run"
     # an 8 px NaN block: one NaN cell, spread by the 3 x 3 conv to 4 cells x 4 channels

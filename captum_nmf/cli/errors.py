@@ -12,12 +12,14 @@ class CLIError(Exception):
 
 
 # The library's messages name its Python arguments; on the command line they name the flags.
-_SPELLINGS: tuple[tuple[str, str], ...] = (
+# None: the argument's own name as a flag (tile_size=64 -> --tile-size 64).
+_SPELLINGS: tuple[tuple[str, str | None], ...] = (
     (r"\bresume=True\b", "--resume"),
     (r"\bresume=False\b", "no --resume"),
     (r"\boverwrite=True\b", "--overwrite"),
     (r"\bon_tile_error=['\"](skip|raise)['\"]", r"--on-tile-error \1"),
     (r"\btissue_mask=None\b", "--no-tissue-mask"),
+    (r" \(or Slide\(path, mpp=MPP\)\)", ""),
     (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
     (r"\bslide_mpp=", "--slide-mpp "),
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
@@ -27,12 +29,12 @@ _SPELLINGS: tuple[tuple[str, str], ...] = (
     (
         r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size|top_n|level"
         r"|mpp)=(?=[^\s,])",
-        "",
+        None,
     ),
     (
         r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin|top_n"
         r"|intensity_scale)\b",
-        "",
+        None,
     ),
     (r"\bout_dir\b", "--out"),
 )
@@ -57,5 +59,5 @@ def flag_spelling(message: str) -> str:
         *str*: the message as the command line should show it.
     """
     for pattern, flag in _SPELLINGS:
-        message = re.sub(pattern, flag or _flag, message)
+        message = re.sub(pattern, _flag if flag is None else flag, message)
     return message

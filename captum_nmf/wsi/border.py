@@ -171,8 +171,8 @@ class _Probe:
     def features(self, batch: Tensor) -> Tensor:
         """The layer's float64 CPU features of ``batch`` (``transform`` applied first)."""
         batch = batch.to(device=self.device, dtype=torch.float32)
-        if self.transform is not None:
-            batch = self.transform(batch)
+        if self.transform is not None:  # per image, as explain_slide applies it to each tile
+            batch = torch.stack([self.transform(image) for image in batch])
         with torch.no_grad():
             act: Tensor = capture(self.forward_func, self.layer, batch, name=self.name)
         return act.detach().to("cpu", torch.float64)
@@ -302,8 +302,9 @@ def border_effect(
         max_depth (int, optional): deepest cell depth reported.
                     Default: None (every depth of the tile, capped below the
                     context's depth in cells)
-        transform (Callable, optional): applied to the tile and to the window
-                    (e.g. the model's normalisation; it must act pixel by pixel).
+        transform (Callable, optional): applied to each tile and window
+                    (3 x H x W), as :func:`~captum_nmf.wsi.explain_slide` applies
+                    it (e.g. the model's normalisation; it must act pixel by pixel).
                     Default: None
         batch_size (int, optional): images per forward pass.
                     Default: 2

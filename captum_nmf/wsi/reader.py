@@ -186,7 +186,7 @@ class Slide:
             try:
                 with Image.open(self.path) as image:
                     image.load()  # decode now: a truncated file fails here, naming the file
-                    self._handle = ImageSlide(image.copy())
+                    self._handle = ImageSlide(self._eight_bit(image))
             except Image.DecompressionBombError as exc:
                 raise UnsupportedSlideError(
                     f"{self.path} is too large to decode whole as a plain image ({exc}). "
@@ -307,6 +307,28 @@ class Slide:
             return None
         return mpp if mpp is not None and math.isfinite(mpp) and mpp > 0 else None
 
+    def _eight_bit(self, image: Image.Image) -> Image.Image:
+        """A plain image with 8-bit channels, as OpenSlide reads pyramids.
+
+        16-bit greyscale keeps its high byte (what OpenSlide gives for a tiled
+        16-bit TIFF); pasting it into RGBA as it is would clip every value above
+        255 to white.
+
+        Raises:
+            UnsupportedSlideError: 32-bit integer or floating-point pixels, whose
+                        range to 8 bits is not known.
+        """
+        if image.mode.startswith("I;16"):
+            high = np.asarray(image, dtype=np.uint16) >> 8
+            return Image.fromarray(high.astype(np.uint8), mode="L")
+        if image.mode in ("I", "F"):
+            raise UnsupportedSlideError(
+                f"{self.path} holds {image.mode!r} pixels (32-bit integers or floats), whose "
+                "range in 8 bits is unknown; convert it to an 8-bit RGB image (or a tiled "
+                "pyramid with captum_nmf.wsi.write_pyramid)."
+            )
+        return image.copy()
+
     def level_mpps(self) -> tuple[float, ...] | None:
         """Microns per pixel of every level, or None when the slide's mpp is unknown."""
         mpp = self.mpp
@@ -392,8 +414,8 @@ class Slide:
         if mpps is None:
             raise ValueError(
                 f"{self.path.name} has no microns-per-pixel metadata (openslide.mpp-x), so "
-                f"mpp={mpp} cannot be resolved; pass level= instead, or Slide(path, mpp=...) "
-                f"to declare it. {self._levels_text()}."
+                f"mpp={mpp} cannot be resolved; pass level=N instead, or declare the slide's "
+                f"resolution with slide_mpp=MPP (or Slide(path, mpp=MPP)). {self._levels_text()}."
             )
         if mpp < mpps[0] * (1 - _MPP_TOLERANCE):
             raise ValueError(

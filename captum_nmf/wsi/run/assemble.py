@@ -41,8 +41,12 @@ CHUNK_FORMAT = "captum-nmf/slide-chunk"
 class Assembler:
     """What both modes share: the output arrays, per-unit model outputs, failures, chunk files.
 
-    A *unit* is a tile (tile mode) or a region (region mode).
+    A *unit* is a tile (tile mode) or a region (region mode). The model's output
+    per unit is kept when it is N x O (or N x ... of one size, tile mode); a
+    spatial output of regions, whose size varies with the region, is not kept.
     """
+
+    spatial_units = False  # units of different sizes (regions): keep N x O outputs only
 
     def __init__(self, attr: NMFConceptAttribution, plan: Plan, store: RunStore | None) -> None:
         self.attr = attr
@@ -83,6 +87,7 @@ class Assembler:
             self.attr.check_channels(int(act.shape[1]))
             self.add_features(act, idx, pending)
         keep = isinstance(output, Tensor) and output.ndim >= 1 and output.shape[0] == n
+        keep = keep and (output.ndim <= 2 or not self.spatial_units)
         self.keep_outputs(int(output[:1].numel()) if keep else 0)
         if self.n_outputs and self.outputs is not None:
             self.outputs[idx] = output.detach().reshape(n, -1).float().cpu().numpy()
@@ -304,6 +309,8 @@ class TileAssembler(Assembler):
 
 class RegionAssembler(Assembler):
     """Region mode: the interior cells of each region solved on their own (no overlap)."""
+
+    spatial_units = True
 
     def __init__(self, attr: NMFConceptAttribution, plan: Plan, store: RunStore | None) -> None:
         super().__init__(attr, plan, store)

@@ -55,6 +55,8 @@ def check_run_options(
     mode: str,
     region_size: int,
     region_margin: int,
+    tile_size: int,
+    stride: int,
     batch_size: int,
     num_workers: int,
     chunk_tiles: int,
@@ -70,11 +72,21 @@ def check_run_options(
     Raises:
         TypeError: a non-int count, or a bad ``autocast``/``channels_last``.
         ValueError: a value out of range, an unknown ``mode``/``on_tile_error``,
-                    or a ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
+                    a ``stride`` larger than ``tile_size`` in tile mode, or a
+                    ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
     """
     check_int("border", border, minimum=0)
     if mode not in ("tile", "region"):
         raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
+    sizes = all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (tile_size, stride)
+    )
+    if mode == "tile" and sizes and stride > tile_size:  # tile_grid checks the values themselves
+        raise ValueError(
+            f"stride={stride} is larger than tile_size={tile_size}: the slide between the tiles "
+            "would get no map. Pass stride <= tile_size (the paper: half a tile, e.g. "
+            f"stride={max(1, tile_size // 2)})."
+        )
     if mode == "region":
         check_int("region_size", region_size, minimum=1)
         check_int("region_margin", region_margin, minimum=1)

@@ -204,6 +204,8 @@ def explain_slide(
         mode=mode,
         region_size=region_size,
         region_margin=region_margin,
+        tile_size=tile_size,
+        stride=stride,
         batch_size=batch_size,
         num_workers=num_workers,
         chunk_tiles=chunk_tiles,

@@ -7,12 +7,15 @@ import math
 import os
 import shutil
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
 from captum_nmf.exceptions import EmptyTileGridWarning, NoTissueError
@@ -193,27 +196,7 @@ def _probe(
     """
     mode = options.mode
     side = grid.tile_size if mode == "tile" else _PROBE
-    image = torch.ones(3, side, side)
-    if options.transform is not None:
-        image = options.transform(image)
-    try:  # the copy to the device and the batch transform run there too
-        batch = image.unsqueeze(0).to(model_device(attr))
-        if options.batch_transform is not None:
-            batch = options.batch_transform(batch)
-        act = attr.features(batch, **options.forward)
-    except torch.OutOfMemoryError as exc:  # one image: a smaller batch would not help
-        where = model_device(attr)
-        smaller = "a smaller tile_size, " if mode == "tile" else ""
-        raise torch.OutOfMemoryError(
-            f"{where.type} ran out of memory on the plan's forward of one {side} px image "
-            f"({exc}); nothing was written. A smaller batch_size cannot help (this was one "
-            f"image): free memory on {where} (other processes, cached tensors), use "
-            f"{smaller}a smaller model, or run the model on the CPU (--device cpu on the "
-            "command line)."
-        ) from exc
-    act = act[0] if isinstance(act, tuple) else act
-    if act.ndim != 4:
-        raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
+    act = _probe_forward(attr, side, options)
     c, h, w = (int(v) for v in act.shape[1:])
     attr.check_channels(c)
     if h == 0 or w == 0 or side % h or side % w or side // h != side // w:
@@ -228,6 +211,14 @@ def _probe(
             f"{side} px image gives a {h} x {w} feature map. Use mode='tile'."
         )
     cell = side // h
+    if mode == "tile":
+        _check_scaling(attr, side, (h, w), options)
+        if h <= 2 * options.border:
+            raise ValueError(
+                f"border={options.border} leaves no interior in a tile of {h} x {h} cells "
+                f"(tile_size={side}, {cell} px cells); pass border <= {(h - 1) // 2} or a "
+                "larger tile_size."
+            )
     if mode == "tile" and grid.stride % cell:
         raise ValueError(
             f"stride={grid.stride} is not a multiple of the cell size {cell} px "
@@ -237,6 +228,94 @@ def _probe(
     ext_w, ext_h = grid.extent
     shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
     return cell, shape
+
+
+def _probe_forward(attr: NMFConceptAttribution, side: int, options: RunOptions) -> Tensor:
+    """The layer's 1 x C x h x w features of one white ``side`` px image, as the run makes them.
+
+    Raises:
+        torch.OutOfMemoryError: the device cannot hold one image's forward
+                    (nothing is written yet; the message says what to change).
+        ValueError: the forward failed (a tile smaller than the network needs,
+                    a fixed-size head in region mode), naming the option to change.
+    """
+    mode = options.mode
+    image = torch.ones(3, side, side)
+    try:  # the transform, the copy to the device and the batch transform run there too
+        if options.transform is not None:
+            image = options.transform(image)
+        batch = image.unsqueeze(0).to(model_device(attr))
+        if options.batch_transform is not None:
+            batch = options.batch_transform(batch)
+        act = attr.features(batch, **options.forward)
+    except torch.OutOfMemoryError as exc:  # one image: a smaller batch would not help
+        where = model_device(attr)
+        smaller = "a smaller tile_size, " if mode == "tile" else ""
+        raise torch.OutOfMemoryError(
+            f"{where.type} ran out of memory on the plan's forward of one {side} px image "
+            f"({exc}); nothing was written. A smaller batch_size cannot help (this was one "
+            f"image): free memory on {where} (other processes, cached tensors), use "
+            f"{smaller}a smaller model, or run the model on the CPU (--device cpu on the "
+            "command line)."
+        ) from exc
+    except RuntimeError as exc:  # torch's shape errors: say which option led there
+        if mode == "tile":
+            raise ValueError(
+                f"the forward of one {side} px tile failed ({exc}); nothing was written. A "
+                "tile_size smaller than the network needs fails so: pass a larger tile_size "
+                "(e.g. a multiple of the network's total stride, 224 or 512)."
+            ) from exc
+        raise ValueError(
+            f"mode='region' runs the model on {side} px and larger images, and its forward "
+            f"failed ({exc}); nothing was written. A model whose head needs one input size "
+            "cannot run on regions: use mode='tile'."
+        ) from exc
+    act = act[0] if isinstance(act, tuple) else act
+    if act.ndim != 4:
+        raise ValueError(f"the layer gave a {tuple(act.shape)} output, not 1 x C x h x w.")
+    return act
+
+
+def _check_scaling(
+    attr: NMFConceptAttribution, side: int, cells: tuple[int, int], options: RunOptions
+) -> None:
+    """Refuse a tile size whose feature map does not scale with the image (a wrong cell size).
+
+    ``side / h`` is the cell only when the layer's map grows with the image:
+    a network that floors or ceils (VGG's pooling at 528 px, ResNet's padding at
+    496 px) or a transform that resizes or crops gives whole cells at one size
+    all the same, and the maps would be placed up to a cell off. A second
+    forward of twice the size must give twice the cells (skipped when the
+    device cannot hold it, or the model's head takes one input size only). A
+    geometry found to scale is not checked again in this process for the same
+    concepts, layer, options and transform objects.
+    """
+    h, w = cells
+    known = _SCALING_CHECKED.setdefault(attr, [])
+    key = (side, h, w, options.autocast, options.channels_last, attr.layer)
+    transforms = (options.transform, options.batch_transform)
+    if any(k == key and all(a is b for a, b in zip(t, transforms, strict=True)) for k, t in known):
+        return  # a cohort checks its geometry once, not per slide
+    try:
+        double = _probe_forward(attr, 2 * side, options)
+    except (torch.OutOfMemoryError, ValueError):  # no room, or a head that needs one size
+        return
+    if tuple(double.shape[2:]) != (2 * h, 2 * w):
+        raise ValueError(
+            f"tile_size={side} gives {h} x {w} cells of {side // h} px, but an image of twice "
+            f"the size gives {tuple(double.shape[2:])} cells, not {(2 * h, 2 * w)}: the "
+            f"layer's cells are not {side // h} px, and the maps would be misplaced. Either the "
+            "network rounds its feature map at this size (pass a tile_size that is a multiple "
+            "of its total stride, e.g. 512 for VGG16 or ResNet), or the transform resizes or "
+            "crops the tile (its output must keep the tile's size)."
+        )
+    known.append((key, transforms))
+
+
+# (geometry, transforms) already found to scale, per concept model, for this process
+_SCALING_CHECKED: weakref.WeakKeyDictionary[NMFConceptAttribution, list[tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _chunks(grid: TileGrid, chunk_tiles: int) -> list[tuple[int, int]]:
