@@ -28,6 +28,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ConceptGallery", "concept_gallery"]
 
+_FIELDS = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y", "slide"]
+
+
+def _our_gallery(path: Path) -> bool:
+    """Whether ``path`` is a ``gallery.csv`` this module wrote (its header is ours)."""
+    try:
+        with path.open(newline="") as fh:
+            return next(csv.reader(fh), None) == _FIELDS
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
 #: Tiles more alike than this (correlation of their 16 x 16 grey thumbnails) are near-duplicates.
 DUPLICATE_CORRELATION = 0.95
 
@@ -116,21 +128,30 @@ class ConceptGallery:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``gallery_concept_<k>.png`` per concept and ``gallery.csv``, atomically.
 
+        Saving over an earlier gallery of more concepts removes its extra
+        ``gallery_concept_<k>.png`` files (only when the folder's ``gallery.csv``
+        is one of ours), so the folder never shows concepts the CSV does not list.
+
         Returns:
             *Path*: the directory.
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        ours = _our_gallery(out / "gallery.csv")  # before it is replaced
         for j in range(len(self.entries)):
             with atomic_write(out / f"gallery_concept_{j}.png", "wb") as fh:
                 self.figure(j).savefig(fh, format="png", dpi=100)
         text = io.StringIO()
-        fields = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y", "slide"]
-        writer = csv.DictWriter(text, fieldnames=fields)
+        writer = csv.DictWriter(text, fieldnames=_FIELDS)
         writer.writeheader()
         writer.writerows(self.table())
         with atomic_write(out / "gallery.csv", newline="") as fh:
             fh.write(text.getvalue())
+        if ours:  # a gallery of more concepts was saved here: its extra figures go
+            for path in out.glob("gallery_concept_*.png"):
+                index = path.stem.removeprefix("gallery_concept_")
+                if index.isdigit() and int(index) >= len(self.entries):
+                    path.unlink(missing_ok=True)
         return out
 
 
@@ -186,8 +207,14 @@ def concept_gallery(
     names = list(labels) if labels is not None else attr.concept_names
     if len(names) != k:
         raise ValueError(f"labels must hold {k} names (one per concept), got {len(names)}.")
-    dataset = source if hasattr(source, "read") and hasattr(source, "locate") else None
-    candidates: list[list[_Entry]] = [[] for _ in range(k)]
+    dataset = _tile_dataset(source)
+    if images is not None and dataset is not None:
+        raise ValueError(
+            "images= is for tensor or batch sources; the tiles of a SlideTiles are shown as "
+            "read from the slide. Pass images=None."
+        )
+    side = _tile_side(dataset)
+    pools: list[list[_Candidate]] = [[] for _ in range(k)]
     seen = 0
     device = model_device(attr.forward_func, attr.layer)
     batches = one_pass(source, batch_size, device=device)
@@ -195,34 +222,89 @@ def concept_gallery(
         x = first_tensor(batch)
         if x.shape[0] == 0:
             continue
+        ids = item_ids(batch, dataset, seen, int(x.shape[0]))
+        if images is not None and max(ids) >= images.shape[0]:
+            raise ValueError(
+                f"images holds {images.shape[0]} images but the source has more tiles; pass "
+                "one image per tile, in stream order."
+            )
         with torch.no_grad():
             maps = attr.attribute(x.to(device or x.device))
         maps64 = maps.detach().to("cpu", torch.float64)
         scores = maps64.mean(dim=(2, 3)).numpy()
-        ids = item_ids(batch, dataset, seen, int(x.shape[0]))
         for j in range(k):
-            for i in np.argsort(-scores[:, j], kind="stable")[: 4 * top_n]:
-                candidates[j].append(
-                    _Entry(
-                        float(scores[i, j]),
-                        ids[i],
-                        _display(x[i] if images is None else images[ids[i]], dataset, ids[i]),
-                        maps64[i, j].numpy(),
-                        _location(dataset, ids[i]),
-                        _slide(dataset, ids[i]),
-                    )
+            new = [
+                _Candidate(
+                    float(scores[i, j]),
+                    ids[i],
+                    maps64[i, j].numpy(),
+                    _location(dataset, ids[i]),
+                    _slide(dataset, ids[i]),
+                    None if dataset is not None else (x[i] if images is None else images[ids[i]]),
                 )
-            candidates[j] = sorted(candidates[j], key=lambda e: -e.score)[: 4 * top_n]
+                for i in range(len(ids))
+            ]
+            pools[j] = _unique(sorted(pools[j] + new, key=lambda e: -e.score), top_n, side)
+        kept: dict[int, Tensor] = {}  # each kept tile copied once: a view would hold the batch
+        for pool in pools:
+            for c in pool:
+                if c.fresh and c.raw is not None:
+                    c.raw = kept.setdefault(c.tile, c.raw.detach().to("cpu").clone())
+                c.fresh = False
         seen += int(x.shape[0])
     if seen == 0:
         raise ValueError("source holds no tiles; pass at least one tile.")
-    side = _tile_side(dataset)
-    return ConceptGallery(names, [_unique(c, top_n, side) for c in candidates])
+    if images is not None and images.shape[0] != seen:
+        raise ValueError(
+            f"images holds {images.shape[0]} images for {seen} tiles; pass one image per tile, "
+            "in stream order."
+        )
+    entries = [[c.entry(dataset) for c in pool] for pool in pools]
+    return ConceptGallery(names, entries)
 
 
-def _display(tile: Tensor, dataset: Any, index: int) -> NDArray[np.float64]:
+def _tile_dataset(source: Any) -> Any:
+    """The ``SlideTiles``-like dataset of ``source`` (itself, or its DataLoader's), or None."""
+    for candidate in (source, getattr(source, "dataset", None)):
+        if hasattr(candidate, "read") and hasattr(candidate, "locate"):
+            return candidate
+    return None
+
+
+@dataclass
+class _Candidate:
+    """A tile in the running: its score, map and place; its image made once, when needed."""
+
+    score: float
+    tile: int
+    intensity: NDArray[np.float64]
+    location: tuple[int, int] | None
+    slide: str | None
+    raw: Tensor | None  # the tile of a tensor or batch source (None: read from the slide)
+    fresh: bool = True  # from the batch in hand (its raw still a view of that batch)
+    _image: NDArray[np.float64] | None = None
+    _thumb: NDArray[np.float64] | None = None
+
+    def image(self, dataset: Any) -> NDArray[np.float64]:
+        if self._image is None:
+            self._image = _display(self.raw, dataset, self.tile)
+            self.raw = None
+        return self._image
+
+    def thumb(self) -> NDArray[np.float64]:
+        if self._thumb is None:
+            self._thumb = _thumb(self.image(None))
+        return self._thumb
+
+    def entry(self, dataset: Any) -> _Entry:
+        return _Entry(
+            self.score, self.tile, self.image(dataset), self.intensity, self.location, self.slide
+        )
+
+
+def _display(tile: Tensor | None, dataset: Any, index: int) -> NDArray[np.float64]:
     """The tile as an h x w x 3 image in [0, 1]: the slide's pixels, or the tensor rescaled."""
-    if dataset is not None:
+    if tile is None:
         return np.asarray(dataset.read(index), np.float64) / 255.0
     img = tile.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
     low, high = float(img.min()), float(img.max())
@@ -263,10 +345,13 @@ def _thumb(image: NDArray[np.float64]) -> NDArray[np.float64]:
     return out
 
 
-def _unique(candidates: list[_Entry], top_n: int, side: float | None) -> list[_Entry]:
-    """The best ``top_n`` candidates, skipping those that nearly repeat a better one."""
-    chosen: list[_Entry] = []
-    thumbs: list[NDArray[np.float64]] = []
+def _unique(candidates: list[_Candidate], top_n: int, side: float | None) -> list[_Candidate]:
+    """The best ``top_n`` candidates, skipping those that nearly repeat a better one.
+
+    Applied to the running pool and each batch's tiles, so a concept whose
+    best tiles are near-copies of one another still gets ``top_n`` distinct ones.
+    """
+    chosen: list[_Candidate] = []
     for e in candidates:
         if len(chosen) == top_n:
             break
@@ -281,10 +366,7 @@ def _unique(candidates: list[_Entry], top_n: int, side: float | None) -> list[_E
                 for c in chosen
             ):
                 continue
-        else:
-            t = _thumb(e.image)
-            if any(float(t @ u) > DUPLICATE_CORRELATION for u in thumbs):
-                continue
-            thumbs.append(t)
+        elif any(float(e.thumb() @ c.thumb()) > DUPLICATE_CORRELATION for c in chosen):
+            continue
         chosen.append(e)
     return chosen

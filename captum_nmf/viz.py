@@ -222,10 +222,29 @@ def _figure(
     return fig, list(fig.subplots(1, n, squeeze=False)[0])
 
 
+def _names(k: int, labels: Sequence[str] | None) -> list[str]:
+    """One name per concept: ``labels``, or ``concept j``.
+
+    Raises:
+        ValueError: ``labels`` does not hold exactly ``k`` names.
+    """
+    if labels is None:
+        return [f"concept {j}" for j in range(k)]
+    if isinstance(labels, str):
+        raise TypeError(f"labels must be a sequence of {k} names, got the string {labels!r}.")
+    names = [str(n) for n in labels]
+    if len(names) != k:
+        raise ValueError(
+            f"labels holds {len(names)} names for {k} concepts; pass one name per concept "
+            "(e.g. concept_labels(attr))."
+        )
+    return names
+
+
 def _legend(ax: Axes, k: int, labels: Sequence[str] | None) -> None:
     from matplotlib.patches import Patch
 
-    names = list(labels) if labels is not None else [f"concept {j}" for j in range(k)]
+    names = _names(k, labels)
     handles = [Patch(color=c, label=names[j]) for j, c in enumerate(concept_colors(k))]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
 
@@ -311,12 +330,13 @@ def plot_concepts(
         panels = list(axes)
     else:
         fig, panels = _figure(None, k, (3.0, 3.0))
-    names = list(labels) if labels is not None else [f"concept {j}" for j in range(k)]
+    names = _names(k, labels)
+    colours = concept_colors(k)
     for j, axis in enumerate(panels):
         single = np.zeros_like(m)
         single[j] = m[j]
         axis.imshow(overlay(image, single, alpha=alpha))
-        axis.set_title(names[j], color=PALETTE[j])
+        axis.set_title(names[j], color=colours[j])
         axis.set_axis_off()
     return fig  # type: ignore[return-value]
 
@@ -410,7 +430,7 @@ def plot_structure(
                 axis.text(j, i, text, ha="center", va="center", fontsize="x-small")
         axis.set_xticks(range(k))
         axis.set_yticks(range(k))
-        for tick, colour in zip(axis.get_xticklabels(), PALETTE, strict=False):
+        for tick, colour in zip(axis.get_xticklabels(), concept_colors(k), strict=False):
             tick.set_color(colour)
         axis.set_title(title)
         fig.colorbar(shown, ax=axis, fraction=0.046)  # type: ignore[union-attr]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from captum_nmf._core import persistence
 from captum_nmf._core.concept_set import ConceptSetMixin
@@ -20,6 +22,7 @@ from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import FitOptions, select_engine
+from captum_nmf.engines.batches import is_map_dataset
 from captum_nmf.exceptions import (
     CaptumNMFWarning,
     ConceptModelMismatchError,
@@ -382,9 +385,13 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                         use the same value.
                         Default: False
             max_locations_per_batch (int, optional): keep at most this many
-                        randomly chosen locations per batch (seeded by
-                        ``random_state``; worker w > 0 of a distributed fit
-                        uses ``random_state + w * 1000003``). None keeps all.
+                        randomly chosen locations per batch of ``batch_size``
+                        tiles (a ``DataLoader``'s own batch size; else the
+                        largest batch seen), and proportionally fewer from a
+                        smaller batch, so that every tile weighs the same
+                        (seeded by ``random_state``; worker w > 0 of a
+                        distributed fit uses ``random_state + w * 1000003``).
+                        At least ``n_concepts``. None keeps all.
                         Default: None
             n_epochs (int, optional): passes over a re-iterable ``inputs``.
                         Default: 1
@@ -436,9 +443,19 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             NegativeActivationError: negative activations with ``negative="raise"``.
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
+            ValueError: ``max_locations_per_batch`` below ``n_concepts``, or a
+                        batch that is one C x H x W image.
         """
         max_locations = check_int("max_locations_per_batch", max_locations_per_batch, optional=True)
+        k = check_int("n_concepts", self.n_concepts, hint="pass e.g. n_concepts=6.")
+        if max_locations is not None and max_locations < k:
+            raise ValueError(
+                f"max_locations_per_batch={max_locations} is below n_concepts={k}: a batch "
+                f"could not start the fit. Pass max_locations_per_batch >= {k} (e.g. 4096), "
+                "or None to keep every location."
+            )
         check_int("n_epochs", n_epochs, hint="pass e.g. n_epochs=1.")
+        _warn_padded_shards(inputs)
         runner = select_engine(engine, workers=workers, address=address, distributed=distributed)
         device = acts.model_device(self.forward_func, self.layer)
         acts.check_device_options(
@@ -453,11 +470,12 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             max_locations=max_locations,
             autocast=autocast,
             channels_last=channels_last,
+            batch_size=_full_batch(inputs, batch_size),
         )
         options = FitOptions(
             batch_size=batch_size,
             n_epochs=n_epochs,
-            seed=0 if self.random_state is None else int(self.random_state),
+            seed=_seed(self.random_state),
             progress=progress,
             pin_memory=device is not None and device.type == "cuda",
         )
@@ -652,3 +670,47 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         """
         winner = torch.argmax(maps, dim=1)
         return torch.where(maps.amax(dim=1) > 0, winner, torch.full_like(winner, -1))
+
+
+def _full_batch(inputs: Any, batch_size: int) -> int | None:
+    """Tiles of a full batch of ``inputs`` when known: a loader's, or ``batch_size`` for ours."""
+    if isinstance(inputs, DataLoader):
+        return inputs.batch_size
+    if isinstance(inputs, Tensor) or is_map_dataset(inputs):
+        return int(batch_size) if isinstance(batch_size, int) else None
+    return None
+
+
+def _seed(random_state: Any) -> int:
+    """The integer seed of the fit's subsampling: the seed itself, or one drawn from a generator."""
+    if random_state is None:
+        return 0
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        return int(random_state)
+    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
+        return int(
+            random_state.integers(2**31 - 1)
+            if isinstance(random_state, np.random.Generator)
+            else random_state.randint(2**31 - 1)
+        )
+    raise TypeError(
+        f"random_state must be None, an int or a numpy RandomState/Generator, got "
+        f"{type(random_state).__name__} {random_state!r:.60}; pass e.g. random_state=0."
+    )
+
+
+def _warn_padded_shards(inputs: Any) -> None:
+    """Warn when a DataLoader's DistributedSampler repeats tiles to even out its shards."""
+    sampler = getattr(inputs, "sampler", None) if isinstance(inputs, DataLoader) else None
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return
+    extra = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    if extra > 0:
+        warnings.warn(
+            f"the DataLoader's DistributedSampler pads its {sampler.num_replicas} shards by "
+            f"repeating {extra} tile(s) (drop_last=False): they count twice in the concepts. "
+            "Pass DistributedSampler(..., drop_last=True), or the Dataset itself (split "
+            "between ranks without repeats).",
+            CaptumNMFWarning,
+            stacklevel=3,
+        )

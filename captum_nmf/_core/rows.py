@@ -31,6 +31,7 @@ class BatchRows:
         max_locations: int | None,
         autocast: torch.dtype | None,
         channels_last: bool,
+        batch_size: int | None = None,
     ) -> None:
         self.attr = attr
         self.additional_forward_args = additional_forward_args
@@ -38,11 +39,31 @@ class BatchRows:
         self.max_locations = max_locations
         self.autocast = autocast
         self.channels_last = channels_last
+        self.widest = batch_size or 0  # the tiles of a full batch: known, or the most seen
+
+    def quota(self, n_tiles: int) -> int | None:
+        """Rows kept of a batch of ``n_tiles``: ``max_locations`` for a full batch, in proportion.
+
+        A batch of fewer tiles (the last one, a shard's last, one that lost
+        unreadable tiles) keeps proportionally fewer rows, so that every tile
+        weighs the same in the fit; a full batch is the one of ``batch_size``
+        tiles when that is known, else the largest seen so far.
+        """
+        if self.max_locations is None:
+            return None
+        self.widest = max(self.widest, n_tiles)
+        return max(1, round(self.max_locations * n_tiles / self.widest))
 
     def __call__(self, batch: Any, generator: torch.Generator) -> Tensor | None:
         """The rows of ``batch`` (on the model's device), or None for an empty batch."""
         attr = self.attr
         x = first_tensor(batch)
+        if x.ndim == 3:  # C x H x W: the source yields images, not batches
+            raise ValueError(
+                f"fit got a batch of shape {tuple(x.shape)}: one image, not N images. The "
+                "source yields single images (an IterableDataset or generator of samples); "
+                "wrap it in torch.utils.data.DataLoader(source, batch_size=32)."
+            )
         if x.shape[0] == 0:
             return None
         device = acts.model_device(attr.forward_func, attr.layer)
@@ -57,8 +78,9 @@ class BatchRows:
         )
         attr._check_rank(act.shape[1])
         rows = acts.maps_to_rows(act)
-        if self.max_locations is not None and rows.shape[0] > self.max_locations:
-            keep = torch.randperm(rows.shape[0], generator=generator)[: self.max_locations]
+        limit = self.quota(int(x.shape[0]))
+        if limit is not None and rows.shape[0] > limit:
+            keep = torch.randperm(rows.shape[0], generator=generator)[:limit]
             rows = rows[keep.to(rows.device)]
         return rows
 
