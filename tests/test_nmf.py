@@ -12,6 +12,7 @@ from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from captum_nmf import NMF
+from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._utils import solvers
 from captum_nmf.exceptions import NotFittedError
 from tests.helpers.emulated_cuda import EmulatedCuda
@@ -182,8 +183,15 @@ def test_partial_fit_checks_features_between_chunks() -> None:
 
 
 def test_partial_fit_first_chunk_smaller_than_k() -> None:
-    with pytest.raises(ValueError, match="n_components <= min\\(n_samples, n_features\\)"):
-        NMF(4, random_state=0).partial_fit(low_rank(3, 8, 2))
+    # Since the review of 2026-12-07 a stream holds its first rows until it has enough:
+    # 3 rows for K = 4 are kept (not refused), and the estimator is not fitted yet.
+    model = NMF(4, random_state=0).partial_fit(low_rank(3, 8, 2))
+    assert model.n_samples_seen_ == 3
+    with pytest.raises(NotFittedError, match="received 3 rows, 3 of them with a non-zero"):
+        _ = model.components
+    model.partial_fit(low_rank(30, 8, 2, seed=1))
+    assert model.components_.shape == (4, 8)
+    assert model.n_samples_seen_ == 33
 
 
 def test_forget_factor_changes_weighting() -> None:
@@ -401,3 +409,310 @@ def test_checking_a_tensor_sets_no_state() -> None:
     assert not hasattr(model, "n_features_in_")
     model.fit(torch.rand(6, 4))
     assert model.n_features_in_ == 4
+
+
+# ---- review of 2026-12-07 (third session)
+def _planted(n: int = 3000, c: int = 32, k: int = 6, seed: int = 0) -> torch.Tensor:
+    """A non-negative rank-k product plus clipped noise, float64 (the reviewer's r04 data)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, k, generator=g, dtype=torch.float64) ** 3
+    h = torch.rand(k, c, generator=g, dtype=torch.float64) ** 4
+    return torch.clamp(w @ h + 0.02 * torch.randn(n, c, generator=g, dtype=torch.float64), min=0)
+
+
+def _best_w_error(model: NMF, x: torch.Tensor) -> float:
+    return float(torch.linalg.norm(x - model.transform(x) @ model.components_))
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[torch.Tensor, float]:
+    x = _planted()
+    return x, _best_w_error(NMF(6, random_state=0).fit(x), x)
+
+
+def test_stream_opening_with_zero_rows_starts_from_the_first_real_rows(
+    planted: tuple[torch.Tensor, float],
+) -> None:
+    # Before: the zero chunk alone fixed the concepts (all zero, for good: error = ||X||).
+    x, best = planted
+    model = NMF(6, random_state=0).partial_fit(torch.zeros(300, 32, dtype=torch.float64))
+    assert model.n_samples_seen_ == 300
+    with pytest.raises(NotFittedError, match="received 300 rows, 0 of them with a non-zero"):
+        model.transform(x[:2])
+    for chunk in x.split(100):
+        model.partial_fit(chunk)
+    norms = torch.linalg.vector_norm(model.components_, dim=1)
+    torch.testing.assert_close(norms, torch.ones(6, dtype=torch.float64))
+    assert _best_w_error(model, x) <= 1.01 * best  # was 22.9 x best
+    assert model.n_samples_seen_ == 300 + 3000  # the zero rows are counted, once
+
+
+def test_stream_whose_first_chunk_has_k_rows_waits_for_enough_rows(
+    planted: tuple[torch.Tensor, float],
+) -> None:
+    # Before: a first chunk of exactly K rows decided the concepts (3.0 x the best error).
+    x, best = planted
+    model = NMF(6, random_state=0).partial_fit(x[:6])
+    assert model.components_.shape == (6, 32)  # a fit of the 6 rows, until more come
+    for chunk in x.split(100):
+        model.partial_fit(chunk)
+    assert _best_w_error(model, x) <= 1.01 * best
+
+
+def test_stream_opening_with_one_repeated_row_waits_for_k_directions(
+    planted: tuple[torch.Tensor, float],
+) -> None:
+    # 150 copies of one background row span one direction, not K = 6: the stream holds them
+    # and starts once real rows come (before: it started from them, 3.4 x the best error).
+    x, best = planted
+    model = NMF(6, random_state=0).partial_fit(x[:1].expand(150, 32))
+    assert model.__dict__["_start_buffer"].rows.shape == (150, 32)
+    for chunk in x.split(100):
+        model.partial_fit(chunk)
+    # 2 %, not 1 %: the 150 copies are data too, and pull the concepts towards that row.
+    assert _best_w_error(model, x) <= 1.02 * best
+    assert model.n_samples_seen_ == 150 + 3000
+
+
+def test_held_chunks_start_the_stream_as_initialise_stream_plus_their_updates() -> None:
+    # max(100, 10 K) = 100 non-zero rows: a chunk of 50 is held, the second one starts.
+    x = low_rank(400, 12, 2).double()
+    chunks = [x[:50], x[50:100], x[100:160], x[160:210], x[210:]]
+    given = [c.clone() for c in chunks]
+    model = NMF(2, random_state=0)
+    for i, chunk in enumerate(given):
+        model.partial_fit(chunk)
+        chunk.zero_()  # the caller reuses its buffer: the stream holds copies
+        if i == 0:  # while holding: the in-memory fit of every row seen, then one update
+            ref = NMF(2, random_state=0).initialise_stream(chunks[0])
+            ref.update(ref.statistics(chunks[0]))
+            assert torch.equal(model.components_, ref.components_)
+            assert model.reconstruction_err_ == ref.reconstruction_err_
+    assert not hasattr(model, "_start_buffer")  # started: no rows kept
+    ref = NMF(2, random_state=0).initialise_stream(torch.cat(chunks[:2]))
+    for chunk in chunks:  # the held chunks replayed one by one, then the stream
+        ref.update(ref.statistics(chunk))
+    assert torch.equal(model.components_, ref.components_)
+    assert model.reconstruction_err_ == ref.reconstruction_err_
+    assert model.n_samples_seen_ == ref.n_samples_seen_ == 400
+
+
+def test_held_rows_are_bounded_and_dropped_once_the_stream_starts() -> None:
+    model = NMF(4, random_state=0)
+    x = low_rank(1000, 16, 4)
+    x[::2] = 0.0  # rows of zeros are counted but never held
+    held = []
+    for chunk in x.split(40):
+        model.partial_fit(chunk)
+        buffer = model.__dict__.get("_start_buffer")
+        held.append(0 if buffer is None else int(buffer.rows.shape[0]))
+    assert held[:5] == [20, 40, 60, 80, 0]  # 100 non-zero rows: started, dropped
+    assert set(held[5:]) == {0}
+    assert model.n_samples_seen_ == 1000
+
+
+def test_update_ends_the_holding_and_the_stream_goes_on_from_its_statistics() -> None:
+    x = low_rank(90, 8, 2).double()
+    model = NMF(2, random_state=0).partial_fit(x[:30])  # held (fewer than 100 rows)
+    assert "_start_buffer" in model.__dict__
+    model.update(model.statistics(x[30:60]))  # e.g. a distributed step: held rows dropped
+    assert "_start_buffer" not in model.__dict__
+    model.partial_fit(x[60:])
+    assert model.n_samples_seen_ == 90
+
+
+def test_zero_concept_is_reseeded_from_the_row_with_the_largest_residual() -> None:
+    # H0 = [e0, 0]. Rows: e0 (explained), 2 e1 (residual 4), e1 + e2 (residual 2). The zero
+    # concept becomes the worst-explained row, unit norm: e1. The statistics were those of
+    # weights that gave it nothing, so the error is unchanged: ||(0,2,0)||^2 + ||(0,1,1)||^2.
+    f64 = torch.float64
+    model = NMF(2).start_stream(torch.tensor([[1.0, 0, 0], [0, 0, 0]], dtype=f64))
+    x = torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 1, 1]], dtype=f64)
+    stats = model.statistics(x)
+    assert stats.seeds is not None
+    assert stats.seed_scores is not None
+    torch.testing.assert_close(stats.seeds, torch.tensor([[0.0, 2, 0], [0, 1, 1]], dtype=f64))
+    torch.testing.assert_close(stats.seed_scores, torch.tensor([4.0, 2.0], dtype=f64))
+    model.partial_fit(x)
+    expected = torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=f64)
+    torch.testing.assert_close(model.components_, expected, rtol=0, atol=1e-15)
+    assert model.reconstruction_err_ == pytest.approx(6.0**0.5, rel=1e-14)
+    model.partial_fit(torch.tensor([[0.0, 3, 0]], dtype=f64))  # used (weight 3): now first
+    torch.testing.assert_close(model.components_, expected.flip(0), rtol=0, atol=1e-15)
+    assert model.reconstruction_err_ == pytest.approx(6.0**0.5, rel=1e-14)  # (0, 3, 0): exact
+    torch.testing.assert_close(
+        model.transform(torch.tensor([[2.0, 5, 0]], dtype=f64)),
+        torch.tensor([[5.0, 2.0]], dtype=f64),
+    )
+
+
+def test_concept_no_row_uses_is_reseeded_at_the_next_chunk() -> None:
+    f64 = torch.float64
+    model = NMF(2).start_stream(torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=f64))
+    model.partial_fit(torch.tensor([[2.0, 0, 0]], dtype=f64))  # e1 gets no weight: unused
+    assert model.statistics(torch.tensor([[1.0, 0, 0]], dtype=f64)).seeds is not None
+    model.partial_fit(torch.tensor([[1.0, 0, 0], [0, 0, 3]], dtype=f64))
+    torch.testing.assert_close(
+        model.components_, torch.tensor([[1.0, 0, 0], [0, 0, 1]], dtype=f64), rtol=0, atol=0
+    )
+    assert model.reconstruction_err_ == pytest.approx(3.0, rel=1e-14)  # the row (0, 0, 3)
+    # A stream whose rows are all explained re-seeds nothing (no residual to seed from).
+    model = NMF(2).start_stream(torch.tensor([[1.0, 0, 0], [0, 0, 0]], dtype=f64))
+    model.partial_fit(torch.tensor([[2.0, 0, 0]], dtype=f64))
+    assert float(model.components_[1].abs().sum()) == 0.0
+
+
+def test_seeds_add_up_to_the_k_largest_and_are_not_flattened() -> None:
+    f64 = torch.float64
+    model = NMF(2).start_stream(torch.tensor([[1.0, 0, 0], [0, 0, 0]], dtype=f64))
+    a = model.statistics(torch.tensor([[0.0, 1, 0], [0, 0, 3]], dtype=f64))
+    b = model.statistics(torch.tensor([[0.0, 2, 0]], dtype=f64))
+    total = a + b
+    assert total.seed_scores is not None
+    torch.testing.assert_close(total.seed_scores, torch.tensor([9.0, 4.0], dtype=f64))
+    assert total.flatten().numel() == 2 * 2 + 2 * 3 + 2 + 2  # the sums only
+    assert model.statistics(torch.tensor([[1.0, 0, 0]], dtype=f64)).seeds.shape == (0, 3)
+
+
+def test_initialise_stream_refuses_a_chunk_without_enough_non_zero_rows() -> None:
+    x = torch.zeros(50, 6, dtype=torch.float64)
+    x[:2] = 1.0
+    with pytest.raises(ValueError, match="at least 3 rows with a non-zero entry .* got 2 of 50"):
+        NMF(3).initialise_stream(x)
+    assert NMF(3, init="random", random_state=0).initialise_stream(x).n_components_ == 3
+
+
+def test_fit_is_scale_invariant_for_tiny_data() -> None:
+    # Before: the final W solve used the un-normalised HALS H; at X * 1e-13 its H H^T (~1e-20)
+    # was truncated next to the identity pad: the error was 11 x the error at scale 1.
+    x = _planted(1000, 24, 5)
+    ref = NMF(5, random_state=0).fit(x)
+    for s in (1e-13, 1e-16):
+        model = NMF(5, random_state=0)
+        w = model.fit_transform(x * s)
+        assert model.reconstruction_err_ / s == pytest.approx(ref.reconstruction_err_, rel=1e-3)
+        err = float(torch.linalg.norm(x * s - w @ model.components_)) / s
+        assert err == pytest.approx(ref.reconstruction_err_, rel=1e-3)
+
+
+def test_sq_norm_accumulates_float32_in_float64() -> None:
+    x = torch.full((4, 3), 1e20, dtype=torch.float32)  # squares overflow float32
+    assert float(solvers.sq_norm(x)) == pytest.approx(12 * float(x[0, 0]) ** 2, rel=1e-12)
+    assert float(solvers.row_sq_norms(x)[0]) == pytest.approx(3 * float(x[0, 0]) ** 2)
+
+
+def test_float32_fit_and_stream_refuse_an_overflow_like_transform() -> None:
+    x = (low_rank(400, 16, 4).double() * 1e20).float()  # finite; its products are not
+    message = r"overflows torch.float32 \(entries up to 1.*e\+20\); pass X in float64 or rescale"
+    with pytest.raises(ValueError, match=message):  # was a raw linalg.eigh error
+        NMF(4, random_state=0).fit(x)
+    with pytest.raises(ValueError, match=message):
+        NMF(4, random_state=0).partial_fit(x[:200]).partial_fit(x[200:])
+    model = NMF(2, random_state=0).partial_fit(low_rank(300, 16, 2))
+    with pytest.raises(ValueError, match=r"W\^T X overflows torch.float32"):
+        model.statistics(torch.full((300, 16), 3e18))  # W ~ 1e19: W^T X ~ 1e40 (was inf)
+    # near float32's largest value even the SVD of the start overflows (was linalg.svd's error)
+    with pytest.raises(ValueError, match=r"\(its SVD\) overflows torch.float32 \(entries up to 3"):
+        NMF(2, random_state=0).fit(torch.full((50, 8), 3e38))
+    fit64 = NMF(4, random_state=0).fit(x.double())  # the fix the message names works
+    assert bool(torch.isfinite(fit64.components_).all())
+
+
+def test_update_refuses_non_finite_or_negative_statistics() -> None:
+    x = low_rank(300, 8, 2).double()
+    model = NMF(2, random_state=0).partial_fit(x)
+    stats = model.statistics(x)
+    bad = NMFStatistics(stats.wtw, stats.wtv * float("inf"), stats.sq, stats.weight_sums, 300)
+    with pytest.raises(ValueError, match="stats hold NaN or infinity"):
+        model.update(bad)
+    negative = NMFStatistics(-stats.wtw, -stats.wtv, -stats.sq, stats.weight_sums, -5)
+    with pytest.raises(ValueError, match="stats are not the statistics of any rows"):
+        model.update(negative)
+    assert model.n_samples_seen_ == 300
+
+
+def test_from_components_takes_k_from_the_components() -> None:
+    h = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"takes K from components \(3 rows\), got n_components=5"):
+        NMF.from_components(h, n_components=5)  # was: got multiple values for keyword argument
+    assert NMF.from_components(h, n_components=3).n_components_ == 3
+
+
+def test_complex_input_is_refused_naming_the_dtype() -> None:
+    x = torch.rand(20, 6, dtype=torch.float64)
+    model = NMF(2, random_state=0).fit(x)
+    z = (x + 1j * x).to(torch.complex128)
+    match = "complex tensor of dtype torch.complex128; pass X.real or X.abs()"
+    with pytest.raises(TypeError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        model.transform(z)  # was: the imaginary part dropped silently
+    with pytest.raises(TypeError, match="complex tensor of dtype torch.complex128"):
+        NMF(2).fit(z)
+    with pytest.raises(TypeError, match="components, got a complex tensor of dtype"):
+        NMF.from_components(model.components_ * (1 + 0j))
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_negative_values_message_names_count_first_position_and_fix(as_numpy: bool) -> None:
+    x = torch.ones(3, 4, dtype=torch.float64)
+    x[1, 2], x[2, 0] = -0.5, -2.0
+    match = (
+        r"Negative values in data passed to NMF \(input X\): 2 entries below 0, the first "
+        r"-0.5 at row 1, column 2 \(the smallest -2\); .*clip X \(X.clamp\(min=0\).*"
+        r"negative='relu'"
+    )
+    with pytest.raises(ValueError, match=match):
+        NMF(2).fit(x.numpy() if as_numpy else x)
+
+
+def test_nan_and_infinity_messages_name_count_and_first_position() -> None:
+    x = torch.ones(3, 4, dtype=torch.float64)
+    x[0, 1] = x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"contains NaN \(2 entries, the first at row 0, column 1"):
+        NMF(2).fit(x)
+    x = torch.ones(3, 4, dtype=torch.float64)
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"infinity \(1 entry, the first inf at row 1, column 0"):
+        NMF(2).fit(x)
+
+
+def test_transform_docstring_says_half_precision_is_solved_in_float32() -> None:
+    doc = NMF.transform.__doc__ or ""
+    assert "half precision is solved" in doc
+    assert "in float32" in doc
+    model = NMF(2, random_state=0).fit(low_rank(50, 6, 2))
+    assert model.transform(low_rank(5, 6, 2).half()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("h", "match"),
+    [
+        ([[1.0, float("nan")]], r"1 entry is NaN, the first components\[0, 1\] = nan"),
+        ([[1.0, 0.0], [-1.0, -2.0]], r"2 entries are negative, the first components\[1, 0\] = -1"),
+        ([[float("inf"), 1.0]], r"1 entry is infinite, the first components\[0, 0\] = inf"),
+    ],
+)
+def test_bad_components_message_says_which_and_where(h: list[list[float]], match: str) -> None:
+    with pytest.raises(ValueError, match="components must be finite and non-negative: " + match):
+        NMF.from_components(torch.tensor(h))
+
+
+def test_concept_names_refuse_lone_surrogates() -> None:
+    from captum_nmf._core.names import check_concept_names
+
+    with pytest.raises(ValueError, match=r"concept name 0 \('a\\ud800'\) holds a lone surrogate"):
+        check_concept_names(["a\ud800", "b"], 2)  # cannot be written as UTF-8
+    assert check_concept_names(["a\U0001f600", "b"], 2) == ["a\U0001f600", "b"]  # a real pair
+
+
+@pytest.mark.parametrize(
+    ("seed", "err", "match"),
+    [
+        (-1, ValueError, r"random_state must be in \[0, 2\*\*32 - 1\].*got -1; pass e.g."),
+        (2**32, ValueError, r"random_state must be in \[0, 2\*\*32 - 1\]"),
+        (1.5, TypeError, r"random_state must be None, an int .* got 1.5 \(float\)"),
+    ],
+)
+def test_bad_random_state_is_named(seed: object, err: type, match: str) -> None:
+    with pytest.raises(err, match=match):
+        NMF(2, random_state=seed).fit(low_rank(20, 4, 2))  # type: ignore[arg-type]
+    assert NMF(2, random_state=np.int64(3)).fit(low_rank(20, 4, 2)).n_iter_ >= 1

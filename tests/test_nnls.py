@@ -83,17 +83,19 @@ def test_float64_equals_scipy_on_synthetic(k: int) -> None:
 def test_float32_equals_reference_solver_on_real_activations(
     real_rows: torch.Tensor, k: int
 ) -> None:
-    # Both solvers take the same float32 V H^T and float32 H H^T and solve in float64, so
-    # they differ only by float64 rounding (<= 1e-12 of the row); after the cast to float32
-    # that is at most one rounding step: |dw| <= 2^-23 * max|w| of the row.
+    # Both solvers take the same float32 V H^T and the float64 H H^T of the float32 H (formed
+    # in float64 since the review of 2026-12-07: in float32 near-duplicate concepts cycled)
+    # and solve in float64, so they differ only by float64 rounding (<= 1e-12 of the row);
+    # after the cast to float32 that is at most one rounding step: |dw| <= 2^-23 * max|w|.
     v = real_rows
     h = fitted_h(v, k).float()
     w = NMF.from_components(h).transform(v)
     assert w.dtype == torch.float32
-    ref64 = solvers._nnls_bpp(h @ h.T, v @ h.T)
+    h64 = h.double()
+    ref64 = solvers._nnls_bpp(h64 @ h64.T, v @ h.T)
     scale = torch.amax(torch.abs(ref64), dim=1, keepdim=True)
     assert bool((torch.abs(w.double() - ref64) <= 2.0**-23 * scale).all())
-    fast64 = solvers.nnls(h @ h.T, v @ h.T)
+    fast64 = solvers.nnls(h64 @ h64.T, v @ h.T)
     assert bool((torch.abs(fast64 - ref64) <= 1e-12 * scale).all())
 
 
@@ -576,3 +578,59 @@ def test_distributed_style_workers_share_the_solve() -> None:
     assert torch.equal(a.wtv, b.wtv)
     w = reference_w(driver._h, x[:150])
     assert torch.allclose(a.wtw, (w.T @ w).double(), rtol=1e-12)
+
+
+# ---- review of 2026-12-07 (third session)
+def test_masked_pinv_pads_with_the_scale_of_the_gram() -> None:
+    # pinv truncates relative to the largest eigenvalue: a pad of 1 next to a gram of 1e-20
+    # dropped the passive block itself (its inverse came back 0).
+    gram = torch.diag(torch.tensor([2.0, 3.0, 4.0], dtype=F64)) * 1e-20
+    inverse = solvers._masked_pinv(gram, torch.tensor([[True, False, True]]))[0]
+    expected = torch.diag(torch.tensor([0.5, 0.0, 0.25], dtype=F64)) * 1e20
+    torch.testing.assert_close(inverse, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("scales", [[1e-7] * 6, [1e-155] * 6, [1.0, 1e-6, 1e6, 1e-12, 3.0, 1.0]])
+def test_transform_is_scale_invariant_for_tiny_huge_and_mixed_concepts(
+    scales: list[float],
+) -> None:
+    # NNLS is scale-equivariant: the weights for rows s_j H_j are w_j / s_j. Before: W = 0
+    # or suboptimal for H * 1e-7 (161 of 300 rows), NaN for H * 1e-155, returned silently.
+    g = torch.Generator().manual_seed(0)
+    h = torch.rand(6, 32, generator=g, dtype=F64) ** 2
+    h = h / torch.linalg.vector_norm(h, dim=1, keepdim=True)
+    v = torch.rand(300, 32, generator=g, dtype=F64)
+    s = torch.tensor(scales, dtype=F64)
+    w1 = NMF.from_components(h).transform(v)
+    ws = NMF.from_components(h * s[:, None]).transform(v)
+    assert bool(torch.isfinite(ws).all())
+    torch.testing.assert_close(ws * s, w1, rtol=1e-9, atol=1e-12 * float(w1.max()))
+    ref = scipy_rows(h, v)
+    scale = torch.amax(ref, dim=1, keepdim=True).clamp_min(1e-300)
+    assert bool((torch.abs(ws * s - ref) <= 1e-10 * scale).all())
+
+
+def test_weights_that_overflow_their_dtype_are_refused_not_returned() -> None:
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0]]) * 1e-37  # float32: W ~ 1e39 overflows
+    with pytest.raises(ValueError, match="The weights W overflow torch.float32: the concepts"):
+        NMF.from_components(h).transform(torch.full((3, 2), 100.0))
+    w = NMF.from_components(h.double()).transform(torch.full((3, 2), 100.0, dtype=F64))
+    torch.testing.assert_close(w, torch.full((3, 2), 1e39, dtype=F64))
+
+
+def test_float32_near_duplicate_concepts_are_solved_exactly() -> None:
+    # H H^T of float32 concepts is formed in float64: in float32 two concepts 3e-5 apart lost
+    # their difference, pivoting cycled (a ConvergenceWarning) and W was 1e-5 suboptimal.
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(6, 40, generator=g, dtype=F64) ** 2
+    base = base / base.norm(dim=1, keepdim=True)
+    v = (torch.rand(300, 40, generator=g, dtype=F64) ** 2).float()
+    d = torch.rand(1, 40, generator=g, dtype=F64)
+    h = torch.cat([base, base[1:2] + 3e-5 * d]).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = NMF.from_components(h).transform(v)
+    h64, v64 = h.double(), v.double()
+    ours = torch.sum((v64 - w.double() @ h64) ** 2, dim=1)
+    ref = torch.sum((v64 - scipy_rows(h64, v64) @ h64) ** 2, dim=1)
+    assert bool((ours - ref <= 1e-6 * torch.sum(v64**2, dim=1)).all())

@@ -41,8 +41,9 @@ def check_concept_names(names: Sequence[str], k: int) -> list[str]:
 
     Raises:
         TypeError: ``names`` is not a sequence of strings.
-        ValueError: a wrong count, an empty name, a control character, a name
-                    longer than :data:`MAX_NAME_LENGTH`, or a duplicate.
+        ValueError: a wrong count, an empty name, a control character, a lone
+                    surrogate (not encodable as UTF-8), a name longer than
+                    :data:`MAX_NAME_LENGTH`, or a duplicate.
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"concept names must be a list of {k} strings, got {names!r}.")
@@ -58,6 +59,13 @@ def check_concept_names(names: Sequence[str], k: int) -> list[str]:
         if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
             raise ValueError(
                 f"concept name {j} ({text!r}) holds a control character; use printable text."
+            )
+        surrogates = [ch for ch in text if unicodedata.category(ch) == "Cs"]
+        if surrogates:
+            raise ValueError(
+                f"concept name {j} ({text!r}) holds a lone surrogate ({surrogates[0]!r}), which "
+                "cannot be written as UTF-8 (e.g. text decoded with errors='surrogateescape'); "
+                "use valid Unicode text."
             )
         if len(text) > MAX_NAME_LENGTH:
             raise ValueError(

@@ -13,7 +13,7 @@ import torch
 from numpy.typing import NDArray
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_non_negative, validate_data
+from sklearn.utils.validation import validate_data
 from torch import Tensor
 
 from captum_nmf._core.nmf_input import (
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["NMF", "NMFStatistics"]
 
 _INNER_W = 5  # HALS sweeps over W per outer iteration (early stop at 1 % change); measured best
+_KEEP_EXPONENT = 4  # the fixed-H solve rescales concepts of norm beyond ~2^(+-4.5) (_row_scales)
 
 
 def _refuse_overflow(
@@ -47,41 +48,116 @@ def _refuse_overflow(
     x: Tensor,
     *,
     what: str = "entries",
-    fix: str = "; pass X in float64 or rescale it.",
+    fix: str | None = None,
+    scale: Tensor | None = None,
 ) -> None:
     """Raise when the weights of checked (finite, non-negative) rows are not finite.
 
-    With finite ``X`` that only happens when ``X @ H^T`` overflowed ``X``'s dtype.
-    ``x`` is what was solved (the rows, or their products), named ``what`` in
-    the message, which ends with ``fix``.
+    With finite ``X`` that only happens when ``X @ H^T`` overflowed ``X``'s dtype,
+    or when tiny concepts (``scale``, see :func:`_row_scales`, above 1) make the
+    weights themselves overflow it. ``x`` is what was solved (the rows, or their
+    products), named ``what`` in the message, which ends with ``fix`` (None: use
+    float64, or rescale X when it is float64).
 
     Raises:
         ValueError: ``w`` holds NaN or infinity.
     """
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"X @ H^T overflows {x.dtype} ({what} up to {float(x.max()):.3g}){fix}")
+    if bool(torch.isfinite(w).all()):
+        return
+    if scale is not None and float(scale.max()) > 1.0:
+        smallest = 1.0 / float(scale.max())
+        raise ValueError(
+            f"The weights W overflow {w.dtype}: the concepts are tiny (row norms down to about "
+            f"{smallest:.3g}), so their weights are huge; rescale the components (e.g. to unit "
+            "norm) or pass X in float64."
+        )
+    raise ValueError(solvers.overflow_message(x.dtype, float(x.max()), what=what, fix=fix))
+
+
+def _refuse_fit_overflow(v: Tensor) -> None:
+    """Refuse a fit whose products of (checked, finite) ``v`` overflowed: the transform wording.
+
+    Raises:
+        ValueError: always.
+    """
+    raise ValueError(
+        solvers.overflow_message(
+            v.dtype,
+            float(v.max()),
+            product="A product of X in the fit (X @ H^T, W^T X or W^T W) overflows",
+        )
+    )
+
+
+def _row_scales(h: Tensor) -> Tensor | None:
+    """Powers of two that bring the rows of ``h`` of extreme norm to about unit norm.
+
+    Extreme: ``log2`` of the norm rounds to more than 4 in magnitude (a norm
+    outside about [1/22, 22]). The fixed-``H`` solve with the scaled rows is
+    the same problem, scaled: its weights times the scales are the weights for
+    ``h``. Powers of two scale exactly, and rows of moderate norm (fitted
+    concepts have unit norm) keep scale 1, so their solve is bit for bit what
+    it was; concepts of any other scale (1e-155, or rows 1e12 apart) get a
+    well-scaled ``H H^T`` (a pseudo-inverse truncates relative to its largest
+    eigenvalue). Zero rows keep scale 1. One host synchronisation: computed
+    when ``H`` is assigned, not per solve.
+
+    Returns:
+        *Tensor or None*: K float64 scales on ``h``'s device, or None when all are 1.
+    """
+    h64 = h.detach().double()
+    top = torch.amax(torch.abs(h64), dim=1)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    norms = top * torch.linalg.vector_norm(h64 / safe[:, None], dim=1)  # no overflow
+    exponent = torch.round(torch.log2(torch.where(norms > 0, norms, torch.ones_like(norms))))
+    exponent = torch.where(exponent.abs() > _KEEP_EXPONENT, exponent, 0.0).clamp(-1000.0, 1000.0)
+    if not bool((exponent != 0).any()):
+        return None
+    return torch.exp2(-exponent)
 
 
 @dataclass(frozen=True)
 class _FixedH:
     """``H`` cast for one device and dtype, with its NNLS factors.
 
-    ``pinv`` is ``pinv(H H^T)`` in the same dtype: ``(V H^T) @ pinv`` in float32
-    is the cheap guess of the starting passive sets (only its signs are used).
+    ``h`` is ``H`` with rows of extreme norm scaled to about unit norm by
+    powers of two (:func:`_row_scales`); the solve works with it, and its weights times
+    ``scale`` (None: all 1) are those for ``H``. ``pinv`` is ``pinv(h h^T)`` in
+    the same dtype: ``(V h^T) @ pinv`` in float32 is the cheap guess of the
+    starting passive sets (only its signs are used).
     """
 
     h: Tensor
     pinv: Tensor
     factors: solvers.NNLSFactors
+    scale: Tensor | None = None
+
+    def weights(self, w: Tensor, dtype: torch.dtype) -> Tensor:
+        """Weights of the scaled rows ``h`` (K last) as weights of ``H``, in ``dtype``."""
+        if self.scale is None:
+            return w.to(dtype)
+        return (w.double() * self.scale.to(w.device)).to(dtype)
+
+    def weights_maps(self, maps: Tensor) -> Tensor:
+        """:meth:`weights` of N x K x h x w concept maps (their dtype)."""
+        if self.scale is None:
+            return maps
+        scale = self.scale.to(maps.device)[:, None, None]
+        return (maps.double() * scale).to(maps.dtype).contiguous()
 
 
 @dataclass(eq=False)
 class _FactorCache:
-    """Per-``H`` solve factors, valid while ``_h`` is ``h`` at version ``version``."""
+    """Per-``H`` solve factors, valid while ``_h`` is ``h`` at version ``version``.
+
+    ``scales`` holds an ``H``, its version and its :func:`_row_scales`, computed
+    when ``H`` is assigned (so the first solve reads nothing back).
+    """
 
     h: Tensor | None
     version: int
     entries: dict[tuple[str, torch.dtype], _FixedH]
+    scales: tuple[Tensor, int, Tensor | None] | None = None
 
 
 class NMF(
@@ -118,13 +194,15 @@ class NMF(
                     or ``"random"``.
                     Default: ``"nndsvda"``
         max_iter (int, optional): maximum number of outer iterations of ``fit``
-                    (and of the first ``partial_fit`` chunk).
+                    (and of the in-memory fit of the rows that start a
+                    ``partial_fit`` stream).
                     Default: 200
         tol (float, optional): stop when one iteration lowers the objective
                     (evaluated exactly) by less than ``tol`` times its value.
                     Default: 1e-4
         random_state (int, RandomState or None, optional): seed of the
-                    randomised SVD and of ``init="random"``.
+                    randomised SVD and of ``init="random"``; an int must be
+                    in [0, 2**32 - 1] (numpy's seed range).
                     Default: None
         device (str or torch.device, optional): where to compute. ``None``
                     computes where the data is (numpy arrays: CPU; in
@@ -145,17 +223,23 @@ class NMF(
                     fitted data. After ``partial_fit`` it is measured with the
                     ``W`` each chunk got when it was seen and the final ``H``
                     (an upper bound on the best ``W``).
-        n_iter_ (int): outer iterations run by the last ``fit``.
-        n_samples_seen_ (int): rows seen by ``fit``/``partial_fit``.
+        n_iter_ (int): outer iterations run by the last ``fit`` (or by the
+                    in-memory fit that started the stream).
+        n_samples_seen_ (int): rows seen by ``fit``/``partial_fit`` (rows a
+                    stream still holds and rows of zeros included).
 
     Raises:
-        TypeError: ``n_components`` or ``max_iter`` is not an integer, or
-                    ``device`` is neither a str nor a ``torch.device``.
+        TypeError: ``n_components`` or ``max_iter`` is not an integer,
+                    ``random_state`` is not None, an int or a ``RandomState``,
+                    ``device`` is neither a str nor a ``torch.device``, or
+                    ``X`` is a complex tensor.
         ValueError: a hyper-parameter is out of range, ``device`` names a
                     device this machine lacks, ``X`` is empty, has negative,
-                    NaN or infinite values, or has another number of features
-                    than at fit time.
-        NotFittedError: ``transform`` or ``inverse_transform`` before ``fit``.
+                    NaN or infinite values (the message says how many and
+                    where the first is), has another number of features
+                    than at fit time, or a product of ``X`` overflows its dtype.
+        NotFittedError: ``transform`` or ``inverse_transform`` before ``fit``
+                    (or before a stream has K rows with a non-zero entry).
 
     Examples::
 
@@ -206,6 +290,8 @@ class NMF(
     def _h(self, value: Tensor) -> None:
         self.__dict__["_concepts"] = value
         self._forget_factors()
+        version = int(getattr(value, "_version", 0))
+        self._factor_cache().scales = (value, version, _row_scales(value))
 
     @property
     def components(self) -> Tensor:
@@ -217,15 +303,20 @@ class NMF(
         (distributed fitting, persistence).
 
         Raises:
-            NotFittedError: before fitting.
+            NotFittedError: before fitting, or while a stream's first chunks
+                        hold fewer non-zero rows than K (see :meth:`partial_fit`).
         """
         h: Tensor | None = self.__dict__.get("_concepts")
         if h is None:
             raise NotFittedError(
                 "This NMF instance is not fitted yet. Call 'fit', 'partial_fit', "
-                "'initialise_stream' or 'start_stream' first."
+                "'initialise_stream' or 'start_stream' first." + self._buffering_note()
             )
         return h.detach().clone()
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """Whether there are concepts (a stream still waiting for rows has none)."""
+        return "_concepts" in self.__dict__
 
     def _factor_cache(self) -> _FactorCache:
         """The cache object, created once and afterwards only changed in place.
@@ -261,10 +352,19 @@ class NMF(
         key = (str(device), dtype)
         entry = cache.entries.get(key)
         if entry is None:
+            scales = cache.scales
+            if scales is None or scales[0] is not h or scales[1] != version:
+                scales = cache.scales = (h, version, _row_scales(h))  # H changed in place
+            scale = None if scales[2] is None else scales[2].to(device)
             hc = h.detach().to(device=device, dtype=dtype)
-            # H H^T in the compute dtype, as the fit's final solve forms it.
-            factors = solvers.NNLSFactors(hc @ hc.T)
-            entry = _FixedH(hc, factors.pinv.to(dtype), factors)
+            if scale is not None:
+                hc = (hc.double() * scale[:, None]).to(dtype)
+            # H H^T of the compute-dtype H, formed in float64 (exact products of its entries,
+            # float64 sums): in float32 two near-duplicate concepts lost their difference
+            # and pivoting cycled. X H^T stays in X's dtype.
+            h64 = hc.double()
+            factors = solvers.NNLSFactors(h64 @ h64.T)
+            entry = _FixedH(hc, factors.pinv.to(dtype), factors, scale)
             cache.entries[key] = entry
         return entry
 
@@ -294,7 +394,14 @@ class NMF(
         return tags
 
     def _check_params(self) -> None:
-        check_params(self.n_components, self.init, self.max_iter, self.tol, self.forget_factor)
+        check_params(
+            self.n_components,
+            self.init,
+            self.max_iter,
+            self.tol,
+            self.forget_factor,
+            random_state=self.random_state,
+        )
 
     def _input(
         self, x: ArrayLike, *, reset: bool, values: bool = True, stay: bool = False
@@ -313,11 +420,11 @@ class NMF(
             kind = _Kind(False, t.dtype, x.device)
         else:
             arr = validate_data(self, x, reset=reset, dtype=[np.float64, np.float32])
-            check_non_negative(arr, "NMF (input X)")
             with warnings.catch_warnings():
                 # Read-only arrays (e.g. np.memmap(mode="r")) are fine: X is never written.
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 t = torch.from_numpy(np.ascontiguousarray(arr))
+            check_values(t)  # NaN and infinity were refused above: the negative-value message
             kind = _Kind(True, t.dtype, t.device)
         if self.device is not None:
             t = t.to(check_device("device", self.device))
@@ -353,6 +460,7 @@ class NMF(
             raise NotFittedError(
                 f"This {type(self).__name__} instance is not fitted yet. Call 'fit' or "
                 "'partial_fit' with appropriate arguments before using this estimator."
+                + self._buffering_note()
             )
 
     # ------------------------------------------------------------- algorithms
@@ -377,13 +485,18 @@ class NMF(
             p = (v @ h.T).T.contiguous()
             wt = solvers.hals_sweeps(wt, hht, p, inner_w)
             # Exact objective of (W, H) from products already at hand, reduced in float64
-            # (no pass over V; the W^T V form would cancel in float32).
+            # (no pass over V; the W^T V form would cancel in float32). It is also the
+            # overflow check: an infinite product of this or the last iteration shows in it.
             obj = float(solvers.objective_from_products(sq, wt, p, hht))
+            if not math.isfinite(obj):
+                _refuse_fit_overflow(v)
             wtw, wtv = wt @ wt.T, wt @ v
             h = solvers.hals_sweeps(h, wtw, wtv, inner_h)
             if math.isfinite(prev) and prev - obj <= self.tol * prev:
                 break
             prev = obj
+        if not bool(torch.isfinite(h).all()):  # the last products W^T W, W^T V
+            _refuse_fit_overflow(v)
         return wt, h, n_iter
 
     def _solve_w(self, v: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -391,13 +504,31 @@ class NMF(
 
         ``V`` has been checked. One pass ``V H^T`` in ``V``'s dtype, then the
         fixed-``H`` solve with the cached factors of ``H``, block by block.
+
+        Raises:
+            ValueError: ``V H^T`` (or ``W``) overflows.
         """
         fixed = self._fixed_h(v.device, v.dtype)
-        return solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=dtype)[0]
+        solve_dtype = dtype if fixed.scale is None else torch.float64
+        w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=solve_dtype)
+        w = fixed.weights(w, dtype)
+        if bool(suspect) or fixed.scale is not None:  # V is checked: only an overflow is left
+            _refuse_overflow(w, v, scale=fixed.scale)
+        return w
 
     def _solve_w_and_error(self, v: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, float]:
-        """Exact ``W`` and ``||V - W H||_F`` from the same ``V H^T`` (one pass over V)."""
-        hht, p = h @ h.T, v @ h.T
+        """Exact ``W`` and ``||V - W H||_F`` from the same ``V H^T`` (one pass over V).
+
+        ``h`` should have rows of about unit norm (``fit`` passes them normalised):
+        ``H H^T`` is formed in float64, ``V H^T`` in ``V``'s dtype.
+
+        Raises:
+            ValueError: ``V H^T`` overflows ``V``'s dtype.
+        """
+        h64 = h.double()
+        hht, p = h64 @ h64.T, v @ h.T
+        if not bool(torch.isfinite(p).all()):
+            _refuse_fit_overflow(v)
         w = solvers.nnls(hht, p)
         obj = solvers.objective_from_products(sq, w.T.to(v.dtype), p.T, hht)
         return w, math.sqrt(float(obj))
@@ -432,9 +563,12 @@ class NMF(
             *NMF*: ``self``.
 
         Raises:
-            ValueError: ``X`` is empty, negative, not finite, or ``n_components``
+            TypeError: ``X`` is a complex tensor, or a hyper-parameter has a
+                        wrong type.
+            ValueError: ``X`` is empty, negative, not finite, ``n_components``
                         is larger than the number of features (or samples with
-                        an SVD-based ``init``).
+                        an SVD-based ``init``), or a product of ``X`` in the fit
+                        overflows its dtype (float32: pass float64).
         """
         self.fit_transform(X)
         return self
@@ -443,9 +577,11 @@ class NMF(
         """Fit on ``X`` and return its exact non-negative weights ``W`` (n x K).
 
         Returns:
-            *ndarray or Tensor*: ``W`` of the kind, dtype and device of ``X``.
+            *ndarray or Tensor*: ``W`` of the kind, dtype and device of ``X``
+            (half precision: float32).
 
         Raises:
+            TypeError: as :meth:`fit`.
             ValueError: as :meth:`fit`.
         """
         self._check_params()
@@ -454,6 +590,10 @@ class NMF(
         wt, h = self._initialise(v, k)
         sq = solvers.sq_norm(v)
         wt, h, n_iter = self._hals(v, wt, h, sq)
+        # Solve W with unit-norm concepts: the HALS rows can differ in norm by 1e12, and the
+        # final order and scale are canonical's (below) anyway.
+        norms = torch.linalg.vector_norm(h.double(), dim=1)
+        h = (h.double() / torch.where(norms > 0, norms, 1.0)[:, None]).to(h.dtype)
         w, error = self._solve_w_and_error(v, h, sq)
         order, scale = self._set_state(h, w.sum(dim=0), kind)
         w = w[:, order] * scale
@@ -470,19 +610,30 @@ class NMF(
         Args:
             components (ndarray or Tensor): K x C non-negative, finite concept
                         vectors, used as they are (not re-normalised).
-            **params: hyper-parameters of :class:`NMF`, recorded unchanged.
+            **params: hyper-parameters of :class:`NMF`, recorded unchanged;
+                        K is the number of rows of ``components`` (an
+                        ``n_components`` equal to it is accepted).
 
         Returns:
             *NMF*: a fitted estimator whose ``transform`` uses ``components``.
 
         Raises:
-            ValueError: ``components`` is not a 2-D finite non-negative matrix.
+            TypeError: ``components`` is complex.
+            ValueError: ``components`` is not a 2-D finite non-negative matrix,
+                        or ``n_components`` differs from its number of rows.
         """
         h, is_numpy = components_matrix(components)
+        k = int(h.shape[0])
+        given = params.pop("n_components", k)
+        if given is not None and (isinstance(given, bool) or given != k):
+            raise ValueError(
+                f"from_components takes K from components ({k} rows), got n_components={given!r}; "
+                "leave n_components out (or pass components with that many rows)."
+            )
         if not h.is_floating_point():
             h = h.double()
         check_finite_non_negative(h)
-        model = cls(n_components=int(h.shape[0]), **params)
+        model = cls(n_components=k, **params)
         model._check_params()
         model._h = h.clone()
         model._weight_sums = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
@@ -506,20 +657,27 @@ class NMF(
             X (ndarray or Tensor): n x C non-negative matrix.
 
         Returns:
-            *ndarray or Tensor*: ``W`` (n x K) of the kind, dtype and device of ``X``.
+            *ndarray or Tensor*: ``W`` (n x K) of the kind and device of ``X``, in
+            its dtype when that is float32 or float64 (half precision is solved,
+            and returned, in float32; integers in float64). Never NaN or infinite.
 
         Raises:
             NotFittedError: before ``fit``/``partial_fit``.
+            TypeError: ``X`` is a complex or sparse tensor.
             ValueError: ``X`` is invalid, has another number of features, or
-                        ``X @ H^T`` overflows its dtype.
+                        ``X @ H^T`` (or ``W``, for tiny concepts) overflows its dtype.
         """
         self._check_fitted()
         v, kind = self._input(X, reset=False, values=False, stay=True)
         fixed = self._fixed_h(v.device, v.dtype)
-        w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=v.dtype)
+        solve_dtype = v.dtype if fixed.scale is None else torch.float64
+        w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=solve_dtype)
+        if fixed.scale is not None:  # concepts far from unit norm (from_components): rescale
+            w = fixed.weights(w, v.dtype)
+            suspect = suspect | ~torch.isfinite(w.sum())
         if bool(suspect):  # the one host synchronisation; rare: decide exactly
             check_values(v)  # NaN, infinity or a negative entry: the usual errors
-            _refuse_overflow(w, v)
+            _refuse_overflow(w, v, scale=fixed.scale)
         return self._output(w, kind)
 
     def _transform_maps(self, act: Tensor, pending: PendingCheck | None = None) -> Tensor:
@@ -536,13 +694,17 @@ class NMF(
             NonFiniteActivationError, NegativeActivationError: from ``pending``.
         """
         return self._solve_checked(
-            act, lambda x, f: solvers.solve_maps(x, f.h, f.pinv, f.factors), pending
+            act,
+            lambda x, f: f.weights_maps(solvers.solve_maps(x, f.h, f.pinv, f.factors)),
+            pending,
         )
 
     def _products_maps(self, act: Tensor) -> Tensor:
         """``X @ H^T`` (N x K x h x w) of every location of checked N x C x h x w activations.
 
-        Computed where the activations are, in their dtype (:func:`solvers.products_maps`).
+        Computed where the activations are, in their dtype (:func:`solvers.products_maps`),
+        with the rows of ``H`` of extreme norm scaled as the solve uses them
+        (:func:`_row_scales`; for fitted, unit-norm concepts this is ``X @ H^T``).
         All :meth:`_transform_products` needs of them: the mean of several
         locations' products is the product of their mean, so a slide run
         averages overlapping tiles in K channels instead of C.
@@ -564,7 +726,7 @@ class NMF(
         """
         return self._solve_checked(
             cross,
-            lambda b, f: solvers.solve_products(b, f.pinv, f.factors).to(b.dtype),
+            lambda b, f: f.weights(solvers.solve_products(b, f.pinv, f.factors), b.dtype),
             pending,
             what="products",
             fix=": the layer's activations are too large for this dtype; rescale the model's "
@@ -587,10 +749,11 @@ class NMF(
         """
         x = x if self.device is None else x.to(check_device("device", self.device))
         refuse_mps(x)  # the products of a model on MPS (transform's rows were checked already)
-        w = solve(x, self._fixed_h(x.device, x.dtype))
+        fixed = self._fixed_h(x.device, x.dtype)
+        w = solve(x, fixed)
         if pending is not None:
             pending.finish()
-        _refuse_overflow(w, x, **overflow)
+        _refuse_overflow(w, x, scale=fixed.scale, **overflow)
         return w
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:

@@ -18,10 +18,12 @@ __all__ = [
     "InitName",
     "check_finite_non_negative",
     "check_params",
+    "check_random_state_param",
     "check_tensor",
     "check_values",
     "components_matrix",
     "rank",
+    "refuse_complex",
 ]
 
 ArrayLike = Any  # numpy array, torch tensor or anything numpy.asarray accepts
@@ -39,13 +41,22 @@ class _Kind:
 
 
 def check_params(
-    n_components: object, init: object, max_iter: object, tol: float, forget_factor: float
+    n_components: object,
+    init: object,
+    max_iter: object,
+    tol: float,
+    forget_factor: float,
+    *,
+    random_state: object = None,
 ) -> None:
     """Check the hyper-parameters of :class:`~captum_nmf.NMF` (at fit time, as scikit-learn).
 
     Raises:
-        TypeError: ``n_components`` or ``max_iter`` is not an integer.
-        ValueError: a hyper-parameter is out of range.
+        TypeError: ``n_components`` or ``max_iter`` is not an integer, or
+                    ``random_state`` is neither None, an int nor a numpy
+                    ``RandomState``.
+        ValueError: a hyper-parameter is out of range (``random_state`` must be
+                    in [0, 2**32 - 1], numpy's seed range).
     """
     check_int("n_components", n_components, optional=True, hint="pass e.g. n_components=6.")
     if init not in _INITS:
@@ -55,6 +66,28 @@ def check_params(
         raise ValueError(f"tol must be a float >= 0, got {tol!r}.")
     if not isinstance(forget_factor, numbers.Real) or not 0.0 < forget_factor <= 1.0:
         raise ValueError(f"forget_factor must be in (0, 1], got {forget_factor!r}.")
+    check_random_state_param(random_state)
+
+
+def check_random_state_param(random_state: object) -> None:
+    """Refuse a ``random_state`` numpy cannot seed, naming it (not numpy's bare "Seed must be ...").
+
+    Raises:
+        TypeError: not None, an int or a ``numpy.random.RandomState``.
+        ValueError: an int outside [0, 2**32 - 1].
+    """
+    if random_state is None or isinstance(random_state, np.random.RandomState):
+        return
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"random_state must be None, an int in [0, 2**32 - 1] or a numpy RandomState, got "
+            f"{random_state!r} ({type(random_state).__name__}); pass e.g. random_state=0."
+        )
+    if not 0 <= int(random_state) <= 2**32 - 1:
+        raise ValueError(
+            f"random_state must be in [0, 2**32 - 1] (numpy's seed range), got {random_state!r}; "
+            "pass e.g. random_state=0."
+        )
 
 
 def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> Tensor:
@@ -73,7 +106,7 @@ def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> T
         *Tensor*: ``x``, or its float32 / float64 copy for half or integer input.
 
     Raises:
-        TypeError: ``x`` is not dense.
+        TypeError: ``x`` is not dense, or is complex.
         ValueError: ``x`` is on an MPS device, is not 2-D, is empty, has NaN,
                     infinite or negative values, or has another C than ``n_features``.
     """
@@ -81,6 +114,7 @@ def check_tensor(x: Tensor, n_features: int | None, *, values: bool = True) -> T
         raise TypeError(
             f"NMF needs a dense tensor, got layout {x.layout}; call X.to_dense() first."
         )
+    refuse_complex(x, "X")
     refuse_mps(x)
     if x.ndim != 2:
         raise ValueError(
@@ -125,20 +159,68 @@ def refuse_mps(x: Tensor) -> None:
         )
 
 
+def refuse_complex(t: Tensor, name: str) -> None:
+    """Refuse a complex tensor (its imaginary part would be dropped by a cast).
+
+    Raises:
+        TypeError: ``t`` is complex.
+    """
+    if t.is_complex():
+        raise TypeError(
+            f"NMF needs real, non-negative {name}, got a complex tensor of dtype {t.dtype}; "
+            f"pass {name}.real or {name}.abs() (whichever you mean), not the complex values."
+        )
+
+
+def _first(mask: Tensor) -> tuple[int, int, int]:
+    """How many entries the 2-D ``mask`` marks, and the row and column of the first one."""
+    count = int(mask.sum())
+    flat = int(torch.argmax(mask.reshape(-1).to(torch.uint8)))  # the first True, row-major
+    row, col = divmod(flat, int(mask.shape[1]))
+    return count, row, col
+
+
+def _entries(count: int) -> str:
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
+
+
 def check_values(x: Tensor) -> None:
     """Refuse rows with NaN, infinite or negative entries (``-0.0`` is zero, accepted).
 
+    The message says which kind, how many entries, where the first one is, and the fix.
+
     Raises:
-        ValueError: ``x`` holds such an entry; the message says which kind.
+        ValueError: ``x`` holds such an entry.
     """
     # One pass, one host synchronisation, no temporary: NaN propagates into the
-    # minimum and maximum, infinities show in them.
+    # minimum and maximum, infinities show in them. Only a refusal looks further.
     low, high = value_range(x).tolist()
     if not (math.isfinite(low) and math.isfinite(high)):
-        what = "NaN" if bool(torch.isnan(x).any()) else "infinity"
-        raise ValueError(f"Input X contains {what}; NMF needs finite values.")
+        nan = torch.isnan(x)
+        if bool(nan.any()):
+            count, row, col = _first(nan)
+            raise ValueError(
+                f"Input X contains NaN ({_entries(count)}, the first at row {row}, column {col}); "
+                "NMF needs finite values: drop those rows or replace the NaN (e.g. "
+                "torch.nan_to_num(X, nan=0.0))."
+            )
+        inf = torch.isinf(x)
+        count, row, col = _first(inf)
+        raise ValueError(
+            f"Input X contains infinity ({_entries(count)}, the first {float(x[row, col])} at "
+            f"row {row}, column {col}); NMF needs finite values: drop those rows, or clip X to "
+            "a finite maximum."
+        )
     if low < 0:
-        raise ValueError("Negative values in data passed to NMF (input X).")
+        negative = x < 0
+        count, row, col = _first(negative)
+        raise ValueError(
+            f"Negative values in data passed to NMF (input X): {_entries(count)} below 0, the "
+            f"first {float(x[row, col]):.3g} at row {row}, column {col} (the smallest "
+            f"{low:.3g}); NMF factorises non-negative data: clip X (X.clamp(min=0), or "
+            "np.clip(X, 0, None)) or fix its source (NMFConceptAttribution(..., "
+            "negative='relu') does that to a layer's activations)."
+        )
 
 
 def rank(n_components: int | None, init: str, n_samples: int, n_features: int) -> int:
@@ -174,20 +256,33 @@ def components_matrix(components: ArrayLike, *, fix: str = "") -> tuple[Tensor, 
         *tuple*: the tensor and whether ``components`` was not a tensor.
 
     Raises:
+        TypeError: ``components`` is complex.
         ValueError: ``components`` is not a K x C matrix with K, C >= 1.
     """
     is_numpy = not isinstance(components, Tensor)
     h = torch.as_tensor(np.asarray(components)) if is_numpy else components.detach()
+    refuse_complex(h, "components")
     if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1:
         raise ValueError(f"components must be a K x C matrix, got shape {tuple(h.shape)}{fix}.")
     return h, is_numpy
 
 
 def check_finite_non_negative(h: Tensor) -> None:
-    """Refuse concept vectors with NaN, infinite or negative entries.
+    """Refuse concept vectors with NaN, infinite or negative entries, saying which and where.
 
     Raises:
         ValueError: ``h`` has such an entry.
     """
-    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()):
-        raise ValueError("components must be finite and non-negative.")
+    for bad, what in (
+        (torch.isnan(h), "NaN"),
+        (torch.isinf(h), "infinite"),
+        (h < 0, "negative"),
+    ):
+        if bool(bad.any()):
+            count, row, col = _first(bad)
+            raise ValueError(
+                f"components must be finite and non-negative: {_entries(count)} "
+                f"{'are' if count > 1 else 'is'} {what}, the first "
+                f"components[{row}, {col}] = {float(h[row, col]):.3g}; pass concept vectors "
+                "without NaN, infinity or negative entries (e.g. a fitted NMF's components_)."
+            )

@@ -23,12 +23,26 @@ class NMFStatistics:
     :meth:`NMF.update`. :meth:`flatten` packs them into one 1-D float64
     tensor for ``torch.distributed.all_reduce`` and :meth:`unflatten` unpacks it.
 
+    When the concepts they were computed for include a dead one (zero norm, or
+    no weight on any row so far), :meth:`NMF.statistics` also records
+    ``seeds``: up to K of the rows with the largest residual ``||v - w H||^2``
+    (each as the positive part of its residual, or the row itself where that
+    part is zero) and those residuals in ``seed_scores``, largest first.
+    :meth:`NMF.update` re-seeds dead concepts from them. Adding statistics
+    keeps the K best seeds of both; :meth:`flatten` does not carry them (an
+    all-reduce sums, which would mix rows), so statistics reduced that way
+    re-seed nothing.
+
     Args:
         wtw (Tensor): K x K ``W^T W``.
         wtv (Tensor): K x C ``W^T V``.
         sq (Tensor): 0-d ``||V||_F^2``.
         weight_sums (Tensor): K column sums of ``W``.
         n_samples (int): number of rows n.
+        seeds (Tensor, optional): m x C candidate concepts (m <= K), float64.
+                    Default: None
+        seed_scores (Tensor, optional): their m squared residuals, decreasing.
+                    Default: None
 
     Raises:
         ValueError: the shapes do not fit together.
@@ -39,6 +53,8 @@ class NMFStatistics:
     sq: Tensor
     weight_sums: Tensor
     n_samples: int
+    seeds: Tensor | None = None
+    seed_scores: Tensor | None = None
 
     def __post_init__(self) -> None:
         k = self.wtw.shape[0] if self.wtw.ndim == 2 else -1
@@ -53,6 +69,21 @@ class NMFStatistics:
                 f"NMFStatistics needs wtw K x K, wtv K x C, sq 0-d and weight_sums of K; got "
                 f"shapes {tuple(self.wtw.shape)}, {tuple(self.wtv.shape)}, "
                 f"{tuple(self.sq.shape)}, {tuple(self.weight_sums.shape)}."
+            )
+        seeds, scores = self.seeds, self.seed_scores
+        if (seeds is None) != (scores is None) or (
+            seeds is not None
+            and scores is not None
+            and (
+                seeds.ndim != 2
+                or seeds.shape[0] > k
+                or seeds.shape[1] != self.wtv.shape[1]
+                or scores.shape != (seeds.shape[0],)
+            )
+        ):
+            raise ValueError(
+                "NMFStatistics needs seeds m x C with m <= K and seed_scores of m, or neither; "
+                f"got {_shape(seeds)} and {_shape(scores)} for K x C = {tuple(self.wtv.shape)}."
             )
 
     @property
@@ -93,12 +124,15 @@ class NMFStatistics:
                 "must come from the same stream."
             )
         device = self.wtw.device
+        seeds, scores = _best_seeds(self, other, device)
         return NMFStatistics(
             wtw=self.wtw + other.wtw.to(device),
             wtv=self.wtv + other.wtv.to(device),
             sq=self.sq + other.sq.to(device),
             weight_sums=self.weight_sums + other.weight_sums.to(device),
             n_samples=self.n_samples + other.n_samples,
+            seeds=seeds,
+            seed_scores=scores,
         )
 
     def __radd__(self, other: object) -> NMFStatistics:
@@ -118,6 +152,8 @@ class NMFStatistics:
             sq=self.sq.to(device),
             weight_sums=self.weight_sums.to(device),
             n_samples=self.n_samples,
+            seeds=None if self.seeds is None else self.seeds.to(device),
+            seed_scores=None if self.seed_scores is None else self.seed_scores.to(device),
         )
 
     def flatten(self) -> Tensor:
@@ -126,7 +162,8 @@ class NMFStatistics:
         Returns:
             *Tensor*: ``[wtw, wtv, sq, weight_sums, n_samples]`` flattened, on
             the statistics' device; summing flattened statistics and
-            :meth:`unflatten` gives the sum of the statistics.
+            :meth:`unflatten` gives the sum of the statistics (without
+            ``seeds``: a sum of rows is no row).
         """
         d = self.wtw.device
         return torch.cat(
@@ -173,3 +210,20 @@ class NMFStatistics:
         weight_sums = flat[i : i + k]
         n = float(flat[i + k])
         return cls(wtw=wtw, wtv=wtv, sq=sq, weight_sums=weight_sums, n_samples=round(n))
+
+
+def _shape(t: Tensor | None) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def _best_seeds(
+    a: NMFStatistics, b: NMFStatistics, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """The (at most K) seeds of largest residual of ``a`` and ``b`` together, or None, None."""
+    seeds = [s.seeds.to(device) for s in (a, b) if s.seeds is not None]
+    scores = [s.seed_scores.to(device) for s in (a, b) if s.seed_scores is not None]
+    if not seeds:
+        return None, None
+    all_scores = torch.cat(scores)
+    keep = torch.argsort(all_scores, descending=True, stable=True)[: a.wtw.shape[0]]
+    return torch.cat(seeds)[keep], all_scores[keep]

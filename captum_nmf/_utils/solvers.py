@@ -39,8 +39,10 @@ __all__ = [
     "nnls",
     "nnls_factored",
     "objective_from_stats",
+    "overflow_message",
     "random_init",
     "randomized_svd",
+    "row_sq_norms",
     "products_maps",
     "solve_maps",
     "solve_products",
@@ -114,16 +116,70 @@ def objective_from_stats(sq_norm: float | Tensor, h: Tensor, wtw: Tensor, wtv: T
     return torch.clamp_min(value, 0.0)
 
 
-def sq_norm(v: Tensor, *, block: int = 1 << 16) -> Tensor:
-    """``||v||_F^2`` as a float64 0-d tensor, by row blocks (no float64 copy of ``v``).
+def sq_norm(v: Tensor, *, block_elements: int = 1 << 20) -> Tensor:
+    """``||v||_F^2`` as a float64 0-d tensor, accumulated in float64 by row blocks.
 
-    Per block, ``torch.sum``'s cascade summation keeps float32 accurate to ~1e-7.
+    Each block of about ``block_elements`` entries (8 MiB in float64) is cast to
+    float64 and reduced with one dot product, so no square is formed in ``v``'s
+    dtype: float32 rows up to its largest value (3.4e38) give the exact finite
+    sum, where squaring in float32 overflowed from 1.8e19 on. There is never a
+    float64 copy of the whole of ``v``.
     """
     total = torch.zeros((), dtype=torch.float64, device=v.device)
-    for start in range(0, v.shape[0], block):
-        rows = v[start : start + block]
-        total += torch.sum(rows * rows).double()
+    rows_per_block = max(1, block_elements // max(1, v.shape[1] if v.ndim > 1 else 1))
+    for start in range(0, v.shape[0], rows_per_block):
+        flat = v[start : start + rows_per_block].reshape(-1).double()
+        total += torch.dot(flat, flat)
     return total
+
+
+def overflow_message(
+    dtype: torch.dtype,
+    largest: float,
+    *,
+    product: str = "X @ H^T overflows",
+    what: str = "entries",
+    fix: str | None = None,
+) -> str:
+    """The message of a product of finite rows that overflowed ``dtype`` (one wording everywhere).
+
+    Args:
+        dtype (torch.dtype): the dtype the product was formed in.
+        largest (float): the largest value of what was multiplied (``what``).
+        product (str, optional): the product and its verb, e.g. ``"X @ H^T overflows"``.
+                    Default: ``"X @ H^T overflows"``
+        what (str, optional): what ``largest`` is the largest of.
+                    Default: ``"entries"``
+        fix (str, optional): the end of the message. None: use float64, or for
+                    float64 rescale.
+                    Default: None
+
+    Returns:
+        *str*: e.g. ``"X @ H^T overflows torch.float32 (entries up to 3e+38); pass X in
+        float64 or rescale it."``
+    """
+    if fix is None:
+        fix = (
+            "; rescale X (divide it by a constant)."
+            if dtype == torch.float64
+            else "; pass X in float64 or rescale it."
+        )
+    return f"{product} {dtype} ({what} up to {largest:.3g}){fix}"
+
+
+def row_sq_norms(v: Tensor, *, block_elements: int = 1 << 20) -> Tensor:
+    """``||v_i||^2`` of every row as float64 (n), by row blocks (no float64 copy of ``v``).
+
+    Returns:
+        *Tensor*: n float64 squared norms, on ``v``'s device.
+    """
+    n = int(v.shape[0])
+    out = torch.empty(n, dtype=torch.float64, device=v.device)
+    rows_per_block = max(1, block_elements // max(1, int(v.shape[1])))
+    for start in range(0, n, rows_per_block):
+        part = v[start : start + rows_per_block].double()
+        out[start : start + rows_per_block] = (part * part).sum(dim=1)
+    return out
 
 
 def mean(v: Tensor, *, block: int = 1 << 16) -> Tensor:
@@ -172,6 +228,9 @@ def randomized_svd(
         *tuple[Tensor, Tensor, Tensor]*: ``U`` (n x rank), ``S`` (rank),
         ``Vt`` (rank x C), signs fixed so the largest entry of each ``Vt`` row
         is positive.
+
+    Raises:
+        ValueError: a product of finite ``v`` overflows its dtype.
     """
     n, c = v.shape
     width = min(rank + n_oversamples, n, c)
@@ -181,6 +240,12 @@ def randomized_svd(
         q = torch.linalg.qr(v.T @ q).Q
         q = torch.linalg.qr(v @ q).Q
     small = (q.T @ v).double()
+    if not bool(torch.isfinite(small).all()):  # X @ Omega overflowed X's dtype (X is finite)
+        raise ValueError(
+            overflow_message(
+                v.dtype, float(v.max()), product="A product of X in the fit (its SVD) overflows"
+            )
+        )
     u_small, s, vt = torch.linalg.svd(small, full_matrices=False)
     u = q.double() @ u_small
     u, s, vt = u[:, :rank], s[:rank], vt[:rank]
@@ -247,8 +312,13 @@ def _masked_pinv(gram: Tensor, patterns: Tensor) -> Tensor:
     """``pinv(gram_FF)`` embedded in K x K (zero off F) for each boolean pattern F (P x K)."""
     m = patterns.to(gram.dtype)
     outer = m.unsqueeze(2) * m.unsqueeze(1)
-    # pinv(blockdiag(G_FF, I)) masked back to F x F is pinv(G_FF) embedded in K x K.
-    inverses: Tensor = torch.linalg.pinv(gram * outer + torch.diag_embed(1.0 - m), hermitian=True)
+    # pinv(blockdiag(G_FF, g I)) masked back to F x F is pinv(G_FF) embedded in K x K. The pad
+    # g is max(diag(gram)), not 1: pinv drops eigenvalues below a tolerance relative to the
+    # largest one, so a pad of 1 next to a gram of scale 1e-14 truncated G_FF itself.
+    pad = torch.amax(torch.abs(torch.diagonal(gram))).clamp_min(torch.finfo(gram.dtype).tiny)
+    inverses: Tensor = torch.linalg.pinv(
+        gram * outer + torch.diag_embed((1.0 - m) * pad), hermitian=True
+    )
     return inverses * outer
 
 
