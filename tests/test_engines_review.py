@@ -195,3 +195,15 @@ def test_fit_argument_checks_before_any_work() -> None:
         NMFConceptAttribution(net, net.relu, 2, random_state="0").fit(  # type: ignore[arg-type]
             torch.rand(4, 3, 8, 8), progress=False
         )
+
+
+def test_blank_batches_are_refused_saying_so() -> None:
+    # the stream holds its first rows until K of them are non-zero: with blank tiles only it
+    # never starts, and the message says so (it said "0 samples", though 64 rows came)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU())
+    attr = NMFConceptAttribution(net, net[1], 3, random_state=0)
+    with pytest.raises(ValueError, match=r"received 64 rows, 0 of them with a non-zero.*blank"):
+        attr.fit([torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)], progress=False)
+    blank_first = [torch.zeros(8, 3, 4, 4), torch.rand(8, 3, 4, 4)]  # was: dead concepts
+    attr.fit(blank_first, progress=False)
+    assert bool((attr.concepts_.norm(dim=1) > 0.99).all())

@@ -482,7 +482,12 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         solver = runner.fit(self._new_solver(), rows, inputs, options)
         try:
             concepts = solver.components
-        except NotFittedError:
+        except NotFittedError as exc:
+            if getattr(solver, "n_samples_seen_", 0):  # rows came, too few of them non-zero
+                raise ValueError(
+                    f"Cannot fit NMFConceptAttribution: {exc} The layer's activations were 0 "
+                    "at almost every location (blank tiles?); pass tiles with content."
+                ) from None
             raise ValueError(
                 "Cannot fit NMFConceptAttribution on 0 samples (received an empty batch or "
                 "iterator); pass at least one non-empty batch."
