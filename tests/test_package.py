@@ -37,6 +37,7 @@ LAYERS = (
             "captum_nmf._core.nmf_input",
             "captum_nmf._core.nmf_statistics",
             "captum_nmf._core.nmf_stream",
+            "captum_nmf._core.fixed_h",
         ),
     ),
     ("engines", ("captum_nmf.engines",)),  # ways of running a fit: need the solver only

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,6 +15,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import validate_data
 from torch import Tensor
 
+from captum_nmf._core.fixed_h import (
+    FactorCache,
+    FixedH,
+    refuse_fit_overflow,
+    refuse_overflow,
+    row_scales,
+)
 from captum_nmf._core.nmf_input import (
     ArrayLike,
     InitName,
@@ -40,124 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["NMF", "NMFStatistics"]
 
 _INNER_W = 5  # HALS sweeps over W per outer iteration (early stop at 1 % change); measured best
-_KEEP_EXPONENT = 4  # the fixed-H solve rescales concepts of norm beyond ~2^(+-4.5) (_row_scales)
-
-
-def _refuse_overflow(
-    w: Tensor,
-    x: Tensor,
-    *,
-    what: str = "entries",
-    fix: str | None = None,
-    scale: Tensor | None = None,
-) -> None:
-    """Raise when the weights of checked (finite, non-negative) rows are not finite.
-
-    With finite ``X`` that only happens when ``X @ H^T`` overflowed ``X``'s dtype,
-    or when tiny concepts (``scale``, see :func:`_row_scales`, above 1) make the
-    weights themselves overflow it. ``x`` is what was solved (the rows, or their
-    products), named ``what`` in the message, which ends with ``fix`` (None: use
-    float64, or rescale X when it is float64).
-
-    Raises:
-        ValueError: ``w`` holds NaN or infinity.
-    """
-    if bool(torch.isfinite(w).all()):
-        return
-    if scale is not None and float(scale.max()) > 1.0:
-        smallest = 1.0 / float(scale.max())
-        raise ValueError(
-            f"The weights W overflow {w.dtype}: the concepts are tiny (row norms down to about "
-            f"{smallest:.3g}), so their weights are huge; rescale the components (e.g. to unit "
-            "norm) or pass X in float64."
-        )
-    raise ValueError(solvers.overflow_message(x.dtype, float(x.max()), what=what, fix=fix))
-
-
-def _refuse_fit_overflow(v: Tensor) -> None:
-    """Refuse a fit whose products of (checked, finite) ``v`` overflowed: the transform wording.
-
-    Raises:
-        ValueError: always.
-    """
-    raise ValueError(
-        solvers.overflow_message(
-            v.dtype,
-            float(v.max()),
-            product="A product of X in the fit (X @ H^T, W^T X or W^T W) overflows",
-        )
-    )
-
-
-def _row_scales(h: Tensor) -> Tensor | None:
-    """Powers of two that bring the rows of ``h`` of extreme norm to about unit norm.
-
-    Extreme: ``log2`` of the norm rounds to more than 4 in magnitude (a norm
-    outside about [1/22, 22]). The fixed-``H`` solve with the scaled rows is
-    the same problem, scaled: its weights times the scales are the weights for
-    ``h``. Powers of two scale exactly, and rows of moderate norm (fitted
-    concepts have unit norm) keep scale 1, so their solve is bit for bit what
-    it was; concepts of any other scale (1e-155, or rows 1e12 apart) get a
-    well-scaled ``H H^T`` (a pseudo-inverse truncates relative to its largest
-    eigenvalue). Zero rows keep scale 1. One host synchronisation: computed
-    when ``H`` is assigned, not per solve.
-
-    Returns:
-        *Tensor or None*: K float64 scales on ``h``'s device, or None when all are 1.
-    """
-    h64 = h.detach().double()
-    top = torch.amax(torch.abs(h64), dim=1)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    norms = top * torch.linalg.vector_norm(h64 / safe[:, None], dim=1)  # no overflow
-    exponent = torch.round(torch.log2(torch.where(norms > 0, norms, torch.ones_like(norms))))
-    exponent = torch.where(exponent.abs() > _KEEP_EXPONENT, exponent, 0.0).clamp(-1000.0, 1000.0)
-    if not bool((exponent != 0).any()):
-        return None
-    return torch.exp2(-exponent)
-
-
-@dataclass(frozen=True)
-class _FixedH:
-    """``H`` cast for one device and dtype, with its NNLS factors.
-
-    ``h`` is ``H`` with rows of extreme norm scaled to about unit norm by
-    powers of two (:func:`_row_scales`); the solve works with it, and its weights times
-    ``scale`` (None: all 1) are those for ``H``. ``pinv`` is ``pinv(h h^T)`` in
-    the same dtype: ``(V h^T) @ pinv`` in float32 is the cheap guess of the
-    starting passive sets (only its signs are used).
-    """
-
-    h: Tensor
-    pinv: Tensor
-    factors: solvers.NNLSFactors
-    scale: Tensor | None = None
-
-    def weights(self, w: Tensor, dtype: torch.dtype) -> Tensor:
-        """Weights of the scaled rows ``h`` (K last) as weights of ``H``, in ``dtype``."""
-        if self.scale is None:
-            return w.to(dtype)
-        return (w.double() * self.scale.to(w.device)).to(dtype)
-
-    def weights_maps(self, maps: Tensor) -> Tensor:
-        """:meth:`weights` of N x K x h x w concept maps (their dtype)."""
-        if self.scale is None:
-            return maps
-        scale = self.scale.to(maps.device)[:, None, None]
-        return (maps.double() * scale).to(maps.dtype).contiguous()
-
-
-@dataclass(eq=False)
-class _FactorCache:
-    """Per-``H`` solve factors, valid while ``_h`` is ``h`` at version ``version``.
-
-    ``scales`` holds an ``H``, its version and its :func:`_row_scales`, computed
-    when ``H`` is assigned (so the first solve reads nothing back).
-    """
-
-    h: Tensor | None
-    version: int
-    entries: dict[tuple[str, torch.dtype], _FixedH]
-    scales: tuple[Tensor, int, Tensor | None] | None = None
 
 
 class NMF(
@@ -291,7 +179,7 @@ class NMF(
         self.__dict__["_concepts"] = value
         self._forget_factors()
         version = int(getattr(value, "_version", 0))
-        self._factor_cache().scales = (value, version, _row_scales(value))
+        self._factor_cache().scales = (value, version, row_scales(value))
 
     @property
     def components(self) -> Tensor:
@@ -318,15 +206,15 @@ class NMF(
         """Whether there are concepts (a stream still waiting for rows has none)."""
         return "_concepts" in self.__dict__
 
-    def _factor_cache(self) -> _FactorCache:
+    def _factor_cache(self) -> FactorCache:
         """The cache object, created once and afterwards only changed in place.
 
         Filling it in ``transform`` therefore leaves ``__dict__`` equal to what it
         was (scikit-learn's ``check_dict_unchanged``).
         """
-        cache: _FactorCache | None = self.__dict__.get("_nnls_cache")
+        cache: FactorCache | None = self.__dict__.get("_nnls_cache")
         if cache is None:
-            cache = self.__dict__["_nnls_cache"] = _FactorCache(None, -1, {})
+            cache = self.__dict__["_nnls_cache"] = FactorCache(None, -1, {})
         return cache
 
     def _forget_factors(self) -> None:
@@ -335,7 +223,7 @@ class NMF(
         cache.h, cache.version = None, -1
         cache.entries.clear()
 
-    def _fixed_h(self, device: torch.device, dtype: torch.dtype) -> _FixedH:
+    def _fixed_h(self, device: torch.device, dtype: torch.dtype) -> FixedH:
         """``H`` on ``device`` in ``dtype`` and its :class:`solvers.NNLSFactors`, cached.
 
         The cache belongs to one ``H`` tensor: assigning ``_h`` (fit, partial_fit,
@@ -354,7 +242,7 @@ class NMF(
         if entry is None:
             scales = cache.scales
             if scales is None or scales[0] is not h or scales[1] != version:
-                scales = cache.scales = (h, version, _row_scales(h))  # H changed in place
+                scales = cache.scales = (h, version, row_scales(h))  # H changed in place
             scale = None if scales[2] is None else scales[2].to(device)
             hc = h.detach().to(device=device, dtype=dtype)
             if scale is not None:
@@ -364,7 +252,7 @@ class NMF(
             # and pivoting cycled. X H^T stays in X's dtype.
             h64 = hc.double()
             factors = solvers.NNLSFactors(h64 @ h64.T)
-            entry = _FixedH(hc, factors.pinv.to(dtype), factors, scale)
+            entry = FixedH(hc, factors.pinv.to(dtype), factors, scale)
             cache.entries[key] = entry
         return entry
 
@@ -381,7 +269,7 @@ class NMF(
     def __getstate__(self) -> dict[str, Any]:
         state: dict[str, Any] = super().__getstate__()
         state = dict(state)
-        state["_nnls_cache"] = _FactorCache(None, -1, {})  # derived from H: not pickled
+        state["_nnls_cache"] = FactorCache(None, -1, {})  # derived from H: not pickled
         return state
 
     # ------------------------------------------------------------------ checks
@@ -489,14 +377,14 @@ class NMF(
             # overflow check: an infinite product of this or the last iteration shows in it.
             obj = float(solvers.objective_from_products(sq, wt, p, hht))
             if not math.isfinite(obj):
-                _refuse_fit_overflow(v)
+                refuse_fit_overflow(v)
             wtw, wtv = wt @ wt.T, wt @ v
             h = solvers.hals_sweeps(h, wtw, wtv, inner_h)
             if math.isfinite(prev) and prev - obj <= self.tol * prev:
                 break
             prev = obj
         if not bool(torch.isfinite(h).all()):  # the last products W^T W, W^T V
-            _refuse_fit_overflow(v)
+            refuse_fit_overflow(v)
         return wt, h, n_iter
 
     def _solve_w(self, v: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -513,7 +401,7 @@ class NMF(
         w, suspect = solvers.solve_rows(v, fixed.h, fixed.pinv, fixed.factors, dtype=solve_dtype)
         w = fixed.weights(w, dtype)
         if bool(suspect) or fixed.scale is not None:  # V is checked: only an overflow is left
-            _refuse_overflow(w, v, scale=fixed.scale)
+            refuse_overflow(w, v, scale=fixed.scale)
         return w
 
     def _solve_w_and_error(self, v: Tensor, h: Tensor, sq: Tensor) -> tuple[Tensor, float]:
@@ -528,7 +416,7 @@ class NMF(
         h64 = h.double()
         hht, p = h64 @ h64.T, v @ h.T
         if not bool(torch.isfinite(p).all()):
-            _refuse_fit_overflow(v)
+            refuse_fit_overflow(v)
         w = solvers.nnls(hht, p)
         obj = solvers.objective_from_products(sq, w.T.to(v.dtype), p.T, hht)
         return w, math.sqrt(float(obj))
@@ -677,7 +565,7 @@ class NMF(
             suspect = suspect | ~torch.isfinite(w.sum())
         if bool(suspect):  # the one host synchronisation; rare: decide exactly
             check_values(v)  # NaN, infinity or a negative entry: the usual errors
-            _refuse_overflow(w, v, scale=fixed.scale)
+            refuse_overflow(w, v, scale=fixed.scale)
         return self._output(w, kind)
 
     def _transform_maps(self, act: Tensor, pending: PendingCheck | None = None) -> Tensor:
@@ -704,7 +592,7 @@ class NMF(
 
         Computed where the activations are, in their dtype (:func:`solvers.products_maps`),
         with the rows of ``H`` of extreme norm scaled as the solve uses them
-        (:func:`_row_scales`; for fitted, unit-norm concepts this is ``X @ H^T``).
+        (:func:`row_scales`; for fitted, unit-norm concepts this is ``X @ H^T``).
         All :meth:`_transform_products` needs of them: the mean of several
         locations' products is the product of their mean, so a slide run
         averages overlapping tiles in K channels instead of C.
@@ -736,7 +624,7 @@ class NMF(
     def _solve_checked(
         self,
         x: Tensor,
-        solve: Callable[[Tensor, _FixedH], Tensor],
+        solve: Callable[[Tensor, FixedH], Tensor],
         pending: PendingCheck | None,
         **overflow: str,
     ) -> Tensor:
@@ -745,7 +633,7 @@ class NMF(
         The solve is queued first; then ``pending`` (the activations' value check)
         is read back, so bad values are the error reported; then non-finite
         weights are refused as an overflow of ``x`` (``overflow``: the message's
-        ``what`` and ``fix``, see :func:`_refuse_overflow`).
+        ``what`` and ``fix``, see :func:`refuse_overflow`).
         """
         x = x if self.device is None else x.to(check_device("device", self.device))
         refuse_mps(x)  # the products of a model on MPS (transform's rows were checked already)
@@ -753,7 +641,7 @@ class NMF(
         w = solve(x, fixed)
         if pending is not None:
             pending.finish()
-        _refuse_overflow(w, x, scale=fixed.scale, **overflow)
+        refuse_overflow(w, x, scale=fixed.scale, **overflow)
         return w
 
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
