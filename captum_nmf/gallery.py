@@ -264,10 +264,19 @@ def concept_gallery(
 
 
 def _tile_dataset(source: Any) -> Any:
-    """The ``SlideTiles``-like dataset of ``source`` (itself, or its DataLoader's), or None."""
-    for candidate in (source, getattr(source, "dataset", None)):
-        if hasattr(candidate, "read") and hasattr(candidate, "locate"):
-            return candidate
+    """The ``SlideTiles``-like dataset of ``source`` (itself, or its DataLoader's), or None.
+
+    A DataLoader's dataset counts only when its batches carry the tiles' indices
+    (the dataset's own ``collate_fn``, as :meth:`SlideTiles.loader` uses): with
+    another collate, the tiles are shown as given, numbered in stream order.
+    """
+    if hasattr(source, "read") and hasattr(source, "locate"):
+        return source
+    inner = getattr(source, "dataset", None)
+    if hasattr(inner, "read") and hasattr(inner, "locate"):
+        own = getattr(inner, "collate_fn", None)
+        if own is not None and getattr(source, "collate_fn", None) == own:
+            return inner
     return None
 
 

@@ -76,10 +76,13 @@ def _forwards(model: nn.Module) -> dict[str, object]:
         "default argument": lambda x, m=model: m(x).softmax(1),
         "partial": functools.partial(lambda m, x: m(x).softmax(1), model),
         "method of a plain object": _Holder(model).predict,
+        "partial of the model's forward": functools.partial(model.forward),
     }
 
 
-@pytest.mark.parametrize("kind", ["closure", "default argument", "partial", "method"])
+@pytest.mark.parametrize(
+    "kind", ["closure", "default argument", "partial", "method", "partial of the model's forward"]
+)
 def test_the_model_behind_a_function_runs_in_eval_mode(kind: str) -> None:
     # before: only the layer was put in eval mode; a BatchNorm model left in train mode
     # updated its running statistics and gave batch-dependent maps
@@ -173,11 +176,53 @@ def test_a_module_run_twice_in_one_forward_is_refused() -> None:
     attr = NMFConceptAttribution(model, model.relu, n_concepts=2)
     with pytest.raises(
         LayerError,
-        match=r"'relu' ran 2 times in one forward pass \(outputs \(8, 4, 12, 12\), "
-        r"\(8, 4, 6, 6\)\).*pass a module that runs once",
+        match=r"'relu' ran 2 times in one forward pass with different outputs \(\(8, 4, 12, "
+        r"12\), \(8, 4, 6, 6\)\).*pass a module that runs once",
     ):
         attr.fit(X, progress=False)
     assert hooks_left(model) == 0
+
+
+class _Block(nn.Module):
+    """A torchvision BasicBlock's shape: one ReLU object after the first conv and the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def test_a_module_reused_at_one_shape_gives_its_last_call_as_captum() -> None:
+    block = _Block().eval()
+    attr = NMFConceptAttribution(block, block.relu, n_concepts=2, random_state=0)
+    with torch.no_grad():
+        expected = block(X)  # the block's output: the ReLU's last call
+    assert torch.equal(attr.features(X), expected)
+
+
+def test_a_saved_wrapper_prefix_still_matches(tmp_path: Path) -> None:
+    # files written before the names were recorded without module. / _orig_mod.
+    model = _bn_net().eval()
+    attr = NMFConceptAttribution(model, model[4], n_concepts=2, random_state=0).fit(
+        X, progress=False
+    )
+    path = attr.save(tmp_path / "c.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {"concepts": handle.get_tensor("concepts")}
+    meta.pop("content_sha256")
+    meta["layer_name"] = "module.4"
+    meta["content_sha256"] = content_digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NMFConceptAttribution.load(path, model, model[4], strict=True)
+        NMFConceptAttribution.load(path, nn.DataParallel(model), model[4], strict=True)
 
 
 class _DictBackbone(nn.Module):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 from captum_nmf import NMFConceptAttribution
-from captum_nmf.exceptions import CaptumNMFWarning, SlideReadError
+from captum_nmf.exceptions import CaptumNMFWarning, LayerError, SlideReadError
 from captum_nmf.gallery import concept_gallery
 from captum_nmf.viz import plot_concepts, plot_overlay
 from captum_nmf.wsi import SlideTiles, write_pyramid
@@ -168,6 +168,22 @@ def test_plots_beyond_17_concepts_and_labels_of_the_wrong_length() -> None:
         plot_concepts(image, maps, labels=[str(i) for i in range(19)])
 
 
+class _Tokens(nn.Module):
+    """N x L x D tokens (16 = a 4 x 4 grid of 4 channels) through a linear layer and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.linear(x)).mean(dim=1)
+
+    @staticmethod
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], 4, 4)
+
+
 class _Samples(IterableDataset):
     def __iter__(self):  # type: ignore[no-untyped-def]
         yield from torch.rand(4, 3, 12, 12)
@@ -176,10 +192,13 @@ class _Samples(IterableDataset):
 def test_fit_argument_checks_before_any_work() -> None:
     net = _Identity()
     attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
-    with pytest.raises(
-        ValueError, match=r"shape \(3, 12, 12\): one image, not N images.*DataLoader"
-    ):
+    with pytest.raises(LayerError, match=r"shape \(3, 12, 12\): if the source yields single"):
         attr.fit(_Samples(), progress=False)
+    tokens = _Tokens()  # a model of N x L x D inputs (tokens) still fits: 3-D is no error
+    fitted = NMFConceptAttribution(
+        tokens, tokens.relu, 2, random_state=0, reshape_transform=_Tokens.grid
+    ).fit(torch.rand(6, 16, 4), progress=False)
+    assert tuple(fitted.attribute(torch.rand(2, 16, 4)).shape) == (2, 2, 4, 4)
     with pytest.raises(ValueError, match=r"max_locations_per_batch=2 is below n_concepts=3"):
         attr.fit(torch.rand(4, 3, 8, 8), max_locations_per_batch=2, progress=False)
     seeded = NMFConceptAttribution(
@@ -195,6 +214,35 @@ def test_fit_argument_checks_before_any_work() -> None:
         NMFConceptAttribution(net, net.relu, 2, random_state="0").fit(  # type: ignore[arg-type]
             torch.rand(4, 3, 8, 8), progress=False
         )
+
+
+def test_a_loader_whose_batches_carry_no_indices_shows_the_tiles_as_given(
+    slide_tiles: tuple[SlideTiles, NMFConceptAttribution],
+) -> None:
+    tiles, attr = slide_tiles
+    loader = DataLoader(
+        tiles,
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=lambda items: torch.stack([image for image, _ in items]),
+    )
+    gallery = concept_gallery(attr, loader, top_n=3, progress=False)
+    for entries in gallery.entries:
+        for e in entries:  # no slide reads: the scored tensor is what is shown
+            assert e.location is None
+            assert e.slide is None
+
+
+def test_the_command_lines_stride_defaults_to_half_a_tile() -> None:
+    from captum_nmf.cli.commands import _stride
+    from captum_nmf.cli.parser import build_parser
+
+    argv = ["explain", "--model", "m", "--layer", "l", "--concepts", "c.safetensors"]
+    args = build_parser().parse_args([*argv, "--out", "o", "--tile-size", "224", "s.svs"])
+    assert _stride(args) == 112  # was a fixed 256, refused as larger than the tile
+    args.stride = 64
+    assert _stride(args) == 64
 
 
 def test_blank_batches_are_refused_saying_so() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from captum_nmf import NMFConceptAttribution
 from captum_nmf._core.nmf import NMF
 from captum_nmf.cli.errors import flag_spelling
-from captum_nmf.exceptions import UnsupportedSlideError
+from captum_nmf.exceptions import CaptumNMFWarning, UnsupportedSlideError
 from captum_nmf.wsi import Slide, border_effect, explain_slide, write_pyramid
 from tests.helpers.synthetic_slides import he_image
 
@@ -88,8 +88,52 @@ def test_a_transform_that_crops_the_tile_is_refused(he_slide: Path) -> None:
         return resized[:, 2:30, 2:30]  # 28 px: 7 cells of 4 px whatever the tile
 
     attr = _identity(_Cells(cell=4))
-    with pytest.raises(ValueError, match=r"the transform resizes or crops the tile"):
-        explain_slide(attr, he_slide, tile_size=56, stride=28, tissue_mask=None, transform=crop)
+    with pytest.warns(
+        CaptumNMFWarning,
+        match=r"transform turns a 56 px tile into a \(28, 28\) "
+        r"image.*a crop \(e\.g\. CenterCrop\) places the maps off",
+    ):
+        explain_slide(
+            attr,
+            he_slide,
+            tile_size=56,
+            stride=56,
+            tissue_mask=None,
+            transform=crop,
+            progress=False,
+        )
+
+
+def test_resizes_to_the_tile_size_and_adaptive_pools_are_accepted(he_slide: Path) -> None:
+    # a Resize(224) on 224 px tiles does nothing, and a layer after AdaptiveAvgPool2d(7) has
+    # uniform cells at any size: neither may be refused for not scaling (a first version did)
+    def resize(tile: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(tile[None], size=(224, 224), mode="bilinear")[0]
+
+    attr = _identity(_Cells(cell=32))
+    ex = explain_slide(
+        attr,
+        he_slide,
+        tile_size=224,
+        stride=32,
+        tissue_mask=None,
+        transform=resize,
+        progress=False,
+    )
+    assert ex.cell_size == 32.0
+
+    class Adaptive(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(7)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.pool(nn.functional.avg_pool2d(x, 32))).mean(dim=(2, 3))
+
+    pooled = _identity(Adaptive())
+    ex = explain_slide(pooled, he_slide, tile_size=224, stride=32, tissue_mask=None, progress=False)
+    assert ex.cell_size == 32.0
 
 
 def test_a_fixed_size_head_still_runs_in_tile_mode(he_slide: Path) -> None:

@@ -152,7 +152,7 @@ def load_concepts(
             f"Concept model expects {c} channels from {saved_name!r} but layer {name!r} "
             f"has {declared}; load concepts fitted on this layer."
         )
-    if saved_name and name and saved_name != name:
+    if saved_name and name and _bare(saved_name) != _bare(name):
         msg = f"Concepts were fitted on layer {saved_name!r} and are bound to layer {name!r}."
         if strict:
             raise ConceptModelMismatchError(msg + " Pass strict=False to allow it.")
@@ -210,6 +210,16 @@ def check_concept_values(concepts: Tensor, where: str = "") -> None:
             f"norm (at most {MAX_CONCEPT_NORM:g} is accepted), so the vectors were altered or "
             f"not written by captum-nmf. {fix}"
         )
+
+
+def _bare(name: str) -> str:
+    """A layer name without DataParallel's ``module.`` or ``torch.compile``'s ``_orig_mod.``.
+
+    Files written before names were recorded without these prefixes still match.
+    """
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def _json_of(raw: str, kind: type, what: str) -> Any:

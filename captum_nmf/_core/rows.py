@@ -9,6 +9,7 @@ from torch import Tensor
 
 from captum_nmf._utils import activations as acts
 from captum_nmf.engines.batches import first_tensor
+from captum_nmf.exceptions import LayerError
 
 if TYPE_CHECKING:
     from captum_nmf._core.nmf_concept import NMFConceptAttribution
@@ -58,24 +59,27 @@ class BatchRows:
         """The rows of ``batch`` (on the model's device), or None for an empty batch."""
         attr = self.attr
         x = first_tensor(batch)
-        if x.ndim == 3:  # C x H x W: the source yields images, not batches
-            raise ValueError(
-                f"fit got a batch of shape {tuple(x.shape)}: one image, not N images. The "
-                "source yields single images (an IterableDataset or generator of samples); "
-                "wrap it in torch.utils.data.DataLoader(source, batch_size=32)."
-            )
         if x.shape[0] == 0:
             return None
         device = acts.model_device(attr.forward_func, attr.layer)
         if device is not None and x.device != device:
             x = x.to(device, non_blocking=x.is_pinned())
-        act = attr._activations(
-            x,
-            self.additional_forward_args,
-            self.attribute_to_layer_input,
-            autocast=self.autocast,
-            channels_last=self.channels_last,
-        )
+        try:
+            act = attr._activations(
+                x,
+                self.additional_forward_args,
+                self.attribute_to_layer_input,
+                autocast=self.autocast,
+                channels_last=self.channels_last,
+            )
+        except LayerError as exc:
+            if x.ndim != 3:
+                raise
+            raise LayerError(  # a 3-D batch may be one C x H x W image of a stream of samples
+                f"{exc} The batch has shape {tuple(x.shape)}: if the source yields single "
+                "images (an IterableDataset or generator of samples), wrap it in "
+                "torch.utils.data.DataLoader(source, batch_size=32)."
+            ) from exc
         attr._check_rank(act.shape[1])
         rows = acts.maps_to_rows(act)
         limit = self.quota(int(x.shape[0]))

@@ -107,7 +107,7 @@ def found_models(forward_func: Callable[..., Any], layer: nn.Module) -> list[nn.
     if isinstance(func, functools.partial):
         values += [*func.args, *func.keywords.values()]
         func = func.func
-        values.append(func)
+        values += [func, getattr(func, "__self__", None)]  # partial(model.forward) names model
     owner = getattr(func, "__self__", None)
     if owner is not None and not isinstance(owner, nn.Module):
         values += list(getattr(owner, "__dict__", {}).values())
@@ -271,8 +271,12 @@ class _Saved:
         self.guard = threading.Lock()
 
     def repeated(self) -> list[str] | None:
-        """The shapes of the layer's calls on a device where it ran more than once."""
-        return next((shapes for shapes in self.calls.values() if len(shapes) > 1), None)
+        """The shapes of the layer's calls on a device where it ran with different shapes.
+
+        A module reused at one shape (the ReLU of a torchvision ResNet block) gives
+        its last call, as Captum's ``LayerActivation`` does: the block's output.
+        """
+        return next((s for s in self.calls.values() if len(set(s)) > 1), None)
 
     def touched(self) -> bool:
         """Whether the forward changed a kept tensor in place after the hook."""
@@ -417,7 +421,8 @@ def capture(
 
     Raises:
         LayerError: the layer did not run, ran more than once in the forward
-                    (a reused module), produced several tensors, or its
+                    with outputs of different shapes (a reused module; at one
+                    shape its last call is taken, as in Captum), produced several tensors, or its
                     (reshaped) output is not a 4-D tensor.
         TypeError: ``autocast`` is not a dtype or ``channels_last`` not a bool.
         ValueError: ``autocast`` is unsupported on the inputs' device, or
@@ -452,10 +457,11 @@ def capture(
     shapes = saved.repeated()
     if shapes is not None:
         raise LayerError(
-            f"Layer {label} ran {len(shapes)} times in one forward pass (outputs "
-            f"{', '.join(shapes)}): one module object reused at several places of the model "
-            "(e.g. one ReLU after two convolutions). Which call to explain is ambiguous; pass "
-            "a module that runs once, e.g. the block around it, or give each place its own module."
+            f"Layer {label} ran {len(shapes)} times in one forward pass with different "
+            f"outputs ({', '.join(shapes)}): one module object reused at several places of the "
+            "model (e.g. one ReLU after two convolutions). Which call to explain is ambiguous; "
+            "pass a module that runs once, e.g. the block around it, or give each place its "
+            "own module."
         )
     ids = device_ids if device_ids is not None else getattr(forward_func, "device_ids", None)
     act = _as_4d(_gather(saved.values, ids, label), reshape_transform, label)

@@ -57,6 +57,14 @@ def _model(args: argparse.Namespace, device: torch.device | None) -> tuple[nn.Mo
     return model, layer
 
 
+def _stride(args: argparse.Namespace) -> Any:
+    """``--stride``, or half of ``--tile-size`` (the paper's overlap) when not given."""
+    if args.stride is not None:
+        return args.stride
+    size = args.tile_size
+    return max(1, size // 2) if isinstance(size, int) and size >= 1 else size
+
+
 def _slide_tiles(args: argparse.Namespace, paths: list[str]) -> Any:
     """The tissue tiles of ``paths`` with the command's tiling and normalisation (per tile)."""
     from captum_nmf.wsi import SlideTiles
@@ -64,7 +72,7 @@ def _slide_tiles(args: argparse.Namespace, paths: list[str]) -> Any:
     return SlideTiles(
         paths,
         tile_size=args.tile_size,
-        stride=args.stride,
+        stride=_stride(args),
         level=args.level,
         mpp=args.mpp,
         min_tissue=args.min_tissue,
@@ -144,7 +152,7 @@ def _explain_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``explain_slide`` arguments of the command; the normalisation runs on the device."""
     return {
         "tile_size": args.tile_size,
-        "stride": args.stride,
+        "stride": _stride(args),
         "level": args.level,
         "mpp": args.mpp,
         "border": args.border,

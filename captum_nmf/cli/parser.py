@@ -51,7 +51,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument(
+        "--stride", type=int, default=None, help="pixels between tiles (default: half a tile)"
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--level", type=int, default=None)
     group.add_argument("--mpp", type=float, default=None)

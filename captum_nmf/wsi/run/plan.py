@@ -8,7 +8,7 @@ import os
 import shutil
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
-from captum_nmf.exceptions import EmptyTileGridWarning, NoTissueError
+from captum_nmf.exceptions import CaptumNMFWarning, EmptyTileGridWarning, NoTissueError
 from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from captum_nmf.wsi.run.config import RunOptions, model_device
@@ -279,16 +279,20 @@ def _probe_forward(attr: NMFConceptAttribution, side: int, options: RunOptions) 
 def _check_scaling(
     attr: NMFConceptAttribution, side: int, cells: tuple[int, int], options: RunOptions
 ) -> None:
-    """Refuse a tile size whose feature map does not scale with the image (a wrong cell size).
+    """Refuse a tile size at which the network rounds its feature map (a wrong cell size).
 
-    ``side / h`` is the cell only when the layer's map grows with the image:
-    a network that floors or ceils (VGG's pooling at 528 px, ResNet's padding at
-    496 px) or a transform that resizes or crops gives whole cells at one size
-    all the same, and the maps would be placed up to a cell off. A second
-    forward of twice the size must give twice the cells (skipped when the
-    device cannot hold it, or the model's head takes one input size only). A
-    geometry found to scale is not checked again in this process for the same
-    concepts, layer, options and transform objects.
+    ``side / h`` is the cell only when the layer's map grows with the image: a
+    network that floors or ceils (VGG's pooling at 528 px, ResNet's padding at
+    496 px) gives whole cells at one size all the same, and the maps would be
+    placed up to a cell off. A second forward of a white image of twice the
+    size, without the transforms (they may resize to a fixed size), must give
+    twice the cells, or the same (a layer after an adaptive pool: uniform cells
+    at any size). Skipped when the device cannot hold it, or the model's head
+    takes one input size only. Checked once per process for the same
+    concepts, layer, options and tile size. A ``transform`` that changes the
+    tile's size is warned about instead (:class:`CaptumNMFWarning`): a resize
+    keeps the maps in place, a crop does not, and the two cannot be told apart
+    by their sizes.
     """
     h, w = cells
     known = _SCALING_CHECKED.setdefault(attr, [])
@@ -296,18 +300,31 @@ def _check_scaling(
     transforms = (options.transform, options.batch_transform)
     if any(k == key and all(a is b for a, b in zip(t, transforms, strict=True)) for k, t in known):
         return  # a cohort checks its geometry once, not per slide
+    if options.transform is not None:
+        shown = options.transform(torch.ones(3, side, side))
+        if isinstance(shown, Tensor) and tuple(shown.shape[-2:]) != (side, side):
+            known.append((key, transforms))  # the network sees the transform's size only
+            warnings.warn(
+                f"transform turns a {side} px tile into a {tuple(shown.shape[-2:])} image: "
+                f"each of the layer's {h} x {w} cells is taken as {side // h} px of the slide. "
+                "That holds for a resize; a crop (e.g. CenterCrop) places the maps off their "
+                "tissue. Use a transform that keeps the whole tile.",
+                CaptumNMFWarning,
+                stacklevel=4,
+            )
+            return
+    plain = replace(options, transform=None, batch_transform=None)
     try:
-        double = _probe_forward(attr, 2 * side, options)
+        double = _probe_forward(attr, 2 * side, plain)
     except (torch.OutOfMemoryError, ValueError):  # no room, or a head that needs one size
-        return
-    if tuple(double.shape[2:]) != (2 * h, 2 * w):
+        double = None
+    if double is not None and tuple(double.shape[2:]) not in ((2 * h, 2 * w), (h, w)):
         raise ValueError(
             f"tile_size={side} gives {h} x {w} cells of {side // h} px, but an image of twice "
             f"the size gives {tuple(double.shape[2:])} cells, not {(2 * h, 2 * w)}: the "
-            f"layer's cells are not {side // h} px, and the maps would be misplaced. Either the "
-            "network rounds its feature map at this size (pass a tile_size that is a multiple "
-            "of its total stride, e.g. 512 for VGG16 or ResNet), or the transform resizes or "
-            "crops the tile (its output must keep the tile's size)."
+            f"network rounds its feature map at this size, so its cells are not {side // h} px "
+            "and the maps would be misplaced. Pass a tile_size that is a multiple of its total "
+            "stride (e.g. 512 for VGG16 or ResNet)."
         )
     known.append((key, transforms))
 
