@@ -197,6 +197,22 @@ class _Block(nn.Module):
         return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
 
 
+def _edited(path: Path, edit: dict[str, str | None]) -> Path:
+    """``path`` with metadata keys set (None: removed) and a digest that matches again."""
+    with safe_open(str(path), "pt") as handle:
+        meta = dict(handle.metadata())
+        tensors = {"concepts": handle.get_tensor("concepts")}
+    meta.pop("content_sha256")
+    for key, value in edit.items():
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    meta["content_sha256"] = content_digest(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
 def test_a_module_reused_at_one_shape_gives_its_last_call_as_captum() -> None:
     block = _Block().eval()
     attr = NMFConceptAttribution(block, block.relu, n_concepts=2, random_state=0)
@@ -211,14 +227,7 @@ def test_a_saved_wrapper_prefix_still_matches(tmp_path: Path) -> None:
     attr = NMFConceptAttribution(model, model[4], n_concepts=2, random_state=0).fit(
         X, progress=False
     )
-    path = attr.save(tmp_path / "c.safetensors")
-    with safe_open(str(path), "pt") as handle:
-        meta = dict(handle.metadata())
-        tensors = {"concepts": handle.get_tensor("concepts")}
-    meta.pop("content_sha256")
-    meta["layer_name"] = "module.4"
-    meta["content_sha256"] = content_digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    path = _edited(attr.save(tmp_path / "c.safetensors"), {"layer_name": "module.4"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NMFConceptAttribution.load(path, model, model[4], strict=True)
@@ -305,18 +314,7 @@ def test_tampered_metadata_with_a_matching_digest_is_refused_naming_the_key(
     attr = NMFConceptAttribution(model, model[4], n_concepts=2, random_state=0).fit(
         X, progress=False
     )
-    path = attr.save(tmp_path / "c.safetensors")
-    with safe_open(str(path), "pt") as handle:
-        meta = dict(handle.metadata())
-        tensors = {"concepts": handle.get_tensor("concepts")}
-    meta.pop("content_sha256")
-    for key, value in edit.items():
-        if value is None:
-            meta.pop(key)
-        else:
-            meta[key] = value
-    meta["content_sha256"] = content_digest(tensors, meta)
-    save_file(tensors, str(path), metadata=meta)
+    path = _edited(attr.save(tmp_path / "c.safetensors"), edit)
     with pytest.raises(ConceptModelFormatError, match=match):
         NMFConceptAttribution.load(path, model, model[4])
 
