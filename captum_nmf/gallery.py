@@ -18,7 +18,13 @@ from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import model_device
 from captum_nmf._utils.validation import check_int
-from captum_nmf.engines.batches import first_tensor, item_ids, one_pass
+from captum_nmf.engines.batches import (
+    batch_dataset,
+    first_tensor,
+    item_ids,
+    one_pass,
+    tile_dataset,
+)
 from captum_nmf.io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,7 +213,7 @@ def concept_gallery(
     names = list(labels) if labels is not None else attr.concept_names
     if len(names) != k:
         raise ValueError(f"labels must hold {k} names (one per concept), got {len(names)}.")
-    dataset = _tile_dataset(source)
+    dataset = tile_dataset(source)
     if images is not None and dataset is not None:
         raise ValueError(
             "images= is for tensor or batch sources; the tiles of a SlideTiles are shown as "
@@ -222,7 +228,8 @@ def concept_gallery(
         x = first_tensor(batch)
         if x.shape[0] == 0:
             continue
-        ids = item_ids(batch, dataset, seen, int(x.shape[0]))
+        here = batch_dataset(batch, dataset)  # None: bare images, shown as given
+        ids = item_ids(batch, here, seen, int(x.shape[0]))
         if images is not None and max(ids) >= images.shape[0]:
             raise ValueError(
                 f"images holds {images.shape[0]} images but the source has more tiles; pass "
@@ -238,9 +245,9 @@ def concept_gallery(
                     float(scores[i, j]),
                     ids[i],
                     maps64[i, j].numpy(),
-                    _location(dataset, ids[i]),
-                    _slide(dataset, ids[i]),
-                    None if dataset is not None else (x[i] if images is None else images[ids[i]]),
+                    _location(here, ids[i]),
+                    _slide(here, ids[i]),
+                    None if here is not None else (x[i] if images is None else images[ids[i]]),
                 )
                 for i in range(len(ids))
             ]
@@ -261,23 +268,6 @@ def concept_gallery(
         )
     entries = [[c.entry(dataset) for c in pool] for pool in pools]
     return ConceptGallery(names, entries)
-
-
-def _tile_dataset(source: Any) -> Any:
-    """The ``SlideTiles``-like dataset of ``source`` (itself, or its DataLoader's), or None.
-
-    A DataLoader's dataset counts only when its batches carry the tiles' indices
-    (the dataset's own ``collate_fn``, as :meth:`SlideTiles.loader` uses): with
-    another collate, the tiles are shown as given, numbered in stream order.
-    """
-    if hasattr(source, "read") and hasattr(source, "locate"):
-        return source
-    inner = getattr(source, "dataset", None)
-    if hasattr(inner, "read") and hasattr(inner, "locate"):
-        own = getattr(inner, "collate_fn", None)
-        if own is not None and getattr(source, "collate_fn", None) == own:
-            return inner
-    return None
 
 
 @dataclass

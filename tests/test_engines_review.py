@@ -210,7 +210,10 @@ def test_fit_argument_checks_before_any_work() -> None:
     seeded.fit(
         torch.rand(4, 3, 8, 8), max_locations_per_batch=16, progress=False
     )  # was a TypeError
-    with pytest.raises(TypeError, match=r"random_state must be None, an int or a numpy"):
+    with pytest.raises(
+        TypeError,
+        match=r"random_state must be None, an int in \[0, 2\*\*32 - 1\] or a numpy RandomState",
+    ):
         NMFConceptAttribution(net, net.relu, 2, random_state="0").fit(  # type: ignore[arg-type]
             torch.rand(4, 3, 8, 8), progress=False
         )
@@ -255,3 +258,23 @@ def test_blank_batches_are_refused_saying_so() -> None:
     blank_first = [torch.zeros(8, 3, 4, 4), torch.rand(8, 3, 4, 4)]  # was: dead concepts
     attr.fit(blank_first, progress=False)
     assert bool((attr.concepts_.norm(dim=1) > 0.99).all())
+
+
+def test_sampling_names_no_slide_for_bare_images_of_a_slide_loader(
+    slide_tiles: tuple[SlideTiles, NMFConceptAttribution],
+) -> None:
+    # the twin of the gallery's case: a shuffled loader with its own collate yields images
+    # only, so their stream positions must not be looked up in the dataset as tile indices
+    from captum_nmf.compare.selection import sample_rows
+
+    tiles, attr = slide_tiles
+    loader = DataLoader(
+        tiles,
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=lambda items: torch.stack([image for image, _ in items]),
+    )
+    sample = sample_rows(attr, loader, progress=False)
+    assert set(sample.groups.tolist()) == {-1}
+    assert set(sample_rows(attr, tiles, progress=False).groups.tolist()) == {0}

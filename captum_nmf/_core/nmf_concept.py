@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from captum_nmf._core import persistence
 from captum_nmf._core.concept_set import ConceptSetMixin
 from captum_nmf._core.nmf import NMF
-from captum_nmf._core.nmf_input import InitName
+from captum_nmf._core.nmf_input import InitName, check_random_state_param
 from captum_nmf._core.persistence import check_concept_values
 from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts
@@ -443,8 +442,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             NegativeActivationError: negative activations with ``negative="raise"``.
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
-            ValueError: ``max_locations_per_batch`` below ``n_concepts``, or a
-                        batch that is one C x H x W image.
+            ValueError: ``max_locations_per_batch`` below ``n_concepts``.
         """
         max_locations = check_int("max_locations_per_batch", max_locations_per_batch, optional=True)
         k = check_int("n_concepts", self.n_concepts, hint="pass e.g. n_concepts=6.")
@@ -687,21 +685,18 @@ def _full_batch(inputs: Any, batch_size: int) -> int | None:
 
 
 def _seed(random_state: Any) -> int:
-    """The integer seed of the fit's subsampling: the seed itself, or one drawn from a generator."""
+    """The integer seed of the fit's subsampling: the seed itself, or one drawn from a RandomState.
+
+    Raises:
+        TypeError, ValueError: a ``random_state`` the solver refuses too
+                    (:func:`~captum_nmf._core.nmf_input.check_random_state_param`).
+    """
+    check_random_state_param(random_state)
     if random_state is None:
         return 0
-    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
-        return int(random_state)
-    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
-        return int(
-            random_state.integers(2**31 - 1)
-            if isinstance(random_state, np.random.Generator)
-            else random_state.randint(2**31 - 1)
-        )
-    raise TypeError(
-        f"random_state must be None, an int or a numpy RandomState/Generator, got "
-        f"{type(random_state).__name__} {random_state!r:.60}; pass e.g. random_state=0."
-    )
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(2**31 - 1))
+    return int(random_state)
 
 
 def _warn_padded_shards(inputs: Any) -> None:

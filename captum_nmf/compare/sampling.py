@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
-from captum_nmf.engines.batches import first_tensor, is_map_dataset, item_ids, one_pass
+from captum_nmf.engines.batches import (
+    batch_dataset,
+    first_tensor,
+    is_map_dataset,
+    item_ids,
+    one_pass,
+    tile_dataset,
+)
 from captum_nmf.exceptions import NoTissueError
 
 __all__ = ["RowSample", "Source", "sample_rows"]
@@ -124,14 +131,6 @@ class _Reservoir:
         tiles = np.repeat(np.asarray(self.tiles, np.int64), counts)
         groups = np.repeat(np.asarray(self.groups, np.int64), counts)
         return rows, tiles, groups
-
-
-def _tile_dataset(source: Any) -> Any:
-    """The ``SlideTiles``-like dataset behind ``source`` (item i is ``(image, i)``), or None."""
-    for candidate in (source, getattr(source, "dataset", None)):
-        if candidate is not None and hasattr(candidate, "locate") and hasattr(candidate, "grids"):
-            return candidate
-    return None
 
 
 def _count_tiles(source: Any) -> int | None:
@@ -305,7 +304,7 @@ def sample_rows(
     seed = check_int("random_state", random_state, minimum=0, hint="pass e.g. random_state=0.")
     max_k = check_int("max_k", max_k, optional=True)
     group_ids = None if groups is None else np.asarray(groups, dtype=np.int64).reshape(-1)
-    dataset = _tile_dataset(source)
+    dataset = tile_dataset(source)
     notes = _check_tissue(dataset) if dataset is not None else []
     group_names = _slide_names(dataset) if dataset is not None and group_ids is None else []
     n_known = _count_tiles(source)
@@ -324,7 +323,8 @@ def sample_rows(
         n = int(x.shape[0])
         if n == 0:
             continue
-        ids = item_ids(batch, dataset, seen, n)
+        here = batch_dataset(batch, dataset)  # None: the batch names no dataset indices
+        ids = item_ids(batch, here, seen, n)
         act = _batch_features(attr, x, additional_forward_args)
         _check_max_k(attr, max_k, int(act.shape[1]))
         if quota is None:
@@ -333,7 +333,7 @@ def sample_rows(
             quota = max(1, min(hw, share))  # a tile never exceeds max_rows on its own
         rows = _pick_locations(act, quota, generator)
         keys = torch.rand(n, generator=generator)
-        reservoir.add(rows, keys, ids, _tile_groups(ids, group_ids, dataset))
+        reservoir.add(rows, keys, ids, _tile_groups(ids, group_ids, here))
         seen += n
     _check_seen(seen, group_ids)
     rows, tiles, row_groups = reservoir.result()

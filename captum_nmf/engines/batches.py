@@ -15,6 +15,7 @@ from captum_nmf.engines.base import FitOptions, RowSource
 
 __all__ = [
     "DatasetBatches",
+    "batch_dataset",
     "epochs",
     "first_tensor",
     "is_map_dataset",
@@ -22,6 +23,7 @@ __all__ = [
     "item_ids",
     "one_pass",
     "rows_of",
+    "tile_dataset",
 ]
 
 _EMPTY = (
@@ -87,13 +89,35 @@ def one_pass(
     return epochs(source, options)[0]
 
 
+def tile_dataset(source: Any) -> Any:
+    """The ``SlideTiles``-like dataset behind ``source`` (itself or its DataLoader's), or None.
+
+    Such a dataset locates its tiles (``locate``, ``grids``); its item i is ``(image, i)``.
+    """
+    for candidate in (source, getattr(source, "dataset", None)):
+        if candidate is not None and hasattr(candidate, "locate") and hasattr(candidate, "grids"):
+            return candidate
+    return None
+
+
+def batch_dataset(batch: Any, dataset: Any) -> Any:
+    """``dataset`` when ``batch`` carries its tiles' indices (``(images, indices)``), else None.
+
+    A loader over a ``SlideTiles`` with a collate of its own may yield bare
+    images: their stream positions are not the dataset's indices, so nothing
+    may be looked up in the dataset for them.
+    """
+    carries = isinstance(batch, (tuple, list)) and len(batch) > 1
+    return dataset if carries else None
+
+
 def item_ids(batch: Any, dataset: Any, seen: int, n: int) -> list[int]:
     """The source position of each tile of ``batch``: ``SlideTiles`` says; else stream order.
 
     Returns:
         *list[int]*: one index per tile of the batch.
     """
-    if dataset is not None and isinstance(batch, (tuple, list)) and len(batch) > 1:
+    if batch_dataset(batch, dataset) is not None:
         return [int(i) for i in batch[1]]  # SlideTiles: item i is (image, i)
     return list(range(seen, seen + n))
 
