@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,12 @@ from captum_nmf._utils.activations import model_device
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines.batches import (
     batch_dataset,
-    first_tensor,
+    check_batch_inputs,
     item_ids,
+    model_inputs,
     one_pass,
     tile_dataset,
+    to_device,
 )
 from captum_nmf.io import atomic_write
 
@@ -169,6 +171,8 @@ def concept_gallery(
     batch_size: int = 16,
     labels: Sequence[str] | None = None,
     images: Tensor | None = None,
+    additional_forward_args: Any = None,
+    batch_inputs: Callable[[Any], Any] | None = None,
     progress: bool = True,
 ) -> ConceptGallery:
     r"""The ``top_n`` tiles of every concept by mean intensity, near-duplicates left out.
@@ -196,6 +200,13 @@ def concept_gallery(
                     the tiles of a tensor or batch source, in stream order
                     (e.g. the tiles before their normalisation).
                     Default: None (the tiles as given)
+        additional_forward_args (Any, optional): extra arguments of the
+                    model, as for :meth:`NMFConceptAttribution.attribute`.
+                    Default: None
+        batch_inputs (Callable, optional): turns one batch into the model's
+                    inputs, as for :meth:`NMFConceptAttribution.fit`; the
+                    first input is the one shown.
+                    Default: None (the batch, or its first element)
         progress (bool, optional): show a tqdm progress bar.
                     Default: True
 
@@ -204,11 +215,14 @@ def concept_gallery(
 
     Raises:
         NotFittedError: ``attr`` is not fitted.
-        TypeError, ValueError: a bad ``top_n`` or ``batch_size``, an empty source.
+        TypeError, ValueError: a bad ``top_n`` or ``batch_size``, an empty
+                    source, or a bad ``batch_inputs`` (see
+                    :meth:`NMFConceptAttribution.fit`).
     """
     attr.check_fitted("concept_gallery")
     top_n = check_int("top_n", top_n, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
+    batch_inputs = check_batch_inputs(batch_inputs)
     k = int(attr.concepts_.shape[0])
     names = list(labels) if labels is not None else attr.concept_names
     if len(names) != k:
@@ -225,7 +239,8 @@ def concept_gallery(
     device = model_device(attr.forward_func, attr.layer)
     batches = one_pass(source, batch_size, device=device)
     for batch in tqdm(batches, disable=not progress, desc="gallery"):
-        x = first_tensor(batch)
+        inputs = model_inputs(batch, batch_inputs)
+        x = inputs[0]
         if x.shape[0] == 0:
             continue
         here = batch_dataset(batch, dataset)  # None: bare images, shown as given
@@ -236,7 +251,8 @@ def concept_gallery(
                 "one image per tile, in stream order."
             )
         with torch.no_grad():
-            maps = attr.attribute(x.to(device or x.device))
+            inputs = to_device(inputs, device)
+            maps = attr.attribute(inputs if len(inputs) > 1 else inputs[0], additional_forward_args)
         maps64 = maps.detach().to("cpu", torch.float64)
         scores = maps64.mean(dim=(2, 3)).numpy()
         for j in range(k):

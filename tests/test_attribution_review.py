@@ -330,7 +330,9 @@ def test_constructor_messages_name_the_value_and_the_fix() -> None:
 def test_a_dict_batch_names_its_keys_and_the_fix() -> None:
     model = _bn_net()
     attr = NMFConceptAttribution(model, model[4], n_concepts=2)
-    with pytest.raises(TypeError, match=r"type dict with keys \['image', 'label'\].*collate_fn"):
+    with pytest.raises(
+        TypeError, match=r"type dict with keys \['image', 'label'\]; pass batch_inputs=lambda b: b"
+    ):
         attr.fit([{"image": X, "label": torch.zeros(8)}], progress=False)
 
 

@@ -229,6 +229,18 @@ def test_ray_subsampling_and_epochs() -> None:
     assert attr.n_samples_seen_ == 2 * 16 * 100
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_ray_sends_batch_inputs_to_the_actors() -> None:
+    """A lambda reaches the actors (cloudpickle) and reads dict batches there as here."""
+    net = tiny_net()
+    batches = [{"image": b, "id": i} for i, b in enumerate(images().split(BATCH))]
+    local = NMFConceptAttribution(net, net.relu2, n_concepts=K, random_state=0)
+    local.fit(batches, batch_inputs=lambda b: b["image"], progress=False)
+    remote = NMFConceptAttribution(net, net.relu2, n_concepts=K, random_state=0)
+    remote.fit(batches, batch_inputs=lambda b: b["image"], engine="ray", workers=1, progress=False)
+    torch.testing.assert_close(remote.concepts_, local.concepts_, rtol=1e-4, atol=1e-5)
+
+
 def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     net = tiny_net()

@@ -21,7 +21,7 @@ from captum_nmf._core.rows import BatchRows
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines import FitOptions, select_engine
-from captum_nmf.engines.batches import is_map_dataset
+from captum_nmf.engines.batches import check_batch_inputs, is_map_dataset
 from captum_nmf.exceptions import (
     CaptumNMFWarning,
     ConceptModelMismatchError,
@@ -328,6 +328,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         inputs: Tensor | Iterable[Any] | Dataset[Any],
         *,
         additional_forward_args: Any = None,
+        batch_inputs: Callable[[Any], Any] | None = None,
         attribute_to_layer_input: bool = False,
         max_locations_per_batch: int | None = None,
         n_epochs: int = 1,
@@ -375,10 +376,19 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             inputs (Tensor or Iterable): an N x ... batch, or an iterable of
                         batches that are tensors or ``(tensor, ...)`` tuples
                         (only the first element is fed to the model, so a
-                        ``DataLoader`` of ``(image, label)`` works as is).
+                        ``DataLoader`` of ``(image, label)`` works as is;
+                        see ``batch_inputs`` for other batches).
             additional_forward_args (Any, optional): extra arguments passed to
                         ``forward_func`` after the inputs, as in Captum.
                         Default: None
+            batch_inputs (Callable, optional): turns one batch into the
+                        model's inputs, a tensor or a tuple of tensors with
+                        the tiles along dimension 0, as ``attribute``'s
+                        ``inputs``: e.g. ``lambda b: (b[0], b[1])`` for a
+                        model with two per-sample inputs, or
+                        ``lambda b: b["image"]`` for dict batches. With Ray,
+                        it is sent to the actors (cloudpickle).
+                        Default: None (the batch, or its first element)
             attribute_to_layer_input (bool, optional): factorise the layer's
                         input instead of its output; ``attribute`` must then
                         use the same value.
@@ -435,15 +445,19 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                         ``workers``/``autocast``, several epochs over a one-shot
                         iterator, or ``distributed=True`` without a process group.
             TypeError: a batch is neither a tensor nor a tuple starting with
-                        one, ``inputs`` is not a map-style ``Dataset``, list or
+                        one (without ``batch_inputs``), ``batch_inputs`` is not
+                        callable or returns something other than tensors,
+                        ``inputs`` is not a map-style ``Dataset``, list or
                         tuple with ``engine="ray"``, or a bad option type.
             ImportError: ``engine="ray"`` without Ray installed.
             ConnectionError: nothing answers at ``address`` (before any work).
             NegativeActivationError: negative activations with ``negative="raise"``.
             NonFiniteActivationError: NaN or Inf activations.
             LayerError: the layer did not run or its output is not N x C x H x W.
-            ValueError: ``max_locations_per_batch`` below ``n_concepts``.
+            ValueError: ``max_locations_per_batch`` below ``n_concepts``, or
+                        inputs from ``batch_inputs`` of different lengths.
         """
+        batch_inputs = check_batch_inputs(batch_inputs)
         max_locations = check_int("max_locations_per_batch", max_locations_per_batch, optional=True)
         k = check_int("n_concepts", self.n_concepts, hint="pass e.g. n_concepts=6.")
         if max_locations is not None and max_locations < k:
@@ -469,6 +483,7 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             autocast=autocast,
             channels_last=channels_last,
             batch_size=_full_batch(inputs, batch_size),
+            batch_inputs=batch_inputs,
         )
         options = FitOptions(
             batch_size=batch_size,

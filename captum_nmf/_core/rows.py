@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf._utils import activations as acts
-from captum_nmf.engines.batches import first_tensor
+from captum_nmf.engines.batches import BatchInputs, model_inputs, to_device
 from captum_nmf.exceptions import LayerError
 
 if TYPE_CHECKING:
@@ -33,8 +33,10 @@ class BatchRows:
         autocast: torch.dtype | None,
         channels_last: bool,
         batch_size: int | None = None,
+        batch_inputs: BatchInputs | None = None,
     ) -> None:
         self.attr = attr
+        self.batch_inputs = batch_inputs
         self.additional_forward_args = additional_forward_args
         self.attribute_to_layer_input = attribute_to_layer_input
         self.max_locations = max_locations
@@ -58,22 +60,29 @@ class BatchRows:
     def __call__(self, batch: Any, generator: torch.Generator) -> Tensor | None:
         """The rows of ``batch`` (on the model's device), or None for an empty batch."""
         attr = self.attr
-        x = first_tensor(batch)
+        inputs = model_inputs(batch, self.batch_inputs)
+        x = inputs[0]
         if x.shape[0] == 0:
             return None
-        device = acts.model_device(attr.forward_func, attr.layer)
-        if device is not None and x.device != device:
-            x = x.to(device, non_blocking=x.is_pinned())
+        inputs = to_device(inputs, acts.model_device(attr.forward_func, attr.layer))
         try:
             act = attr._activations(
-                x,
+                inputs if len(inputs) > 1 else inputs[0],
                 self.additional_forward_args,
                 self.attribute_to_layer_input,
                 autocast=self.autocast,
                 channels_last=self.channels_last,
             )
+        except TypeError as exc:
+            if self.batch_inputs is not None or not _holds_more(batch):
+                raise
+            raise TypeError(  # e.g. "forward() missing 1 required positional argument"
+                f"{exc} (fit gave the model the first of the batch's {len(batch)} elements; if "
+                "the model takes several per-sample inputs, pass e.g. "
+                "batch_inputs=lambda b: (b[0], b[1]))"
+            ) from exc
         except LayerError as exc:
-            if x.ndim != 3:
+            if x.ndim != 3 or len(inputs) > 1:
                 raise
             raise LayerError(  # a 3-D batch may be one C x H x W image of a stream of samples
                 f"{exc} The batch has shape {tuple(x.shape)}: if the source yields single "
@@ -93,3 +102,8 @@ class BatchRows:
         owner = acts.module_of(self.attr.forward_func)
         if owner is not None:
             owner.to(device)
+
+
+def _holds_more(batch: Any) -> bool:
+    """Whether ``batch`` is a tuple or list with tensors after the first (the model's input)."""
+    return isinstance(batch, (tuple, list)) and any(isinstance(t, Tensor) for t in batch[1:])

@@ -19,12 +19,15 @@ from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils import activations as acts
 from captum_nmf._utils.validation import check_int
 from captum_nmf.engines.batches import (
+    BatchInputs,
     batch_dataset,
-    first_tensor,
+    check_batch_inputs,
     is_map_dataset,
     item_ids,
+    model_inputs,
     one_pass,
     tile_dataset,
+    to_device,
 )
 from captum_nmf.exceptions import NoTissueError
 
@@ -133,7 +136,7 @@ class _Reservoir:
         return rows, tiles, groups
 
 
-def _count_tiles(source: Any) -> int | None:
+def _count_tiles(source: Any, batch_inputs: BatchInputs | None) -> int | None:
     """Tiles in ``source`` when that is known without reading any."""
     if isinstance(source, Tensor):
         return int(source.shape[0])
@@ -142,7 +145,7 @@ def _count_tiles(source: Any) -> int | None:
     if isinstance(source, DataLoader) and isinstance(source.dataset, Sized):
         return len(source.dataset)
     if isinstance(source, (list, tuple)):
-        return sum(int(first_tensor(b).shape[0]) for b in source)
+        return sum(int(model_inputs(b, batch_inputs)[0].shape[0]) for b in source)
     return None
 
 
@@ -164,12 +167,13 @@ def _check_tissue(dataset: Any) -> list[str]:
     return []
 
 
-def _batch_features(attr: NMFConceptAttribution, x: Tensor, additional_forward_args: Any) -> Tensor:
-    """The layer's activations of ``x``, moved to the model's device first."""
-    device = acts.model_device(attr.forward_func, attr.layer)
-    if device is not None and x.device != device:
-        x = x.to(device, non_blocking=x.is_pinned())
-    return cast("Tensor", attr.features(x, additional_forward_args))
+def _batch_features(
+    attr: NMFConceptAttribution, inputs: tuple[Tensor, ...], additional_forward_args: Any
+) -> Tensor:
+    """The layer's activations of ``inputs``, moved to the model's device first."""
+    inputs = to_device(inputs, acts.model_device(attr.forward_func, attr.layer))
+    args = inputs if len(inputs) > 1 else inputs[0]
+    return cast("Tensor", attr.features(args, additional_forward_args))
 
 
 def _check_max_k(attr: NMFConceptAttribution, max_k: int | None, channels: int) -> None:
@@ -229,6 +233,7 @@ def sample_rows(
     max_k: int | None = None,
     batch_size: int = 32,
     additional_forward_args: Any = None,
+    batch_inputs: BatchInputs | None = None,
     random_state: int = 0,
     progress: bool = True,
 ) -> RowSample:
@@ -271,6 +276,10 @@ def sample_rows(
                     Default: 32
         additional_forward_args (Any, optional): extra arguments of the model.
                     Default: None
+        batch_inputs (Callable, optional): turns one batch into the model's
+                    inputs, as for :meth:`NMFConceptAttribution.fit` (e.g.
+                    ``lambda b: (b[0], b[1])``).
+                    Default: None (the batch, or its first element)
         random_state (int, optional): seed of the locations and tiles kept.
                     Default: 0
         progress (bool, optional): show a tqdm progress bar.
@@ -280,11 +289,13 @@ def sample_rows(
         *RowSample*: the rows, their tiles and groups.
 
     Raises:
-        TypeError: a bad argument type or batch type.
+        TypeError: a bad argument type or batch type, or a ``batch_inputs``
+                    that is not callable or returns other than tensors.
         ValueError: ``max_rows``/``locations_per_tile``/``batch_size`` < 1,
                     ``locations_per_tile`` > ``max_rows``, ``max_k`` larger than
                     the layer's channels, ``groups`` shorter than the source,
-                    or a source with no tiles.
+                    a source with no tiles, or inputs of different lengths
+                    from ``batch_inputs``.
         NoTissueError: a ``SlideTiles`` source none of whose slides has a
                     tile with tissue (the slides are named).
         NegativeActivationError, NonFiniteActivationError, LayerError: as
@@ -303,11 +314,12 @@ def sample_rows(
     batch_size = check_int("batch_size", batch_size, hint="pass e.g. batch_size=32.")
     seed = check_int("random_state", random_state, minimum=0, hint="pass e.g. random_state=0.")
     max_k = check_int("max_k", max_k, optional=True)
+    batch_inputs = check_batch_inputs(batch_inputs)
     group_ids = None if groups is None else np.asarray(groups, dtype=np.int64).reshape(-1)
     dataset = tile_dataset(source)
     notes = _check_tissue(dataset) if dataset is not None else []
     group_names = _slide_names(dataset) if dataset is not None and group_ids is None else []
-    n_known = _count_tiles(source)
+    n_known = _count_tiles(source, batch_inputs)
     if n_known == 0:
         raise ValueError("source holds no tiles; pass at least one tile.")
 
@@ -319,13 +331,13 @@ def sample_rows(
     seen = 0
     start = time.perf_counter()
     for batch in tqdm(batches, total=total, disable=not progress, desc="sample rows", unit="batch"):
-        x = first_tensor(batch)
-        n = int(x.shape[0])
+        inputs = model_inputs(batch, batch_inputs)
+        n = int(inputs[0].shape[0])
         if n == 0:
             continue
         here = batch_dataset(batch, dataset)  # None: the batch names no dataset indices
         ids = item_ids(batch, here, seen, n)
-        act = _batch_features(attr, x, additional_forward_args)
+        act = _batch_features(attr, inputs, additional_forward_args)
         _check_max_k(attr, max_k, int(act.shape[1]))
         if quota is None:
             hw = int(act.shape[2] * act.shape[3])

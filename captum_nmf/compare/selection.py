@@ -291,6 +291,7 @@ def select_k(
     groups: Sequence[int] | NDArray[np.integer[Any]] | None = None,
     batch_size: int = 32,
     additional_forward_args: Any = None,
+    batch_inputs: Callable[[Any], Any] | None = None,
     random_state: int = 0,
     progress: bool = True,
 ) -> KSelection:
@@ -358,6 +359,9 @@ def select_k(
                     Default: 32
         additional_forward_args (Any, optional): extra arguments of the model.
                     Default: None
+        batch_inputs (Callable, optional): turns one batch into the model's
+                    inputs; see :func:`sample_rows`.
+                    Default: None (the batch, or its first element)
         random_state (int, optional): seed of the sample, the split and the fits.
                     Default: 0
         progress (bool, optional): show tqdm progress bars.
@@ -392,6 +396,7 @@ def select_k(
         groups=groups,
         batch_size=batch_size,
         additional_forward_args=additional_forward_args,
+        batch_inputs=batch_inputs,
         random_state=seed,
         progress=progress,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -311,6 +311,7 @@ def concept_stability(
     locations_per_tile: int | None = None,
     batch_size: int = 32,
     additional_forward_args: Any = None,
+    batch_inputs: Callable[[Any], Any] | None = None,
     random_state: int = 0,
     progress: bool = True,
 ) -> ConceptStability:
@@ -343,6 +344,9 @@ def concept_stability(
                     Default: 32
         additional_forward_args (Any, optional): extra arguments of the model.
                     Default: None
+        batch_inputs (Callable, optional): turns one batch into the model's
+                    inputs; see :func:`sample_rows`.
+                    Default: None (the batch, or its first element)
         random_state (int, optional): seed of the sample and the refits.
                     Default: 0
         progress (bool, optional): show a tqdm progress bar.
@@ -379,6 +383,7 @@ def concept_stability(
             locations_per_tile=locations_per_tile,
             batch_size=batch_size,
             additional_forward_args=additional_forward_args,
+            batch_inputs=batch_inputs,
             random_state=seed,
             progress=progress,
         )

@@ -14,16 +14,20 @@ from captum_nmf._utils.validation import check_int
 from captum_nmf.engines.base import FitOptions, RowSource
 
 __all__ = [
+    "BatchInputs",
     "DatasetBatches",
     "batch_dataset",
+    "check_batch_inputs",
     "epochs",
     "first_tensor",
     "is_map_dataset",
     "item_batches",
     "item_ids",
+    "model_inputs",
     "one_pass",
     "rows_of",
     "tile_dataset",
+    "to_device",
 ]
 
 _EMPTY = (
@@ -32,12 +36,16 @@ _EMPTY = (
 )
 
 
+BatchInputs = Callable[[Any], Any]
+"""Turns one batch into the model's inputs: a Tensor or a tuple of Tensors."""
+
+
 def first_tensor(batch: Any) -> Tensor:
     """The model input of a batch: the batch itself, or the first element of a tuple or list.
 
-    The rest of a tuple (labels, ids) is not given to the model: a model with
-    several per-sample inputs is fitted through a module that takes them as
-    one tensor (e.g. stacked along the channels) and splits them.
+    The rest of a tuple (labels, ids) is not given to the model; a model with
+    several per-sample inputs, or a batch of another shape (a dict), is read
+    through a ``batch_inputs`` function (:func:`model_inputs`).
 
     Raises:
         TypeError: the batch is neither a tensor nor a sequence starting with one.
@@ -46,12 +54,77 @@ def first_tensor(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
-    keys = f" with keys {sorted(map(str, batch))[:5]}" if isinstance(batch, dict) else ""
+    keys = sorted(map(str, batch))[:5] if isinstance(batch, dict) else None
+    hint = (
+        f"pass batch_inputs=lambda b: b[{keys[0]!r}] to feed the model that entry"
+        if keys
+        else "pass a DataLoader whose collate_fn returns (images, ...)"
+    )
+    listed = f" with keys {keys}" if keys is not None else ""
     raise TypeError(
         "fit expects a Tensor or an iterable of Tensor / (Tensor, ...) batches whose first "
-        f"element is the model's input, got a batch of type {type(batch).__name__}{keys}. "
-        "Pass a DataLoader whose collate_fn returns (images, ...); for a model with several "
-        "per-sample inputs, fit a module that takes them as one tensor and splits them."
+        f"element is the model's input, got a batch of type {type(batch).__name__}{listed}; "
+        f"{hint}. For a model with several per-sample inputs, pass e.g. "
+        "batch_inputs=lambda b: (b[0], b[1])."
+    )
+
+
+def check_batch_inputs(batch_inputs: Any) -> BatchInputs | None:
+    """``batch_inputs`` when it is None or callable.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if batch_inputs is None or callable(batch_inputs):
+        return cast("BatchInputs | None", batch_inputs)
+    raise TypeError(
+        f"batch_inputs must be a function of one batch returning the model's inputs, got "
+        f"{type(batch_inputs).__name__}; pass e.g. batch_inputs=lambda b: (b[0], b[1]), or None "
+        "to feed the model each batch's first tensor."
+    )
+
+
+def model_inputs(batch: Any, batch_inputs: BatchInputs | None = None) -> tuple[Tensor, ...]:
+    """The model's inputs of ``batch`` as a tuple: ``batch_inputs(batch)``, else its first tensor.
+
+    Every input is a tensor whose dimension 0 is the batch's tiles, as for
+    Captum's ``inputs``; the first one's length is the number of tiles.
+
+    Raises:
+        TypeError: ``batch_inputs`` returned something other than a tensor or
+                    a non-empty tuple or list of tensors; without it, as
+                    :func:`first_tensor`.
+        ValueError: the inputs have no batch dimension or disagree on its length.
+    """
+    if batch_inputs is None:
+        return (first_tensor(batch),)
+    got = batch_inputs(batch)
+    inputs = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        listed = isinstance(got, (tuple, list))
+        kinds = f" of {[type(t).__name__ for t in inputs]}" if listed else ""
+        raise TypeError(
+            f"batch_inputs returned a {type(got).__name__}{kinds} for a batch; "
+            "it must return the model's inputs as a Tensor or a tuple of Tensors (e.g. "
+            "lambda b: (b[0], b[1])). Pass other arguments as additional_forward_args."
+        )
+    sizes = [tuple(t.shape[:1]) for t in inputs]
+    if any(len(size) == 0 for size in sizes) or len(set(sizes)) > 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(
+            f"batch_inputs returned inputs of shapes {shapes}: every input must have the "
+            "batch's tiles along dimension 0, with one length. Pass arguments that are not "
+            "per tile as additional_forward_args."
+        )
+    return inputs
+
+
+def to_device(inputs: tuple[Tensor, ...], device: torch.device | None) -> tuple[Tensor, ...]:
+    """``inputs`` on ``device`` (pinned ones copied without blocking); None leaves them."""
+    if device is None:
+        return inputs
+    return tuple(
+        t if t.device == device else t.to(device, non_blocking=t.is_pinned()) for t in inputs
     )
 
 
