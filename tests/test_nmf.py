@@ -716,3 +716,20 @@ def test_bad_random_state_is_named(seed: object, err: type, match: str) -> None:
     with pytest.raises(err, match=match):
         NMF(2, random_state=seed).fit(low_rank(20, 4, 2))  # type: ignore[arg-type]
     assert NMF(2, random_state=np.int64(3)).fit(low_rank(20, 4, 2)).n_iter_ >= 1
+
+
+def test_stream_readiness_says_when_partial_fit_would_start() -> None:
+    """K = 2: 2 non-zero rows to start at all, 100 spanning 2 directions (or 1,000) to start."""
+    f64 = torch.float64
+    e0, e1 = torch.tensor([[1.0, 0, 0]], dtype=f64), torch.tensor([[0.0, 1, 1]], dtype=f64)
+    zeros = torch.zeros(500, 3, dtype=f64)
+    model = NMF(2)
+    assert model.stream_readiness(torch.cat([e0, zeros])) == "too few"  # zeros do not count
+    assert model.stream_readiness(torch.cat([e0, e1, zeros])) == "possible"
+    assert model.stream_readiness(torch.cat([e0, e1] * 49 + [zeros])) == "possible"  # 98 rows
+    assert model.stream_readiness(torch.cat([e0, e1] * 50)) == "ready"
+    assert model.stream_readiness(e0.repeat(999, 1)) == "possible"  # one direction
+    assert model.stream_readiness(e0.repeat(1000, 1)) == "ready"  # 10 x 100: data of rank 1
+    assert NMF(2, init="random").stream_readiness(e0) == "possible"
+    with pytest.raises(ValueError, match="negative"):
+        model.stream_readiness(-torch.ones(3, 3))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from captum_nmf._core.nmf_input import (
     ArrayLike,
     _Kind,
     check_finite_non_negative,
+    check_tensor,
     components_matrix,
     rank,
 )
@@ -320,6 +321,39 @@ class StreamMixin:
         del self.__dict__["_start_buffer"]  # started: from now on statistics only
 
     # --------------------------------------------------------- stream pieces
+    def stream_readiness(self: _Solver, X: Tensor) -> Literal["ready", "possible", "too few"]:
+        """Whether the non-zero rows of ``X`` suffice to start a stream as :meth:`partial_fit` does.
+
+        A distributed fit holds its workers' first chunks until one worker's
+        held rows are ``"ready"``, so that it starts from as much as a
+        single-process stream would.
+
+        Args:
+            X (Tensor): n x C non-negative rows (e.g. the held chunks).
+
+        Returns:
+            *str*: ``"ready"``: at least ``max(100, 10 K)`` rows with a
+            non-zero entry that span K directions (or 10 times as many
+            rows), where ``partial_fit`` starts; ``"possible"``: enough for
+            :meth:`initialise_stream` (K, or 1 with ``init="random"``), where
+            ``partial_fit`` would wait for more; ``"too few"``: fewer.
+
+        Raises:
+            ValueError, TypeError: ``X`` is not a non-negative finite matrix,
+                        or bad parameters.
+        """
+        self._check_params()
+        v = check_tensor(X, None)
+        rows = _non_zero_rows(v)
+        c = int(v.shape[1])
+        if rows.shape[0] < self._rows_to_begin(c):
+            return "too few"
+        needed = self._start_rows(c)
+        k = rank(self.n_components, "random", 1, c)
+        if rows.shape[0] >= needed and (rows.shape[0] >= _START_CAP * needed or _spans(rows, k)):
+            return "ready"
+        return "possible"
+
     def initialise_stream(self: _S, X: ArrayLike) -> _S:
         """Start a stream: factorise a first chunk in memory to get ``H0``; zero statistics.
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from captum_nmf._core.nmf import NMF, NMFStatistics
 from captum_nmf.engines.base import FitOptions, RowSource, worker_generator
 from captum_nmf.engines.batches import item_batches
+from captum_nmf.engines.held import HeldChunks
 from captum_nmf.engines.ray_cluster import actor_options, check_address, import_ray, ray_session
 
 __all__ = ["ActorPool", "ActorWorker", "RayEngine", "TaskOutcome", "fit_ray"]
@@ -86,61 +87,89 @@ class _StatisticsWorker:
         self.load = load
         self.solver_params = solver_params
         self.generator = worker_generator(seed, index)
-        self.pending: Tensor | None = None
+        self.held = HeldChunks()  # the batches of the steps before the start
 
     def _rows(self, item: Any) -> Tensor | None:
         batch = item if self.load is None else self.load(item)
         return self.rows(batch, self.generator)
 
-    def initialise(self, item: Any) -> tuple[Tensor, int] | None:
-        """``H0`` (CPU) and HALS iterations of this batch's in-memory fit; None when empty."""
-        v = self._rows(item)
-        if v is None:
-            return None
-        self.pending = v  # its statistics are asked for next, with this H0
-        solver = NMF(**self.solver_params).initialise_stream(v)
+    def hold(self, item: Any) -> tuple[int, str, int]:
+        """Hold this step's batch (None: no batch); then as :meth:`held_state`."""
+        self.held.add(None if item is None else self._rows(item))
+        return self.held_state()
+
+    def held_state(self) -> tuple[int, str, int]:
+        """The held rows with a non-zero entry, their readiness, and all held rows.
+
+        Returns:
+            *tuple*: the count of held rows with a non-zero entry,
+            :meth:`NMF.stream_readiness` of them (``"too few"`` with none) and
+            the count of held rows, rows of zeros included.
+        """
+        rows = self.held.rows()
+        if rows is None:
+            return 0, "too few", self.held.n_rows
+        state = NMF(**self.solver_params).stream_readiness(rows)
+        return int(rows.shape[0]), state, self.held.n_rows
+
+    def initialise(self) -> tuple[Tensor, int]:
+        """``H0`` (CPU) and HALS iterations of the in-memory fit of the held rows."""
+        solver = NMF(**self.solver_params).initialise_stream(self.held.rows())
         return solver.components.cpu(), int(solver.n_iter_)
 
-    def statistics(self, h: Tensor, item: Any, pending: bool) -> Tensor | None:
-        """Flattened statistics of the next batch for ``h``; None without rows."""
-        if pending:
-            v, self.pending = self.pending, None
-        else:
-            v = None if item is None else self._rows(item)
+    def replay(self, h: Tensor, step: int) -> NMFStatistics | None:
+        """Statistics (CPU) of the batch held at ``step`` for ``h``; None without one."""
+        solver = NMF(**self.solver_params).start_stream(h.to(self.device))
+        stats = self.held.statistics(solver, step)
+        if step == len(self.held.steps) - 1:
+            self.held = HeldChunks()  # replayed: the stream goes on from statistics alone
+        return None if stats is None else stats.to("cpu")
+
+    def statistics(self, h: Tensor, item: Any) -> NMFStatistics | None:
+        """Statistics (CPU, re-seeding candidates kept) of the next batch for ``h``, or None."""
+        v = None if item is None else self._rows(item)
         if v is None:
             return None
         solver = NMF(**self.solver_params).start_stream(h.to(v.device))
-        return solver.statistics(v).flatten().cpu()
+        return solver.statistics(v).to("cpu")
 
 
-def _start(ray: Any, actors: list[Any], solver: NMF, assigned: list[Any]) -> list[bool]:
-    """Step 0: the first actor with rows initialises the stream; which actors hold rows."""
-    pending = [False] * len(actors)
-    for j, item in enumerate(assigned):
-        result = ray.get(actors[j].initialise.remote(item))
-        if result is not None:
-            h0, n_iter = result
-            solver.start_stream(h0)
-            solver.n_iter_ = n_iter
-            pending[j] = True
-            return pending
-        assigned[j] = None  # empty: already seen
-    return pending
+def _apply(solver: NMF, parts: list[NMFStatistics | None]) -> None:
+    """Sum the workers' statistics (the K best re-seeding candidates kept) and update ``H``."""
+    found = [p for p in parts if p is not None]
+    if found:
+        total = sum(found[1:], found[0])
+        if total.n_samples > 0:
+            solver.update(total)
 
 
-def _step(
-    ray: Any, actors: list[Any], solver: NMF, assigned: list[Any], pending: list[bool]
-) -> None:
-    """One synchronous step: every actor's statistics for the current ``H``, summed, applied."""
-    k, c = int(solver.get_params()["n_components"]), int(solver.n_features_in_)
-    h_ref = ray.put(solver.components.cpu())
+def _hold_step(ray: Any, actors: list[Any], assigned: list[Any]) -> list[tuple[int, str, int]]:
+    """Every actor holds its batch of this step (None past the last); their held rows' state."""
     futures = [
-        actor.statistics.remote(h_ref, assigned[j] if j < len(assigned) else None, pending[j])
+        actor.hold.remote(assigned[j] if j < len(assigned) else None)
         for j, actor in enumerate(actors)
     ]
-    parts = [NMFStatistics.unflatten(f, k, c) for f in ray.get(futures) if f is not None]
-    if parts:
-        solver.update(sum(parts[1:], parts[0]))
+    return list(ray.get(futures))
+
+
+def _start_held(ray: Any, actors: list[Any], solver: NMF, src: int, n_steps: int) -> None:
+    """Actor ``src`` fits its held rows for ``H0``; the held steps are replayed one by one."""
+    h0, n_iter = ray.get(actors[src].initialise.remote())
+    solver.start_stream(h0)
+    solver.n_iter_ = n_iter
+    for step in range(n_steps):
+        h_ref = ray.put(solver.components.cpu())
+        _apply(solver, ray.get([actor.replay.remote(h_ref, step) for actor in actors]))
+
+
+def _step(ray: Any, actors: list[Any], solver: NMF, assigned: list[Any]) -> None:
+    """One synchronous step: every actor's statistics for the current ``H``, summed, applied."""
+    h_ref = ray.put(solver.components.cpu())
+    futures = [
+        actor.statistics.remote(h_ref, assigned[j] if j < len(assigned) else None)
+        for j, actor in enumerate(actors)
+    ]
+    _apply(solver, ray.get(futures))
 
 
 def fit_ray(
@@ -187,7 +216,7 @@ def fit_ray(
     if address is not None:  # also when a Ray session is already up: the address must work
         check_address(address)
     params = solver.get_params()
-    started = False
+    started, held_steps, rows_seen = False, 0, 0
     with ray_session(address, feature=_FEATURE) as ray:
         n, options = actor_options(ray, workers, cap=max(len(items), 1))
         actor_class = ray.remote(_StatisticsWorker)
@@ -209,14 +238,24 @@ def fit_ray(
                 )
                 for step in range(n_steps):
                     assigned: list[Any] = list(items[step * n : (step + 1) * n])
-                    pending = [False] * n
-                    if not started:
-                        pending = _start(ray, actors, solver, assigned)
-                        started = any(pending)
                     if started:
-                        _step(ray, actors, solver, assigned, pending)
-                    bar.update(len(items[step * n : (step + 1) * n]))
+                        _step(ray, actors, solver, assigned)
+                    else:  # held until one actor holds enough to start, as partial_fit does
+                        states = _hold_step(ray, actors, assigned)
+                        held_steps += 1
+                        ready = [j for j, (_, state, _) in enumerate(states) if state == "ready"]
+                        if ready:
+                            _start_held(ray, actors, solver, ready[0], held_steps)
+                            started = True
+                    bar.update(len(assigned))
                 bar.close()
+            if not started and held_steps:  # the data ended first: the most rows start it
+                states = ray.get([actor.held_state.remote() for actor in actors])
+                possible = [(c, -j) for j, (c, state, _) in enumerate(states) if state != "too few"]
+                if possible:
+                    _start_held(ray, actors, solver, -max(possible)[1], held_steps)
+                    started = True
+                rows_seen = sum(n for _, _, n in states)
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(
                 f"A Ray worker of the fit died ({exc.__class__.__name__}); the fit is not "
@@ -226,6 +265,13 @@ def fit_ray(
             bar.close()
             for actor in actors:
                 _kill(ray, actor)
+    if not started and rows_seen:
+        k = params["n_components"]
+        raise ValueError(
+            f"Cannot fit NMFConceptAttribution: no Ray worker received {k} rows with a non-zero "
+            f"entry ({rows_seen} rows in all). The layer's activations were 0 at almost every "
+            "location (blank tiles?); pass tiles with content."
+        )
     if not started:
         raise ValueError(
             "Cannot fit NMFConceptAttribution on 0 samples (every batch was empty); pass at "

@@ -22,6 +22,7 @@ from torch import Tensor
 from captum_nmf._core.nmf import NMF, NMFStatistics
 from captum_nmf.engines.base import FitOptions, RowSource, worker_generator
 from captum_nmf.engines.batches import epochs, rows_of
+from captum_nmf.engines.held import HeldChunks
 
 __all__ = ["TorchDistributedEngine", "fit_torch_distributed"]
 
@@ -87,10 +88,81 @@ def _share_start(solver: NMF, src: int, rank: int, device: torch.device, n_compo
         solver.n_iter_ = n_iter
 
 
+def _reduce_update(solver: NMF, stats: NMFStatistics, n_components: int) -> None:
+    """Sum ``stats`` over the ranks (re-seeding candidates gathered too) and apply them."""
+    dist = torch.distributed
+    comm = _comm_device()
+    k, c = n_components, int(solver.n_features_in_)
+    seeded = torch.tensor([float(stats.seeds is not None)], dtype=torch.float64, device=comm)
+    flat = torch.cat([stats.flatten().to(comm), seeded])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    total = NMFStatistics.unflatten(flat[:-1], k, c)
+    if float(flat[-1]) > 0:  # a concept is dead: every rank's rows of largest residual
+        total = total + _gathered_seeds(stats, k, c)
+    if total.n_samples > 0:
+        solver.update(total)
+
+
+def _gathered_seeds(stats: NMFStatistics, k: int, c: int) -> NMFStatistics:
+    """Zero statistics holding the re-seeding candidates of every rank (the K best are kept)."""
+    dist = torch.distributed
+    comm = _comm_device()
+    seeds = torch.zeros(k, c, dtype=torch.float64, device=comm)
+    scores = torch.full((k,), -1.0, dtype=torch.float64, device=comm)  # -1: no candidate
+    if stats.seeds is not None and stats.seed_scores is not None:
+        m = int(stats.seeds.shape[0])
+        seeds[:m], scores[:m] = stats.seeds.to(comm), stats.seed_scores.to(comm)
+    world = dist.get_world_size()
+    all_seeds = [torch.empty_like(seeds) for _ in range(world)]
+    all_scores = [torch.empty_like(scores) for _ in range(world)]
+    dist.all_gather(all_seeds, seeds)
+    dist.all_gather(all_scores, scores)
+    found = torch.cat(all_scores) >= 0
+    rows, values = torch.cat(all_seeds)[found], torch.cat(all_scores)[found]
+    best = torch.argsort(values, descending=True, stable=True)[:k]
+    zeros = NMFStatistics.zeros(k, c, device=comm)
+    return NMFStatistics(
+        wtw=zeros.wtw,
+        wtv=zeros.wtv,
+        sq=zeros.sq,
+        weight_sums=zeros.weight_sums,
+        n_samples=0,
+        seeds=rows[best],
+        seed_scores=values[best],
+    )
+
+
+def _start_from_held(solver: NMF, held: HeldChunks, src: int, n_components: int) -> None:
+    """Rank ``src`` fits its held rows in memory for ``H0``; every rank then replays its chunks.
+
+    As :meth:`NMF.partial_fit` does once it holds enough: each step's chunks
+    (summed over the ranks) get their weights for the concepts of their turn.
+    """
+    rank = torch.distributed.get_rank()
+    mine = held.rows()
+    if rank == src and mine is not None:
+        solver.initialise_stream(mine)
+    device = mine.device if mine is not None else _comm_device()
+    _share_start(solver, src, rank, device, n_components)
+    k, c = n_components, int(solver.n_features_in_)
+    for step in range(len(held.steps)):
+        stats = held.statistics(solver, step)
+        _reduce_update(solver, stats if stats is not None else NMFStatistics.zeros(k, c), k)
+
+
 def fit_torch_distributed(solver: NMF, rows: Iterable[Tensor], *, n_components: int) -> NMF:
     """Fit ``solver`` on every rank's rows, all-reducing the statistics each step.
 
     Must be called by every rank of the default process group (collective).
+    The stream starts as :meth:`NMF.partial_fit` does: every rank holds its
+    first chunks' non-zero rows until one rank holds enough to start from
+    (:meth:`NMF.stream_readiness`, at least ``max(100, 10 K)`` rows spanning K
+    directions), so that blank or tiny first batches do not fix the concepts.
+    Then the lowest such rank fits its held rows in memory, broadcasts
+    ``H0``, and all ranks replay their held chunks step by step. When the
+    data ends first, the rank holding the most non-zero rows starts. A
+    concept that dies is re-seeded from the rows of largest residual of all
+    ranks.
 
     Args:
         solver (NMF): a fresh estimator with the same settings on every rank.
@@ -101,39 +173,76 @@ def fit_torch_distributed(solver: NMF, rows: Iterable[Tensor], *, n_components: 
         *NMF*: ``solver``, fitted; identical on every rank.
 
     Raises:
-        ValueError: no rank had any rows.
+        ValueError: no rank had any rows, or no rank had K rows with a non-zero entry.
     """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = _comm_device()
     chunks = iter(rows)
+    held = HeldChunks()
     started = False
     while True:
         v = next(chunks, None)
-        has = v is not None
-        # One collective for both: is anyone left, and the lowest rank with rows (MAX of -rank).
+        ready = False
+        if not started and v is not None:
+            candidate = held.rows(then=v)
+            ready = candidate is not None and solver.stream_readiness(candidate) == "ready"
+        # One collective for both: is anyone left, and the lowest ready rank (MAX of -rank).
         flags = torch.tensor(
-            [float(has), -float(rank if has else world)], dtype=torch.float64, device=comm
+            [float(v is not None), -float(rank if ready else world)],
+            dtype=torch.float64,
+            device=comm,
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if float(flags[0]) == 0.0:
             break
-        if not started:
-            src = int(-float(flags[1]))
-            if rank == src and v is not None:
-                solver.initialise_stream(v)
-            _share_start(solver, src, rank, v.device if v is not None else comm, n_components)
-            started = True
-        k, c = n_components, int(solver.n_features_in_)
-        stats = solver.statistics(v) if v is not None else NMFStatistics.zeros(k, c)
-        flat = stats.flatten().to(comm)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        total = NMFStatistics.unflatten(flat, k, c)
-        if total.n_samples > 0:
-            solver.update(total)
+        if started:
+            k, c = n_components, int(solver.n_features_in_)
+            stats = solver.statistics(v) if v is not None else NMFStatistics.zeros(k, c)
+            _reduce_update(solver, stats, k)
+            continue
+        held.add(v)
+        src = int(-float(flags[1]))
+        if src < world:
+            _start_from_held(solver, held, src, n_components)
+            held, started = HeldChunks(), True
     if not started:
+        _start_at_the_end(solver, held, n_components)
+    return solver
+
+
+def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int) -> None:
+    """No rank held enough to start as ``partial_fit`` does: the rank holding most rows starts.
+
+    Raises:
+        ValueError: no rank holds enough non-zero rows for :meth:`NMF.initialise_stream`.
+    """
+    dist = torch.distributed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = held.rows()
+    count = 0 if mine is None else int(mine.shape[0])
+    possible = mine is not None and solver.stream_readiness(mine) != "too few"
+    # the most non-zero rows wins, the lowest rank on a tie: count * world + (world - 1 - rank)
+    code = torch.tensor(
+        [float(count if possible else -1) * world + (world - 1 - rank)],
+        dtype=torch.float64,
+        device=_comm_device(),
+    )
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    best = int(code[0])
+    if best < 0:  # every rank raises the same error
+        seen = torch.tensor(
+            [float(held.n_rows)],
+            dtype=torch.float64,
+            device=_comm_device(),
+        )
+        dist.all_reduce(seen, op=dist.ReduceOp.SUM)
         raise ValueError(
             "Cannot fit on 0 samples: no rank received a non-empty batch; give every rank "
             "its shard of the data."
+            if float(seen[0]) == 0.0
+            else f"Cannot fit: no rank received {n_components} rows with a non-zero entry "
+            f"({int(seen[0])} rows in all; the layer's activations were 0 almost everywhere: "
+            "blank tiles?); pass tiles with content."
         )
-    return solver
+    _start_from_held(solver, held, world - 1 - best % world, n_components)
