@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2gray
 
@@ -322,3 +323,69 @@ def test_huge_sparse_tiff_has_no_tissue_within_seconds(tmp_path: Path) -> None:
         with pytest.raises(NoTissueError, match=r"huge\.tif \(tissue share 0\.00%\)"):
             explain_slide(attr, path, progress=False)
     assert time.monotonic() - start < 60  # the issue's bound on 2 cores (about 4 s here)
+
+
+# ------------------------------------------- review of 2026-12-07 (fourth session)
+@pytest.mark.parametrize("rgb", [(1, 0, 2), (3, 1, 4), (14, 6, 18), (40, 25, 50), (45, 30, 55)])
+def test_near_black_padding_and_tinted_black_ink_are_not_tissue(
+    tmp_path: Path, rgb: tuple[int, int, int]
+) -> None:
+    """Near black, one count between channels gave saturation up to 1: (1, 0, 2) was tissue."""
+    image = np.full((1024, 2048, 3), 235, np.uint8)
+    image[256:768, 256:768] = he_image("hgsc_nest.jpg")[:512, :512]
+    image[:, 1536:] = rgb  # a scanner's padding band, or a tinted black marker
+    with Slide(write_pyramid(image, tmp_path / "pad.svs", mpp=0.5)) as slide:
+        mask = detect_tissue(slide)
+    full = _full_resolution(mask, image.shape[:2])
+    assert full[:, 1600:].mean() == 0.0
+    assert full[300:700, 300:700].mean() > 0.99  # the tissue beside it is kept
+
+
+@pytest.mark.parametrize("side", [96, 224, 400])
+def test_small_images_keep_their_glass_and_their_tissue(tmp_path: Path, side: int) -> None:
+    """Before: a 96 px glass image was all tissue (its glass "filled" as a hole), and the
+    tissue half of a 224 px image was removed as a speck (0 % tissue)."""
+    glass = np.full((side, side, 3), 238, np.uint8)
+    Image.fromarray(glass).save(tmp_path / "blank.png")
+    half = glass.copy()
+    half[:, : side // 2] = he_image("hgsc_nest.jpg")[:side, : side // 2]
+    Image.fromarray(half).save(tmp_path / "half.png")
+    with Slide(tmp_path / "blank.png", mpp=0.5) as slide:
+        assert detect_tissue(slide).tissue_share == 0.0
+    with Slide(tmp_path / "half.png", mpp=0.5) as slide:
+        full = _full_resolution(detect_tissue(slide), (side, side))
+    assert full[:, side // 2 + 8 :].mean() == 0.0
+    assert full[:, : side // 2 - 8].mean() > 0.95
+
+
+def test_a_transposed_mask_is_refused_naming_the_fix() -> None:
+    mask = np.zeros((370, 277), bool)  # rows along the 2,967 px height, as the CMU slide's
+    assert TissueMask.from_array(mask, (2220, 2967)).downsample == (2220 / 277, 2967 / 370)
+    with pytest.raises(ValueError, match=r"shape \(277, 370\).*stretched by 6 x 10\.71.*mask\.T"):
+        TissueMask.from_array(mask.T, (2220, 2967))
+    assert TissueMask.from_array(mask[:, :1], (2220, 2967)).downsample == (2220, 2967 / 370)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_size": 0}, r"max_size must be an int >= 64 \(thumbnail pixels\), got 0"),
+        ({"min_threshold": float("nan")}, "min_threshold must be in"),
+        ({"min_threshold": 1.5}, r"min_threshold must be in \[0, 1\], got 1.5"),
+        ({"closing_um": -16}, "closing_um must be a finite number >= 0 or None, got -16"),
+        ({"min_object_um2": float("inf")}, "min_object_um2 must be a finite number >= 0, got inf"),
+    ],
+)
+def test_bad_detection_arguments_are_named(kwargs: dict[str, object], match: str) -> None:
+    with (
+        Slide(data_path("hgsc_nest.jpg"), mpp=0.5) as slide,
+        pytest.raises(ValueError, match=match),
+    ):
+        detect_tissue(slide, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mpp", [0, -0.5, float("nan")])
+def test_write_pyramid_refuses_a_bad_mpp(tmp_path: Path, mpp: float) -> None:
+    """mpp=0 was a ZeroDivisionError; -0.5 and NaN were written, and the slide had no mpp."""
+    with pytest.raises(ValueError, match="mpp must be a positive number of microns per pixel"):
+        write_pyramid(np.zeros((32, 32, 3), np.uint8), tmp_path / "x.svs", mpp=mpp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,13 +62,23 @@ def write_pyramid(
         *Path*: the file written.
 
     Raises:
-        ValueError: ``image`` is not H x W x 3 ``uint8``, or a bad ``tile``,
+        ValueError: ``image`` is not H x W x 3 ``uint8``, or a bad ``mpp``, ``tile``,
                     ``levels`` or ``factor``.
     """
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(
             f"image must be H x W x 3 uint8, got shape {pixels.shape} and dtype {pixels.dtype}."
+        )
+    if (
+        isinstance(mpp, bool)
+        or not isinstance(mpp, numbers.Real)
+        or not math.isfinite(mpp)
+        or mpp <= 0
+    ):
+        raise ValueError(
+            f"mpp must be a positive number of microns per pixel, got {mpp!r}; pass e.g. "
+            "mpp=0.5 for a 20x scan."
         )
     if tile < 16 or tile % 16:
         raise ValueError(f"tile must be a positive multiple of 16, got {tile}.")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
-from skimage import color, filters, morphology
+from skimage import color, filters, measure, morphology
 
 from captum_nmf.wsi.reader import Slide
 
@@ -75,12 +75,28 @@ class TissueMask:
 
         Returns:
             *TissueMask*: with the downsample implied by the two shapes.
+
+        Raises:
+            ValueError: ``mask`` is not 2-D, is empty, or is transposed (its
+                        transpose has the slide's proportions, it has not).
         """
         arr = np.asarray(mask)
         if arr.ndim != 2 or arr.size == 0:
             raise ValueError(f"mask must be a non-empty 2-D array, got shape {arr.shape}.")
         w, h = slide_dimensions
-        return cls(arr.astype(bool), (w / arr.shape[1], h / arr.shape[0]))
+        dx, dy = w / arr.shape[1], h / arr.shape[0]
+        # rows and columns mixed up (mask.T): two scales, where the transpose would have one
+        # (to within the rounding of its shape); masks of other proportions are taken as given
+        tx, ty = w / arr.shape[0], h / arr.shape[1]
+        tolerance = tx / (2 * arr.shape[0]) + ty / (2 * arr.shape[1]) + 1.0
+        if abs(tx - ty) <= tolerance < abs(dx - dy):
+            raise ValueError(
+                f"mask of shape {arr.shape} (rows, columns) has the proportions of the slide "
+                f"({w} x {h} px, width x height) transposed: it would be stretched by "
+                f"{dx:.4g} x {dy:.4g} level-0 px per mask pixel. Pass mask.T: rows along the "
+                "slide's height, columns along its width."
+            )
+        return cls(arr.astype(bool), (dx, dy))
 
     def fractions(self, boxes: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[np.float64]:
         """Share of tissue in each level-0 box, counted on the mask's pixels.
@@ -160,6 +176,16 @@ _PEN_HUE = (0.2, 0.68)
 _PEN_SATURATION = 0.25
 _BLACK_VALUE = 0.3
 _BLACK_SATURATION = 0.4
+_INK_VALUE = 0.22
+_INK_CHROMA = 0.1
+#: Below this HSV value (brightest channel 38 of 255) a pixel's colour cannot be measured:
+#: one count of difference between channels gives it saturation up to 1, so black padding
+#: of (1, 0, 2) would be "coloured". Such pixels are uncoloured, hence never tissue.
+_DARK_VALUE = 0.15
+#: Objects are removed, and background at the thumbnail's border filled, up to
+#: ``min_object_um2`` but never more than this share of the thumbnail: the tissue or the
+#: glass of a small image (a 100 um patch) is not a speck to remove or a hole to fill.
+_MAX_OBJECT_SHARE = 0.05
 _FALLBACK_MPP = 0.5  # slides without mpp: scales as for a 20x scan
 
 
@@ -190,8 +216,32 @@ def pen_marks(pixels: NDArray[np.uint8]) -> NDArray[np.bool_]:
 def _pen(hsv: NDArray[np.floating]) -> NDArray[np.bool_]:
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     coloured = (hue >= _PEN_HUE[0]) & (hue < _PEN_HUE[1]) & (sat >= _PEN_SATURATION)
+    # black: dark and not strongly coloured; darker still, little chroma (max - min of the
+    # channels, = saturation x value) is enough: near black, saturation is noise, and tinted
+    # black ink such as (45, 30, 55) has saturation 0.45 with a chroma of 25 counts
     black = (val < _BLACK_VALUE) & (sat < _BLACK_SATURATION)
+    black |= (val < _INK_VALUE) & (sat * val < _INK_CHROMA)
     out: NDArray[np.bool_] = coloured | black
+    return out
+
+
+def _fill_holes(mask: NDArray[np.bool_], area: int, edge_area: int) -> NDArray[np.bool_]:
+    """``mask`` with its holes filled: background of fewer than ``area`` pixels.
+
+    Background that touches the thumbnail's border may be the glass around
+    the tissue rather than a hole in it: it is filled only when it is also
+    smaller than ``edge_area`` (a small share of the thumbnail), so that the
+    glass of a small image is never "filled" into tissue.
+    """
+    background = measure.label(~mask, connectivity=1)  # type: ignore[no-untyped-call]
+    sizes = np.bincount(background.ravel())
+    edge = np.unique(
+        np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    )
+    fill = sizes < area
+    fill[edge] &= sizes[edge] < edge_area
+    fill[0] = False  # label 0: the tissue itself
+    out: NDArray[np.bool_] = mask | fill[background]
     return out
 
 
@@ -289,9 +339,11 @@ def detect_tissue(
         and saturation thresholds used.
 
     Raises:
-        ValueError: the slide is closed; ``threshold``, ``saturation_threshold``
-                    or a bound is outside [0, 1]; bounds out of order; a
-                    non-positive ``mask_mpp``; an unknown ``on_tile_error``.
+        ValueError: the slide is closed; ``threshold``, ``saturation_threshold``,
+                    ``min_threshold`` or a bound is outside [0, 1]; bounds out
+                    of order; a non-positive ``mask_mpp``; ``max_size`` < 64;
+                    a negative or non-finite ``closing_um`` or
+                    ``min_object_um2``; an unknown ``on_tile_error``.
         SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
 
     Examples::
@@ -315,6 +367,19 @@ def detect_tissue(
         raise ValueError(f"saturation_bounds must be (lower, upper), got {saturation_bounds!r}.")
     if not isinstance(mask_mpp, numbers.Real) or not mask_mpp > 0:
         raise ValueError(f"mask_mpp must be positive, got {mask_mpp!r}.")
+    if isinstance(max_size, bool) or not isinstance(max_size, numbers.Integral) or max_size < 64:
+        raise ValueError(f"max_size must be an int >= 64 (thumbnail pixels), got {max_size!r}.")
+    min_threshold = _check_fraction("min_threshold", min_threshold)
+    if closing_um is not None and not (
+        isinstance(closing_um, numbers.Real) and math.isfinite(closing_um) and closing_um >= 0
+    ):
+        raise ValueError(f"closing_um must be a finite number >= 0 or None, got {closing_um!r}.")
+    if not (
+        isinstance(min_object_um2, numbers.Real)
+        and math.isfinite(min_object_um2)
+        and min_object_um2 >= 0
+    ):
+        raise ValueError(f"min_object_um2 must be a finite number >= 0, got {min_object_um2!r}.")
     mpp = _FALLBACK_MPP if slide.mpp is None else slide.mpp
     longer_um = max(slide.dimensions) * mpp  # enough pixels for mask_mpp, at most max_size
     size = max(64, min(max_size, round(longer_um / mask_mpp)))
@@ -323,7 +388,7 @@ def detect_tissue(
     rgb = pixels.astype(np.float64) / 255.0
     grey = color.rgb2gray(rgb)
     hsv = color.rgb2hsv(rgb)
-    sat = hsv[..., 1]
+    sat = np.where(hsv[..., 2] < _DARK_VALUE, 0.0, hsv[..., 1])  # near black: no colour
     if threshold is None:
         otsu = _otsu(grey)
         threshold = max(1.0 if otsu is None else otsu, min_threshold)
@@ -336,13 +401,14 @@ def detect_tissue(
     if closing_um is not None:
         mask = morphology.closing(mask, morphology.disk(radius))
     area = max(1, round(min_object_um2 / px_um**2))
-    mask = _remove_small(mask, area)
-    mask = ~_remove_small(~mask, area)
+    small = max(1, min(area, round(_MAX_OBJECT_SHARE * mask.size)))  # a small image's share
+    mask = _remove_small(mask, small)
+    mask = _fill_holes(mask, area, small)
     if exclude_pen:
         pen = _remove_small(_pen(hsv), area)  # strokes, not specks of ink or dark nuclei
         if pen.any():
             pen = morphology.dilation(pen, morphology.disk(max(1, radius // 2)))
-            mask = _remove_small(mask & ~pen, area)
+            mask = _remove_small(mask & ~pen, small)
     if thumb.unreadable:  # every mask pixel that touches an unreadable region is no tissue
         mask = mask.copy()
         dx, dy = downsample
