@@ -1186,3 +1186,78 @@ def test_a_changed_transform_is_named_and_a_class_can_state_what_decides_its_res
     reference = _explain(pool_attr, he_slide, transform=_Counting())
     assert np.array_equal(got.concept_maps, reference.concept_maps)
     assert got.config["transform"].endswith("_Counting: scale 0.5")
+
+
+# ---------------------------------- review of 2026-12-07 (fourth session): claims that fail
+@pytest.mark.parametrize("flags", [{"resume": True}, {"overwrite": True}])
+def test_a_claim_interrupted_before_it_decides_keeps_the_existing_run(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: dict[str, bool],
+) -> None:
+    """A Ctrl-C while the claim removed a killed overwrite's folder deleted every chunk."""
+    out = tmp_path / "run"
+    _interrupted(pool_attr, he_slide, out)
+    before = _tree(out)
+
+    def interrupted(self: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(store_module.RunStore, "_clean_stale_siblings", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _explain(pool_attr, he_slide, out_dir=out, **flags)
+    assert _tree(out) == before  # chunks, manifest and marker as they were
+    resumed = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    fresh = _explain(pool_attr, he_slide, out_dir=tmp_path / "fresh")
+    assert np.array_equal(resumed.concept_maps, fresh.concept_maps)
+
+
+def test_overwrite_of_the_current_folder_replaces_the_run(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``out_dir="."`` (``--out .``): "'.' has an empty name" deleted the unfinished run."""
+    out = tmp_path / "run"
+    _interrupted(pool_attr, he_slide, out)
+    monkeypatch.chdir(out)
+    got = _explain(pool_attr, he_slide, out_dir=".", overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert np.array_equal(SlideExplanation.load(out).concept_maps, got.concept_maps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no working folder left
+
+
+def test_overwrite_across_filesystems_is_refused_before_any_work(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mount point (``-v host:/out``): the swap's rename failed after the whole computation,
+    and the old run was left marked ``replacing``, refused by ``resume`` for good."""
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    before = _tree(out)
+    real_stat = Path.stat
+
+    def fake_stat(self: Path, **kwargs: object) -> os.stat_result:
+        got = real_stat(self, **kwargs)  # type: ignore[arg-type]
+        if self.name.startswith(".run.new-"):  # the working folder: another device
+            values = list(got)
+            values[stat.ST_DEV] += 1
+            return os.stat_result(values)
+        return got
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Path, "stat", fake_stat)
+        mp.setattr(store_module.RunStore, "_clean_stale_siblings", lambda self: None)
+        with pytest.raises(OSError, match="on another filesystem than its parent") as info:
+            _explain(pool_attr, he_slide, out_dir=out, overwrite=True)
+        assert info.value.errno == errno.EXDEV
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -334,6 +334,10 @@ def _remove_chunk_dir(folder: Path) -> None:
         chunks.rmdir()
 
 
+#: Folder states without a run of ours (:func:`inspect_folder`): a failed start may clean them.
+_NO_RUN = ("absent", "empty", "debris")
+
+
 class RunStore:
     """The files of one run folder: marker, manifest (with file digests), chunks.
 
@@ -347,6 +351,7 @@ class RunStore:
         self.manifest: dict[str, Any] = {}
         self.created: list[Path] = []  # folders this run created
         self.started = False  # a fresh run's first manifest is written
+        self.existing = False  # the target held a run before this call: never removed by it
 
     # ------------------------------------------------------------------ claim
     @classmethod
@@ -368,6 +373,7 @@ class RunStore:
         """
         if resume and overwrite:
             raise ValueError("pass resume=True or overwrite=True, not both.")
+        target = Path(target).absolute()  # "." has no name to put a sibling beside
         state = inspect_folder(target)
         if state.kind == "foreign":
             shown = ", ".join(state.foreign[:6]) + (", ..." if len(state.foreign) > 6 else "")
@@ -385,6 +391,7 @@ class RunStore:
                     target.rmdir()
             raise
         store = cls(target, target, lock)
+        store.existing = state.kind not in _NO_RUN
         if created_dir:
             store.created.append(target)
         try:
@@ -396,9 +403,10 @@ class RunStore:
     def _claim(self, *, resume: bool, overwrite: bool) -> tuple[RunStore, dict[str, Any] | None]:
         """Decide, holding the lock, how this run uses the target (looked at again)."""
         target = self.target
-        self._clean_stale_siblings()  # killed overwrites' folders: we hold the target's lock
         state = inspect_folder(target)
-        if state.kind in ("absent", "empty", "debris"):
+        self.existing = self.existing or state.kind not in _NO_RUN  # before anything can fail
+        self._clean_stale_siblings()  # killed overwrites' folders: we hold the target's lock
+        if state.kind in _NO_RUN:
             self._clean_debris(target)
             return self, None
         if state.kind == "foreign":  # pragma: no cover - appeared between the two looks
@@ -409,6 +417,15 @@ class RunStore:
             self.work_dir = target.with_name(f".{target.name}.new-{run_id[:12]}")
             self.work_dir.mkdir()
             self.created.append(self.work_dir)
+            if self.work_dir.stat().st_dev != target.stat().st_dev:  # no rename across them
+                raise OSError(
+                    errno.EXDEV,
+                    f"overwrite=True builds the new run beside out_dir {target} and swaps it "
+                    "in when it completes, but out_dir is on another filesystem than its parent "
+                    "(a mount point, or a link to another disk), where files cannot be renamed "
+                    "into it. Nothing was changed; write the new run to a new folder on that "
+                    "filesystem, or remove the old run's files first.",
+                )
             return self, None
         self.started = True  # an existing run: never removed by a failure of this one
         if not resume:
@@ -618,7 +635,7 @@ class RunStore:
                 if self.work_dir.is_dir():
                     self._remove_run_files(self.work_dir, foreign_ok=True)
                 self.work_dir = self.target
-            elif not self.started:
+            elif not self.started and not self.existing:
                 self._clean_debris(self.target)
                 _remove(self.target / MANIFEST_FILE)
                 if self.target in self.created:
