@@ -1261,3 +1261,37 @@ def test_overwrite_across_filesystems_is_refused_before_any_work(
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def _swap_hw(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(2, 3)
+
+
+def test_a_resume_with_another_forward_func_reshape_or_bound_layer_is_refused(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    """Each was resumed silently, mixing two computations in one slide's maps: Captum's
+    ``lambda x: net(x).softmax(1)`` (372 of 961 tiles' outputs not probabilities), a fixed
+    ``reshape_transform`` (4,910 of 16,384 cells differing), concepts first bound to the
+    wrong layer with ``strict=False``."""
+    saved = tmp_path / "concepts.safetensors"
+    pool_attr.save(saved)
+    net = pool_attr.forward_func
+    assert isinstance(net, PoolNet)
+    cases = [
+        NMFConceptAttribution.load(saved, lambda x: net(x).softmax(1), net.relu),
+        NMFConceptAttribution.load(saved, net, net.relu, reshape_transform=_swap_hw),
+    ]
+    for i, other in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        _interrupted(pool_attr, he_slide, out)
+        before = _tree(out)
+        what = ("forward_func" if i == 0 else "reshape_transform") + ": recorded"
+        with pytest.raises(RunStateError, match=f"different configuration \\({what}"):
+            _explain(other, he_slide, out_dir=out, resume=True)
+        assert _tree(out) == before
+    config = _explain(pool_attr, he_slide, out_dir=tmp_path / "fresh").config
+    assert config["bound_layer"] == "relu"
+    assert config["forward_func"] == "tests.helpers.wsi_models.PoolNet"
+    assert config["reshape_transform"] is None
+    assert config["attribute_to_layer_input"] is False

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import check_device_options
@@ -145,6 +145,13 @@ def run_config(
     config: dict[str, Any] = {
         "library_version": __version__,
         "layer": attr.layer_name_,
+        # what computes the features: the layer the concepts are bound to (layer_name_ is the
+        # name saved with them, kept by load(strict=False)), its input or output, the function
+        # around the model (its weights are in the hash) and the reshape of the layer's output
+        "bound_layer": attr._layer_name,
+        "attribute_to_layer_input": bool(attr.attribute_to_layer_input_),
+        "forward_func": _forward_description(attr.forward_func),
+        "reshape_transform": describe(attr.reshape_transform),
         "n_concepts": int(attr.concepts_.shape[0]),
         "negative": attr.negative,
         "tile_size": grid.tile_size,
@@ -178,6 +185,13 @@ def run_config(
         config["batch_size"] = None  # one region per forward
         config["n_tiles"] = len(regions_list)
     return config
+
+
+def _forward_description(forward_func: Any) -> str | None:
+    """A module by its class (its weights are fingerprinted); a function by :func:`describe`."""
+    if isinstance(forward_func, nn.Module):
+        return f"{type(forward_func).__module__}.{type(forward_func).__qualname__}"
+    return describe(forward_func)
 
 
 def mask_digest(mask: TissueMask | None) -> str | None:
