@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -352,3 +353,63 @@ def test_json_of_saved_solver_settings_is_plain(tmp_path: Path) -> None:
         solver = json.loads(handle.metadata()["solver"])
     assert solver["random_state"] == 3
     assert isinstance(solver["max_iter"], int)
+
+
+# ------------------------------- review of 2026-12-07 (fourth session): foreign forwards
+class _Crossed(nn.Module):
+    """After its own ReLU call, another thread runs the same ReLU on other values (Captum's
+    ``LayerGradCam`` in a viewer thread, which does not take our lock), before the forward
+    returns: the hook saw both calls and kept the last, the other thread's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.other = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.conv(x))
+        if self.other:
+            thread = threading.Thread(target=lambda: self.relu(torch.rand_like(y) + 5.0))
+            thread.start()
+            thread.join()
+        return y.mean(dim=(2, 3))
+
+
+def test_another_threads_forward_of_the_layer_is_not_captured() -> None:
+    torch.manual_seed(0)
+    model = _Crossed().eval()
+    x = torch.rand(4, 3, 6, 6)
+    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
+        x, progress=False
+    )
+    alone = attr.attribute(x)
+    model.other = True
+    assert torch.equal(attr.attribute(x), alone)
+    assert torch.equal(attr.features(x), NMFConceptAttribution(model, model.relu).features(x))
+
+
+def test_a_capture_nested_in_the_forward_keeps_its_own_call() -> None:
+    """A user's hook that calls attribute on a reference batch: the outer call got its maps."""
+    torch.manual_seed(0)
+    model = _Crossed().eval()
+    x, reference = torch.rand(4, 3, 6, 6), torch.rand(4, 3, 6, 6)
+    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
+        x, progress=False
+    )
+    alone, inner_alone = attr.attribute(x), attr.attribute(reference)
+    inner: list[torch.Tensor] = []
+    busy: list[bool] = []
+
+    def monitor(*_: object) -> None:
+        if not busy:  # once, not from the nested forward itself
+            busy.append(True)
+            inner.append(attr.attribute(reference))
+
+    handle = model.conv.register_forward_hook(monitor)
+    try:
+        outer = attr.attribute(x)
+    finally:
+        handle.remove()
+    assert torch.equal(inner[0], inner_alone)
+    assert torch.equal(outer, alone)

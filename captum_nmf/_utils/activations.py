@@ -263,8 +263,10 @@ _UNTOUCHED: weakref.WeakKeyDictionary[nn.Module, dict[bool, bool]] = weakref.Wea
 class _Saved:
     """What the hook saw, per device, and the version of every tensor it kept by reference."""
 
-    def __init__(self, clone: bool) -> None:
+    def __init__(self, clone: bool, layer: nn.Module) -> None:
         self.clone = clone
+        self.layer = layer
+        self.owner = threading.get_ident()  # the thread whose forward this capture runs
         self.values: dict[torch.device, Any] = {}
         self.calls: dict[torch.device, list[str]] = {}  # the shapes of each call, per device
         self.watched: list[tuple[Tensor, int]] = []
@@ -304,6 +306,14 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
     """
 
     def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
+        if _module is saved.layer and (
+            threading.get_ident() != saved.owner or _innermost(saved.layer) is not saved
+        ):
+            # another thread's forward of the model (Captum's LayerGradCam beside us: it does
+            # not take our lock), or a capture of the same layer nested in this forward (a
+            # hook of the user's calling attribute): theirs, not ours. A DataParallel replica
+            # is another module object, run from its own thread: kept.
+            return
         value = layer_in if attribute_to_layer_input else layer_out
         if isinstance(value, dict):  # e.g. IntermediateLayerGetter's {"out": ...}
             keys, items = list(value), tuple(value.values())
@@ -338,19 +348,32 @@ def _forward_once(
     clone: bool,
 ) -> tuple[_Saved, Any]:
     """One forward in eval mode with the hook registered for it and removed in ``finally``."""
-    saved = _Saved(clone)
+    saved = _Saved(clone, layer)
     hook = _hook(saved, attribute_to_layer_input)
+    stack = _CAPTURES.__dict__.setdefault("stack", [])
     handle = (
         layer.register_forward_pre_hook(hook)
         if attribute_to_layer_input
         else layer.register_forward_hook(hook)
     )
+    stack.append(saved)
     try:
         with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
             output = forward_func(*args)
     finally:
+        stack.remove(saved)
         handle.remove()
     return saved, output
+
+
+#: This thread's captures in progress, innermost last (a capture nested in a forward).
+_CAPTURES = threading.local()
+
+
+def _innermost(layer: nn.Module) -> _Saved | None:
+    """This thread's innermost capture in progress of ``layer``, or None."""
+    stack: list[_Saved] = _CAPTURES.__dict__.get("stack", [])
+    return next((c for c in reversed(stack) if c.layer is layer), None)
 
 
 def _gather(saved: dict[torch.device, Any], device_ids: list[int] | None, label: str) -> Any:
