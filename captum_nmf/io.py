@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Generator, Mapping, Sequence
@@ -162,19 +163,14 @@ def atomic_write_all(
     binary = mode == "wb"
     # a link is followed (as sed --follow-symlinks): its target is replaced, the link stays
     targets = [Path(os.path.realpath(p)) if Path(p).is_symlink() else Path(p) for p in paths]
-    tmps = [t.with_name(f".{t.name}.{os.getpid()}.tmp") for t in targets]
+    tmps: list[Path] = []
     try:
         with contextlib.ExitStack() as stack:
-            handles = [
-                stack.enter_context(
-                    tmp.open(
-                        mode,
-                        encoding=None if binary else encoding,
-                        newline=None if binary else newline,
-                    )
-                )
-                for tmp in tmps
-            ]
+            handles = []
+            for target in targets:
+                tmp, fh = _exclusive_temporary(target, binary, encoding, newline)
+                tmps.append(tmp)
+                handles.append(stack.enter_context(fh))
             yield handles
             for fh in handles:
                 fh.flush()
@@ -185,6 +181,32 @@ def atomic_write_all(
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY_SEQUENCE = itertools.count()  # next() of a count is atomic under the GIL
+
+
+def temporary_path(target: Path) -> Path:
+    """A fresh name for a temporary file beside ``target``: ``.{name}.{pid}-{n}.tmp``.
+
+    The pid and a per-process sequence number keep two threads (or processes)
+    writing one destination from sharing a temporary file.
+    """
+    return target.with_name(f".{target.name}.{os.getpid()}-{next(_TEMPORARY_SEQUENCE)}.tmp")
+
+
+def _exclusive_temporary(
+    target: Path, binary: bool, encoding: str | None, newline: str | None
+) -> tuple[Path, IO[Any]]:
+    """A new temporary file beside ``target``, created exclusively (never one in use)."""
+    while True:
+        tmp = temporary_path(target)
+        try:
+            if binary:
+                return tmp, tmp.open("xb")
+            return tmp, tmp.open("x", encoding=encoding, newline=newline)
+        except FileExistsError:  # left by a killed process of the same pid: another name
+            continue
 
 
 def sha256_bytes(data: bytes) -> str:

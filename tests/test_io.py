@@ -324,3 +324,45 @@ def test_a_write_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(
     assert loaded.concept_names[0] == "stroma"  # the file the link points to was renamed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.safetensors", "models"]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["v3.safetensors"]
+
+
+def test_two_threads_saving_one_file_never_share_a_temporary(tmp_path: Path) -> None:
+    """Both used ``.{name}.{pid}.tmp``: 185 of 400 saves failed naming it, and readers saw
+    torn files. Each save now has a temporary of its own, created exclusively."""
+    import threading
+
+    target = tmp_path / "concepts.safetensors"
+    payloads = {n: {"h": torch.full((64, 256), float(n))} for n in range(2)}
+    errors: list[BaseException] = []
+    seen: list[float] = []
+
+    def save(n: int) -> None:
+        for _ in range(100):
+            try:
+                save_tensors(target, payloads[n], {"writer": str(n)})
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+    def read() -> None:
+        for _ in range(200):
+            if not target.exists():
+                continue
+            try:
+                tensors, meta = load_tensors(target)
+            except BaseException as exc:  # a torn file would land here
+                errors.append(exc)
+                continue
+            if float(tensors["h"].unique()) != float(meta["writer"]):
+                errors.append(AssertionError("a file of one writer's metadata, another's data"))
+            seen.append(float(meta["writer"]))
+
+    save_tensors(target, payloads[0], {"writer": "0"})  # the reader has a file from the start
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(2)]
+    threads.append(threading.Thread(target=read))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert seen  # the reader ran beside the writers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concepts.safetensors"]

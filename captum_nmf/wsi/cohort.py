@@ -58,8 +58,8 @@ __all__ = ["COHORT_FILE", "CohortResult", "SlideRecord", "explain_cohort"]
 
 COHORT_FILE = "cohort.json"
 COHORT_FORMAT = "captum-nmf/cohort-summary"
-# the temporary files of the summary's atomic writes (`.{name}.{pid}.tmp`)
-_SUMMARY_TMP = re.compile(r"\.cohort\.(?:json|csv)\.[0-9]+\.tmp")
+# the temporary files of the summary's atomic writes (`.{name}.{pid}-{n}.tmp`)
+_SUMMARY_TMP = re.compile(r"\.cohort\.(?:json|csv)\.[0-9]+(?:-[0-9]+)?\.tmp")
 _RESERVED = ("out_dir", "resume", "overwrite", "progress")
 
 Status = Literal["done", "skipped", "failed", "pending"]

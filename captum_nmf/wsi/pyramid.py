@@ -14,7 +14,7 @@ import tifffile
 from numpy.typing import NDArray
 from PIL import Image
 
-from captum_nmf.io import default_file_mode
+from captum_nmf.io import default_file_mode, temporary_path
 
 __all__ = ["write_pyramid", "write_tiled_levels"]
 
@@ -131,7 +131,7 @@ def write_tiled_levels(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(target)
     codec = None if compression == "none" else compression
     try:
         with tifffile.TiffWriter(tmp, bigtiff=math.prod(levels[0][1]) > 2**31) as tif:

@@ -29,7 +29,7 @@ Rules that keep users' data safe:
 * A folder holding only our marker and the debris of a failed start (a lock
   file, our temporary files, an empty ``chunks/``) is cleaned and reused. A
   temporary file is ours only by the name of a file we write
-  (``.manifest.json.<pid>.tmp``, ``chunks/.chunk_00003.safetensors.<pid>.tmp``);
+  (``.manifest.json.<pid>-<n>.tmp``, ``chunks/.chunk_00003.safetensors.<pid>-<n>.tmp``);
   a user's ``.notes.1.tmp`` is foreign.
 * A run is marked complete (the manifest, without its chunks) before the chunk
   files are removed: a kill in between leaves a complete run and leftover
@@ -79,13 +79,13 @@ MARKER_KEY = "captum-nmf/slide-run-folder"
 RUN_FORMAT = "captum-nmf/slide-run"
 RUN_VERSION = 3  # 3: the manifest's own digest
 DIGEST_KEY = "manifest_sha256"
-# temporary files of atomic writes (`.{name}.{pid}.tmp`) of the files a run writes
+# temporary files of atomic writes (`.{name}.{pid}-{n}.tmp`, before: `.{name}.{pid}.tmp`)
 _TMP_TOP = re.compile(
     r"^\.(?:"
     + "|".join(re.escape(n) for n in (MARKER_FILE, MANIFEST_FILE, *RESULT_FILES))
-    + r")\.\d+\.tmp$"
+    + r")\.\d+(?:-\d+)?\.tmp$"
 )
-_TMP_CHUNK = re.compile(r"^\.(?:chunk|carry)_\d{5}\.safetensors\.\d+\.tmp$")
+_TMP_CHUNK = re.compile(r"^\.(?:chunk|carry)_\d{5}\.safetensors\.\d+(?:-\d+)?\.tmp$")
 _CHUNK = re.compile(r"^(chunk|carry)_\d{5}\.safetensors$")
 _OURS_TOP = {MARKER_FILE, LOCK_FILE, MANIFEST_FILE, *RESULT_FILES}
 
