@@ -188,9 +188,13 @@ def run_config(
 
 
 def _forward_description(forward_func: Any) -> str | None:
-    """A module by its class (its weights are fingerprinted); a function by :func:`describe`."""
+    """A function around the model by :func:`describe`; the model itself by nothing more.
+
+    The model's weights are in the run's hash (as its code is not: a model whose forward
+    was fixed after a failure resumes its run).
+    """
     if isinstance(forward_func, nn.Module):
-        return f"{type(forward_func).__module__}.{type(forward_func).__qualname__}"
+        return "the model"
     return describe(forward_func)
 
 
