@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -329,6 +330,20 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < length <= size - 8 and head[8:9] == b"{"
 
 
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (its JSON header).
+
+    Raises:
+        ValueError: no readable header.
+    """
+    size = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes in a file of {len(data)}")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in (metadata or {}).items()}
+
+
 def load_tensors(
     path: str | os.PathLike[str],
     *,
@@ -358,20 +373,26 @@ def load_tensors(
     kind = "concept model" if format_name == FORMAT_NAME else format_name
     if not source.is_file():
         raise FileNotFoundError(f"{kind[:1].upper()}{kind[1:]} file not found: {source}")
+    if source.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ConceptModelFormatError(
+            f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
+            "Re-save the concepts with NMFConceptAttribution.save(...)."
+        )
+    # one read of the whole file: a file replaced meanwhile by another writer (an atomic
+    # save) is read as one version, never the header of one and the tensors of the next
     with source.open("rb") as fh:
-        head = fh.read(9)
-    if source.suffix.lower() in _PICKLE_SUFFIXES or (
-        not _looks_like_safetensors(head, source.stat().st_size)
-        and (head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO))
+        data = fh.read()
+    head = data[:9]
+    if not _looks_like_safetensors(head, len(data)) and (
+        head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO)
     ):
         raise ConceptModelFormatError(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
             "Re-save the concepts with NMFConceptAttribution.save(...)."
         )
     try:
-        with safe_open(str(source), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        tensors = safetensors_load(data)
+        metadata = _header_metadata(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ConceptModelFormatError(
             f"{source} is not a valid .safetensors {kind} file ({exc})."
