@@ -25,6 +25,7 @@ import contextlib
 import functools
 import itertools
 import math
+import signal
 import threading
 import warnings
 import weakref
@@ -182,6 +183,15 @@ def model_device(forward_func: Callable[..., Any], layer: nn.Module) -> torch.de
     return None
 
 
+#: The eval-mode calls in progress, oldest first: each the flags its modules had before the
+#: oldest call holding them came in, by module id. A module's flag is set back by the last
+#: call out that holds it, so calls on overlapping models in several threads (a model and
+#: its backbone, a DataParallel wrapper and its module: different locks) leave every flag as
+#: they found it. No counters: a call that fails anywhere leaves nothing that outlives it.
+_EVAL_CALLS: list[dict[int, tuple[nn.Module, bool]]] = []
+_EVAL_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Put ``modules`` in eval mode; restore every submodule's ``training`` flag on exit.
@@ -192,18 +202,81 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     EfficientNet-Lite0 or ResNet-50 (measured on a CPU): host time that a fast GPU
     forward would not hide.
     ``eval()`` is still called when a module overrides ``train`` (it may switch
-    modules the tree does not hold).
+    modules the tree does not hold). Calls in several threads on models that share
+    modules restore a shared module's flag when the last of them is done, to what it
+    was before the first came in. A ``KeyboardInterrupt`` (Ctrl-C in the main thread)
+    that arrives while the flags are switched or set back is raised once they are set.
     """
-    saved = [(m, m.training) for root in modules for m in root.modules()]
+    tree = list({id(m): m for root in modules for m in root.modules()}.values())
+    record: dict[int, tuple[nn.Module, bool]] = {}
     flipped = False
-    try:
-        if any(training or _overrides_train(m) for m, training in saved):
-            flipped = True
-            for root in modules:
-                root.eval()
+    try:  # from before the record is made: whatever fails, the record does not outlive us
+        with _uninterrupted(), _EVAL_GUARD:
+            earlier: dict[int, tuple[nn.Module, bool]] = {}
+            for call in _EVAL_CALLS:
+                for key, value in call.items():
+                    earlier.setdefault(key, value)
+            record.update((id(m), earlier.get(id(m), (m, m.training))) for m in tree)
+            _EVAL_CALLS.append(record)
+            if any(m.training or _overrides_train(m) for m in tree):
+                flipped = True
+                for root in modules:
+                    root.eval()
         yield
     finally:  # also what the forward itself flipped
-        _restore_training(modules, saved, flipped)
+        _release(modules, record, flipped)
+
+
+def _release(
+    modules: Sequence[nn.Module], record: dict[int, tuple[nn.Module, bool]], flipped: bool
+) -> None:
+    """End an eval-mode call: drop its record, set back the flags no other call holds.
+
+    Done again if an exception interrupts it (it is idempotent), and the first
+    such exception raised once it is done: SIGINT is held back by
+    :func:`_uninterrupted`, but another signal's handler may raise too.
+    """
+    interrupted: BaseException | None = None
+    for _ in range(3):
+        try:
+            with _uninterrupted(), _EVAL_GUARD:
+                for i, call in enumerate(_EVAL_CALLS):
+                    if call is record:
+                        del _EVAL_CALLS[i]
+                        break
+                held = {key for call in _EVAL_CALLS for key in call}
+                released = [value for key, value in record.items() if key not in held]
+                _restore_training(modules, released, flipped)
+            break
+        except BaseException as exc:  # raised below, once the flags are set
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold a SIGINT that arrives in the block back until its end (main thread only).
+
+    Ctrl-C in a notebook lands anywhere: in the middle of setting a model's
+    flags back it left modules in eval mode. The handler in place (Python's
+    ``KeyboardInterrupt``, or the user's) runs once the block is done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # SIG_IGN, SIG_DFL or not set from Python: as it is
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            previous(*caught[0])
 
 
 def _overrides_train(module: nn.Module) -> bool:
@@ -216,13 +289,15 @@ def _restore_training(
     """Set back the flags that differ: through ``train(flag)`` where a module overrides it.
 
     A module's own ``train`` may do more than set flags (switch modules outside the
-    tree, ``requires_grad``): after ``eval()`` (``flipped``) each root whose tree
+    tree, ``requires_grad``): after ``eval()`` (``flipped``) each root whose whole
+    tree is released (``saved`` holds it: no other call holds any of it) and
     overrides it is called back with its saved flag first, then the flags that
     still differ are set back one by one.
     """
     before = {id(m): t for m, t in saved}
     for root in modules if flipped else ():
-        if any(_overrides_train(m) for m in root.modules()):
+        tree = list(root.modules())
+        if all(id(m) in before for m in tree) and any(_overrides_train(m) for m in tree):
             root.train(before[id(root)])
     for module, training in saved:
         if module.training != training:
