@@ -28,6 +28,7 @@ from captum_nmf.exceptions import (
     CaptumNMFWarning,
     ConceptModelFormatError,
     LayerError,
+    NotFittedError,
 )
 from captum_nmf.io import content_digest
 from captum_nmf.zoo import imagenet_normalize, normalize
@@ -483,3 +484,29 @@ def test_ctrl_c_while_the_flags_are_set_back_leaves_them_set(
         pass
     assert all(m.training for m in model.modules())
     assert acts._EVAL_CALLS == []
+
+
+def test_explaining_while_the_same_object_is_refitted_uses_the_previous_concepts() -> None:
+    """fit removed the concepts when it started: a server thread's attribute got 'not fitted
+    yet, call fit' for the whole refit. They now stay until the new ones are ready."""
+    torch.manual_seed(0)
+    model = _Crossed().eval()
+    x = torch.rand(4, 3, 6, 6)
+    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
+        x, progress=False
+    )
+    before = attr.attribute(x)
+    during: list[torch.Tensor] = []
+
+    def batches() -> Any:
+        for i in range(3):
+            during.append(attr.attribute(x))  # another thread's call, between two batches
+            yield torch.rand(4, 3, 6, 6) + i
+
+    attr.fit(batches(), progress=False)
+    assert all(torch.equal(maps, before) for maps in during)
+    assert not torch.equal(attr.attribute(x), before)
+    with pytest.raises(ValueError, match="0 samples"):
+        attr.fit(iter([]), progress=False)
+    with pytest.raises(NotFittedError):  # a fit that raises leaves the instance unfitted
+        attr.attribute(x)

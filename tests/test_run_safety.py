@@ -1295,3 +1295,29 @@ def test_a_resume_with_another_forward_func_reshape_or_bound_layer_is_refused(
     assert config["forward_func"] == "the model"
     assert config["reshape_transform"] is None
     assert config["attribute_to_layer_input"] is False
+
+
+def test_a_refit_during_a_slide_run_neither_stops_it_nor_mixes_concepts(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    """A notebook refits the object a background run explains with: the run died with
+    ``AttributeError: no attribute 'nmf_'``, or could mix the two fits' concepts."""
+    attr = NMFConceptAttribution.load(
+        pool_attr.save(tmp_path / "c.safetensors"), pool_attr.forward_func, pool_attr.layer
+    )
+    expected = _explain(attr, he_slide).concept_maps
+    other = torch.rand(8, 3, 64, 64)
+    reads: list[int] = []
+
+    def refitting(tile: torch.Tensor) -> torch.Tensor:
+        reads.append(1)
+        if len(reads) == 40:  # mid-run, "another thread" refits the same object
+            attr.random_state = 7
+            attr.fit(other, progress=False)
+        return tile
+
+    got = _explain(attr, he_slide, transform=refitting)
+    assert len(reads) > 40
+    assert not torch.equal(attr.concepts_, pool_attr.concepts_)  # the refit took place
+    np.testing.assert_array_equal(got.concept_maps, expected)  # the run kept its concepts
+    np.testing.assert_array_equal(got.concepts, pool_attr.concepts_.numpy())

@@ -473,38 +473,44 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         acts.check_device_options(
             autocast, channels_last, device_type=device.type if device is not None else "cpu"
         )
-        for name in _FITTED_ATTRIBUTES:  # a fit that raises leaves the instance unfitted
-            self.__dict__.pop(name, None)
-        rows = BatchRows(
-            self,
-            additional_forward_args=additional_forward_args,
-            attribute_to_layer_input=attribute_to_layer_input,
-            max_locations=max_locations,
-            autocast=autocast,
-            channels_last=channels_last,
-            batch_size=_full_batch(inputs, batch_size),
-            batch_inputs=batch_inputs,
-        )
-        options = FitOptions(
-            batch_size=batch_size,
-            n_epochs=n_epochs,
-            seed=_seed(self.random_state),
-            progress=progress,
-            pin_memory=device is not None and device.type == "cuda",
-        )
-        solver = runner.fit(self._new_solver(), rows, inputs, options)
+        # the previous concepts stay in place until the new ones are ready: other threads
+        # explaining with them meanwhile are not stopped; a fit that raises leaves the
+        # instance unfitted
         try:
-            concepts = solver.components
-        except NotFittedError as exc:
-            if getattr(solver, "n_samples_seen_", 0):  # rows came, too few of them non-zero
+            rows = BatchRows(
+                self,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                max_locations=max_locations,
+                autocast=autocast,
+                channels_last=channels_last,
+                batch_size=_full_batch(inputs, batch_size),
+                batch_inputs=batch_inputs,
+            )
+            options = FitOptions(
+                batch_size=batch_size,
+                n_epochs=n_epochs,
+                seed=_seed(self.random_state),
+                progress=progress,
+                pin_memory=device is not None and device.type == "cuda",
+            )
+            solver = runner.fit(self._new_solver(), rows, inputs, options)
+            try:
+                concepts = solver.components
+            except NotFittedError as exc:
+                if getattr(solver, "n_samples_seen_", 0):  # rows came, too few of them non-zero
+                    raise ValueError(
+                        f"Cannot fit NMFConceptAttribution: {exc} The layer's activations were 0 "
+                        "at almost every location (blank tiles?); pass tiles with content."
+                    ) from None
                 raise ValueError(
-                    f"Cannot fit NMFConceptAttribution: {exc} The layer's activations were 0 "
-                    "at almost every location (blank tiles?); pass tiles with content."
+                    "Cannot fit NMFConceptAttribution on 0 samples (received an empty batch or "
+                    "iterator); pass at least one non-empty batch."
                 ) from None
-            raise ValueError(
-                "Cannot fit NMFConceptAttribution on 0 samples (received an empty batch or "
-                "iterator); pass at least one non-empty batch."
-            ) from None
+        except BaseException:
+            for name in _FITTED_ATTRIBUTES:
+                self.__dict__.pop(name, None)
+            raise
         self.nmf_ = solver
         self.concepts_: Tensor = concepts
         self.n_channels_in_ = int(solver.n_features_in_)

@@ -12,6 +12,7 @@ and gives the same bits as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +199,9 @@ def explain_slide(
         TypeError: a non-int size, level or count.
     """
     attr.check_fitted("explain_slide")
+    # the run's own view of the concepts: a refit of attr in another thread meanwhile (a
+    # notebook, a server) neither stops the run nor mixes two sets of concepts in its maps
+    attr = copy.copy(attr)
     check_run_options(
         attr,
         border=border,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch import Tensor
+from torch import Tensor, nn
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution, check_concept_values
 from captum_nmf.exceptions import CaptumNMFWarning, EmptyTileGridWarning, NoTissueError
@@ -295,8 +295,17 @@ def _check_scaling(
     by their sizes.
     """
     h, w = cells
-    known = _SCALING_CHECKED.setdefault(attr, [])
-    key = (side, h, w, options.autocast, options.channels_last, attr.layer)
+    known = _SCALING_CHECKED.setdefault(attr.layer, [])
+    key = (
+        side,
+        h,
+        w,
+        options.autocast,
+        options.channels_last,
+        id(attr.forward_func),  # ids: a reference would keep the layer (the weak key) alive
+        id(attr.reshape_transform),
+        attr.attribute_to_layer_input_,
+    )
     transforms = (options.transform, options.batch_transform)
     if any(k == key and all(a is b for a, b in zip(t, transforms, strict=True)) for k, t in known):
         return  # a cohort checks its geometry once, not per slide
@@ -329,8 +338,8 @@ def _check_scaling(
     known.append((key, transforms))
 
 
-# (geometry, transforms) already found to scale, per concept model, for this process
-_SCALING_CHECKED: weakref.WeakKeyDictionary[NMFConceptAttribution, list[tuple[Any, Any]]] = (
+# (geometry, model, transforms) already found to scale, per layer, for this process
+_SCALING_CHECKED: weakref.WeakKeyDictionary[nn.Module, list[tuple[Any, Any]]] = (
     weakref.WeakKeyDictionary()
 )
 
