@@ -59,6 +59,7 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".joblib", ".ckpt"
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _DIGEST_KEY = "content_sha256"
+_INTEGRITY_KEY = "integrity"  # written since the digest is required: names its key
 
 
 def format_version(format_name: str) -> int:
@@ -311,6 +312,9 @@ def tensor_file_bytes(
         "format": format_name,
         "format_version": str(format_version(format_name)),
         "captum_nmf_version": __version__,
+        # names the digest's key, under the digest: a damaged key name cannot pass for a
+        # file written before digests existed
+        _INTEGRITY_KEY: _DIGEST_KEY,
     }
     data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     header[_DIGEST_KEY] = content_digest(data, header)
@@ -416,6 +420,12 @@ def load_tensors(
             f"(format {known}). Upgrade captum-nmf to read it."
         )
     recorded = metadata.get(_DIGEST_KEY)
+    if recorded is None and _INTEGRITY_KEY in metadata:
+        raise ConceptModelFormatError(
+            f"{source} is corrupt: it was written with a content digest "
+            f"({metadata[_INTEGRITY_KEY]!r}), which is missing from its metadata (a damaged "
+            "key). Restore it from a copy or write it again."
+        )
     if recorded is not None and content_digest(tensors, metadata) != recorded:
         raise ConceptModelFormatError(
             f"{source} is corrupt: its SHA-256 content digest does not match the one recorded "

@@ -240,7 +240,7 @@ def test_file_without_a_digest_still_loads(
     net, attr = fitted
     path = attr.save(tmp_path / "c.safetensors")
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "content_sha256"}
+        meta = {k: v for k, v in f.metadata().items() if k not in ("content_sha256", "integrity")}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     save_file(tensors, str(path), metadata=meta)
     again = NMFConceptAttribution.load(path, net, net.relu)
@@ -366,3 +366,21 @@ def test_two_threads_saving_one_file_never_share_a_temporary(tmp_path: Path) -> 
     assert errors == []
     assert seen  # the reader ran beside the writers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["concepts.safetensors"]
+
+
+def test_a_damaged_digest_key_is_refused(tmp_path: Path) -> None:
+    """One flipped bit in the digest's key name made the file pass for one written before
+    digests existed: its check was skipped (93 of 4,544 single flips accepted)."""
+    path = save_tensors(tmp_path / "c.safetensors", {"h": torch.rand(3, 4)}, {"note": "x"})
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"content_sha256":"') + 2  # the key's 'o', not the integrity value
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConceptModelFormatError, match="written with a content digest"):
+        load_tensors(path)
+    # a file without either key (written before digests) still loads
+    plain = tmp_path / "old.safetensors"
+    save_file(
+        {"h": torch.rand(3, 4)}, str(plain), metadata={"format": FORMAT_NAME, "format_version": "1"}
+    )
+    assert load_tensors(plain)[1]["format_version"] == "1"

@@ -1321,3 +1321,38 @@ def test_a_refit_during_a_slide_run_neither_stops_it_nor_mixes_concepts(
     assert not torch.equal(attr.concepts_, pool_attr.concepts_)  # the refit took place
     np.testing.assert_array_equal(got.concept_maps, expected)  # the run kept its concepts
     np.testing.assert_array_equal(got.concepts, pool_attr.concepts_.numpy())
+
+
+def test_a_working_folder_left_with_only_its_manifest_is_removed(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    """A kill between moving the marker and the manifest out of the working folder left it
+    holding an intact manifest only: "foreign", kept for good by every later run."""
+    out = tmp_path / "run"
+    _explain(pool_attr, he_slide, out_dir=out)
+    stale = tmp_path / ".run.new-0123456789ab"
+    stale.mkdir()
+    (stale / "manifest.json").write_bytes((out / "manifest.json").read_bytes())
+    mine = tmp_path / ".run.new-abcdef012345"  # a look-alike holding a file of the user's
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"name": "my-web-app"}')
+    _explain(pool_attr, he_slide, out_dir=out, resume=True)
+    assert not stale.exists()
+    assert (mine / "manifest.json").read_text() == '{"name": "my-web-app"}'
+
+
+def test_a_damaged_marker_says_so_and_touches_nothing(
+    tmp_path: Path, he_slide: Path, pool_attr: NMFConceptAttribution
+) -> None:
+    """One flipped bit in the marker's key: "holds files that captum-nmf did not write
+    (.captum-nmf-run, chunks, manifest.json) ... use an empty or new directory"."""
+    out = tmp_path / "run"
+    _interrupted(pool_attr, he_slide, out)
+    marker = bytearray((out / MARKER_FILE).read_bytes())
+    marker[marker.index(b"slide-run-folder")] ^= 0x01
+    (out / MARKER_FILE).write_bytes(bytes(marker))
+    before = _tree(out)
+    for flags in ({"resume": True}, {"overwrite": True}, {}):
+        with pytest.raises(RunStateError, match=r"whose marker file \.captum-nmf-run is damaged"):
+            _explain(pool_attr, he_slide, out_dir=out, **flags)
+        assert _tree(out) == before

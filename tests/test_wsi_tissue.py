@@ -16,6 +16,7 @@ from skimage.color import rgb2gray
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import (
+    CaptumNMFWarning,
     EmptyTileGridWarning,
     NoTissueError,
     SlideReadError,
@@ -389,3 +390,42 @@ def test_write_pyramid_refuses_a_bad_mpp(tmp_path: Path, mpp: float) -> None:
     """mpp=0 was a ZeroDivisionError; -0.5 and NaN were written, and the slide had no mpp."""
     with pytest.raises(ValueError, match="mpp must be a positive number of microns per pixel"):
         write_pyramid(np.zeros((32, 32, 3), np.uint8), tmp_path / "x.svs", mpp=mpp)
+
+
+def test_non_square_pixels_are_named(tmp_path: Path) -> None:
+    """mpp-x 0.5 and mpp-y 1: Slide.mpp was 0.5 without a word, and resolve(mpp=1.0)
+    chose tiles of 1 x 2 um pixels."""
+    import tifffile
+
+    image = he_image("hgsc_nest.jpg")[:512, :512]
+    path = tmp_path / "aniso.tif"
+    with tifffile.TiffWriter(path) as tif:  # 20,000 and 10,000 px per cm: 0.5 x 1 um
+        tif.write(
+            image,
+            tile=(256, 256),
+            photometric="rgb",
+            resolution=(20000, 10000),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
+    with Slide(path) as slide, pytest.warns(CaptumNMFWarning, match=r"pixels of 0.5 x 1 um"):
+        assert slide.mpp == pytest.approx(0.5)
+    with Slide(path, mpp=0.5) as slide, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert slide.mpp == 0.5  # stated by the user: no warning
+
+
+def test_a_greyscale_slide_without_tissue_says_how_to_detect_it(tmp_path: Path) -> None:
+    grey = np.asarray(Image.fromarray(he_image("hgsc_nest.jpg")).convert("L"))
+    image = np.full((1200, 1600), 242, np.uint8)
+    image[100:1100, 300:1300] = grey[:1000, :1000]
+    Image.fromarray(image).save(tmp_path / "grey.png")
+    with Slide(tmp_path / "grey.png", mpp=0.5) as slide:
+        with pytest.warns(EmptyTileGridWarning, match=r"looks greyscale.*saturation_threshold=0"):
+            tile_grid(slide, tile_size=256, stride=256)
+        mask = detect_tissue(slide, saturation_threshold=0)
+    full = _full_resolution(mask, image.shape)
+    assert full[150:1050, 350:1250].mean() > 0.9  # by brightness
+    assert full[:, :250].mean() == 0.0
+    with Slide(data_path("hgsc_nest.jpg"), mpp=0.5) as slide:
+        assert not detect_tissue(slide).greyscale

@@ -29,6 +29,7 @@ import hashlib
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 
 from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.exceptions import (
+    CaptumNMFWarning,
     SlideError,
     SlideNotFoundError,
     SlideReadError,
@@ -162,6 +164,7 @@ class Slide:
         ):
             raise ValueError(f"background must be three ints in [0, 255], got {background!r}.")
         self._mpp_override = None if mpp is None else float(mpp)
+        self._warned_pixels = False  # non-square pixels: said once per slide
         self._allow_plain = bool(allow_plain_images)
         self.background = tuple(int(v) for v in background)
         self.read_retries = 0
@@ -300,12 +303,26 @@ class Slide:
         """Microns per level-0 pixel (the override, else ``openslide.mpp-x``), or None."""
         if self._mpp_override is not None:
             return self._mpp_override
-        value = self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X)
-        try:
-            mpp = float(value) if value is not None else None
-        except ValueError:
-            return None
-        return mpp if mpp is not None and math.isfinite(mpp) and mpp > 0 else None
+        properties = self._osr().properties
+        mpp = _positive(properties.get(openslide.PROPERTY_NAME_MPP_X))
+        mpp_y = _positive(properties.get(openslide.PROPERTY_NAME_MPP_Y))
+        if (
+            mpp is not None
+            and mpp_y is not None
+            and abs(mpp_y - mpp) > 0.02 * mpp
+            and not self._warned_pixels
+        ):
+            self._warned_pixels = True
+            warnings.warn(
+                f"{self.path.name} has pixels of {mpp:g} x {mpp_y:g} um (openslide.mpp-x, "
+                "mpp-y): not square. captum-nmf takes mpp-x, so a tile covers "
+                f"{mpp_y / mpp:.3g} times as many microns down as across, and a level "
+                "chosen by mpp matches it across only. Resample the slide to square "
+                "pixels, or pass Slide(path, mpp=...) to state the scale to use.",
+                CaptumNMFWarning,
+                stacklevel=2,
+            )
+        return mpp
 
     def _eight_bit(self, image: Image.Image) -> Image.Image:
         """A plain image with 8-bit channels, as OpenSlide reads pyramids.
@@ -666,3 +683,12 @@ def _reopen_slide(
     path: str, mpp: float | None, allow_plain: bool, background: tuple[int, int, int]
 ) -> Slide:
     return Slide(path, mpp=mpp, allow_plain_images=allow_plain, background=background)
+
+
+def _positive(value: str | None) -> float | None:
+    """A positive, finite number from a slide property, else None."""
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) and number > 0 else None

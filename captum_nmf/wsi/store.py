@@ -137,6 +137,17 @@ def _is_debris(entry: Path) -> bool:
     return False
 
 
+def _swapped_out(folder: Path, state: FolderState) -> bool:
+    """An overwrite's working folder killed in its swap after the marker moved out.
+
+    It holds our intact manifest and nothing else of note (the marker is
+    already in the target), so it looks foreign to :func:`inspect_folder`.
+    """
+    if state.kind != "foreign" or read_manifest(folder / MANIFEST_FILE) is None:
+        return False
+    return all(e.name == MANIFEST_FILE or _is_debris(e) for e in folder.iterdir())
+
+
 @dataclass
 class FolderState:
     """What a would-be run folder holds.
@@ -375,6 +386,16 @@ class RunStore:
             raise ValueError("pass resume=True or overwrite=True, not both.")
         target = Path(target).absolute()  # "." has no name to put a sibling beside
         state = inspect_folder(target)
+        if state.kind == "foreign" and MARKER_FILE in state.foreign:
+            manifest = read_manifest(target / MANIFEST_FILE)
+            if manifest is not None:  # ours, but the marker does not say so any more
+                raise RunStateError(
+                    f"out_dir {target} holds a captum-nmf run (its manifest, run "
+                    f"{str(manifest.get('run_id'))[:12]}, status {manifest.get('status')!r}, is "
+                    f"intact) whose marker file {MARKER_FILE} is damaged, so it cannot be told "
+                    "from another program's folder; nothing there is touched. Move the folder "
+                    "aside (or delete it) to run again, or use another directory."
+                )
         if state.kind == "foreign":
             shown = ", ".join(state.foreign[:6]) + (", ..." if len(state.foreign) > 6 else "")
             raise FileExistsError(
@@ -488,7 +509,8 @@ class RunStore:
             # housekeeping: a file we cannot remove, or one that is not ours (a .DS_Store)
             # keeps the folder, never the run from starting
             with contextlib.suppress(OSError, RunStateError):
-                if inspect_folder(sibling).kind in ("ours", "debris", "empty"):
+                state = inspect_folder(sibling)
+                if state.kind in ("ours", "debris", "empty") or _swapped_out(sibling, state):
                     self._remove_run_files(sibling, foreign_ok=True)
 
     # ---------------------------------------------------------------- writing

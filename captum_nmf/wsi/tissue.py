@@ -40,6 +40,10 @@ class TissueMask:
         saturation_threshold (float, optional): the saturation threshold
                     used, if any.
                     Default: None
+        greyscale (bool, optional): the slide looked colourless (a greyscale
+                    or unstained scan), so detection by colour found nothing
+                    to go on; messages then say how to detect by brightness.
+                    Default: False
 
     Raises:
         ValueError: ``mask`` is not 2-D or is empty, or a downsample is not positive.
@@ -49,6 +53,7 @@ class TissueMask:
     downsample: tuple[float, float]
     threshold: float | None = None
     saturation_threshold: float | None = None
+    greyscale: bool = False
     _integral: NDArray[np.int64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -415,4 +420,16 @@ def detect_tissue(
         for x, y, w, h in thumb.unreadable:
             c0, r0 = math.floor(x / dx), math.floor(y / dy)
             mask[r0 : math.ceil((y + h) / dy), c0 : math.ceil((x + w) / dx)] = False
-    return TissueMask(mask, downsample, float(threshold), float(saturation_threshold))
+    colourless = bool(np.percentile(sat, 99) < _GREYSCALE_SATURATION)
+    return TissueMask(
+        mask, downsample, float(threshold), float(saturation_threshold), greyscale=colourless
+    )
+
+
+#: A thumbnail whose 99th percentile of saturation is below this is colourless (greyscale).
+_GREYSCALE_SATURATION = 0.02
+#: What to do about one, for the messages that find no tissue.
+GREYSCALE_HINT = (
+    " The slide looks greyscale (no colour to detect tissue by): detect it by brightness, "
+    "tissue_mask=detect_tissue(slide, saturation_threshold=0), or pass tissue_mask=None."
+)
