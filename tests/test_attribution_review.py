@@ -378,13 +378,17 @@ class _Crossed(nn.Module):
         return y.mean(dim=(2, 3))
 
 
-def test_another_threads_forward_of_the_layer_is_not_captured() -> None:
+def _crossed_fitted() -> tuple[_Crossed, torch.Tensor, NMFConceptAttribution]:
+    """A seeded ``_Crossed`` model in eval mode, a batch, and two concepts fitted on it."""
     torch.manual_seed(0)
     model = _Crossed().eval()
     x = torch.rand(4, 3, 6, 6)
-    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
-        x, progress=False
-    )
+    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0)
+    return model, x, attr.fit(x, progress=False)
+
+
+def test_another_threads_forward_of_the_layer_is_not_captured() -> None:
+    model, x, attr = _crossed_fitted()
     alone = attr.attribute(x)
     model.other = True
     assert torch.equal(attr.attribute(x), alone)
@@ -393,12 +397,8 @@ def test_another_threads_forward_of_the_layer_is_not_captured() -> None:
 
 def test_a_capture_nested_in_the_forward_keeps_its_own_call() -> None:
     """A user's hook that calls attribute on a reference batch: the outer call got its maps."""
-    torch.manual_seed(0)
-    model = _Crossed().eval()
-    x, reference = torch.rand(4, 3, 6, 6), torch.rand(4, 3, 6, 6)
-    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
-        x, progress=False
-    )
+    model, x, attr = _crossed_fitted()
+    reference = torch.rand(4, 3, 6, 6)
     alone, inner_alone = attr.attribute(x), attr.attribute(reference)
     inner: list[torch.Tensor] = []
     busy: list[bool] = []
@@ -489,12 +489,7 @@ def test_ctrl_c_while_the_flags_are_set_back_leaves_them_set(
 def test_explaining_while_the_same_object_is_refitted_uses_the_previous_concepts() -> None:
     """fit removed the concepts when it started: a server thread's attribute got 'not fitted
     yet, call fit' for the whole refit. They now stay until the new ones are ready."""
-    torch.manual_seed(0)
-    model = _Crossed().eval()
-    x = torch.rand(4, 3, 6, 6)
-    attr = NMFConceptAttribution(model, model.relu, n_concepts=2, random_state=0).fit(
-        x, progress=False
-    )
+    _, x, attr = _crossed_fitted()
     before = attr.attribute(x)
     during: list[torch.Tensor] = []
 
