@@ -397,10 +397,19 @@ def detect_tissue(
     if threshold is None:
         otsu = _otsu(grey)
         threshold = max(1.0 if otsu is None else otsu, min_threshold)
+    automatic = saturation_threshold is None
     if saturation_threshold is None:
         otsu = _otsu(sat)
         saturation_threshold = min(max(low if otsu is None else otsu, low), high)
     mask = (grey < threshold) & (sat >= saturation_threshold)
+    # hysteresis (Otsu's threshold only): pixels coloured above the lower bound join tissue
+    # they touch, so a faint section keeps its pale parts when a well-stained one raised
+    # the threshold (its nuclei seed it); glass, below the lower bound, never joins
+    loose = (grey < threshold) & (sat >= low)
+    if automatic and saturation_threshold > low and mask.any():
+        parts = measure.label(loose, connectivity=2)
+        seeded = np.unique(parts[mask])
+        mask = np.isin(parts, seeded[seeded > 0])
     px_um = mpp * math.sqrt(downsample[0] * downsample[1])
     radius = 1 if closing_um is None else max(1, round(closing_um / px_um))
     if closing_um is not None:
