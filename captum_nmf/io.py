@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -334,18 +333,40 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
     return 0 < length <= size - 8 and head[8:9] == b"{"
 
 
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's bytes (its JSON header).
+def _read_one_version(source: Path, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of ``source``, both of one version of the file.
+
+    safetensors opens the file more than once: a file replaced meanwhile by
+    another writer's atomic save could give one version's header and the next
+    one's tensors. The file's identity (inode, size, modification time) is
+    compared before and after, and the read done again when it changed; it is
+    memory-mapped, not read into memory twice.
 
     Raises:
-        ValueError: no readable header.
+        ConceptModelFormatError: not a readable safetensors file.
     """
-    size = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or size > len(data) - 8:
-        raise ValueError(f"header of {size} bytes in a file of {len(data)}")
-    header = json.loads(data[8 : 8 + size])
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in (metadata or {}).items()}
+    for _ in range(8):
+        before = _identity(source)
+        try:
+            with safe_open(str(source), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            if _identity(source) != before:  # replaced while being read: read the new one
+                continue
+            raise ConceptModelFormatError(
+                f"{source} is not a valid .safetensors {kind} file ({exc})."
+            ) from exc
+        if _identity(source) == before:
+            return tensors, metadata
+    raise ConceptModelFormatError(
+        f"{source} was replaced 8 times while being read; stop the other writer, then read it."
+    )
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def load_tensors(
@@ -382,25 +403,16 @@ def load_tensors(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
             "Re-save the concepts with NMFConceptAttribution.save(...)."
         )
-    # one read of the whole file: a file replaced meanwhile by another writer (an atomic
-    # save) is read as one version, never the header of one and the tensors of the next
     with source.open("rb") as fh:
-        data = fh.read()
-    head = data[:9]
-    if not _looks_like_safetensors(head, len(data)) and (
+        head = fh.read(9)
+    if not _looks_like_safetensors(head, source.stat().st_size) and (
         head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO)
     ):
         raise ConceptModelFormatError(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
             "Re-save the concepts with NMFConceptAttribution.save(...)."
         )
-    try:
-        tensors = safetensors_load(data)
-        metadata = _header_metadata(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ConceptModelFormatError(
-            f"{source} is not a valid .safetensors {kind} file ({exc})."
-        ) from exc
+    tensors, metadata = _read_one_version(source, kind)
     if metadata.get("format") != format_name:
         raise ConceptModelFormatError(
             f"{source} is a safetensors file but not a {format_name} file "

@@ -505,3 +505,22 @@ def test_explaining_while_the_same_object_is_refitted_uses_the_previous_concepts
         attr.fit(iter([]), progress=False)
     with pytest.raises(NotFittedError):  # a fit that raises leaves the instance unfitted
         attr.attribute(x)
+
+
+def test_a_forward_func_that_runs_the_model_in_a_worker_thread_is_captured() -> None:
+    """An executor or timeout wrapper: the layer runs in the pool's thread, which has no
+    capture of its own; the first version of the thread filter dropped its call."""
+    import concurrent.futures
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    x = torch.rand(6, 3, 8, 8)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        attr = NMFConceptAttribution(
+            lambda t: pool.submit(net, t).result(), net[1], n_concepts=3, random_state=0
+        )
+        attr.fit(x, progress=False)  # the forward runs outside this thread's no_grad
+        direct = NMFConceptAttribution(net, net[1], n_concepts=3, random_state=0)
+        direct.fit(x, progress=False)
+        assert torch.equal(attr.concepts_, direct.concepts_)
+        assert torch.equal(attr.attribute(x), direct.attribute(x))

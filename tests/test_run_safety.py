@@ -1356,3 +1356,44 @@ def test_a_damaged_marker_says_so_and_touches_nothing(
         with pytest.raises(RunStateError, match=r"whose marker file \.captum-nmf-run is damaged"):
             _explain(pool_attr, he_slide, out_dir=out, **flags)
         assert _tree(out) == before
+
+
+_ADDED = ("bound_layer", "attribute_to_layer_input", "forward_func", "reshape_transform")
+
+
+def test_runs_recorded_before_the_model_keys_still_resume_and_load(
+    tmp_path: Path,
+    he_slide: Path,
+    pool_attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The keys added to the configuration made every older run, finished ones included,
+    "a different configuration": a restarted cohort failed on every slide."""
+    from captum_nmf.wsi.run import explain as explain_module
+
+    real = explain_module.run_config
+
+    def before(*args: object, **kwargs: object) -> dict[str, object]:
+        config = real(*args, **kwargs)  # type: ignore[arg-type]
+        return {k: v for k, v in config.items() if k not in _ADDED}
+
+    for finished in (True, False):
+        out = tmp_path / f"run{finished}"
+        with monkeypatch.context() as old:
+            old.setattr(explain_module, "run_config", before)
+            if finished:
+                _explain(pool_attr, he_slide, out_dir=out)
+            else:
+                _interrupted(pool_attr, he_slide, out)
+        recorded = json.loads((out / "manifest.json").read_text())["config"]
+        assert not set(_ADDED) & set(recorded)
+        again = _explain(pool_attr, he_slide, out_dir=out, resume=True)
+        np.testing.assert_array_equal(
+            again.concept_maps, _explain(pool_attr, he_slide).concept_maps
+        )
+    net = pool_attr.forward_func
+    other = NMFConceptAttribution.load(
+        pool_attr.save(tmp_path / "c.safetensors"), lambda x: net(x).softmax(1), net.relu
+    )
+    with pytest.raises(RunStateError, match=r"forward_func: not recorded \(an older captum-nmf\)"):
+        _explain(other, he_slide, out_dir=tmp_path / "runTrue", resume=True)

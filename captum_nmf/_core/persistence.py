@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from captum_nmf._core.names import names_from_metadata, names_metadata
 from captum_nmf._core.nmf import NMF
@@ -272,7 +273,7 @@ def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> st
         _tensor_key(concepts),
         tuple((name, _tensor_key(t)) for state in states for name, t in state.items()),
     )
-    previous: tuple[Any, str] | None = attr.__dict__.get("_fingerprint_cache")
+    previous: tuple[Any, str] | None = _FINGERPRINTS.get(concepts)  # type: ignore[no-untyped-call]
     if cached and previous is not None and previous[0] == key:
         return previous[1]
     digest = hashlib.sha256()
@@ -284,8 +285,13 @@ def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> st
     digest.update(f"layer={attr.layer_name_}|".encode())
     digest.update(concepts.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     value = digest.hexdigest()
-    attr.__dict__["_fingerprint_cache"] = (key, value)
+    _FINGERPRINTS[concepts] = (key, value)
     return value
+
+
+#: The last fingerprint of each concepts tensor, with what it covered: kept by the tensor,
+#: so a copy of the attribution (a slide run's own view of it) shares it with the original.
+_FINGERPRINTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensors compared by identity
 
 
 def _tensor_key(t: Tensor) -> tuple[Any, ...]:

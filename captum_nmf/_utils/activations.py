@@ -345,7 +345,16 @@ class _Saved:
         self.values: dict[torch.device, Any] = {}
         self.calls: dict[torch.device, list[str]] = {}  # the shapes of each call, per device
         self.watched: list[tuple[Tensor, int]] = []
+        # calls of the layer from threads without a capture of it (a forward_func that runs
+        # the model in a worker thread): used when this thread's forward made none
+        self.others: dict[torch.device, Any] = {}
+        self.other_calls: dict[torch.device, list[str]] = {}
         self.guard = threading.Lock()
+
+    def take_others(self) -> None:
+        """Use the other threads' calls when this thread's forward made no call of the layer."""
+        if not self.values and self.others:
+            self.values, self.calls, self.clone = self.others, self.other_calls, True
 
     def repeated(self) -> list[str] | None:
         """The shapes of the layer's calls on a device where it ran with different shapes.
@@ -381,14 +390,18 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
     """
 
     def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
-        if _module is saved.layer and (
-            threading.get_ident() != saved.owner or _innermost(saved.layer) is not saved
-        ):
-            # another thread's forward of the model (Captum's LayerGradCam beside us: it does
-            # not take our lock), or a capture of the same layer nested in this forward (a
-            # hook of the user's calling attribute): theirs, not ours. A DataParallel replica
-            # is another module object, run from its own thread: kept.
-            return
+        other = False
+        if _module is saved.layer:
+            thread = threading.get_ident()
+            if thread == saved.owner and _innermost(saved.layer) is not saved:
+                return  # a capture of the layer nested in this forward (a user's hook): its
+            if thread != saved.owner:
+                if (id(saved.layer), thread) in _ACTIVE:
+                    return  # another capture's forward in its own thread: its
+                # another thread's call: Captum's LayerGradCam beside us (it does not take our
+                # lock), or our forward_func's worker thread; kept aside (a DataParallel
+                # replica is another module object, run from its own thread: ours)
+                other = True
         value = layer_in if attribute_to_layer_input else layer_out
         if isinstance(value, dict):  # e.g. IntermediateLayerGetter's {"out": ...}
             keys, items = list(value), tuple(value.values())
@@ -399,14 +412,21 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
         tensors = [t for t in items if isinstance(t, Tensor)]
         # inference tensors carry no version counter: always cloned
         watch = [(t, t._version) for t in tensors if not t.is_inference()]
-        clone = saved.clone or len(watch) < len(tensors)
-        copy = tuple(t.clone() if clone and isinstance(t, Tensor) else t for t in items)
+        clone = saved.clone or other or len(watch) < len(tensors)
+        copy = tuple(
+            (t.detach() if other else t).clone() if clone and isinstance(t, Tensor) else t
+            for t in items
+        )  # another thread runs outside our no_grad (it is per thread): detached
         if isinstance(value, dict):
             kept: Any = type(value)(zip(keys, copy, strict=True))
         else:
             kept = copy if isinstance(value, (tuple, list)) else copy[0]
         shape = " ".join(str(tuple(t.shape)) for t in tensors) or type(value).__name__
         with saved.guard:  # DataParallel replicas call it from their own threads, as in Captum
+            if other:
+                saved.others[device] = kept
+                saved.other_calls.setdefault(device, []).append(shape)
+                return
             saved.values[device] = kept
             saved.calls.setdefault(device, []).append(shape)
             saved.watched.extend(watch)
@@ -431,14 +451,28 @@ def _forward_once(
         if attribute_to_layer_input
         else layer.register_forward_hook(hook)
     )
+    active = (id(layer), threading.get_ident())
     stack.append(saved)
+    with _ACTIVE_GUARD:
+        _ACTIVE[active] = _ACTIVE.get(active, 0) + 1
     try:
         with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
             output = forward_func(*args)
     finally:
+        with _ACTIVE_GUARD:
+            _ACTIVE[active] -= 1
+            if not _ACTIVE[active]:
+                del _ACTIVE[active]
         stack.remove(saved)
         handle.remove()
+    saved.take_others()
     return saved, output
+
+
+#: (layer id, thread id) of the captures in progress, with their count: another thread's
+#: call of a layer that thread captures itself is that capture's, never ours.
+_ACTIVE: dict[tuple[int, int], int] = {}
+_ACTIVE_GUARD = threading.Lock()
 
 
 #: This thread's captures in progress, innermost last (a capture nested in a forward).

@@ -263,6 +263,7 @@ def explain_slide(
         # a run from before the tissue mask was recorded: its hash lacks the mask
         legacy = "tissue_mask" not in (recorded or {"tissue_mask": None})
         hashed = {k: v for k, v in config.items() if k != "tissue_mask"} if legacy else config
+        hashed = _without_added_keys(hashed, recorded)
         run_hash = config_hash(attr, hashed, plan.grid, cached=not computes)
         # each call that computes chunks is a part: what a resume may change is recorded
         part = {"batch_size": config["batch_size"], "device": str(model_device(attr))}
@@ -321,6 +322,32 @@ def _run(
         assembler.restore(manifest)
     process(assembler, options, done, progress=progress)
     return _explanation(assembler, config)
+
+
+def _added_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys recorded since 2026-12-07, with the values every run before them had."""
+    return {
+        "bound_layer": config.get("layer"),
+        "attribute_to_layer_input": False,
+        "forward_func": "the model",
+        "reshape_transform": None,
+    }
+
+
+def _without_added_keys(config: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
+    """``config`` to hash for a run recorded before the keys of :func:`_added_defaults`.
+
+    Such a run's hash lacks them: they are left out when this call has the value
+    every run had then (the model itself, the concepts' own layer, its output, no
+    reshape), so the run resumes or loads; otherwise they stay, the hashes differ
+    and the refusal names them ("not recorded (an older captum-nmf)").
+    """
+    if not recorded:
+        return config
+    added = {k: v for k, v in _added_defaults(config).items() if k not in recorded}
+    if added and all(config.get(k) == v for k, v in added.items()):
+        return {k: v for k, v in config.items() if k not in added}
+    return config
 
 
 def _check_resumable(

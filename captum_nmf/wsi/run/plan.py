@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -302,23 +303,21 @@ def _check_scaling(
     """
     h, w = cells
     known = _SCALING_CHECKED.setdefault(attr.layer, [])
-    key = (
-        side,
-        h,
-        w,
-        options.autocast,
-        options.channels_last,
-        id(attr.forward_func),  # ids: a reference would keep the layer (the weak key) alive
-        id(attr.reshape_transform),
-        attr.attribute_to_layer_input_,
-    )
-    transforms = (options.transform, options.batch_transform)
-    if any(k == key and all(a is b for a, b in zip(t, transforms, strict=True)) for k, t in known):
+    key = (side, h, w, options.autocast, options.channels_last, attr.attribute_to_layer_input_)
+    # the model's function and reshape by weak reference: a strong one would keep the layer
+    # (the weak key) alive, and an id could be a new function's after the old one is gone
+    model = (_Same(attr.forward_func), _Same(attr.reshape_transform))
+    transforms = (_Same(options.transform), _Same(options.batch_transform))
+    now = (attr.forward_func, attr.reshape_transform, options.transform, options.batch_transform)
+    if any(
+        k == key and all(same(o) for same, o in zip((*m, *t), now, strict=True))
+        for k, (m, t) in known
+    ):
         return  # a cohort checks its geometry once, not per slide
     if options.transform is not None:
         shown = options.transform(torch.ones(3, side, side))
         if isinstance(shown, Tensor) and tuple(shown.shape[-2:]) != (side, side):
-            known.append((key, transforms))  # the network sees the transform's size only
+            known.append((key, (model, transforms)))  # the network sees that size only
             warnings.warn(
                 f"transform turns a {side} px tile into a {tuple(shown.shape[-2:])} image: "
                 f"each of the layer's {h} x {w} cells is taken as {side // h} px of the slide. "
@@ -341,7 +340,24 @@ def _check_scaling(
             "and the maps would be misplaced. Pass a tile_size that is a multiple of its total "
             "stride (e.g. 512 for VGG16 or ResNet)."
         )
-    known.append((key, transforms))
+    known.append((key, (model, transforms)))
+
+
+class _Same:
+    """Whether an object is one seen before: by weak reference where it can be (None as is)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.strong: Any = obj  # None, or an object without weak references: held
+        self.ref: Any = None
+        if obj is not None:
+            with contextlib.suppress(TypeError):
+                self.ref = weakref.ref(obj)
+                self.strong = None
+
+    def __call__(self, obj: Any) -> bool:
+        if self.ref is None:
+            return obj is self.strong
+        return obj is not None and self.ref() is obj
 
 
 # (geometry, model, transforms) already found to scale, per layer, for this process
