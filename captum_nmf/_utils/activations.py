@@ -392,16 +392,15 @@ def _hook(saved: _Saved, attribute_to_layer_input: bool) -> Callable[..., None]:
     def hook(_module: nn.Module, layer_in: Any, layer_out: Any = None) -> None:
         other = False
         if _module is saved.layer:
-            thread = threading.get_ident()
-            if thread == saved.owner and _innermost(saved.layer) is not saved:
-                return  # a capture of the layer nested in this forward (a user's hook): its
-            if thread != saved.owner:
-                if (id(saved.layer), thread) in _ACTIVE:
-                    return  # another capture's forward in its own thread: its
-                # another thread's call: Captum's LayerGradCam beside us (it does not take our
-                # lock), or our forward_func's worker thread; kept aside (a DataParallel
-                # replica is another module object, run from its own thread: ours)
-                other = True
+            current = _innermost(saved.layer, threading.get_ident())
+            if current is not None and current is not saved:
+                # the calling thread's own capture of the layer is another: one nested in this
+                # forward (a user's hook calling attribute), or another thread's: theirs
+                return
+            # None: a thread without a capture of the layer, Captum's LayerGradCam beside us
+            # (it does not take our lock) or our forward_func's worker thread: kept aside (a
+            # DataParallel replica is another module object, run from its own thread: ours)
+            other = current is None
         value = layer_in if attribute_to_layer_input else layer_out
         if isinstance(value, dict):  # e.g. IntermediateLayerGetter's {"out": ...}
             keys, items = list(value), tuple(value.values())
@@ -445,44 +444,35 @@ def _forward_once(
     """One forward in eval mode with the hook registered for it and removed in ``finally``."""
     saved = _Saved(clone, layer)
     hook = _hook(saved, attribute_to_layer_input)
-    stack = _CAPTURES.__dict__.setdefault("stack", [])
     handle = (
         layer.register_forward_pre_hook(hook)
         if attribute_to_layer_input
         else layer.register_forward_hook(hook)
     )
-    active = (id(layer), threading.get_ident())
-    stack.append(saved)
-    with _ACTIVE_GUARD:
-        _ACTIVE[active] = _ACTIVE.get(active, 0) + 1
+    with _CAPTURES_GUARD:
+        _CAPTURES.append(saved)
     try:
         with eval_mode(models_of(forward_func, layer)), torch.no_grad(), amp:
             output = forward_func(*args)
     finally:
-        with _ACTIVE_GUARD:
-            _ACTIVE[active] -= 1
-            if not _ACTIVE[active]:
-                del _ACTIVE[active]
-        stack.remove(saved)
+        with _CAPTURES_GUARD:
+            _CAPTURES.remove(saved)
         handle.remove()
     saved.take_others()
     return saved, output
 
 
-#: (layer id, thread id) of the captures in progress, with their count: another thread's
-#: call of a layer that thread captures itself is that capture's, never ours.
-_ACTIVE: dict[tuple[int, int], int] = {}
-_ACTIVE_GUARD = threading.Lock()
+#: The captures in progress in every thread, oldest first (one nested in a forward after the
+#: one it runs in): whose a call of a layer is, by its layer and the thread that runs it.
+_CAPTURES: list[_Saved] = []
+_CAPTURES_GUARD = threading.Lock()
 
 
-#: This thread's captures in progress, innermost last (a capture nested in a forward).
-_CAPTURES = threading.local()
-
-
-def _innermost(layer: nn.Module) -> _Saved | None:
-    """This thread's innermost capture in progress of ``layer``, or None."""
-    stack: list[_Saved] = _CAPTURES.__dict__.get("stack", [])
-    return next((c for c in reversed(stack) if c.layer is layer), None)
+def _innermost(layer: nn.Module, thread: int) -> _Saved | None:
+    """The innermost capture of ``layer`` in progress in ``thread``, or None."""
+    with _CAPTURES_GUARD:
+        captures = list(_CAPTURES)
+    return next((c for c in reversed(captures) if c.layer is layer and c.owner == thread), None)
 
 
 def _gather(saved: dict[torch.device, Any], device_ids: list[int] | None, label: str) -> Any:
