@@ -77,6 +77,15 @@ def _spans(rows: Tensor, k: int) -> bool:
     return bool(s[k - 1] > _START_RANK_TOL * s[0])
 
 
+def _enough_to_start(rows: Tensor, needed: int, k: int) -> bool:
+    """Whether held non-zero ``rows`` start a stream: ``needed`` of them spanning K directions.
+
+    Data of lower rank never spans K: it starts at ``_START_CAP`` times as many rows.
+    """
+    n = int(rows.shape[0])
+    return n >= needed and (n >= _START_CAP * needed or _spans(rows, k))
+
+
 def canonical(h: Tensor, weight_sums: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unit-norm rows of ``h`` in decreasing order of their weight sums.
 
@@ -300,11 +309,8 @@ class StreamMixin:
         if rows.shape[0] < self._rows_to_begin(c):
             return  # not fitted yet: see _buffering_note
         self._initialise_from(rows, buffer.is_numpy)
-        needed = self._start_rows(c)
-        enough = rows.shape[0] >= needed and (
-            rows.shape[0] >= _START_CAP * needed or _spans(rows, self.n_components_)
-        )
-        if not enough:  # still holding: the fit of every row seen
+        if not _enough_to_start(rows, self._start_rows(c), self.n_components_):
+            # still holding: the fit of every row seen
             stats = self._statistics(rows)
             self._update(dataclasses.replace(stats, n_samples=buffer.n_rows))  # zeros counted
             return
@@ -348,11 +354,8 @@ class StreamMixin:
         c = int(v.shape[1])
         if rows.shape[0] < self._rows_to_begin(c):
             return "too few"
-        needed = self._start_rows(c)
         k = rank(self.n_components, "random", 1, c)
-        if rows.shape[0] >= needed and (rows.shape[0] >= _START_CAP * needed or _spans(rows, k)):
-            return "ready"
-        return "possible"
+        return "ready" if _enough_to_start(rows, self._start_rows(c), k) else "possible"
 
     def initialise_stream(self: _S, X: ArrayLike) -> _S:
         """Start a stream: factorise a first chunk in memory to get ``H0``; zero statistics.
