@@ -13,6 +13,7 @@ batches have run out contribute zero statistics until every rank is done.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -104,7 +105,11 @@ def _reduce_update(solver: NMF, stats: NMFStatistics, n_components: int) -> None
 
 
 def _gathered_seeds(stats: NMFStatistics, k: int, c: int) -> NMFStatistics:
-    """Zero statistics holding the re-seeding candidates of every rank (the K best are kept)."""
+    """Zero statistics holding the re-seeding candidates of every rank (the K best are kept).
+
+    Each rank's candidates (padded to K, score -1 where there are fewer) are
+    gathered, and added up in rank order as statistics add: keeping the K best.
+    """
     dist = torch.distributed
     comm = _comm_device()
     seeds = torch.zeros(k, c, dtype=torch.float64, device=comm)
@@ -117,19 +122,16 @@ def _gathered_seeds(stats: NMFStatistics, k: int, c: int) -> NMFStatistics:
     all_scores = [torch.empty_like(scores) for _ in range(world)]
     dist.all_gather(all_seeds, seeds)
     dist.all_gather(all_scores, scores)
-    found = torch.cat(all_scores) >= 0
-    rows, values = torch.cat(all_seeds)[found], torch.cat(all_scores)[found]
-    best = torch.argsort(values, descending=True, stable=True)[:k]
     zeros = NMFStatistics.zeros(k, c, device=comm)
-    return NMFStatistics(
-        wtw=zeros.wtw,
-        wtv=zeros.wtv,
-        sq=zeros.sq,
-        weight_sums=zeros.weight_sums,
-        n_samples=0,
-        seeds=rows[best],
-        seed_scores=values[best],
-    )
+    total = zeros
+    for rank_seeds, rank_scores in zip(all_seeds, all_scores, strict=True):
+        found = rank_scores >= 0
+        if bool(found.any()):
+            part = dataclasses.replace(
+                zeros, seeds=rank_seeds[found], seed_scores=rank_scores[found]
+            )
+            total = total + part
+    return total
 
 
 def _start_from_held(solver: NMF, held: HeldChunks, src: int, n_components: int) -> None:
