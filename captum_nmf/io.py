@@ -398,15 +398,11 @@ def load_tensors(
     kind = "concept model" if format_name == FORMAT_NAME else format_name
     if not source.is_file():
         raise FileNotFoundError(f"{kind[:1].upper()}{kind[1:]} file not found: {source}")
-    if source.suffix.lower() in _PICKLE_SUFFIXES:
-        raise ConceptModelFormatError(
-            f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
-            "Re-save the concepts with NMFConceptAttribution.save(...)."
-        )
     with source.open("rb") as fh:
         head = fh.read(9)
-    if not _looks_like_safetensors(head, source.stat().st_size) and (
-        head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO)
+    if source.suffix.lower() in _PICKLE_SUFFIXES or (
+        not _looks_like_safetensors(head, source.stat().st_size)
+        and (head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO))
     ):
         raise ConceptModelFormatError(
             f"captum_nmf models are .safetensors files; refusing to unpickle {source}. "
