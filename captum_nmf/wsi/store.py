@@ -448,7 +448,6 @@ class RunStore:
                     "filesystem, or remove the old run's files first.",
                 )
             return self, None
-        self.started = True  # an existing run: never removed by a failure of this one
         if not resume:
             raise FileExistsError(
                 f"out_dir {target} already holds a captum-nmf run; pass resume=True to continue "
