@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.exceptions import EmptyTileGridWarning, SlideReadError
 from captum_nmf.wsi.reader import Resolution, Slide
-from captum_nmf.wsi.tissue import GREYSCALE_HINT, TissueMask, detect_tissue
+from captum_nmf.wsi.tissue import TissueMask, detect_tissue, greyscale_hint
 
 __all__ = [
     "EdgePolicy",
@@ -260,7 +260,7 @@ def tile_grid(
         warnings.warn(
             f"No tile of {slide.path.name} has tissue fraction >= {min_tissue} ({n_rows * n_cols} "
             f"candidate tiles of {tile} px at level {resolution.level}, edge={edge!r}{share})."
-            + (GREYSCALE_HINT if mask is not None and mask.greyscale else ""),
+            + greyscale_hint(mask),
             EmptyTileGridWarning,
             stacklevel=2,
         )

@@ -405,9 +405,8 @@ def detect_tissue(
     # hysteresis (Otsu's threshold only): pixels coloured above the lower bound join tissue
     # they touch, so a faint section keeps its pale parts when a well-stained one raised
     # the threshold (its nuclei seed it); glass, below the lower bound, never joins
-    loose = (grey < threshold) & (sat >= low)
     if automatic and saturation_threshold > low and mask.any():
-        parts = measure.label(loose, connectivity=2)
+        parts = measure.label((grey < threshold) & (sat >= low), connectivity=2)
         seeded = np.unique(parts[mask])
         mask = np.isin(parts, seeded[seeded > 0])
     px_um = mpp * math.sqrt(downsample[0] * downsample[1])
@@ -437,8 +436,13 @@ def detect_tissue(
 
 #: A thumbnail whose 99th percentile of saturation is below this is colourless (greyscale).
 _GREYSCALE_SATURATION = 0.02
-#: What to do about one, for the messages that find no tissue.
-GREYSCALE_HINT = (
-    " The slide looks greyscale (no colour to detect tissue by): detect it by brightness, "
-    "tissue_mask=detect_tissue(slide, saturation_threshold=0), or pass tissue_mask=None."
-)
+
+
+def greyscale_hint(mask: TissueMask | None) -> str:
+    """For the messages that find no tissue: how to detect it on a greyscale slide, else ""."""
+    if mask is None or not mask.greyscale:
+        return ""
+    return (
+        " The slide looks greyscale (no colour to detect tissue by): detect it by brightness, "
+        "tissue_mask=detect_tissue(slide, saturation_threshold=0), or pass tissue_mask=None."
+    )

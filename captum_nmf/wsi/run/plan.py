@@ -24,7 +24,7 @@ from captum_nmf.wsi.reader import Slide
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from captum_nmf.wsi.run.config import RunOptions, model_device
 from captum_nmf.wsi.tiling import TileGrid, TissueOption, tile_grid
-from captum_nmf.wsi.tissue import GREYSCALE_HINT
+from captum_nmf.wsi.tissue import greyscale_hint
 
 __all__ = ["Plan", "check_output_location", "make_plan"]
 
@@ -160,12 +160,7 @@ def _check_tiles(grid: TileGrid, name: str, options: RunOptions) -> None:
             f"No tissue found in {name}{_share(grid)} at level {grid.resolution.level}: "
             f"0 of {grid.n_rows * grid.n_cols} tiles of {grid.tile_size} px have tissue "
             f"fraction >= {grid.min_tissue} (edge={grid.edge!r}). Lower min_tissue, pass "
-            "tissue_mask=None, or check the file."
-            + (
-                GREYSCALE_HINT
-                if grid.tissue_mask is not None and grid.tissue_mask.greyscale
-                else ""
-            )
+            "tissue_mask=None, or check the file." + greyscale_hint(grid.tissue_mask)
         )
 
 
