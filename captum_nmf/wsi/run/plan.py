@@ -290,8 +290,8 @@ def _check_scaling(
     size, without the transforms (they may resize to a fixed size), must give
     twice the cells, or the same (a layer after an adaptive pool: uniform cells
     at any size). Skipped when the device cannot hold it, or the model's head
-    takes one input size only. Checked once per process for the same
-    concepts, layer, options and tile size. A ``transform`` that changes the
+    takes one input size only. Checked once per process for the same layer,
+    forward function, reshape, options, transforms and tile size. A ``transform`` that changes the
     tile's size is warned about instead (:class:`CaptumNMFWarning`): a resize
     keeps the maps in place, a crop does not, and the two cannot be told apart
     by their sizes.
@@ -299,20 +299,16 @@ def _check_scaling(
     h, w = cells
     known = _SCALING_CHECKED.setdefault(attr.layer, [])
     key = (side, h, w, options.autocast, options.channels_last, attr.attribute_to_layer_input_)
-    # the model's function and reshape by weak reference: a strong one would keep the layer
-    # (the weak key) alive, and an id could be a new function's after the old one is gone
-    model = (_Same(attr.forward_func), _Same(attr.reshape_transform))
-    transforms = (_Same(options.transform), _Same(options.batch_transform))
+    # the functions by weak reference: a strong one would keep the layer (the weak key) alive,
+    # and an id could be a new function's after the old one is gone
     now = (attr.forward_func, attr.reshape_transform, options.transform, options.batch_transform)
-    if any(
-        k == key and all(same(o) for same, o in zip((*m, *t), now, strict=True))
-        for k, (m, t) in known
-    ):
+    if any(k == key and all(s(o) for s, o in zip(same, now, strict=True)) for k, same in known):
         return  # a cohort checks its geometry once, not per slide
+    seen = (key, tuple(_Same(o) for o in now))
     if options.transform is not None:
         shown = options.transform(torch.ones(3, side, side))
         if isinstance(shown, Tensor) and tuple(shown.shape[-2:]) != (side, side):
-            known.append((key, (model, transforms)))  # the network sees that size only
+            known.append(seen)  # the network sees the transform's size only
             warnings.warn(
                 f"transform turns a {side} px tile into a {tuple(shown.shape[-2:])} image: "
                 f"each of the layer's {h} x {w} cells is taken as {side // h} px of the slide. "
@@ -335,7 +331,7 @@ def _check_scaling(
             "and the maps would be misplaced. Pass a tile_size that is a multiple of its total "
             "stride (e.g. 512 for VGG16 or ResNet)."
         )
-    known.append((key, (model, transforms)))
+    known.append(seen)
 
 
 class _Same:
