@@ -23,9 +23,9 @@ from captum_nmf.engines.batches import (
     check_batch_inputs,
     item_ids,
     model_inputs,
+    on_device,
     one_pass,
     tile_dataset,
-    to_device,
 )
 from captum_nmf.io import atomic_write
 
@@ -251,8 +251,7 @@ def concept_gallery(
                 "one image per tile, in stream order."
             )
         with torch.no_grad():
-            inputs = to_device(inputs, device)
-            maps = attr.attribute(inputs if len(inputs) > 1 else inputs[0], additional_forward_args)
+            maps = attr.attribute(on_device(inputs, device), additional_forward_args)
         maps64 = maps.detach().to("cpu", torch.float64)
         scores = maps64.mean(dim=(2, 3)).numpy()
         for j in range(k):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf._utils import activations as acts
-from captum_nmf.engines.batches import BatchInputs, model_inputs, to_device
+from captum_nmf.engines.batches import BatchInputs, model_inputs, on_device
 from captum_nmf.exceptions import LayerError
 
 if TYPE_CHECKING:
@@ -64,10 +64,9 @@ class BatchRows:
         x = inputs[0]
         if x.shape[0] == 0:
             return None
-        inputs = to_device(inputs, acts.model_device(attr.forward_func, attr.layer))
         try:
             act = attr._activations(
-                inputs if len(inputs) > 1 else inputs[0],
+                on_device(inputs, acts.model_device(attr.forward_func, attr.layer)),
                 self.additional_forward_args,
                 self.attribute_to_layer_input,
                 autocast=self.autocast,

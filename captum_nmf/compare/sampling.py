@@ -25,9 +25,9 @@ from captum_nmf.engines.batches import (
     is_map_dataset,
     item_ids,
     model_inputs,
+    on_device,
     one_pass,
     tile_dataset,
-    to_device,
 )
 from captum_nmf.exceptions import NoTissueError
 
@@ -171,8 +171,7 @@ def _batch_features(
     attr: NMFConceptAttribution, inputs: tuple[Tensor, ...], additional_forward_args: Any
 ) -> Tensor:
     """The layer's activations of ``inputs``, moved to the model's device first."""
-    inputs = to_device(inputs, acts.model_device(attr.forward_func, attr.layer))
-    args = inputs if len(inputs) > 1 else inputs[0]
+    args = on_device(inputs, acts.model_device(attr.forward_func, attr.layer))
     return cast("Tensor", attr.features(args, additional_forward_args))
 
 

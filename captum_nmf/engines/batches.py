@@ -26,8 +26,8 @@ __all__ = [
     "model_inputs",
     "one_pass",
     "rows_of",
+    "on_device",
     "tile_dataset",
-    "to_device",
 ]
 
 _EMPTY = (
@@ -119,13 +119,18 @@ def model_inputs(batch: Any, batch_inputs: BatchInputs | None = None) -> tuple[T
     return inputs
 
 
-def to_device(inputs: tuple[Tensor, ...], device: torch.device | None) -> tuple[Tensor, ...]:
-    """``inputs`` on ``device`` (pinned ones copied without blocking); None leaves them."""
-    if device is None:
-        return inputs
-    return tuple(
-        t if t.device == device else t.to(device, non_blocking=t.is_pinned()) for t in inputs
-    )
+def on_device(
+    inputs: tuple[Tensor, ...], device: torch.device | None
+) -> Tensor | tuple[Tensor, ...]:
+    """``inputs`` on ``device``, as Captum takes them: the one tensor, or the tuple.
+
+    Pinned ones are copied without blocking; ``device=None`` leaves them where they are.
+    """
+    if device is not None:
+        inputs = tuple(
+            t if t.device == device else t.to(device, non_blocking=t.is_pinned()) for t in inputs
+        )
+    return inputs if len(inputs) > 1 else inputs[0]
 
 
 def one_pass(
