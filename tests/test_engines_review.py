@@ -219,17 +219,22 @@ def test_fit_argument_checks_before_any_work() -> None:
         )
 
 
-def test_a_loader_whose_batches_carry_no_indices_shows_the_tiles_as_given(
-    slide_tiles: tuple[SlideTiles, NMFConceptAttribution],
-) -> None:
-    tiles, attr = slide_tiles
-    loader = DataLoader(
+def _bare_images(tiles: SlideTiles) -> DataLoader[SlideTiles]:
+    """A shuffled loader over ``tiles`` whose own collate keeps the images only (no indices)."""
+    return DataLoader(
         tiles,
         batch_size=4,
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
         collate_fn=lambda items: torch.stack([image for image, _ in items]),
     )
+
+
+def test_a_loader_whose_batches_carry_no_indices_shows_the_tiles_as_given(
+    slide_tiles: tuple[SlideTiles, NMFConceptAttribution],
+) -> None:
+    tiles, attr = slide_tiles
+    loader = _bare_images(tiles)
     gallery = concept_gallery(attr, loader, top_n=3, progress=False)
     for entries in gallery.entries:
         for e in entries:  # no slide reads: the scored tensor is what is shown
@@ -268,13 +273,7 @@ def test_sampling_names_no_slide_for_bare_images_of_a_slide_loader(
     from captum_nmf.compare.selection import sample_rows
 
     tiles, attr = slide_tiles
-    loader = DataLoader(
-        tiles,
-        batch_size=4,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(0),
-        collate_fn=lambda items: torch.stack([image for image, _ in items]),
-    )
+    loader = _bare_images(tiles)
     sample = sample_rows(attr, loader, progress=False)
     assert set(sample.groups.tolist()) == {-1}
     assert set(sample_rows(attr, tiles, progress=False).groups.tolist()) == {0}
