@@ -23,6 +23,7 @@ already catch ``ValueError``, ``FileNotFoundError`` or ``OSError`` keep working:
     CaptumNMFWarning(UserWarning)
     ├── EmptyTileGridWarning
     ├── LargeThumbnailWarning
+    ├── MultiPageImageWarning
     ├── UnreadableRegionWarning
     └── LayerNameMismatchWarning
 """
@@ -43,6 +44,7 @@ __all__ = [
     "LargeThumbnailWarning",
     "LayerError",
     "LayerNameMismatchWarning",
+    "MultiPageImageWarning",
     "NegativeActivationError",
     "NoTissueError",
     "NonFiniteActivationError",
@@ -162,6 +164,13 @@ class EmptyTileGridWarning(CaptumNMFWarning):
 
 class LargeThumbnailWarning(CaptumNMFWarning):
     """Emitted when a slide's thumbnail must decode more than about 10^9 pixels (no pyramid)."""
+
+
+class MultiPageImageWarning(CaptumNMFWarning):
+    """Emitted when a plain multi-page image (TIFF) has pages besides the one read that hold data.
+
+    Smaller copies of the page read (a stripped pyramid's levels, a thumbnail) do not count.
+    """
 
 
 class UnreadableRegionWarning(CaptumNMFWarning):

@@ -28,6 +28,7 @@ from captum_nmf import exceptions as ex
         (ex.CamScaleWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.LargeThumbnailWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.UnreadableRegionWarning, (ex.CaptumNMFWarning, UserWarning)),
+        (ex.MultiPageImageWarning, (ex.CaptumNMFWarning, UserWarning)),
     ],
 )
 def test_mro(cls: type, bases: tuple[type, ...]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import (
     LargeThumbnailWarning,
+    MultiPageImageWarning,
     SlideError,
     SlideNotFoundError,
     SlideReadError,
@@ -119,6 +120,75 @@ def test_plain_image_refused_when_not_allowed(tmp_path: Path) -> None:
         Slide(png, allow_plain_images=False)
     with Slide(png) as slide:
         assert slide.dimensions == (8, 8)
+
+
+def _pages(path: Path, *pages: np.ndarray) -> Path:
+    """A stripped (untiled) multi-page TIFF: OpenSlide does not read it, PIL does."""
+    from PIL import Image
+
+    images = [Image.fromarray(p) for p in pages]
+    images[0].save(path, save_all=True, append_images=images[1:])
+    return path
+
+
+def _flat(width: int, height: int, value: int) -> np.ndarray:
+    return np.full((height, width, 3), value, np.uint8)
+
+
+def test_multi_page_tiff_reads_its_largest_page_and_names_pages_it_ignores(
+    tmp_path: Path,
+) -> None:
+    # levels of a stripped pyramid (halved copies) are left out without a word
+    pyr = _pages(tmp_path / "pyr.tif", _flat(64, 32, 10), _flat(32, 16, 20), _flat(16, 8, 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Slide(pyr) as slide:
+            assert slide.dimensions == (64, 32)
+            assert slide.read_region((0, 0), 0, (4, 4)).max() == 10
+    # a thumbnail stored first: the large page is the image
+    thumb_first = _pages(tmp_path / "thumb.tif", _flat(16, 8, 30), _flat(64, 32, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Slide(thumb_first) as slide:
+            assert slide.dimensions == (64, 32)
+            assert slide.read_region((60, 28), 0, (4, 4)).max() == 10
+    # a stack of same-size pages (channels, focal planes): page 0 is read, the rest named
+    stack = _pages(tmp_path / "stack.tif", _flat(64, 32, 10), _flat(64, 32, 20), _flat(64, 32, 30))
+    with pytest.warns(
+        MultiPageImageWarning,
+        match=r"stack\.tif has 3 pages; reading page 0 \(64 x 32 px.*page\(s\) 1 \(64 x 32\), "
+        r"2 \(64 x 32\)",
+    ):
+        slide = Slide(stack)
+    with slide:
+        assert slide.read_region((0, 0), 0, (4, 4)).max() == 10
+    # a page of other proportions (a mask, a label) is data too
+    other = _pages(tmp_path / "label.tif", _flat(64, 32, 10), _flat(20, 20, 99))
+    with pytest.warns(MultiPageImageWarning, match=r"ignoring page\(s\) 1 \(20 x 20\)"):
+        Slide(other).close()
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "plain"),
+    [("scan.svs", "PNG", ".png"), ("scan.ndpi", "JPEG", ".jpg"), ("scan.svs", "TIFF", ".tif")],
+)
+def test_an_image_under_a_slide_name_is_named_as_that_image(
+    tmp_path: Path, name: str, fmt: str, plain: str
+) -> None:
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(_flat(32, 16, 128)).save(path, format=fmt)  # a stripped TIFF for TIFF
+    with pytest.raises(
+        UnsupportedSlideError, match=rf"{name} is a {fmt} image.*name it \{plain}\.$"
+    ) as info:
+        Slide(path)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(UnsupportedSlideError, match=r"allow_plain_images=True\.$"):
+        Slide(path, allow_plain_images=False)
+    renamed = path.rename(path.with_suffix(plain))
+    with Slide(renamed) as slide:  # the advice works
+        assert slide.dimensions == (32, 16)
 
 
 # ----------------------------------------------------------------- bad files (rows 1-3)

@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.exceptions import (
     CaptumNMFWarning,
+    MultiPageImageWarning,
     SlideError,
     SlideNotFoundError,
     SlideReadError,
@@ -61,6 +62,18 @@ __all__ = [
 ]
 
 PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+_PLAIN_NAME = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}
+
+
+def _image_format(path: Path) -> str | None:
+    """PIL's name for the image format of ``path`` (from its first bytes), or None."""
+    try:
+        with Image.open(path) as image:  # identifies the format; decodes nothing
+            return str(image.format) if image.format else None
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+        return None
+
+
 _SUPPORTED = (
     ".svs, .tif/.tiff (tiled pyramids), .ndpi, .vms, .vmu, .scn, .mrxs, .svslide, .bif, "
     ".dcm, and plain .jpg/.jpeg/.png/.tif/.tiff/.bmp images"
@@ -165,6 +178,7 @@ class Slide:
             raise ValueError(f"background must be three ints in [0, 255], got {background!r}.")
         self._mpp_override = None if mpp is None else float(mpp)
         self._warned_pixels = False  # non-square pixels: said once per slide
+        self._warned_pages = False  # a multi-page image's ignored pages: said once
         self._allow_plain = bool(allow_plain_images)
         self.background = tuple(int(v) for v in background)
         self.read_retries = 0
@@ -188,6 +202,7 @@ class Slide:
         if self._allow_plain and self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
             try:
                 with Image.open(self.path) as image:
+                    self._largest_page(image)
                     image.load()  # decode now: a truncated file fails here, naming the file
                     self._handle = ImageSlide(self._eight_bit(image))
             except Image.DecompressionBombError as exc:
@@ -201,11 +216,57 @@ class Slide:
                     f"{self.path} is not a readable image ({exc}). Supported: {_SUPPORTED}."
                 ) from exc
             return "image"
+        kind = _image_format(self.path)
+        if kind is not None:  # an image under another name: said so, not "not a slide"
+            raise UnsupportedSlideError(
+                f"{self.path} is a {kind} image, not a slide OpenSlide can read under its "
+                f"name ({self.path.suffix or 'no suffix'}). To read it as a plain image "
+                f"(whole, one level; give mpp=), name it {_PLAIN_NAME.get(kind, '.png')}"
+                + ("." if self._allow_plain else " and pass allow_plain_images=True.")
+            )
         raise UnsupportedSlideError(
             f"{self.path} is not a whole-slide image OpenSlide can read (detected vendor: None). "
             f"Supported: {_SUPPORTED}."
             + ("" if self._allow_plain else " Plain images need allow_plain_images=True.")
         )
+
+    def _largest_page(self, image: Image.Image) -> None:
+        """Seek a multi-page image to its largest page; warn when other pages hold data.
+
+        A TIFF may hold several images. Pages that are smaller copies of the
+        largest (a stripped pyramid's levels, a thumbnail) are left out without
+        a word; pages of the same size or other proportions (channels, focal
+        planes, time points, masks) are data this one-image reader ignores, and
+        that is said with :class:`~captum_nmf.exceptions.MultiPageImageWarning`,
+        once per :class:`Slide`.
+        """
+        pages = int(getattr(image, "n_frames", 1))
+        if pages <= 1:
+            return
+        sizes = []
+        for i in range(pages):
+            image.seek(i)
+            sizes.append(image.size)
+        page = max(range(pages), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
+        image.seek(page)
+        w, h = sizes[page]
+        ignored = [
+            i
+            for i, (pw, ph) in enumerate(sizes)
+            if i != page and not (pw < w and ph < h and abs(pw / w - ph / h) <= 0.02 + 2 / ph)
+        ]
+        if ignored and not self._warned_pages:
+            self._warned_pages = True
+            listed = ", ".join(f"{i} ({sizes[i][0]} x {sizes[i][1]})" for i in ignored[:5])
+            more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+            warnings.warn(
+                f"{self.path} has {pages} pages; reading page {page} ({w} x {h} px, the "
+                f"largest) and ignoring page(s) {listed}{more}, which are not smaller copies "
+                "of it (channels, focal planes or masks?). To read another page, write it to "
+                "a file of its own (e.g. PIL: Image.open(path).seek(i), then save).",
+                MultiPageImageWarning,
+                stacklevel=4,
+            )
 
     def _check_file(self) -> None:
         if not self.path.exists():
