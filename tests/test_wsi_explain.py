@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import subprocess
@@ -266,6 +267,10 @@ def test_save_and_load_round_trip(
     assert back.tissue is not None
     assert ex.tissue is not None
     assert np.array_equal(back.tissue.mask, ex.tissue.mask)
+    assert back.tissue.glass is None
+    tinted = dataclasses.replace(ex, tissue=dataclasses.replace(ex.tissue, glass=(205, 195, 170)))
+    tinted.save(tmp_path / "tinted")  # the glass colour detection measured against is kept
+    assert SlideExplanation.load(tmp_path / "tinted").tissue.glass == (205, 195, 170)  # type: ignore[union-attr]
     summary = json.loads((tmp_path / "ex" / "explanation.json").read_text())
     assert (summary["grid_shape"], summary["n_concepts"]) == ([48, 64], 3)
     pool_attr.save(tmp_path / "concepts.safetensors")

@@ -448,3 +448,58 @@ def test_a_faint_section_beside_a_well_stained_one_keeps_its_pale_parts(tmp_path
     assert full[512:1536, 256:1280].mean() > 0.97
     assert full[:400].mean() == 0.0
     assert _full_resolution(fixed, image.shape[:2])[512:1536, 1792:2816].mean() < 0.6
+
+
+def _tinted(tint: tuple[int, int, int], *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real H&E on glass of colour ``tint``: the whole scan multiplied by it (transmitted
+    light), with an 8 % illumination gradient, +-4 counts of noise and JPEG at quality 80."""
+    import io
+
+    tissue = np.zeros((1024, 1536), bool)
+    tissue[256:768, 256:1006] = True
+    scan = np.full((1024, 1536, 3), 238.0)
+    scan[256:768, 256:1006] = he_image("hgsc_nest.jpg")[:512, :750]
+    xx = np.arange(1536)[None, :, None]
+    scan = scan * np.array(tint) / 238 * (1 - 0.08 * xx / 1536)
+    scan += np.random.default_rng(seed).uniform(-4, 4, scan.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(scan, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=80)
+    return np.array(Image.open(buf)), tissue
+
+
+@pytest.mark.parametrize(
+    "tint", [(205, 195, 170), (180, 170, 150), (215, 200, 160), (175, 190, 215), (238, 238, 238)]
+)
+def test_tinted_glass_is_glass(tmp_path: Path, tint: tuple[int, int, int]) -> None:
+    """Before: dim glass tinted by yellowed mounting medium or a scanner's cast, (205, 195,
+    170), was coloured (saturation 0.17) and not bright (grey 0.77): all of it tissue."""
+    scan, truth = _tinted(tint)
+    Image.fromarray(scan).save(tmp_path / "tinted.png")
+    with Slide(tmp_path / "tinted.png", mpp=0.5) as slide:
+        mask = detect_tissue(slide)
+    full = _full_resolution(mask, truth.shape)
+    assert full[~truth].mean() < 0.005
+    assert full[truth].mean() > 0.97
+    if tint == (238, 238, 238):  # untinted glass: colours taken as they are
+        assert mask.glass is None
+    else:  # the glass colour measured (the gradient darkens it by up to 8 %)
+        assert mask.glass is not None
+        np.testing.assert_allclose(mask.glass, tint, rtol=0.1)
+        assert all(g <= t + 3 for g, t in zip(mask.glass, tint, strict=True))
+
+
+def test_all_tissue_and_stain_tinted_glass_are_taken_as_they_are(tmp_path: Path) -> None:
+    """No glass to measure against (a field of tissue, tinted or not), and glass tinted in the
+    stains' own hues (pink: it cannot be told from pale eosin): no white balance."""
+    field = he_image("hgsc_nest.jpg")[:768, :768].astype(np.float64)
+    for name, pixels in {
+        "field": field,
+        "yellow_field": field * np.array([205, 195, 170]) / 238,
+        "pink_glass": _tinted((235, 200, 220))[0].astype(np.float64),
+    }.items():
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+        with Slide(tmp_path / f"{name}.png", mpp=0.5) as slide:
+            mask = detect_tissue(slide)
+        assert mask.glass is None, name
+        if name != "pink_glass":
+            assert mask.tissue_share > 0.95, name

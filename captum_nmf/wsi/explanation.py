@@ -190,6 +190,7 @@ class SlideExplanation:
             "tissue_saturation_threshold": (
                 None if self.tissue is None else self.tissue.saturation_threshold
             ),
+            "tissue_glass": None if self.tissue is None else self.tissue.glass,
         }
         text = json.dumps(meta, sort_keys=True)
         tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
@@ -244,6 +245,7 @@ class SlideExplanation:
                     (float(info["tissue_downsample"][0]), float(info["tissue_downsample"][1])),
                     info["tissue_threshold"],
                     info.get("tissue_saturation_threshold"),
+                    glass=_glass(info.get("tissue_glass")),
                 )
             return cls(
                 concept_maps=arrays["concept_maps"],
@@ -266,3 +268,16 @@ class SlideExplanation:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ConceptModelFormatError(f"{file} has incomplete metadata ({exc!r}).") from exc
+
+
+def _glass(value: object) -> tuple[int, int, int] | None:
+    """A saved glass colour (three ints in [0, 255], or null); files before it have none."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)
+    ):
+        raise ValueError(f"tissue_glass must be three ints in [0, 255] or null, got {value!r}")
+    return (value[0], value[1], value[2])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 from skimage import color, filters, measure, morphology
 
 from captum_nmf.wsi.reader import Slide
@@ -44,6 +45,10 @@ class TissueMask:
                     or unstained scan), so detection by colour found nothing
                     to go on; messages then say how to detect by brightness.
                     Default: False
+        glass (tuple[int, int, int], optional): the tinted glass colour that
+                    :func:`detect_tissue` measured colours against (RGB), or
+                    None when they were taken as they are.
+                    Default: None
 
     Raises:
         ValueError: ``mask`` is not 2-D or is empty, or a downsample is not positive.
@@ -54,6 +59,7 @@ class TissueMask:
     threshold: float | None = None
     saturation_threshold: float | None = None
     greyscale: bool = False
+    glass: tuple[int, int, int] | None = None
     _integral: NDArray[np.int64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +198,18 @@ _DARK_VALUE = 0.15
 #: glass of a small image (a 100 um patch) is not a speck to remove or a hole to fill.
 _MAX_OBJECT_SHARE = 0.05
 _FALLBACK_MPP = 0.5  # slides without mpp: scales as for a 20x scan
+#: Glass: smooth (grey-level std over 5 x 5 thumbnail pixels below this) and bright
+#: (brightest channel at least ``_GLASS_VALUE``) pixels of one colour (within
+#: ``_GLASS_SPREAD`` per channel) covering at least ``_GLASS_SHARE`` of the thumbnail.
+_GLASS_TEXTURE = 0.02
+_GLASS_VALUE = 0.5
+_GLASS_SPREAD = 0.04
+_GLASS_SHARE = 0.05
+#: A glass colour more saturated than this is not a tint of the glass (a pen stroke, a label).
+_GLASS_MAX_SATURATION = 0.35
+#: Hues of the stains themselves (violet through pink to red, HSV hue >= 0.69 or < 0.03):
+#: glass of such a tint cannot be told from pale eosin, so it is never corrected for.
+_STAIN_HUES = (0.03, 0.69)
 
 
 def _otsu(values: NDArray[np.floating]) -> float | None:
@@ -199,6 +217,35 @@ def _otsu(values: NDArray[np.floating]) -> float | None:
     if float(np.ptp(values)) < 1e-6:
         return None
     return float(filters.threshold_otsu(values))  # type: ignore[no-untyped-call]
+
+
+def _tinted_glass(rgb: NDArray[np.floating], low: float) -> NDArray[np.float64] | None:
+    """The colour of tinted glass on an RGB thumbnail in [0, 1], or None (none, or not tinted).
+
+    Glass is the largest population of smooth, bright pixels of one colour
+    (texture, brightness and spread as set by ``_GLASS_*``). It is returned
+    only when it is tinted (HSV saturation at least ``low``, the lower bound of
+    the saturation threshold, so that it would count as coloured), but not
+    strongly (``_GLASS_MAX_SATURATION``), and not in the stains' own hues.
+    """
+    grey = rgb.mean(axis=2)
+    mean = ndimage.uniform_filter(grey, 5)
+    texture = np.sqrt(np.clip(ndimage.uniform_filter(grey * grey, 5) - mean * mean, 0, None))
+    smooth = (texture < _GLASS_TEXTURE) & (rgb.max(axis=2) >= _GLASS_VALUE)
+    if smooth.sum() < _GLASS_SHARE * grey.size:
+        return None
+    colours = rgb[smooth]
+    bins = np.minimum(np.floor(colours * 32), 31).astype(np.int64)  # 8 counts a step
+    keys = (bins[:, 0] * 32 + bins[:, 1]) * 32 + bins[:, 2]
+    centre = colours[keys == np.bincount(keys).argmax()].mean(axis=0)
+    near = np.abs(colours - centre).max(axis=1) <= _GLASS_SPREAD
+    if near.sum() < _GLASS_SHARE * grey.size:
+        return None
+    glass: NDArray[np.float64] = np.median(colours[near], axis=0)
+    hue, sat, _ = color.rgb2hsv(glass[None, None])[0, 0]
+    if not low <= sat <= _GLASS_MAX_SATURATION or not _STAIN_HUES[0] <= hue < _STAIN_HUES[1]:
+        return None
+    return glass
 
 
 def pen_marks(pixels: NDArray[np.uint8]) -> NDArray[np.bool_]:
@@ -289,6 +336,16 @@ def detect_tissue(
     - **not bright**: grey level below Otsu's threshold on grey levels, but
       never below ``min_threshold``.
 
+    Both are measured against the glass when it is tinted: where smooth,
+    bright pixels of one colour cover at least 5 % of the thumbnail and that
+    colour is itself coloured (saturation at least the lower bound, at most
+    0.35, in a hue the stains do not have: yellow, brown, green or blue),
+    every pixel is divided by it first (a white balance), so that yellowed
+    mounting medium or a scanner's colour cast is glass, not tissue. The
+    colour is recorded as :attr:`TissueMask.glass`. Glass tinted in the
+    stains' own hues (violet to red) cannot be told from pale eosin and is
+    taken as it is.
+
     A uniform or nearly uniform thumbnail has no Otsu split and only the
     bounds apply, so a blank or near-blank slide, and a grey or black one
     however dark, has no tissue. The mask is then closed (bridging gaps of
@@ -341,7 +398,7 @@ def detect_tissue(
 
     Returns:
         *TissueMask*: the mask at the thumbnail's resolution, with the grey
-        and saturation thresholds used.
+        and saturation thresholds used and the tinted glass colour, if any.
 
     Raises:
         ValueError: the slide is closed; ``threshold``, ``saturation_threshold``,
@@ -391,6 +448,9 @@ def detect_tissue(
     thumb = slide.read_thumbnail(size, on_tile_error=on_tile_error, progress=progress)
     pixels, downsample = thumb.pixels, thumb.downsample
     rgb = pixels.astype(np.float64) / 255.0
+    glass = _tinted_glass(rgb, low)
+    if glass is not None:  # colours and brightness measured against the glass (white balance)
+        rgb = np.minimum(rgb / glass, 1.0)
     grey = color.rgb2gray(rgb)
     hsv = color.rgb2hsv(rgb)
     sat = np.where(hsv[..., 2] < _DARK_VALUE, 0.0, hsv[..., 1])  # near black: no colour
@@ -430,7 +490,12 @@ def detect_tissue(
             mask[r0 : math.ceil((y + h) / dy), c0 : math.ceil((x + w) / dx)] = False
     colourless = bool(np.percentile(sat, 99) < _GREYSCALE_SATURATION)
     return TissueMask(
-        mask, downsample, float(threshold), float(saturation_threshold), greyscale=colourless
+        mask,
+        downsample,
+        float(threshold),
+        float(saturation_threshold),
+        greyscale=colourless,
+        glass=None if glass is None else tuple(int(v) for v in np.round(glass * 255)),
     )
 
 
