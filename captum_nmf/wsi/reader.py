@@ -68,8 +68,10 @@ _PLAIN_NAME = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}
 def _image_format(path: Path) -> str | None:
     """PIL's name for the image format of ``path`` (from its first bytes), or None."""
     try:
-        with Image.open(path) as image:  # identifies the format; decodes nothing
-            return str(image.format) if image.format else None
+        with warnings.catch_warnings():  # a damaged file's complaints: not ours to pass on
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:  # identifies the format; decodes nothing
+                return str(image.format) if image.format else None
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
         return None
 
@@ -218,10 +220,17 @@ class Slide:
             return "image"
         kind = _image_format(self.path)
         if kind is not None:  # an image under another name: said so, not "not a slide"
+            plain = _PLAIN_NAME.get(kind, ".png")
+            what = (  # a slide's own container: a damaged slide looks the same
+                f"a TIFF file that OpenSlide cannot read as a slide: a damaged or truncated "
+                f"slide, or a plain (untiled) TIFF image under a slide's name "
+                f"({self.path.suffix or 'no suffix'}). If it is a plain image"
+                if kind == "TIFF"
+                else f"a {kind} image, not a slide OpenSlide can read under its name "
+                f"({self.path.suffix or 'no suffix'}). To read it as a plain image"
+            )
             raise UnsupportedSlideError(
-                f"{self.path} is a {kind} image, not a slide OpenSlide can read under its "
-                f"name ({self.path.suffix or 'no suffix'}). To read it as a plain image "
-                f"(whole, one level; give mpp=), name it {_PLAIN_NAME.get(kind, '.png')}"
+                f"{self.path} is {what} (whole, one level; give mpp=), name it {plain}"
                 + ("." if self._allow_plain else " and pass allow_plain_images=True.")
             )
         raise UnsupportedSlideError(
