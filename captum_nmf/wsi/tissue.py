@@ -206,6 +206,9 @@ _GLASS_VALUE = 0.5
 _GLASS_SPREAD = 0.04
 _GLASS_SHARE = 0.05
 _GLASS_PIXELS = 250_000  # thumbnail pixels looked at for the glass, at most
+#: Tinted glass is made this neutral grey (240 of 255, the glass of an untinted scan):
+#: a white balance to 1.0 would brighten the tissue too, and lose its palest parts.
+_GLASS_GREY = 240 / 255
 #: A glass colour more saturated than this is not a tint of the glass (a pen stroke, a label).
 _GLASS_MAX_SATURATION = 0.35
 #: Hues of the stains themselves (violet through pink to red, HSV hue >= 0.69 or < 0.03):
@@ -345,8 +348,10 @@ def detect_tissue(
     bright pixels of one colour cover at least 5 % of the thumbnail and that
     colour is itself coloured (saturation at least the lower bound, at most
     0.35, in a hue the stains do not have: yellow, brown, green or blue),
-    every pixel is divided by it first (a white balance), so that yellowed
-    mounting medium or a scanner's colour cast is glass, not tissue. The
+    every pixel is first scaled, channel by channel, so that the glass
+    becomes the neutral grey of untinted glass (240 of 255; a white
+    balance): yellowed mounting medium or a scanner's colour cast is then
+    glass, not tissue, and the tissue on it is found as on clear glass. The
     colour is recorded as :attr:`TissueMask.glass`. Glass tinted in the
     stains' own hues (violet to red) cannot be told from pale eosin and is
     taken as it is.
@@ -455,7 +460,7 @@ def detect_tissue(
     rgb = pixels.astype(np.float64) / 255.0
     glass = _tinted_glass(rgb, low)
     if glass is not None:  # colours and brightness measured against the glass (white balance)
-        rgb = np.minimum(rgb / glass, 1.0)
+        rgb = np.minimum(rgb * (_GLASS_GREY / glass), 1.0)
     grey = color.rgb2gray(rgb)
     hsv = color.rgb2hsv(rgb)
     sat = np.where(hsv[..., 2] < _DARK_VALUE, 0.0, hsv[..., 1])  # near black: no colour
