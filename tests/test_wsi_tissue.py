@@ -489,17 +489,24 @@ def test_tinted_glass_is_glass(tmp_path: Path, tint: tuple[int, int, int]) -> No
 
 
 def test_all_tissue_and_stain_tinted_glass_are_taken_as_they_are(tmp_path: Path) -> None:
-    """No glass to measure against (a field of tissue, tinted or not), and glass tinted in the
-    stains' own hues (pink: it cannot be told from pale eosin): no white balance."""
+    """No glass to measure against (a field of tissue, tinted or not), a smooth tinted region
+    of tissue along one side of a crop (a pool of mucin: not around the sections, as glass
+    is), and glass tinted in the stains' own hues (pink: it cannot be told from pale eosin):
+    no white balance."""
     field = he_image("hgsc_nest.jpg")[:768, :768].astype(np.float64)
+    mucin = field.copy()
+    mucin[:, :300] = np.array([200, 190, 150]) + np.random.default_rng(0).uniform(
+        -3, 3, (768, 300, 3)
+    )
     for name, pixels in {
         "field": field,
         "yellow_field": field * np.array([205, 195, 170]) / 238,
+        "smooth_side": mucin,
         "pink_glass": _tinted((235, 200, 220))[0].astype(np.float64),
     }.items():
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
         with Slide(tmp_path / f"{name}.png", mpp=0.5) as slide:
             mask = detect_tissue(slide)
         assert mask.glass is None, name
-        if name != "pink_glass":
+        if name != "pink_glass":  # the smooth region was tissue before, and stays tissue
             assert mask.tissue_share > 0.95, name

@@ -200,11 +200,14 @@ _MAX_OBJECT_SHARE = 0.05
 _FALLBACK_MPP = 0.5  # slides without mpp: scales as for a 20x scan
 #: Glass: smooth (grey-level std over 5 x 5 thumbnail pixels below this) and bright
 #: (brightest channel at least ``_GLASS_VALUE``) pixels of one colour (within
-#: ``_GLASS_SPREAD`` per channel) covering at least ``_GLASS_SHARE`` of the thumbnail.
+#: ``_GLASS_SPREAD`` per channel) covering at least ``_GLASS_SHARE`` of the thumbnail...
 _GLASS_TEXTURE = 0.02
 _GLASS_VALUE = 0.5
 _GLASS_SPREAD = 0.04
 _GLASS_SHARE = 0.05
+#: ... and at least this share of a frame along the border, this share of the thumbnail wide.
+_GLASS_BORDER = 0.5
+_GLASS_FRAME = 0.02
 _GLASS_PIXELS = 250_000  # thumbnail pixels looked at for the glass, at most
 #: Tinted glass is made this neutral grey (240 of 255, the glass of an untinted scan):
 #: a white balance to 1.0 would brighten the tissue too, and lose its palest parts.
@@ -226,10 +229,15 @@ def _otsu(values: NDArray[np.floating]) -> float | None:
 def _tinted_glass(rgb: NDArray[np.floating], low: float) -> NDArray[np.float64] | None:
     """The colour of tinted glass on an RGB thumbnail in [0, 1], or None (none, or not tinted).
 
-    Glass is the largest population of smooth, bright pixels of one colour
-    (texture, brightness and spread as set by ``_GLASS_*``). It is returned
-    only when it is tinted (HSV saturation at least ``low``, the lower bound of
-    the saturation threshold, so that it would count as coloured), but not
+    Glass surrounds the sections, so it is looked for on the thumbnail's
+    border: the commonest colour of the smooth, bright pixels of a frame
+    ``_GLASS_FRAME`` of the thumbnail wide (texture, brightness and spread as
+    set by ``_GLASS_*``). Those of that colour must cover at least
+    ``_GLASS_BORDER`` of the frame and ``_GLASS_SHARE`` of the thumbnail; a
+    smooth region of tissue (a pool of mucin, cartilage) inside the slide, or
+    along one side of a crop, is not glass. The colour is returned only when
+    it is tinted (HSV saturation at least ``low``, the lower bound of the
+    saturation threshold, so that it would count as coloured), but not
     strongly (``_GLASS_MAX_SATURATION``), and not in the stains' own hues.
     A thumbnail of more than ``_GLASS_PIXELS`` pixels is looked at on every
     n-th row and column (glass is large): 0.04 s instead of 0.56 s at 2048 x 1600.
@@ -240,16 +248,19 @@ def _tinted_glass(rgb: NDArray[np.floating], low: float) -> NDArray[np.float64] 
     mean = ndimage.uniform_filter(grey, 5)
     texture = np.sqrt(np.clip(ndimage.uniform_filter(grey * grey, 5) - mean * mean, 0, None))
     smooth = (texture < _GLASS_TEXTURE) & (rgb.max(axis=2) >= _GLASS_VALUE)
-    if smooth.sum() < _GLASS_SHARE * grey.size:
+    frame = np.zeros(grey.shape, dtype=bool)
+    width = max(1, round(_GLASS_FRAME * min(grey.shape)))
+    frame[:width], frame[-width:], frame[:, :width], frame[:, -width:] = True, True, True, True
+    edge = rgb[smooth & frame]
+    if len(edge) < _GLASS_BORDER * frame.sum():
         return None
-    colours = rgb[smooth]
-    bins = np.minimum(np.floor(colours * 32), 31).astype(np.int64)  # 8 counts a step
+    bins = np.minimum(np.floor(edge * 32), 31).astype(np.int64)  # 8 counts a step
     keys = (bins[:, 0] * 32 + bins[:, 1]) * 32 + bins[:, 2]
-    centre = colours[keys == np.bincount(keys).argmax()].mean(axis=0)
-    near = np.abs(colours - centre).max(axis=1) <= _GLASS_SPREAD
-    if near.sum() < _GLASS_SHARE * grey.size:
+    centre = edge[keys == np.bincount(keys).argmax()].mean(axis=0)
+    near = smooth & (np.abs(rgb - centre).max(axis=2) <= _GLASS_SPREAD)
+    if near[frame].sum() < _GLASS_BORDER * frame.sum() or near.sum() < _GLASS_SHARE * grey.size:
         return None
-    glass: NDArray[np.float64] = np.median(colours[near], axis=0)
+    glass: NDArray[np.float64] = np.median(rgb[near], axis=0)
     hue, sat, _ = color.rgb2hsv(glass[None, None])[0, 0]
     if not low <= sat <= _GLASS_MAX_SATURATION or not _STAIN_HUES[0] <= hue < _STAIN_HUES[1]:
         return None
