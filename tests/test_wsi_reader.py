@@ -192,6 +192,21 @@ def test_an_image_under_a_slide_name_is_named_as_that_image(
         assert slide.dimensions == (32, 16)
 
 
+def test_other_image_formats_and_huge_pages_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    Image.fromarray(_flat(32, 16, 128)).save(tmp_path / "scan.svs", format="GIF")
+    with pytest.raises(UnsupportedSlideError, match=r"scan\.svs is a GIF image.*save it as PNG"):
+        Slide(tmp_path / "scan.svs")
+    # a later page over PIL's decompression-bomb limit is refused as page 0 would be
+    big = _pages(tmp_path / "big.tif", _flat(16, 8, 10), _flat(64, 32, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # page 0: 128 px; page 1: 2,048 px
+    with pytest.raises(UnsupportedSlideError, match=r"big\.tif is too large.*page 1 has 2048"):
+        Slide(big)
+
+
 # ----------------------------------------------------------------- bad files (rows 1-3)
 def test_missing_file_is_file_not_found_before_openslide(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -221,6 +221,12 @@ class Slide:
         kind = _image_format(self.path)
         if kind is not None:  # an image under another name: said so, not "not a slide"
             plain = _PLAIN_NAME.get(kind, ".png")
+            if kind not in _PLAIN_NAME:  # GIF, WebP, ...: not one of the plain formats
+                raise UnsupportedSlideError(
+                    f"{self.path} is a {kind} image, not a slide OpenSlide can read. To read "
+                    "it as a plain image (whole, one level; give mpp=), save it as PNG or TIFF "
+                    "(e.g. PIL: Image.open(path).convert('RGB').save('slide.png'))."
+                )
             what = (  # a slide's own container: a damaged slide looks the same
                 f"a TIFF file that OpenSlide cannot read as a slide: a damaged or truncated "
                 f"slide, or a plain (untiled) TIFF image under a slide's name "
@@ -259,6 +265,11 @@ class Slide:
         page = max(range(pages), key=lambda i: (sizes[i][0] * sizes[i][1], -i))
         image.seek(page)
         w, h = sizes[page]
+        limit = Image.MAX_IMAGE_PIXELS  # PIL checked page 0 only, when it opened the file
+        if limit is not None and w * h > 2 * limit:
+            raise Image.DecompressionBombError(
+                f"page {page} has {w * h} pixels, over twice PIL's limit of {limit}"
+            )
         ignored = [
             i
             for i, (pw, ph) in enumerate(sizes)
