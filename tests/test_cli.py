@@ -126,6 +126,19 @@ def test_fit_explain_export_analyse(
             ],
             "has no callable 'no_such_net'",
         ),
+        (  # random weights, another network in every command: refused before any work
+            [
+                "fit",
+                "--model",
+                "torchvision:resnet18",
+                "--layer",
+                "l4",
+                "--out",
+                "c.safetensors",
+                "s",
+            ],
+            "--model torchvision:resnet18 needs --weights FILE (its state dict",
+        ),
         (
             ["fit", *MODEL[:2], "--layer", "head", *MODEL[4:], "--out", "c.safetensors", str(CMU)],
             "--layer 'head' is not a submodule of the model",

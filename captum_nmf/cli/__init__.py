@@ -5,7 +5,8 @@ Every command exits 0 on success; on any error it prints one line
 2 for bad command-line usage), with the traceback only under ``--debug``.
 
 Models are given as ``--model torchvision:vgg16`` (any torchvision model
-builder, random weights unless ``--weights``), ``--model
+builder; ``--weights`` required, since torchvision's builders are random without
+a download), ``--model
 package.module:factory`` (any importable callable returning an ``nn.Module``;
 like any Python import, this imports and runs that module's code)
 or ``--model zoo:efficientnet_lite0`` (the offline ImageNet model), with

@@ -51,16 +51,26 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
 
     Args:
         spec (str): the ``--model`` value.
-        weights (str, optional): the ``--weights`` file.
-                    Default: None (the factory's own weights; random for torchvision)
+        weights (str, optional): the ``--weights`` file; required for
+                    ``torchvision:NAME`` (torchvision's builders are random without
+                    a download).
+                    Default: None (the factory's own weights)
 
     Returns:
         *nn.Module*: the model in eval mode, on the CPU (unless the factory put it elsewhere).
 
     Raises:
-        CLIError: a bad spec, an unknown model or factory, or unreadable weights.
+        CLIError: a bad spec, an unknown model or factory, a torchvision model
+                    without ``weights``, or unreadable weights.
     """
     module_name, name, factory = _factory(spec)
+    if spec.startswith("torchvision:") and weights is None:  # random, and new in every process
+        raise CLIError(
+            f"--model {spec} needs --weights FILE (its state dict, .safetensors or .pth): "
+            "torchvision builds the network with random weights (its pretrained ones are "
+            "downloaded, which this command never does), so fit, explain and export would "
+            "each see another random network."
+        )
     kwargs: dict[str, Any] = {"weights": None} if spec.startswith("torchvision:") else {}
     try:
         model = factory(**kwargs)
