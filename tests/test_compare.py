@@ -321,8 +321,12 @@ def test_analyse_with_one_label_notes_the_missing_surrogate() -> None:
     attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(x, progress=False)
     result = analyse(attr, x, cam_methods=("gradcam",), progress=False)
     assert result.surrogate is None
-    assert "same predicted label" in result.notes[0]
+    assert "every tile is predicted as the target label 1 (predicted labels: 1)" in result.notes[0]
     assert list(result.cams) == ["gradcam"]
+    # every tile predicted as the target is said so (it was "the same label (<first tile's>)",
+    # even when the tiles' labels differed and none was the target)
+    other = analyse(attr, x, target=0, cam_methods=("gradcam",), progress=False)
+    assert "no tile is predicted as the target label 0 (predicted labels: 1)" in other.notes[0]
 
 
 def test_analyse_bad_input() -> None:

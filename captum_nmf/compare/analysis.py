@@ -367,9 +367,17 @@ def analyse(
         )
     surrogate = None
     binary = np.where(predictions == target, 1, 0)
-    if len(np.unique(binary)) < 2:
+    if len(np.unique(binary)) < 2:  # the surrogate predicts "label == target": one class
+        labels = np.unique(predictions)
+        said = (
+            f"every tile is predicted as the target label {target}"
+            if binary.all()
+            else f"no tile is predicted as the target label {target}"
+        )
+        shown = ", ".join(str(int(v)) for v in labels[:5]) + (", ..." if len(labels) > 5 else "")
         notes.append(
-            f"every tile has the same predicted label ({int(predictions[0])}): no surrogate model."
+            f"{said} (predicted labels: {shown}): no surrogate model; choose a target that some "
+            "tiles are predicted as and others are not."
         )
     else:
         try:
