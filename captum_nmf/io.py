@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "FORMAT_VERSIONS",
     "atomic_write",
     "atomic_write_all",
+    "claim_outputs",
     "content_digest",
     "default_file_mode",
     "format_version",
@@ -230,6 +231,75 @@ def sha256_file(path: str | os.PathLike[str], *, block: int = 1 << 20) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def claim_outputs(
+    directory: str | os.PathLike[str],
+    record: str,
+    names: Sequence[str],
+    legacy: Callable[[dict[str, Any]], Sequence[str]],
+) -> list[Path]:
+    """Check that writing ``names`` into ``directory`` replaces only files captum-nmf wrote.
+
+    A folder of tables (an analysis, a K sweep) is ours through its JSON
+    ``record``, written last, whose ``"files"`` maps each file written with
+    it to its SHA-256. Files written before that key existed are named by
+    ``legacy(record)`` and taken as ours without a digest.
+
+    Args:
+        directory (str or PathLike): the output folder (it may not exist yet).
+        record (str): the record's file name, e.g. ``"analysis.json"``.
+        names (Sequence[str]): the files about to be written (the record among them).
+        legacy (Callable): the files a record without ``"files"`` names.
+
+    Returns:
+        *list[Path]*: files of the previous write that this one does not
+        write again (stale: to remove once the new files are in).
+
+    Raises:
+        FileExistsError: a file about to be written is not one the record
+                    lists (someone else's), or was edited since it was
+                    written (its digest differs), or the record itself is
+                    not one of ours (unreadable, or without a file list).
+    """
+    out = Path(directory)
+    path = out / record
+    recorded: dict[str, str | None] = {}
+    if path.exists():
+        try:
+            recorded = _recorded_files(path, legacy)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise FileExistsError(
+                f"{path} is not a record captum-nmf wrote ({exc}); choose another folder, or "
+                "move the file away."
+            ) from None
+    for name in dict.fromkeys([*names, *recorded]):
+        target = out / name
+        if name == record or not target.exists():
+            continue
+        if name not in recorded:
+            raise FileExistsError(
+                f"{target} was not written by captum-nmf (its {record} does not list it); "
+                "choose another folder, or move the file away."
+            )
+        digest = recorded[name]
+        if digest is not None and sha256_file(target) != digest:
+            raise FileExistsError(
+                f"{target} was edited since captum-nmf wrote it; move it away (or choose "
+                "another folder) to write new results."
+            )
+    return [out / n for n in recorded if n not in names and n != record and (out / n).exists()]
+
+
+def _recorded_files(
+    path: Path, legacy: Callable[[dict[str, Any]], Sequence[str]]
+) -> dict[str, str | None]:
+    """The files a record lists, with their digests (None for a record without a file list)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    files = data.get("files")  # AttributeError: not a JSON object
+    if files is None:  # written before the file list: its fixed names
+        return {str(n): None for n in legacy(data)}
+    return {str(n): str(d) for n, d in dict(files).items()}
 
 
 def content_digest(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:

@@ -144,6 +144,21 @@ def test_fit_explain_export_analyse(
             "--layer 'head' is not a submodule of the model",
         ),
         (["export", "missing_dir", "--out", "x"], "file not found"),
+        (  # the output folder is checked before the model is even built
+            [
+                "analyse",
+                "--model",
+                "tv:x",
+                "--layer",
+                "l",
+                "--concepts",
+                "c",
+                "--out",
+                __file__,
+                "s",
+            ],
+            "exists and is not a directory; choose a folder",
+        ),
     ],
 )
 def test_errors_are_one_line(

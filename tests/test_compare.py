@@ -329,6 +329,35 @@ def test_analyse_with_one_label_notes_the_missing_surrogate() -> None:
     assert "no tile is predicted as the target label 0 (predicted labels: 1)" in other.notes[0]
 
 
+def test_saving_an_analysis_again_replaces_only_its_own_files(tmp_path: Path) -> None:
+    """Before: a user's analysis.md was replaced, and an analysis without a surrogate left
+    the last one's surrogate.csv beside it."""
+    net = ColourNet().eval()
+    x = _colour_tiles()
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=2, random_state=0).fit(x, progress=False)
+    out = tmp_path / "analysis"
+    with_surrogate = analyse(attr, x, n_tiles=40, cam_methods=("gradcam",), progress=False)
+    with_surrogate.save(out)
+    assert (out / "surrogate.csv").is_file()
+    legacy = json.loads((out / "analysis.json").read_text())
+    without = analyse(attr, x[:20], cam_methods=("gradcam",), progress=False)  # one label
+    assert without.surrogate is None
+    without.save(out)
+    assert not (out / "surrogate.csv").exists()  # the stale table is gone
+    del legacy["files"]  # a folder written before the file list: its tables are ours
+    (out / "analysis.json").write_text(json.dumps(legacy))
+    with_surrogate.save(out)
+    (out / "analysis.md").write_text("my reading of it")
+    with pytest.raises(FileExistsError, match=r"analysis\.md was edited since captum-nmf wrote"):
+        without.save(out)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "analysis.md").write_text("a user's notes")
+    with pytest.raises(FileExistsError, match=r"analysis\.md was not written by captum-nmf"):
+        without.save(theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["analysis.md"]
+
+
 def test_analyse_bad_input() -> None:
     net = ColourNet()
     with pytest.raises(NotFittedError):

@@ -275,6 +275,37 @@ def test_outputs_markdown_csv_json_figure_and_save(
     assert (out / "select_k_concepts.csv").read_text().count("\n") == 1 + sum(r.ks)
 
 
+def test_saving_again_replaces_only_its_own_files(
+    planted_result: KSelection, tmp_path: Path
+) -> None:
+    """Before: a user's select_k.md or select_k.png in the folder was replaced without a word."""
+    r, out = planted_result, tmp_path / "sk"
+    r.save(out, figure=b"png one")
+    r.save(out, figure=b"png two")  # ours: replaced
+    assert (out / "select_k.png").read_bytes() == b"png two"
+    assert set(json.loads((out / "select_k.json").read_text())["files"]) == {
+        "select_k.csv",
+        "select_k_concepts.csv",
+        "select_k.md",
+        "select_k.png",
+    }
+    r.save(out)  # a sweep without a figure: the last one's is removed, not left beside it
+    assert not (out / "select_k.png").exists()
+    (out / "select_k.md").write_text("my notes")  # edited since: never replaced
+    with pytest.raises(FileExistsError, match=r"select_k\.md was edited since captum-nmf wrote"):
+        r.save(out)
+    assert (out / "select_k.md").read_text() == "my notes"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "select_k.png").write_bytes(b"a user's figure")
+    with pytest.raises(FileExistsError, match=r"select_k\.png was not written by captum-nmf"):
+        r.save(theirs, figure=b"png")
+    assert sorted(p.name for p in theirs.iterdir()) == ["select_k.png"]  # nothing written
+    (theirs / "select_k.json").write_text("[1, 2]")
+    with pytest.raises(FileExistsError, match=r"select_k\.json is not a record captum-nmf wrote"):
+        r.save(theirs)
+
+
 # ---------------------------------------------------------------- bad input
 def _never_twice(x: Tensor) -> Iterator[Tensor]:
     yield x[:8]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -108,6 +109,17 @@ def _check_writable(folder: Path) -> None:
         raise CLIError(
             f"cannot write into {anchor} ({exc.strerror or exc}); choose another --out."
         ) from None
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse an ``--out`` folder that is a file or cannot be written, before any work.
+
+    Raises:
+        CLIError: naming the flag and what to do.
+    """
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; choose a folder.")
+    _check_writable(out)
 
 
 # ------------------------------------------------------------------ commands
@@ -220,7 +232,12 @@ def analyse(args: argparse.Namespace) -> int:
     """``captum-nmf analyse``: the paper's analyses on a sample of slide tiles."""
     from captum_nmf import NMFConceptAttribution
     from captum_nmf.compare import analyse as run_analyses
+    from captum_nmf.compare.analysis import RECORD, legacy_files
+    from captum_nmf.io import claim_outputs
 
+    out = Path(args.out)
+    _check_output_folder(out)  # before the analyses, not after them
+    claim_outputs(out, RECORD, ["analysis.md", RECORD], legacy_files)
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)
@@ -234,7 +251,7 @@ def analyse(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
-    result.save(args.out)
+    result.save(out)
     print(result.to_markdown())
     return 0
 
@@ -374,13 +391,13 @@ def name(args: argparse.Namespace) -> int:
 
 def select_k(args: argparse.Namespace) -> int:
     """``captum-nmf select-k``: error and stability against K on slide tiles; a recommended K."""
+    from captum_nmf.compare.kselection import RECORD, legacy_files
     from captum_nmf.compare.selection import select_k as sweep
-    from captum_nmf.io import atomic_write
+    from captum_nmf.io import claim_outputs
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory.")
-    _check_writable(out)  # before the sweep, not after it
+    _check_output_folder(out)  # before the sweep, not after it
+    claim_outputs(out, RECORD, [*legacy_files({}), RECORD], legacy_files)
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)
@@ -397,14 +414,16 @@ def select_k(args: argparse.Namespace) -> int:
         random_state=args.seed,
         progress=not args.no_progress,
     )
-    result.save(out)
+    figure = None
     try:
         from captum_nmf.viz import plot_select_k
     except ImportError:  # pragma: no cover - the viz extra is missing: tables only
         pass
     else:
-        with atomic_write(out / "select_k.png", "wb") as fh:
-            plot_select_k(result).savefig(fh, format="png", dpi=120)
+        buffer = io.BytesIO()
+        plot_select_k(result).savefig(buffer, format="png", dpi=120)
+        figure = buffer.getvalue()
+    result.save(out, figure=figure)  # the figure written with the tables, listed in the record
     print(result.to_markdown())
     return 0
 

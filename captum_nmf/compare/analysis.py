@@ -32,7 +32,7 @@ from captum_nmf.compare.metrics import (
     weight_correlation,
 )
 from captum_nmf.compare.tables import Table
-from captum_nmf.io import atomic_write_all
+from captum_nmf.io import atomic_write_all, claim_outputs, sha256_bytes
 
 __all__ = ["AnalysisResult", "TileSample", "analyse", "sample_tiles"]
 
@@ -222,29 +222,54 @@ class AnalysisResult:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``analysis.json`` (all tables and numbers), one CSV per table and ``analysis.md``.
 
+        All are written atomically and together, the record ``analysis.json``
+        last; it lists the other files with their SHA-256. Writing again into
+        the folder replaces only those files, and removes the tables the new
+        analysis has not (a ``surrogate.csv`` of an earlier target).
+
+        Args:
+            directory (str or PathLike): created if missing.
+
         Returns:
             *Path*: the directory.
+
+        Raises:
+            FileExistsError: the folder holds a file of one of these names
+                        that captum-nmf did not write, or one edited since
+                        (nothing is written).
         """
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         tables = self.tables()
-        files = [out / f"{name}.csv" for name in tables]
+        texts = {f"{name}.csv": t.to_csv() for name, t in tables.items()}
+        texts["analysis.md"] = self.to_markdown()
+        stale = claim_outputs(out, RECORD, [*texts, RECORD], legacy_files)
         data = {
             "n_tiles": self.n_tiles,
             "notes": self.notes,
-            "tables": {name: t.to_dict() for name, t in self.tables().items()},
+            "tables": {name: t.to_dict() for name, t in tables.items()},
             "surrogate_metrics": None if self.surrogate is None else self.surrogate.metrics,
             "predicted_label_counts": {
                 str(int(v)): int((self.predictions == v).sum()) for v in np.unique(self.predictions)
             },
+            "files": {n: sha256_bytes(t.encode("utf-8")) for n, t in texts.items()},
         }
-        texts = [t.to_csv() for t in tables.values()]
-        texts += [self.to_markdown(), json.dumps(data, indent=2)]
-        files += [out / "analysis.md", out / "analysis.json"]  # the record last
-        with atomic_write_all(files) as handles:
-            for handle, text in zip(handles, texts, strict=True):
+        texts[RECORD] = json.dumps(data, indent=2)  # the record last
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write_all([out / n for n in texts], newline="") as handles:
+            for handle, text in zip(handles, texts.values(), strict=True):
                 handle.write(text)
+        for path in stale:  # a table of the last analysis that this one has not (surrogate.csv)
+            path.unlink(missing_ok=True)
         return out
+
+
+#: The record of an analysis folder: written last, it lists the files written with it.
+RECORD = "analysis.json"
+
+
+def legacy_files(record: dict[str, Any]) -> list[str]:
+    """The files an ``analysis.json`` written before its file list names: its tables, the text."""
+    return [f"{name}.csv" for name in record.get("tables", {})] + ["analysis.md"]
 
 
 def _check_cam_methods(cam_methods: Any) -> tuple[CamMethod, ...]:

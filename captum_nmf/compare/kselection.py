@@ -14,9 +14,18 @@ from numpy.typing import NDArray
 
 from captum_nmf.compare.stability import ConceptStability
 from captum_nmf.compare.tables import Table
-from captum_nmf.io import atomic_write_all
+from captum_nmf.io import atomic_write_all, claim_outputs, sha256_bytes
 
 __all__ = ["KSelection"]
+
+#: The record of a K sweep's folder: written last, it lists the files written with it.
+RECORD = "select_k.json"
+
+
+def legacy_files(record: dict[str, Any]) -> list[str]:
+    """The files a ``select_k.json`` written before its file list names (fixed names)."""
+    return ["select_k.csv", "select_k_concepts.csv", "select_k.md", "select_k.png"]
+
 
 _PERTURBATION_TEXT = {
     "resample": "each on a seeded half of the training tiles",
@@ -240,23 +249,44 @@ class KSelection:
             "stable_cosine": self.stable_cosine,
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
+    def save(self, directory: str | os.PathLike[str], *, figure: bytes | None = None) -> Path:
         """Write ``select_k.csv``, ``select_k_concepts.csv``, ``select_k.md`` and ``select_k.json``.
 
-        All four are written atomically and together (the JSON record last):
-        an error leaves every file as it was.
+        All are written atomically and together (the JSON record last, listing
+        the other files with their SHA-256): an error leaves every file as it
+        was. Writing again into the folder replaces only the files it lists.
 
         Args:
             directory (str or PathLike): created if missing.
+            figure (bytes, optional): a PNG of the sweep (e.g.
+                        :func:`~captum_nmf.viz.plot_select_k` saved to bytes),
+                        written with them as ``select_k.png``.
+                        Default: None
 
         Returns:
             *Path*: the directory.
+
+        Raises:
+            FileExistsError: the folder holds a file of one of these names
+                        that captum-nmf did not write, or one edited since
+                        (nothing is written).
         """
         out = Path(directory)
+        blobs = {
+            "select_k.csv": self.to_csv().encode("utf-8"),
+            "select_k_concepts.csv": self.concept_table().to_csv().encode("utf-8"),
+            "select_k.md": self.to_markdown().encode("utf-8"),
+        }
+        if figure is not None:
+            blobs["select_k.png"] = bytes(figure)
+        stale = claim_outputs(out, RECORD, [*blobs, RECORD], legacy_files)
+        record = json.loads(self.to_json())
+        record["files"] = {n: sha256_bytes(b) for n, b in blobs.items()}
+        blobs[RECORD] = json.dumps(record, indent=2).encode("utf-8")  # the record last
         out.mkdir(parents=True, exist_ok=True)
-        names = ["select_k.csv", "select_k_concepts.csv", "select_k.md", "select_k.json"]
-        texts = [self.to_csv(), self.concept_table().to_csv(), self.to_markdown(), self.to_json()]
-        with atomic_write_all([out / n for n in names]) as handles:
-            for handle, text in zip(handles, texts, strict=True):
-                handle.write(text)
+        with atomic_write_all([out / n for n in blobs], "wb", encoding=None) as handles:
+            for handle, blob in zip(handles, blobs.values(), strict=True):
+                handle.write(blob)
+        for path in stale:  # the figure of an earlier sweep, when this one has none
+            path.unlink(missing_ok=True)
         return out
