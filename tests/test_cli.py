@@ -143,7 +143,7 @@ def test_fit_explain_export_analyse(
             ["fit", *MODEL[:2], "--layer", "head", *MODEL[4:], "--out", "c.safetensors", str(CMU)],
             "--layer 'head' is not a submodule of the model",
         ),
-        (["export", "missing_dir", "--out", "x"], "file not found"),
+        (["export", "missing_dir", "--out", "x"], "missing_dir does not exist: give the folder"),
         (  # the output folder is checked before the model is even built
             [
                 "analyse",
@@ -515,3 +515,18 @@ def test_keep_freed_memory_defers_to_the_users_own_malloc_settings(
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
     assert keep_freed_memory() is False
+
+
+def test_export_of_a_cohort_folder_names_its_slides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "Captum-nmf/slide-explanation file not found: cohort/explanation.safetensors"."""
+    cohort = tmp_path / "cohort"
+    (cohort / "slide_a").mkdir(parents=True)
+    (cohort / "cohort.json").write_text("{}")
+    (cohort / "slide_a" / "manifest.json").write_text("{}")
+    code, _, err = _run(["export", str(cohort), "--out", str(tmp_path / "x")], capsys)
+    assert code == 1
+    assert "is a cohort folder: export one slide at a time" in err
+    assert f"(e.g. {cohort / 'slide_a'})" in err
+    assert not (tmp_path / "x").exists()

@@ -284,8 +284,20 @@ def _check_finished(run: Path) -> None:
     Raises:
         CLIError: the run's manifest says it is still running (or was stopped).
     """
+    from captum_nmf.wsi.cohort import COHORT_FILE
     from captum_nmf.wsi.runner import MANIFEST_FILE
 
+    if not run.exists():
+        raise CLIError(
+            f"{run} does not exist: give the folder that 'captum-nmf explain --out' wrote."
+        )
+    if run.is_dir() and (run / COHORT_FILE).is_file():  # a cohort: one folder per slide
+        slides = sorted(p.name for p in run.iterdir() if (p / MANIFEST_FILE).is_file())[:3]
+        example = f" (e.g. {run / slides[0]})" if slides else ""
+        raise CLIError(
+            f"{run} is a cohort folder: export one slide at a time, from its own folder in "
+            f"it{example}; {COHORT_FILE} lists the slides and their folders."
+        )
     try:
         manifest = json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
