@@ -119,6 +119,8 @@ def to_geojson(
         *dict*: a GeoJSON FeatureCollection, one feature per concept present,
         with ``properties.classification`` = ``{"name", "color": [r, g, b]}``,
         ``objectType`` ``"annotation"`` and the concept's ``cells`` and ``area_px``.
+        Polygons are clipped to the slide (cells along its right and bottom
+        edges reach past it), so ``area_px`` counts slide pixels only.
 
     Raises:
         ValueError: ``names`` of the wrong length.
@@ -130,12 +132,16 @@ def to_geojson(
     labels = _names(explanation, names)
     colours = _rgb255(k)
     ox, oy = explanation.origin
+    width, height = explanation.dimensions
+    slide = shapely.box(0, 0, width, height)  # cells along the edges reach past the slide
     features = []
     for j in range(k):
         geometry = concept_polygons(explanation.assignment, j, explanation.cell_size)
         if geometry.is_empty:
             continue
-        geometry = shapely.affinity.translate(geometry, ox, oy)
+        geometry = _polygonal(shapely.affinity.translate(geometry, ox, oy).intersection(slide))
+        if geometry.is_empty:
+            continue
         features.append(
             {
                 "type": "Feature",
@@ -161,6 +167,16 @@ def to_geojson(
         with atomic_write(target) as fh:
             fh.write(json.dumps(collection))
     return collection
+
+
+def _polygonal(geometry: Any) -> Any:
+    """The polygons of ``geometry`` (a clip can leave lines and points where it only touches)."""
+    import shapely
+
+    if geometry.geom_type in ("Polygon", "MultiPolygon"):
+        return geometry
+    parts = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
 def _feature_id(explanation: Any, concept: int) -> uuid.UUID:

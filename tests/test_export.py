@@ -93,6 +93,23 @@ def test_geojson_for_qupath(tmp_path: Path, slide_path: Path) -> None:
         to_geojson(ex, names=["only one"])
 
 
+def test_geojson_polygons_end_at_the_slide_edge(slide_path: Path) -> None:
+    """Cells along the right and bottom edges reach past the slide: before, polygons went to
+    y = 2976 on a 2967 px slide and area_px counted the pixels outside it."""
+    import dataclasses
+
+    ex = dataclasses.replace(_hand_made(slide_path), dimensions=(72, 75))  # 16 px cells to 80
+    features = to_geojson(ex)["features"]
+    stroma, tumour = (shapely.geometry.shape(f["geometry"]) for f in features)
+    assert stroma.bounds == (0.0, 0.0, 72.0, 75.0)
+    # [0, 72] x [0, 75] less the tumour's square [16, 64]^2, by hand
+    assert features[0]["properties"]["area_px"] == 72 * 75 - 48 * 48
+    assert features[0]["properties"]["cells"] == 16  # cells are counted as before
+    assert features[1]["properties"]["area_px"] == 48 * 48 - 16 * 16  # inside: unchanged
+    assert stroma.is_valid
+    assert tumour.is_valid
+
+
 def test_geojson_of_a_real_explanation(tmp_path: Path) -> None:
     path = tissue_on_white(tmp_path / "t.svs", (384, 320), (96, 64, 224, 192))
     net = PoolNet().eval()
