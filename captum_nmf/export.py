@@ -448,8 +448,11 @@ def slide_summary(
                     Default: None (the path the explanation recorded)
 
     Returns:
-        *dict*: ``{"slide", "tissue_cells", "concepts": [{name, area_fraction,
-        mean_intensity, top_tiles: [{x, y, mean_weight, crop}]}]}``.
+        *dict*: ``{"slide", "tissue_cells", "cell_size_px", "failed_tiles",
+        "unexplained_tissue_cells", "concepts": [{name, area_fraction,
+        mean_intensity, top_tiles: [{x, y, mean_weight, crop}]}]}``; the
+        tissue cells that only unreadable tiles covered are counted in
+        ``unexplained_tissue_cells``, not in ``tissue_cells``.
 
     Raises:
         ValueError: ``top_n`` < 1, ``names`` of the wrong length, or a
@@ -468,6 +471,10 @@ def slide_summary(
         "slide": explanation.slide_path,
         "tissue_cells": n_tissue,
         "cell_size_px": explanation.cell_size,
+        # tiles that could not be read (on_tile_error="skip"), and the tissue cells only
+        # they covered: not explained, and not among the tissue_cells the shares count
+        "failed_tiles": len(explanation.failed_tiles),
+        "unexplained_tissue_cells": int(np.asarray(explanation.unexplained_cells).sum()),
         "concepts": [],
     }
     out = None if out_dir is None else Path(out_dir)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -530,3 +531,18 @@ def test_export_of_a_cohort_folder_names_its_slides(
     assert "is a cohort folder: export one slide at a time" in err
     assert f"(e.g. {cohort / 'slide_a'})" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.filterwarnings("default::captum_nmf.exceptions.CaptumNMFWarning")  # not errors
+def test_warnings_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: Python's two-line format with the library's file and line."""
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((32, 64, 3), v, np.uint8)) for v in (10, 20)]
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    code, _, err = _run(["info", str(tmp_path / "stack.tif")], capsys)
+    assert code == 0
+    assert err.startswith("captum-nmf: warning: ")
+    assert "stack.tif has 2 pages; reading page 0" in err
+    assert err.count("\n") == 1
+    assert ".py:" not in err

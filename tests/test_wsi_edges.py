@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from captum_nmf import NMFConceptAttribution
+from captum_nmf.exceptions import UnreadableRegionWarning
 from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
 from captum_nmf.wsi.regions import tissue_cells
 from tests.helpers.synthetic_slides import CMU, flip_tile_marker, he_image, tissue_on_white
@@ -119,15 +120,16 @@ def test_cells_only_failed_tiles_reached_are_nan_at_the_edge_too(
 ) -> None:
     broken = tmp_path / "corner.svs"
     flip_tile_marker(CMU, broken, tile_index=0)  # the top-left 240 px JPEG tile
-    ex = explain_slide(
-        attr,
-        broken,
-        tile_size=240,
-        stride=120,
-        tissue_mask=None,
-        on_tile_error="skip",
-        progress=False,
-    )
+    with pytest.warns(UnreadableRegionWarning, match=r"1024 tissue cells that only they"):
+        ex = explain_slide(
+            attr,
+            broken,
+            tile_size=240,
+            stride=120,
+            tissue_mask=None,
+            on_tile_error="skip",
+            progress=False,
+        )
     # every tile whose 240 px window touches the broken JPEG tile fails: (0, 0), (0, 120),
     # (120, 0), (120, 120)
     assert sorted(map(tuple, ex.failed_tiles.tolist())) == [(0, 0), (0, 120), (120, 0), (120, 120)]

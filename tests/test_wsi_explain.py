@@ -23,7 +23,9 @@ from captum_nmf.exceptions import (
     RunStateError,
     SlideNotFoundError,
     SlideReadError,
+    UnreadableRegionWarning,
 )
+from captum_nmf.export import slide_summary
 from captum_nmf.wsi import SlideExplanation, SlideTiles, explain_slide, write_pyramid
 from tests.helpers import runs
 from tests.helpers.synthetic_slides import (
@@ -233,11 +235,21 @@ def test_unreadable_tiles_raise_or_become_nan(
     kwargs = {"tile_size": 240, "stride": 240, "border": 0, "tissue_mask": None}
     with pytest.raises(SlideReadError, match=r"broken\.svs"):
         _explain(pool_attr, broken, **kwargs)
-    ex = _explain(pool_attr, broken, on_tile_error="skip", **kwargs)
+    with pytest.warns(  # said, not silent: before, only failed_tiles held it
+        UnreadableRegionWarning,
+        match=r"broken\.svs: 1 of \d+ tiles could not be read .* 900 tissue cells that only "
+        r"they covered are not explained",
+    ):
+        ex = _explain(pool_attr, broken, on_tile_error="skip", **kwargs)
     assert ex.failed_tiles.tolist() == [[bx, by]]
     r0, c0 = by // 8, bx // 8
     lost = ex.concept_maps[:, r0 : r0 + 30, c0 : c0 + 30]
     assert np.isnan(lost).all()  # never silently zero
+    assert ex.unexplained_cells.sum() == 900  # the broken tile's 30 x 30 cells
+    assert ex.unexplained_cells[r0 : r0 + 30, c0 : c0 + 30].all()
+    summary = slide_summary(ex)  # the summary says so too, beside the tissue it counts
+    assert (summary["failed_tiles"], summary["unexplained_tissue_cells"]) == (1, 900)
+    assert summary["tissue_cells"] == int(ex.tissue_mask.sum())
     assert (ex.assignment[r0 : r0 + 30, c0 : c0 + 30] == -1).all()
     assert np.isnan(ex.tile_outputs).any(axis=1).sum() == 1  # type: ignore[union-attr]
     assert np.isfinite(np.delete(ex.concept_maps, np.s_[r0 : r0 + 30], axis=1)).all()

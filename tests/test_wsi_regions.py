@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from captum_nmf import NMFConceptAttribution
-from captum_nmf.exceptions import SlideReadError
+from captum_nmf.exceptions import SlideReadError, UnreadableRegionWarning
 from captum_nmf.wsi import Slide, SlideTiles, detect_tissue, explain_slide, write_pyramid
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from tests.helpers.cohort_faults import InterruptAfter
@@ -151,7 +151,8 @@ def test_unreadable_region_raises_or_becomes_nan(
     kwargs = {"region_size": 480, "region_margin": 16, "tissue_mask": None}
     with pytest.raises(SlideReadError, match=r"broken\.svs"):
         _regions(attr, broken, **kwargs)
-    ex = _regions(attr, broken, on_tile_error="skip", **kwargs)
+    with pytest.warns(UnreadableRegionWarning, match=r"broken\.svs: 4 of \d+ regions could not"):
+        ex = _regions(attr, broken, on_tile_error="skip", **kwargs)
     # every region whose window (interior + 16 px of context) touches the broken tile fails
     corners = ex.tile_locations
     touches = (

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from captum_nmf.cli.allocator import keep_freed_memory
 from captum_nmf.cli.commands import COMMANDS
@@ -37,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()  # this process is ours: no page faults per batch (allocator.py)
     try:
         fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # one line each, as errors are (Python's own format with --debug)
+                warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"captum-nmf: interrupted{_after_interrupt(args)}", file=sys.stderr)
         return 130
@@ -47,6 +52,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"captum-nmf: error: {flag_spelling(message)}", file=sys.stderr)
         return 1
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line ``captum-nmf: warning: <message>`` on stderr, in flag spelling."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    print(f"captum-nmf: warning: {flag_spelling(text)}", file=sys.stderr if file is None else file)
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:

@@ -95,6 +95,12 @@ class SlideExplanation:
         return (self.counts > 0) & self.tissue_cells
 
     @property
+    def unexplained_cells(self) -> NDArray[np.bool_]:
+        """Hc x Wc: tissue cells that only unreadable tiles covered (NaN in ``concept_maps``)."""
+        cells: NDArray[np.bool_] = np.isnan(self.concept_maps).any(axis=0) & self.tissue_cells
+        return cells
+
+    @property
     def tile_cells(self) -> int:
         """Cells along one side of a tile (tile size / cell size in output pixels)."""
         return max(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
-from captum_nmf.exceptions import NoTissueError, RunStateError
+from captum_nmf.exceptions import NoTissueError, RunStateError, UnreadableRegionWarning
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
 from captum_nmf.wsi.run.config import (
@@ -437,6 +438,17 @@ def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanati
         corners = plan.regions[:, [1, 0]] * plan.cell - grid.margin
         locations = np.round(corners * grid.resolution.scale).astype(np.int64)
     border = getattr(assembler, "border", config["border"])
+    if len(failed):  # the cells only these tiles covered are NaN, outside the tissue counted
+        lost = int((tissue & np.isnan(maps).any(axis=0)).sum())
+        warnings.warn(
+            f"{Path(grid.path).name}: {len(failed)} of {assembler.n_units} "
+            f"{'regions' if plan.regions is not None else 'tiles'} could not be read and were "
+            f"skipped (on_tile_error='skip'); {lost} tissue cells that only they covered are "
+            "not explained (NaN in concept_maps, left out of the tissue that area shares "
+            "count). Their level-0 corners are in failed_tiles.",
+            UnreadableRegionWarning,
+            stacklevel=4,  # explain_slide's caller
+        )
     return SlideExplanation(
         concept_maps=maps,
         assignment=assignment,
