@@ -413,14 +413,16 @@ def test_resume_when_the_first_chunks_could_not_be_read(
         "on_tile_error": "skip",
         "chunk_tiles": 1,  # one tile row (10 tiles) per chunk
     }
-    reference = _explain(pool_attr, broken, **kwargs)
+    with pytest.warns(UnreadableRegionWarning, match="10 of 130 tiles could not be read"):
+        reference = _explain(pool_attr, broken, **kwargs)
     assert len(reference.failed_tiles) == 10
     out = tmp_path / "run"
     _Interrupt(monkeypatch, at=25)  # in the third chunk: the first holds only failed tiles
     with pytest.raises(KeyboardInterrupt):
         _explain(pool_attr, broken, out_dir=out, **kwargs)
     monkeypatch.undo()
-    resumed = _explain(pool_attr, broken, out_dir=out, resume=True, **kwargs)
+    with pytest.warns(UnreadableRegionWarning, match="10 of 130 tiles could not be read"):
+        resumed = _explain(pool_attr, broken, out_dir=out, resume=True, **kwargs)
     assert np.array_equal(resumed.failed_tiles, reference.failed_tiles)
     assert np.array_equal(resumed.concept_maps, reference.concept_maps, equal_nan=True)
     assert np.isnan(resumed.concept_maps[:, :30]).all()
