@@ -17,6 +17,7 @@ import torchvision
 from captum_nmf import NMFConceptAttribution
 from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import (
+    CaptumNMFWarning,
     ConceptModelFormatError,
     NotFittedError,
     NoTissueError,
@@ -142,6 +143,23 @@ def test_real_svs_with_tissue_detection(pool_attr: NMFConceptAttribution) -> Non
     assert ex.tissue.mask[ij].mean() > 0.9
     assert (ex.assignment[~ex.tissue_mask] == -1).all()
     assert (ex.counts[~ex.tissue_cells] > 0).any()  # background inside tissue tiles keeps weights
+
+
+def test_slide_mpp_is_for_slides_without_one() -> None:
+    """Before: slide_mpp=0.25 (--slide-mpp) replaced the 0.499 um/px an Aperio slide records,
+    without a word: read at twice the resolution asked, and exported at the wrong scale."""
+    from captum_nmf.wsi import Slide
+
+    said = r"records 0\.499 um per pixel: the slide_mpp of 0\.25"
+    with pytest.warns(CaptumNMFWarning, match=said):
+        tiles = SlideTiles(CMU, tile_size=256, mpp=0.5, slide_mpp=0.25, tissue_mask=None)
+    assert tiles.grids[0].resolution.scale == 1.0  # its own 0.499 um/px: within 2 % of 0.5
+    with Slide(data_path("hgsc_nest.jpg"), fallback_mpp=0.25) as plain:
+        assert plain.mpp == 0.25  # a slide without one takes it
+    with Slide(CMU, fallback_mpp=0.5) as close:  # within 2 %: nothing to say
+        assert close.mpp == pytest.approx(0.499)
+    with pytest.raises(ValueError, match="fallback_mpp must be a positive number"):
+        Slide(CMU, fallback_mpp=0)
 
 
 def test_plain_jpeg_at_a_target_mpp(pool_attr: NMFConceptAttribution) -> None:

@@ -67,7 +67,7 @@ def _tile_args(p: argparse.ArgumentParser) -> None:
         "--slide-mpp",
         type=float,
         default=None,
-        help="microns per level-0 pixel, for slides without that metadata",
+        help="microns per level-0 pixel, for slides without that metadata (a slide's own wins)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")

@@ -483,7 +483,7 @@ class TileBatches:
         self.on_tile_error = on_tile_error
         self.pin_memory = pin_memory
         self.slide_mpp = slide_mpp
-        self.slide = Slide(grid.path, mpp=slide_mpp)
+        self.slide = Slide(grid.path, fallback_mpp=slide_mpp)
         self.reader = BlockReader(self.slide, grid)
         self._own_pool = pool is None and threads > 1
         self._pool = (
@@ -500,7 +500,7 @@ class TileBatches:
         """This thread's own handle of the slide (OpenSlide errors are per handle)."""
         slide = getattr(self._local, "slide", None)
         if slide is None:
-            slide = self._local.slide = Slide(self.grid.path, mpp=self.slide_mpp)
+            slide = self._local.slide = Slide(self.grid.path, fallback_mpp=self.slide_mpp)
             with self._lock:
                 self._handles.append(slide)
         return slide

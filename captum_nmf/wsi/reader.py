@@ -133,6 +133,11 @@ class Slide:
         background (tuple[int, int, int], optional): RGB colour that
                     transparent (out-of-slide) pixels are composited onto.
                     Default: ``(255, 255, 255)``
+        fallback_mpp (float, optional): microns per level-0 pixel for a slide
+                    that does not record them (``slide_mpp`` of the slide
+                    functions); a slide that does keeps its own, and a
+                    different value is warned about (``mpp`` overrides).
+                    Default: None
 
     Attributes:
         path (Path): the slide file.
@@ -164,6 +169,7 @@ class Slide:
         mpp: float | None = None,
         allow_plain_images: bool = True,
         background: tuple[int, int, int] = (255, 255, 255),
+        fallback_mpp: float | None = None,
     ) -> None:
         self.path = Path(path)
         self._check_file()
@@ -174,6 +180,12 @@ class Slide:
             )
         if mpp is not None and not is_positive_number(mpp):
             raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}.")
+        if fallback_mpp is not None and not is_positive_number(fallback_mpp):
+            raise ValueError(
+                "fallback_mpp must be a positive number of microns per pixel, got "
+                f"{fallback_mpp!r}."
+            )
+        self._fallback_mpp = None if fallback_mpp is None else float(fallback_mpp)
         if len(background) != 3 or not all(
             isinstance(v, numbers.Integral) and 0 <= int(v) <= 255 for v in background
         ):
@@ -188,6 +200,21 @@ class Slide:
         self._handle: OpenSlide | ImageSlide | None = None
         self._lost = False  # a failed read's reopen failed too: the next read reopens
         self.vendor = self._open()
+        if self._fallback_mpp is not None and self._mpp_override is None:
+            self._check_fallback()
+
+    def _check_fallback(self) -> None:
+        """Warn when ``fallback_mpp`` differs from the slide's own mpp (which wins)."""
+        own = _positive(self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X))
+        fallback = self._fallback_mpp
+        if own is not None and fallback is not None and abs(own - fallback) > 0.02 * own:
+            warnings.warn(
+                f"{self.path.name} records {own:g} um per pixel: the slide_mpp of {fallback:g} "
+                "(for slides without that metadata) is not used for it. To override a "
+                f"slide's own scale, open it as Slide(path, mpp={fallback:g}).",
+                CaptumNMFWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ opening
     def _open(self) -> str:
@@ -349,7 +376,13 @@ class Slide:
         # Handles cannot cross processes; a copy reopens the file.
         return (
             _reopen_slide,
-            (str(self.path), self._mpp_override, self._allow_plain, self.background),
+            (
+                str(self.path),
+                self._mpp_override,
+                self._allow_plain,
+                self.background,
+                self._fallback_mpp,
+            ),
         )
 
     # ----------------------------------------------------------------- metadata
@@ -386,6 +419,8 @@ class Slide:
             return self._mpp_override
         properties = self._osr().properties
         mpp = _positive(properties.get(openslide.PROPERTY_NAME_MPP_X))
+        if mpp is None:  # none recorded: the fallback, if any
+            return self._fallback_mpp
         mpp_y = _positive(properties.get(openslide.PROPERTY_NAME_MPP_Y))
         if (
             mpp is not None
@@ -761,9 +796,21 @@ def _read_error(
 
 
 def _reopen_slide(
-    path: str, mpp: float | None, allow_plain: bool, background: tuple[int, int, int]
+    path: str,
+    mpp: float | None,
+    allow_plain: bool,
+    background: tuple[int, int, int],
+    fallback_mpp: float | None = None,
 ) -> Slide:
-    return Slide(path, mpp=mpp, allow_plain_images=allow_plain, background=background)
+    with warnings.catch_warnings():  # said when this slide was first opened
+        warnings.simplefilter("ignore", CaptumNMFWarning)
+        return Slide(
+            path,
+            mpp=mpp,
+            allow_plain_images=allow_plain,
+            background=background,
+            fallback_mpp=fallback_mpp,
+        )
 
 
 def _positive(value: str | None) -> float | None:

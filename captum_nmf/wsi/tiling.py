@@ -387,7 +387,7 @@ class SlideHandles:
             self._pid = os.getpid()
         slide = self._open.get(path)
         if slide is None or slide.closed:
-            slide = self._open[path] = Slide(path, mpp=self.slide_mpp)
+            slide = self._open[path] = Slide(path, fallback_mpp=self.slide_mpp)
             while len(self._open) > self.limit:  # bounded file handles per process
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(path)
@@ -484,7 +484,7 @@ class SlideTiles(Dataset[tuple[Tensor | None, int]]):
             raise ValueError("one TissueMask cannot serve several slides; pass 'otsu' or None.")
         grids = []
         for item in items:
-            with Slide(item, mpp=slide_mpp) as slide:
+            with Slide(item, fallback_mpp=slide_mpp) as slide:
                 grids.append(
                     tile_grid(
                         slide,

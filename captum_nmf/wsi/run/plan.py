@@ -100,7 +100,7 @@ def make_plan(
         torch.OutOfMemoryError: the device cannot hold the forward of one image.
     """
     region = options.mode == "region"
-    with Slide(path, mpp=options.slide_mpp) as slide:
+    with Slide(path, fallback_mpp=options.slide_mpp) as slide:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EmptyTileGridWarning)
             grid = tile_grid(
