@@ -546,3 +546,26 @@ def test_warnings_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "stack.tif has 2 pages; reading page 0" in err
     assert err.count("\n") == 1
     assert ".py:" not in err
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_library_log_records_are_one_line_without_debug(
+    debug: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a cohort's failed slides printed their tracebacks (30 lines for two slides)."""
+    import logging
+
+    from captum_nmf.cli import commands
+
+    def failing_cohort(args: object) -> int:
+        log = logging.getLogger("captum_nmf.wsi.cohort")
+        log.error("slide %s failed (attempt %d):\n%s", "a.svs", 1, "Traceback (most recent...)")
+        return 1
+
+    monkeypatch.setitem(commands.COMMANDS, "info", failing_cohort)
+    code, _, err = _run(["info", "a.svs", *(["--debug"] if debug else [])], capsys)
+    assert code == 1
+    if debug:
+        assert "Traceback (most recent...)" in err
+    else:
+        assert err == "captum-nmf: slide a.svs failed (attempt 1):\n"

@@ -222,6 +222,19 @@ def test_messages_use_flag_spellings() -> None:
         "give Slide(path, mpp=...) the resolution": "give --slide-mpp MPP the resolution",
         "use mode='tile'.": "use --mode tile.",
         "out_dir runs/c holds": "--out runs/c holds",
+        # before: the Python names of fit's, select-k's, export's and explain's arguments
+        "n_epochs must be >= 1, got 0; pass e.g. n_epochs=1.": (
+            "--epochs must be >= 1, got 0; pass e.g. --epochs 1."
+        ),
+        "max_locations_per_batch must be >= 1, got 0.": "--max-locations must be >= 1, got 0.",
+        "got -1; pass e.g. random_state=0.": "got -1; pass e.g. --seed 0.",
+        "ks is empty; pass at least one K, e.g. ks=range(2, 13).": (
+            "--ks is empty; pass at least one K, e.g. --ks 2-12."
+        ),
+        "a different configuration (n_concepts: recorded 4, now 2)": (
+            "a different configuration (K (of --concepts): recorded 4, now 2)"
+        ),
+        "pass slide='scan.svs' for the crops": "pass --slide 'scan.svs' for the crops",
     }
     known = _flags(build_parser())
     for message, expected in cases.items():

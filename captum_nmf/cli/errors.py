@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 __all__ = ["CLIError", "flag_spelling"]
 
@@ -13,7 +14,7 @@ class CLIError(Exception):
 
 # The library's messages name its Python arguments; on the command line they name the flags.
 # None: the argument's own name as a flag (tile_size=64 -> --tile-size 64).
-_SPELLINGS: tuple[tuple[str, str | None], ...] = (
+_SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] = (
     (r"\bresume=True\b", "--resume"),
     (r"\bresume=False\b", "no --resume"),
     (r"\boverwrite=True\b", "--overwrite"),
@@ -24,8 +25,18 @@ _SPELLINGS: tuple[tuple[str, str | None], ...] = (
     (r"\bslide_mpp=", "--slide-mpp "),
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
     (r"\bpass level= or mpp=", "pass --level or --mpp"),
+    (r"\bn_concepts(?=: recorded)", "K (of --concepts)"),  # explain's K is its concepts'
     (r"\bn_concepts=(?=\S)", "--k "),
     (r"\bn_concepts\b", "--k"),
+    (r"\bn_epochs=(?=\S)", "--epochs "),
+    (r"\bn_epochs\b", "--epochs"),
+    (r"\bmax_locations_per_batch=(?=\S)", "--max-locations "),
+    (r"\bmax_locations_per_batch\b", "--max-locations"),
+    (r"\brandom_state=(?=\S)", "--seed "),
+    (r"\brandom_state\b", "--seed"),
+    (r"\bks=range\((\d+), (\d+)\)", lambda m: f"--ks {m.group(1)}-{int(m.group(2)) - 1}"),
+    (r"\bks\b(?= is empty)", "--ks"),
+    (r"\bslide=(?=['\"])", "--slide "),
     (
         r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size|top_n|level"
         r"|mpp)=(?=[^\s,])",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 from captum_nmf.cli.allocator import keep_freed_memory
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()  # this process is ours: no page faults per batch (allocator.py)
     try:
         fit_threads_to_cpus()  # no more threads than a container's CPU quota (threads.py)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _library_log(args.debug):
             if not args.debug:  # one line each, as errors are (Python's own format with --debug)
                 warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
@@ -65,6 +67,35 @@ def _show_warning(
     """A warning as one line ``captum-nmf: warning: <message>`` on stderr, in flag spelling."""
     text = str(message).splitlines()[0] if str(message) else category.__name__
     print(f"captum-nmf: warning: {flag_spelling(text)}", file=sys.stderr if file is None else file)
+
+
+class _FirstLine(logging.Formatter):
+    """A library log record as ``captum-nmf: <its first line>`` (tracebacks under --debug)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"captum-nmf: {record.getMessage().splitlines()[0]}"
+
+
+@contextlib.contextmanager
+def _library_log(debug: bool) -> Iterator[None]:
+    """The library's log records on stderr while a command runs: first lines, all with --debug.
+
+    A cohort logs each failed slide with its traceback; without a handler Python
+    would print every traceback (30 lines for two slides), besides the one-line
+    failures the command prints itself.
+    """
+    logger = logging.getLogger("captum_nmf")
+    handler = logging.StreamHandler(sys.stderr)
+    if not debug:
+        handler.setFormatter(_FirstLine())
+    before = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # not twice through a handler of the root logger
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = before
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:
