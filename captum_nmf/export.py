@@ -301,7 +301,8 @@ def write_overlay_tiff(
                     Default: 256
         slide_mpp (float, optional): microns per level-0 slide pixel, written
                     (times ``downsample``) into the description; None uses the
-                    slide's mpp recorded in the explanation, and 1.0 when unknown.
+                    slide's mpp recorded in the explanation, and writes none when
+                    the slide has none (a plain image).
                     Default: None
         names (sequence of str, optional): concept names for the description
                     (TIFF text is ASCII: other characters are written as
@@ -330,7 +331,7 @@ def write_overlay_tiff(
     cells, top = _overlay_cells(explanation, kind, concept, scale)
     w0, h0 = explanation.dimensions
     base = (max(1, round(h0 / down)), max(1, round(w0 / down)))
-    mpp = slide_mpp or explanation.config.get("slide_mpp") or 1.0
+    mpp = slide_mpp or explanation.config.get("slide_mpp")  # None: the slide has no scale
     levels = _slide_levels(explanation) if downsample is None else None
     if levels is None:
         levels = [base]
@@ -347,7 +348,9 @@ def write_overlay_tiff(
     )
     description = (
         f"Aperio Image Library v12.0.0\r\n{base[1]}x{base[0]} [0,0 {base[1]}x{base[0]}] "
-        f"({tile}x{tile}) RGBA|MPP = {float(mpp) * down:g}|{shown}"
+        f"({tile}x{tile}) RGBA|"
+        + ("" if mpp is None else f"MPP = {float(mpp) * down:g}|")  # no made-up scale
+        + shown
     )
     sources = [
         (

@@ -150,6 +150,14 @@ def test_overlay_tiff_reopens_in_openslide(tmp_path: Path, slide_path: Path) -> 
     with openslide.OpenSlide(str(small)) as osr:
         assert osr.dimensions == (6, 5)
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(8.0)
+    # a slide without a scale (a plain JPEG): none written (it was a made-up MPP = 1)
+    import dataclasses
+
+    unscaled = dataclasses.replace(ex, config={**ex.config, "slide_mpp": None})
+    plain = write_overlay_tiff(unscaled, tmp_path / "plain.tif", downsample=1, tile=16)
+    with openslide.OpenSlide(str(plain)) as osr:
+        assert osr.properties["openslide.vendor"] == "aperio"
+        assert "openslide.mpp-x" not in osr.properties
     intensity = write_overlay_tiff(
         ex, tmp_path / "c0.tif", kind="intensity", concept=0, downsample=16
     )

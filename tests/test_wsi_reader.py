@@ -13,6 +13,7 @@ import pytest
 
 from captum_nmf.data import path as data_path
 from captum_nmf.exceptions import (
+    CaptumNMFWarning,
     LargeThumbnailWarning,
     MultiPageImageWarning,
     SlideError,
@@ -453,6 +454,24 @@ def test_thumbnail_matches_openslide_and_never_upsamples() -> None:
         thumb, down = slide.thumbnail(2048)
     assert thumb.shape == (250, 300, 3)
     assert down == (1.0, 1.0)
+
+
+def test_a_tiff_at_a_print_resolution_has_no_scale() -> None:
+    """OpenSlide's fixture boxes.tiff has 72 dpi resolution tags, which OpenSlide reports as
+    352.8 um per pixel; before, that was the slide's scale (tiles chosen and overlays written
+    by it), without a word."""
+    with openslide.OpenSlide(str(DATA / "boxes.tiff")) as raw:
+        assert float(raw.properties["openslide.mpp-x"]) == pytest.approx(25400 / 72)
+    with Slide(DATA / "boxes.tiff") as slide:
+        said = r"boxes\.tiff records 352\.778 um per pixel \(72 dpi"
+        with pytest.warns(CaptumNMFWarning, match=said):
+            first = slide.mpp
+        assert first is None
+        assert slide.mpp is None  # said once
+    with Slide(DATA / "boxes.tiff", fallback_mpp=0.5) as given:  # the fallback applies, no word
+        assert given.mpp == 0.5
+    with Slide(CMU) as scan:  # a scanner's own scale is kept
+        assert scan.mpp == pytest.approx(0.499)
 
 
 def test_failed_reopen_during_retry_is_a_read_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,6 +62,9 @@ __all__ = [
 ]
 
 PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+#: A generic TIFF recording a coarser scale than this (1,016 dpi) has an image program's
+#: resolution tags (72 dpi is 352.8 um per pixel), not a scanner's: taken as unknown.
+_TIFF_MAX_MPP = 25.0
 _PLAIN_NAME = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}
 
 
@@ -193,6 +196,7 @@ class Slide:
         self._mpp_override = None if mpp is None else float(mpp)
         self._warned_pixels = False  # non-square pixels: said once per slide
         self._warned_pages = False  # a multi-page image's ignored pages: said once
+        self._warned_dpi = False  # a TIFF's print resolution taken as unknown: said once
         self._allow_plain = bool(allow_plain_images)
         self.background = tuple(int(v) for v in background)
         self.read_retries = 0
@@ -203,9 +207,31 @@ class Slide:
         if self._fallback_mpp is not None and self._mpp_override is None:
             self._check_fallback()
 
+    def _own_mpp(self) -> float | None:
+        """``openslide.mpp-x``, or None when absent or not a microscope's scale.
+
+        A generic TIFF's scale comes from its resolution tags, which image
+        programs set to a screen or print resolution (72, 96, 300 dpi: 352.8,
+        264.6, 84.7 um per pixel). Such a scale (coarser than
+        ``_TIFF_MAX_MPP``) is taken as unknown, with a warning once.
+        """
+        mpp = _positive(self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X))
+        if mpp is None or self.vendor != "generic-tiff" or mpp <= _TIFF_MAX_MPP:
+            return mpp
+        if not self._warned_dpi and self._fallback_mpp is None:  # with one, that scale is used
+            self._warned_dpi = True
+            warnings.warn(
+                f"{self.path.name} records {mpp:g} um per pixel ({25400 / mpp:.4g} dpi in its "
+                "TIFF resolution tags): an image program's screen or print resolution, not a "
+                "scan's; it is taken as unknown. Pass slide_mpp=MPP, the slide's real scale.",
+                CaptumNMFWarning,
+                stacklevel=3,
+            )
+        return None
+
     def _check_fallback(self) -> None:
         """Warn when ``fallback_mpp`` differs from the slide's own mpp (which wins)."""
-        own = _positive(self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X))
+        own = self._own_mpp()
         fallback = self._fallback_mpp
         if own is not None and fallback is not None and abs(own - fallback) > 0.02 * own:
             warnings.warn(
@@ -418,7 +444,7 @@ class Slide:
         if self._mpp_override is not None:
             return self._mpp_override
         properties = self._osr().properties
-        mpp = _positive(properties.get(openslide.PROPERTY_NAME_MPP_X))
+        mpp = self._own_mpp()
         if mpp is None:  # none recorded: the fallback, if any
             return self._fallback_mpp
         mpp_y = _positive(properties.get(openslide.PROPERTY_NAME_MPP_Y))
