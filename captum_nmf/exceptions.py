@@ -25,7 +25,8 @@ already catch ``ValueError``, ``FileNotFoundError`` or ``OSError`` keep working:
     ├── LargeThumbnailWarning
     ├── MultiPageImageWarning
     ├── UnreadableRegionWarning
-    └── LayerNameMismatchWarning
+    ├── LayerNameMismatchWarning
+    └── ModelMismatchWarning
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "LargeThumbnailWarning",
     "LayerError",
     "LayerNameMismatchWarning",
+    "ModelMismatchWarning",
     "MultiPageImageWarning",
     "NegativeActivationError",
     "NoTissueError",
@@ -183,6 +185,10 @@ class CamScaleWarning(CaptumNMFWarning):
 
 class LayerNameMismatchWarning(CaptumNMFWarning):
     """Emitted when a concept model is bound to a layer of another name but equal width."""
+
+
+class ModelMismatchWarning(CaptumNMFWarning):
+    """Emitted when concepts are bound to a model whose weights differ from those fitted on."""
 
 
 def _slide_read_error(

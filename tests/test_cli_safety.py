@@ -133,10 +133,10 @@ def test_bad_concept_files_fail_before_out_exists(
     # concepts of another layer (the 3-channel pooled image instead of the 4-channel relu)
     other = [*_explain(setup, out)]
     other[other.index("relu")] = "pool"
-    code, _, err = _run_warned(other, capsys)  # the warning is one line on stderr
-    assert re.search(r"captum-nmf: warning: .*fitted on layer 'relu'", err)
+    code, _, err = _run(other, capsys)  # refused (it was only a warning)
+    assert "do not fit this --model / --weights / --layer: Concepts were fitted on layer" in err
+    assert "strict" not in err
     assert code == 1
-    assert "expect 4 channels from layer 'relu' but layer 'pool' produced 3" in err
     assert not out.exists()
     assert _run(_explain(setup, out), capsys)[0] == 0  # the corrected rerun just works
 
@@ -630,3 +630,42 @@ def test_export_puts_slides_on_one_intensity_scale(
     assert code == 1
     assert "--intensity-scale must be a positive number, got -1.0" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_concepts_of_another_pipeline_are_refused_or_said(
+    tmp_path: Path, setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: concepts fitted with --normalize lite explained with imagenet (27 % of cells
+    changed concept), other --weights, another layer of the same width, or another
+    resolution: rc 0 and no word (a layer warning at most)."""
+    import torch
+
+    from tests.helpers.wsi_models import PoolNet
+
+    other_norm = _explain(setup, tmp_path / "a")
+    other_norm[other_norm.index("none")] = "imagenet"
+    code, _, err = _run(other_norm, capsys)
+    assert code == 1
+    assert "were fitted with --normalize none (now imagenet)" in err
+    assert not (tmp_path / "a").exists()
+    weights = PoolNet().state_dict()
+    weights["conv.weight"] = weights["conv.weight"] * 1.01  # a fine-tuned copy
+    torch.save(weights, tmp_path / "tuned.pt")
+    code, _, err = _run(
+        [
+            *_explain(setup, tmp_path / "b")[:-1],
+            "--weights",
+            str(tmp_path / "tuned.pt"),
+            str(setup[0]),
+        ],
+        capsys,
+    )
+    assert code == 1
+    assert "do not fit this --model / --weights / --layer" in err
+    assert "other weights" in err
+    other_tile = _explain(setup, tmp_path / "c")
+    other_tile[other_tile.index("64")] = "96"  # --tile-size 96: said, and run
+    code, _, err = _run_warned(other_tile, capsys)
+    assert code == 0, err
+    assert "captum-nmf: warning: --concepts" in err
+    assert "were fitted with --tile-size 64 (now 96)" in err

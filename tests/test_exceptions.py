@@ -29,6 +29,7 @@ from captum_nmf import exceptions as ex
         (ex.LargeThumbnailWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.UnreadableRegionWarning, (ex.CaptumNMFWarning, UserWarning)),
         (ex.MultiPageImageWarning, (ex.CaptumNMFWarning, UserWarning)),
+        (ex.ModelMismatchWarning, (ex.CaptumNMFWarning, UserWarning)),
     ],
 )
 def test_mro(cls: type, bases: tuple[type, ...]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from captum_nmf.exceptions import (
     ConceptModelFormatError,
     ConceptModelMismatchError,
     LayerNameMismatchWarning,
+    ModelMismatchWarning,
 )
 from captum_nmf.io import (
     FORMAT_NAME,
@@ -84,9 +86,41 @@ def test_load_onto_layer_with_other_channel_count(
     with pytest.raises(ConceptModelMismatchError, match="expects 5 channels from 'relu'.*has 4"):
         NMFConceptAttribution.load(path, other, other.conv)
     # A ReLU declares no channel count: refused at the first attribute.
-    loaded = NMFConceptAttribution.load(path, other, other.relu)
+    with pytest.warns(ModelMismatchWarning, match="other weights"):  # another network, too
+        loaded = NMFConceptAttribution.load(path, other, other.relu)
     with pytest.raises(ConceptModelMismatchError, match="expect 5 channels.*produced 4"):
         loaded.attribute(planted_maps(1, 3, 3))
+
+
+def test_concepts_loaded_onto_another_network_warn_or_raise(
+    tmp_path: Path, fitted: tuple[PlantedConceptNet, NMFConceptAttribution]
+) -> None:
+    """Before: nothing tied concepts to the network they were fitted on; the command line's
+    random torchvision networks and other --weights gave other maps without a word."""
+    net, attr = fitted
+    assert set(attr.provenance_) == {"weights_sha256"}
+    path = attr.save(tmp_path / "c.safetensors")
+    with warnings.catch_warnings():  # the same network (any copy of it): nothing to say
+        warnings.simplefilter("error")
+        same = NMFConceptAttribution.load(path, net, net.relu)
+        twin = copy.deepcopy(net)
+        NMFConceptAttribution.load(path, lambda x: twin(x).softmax(1), twin.relu)
+    assert same.provenance_ == attr.provenance_
+    with torch.no_grad():
+        twin.conv.weight.mul_(1.01)  # fine-tuned, re-trained, or other --weights
+    with pytest.warns(ModelMismatchWarning, match=r"fitted on a model with other weights"):
+        NMFConceptAttribution.load(path, twin, twin.relu)
+    with pytest.raises(ConceptModelMismatchError, match=r"other weights.*strict=True refuses"):
+        NMFConceptAttribution.load(path, twin, twin.relu, strict=True)
+    tensors, meta = load_tensors(path, required=("concepts",))
+    del meta["provenance"]  # a file written before the record: not checked
+    meta.pop("content_sha256", None)
+    meta.pop("integrity", None)
+    save_tensors(tmp_path / "old.safetensors", tensors, meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = NMFConceptAttribution.load(tmp_path / "old.safetensors", twin, twin.relu)
+    assert old.provenance_ == {}
 
 
 def test_layer_name_mismatch_warns_or_raises(

@@ -33,6 +33,12 @@ class ConceptSetMixin:
     #: :mod:`captum_nmf.compare.stability`, attached with its ``attach``), saved
     #: with the concepts; None until one is attached, and after a new fit.
     stability_: dict[str, Any] | None = None
+    #: What the concepts were fitted from, saved with them: ``"weights_sha256"`` of
+    #: the model (set by ``fit``; :meth:`load` warns when a model with other weights
+    #: is given, and refuses it with ``strict=True``), and whatever else a caller
+    #: records (the command line adds the tiling and the input normalisation).
+    #: Empty for concepts fitted before it existed.
+    provenance_: dict[str, Any] = {}  # noqa: RUF012 - replaced, never mutated, per instance
 
     def check_fitted(self, before: str = "attribute") -> None:
         """Raise unless the concepts are fitted (the estimator's own check)."""
@@ -81,8 +87,9 @@ class ConceptSetMixin:
 
         The file holds the K x C concepts and string metadata: format and
         library versions, K, C, layer name, negative-activation policy,
-        whether the layer input was used, and the solver settings. It is
-        written atomically. Nothing about the model itself is stored.
+        whether the layer input was used, the solver settings and
+        :attr:`provenance_` (the SHA-256 of the model's weights). It is
+        written atomically. The model itself is not stored.
 
         Args:
             path (str or PathLike): destination ending in ``.safetensors``.
@@ -120,7 +127,9 @@ class ConceptSetMixin:
             device_ids (list[int], optional): as in the constructor.
                         Default: None
             strict (bool, optional): raise instead of warn when the layer's
-                        name differs from the one saved.
+                        name differs from the one saved, or the model's weights
+                        from those the concepts were fitted on
+                        (``provenance_["weights_sha256"]``).
                         Default: False
             reshape_transform (Callable, optional): as in the constructor.
                         Default: None
@@ -131,8 +140,12 @@ class ConceptSetMixin:
         Raises:
             FileNotFoundError: ``path`` does not exist.
             ConceptModelFormatError: a pickle-based, corrupt, unknown or newer file.
-            ConceptModelMismatchError: the layer has another channel count (or
-                        another name with ``strict=True``).
+            ConceptModelMismatchError: the layer has another channel count (or,
+                        with ``strict=True``, another name, or the model other weights).
+
+        Warns:
+            LayerNameMismatchWarning: the layer has another name.
+            ModelMismatchWarning: the model's weights differ from those fitted on.
         """
         loaded = persistence.load_concepts(
             cast("type[NMFConceptAttribution]", cls),

@@ -520,6 +520,9 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
         self.reconstruction_err_ = float(solver.reconstruction_err_)
         self._concept_names: list[str] | None = None  # new concepts: default names again
         self.stability_ = None  # and no stability record yet
+        # what they were fitted from: the model's weights (checked when loaded onto a model)
+        digest = persistence.weights_digest(self.forward_func, self.layer)
+        self.provenance_: dict[str, Any] = {} if digest is None else {"weights_sha256": digest}
         return self
 
     # --------------------------------------------------------------- attribute

@@ -17,12 +17,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from captum_nmf._core.names import names_from_metadata, names_metadata
 from captum_nmf._core.nmf import NMF
-from captum_nmf._utils.activations import models_of
+from captum_nmf._utils.activations import models_found, models_of
 from captum_nmf.exceptions import (
     ConceptModelFormatError,
     ConceptModelMismatchError,
     LayerError,
     LayerNameMismatchWarning,
+    ModelMismatchWarning,
 )
 from captum_nmf.io import load_tensors, save_tensors
 
@@ -69,6 +70,9 @@ def save_concepts(attr: NMFConceptAttribution, path: str | os.PathLike[str]) -> 
         "torch_version": torch.__version__,
         **names_metadata(getattr(attr, "_concept_names", None)),
         **({} if attr.stability_ is None else {"stability": json.dumps(attr.stability_)}),
+        **(
+            {"provenance": json.dumps(attr.provenance_, sort_keys=True)} if attr.provenance_ else {}
+        ),
     }
     return save_tensors(path, {"concepts": attr.concepts_}, metadata)
 
@@ -172,7 +176,27 @@ def load_concepts(
         raise ConceptModelFormatError(
             f"{path} has an unreadable stability record ({exc})."
         ) from exc
+    attr.provenance_ = field("provenance", lambda raw: _json_of(raw, dict, "a JSON object"), "{}")
+    _check_weights(attr, path, strict)
     return attr
+
+
+def _check_weights(attr: NMFConceptAttribution, path: object, strict: bool) -> None:
+    """Warn (raise with ``strict``) when the model's weights are not those fitted on."""
+    recorded = attr.provenance_.get("weights_sha256")
+    if not isinstance(recorded, str):
+        return  # an older file, or concepts fitted through a function without a model
+    now = weights_digest(attr.forward_func, attr.layer)
+    if now is None or now == recorded:
+        return
+    msg = (
+        f"The concepts in {path} were fitted on a model with other weights (SHA-256 "
+        f"{recorded[:12]}, this one {now[:12]}): their maps describe that network, not this "
+        "one. Load them onto the network they were fitted on, or fit concepts for this one."
+    )
+    if strict:
+        raise ConceptModelMismatchError(msg + " (strict=True refuses it.)")
+    warnings.warn(msg, ModelMismatchWarning, stacklevel=3)
 
 
 MAX_CONCEPT_NORM = 1e3
@@ -277,16 +301,36 @@ def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> st
     if cached and previous is not None and previous[0] == key:
         return previous[1]
     digest = hashlib.sha256()
-    for state in states:
-        for name, tensor in state.items():
-            t = tensor.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+    _digest_states(digest, states)
     digest.update(f"layer={attr.layer_name_}|".encode())
     digest.update(concepts.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     value = digest.hexdigest()
     _FINGERPRINTS[concepts] = (key, value)
     return value
+
+
+def _digest_states(digest: Any, states: list[dict[str, Tensor]]) -> None:
+    """Feed every tensor of ``states`` (names, dtypes, shapes and bytes) to ``digest``."""
+    for state in states:
+        for name, tensor in state.items():
+            t = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def weights_digest(forward_func: Callable[..., Any], layer: nn.Module) -> str | None:
+    """SHA-256 of the weights of the model behind ``forward_func``, or None when none is found.
+
+    The model is :func:`~captum_nmf._utils.activations.models_of`'s: ``forward_func``
+    when it is a module, else the modules holding ``layer`` that it refers to.
+    Concepts record it when fitted (``provenance_["weights_sha256"]``), so that
+    binding them to another network is noticed (:func:`load_concepts`).
+    """
+    if not models_found(forward_func, layer):
+        return None
+    digest = hashlib.sha256()
+    _digest_states(digest, [root.state_dict() for root in models_of(forward_func, layer)])
+    return digest.hexdigest()
 
 
 #: The last fingerprint of each concepts tensor, with what it covered: kept by the tensor,

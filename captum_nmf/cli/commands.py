@@ -6,8 +6,10 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,13 @@ import torch
 from torch import nn
 
 from captum_nmf.cli.errors import CLIError
-from captum_nmf.cli.models import load_model, normalisation, resolve_device, resolve_layer
+from captum_nmf.cli.models import (
+    load_model,
+    normalisation,
+    normalisation_name,
+    resolve_device,
+    resolve_layer,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -155,9 +163,65 @@ def fit(args: argparse.Namespace) -> int:
         **engine,
         **_forward_options(args),
     )
+    attr.provenance_ = {**attr.provenance_, **_pipeline(args)}  # checked by explain, analyse
     path = attr.save(args.out)
     print(f"fitted {args.k} concepts on {len(tiles)} tiles of {len(args.slide)} slide(s): {path}")
     return 0
+
+
+def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """How the command's tiles become activations: recorded with concepts, checked on use."""
+    return {
+        "model": args.model,
+        "layer": args.layer,
+        "normalize": normalisation_name(args.model, args.normalize),
+        "tile_size": args.tile_size,
+        "level": args.level,
+        "mpp": args.mpp,
+    }
+
+
+def _load_concepts(args: argparse.Namespace, model: Any, layer: Any) -> Any:
+    """``--concepts`` bound to the model, refused when made from another pipeline.
+
+    Another layer name or other weights than the concepts were fitted on are
+    refused (``strict=True``), and so is another ``--model`` or ``--normalize``
+    than ``captum-nmf fit`` recorded; another tile size or resolution is said
+    with a warning (concepts may be applied at another scale on purpose).
+
+    Raises:
+        CLIError: naming the flags that differ and what they were.
+    """
+    from captum_nmf import NMFConceptAttribution
+    from captum_nmf.exceptions import CaptumNMFWarning, ConceptModelMismatchError
+
+    try:
+        attr = NMFConceptAttribution.load(args.concepts, model, layer, strict=True)
+    except ConceptModelMismatchError as exc:  # the library's strict=... advice is not a flag
+        reason = re.split(r" Pass strict=False| \(strict=True", str(exc))[0]
+        raise CLIError(
+            f"--concepts {args.concepts} do not fit this --model / --weights / --layer: {reason}"
+        ) from None
+    recorded, now = attr.provenance_, _pipeline(args)
+    flags = {"model": "--model", "normalize": "--normalize"}
+    refused = [k for k in flags if k in recorded and recorded[k] != now[k]]
+    if refused:
+        said = ", ".join(f"{flags[k]} {recorded[k]} (now {now[k]})" for k in refused)
+        raise CLIError(
+            f"--concepts {args.concepts} were fitted with {said}: pass the same, or fit "
+            "concepts for this model and normalisation."
+        )
+    scales = {"tile_size": "--tile-size", "level": "--level", "mpp": "--mpp"}
+    moved = [k for k in scales if k in recorded and recorded[k] != now[k]]
+    if moved:
+        said = ", ".join(f"{scales[k]} {recorded[k]} (now {now[k]})" for k in moved)
+        warnings.warn(
+            f"--concepts {args.concepts} were fitted with {said}: the concepts describe "
+            "features at that scale.",
+            CaptumNMFWarning,
+            stacklevel=2,
+        )
+    return attr
 
 
 def _explain_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +248,6 @@ def _explain_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def explain(args: argparse.Namespace) -> int:
     """``captum-nmf explain``: concept maps of one slide, or of a cohort (several or --ray)."""
-    from captum_nmf import NMFConceptAttribution
     from captum_nmf.wsi import explain_cohort, explain_slide
 
     _slides_and_ray(args)
@@ -197,7 +260,7 @@ def explain(args: argparse.Namespace) -> int:
     device = _device(args)
     options = _explain_options(args)  # checked before the model loads
     model, layer = _model(args, device)
-    attr = NMFConceptAttribution.load(args.concepts, model, layer)
+    attr = _load_concepts(args, model, layer)
     progress = not args.no_progress
     if not cohort:
         out = args.out
@@ -230,7 +293,6 @@ def explain(args: argparse.Namespace) -> int:
 
 def analyse(args: argparse.Namespace) -> int:
     """``captum-nmf analyse``: the paper's analyses on a sample of slide tiles."""
-    from captum_nmf import NMFConceptAttribution
     from captum_nmf.compare import analyse as run_analyses
     from captum_nmf.compare.analysis import RECORD, legacy_files
     from captum_nmf.io import claim_outputs
@@ -241,7 +303,7 @@ def analyse(args: argparse.Namespace) -> int:
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)
-    attr = NMFConceptAttribution.load(args.concepts, model, layer)
+    attr = _load_concepts(args, model, layer)
     tiles = _slide_tiles(args, args.slides)
     result = run_analyses(
         attr,

@@ -14,7 +14,14 @@ from captum_nmf._utils.validation import device_problem
 from captum_nmf.cli.errors import CLIError
 from captum_nmf.demo.zoo import NORMALISATIONS
 
-__all__ = ["NORMALISATIONS", "load_model", "normalisation", "resolve_device", "resolve_layer"]
+__all__ = [
+    "NORMALISATIONS",
+    "load_model",
+    "normalisation",
+    "normalisation_name",
+    "resolve_device",
+    "resolve_layer",
+]
 
 _SOURCES = {"torchvision": "torchvision.models", "zoo": "captum_nmf.demo.zoo"}
 # The normalisation a model of each source expects when --normalize is not given.
@@ -164,6 +171,11 @@ def normalisation(spec: str, name: str | None) -> Callable[[Tensor], Tensor] | N
                 "normalisation the model was trained with)."
             )
     return NORMALISATIONS[name]
+
+
+def normalisation_name(spec: str, name: str | None) -> str | None:
+    """The name of ``--normalize`` as :func:`normalisation` resolves it (None: not known)."""
+    return name if name is not None else _DEFAULT_NORMALISATION.get(_split(spec)[0])
 
 
 def resolve_device(value: str) -> torch.device:
