@@ -17,7 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from captum_nmf._core.names import names_from_metadata, names_metadata
 from captum_nmf._core.nmf import NMF
-from captum_nmf._utils.activations import models_found, models_of
+from captum_nmf._utils.activations import models_found, models_of, unwrapped
 from captum_nmf.exceptions import (
     ConceptModelFormatError,
     ConceptModelMismatchError,
@@ -328,8 +328,9 @@ def weights_digest(forward_func: Callable[..., Any], layer: nn.Module) -> str | 
     """
     if not models_found(forward_func, layer):
         return None
-    digest = hashlib.sha256()
-    _digest_states(digest, [root.state_dict() for root in models_of(forward_func, layer)])
+    digest = hashlib.sha256()  # the model inside DataParallel / torch.compile: its own names
+    roots = [unwrapped(root) for root in models_of(forward_func, layer)]
+    _digest_states(digest, [root.state_dict() for root in roots])
     return digest.hexdigest()
 
 

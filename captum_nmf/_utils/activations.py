@@ -146,7 +146,7 @@ def module_of(forward_func: Callable[..., Any]) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _unwrapped(root: nn.Module) -> nn.Module:
+def unwrapped(root: nn.Module) -> nn.Module:
     """The model inside DataParallel, DistributedDataParallel or ``torch.compile`` wrappers."""
     while True:
         if isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -165,7 +165,7 @@ def layer_name(forward_func: Callable[..., Any], layer: nn.Module) -> str | None
     concepts fitted through a wrapper load onto the bare model with ``strict=True``.
     """
     for root in models_of(forward_func, layer):
-        for name, module in _unwrapped(root).named_modules():
+        for name, module in unwrapped(root).named_modules():
             if module is layer:
                 return str(name)
     return None
