@@ -302,7 +302,10 @@ def _failure(exc: BaseException) -> str:
     message = f"{type(exc).__name__}: {str(exc).strip()}".strip()
     if isinstance(exc, RunLockedError):  # a live process writes it: nothing to delete
         message += " In a cohort: run the cohort again once that process has finished."
-    elif isinstance(exc, RunStateError):
+    elif isinstance(exc, RunStateError):  # a single run's resume / overwrite is not a cohort's
+        message = re.sub(
+            r";? ?pass resume=False with another directory, or overwrite=True\.", ".", message
+        )
         message += (
             " In a cohort: use a new out_dir, or delete this slide's directory to explain it again."
         )
