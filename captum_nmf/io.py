@@ -254,7 +254,9 @@ def claim_outputs(
 
     Returns:
         *list[Path]*: files of the previous write that this one does not
-        write again (stale: to remove once the new files are in).
+        write again (stale: to remove once the new files are in); only
+        files the record lists with their digest (checked above), never a
+        name that an older record without a file list only implies.
 
     Raises:
         FileExistsError: a file about to be written is not one the record
@@ -288,7 +290,13 @@ def claim_outputs(
                 f"{target} was edited since captum-nmf wrote it; move it away (or choose "
                 "another folder) to write new results."
             )
-    return [out / n for n in recorded if n not in names and n != record and (out / n).exists()]
+    # stale: recorded with a digest (written by a record that lists its files) and still
+    # unchanged; a name an old record only implies may be a file of the user's: kept
+    return [
+        out / n
+        for n, digest in recorded.items()
+        if n not in names and n != record and digest is not None and (out / n).exists()
+    ]
 
 
 def _recorded_files(

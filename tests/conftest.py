@@ -21,6 +21,13 @@ def _seed_everything() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _slide_warnings_said_afresh() -> None:
+    """Each test sees a slide's warnings (a process says each once per slide; see reader)."""
+    reader = importlib.import_module("captum_nmf.wsi.reader")
+    reader._SAID.clear()
+
+
+@pytest.fixture(autouse=True)
 def _no_tf32() -> Iterator[None]:
     """float32 convolutions and products on CUDA: TF32 (cuDNN's default) is off in tests.
 

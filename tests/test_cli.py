@@ -569,3 +569,16 @@ def test_library_log_records_are_one_line_without_debug(
         assert "Traceback (most recent...)" in err
     else:
         assert err == "captum-nmf: slide a.svs failed (attempt 1):\n"
+
+
+def test_analyse_refuses_a_folder_with_a_users_table_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the whole analysis ran, then save refused the user's weight_correlation.csv."""
+    out = tmp_path / "an"
+    out.mkdir()
+    (out / "weight_correlation.csv").write_text("mine")
+    argv = ["analyse", "--model", "tv:x", "--layer", "l", "--concepts", "c", "--out", str(out), "s"]
+    code, _, err = _run(argv, capsys)  # the model spec is bad too: the folder is checked first
+    assert code == 1
+    assert "weight_correlation.csv was not written by captum-nmf" in err

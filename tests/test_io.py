@@ -106,11 +106,15 @@ def test_concepts_loaded_onto_another_network_warn_or_raise(
         twin = copy.deepcopy(net)
         NMFConceptAttribution.load(path, lambda x: twin(x).softmax(1), twin.relu)
     assert same.provenance_ == attr.provenance_
+    wide = copy.deepcopy(net).to(torch.float64)  # the same weights in another float width
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NMFConceptAttribution.load(path, wide, wide.relu)
     with torch.no_grad():
         twin.conv.weight.mul_(1.01)  # fine-tuned, re-trained, or other --weights
-    with pytest.warns(ModelMismatchWarning, match=r"fitted on a model with other weights"):
+    with pytest.warns(ModelMismatchWarning, match=r"Could not confirm .* weights differ"):
         NMFConceptAttribution.load(path, twin, twin.relu)
-    with pytest.raises(ConceptModelMismatchError, match=r"other weights.*strict=True refuses"):
+    with pytest.raises(ConceptModelMismatchError, match=r"weights differ.*strict=True refuses"):
         NMFConceptAttribution.load(path, twin, twin.relu, strict=True)
     tensors, meta = load_tensors(path, required=("concepts",))
     del meta["provenance"]  # a file written before the record: not checked
@@ -121,6 +125,23 @@ def test_concepts_loaded_onto_another_network_warn_or_raise(
         warnings.simplefilter("error")
         old = NMFConceptAttribution.load(tmp_path / "old.safetensors", twin, twin.relu)
     assert old.provenance_ == {}
+
+
+def test_a_model_whose_state_is_not_only_tensors_still_fits() -> None:
+    """The weights record skips what it cannot read: extra state made fit() fail."""
+
+    class WithExtraState(PlantedConceptNet):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"version": 2}
+
+        def set_extra_state(self, state: object) -> None:
+            pass
+
+    net = WithExtraState()
+    attr = NMFConceptAttribution(net, net.relu, 3, random_state=0).fit(
+        planted_maps(4, 6, 6), progress=False
+    )
+    assert len(attr.provenance_["weights_sha256"]) == 64
 
 
 def test_layer_name_mismatch_warns_or_raises(

@@ -301,6 +301,14 @@ def test_saving_again_replaces_only_its_own_files(
     with pytest.raises(FileExistsError, match=r"select_k\.png was not written by captum-nmf"):
         r.save(theirs, figure=b"png")
     assert sorted(p.name for p in theirs.iterdir()) == ["select_k.png"]  # nothing written
+    legacy = tmp_path / "legacy"  # written before the file list: a png there may be the user's
+    r.save(legacy)
+    record = json.loads((legacy / "select_k.json").read_text())
+    del record["files"]
+    (legacy / "select_k.json").write_text(json.dumps(record))
+    (legacy / "select_k.png").write_bytes(b"a user's figure")
+    r.save(legacy)  # no figure now: the png is not listed with a digest, so it is kept
+    assert (legacy / "select_k.png").read_bytes() == b"a user's figure"
     (theirs / "select_k.json").write_text("[1, 2]")
     with pytest.raises(FileExistsError, match=r"select_k\.json is not a record captum-nmf wrote"):
         r.save(theirs)

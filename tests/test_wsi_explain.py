@@ -7,6 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +151,12 @@ def test_slide_mpp_is_for_slides_without_one() -> None:
     without a word: read at twice the resolution asked, and exported at the wrong scale."""
     from captum_nmf.wsi import Slide
 
-    said = r"records 0\.499 um per pixel: the slide_mpp of 0\.25"
+    said = r"records 0\.499 um per pixel, which is used: the fallback scale of 0\.25"
     with pytest.warns(CaptumNMFWarning, match=said):
         tiles = SlideTiles(CMU, tile_size=256, mpp=0.5, slide_mpp=0.25, tissue_mask=None)
+    with warnings.catch_warnings():  # another handle of the same slide: said once a process
+        warnings.simplefilter("error")
+        Slide(CMU, fallback_mpp=0.25).close()
     assert tiles.grids[0].resolution.scale == 1.0  # its own 0.499 um/px: within 2 % of 0.5
     with Slide(data_path("hgsc_nest.jpg"), fallback_mpp=0.25) as plain:
         assert plain.mpp == 0.25  # a slide without one takes it

@@ -189,6 +189,9 @@ def test_an_image_under_a_slide_name_is_named_as_that_image(
     with pytest.raises(UnsupportedSlideError, match=r"allow_plain_images=True\.$"):
         Slide(path, allow_plain_images=False)
     renamed = path.rename(path.with_suffix(plain))
+    with pytest.raises(UnsupportedSlideError, match=r"Plain images need allow_plain_images") as e:
+        Slide(renamed, allow_plain_images=False)  # already so named: not told to rename it
+    assert "name it" not in str(e.value)
     with Slide(renamed) as slide:  # the advice works
         assert slide.dimensions == (32, 16)
 

@@ -190,9 +190,11 @@ def _check_weights(attr: NMFConceptAttribution, path: object, strict: bool) -> N
     if now is None or now == recorded:
         return
     msg = (
-        f"The concepts in {path} were fitted on a model with other weights (SHA-256 "
-        f"{recorded[:12]}, this one {now[:12]}): their maps describe that network, not this "
-        "one. Load them onto the network they were fitted on, or fit concepts for this one."
+        f"Could not confirm that the concepts in {path} are bound to the weights they were "
+        f"fitted on: the model's weights differ (SHA-256 {recorded[:12]} then, {now[:12]} "
+        "now). Another network (fine-tuned, other weights) gives maps the concepts do not "
+        "describe; if only a wrapper or a head around the same layers changed, this can be "
+        "ignored."
     )
     if strict:
         raise ConceptModelMismatchError(msg + " (strict=True refuses it.)")
@@ -325,12 +327,31 @@ def weights_digest(forward_func: Callable[..., Any], layer: nn.Module) -> str | 
     when it is a module, else the modules holding ``layer`` that it refers to.
     Concepts record it when fitted (``provenance_["weights_sha256"]``), so that
     binding them to another network is noticed (:func:`load_concepts`).
+    Floating-point tensors are read as float32 (a float64 copy of the same
+    weights is the same); extra state and packed (quantised) or sparse
+    tensors are left out. None also when the weights cannot be read: a record
+    that cannot be made never fails a fit.
     """
     if not models_found(forward_func, layer):
         return None
     digest = hashlib.sha256()  # the model inside DataParallel / torch.compile: its own names
-    roots = [unwrapped(root) for root in models_of(forward_func, layer)]
-    _digest_states(digest, [root.state_dict() for root in roots])
+    try:
+        for root in (unwrapped(r) for r in models_of(forward_func, layer)):
+            for name, value in root.state_dict().items():
+                if (
+                    not isinstance(value, Tensor)
+                    or value.is_quantized
+                    or value.layout != torch.strided
+                ):
+                    continue  # extra state, packed or sparse weights: not compared
+                t = value.detach().to("cpu")
+                if t.is_floating_point():  # the same values in another float width: the same
+                    t = t.to(torch.float32)
+                t = t.contiguous().reshape(-1)
+                digest.update(f"{name}|{tuple(value.shape)}|".encode())
+                digest.update(t.view(torch.uint8).numpy().tobytes())
+    except Exception:  # a record that cannot be made must never fail a fit
+        return None
     return digest.hexdigest()
 
 

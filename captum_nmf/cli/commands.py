@@ -294,12 +294,12 @@ def explain(args: argparse.Namespace) -> int:
 def analyse(args: argparse.Namespace) -> int:
     """``captum-nmf analyse``: the paper's analyses on a sample of slide tiles."""
     from captum_nmf.compare import analyse as run_analyses
-    from captum_nmf.compare.analysis import RECORD, legacy_files
+    from captum_nmf.compare.analysis import RECORD, analysis_files, legacy_files
     from captum_nmf.io import claim_outputs
 
     out = Path(args.out)
     _check_output_folder(out)  # before the analyses, not after them
-    claim_outputs(out, RECORD, ["analysis.md", RECORD], legacy_files)
+    claim_outputs(out, RECORD, analysis_files(), legacy_files)  # every table it may write
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)

@@ -267,6 +267,13 @@ class AnalysisResult:
 RECORD = "analysis.json"
 
 
+def analysis_files() -> list[str]:
+    """Every file an analysis may write (its record last): for checking a folder before work."""
+    tables = ["concept_similarity", "weight_correlation", "surrogate"]
+    tables += [f"cam_{m.replace('++', 'pp')}" for m in CAM_METHODS]
+    return [f"{t}.csv" for t in tables] + ["analysis.md", RECORD]
+
+
 def legacy_files(record: dict[str, Any]) -> list[str]:
     """The files an ``analysis.json`` written before its file list names: its tables, the text."""
     return [f"{name}.csv" for name in record.get("tables", {})] + ["analysis.md"]

@@ -29,6 +29,7 @@ import hashlib
 import math
 import numbers
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,24 @@ PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 #: resolution tags (72 dpi is 352.8 um per pixel), not a scanner's: taken as unknown.
 _TIFF_MAX_MPP = 25.0
 _PLAIN_NAME = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp"}
+
+
+_SAID: set[tuple[str, str]] = set()  # (slide, what): warnings said in this process
+_SAID_LOCK = threading.Lock()
+
+
+def _first_time(path: Path, what: str) -> bool:
+    """Whether a warning of kind ``what`` about the slide at ``path`` is new to this process.
+
+    The reading threads and worker processes of one run each open their own
+    :class:`Slide`: a slide's warning is said once per process, not per handle.
+    """
+    key = (str(Path(path).resolve()), what)
+    with _SAID_LOCK:
+        if key in _SAID:
+            return False
+        _SAID.add(key)
+        return True
 
 
 def _image_format(path: Path) -> str | None:
@@ -218,7 +237,11 @@ class Slide:
         mpp = _positive(self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X))
         if mpp is None or self.vendor != "generic-tiff" or mpp <= _TIFF_MAX_MPP:
             return mpp
-        if not self._warned_dpi and self._fallback_mpp is None:  # with one, that scale is used
+        if (
+            not self._warned_dpi
+            and self._fallback_mpp is None  # with one, that scale is used
+            and _first_time(self.path, "dpi")
+        ):
             self._warned_dpi = True
             warnings.warn(
                 f"{self.path.name} records {mpp:g} um per pixel ({25400 / mpp:.4g} dpi in its "
@@ -233,11 +256,16 @@ class Slide:
         """Warn when ``fallback_mpp`` differs from the slide's own mpp (which wins)."""
         own = self._own_mpp()
         fallback = self._fallback_mpp
-        if own is not None and fallback is not None and abs(own - fallback) > 0.02 * own:
+        if (
+            own is not None
+            and fallback is not None
+            and abs(own - fallback) > 0.02 * own
+            and _first_time(self.path, "fallback")
+        ):
             warnings.warn(
-                f"{self.path.name} records {own:g} um per pixel: the slide_mpp of {fallback:g} "
-                "(for slides without that metadata) is not used for it. To override a "
-                f"slide's own scale, open it as Slide(path, mpp={fallback:g}).",
+                f"{self.path.name} records {own:g} um per pixel, which is used: the "
+                f"fallback scale of {fallback:g} um per pixel is for slides without that "
+                "metadata.",
                 CaptumNMFWarning,
                 stacklevel=3,
             )
@@ -271,7 +299,8 @@ class Slide:
                     f"{self.path} is not a readable image ({exc}). Supported: {_SUPPORTED}."
                 ) from exc
             return "image"
-        kind = _image_format(self.path)
+        plain_name = self.path.suffix.lower() in PLAIN_IMAGE_SUFFIXES  # only not allowed
+        kind = None if plain_name else _image_format(self.path)
         if kind is not None:  # an image under another name: said so, not "not a slide"
             plain = _PLAIN_NAME.get(kind, ".png")
             if kind not in _PLAIN_NAME:  # GIF, WebP, ...: not one of the plain formats
@@ -328,7 +357,7 @@ class Slide:
             for i, (pw, ph) in enumerate(sizes)
             if i != page and not (pw < w and ph < h and abs(pw / w - ph / h) <= 0.02 + 2 / ph)
         ]
-        if ignored and not self._warned_pages:
+        if ignored and not self._warned_pages and _first_time(self.path, "pages"):
             self._warned_pages = True
             listed = ", ".join(f"{i} ({sizes[i][0]} x {sizes[i][1]})" for i in ignored[:5])
             more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
