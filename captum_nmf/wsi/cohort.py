@@ -297,15 +297,21 @@ def _explain_one(
     )
 
 
+#: A single run's advice in a run-state message ("pass overwrite=True to start it over (...).",
+#: "pass resume=False with another directory, or overwrite=True."): a cohort takes neither.
+_SINGLE_RUN_ADVICE = re.compile(
+    r"[;,.]? ?(?:[Pp]ass |or )?(?:resume=(?:True|False)|overwrite=True)\b"
+    r"[^.(]*(?:\([^)]*\))?[^.]*\."
+)
+
+
 def _failure(exc: BaseException) -> str:
     """The exception's type and whole message, with the cohort's advice for run-state errors."""
     message = f"{type(exc).__name__}: {str(exc).strip()}".strip()
     if isinstance(exc, RunLockedError):  # a live process writes it: nothing to delete
         message += " In a cohort: run the cohort again once that process has finished."
     elif isinstance(exc, RunStateError):  # a single run's resume / overwrite is not a cohort's
-        message = re.sub(
-            r";? ?pass resume=False with another directory, or overwrite=True\.", ".", message
-        )
+        message = _SINGLE_RUN_ADVICE.sub(".", message).replace("..", ".")
         message += (
             " In a cohort: use a new out_dir, or delete this slide's directory to explain it again."
         )
