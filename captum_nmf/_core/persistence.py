@@ -311,12 +311,25 @@ def model_fingerprint(attr: NMFConceptAttribution, *, cached: bool = True) -> st
     return value
 
 
-def _digest_states(digest: Any, states: list[dict[str, Tensor]]) -> None:
-    """Feed every tensor of ``states`` (names, dtypes, shapes and bytes) to ``digest``."""
+def _digest_states(digest: Any, states: list[dict[str, Any]], *, comparable: bool = False) -> None:
+    """Feed every tensor of ``states`` (names, dtypes, shapes and bytes) to ``digest``.
+
+    ``comparable`` (the weights record): floats as float32 without their dtype,
+    and what is not a plain strided tensor (extra state, packed or sparse
+    weights) left out.
+    """
     for state in states:
-        for name, tensor in state.items():
-            t = tensor.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        for name, value in state.items():
+            if comparable and (
+                not isinstance(value, Tensor) or value.is_quantized or value.layout != torch.strided
+            ):
+                continue  # extra state, packed or sparse weights: not compared
+            t = value.detach().to("cpu")
+            if comparable and t.is_floating_point():  # another float width: the same values
+                t = t.to(torch.float32)
+            t = t.contiguous().reshape(-1)
+            dtype = "" if comparable else f"{t.dtype}|"
+            digest.update(f"{name}|{dtype}{tuple(value.shape)}|".encode())
             digest.update(t.view(torch.uint8).numpy().tobytes())
 
 
@@ -336,20 +349,8 @@ def weights_digest(forward_func: Callable[..., Any], layer: nn.Module) -> str | 
         return None
     digest = hashlib.sha256()  # the model inside DataParallel / torch.compile: its own names
     try:
-        for root in (unwrapped(r) for r in models_of(forward_func, layer)):
-            for name, value in root.state_dict().items():
-                if (
-                    not isinstance(value, Tensor)
-                    or value.is_quantized
-                    or value.layout != torch.strided
-                ):
-                    continue  # extra state, packed or sparse weights: not compared
-                t = value.detach().to("cpu")
-                if t.is_floating_point():  # the same values in another float width: the same
-                    t = t.to(torch.float32)
-                t = t.contiguous().reshape(-1)
-                digest.update(f"{name}|{tuple(value.shape)}|".encode())
-                digest.update(t.view(torch.uint8).numpy().tobytes())
+        roots = [unwrapped(r) for r in models_of(forward_func, layer)]
+        _digest_states(digest, [root.state_dict() for root in roots], comparable=True)
     except Exception:  # a record that cannot be made must never fail a fit
         return None
     return digest.hexdigest()
