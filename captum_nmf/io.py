@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_all",
     "claim_outputs",
+    "write_owned_files",
     "content_digest",
     "default_file_mode",
     "format_version",
@@ -297,6 +298,41 @@ def claim_outputs(
         for n, digest in recorded.items()
         if n not in names and n != record and digest is not None and (out / n).exists()
     ]
+
+
+def write_owned_files(
+    directory: str | os.PathLike[str],
+    record: str,
+    files: Mapping[str, bytes],
+    content: dict[str, Any],
+    legacy: Callable[[dict[str, Any]], Sequence[str]],
+) -> Path:
+    """Write ``files`` and their JSON ``record`` into ``directory``, replacing only our own.
+
+    :func:`claim_outputs` checks the folder first; ``content`` is written as
+    ``record`` with ``"files"`` (each file's SHA-256) added, last, all of them
+    atomically and together (:func:`atomic_write_all`); then the files of the
+    previous write that this one has not are removed.
+
+    Returns:
+        *Path*: the directory.
+
+    Raises:
+        FileExistsError: as :func:`claim_outputs` (nothing is written).
+    """
+    out = Path(directory)
+    stale = claim_outputs(out, record, [*files, record], legacy)
+    blobs = dict(files)
+    blobs[record] = json.dumps(
+        {**content, "files": {n: sha256_bytes(b) for n, b in files.items()}}, indent=2
+    ).encode("utf-8")  # the record last
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write_all([out / n for n in blobs], "wb", encoding=None) as handles:
+        for handle, blob in zip(handles, blobs.values(), strict=True):
+            handle.write(blob)
+    for path in stale:  # a file of the last write that this one has not
+        path.unlink(missing_ok=True)
+    return out
 
 
 def _recorded_files(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,7 @@ from captum_nmf.compare.metrics import (
     weight_correlation,
 )
 from captum_nmf.compare.tables import Table
-from captum_nmf.io import atomic_write_all, claim_outputs, sha256_bytes
+from captum_nmf.io import write_owned_files
 
 __all__ = ["AnalysisResult", "TileSample", "analyse", "sample_tiles"]
 
@@ -238,12 +237,10 @@ class AnalysisResult:
                         that captum-nmf did not write, or one edited since
                         (nothing is written).
         """
-        out = Path(directory)
         tables = self.tables()
-        texts = {f"{name}.csv": t.to_csv() for name, t in tables.items()}
-        texts["analysis.md"] = self.to_markdown()
-        stale = claim_outputs(out, RECORD, [*texts, RECORD], legacy_files)
-        data = {
+        files = {f"{name}.csv": t.to_csv().encode("utf-8") for name, t in tables.items()}
+        files["analysis.md"] = self.to_markdown().encode("utf-8")
+        content = {
             "n_tiles": self.n_tiles,
             "notes": self.notes,
             "tables": {name: t.to_dict() for name, t in tables.items()},
@@ -251,16 +248,9 @@ class AnalysisResult:
             "predicted_label_counts": {
                 str(int(v)): int((self.predictions == v).sum()) for v in np.unique(self.predictions)
             },
-            "files": {n: sha256_bytes(t.encode("utf-8")) for n, t in texts.items()},
         }
-        texts[RECORD] = json.dumps(data, indent=2)  # the record last
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write_all([out / n for n in texts], newline="") as handles:
-            for handle, text in zip(handles, texts.values(), strict=True):
-                handle.write(text)
-        for path in stale:  # a table of the last analysis that this one has not (surrogate.csv)
-            path.unlink(missing_ok=True)
-        return out
+        # a table of the last analysis that this one has not (surrogate.csv) is removed
+        return write_owned_files(directory, RECORD, files, content, legacy_files)
 
 
 #: The record of an analysis folder: written last, it lists the files written with it.

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from captum_nmf.compare.stability import ConceptStability
 from captum_nmf.compare.tables import Table
-from captum_nmf.io import atomic_write_all, claim_outputs, sha256_bytes
+from captum_nmf.io import write_owned_files
 
 __all__ = ["KSelection"]
 
@@ -271,22 +271,12 @@ class KSelection:
                         that captum-nmf did not write, or one edited since
                         (nothing is written).
         """
-        out = Path(directory)
-        blobs = {
+        files = {
             "select_k.csv": self.to_csv().encode("utf-8"),
             "select_k_concepts.csv": self.concept_table().to_csv().encode("utf-8"),
             "select_k.md": self.to_markdown().encode("utf-8"),
         }
         if figure is not None:
-            blobs["select_k.png"] = bytes(figure)
-        stale = claim_outputs(out, RECORD, [*blobs, RECORD], legacy_files)
-        record = json.loads(self.to_json())
-        record["files"] = {n: sha256_bytes(b) for n, b in blobs.items()}
-        blobs[RECORD] = json.dumps(record, indent=2).encode("utf-8")  # the record last
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write_all([out / n for n in blobs], "wb", encoding=None) as handles:
-            for handle, blob in zip(handles, blobs.values(), strict=True):
-                handle.write(blob)
-        for path in stale:  # the figure of an earlier sweep, when this one has none
-            path.unlink(missing_ok=True)
-        return out
+            files["select_k.png"] = bytes(figure)
+        # an earlier sweep's figure, when this one has none, is removed
+        return write_owned_files(directory, RECORD, files, self.to_dict(), legacy_files)
