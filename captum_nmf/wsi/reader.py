@@ -214,8 +214,6 @@ class Slide:
             raise ValueError(f"background must be three ints in [0, 255], got {background!r}.")
         self._mpp_override = None if mpp is None else float(mpp)
         self._warned_pixels = False  # non-square pixels: said once per slide
-        self._warned_pages = False  # a multi-page image's ignored pages: said once
-        self._warned_dpi = False  # a TIFF's print resolution taken as unknown: said once
         self._allow_plain = bool(allow_plain_images)
         self.background = tuple(int(v) for v in background)
         self.read_retries = 0
@@ -237,12 +235,7 @@ class Slide:
         mpp = _positive(self._osr().properties.get(openslide.PROPERTY_NAME_MPP_X))
         if mpp is None or self.vendor != "generic-tiff" or mpp <= _TIFF_MAX_MPP:
             return mpp
-        if (
-            not self._warned_dpi
-            and self._fallback_mpp is None  # with one, that scale is used
-            and _first_time(self.path, "dpi")
-        ):
-            self._warned_dpi = True
+        if self._fallback_mpp is None and _first_time(self.path, "dpi"):  # with one: it is used
             warnings.warn(
                 f"{self.path.name} records {mpp:g} um per pixel ({25400 / mpp:.4g} dpi in its "
                 "TIFF resolution tags): an image program's screen or print resolution, not a "
@@ -335,7 +328,7 @@ class Slide:
         a word; pages of the same size or other proportions (channels, focal
         planes, time points, masks) are data this one-image reader ignores, and
         that is said with :class:`~captum_nmf.exceptions.MultiPageImageWarning`,
-        once per :class:`Slide`.
+        once per slide in a process (:func:`_first_time`).
         """
         pages = int(getattr(image, "n_frames", 1))
         if pages <= 1:
@@ -357,8 +350,7 @@ class Slide:
             for i, (pw, ph) in enumerate(sizes)
             if i != page and not (pw < w and ph < h and abs(pw / w - ph / h) <= 0.02 + 2 / ph)
         ]
-        if ignored and not self._warned_pages and _first_time(self.path, "pages"):
-            self._warned_pages = True
+        if ignored and _first_time(self.path, "pages"):
             listed = ", ".join(f"{i} ({sizes[i][0]} x {sizes[i][1]})" for i in ignored[:5])
             more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
             warnings.warn(
