@@ -356,7 +356,8 @@ def detect_tissue(
       never below ``min_threshold``.
 
     Both are measured against the glass when it is tinted: where smooth,
-    bright pixels of one colour cover at least 5 % of the thumbnail and that
+    bright pixels of one colour cover at least half of the thumbnail's border
+    (glass surrounds the sections) and 5 % of the thumbnail, and that
     colour is itself coloured (saturation at least the lower bound, at most
     0.35, in a hue the stains do not have: yellow, brown, green or blue),
     every pixel is first scaled, channel by channel, so that the glass
