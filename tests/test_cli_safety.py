@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import re
 import warnings
 from pathlib import Path
@@ -669,3 +670,36 @@ def test_concepts_of_another_pipeline_are_refused_or_said(
     assert code == 0, err
     assert "captum-nmf: warning: --concepts" in err
     assert "were fitted with --tile-size 64 (now 96)" in err
+
+
+def test_info_says_where_the_scale_comes_from(capsys: pytest.CaptureFixture[str]) -> None:
+    """The 72-dpi warning advised --slide-mpp, which `info` did not have; `info` now takes it
+    and says whether the scale is the slide's own, the flag's, or unknown."""
+    data = Path(__file__).parent / "data"
+    code, out, err = _run_warned(["info", str(data / "boxes.tiff")], capsys)
+    assert code == 0
+    assert "mpp: None (unknown: give the commands --slide-mpp MPP" in out
+    assert "Pass --slide-mpp MPP, the slide's real scale." in err  # a flag info now has
+    code, out, _ = _run_warned(["info", str(data / "boxes.tiff"), "--slide-mpp", "0.5"], capsys)
+    assert "mpp: 0.5 (from --slide-mpp: the slide records none)" in out
+    assert "level 1: 150 x 125 px, downsample 2, 1 um/px" in out
+    code, out, err = _run_warned(
+        ["info", str(data / "cmu_small_region.svs"), "--slide-mpp", "0.25", "--json"], capsys
+    )
+    found = json.loads(out)
+    assert (found["mpp"], found["mpp_source"]) == (0.499, "slide")  # the slide's own wins
+    assert "the fallback scale of 0.25 um per pixel is for slides without" in err
+    code, out, _ = _run_warned(["info", str(data / "boxes.tiff"), "--json"], capsys)
+    assert json.loads(out)["mpp_source"] is None
+
+
+def test_the_non_square_pixel_advice_is_no_flag_that_would_not_apply() -> None:
+    """The warning advised Slide(path, mpp=...), which the command line spelt --slide-mpp: a
+    fallback, which a slide recording mpp-x ignores."""
+    from captum_nmf.cli.errors import flag_spelling
+
+    said = (
+        "Resample the slide to square pixels (in Python, Slide(path, mpp=...) states the scale "
+        "to use instead)."
+    )
+    assert flag_spelling(said) == "Resample the slide to square pixels."

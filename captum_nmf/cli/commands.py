@@ -396,16 +396,21 @@ def _names_of(path: Path, concepts: Any) -> list[str]:
     return names_from_metadata(meta, k, str(path)) or default_concept_names(k)
 
 
-def _slide_info(path: str) -> dict[str, Any]:
+def _slide_info(path: str, slide_mpp: float | None = None) -> dict[str, Any]:
     from captum_nmf.wsi import Slide
 
-    with Slide(path) as slide:
+    with Slide(path, fallback_mpp=slide_mpp) as slide:
         mpps = slide.level_mpps()
+        recorded = slide.recorded_mpp
         return {
             "path": str(slide.path),
             "vendor": slide.vendor,
             "dimensions": list(slide.dimensions),
             "mpp": slide.mpp,
+            # where the scale comes from: the slide's metadata, --slide-mpp, or nowhere
+            "mpp_source": (
+                "slide" if recorded is not None else None if slide.mpp is None else "--slide-mpp"
+            ),
             "levels": [
                 {
                     "level": i,
@@ -421,13 +426,18 @@ def _slide_info(path: str) -> dict[str, Any]:
 
 def info(args: argparse.Namespace) -> int:
     """``captum-nmf info``: a slide's metadata and levels, as text or JSON."""
-    found = _slide_info(args.slide)
+    found = _slide_info(args.slide, args.slide_mpp)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
     width, height = found["dimensions"]
     print(f"{found['path']}: {found['vendor']}, {width} x {height} px")
-    print(f"mpp: {found['mpp']}, fingerprint: {found['fingerprint']}")
+    source = {
+        "slide": "recorded by the slide",
+        "--slide-mpp": "from --slide-mpp: the slide records none",
+        None: "unknown: give the commands --slide-mpp MPP, or choose tiles by --level",
+    }[found["mpp_source"]]
+    print(f"mpp: {found['mpp']} ({source}), fingerprint: {found['fingerprint']}")
     for lv in found["levels"]:
         mpp = "" if lv["mpp"] is None else f", {lv['mpp']:.4g} um/px"
         w, h = lv["dimensions"]

@@ -21,6 +21,8 @@ _SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] 
     (r"\bon_tile_error=['\"](skip|raise)['\"]", r"--on-tile-error \1"),
     (r"\btissue_mask=None\b", "--no-tissue-mask"),
     (r" \(or Slide\(path, mpp=MPP\)\)", ""),
+    # a scale the slide records wins over --slide-mpp: only Python's Slide(path, mpp=) overrides it
+    (r" \(in Python, Slide\(path, mpp=\.\.\.\) states the scale to use instead\)", ""),
     (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
     (r"\bslide_mpp=", "--slide-mpp "),
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),

@@ -214,6 +214,13 @@ def _name_args(p: argparse.ArgumentParser) -> None:
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("slide")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="microns per level-0 pixel, for slides without that metadata (a slide's own wins): "
+        "shows the scale the other commands would use with it",
+    )
 
 
 _COMMANDS = (

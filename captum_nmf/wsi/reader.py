@@ -213,7 +213,6 @@ class Slide:
         ):
             raise ValueError(f"background must be three ints in [0, 255], got {background!r}.")
         self._mpp_override = None if mpp is None else float(mpp)
-        self._warned_pixels = False  # non-square pixels: said once per slide
         self._allow_plain = bool(allow_plain_images)
         self.background = tuple(int(v) for v in background)
         self.read_retries = 0
@@ -460,6 +459,16 @@ class Slide:
         return dict(self._osr().properties)
 
     @property
+    def recorded_mpp(self) -> float | None:
+        """The microns per level-0 pixel the slide records itself (``openslide.mpp-x``), or None.
+
+        None also for a generic TIFF whose resolution tags hold an image
+        program's screen or print resolution (see :attr:`mpp`). Neither the
+        ``mpp`` override nor ``fallback_mpp`` is looked at.
+        """
+        return self._own_mpp()
+
+    @property
     def mpp(self) -> float | None:
         """Microns per level-0 pixel (the override, else ``openslide.mpp-x``), or None."""
         if self._mpp_override is not None:
@@ -473,15 +482,14 @@ class Slide:
             mpp is not None
             and mpp_y is not None
             and abs(mpp_y - mpp) > 0.02 * mpp
-            and not self._warned_pixels
+            and _first_time(self.path, "pixels")
         ):
-            self._warned_pixels = True
             warnings.warn(
                 f"{self.path.name} has pixels of {mpp:g} x {mpp_y:g} um (openslide.mpp-x, "
                 "mpp-y): not square. captum-nmf takes mpp-x, so a tile covers "
                 f"{mpp_y / mpp:.3g} times as many microns down as across, and a level "
                 "chosen by mpp matches it across only. Resample the slide to square "
-                "pixels, or pass Slide(path, mpp=...) to state the scale to use.",
+                "pixels (in Python, Slide(path, mpp=...) states the scale to use instead).",
                 CaptumNMFWarning,
                 stacklevel=2,
             )
