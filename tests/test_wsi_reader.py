@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import types
 import warnings
 from pathlib import Path
 
@@ -409,6 +410,28 @@ def test_pickled_slide_reopens_its_own_handle(pyramid: Path) -> None:
         )
         copy.close()
         assert not slide.closed
+
+
+def test_a_pickled_copy_says_nothing_and_leaves_warning_filters_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy in a worker process does not repeat the opening's warnings. It silenced them
+    with warnings.catch_warnings, which swaps the filters of every thread of the process."""
+    cmu = Path(__file__).parent / "data" / "cmu_small_region.svs"
+    with pytest.warns(CaptumNMFWarning, match="fallback scale of 0.25"):
+        slide = Slide(cmu, fallback_mpp=0.25)
+    data = pickle.dumps(slide)
+    reader._SAID.clear()  # as in a fresh worker process
+
+    def process_wide(*args: object, **kwargs: object) -> None:
+        raise AssertionError("warnings.catch_warnings changes every thread's filters")
+
+    quiet = types.SimpleNamespace(**{**vars(warnings), "catch_warnings": process_wide})
+    monkeypatch.setattr(reader, "warnings", quiet)  # the reader's own view of the module
+    copy = pickle.loads(data)  # the suite makes the library's warnings errors
+    assert copy.mpp == pytest.approx(0.499)
+    copy.close()
+    slide.close()
 
 
 @pytest.mark.parametrize(

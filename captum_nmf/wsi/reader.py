@@ -857,15 +857,17 @@ def _reopen_slide(
     background: tuple[int, int, int],
     fallback_mpp: float | None = None,
 ) -> Slide:
-    with warnings.catch_warnings():  # said when this slide was first opened
-        warnings.simplefilter("ignore", CaptumNMFWarning)
-        return Slide(
-            path,
-            mpp=mpp,
-            allow_plain_images=allow_plain,
-            background=background,
-            fallback_mpp=fallback_mpp,
-        )
+    # the opening's warnings were said when this slide was first opened: recorded as said,
+    # not silenced with catch_warnings, which would change every thread's warning filters
+    for what in ("fallback", "pages"):
+        _first_time(Path(path), what)
+    return Slide(
+        path,
+        mpp=mpp,
+        allow_plain_images=allow_plain,
+        background=background,
+        fallback_mpp=fallback_mpp,
+    )
 
 
 def _positive(value: str | None) -> float | None:
