@@ -37,6 +37,7 @@ from captum_nmf._core.nmf_input import (
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._core.nmf_stream import StreamMixin, canonical
 from captum_nmf._utils import solvers
+from captum_nmf._utils.precision import without_autocast
 from captum_nmf._utils.validation import check_device
 from captum_nmf.exceptions import NotFittedError
 
@@ -440,6 +441,7 @@ class NMF(
         self._components_is_numpy = kind.is_numpy
 
     # ------------------------------------------------------------------ fit
+    @without_autocast
     def fit(self, X: ArrayLike, y: Any = None) -> NMF:
         """Fit the factorisation on rows held in memory.
 
@@ -461,6 +463,7 @@ class NMF(
         self.fit_transform(X)
         return self
 
+    @without_autocast
     def fit_transform(self, X: ArrayLike, y: Any = None, **params: Any) -> ArrayLike:
         """Fit on ``X`` and return its exact non-negative weights ``W`` (n x K).
 
@@ -533,6 +536,7 @@ class NMF(
         return model
 
     # ------------------------------------------------------------ inference
+    @without_autocast
     def transform(self, X: ArrayLike) -> ArrayLike:
         """Concept weights of new rows with ``H`` fixed: exact ``argmin_{W>=0} ||X - W H||``.
 
@@ -568,6 +572,7 @@ class NMF(
             refuse_overflow(w, v, scale=fixed.scale)
         return self._output(w, kind)
 
+    @without_autocast
     def _transform_maps(self, act: Tensor, pending: PendingCheck | None = None) -> Tensor:
         """Concept maps (N x K x h x w) of N x C x h x w activations the caller has checked.
 
@@ -587,6 +592,7 @@ class NMF(
             pending,
         )
 
+    @without_autocast
     def _products_maps(self, act: Tensor) -> Tensor:
         """``X @ H^T`` (N x K x h x w) of every location of checked N x C x h x w activations.
 
@@ -599,6 +605,7 @@ class NMF(
         """
         return solvers.products_maps(act, self._fixed_h(act.device, act.dtype).h)
 
+    @without_autocast
     def _transform_products(self, cross: Tensor, pending: PendingCheck | None = None) -> Tensor:
         """Concept weights (n x K, ``cross``'s dtype) of rows given by their products ``X @ H^T``.
 
@@ -621,6 +628,7 @@ class NMF(
             "input or hook a layer with smaller activations.",
         )
 
+    @without_autocast
     def _solve_checked(
         self,
         x: Tensor,
@@ -644,6 +652,7 @@ class NMF(
         refuse_overflow(w, x, scale=fixed.scale, **overflow)
         return w
 
+    @without_autocast
     def inverse_transform(self, X: ArrayLike) -> ArrayLike:
         """Reconstruct rows ``W H`` from weights ``W`` (n x K).
 

@@ -20,6 +20,7 @@ from captum_nmf._core.nmf_input import (
 )
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._utils import solvers
+from captum_nmf._utils.precision import without_autocast
 from captum_nmf._utils.validation import check_device
 from captum_nmf.exceptions import NotFittedError
 
@@ -199,6 +200,7 @@ class StreamMixin:
             "(rows of zeros carry no information); call partial_fit with more rows."
         )
 
+    @without_autocast
     def partial_fit(self: _S, X: ArrayLike, y: Any = None) -> _S:
         """Update the factorisation with one chunk of rows (online NMF).
 
@@ -357,6 +359,7 @@ class StreamMixin:
         k = rank(self.n_components, "random", 1, c)
         return "ready" if _enough_to_start(rows, self._start_rows(c), k) else "possible"
 
+    @without_autocast
     def initialise_stream(self: _S, X: ArrayLike) -> _S:
         """Start a stream: factorise a first chunk in memory to get ``H0``; zero statistics.
 
@@ -396,6 +399,7 @@ class StreamMixin:
         self._initialise_from(rows, kind.is_numpy)
         return self
 
+    @without_autocast
     def start_stream(self: _S, components: ArrayLike) -> _S:
         """Start a stream from given concept vectors ``H0`` (no fitting); zero statistics.
 
@@ -469,6 +473,7 @@ class StreamMixin:
                 "(or 'start_stream', or 'partial_fit') first." + self._buffering_note()
             )
 
+    @without_autocast
     def statistics(self: _Solver, X: ArrayLike) -> NMFStatistics:
         """Sufficient statistics of a chunk for the current concepts (nothing is updated).
 
@@ -547,6 +552,7 @@ class StreamMixin:
         seeds = torch.where(positive.amax(dim=1, keepdim=True) > 0, positive, rows)
         return seeds[order], scores[order]
 
+    @without_autocast
     def update(self: _S, stats: NMFStatistics) -> _S:
         """Add a chunk's statistics (earlier ones weighted by ``forget_factor``) and update ``H``.
 
