@@ -383,3 +383,40 @@ def test_engine_bad_input(kwargs: dict[str, object], inputs: str, err: type, mat
     with pytest.raises(err, match=match):
         attr.fit(data, progress=False, **kwargs)  # type: ignore[arg-type]
     assert net.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "near", "expected"),
+    [
+        # init_process_group() without a backend on a GPU machine: NCCL for CUDA only, and
+        # get_backend() names no backend; CPU tensors had no backend to go to
+        ("cuda:nccl", "undefined", torch.device("cuda", 1), torch.device("cuda", 1)),
+        ("cuda:nccl", "undefined", None, torch.device("cuda", 3)),  # the current GPU
+        ("cuda:nccl", "undefined", torch.device("cpu"), torch.device("cuda", 3)),
+        ("nccl", "nccl", None, torch.device("cuda", 3)),
+        ("cpu:gloo,cuda:gloo", "gloo", torch.device("cuda", 1), torch.device("cpu")),
+        ("cpu:gloo,cuda:nccl", "undefined", torch.device("cuda", 1), torch.device("cpu")),
+        ("gloo", "gloo", None, torch.device("cpu")),
+    ],
+)
+def test_collectives_go_where_a_backend_serves_them(
+    monkeypatch: pytest.MonkeyPatch,
+    config: str,
+    name: str,
+    near: torch.device | None,
+    expected: torch.device,
+) -> None:
+    from captum_nmf.engines import torch_dist
+
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda *a: config)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert torch_dist._comm_device(near) == expected
+
+
+def test_a_group_serving_neither_cpu_nor_cuda_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from captum_nmf.engines import torch_dist
+
+    monkeypatch.setattr(torch.distributed, "get_backend_config", lambda *a: "xpu:xccl")
+    with pytest.raises(RuntimeError, match=r"backends \(xpu:xccl\) serve neither the CPU nor"):
+        torch_dist._comm_device()

@@ -54,18 +54,49 @@ class TorchDistributedEngine:
         return fit_torch_distributed(solver, shard, n_components=k)
 
 
-def _comm_device() -> torch.device:
-    """Where collectives take tensors: the current GPU for NCCL, else the CPU."""
+def _backends() -> dict[str, str]:
+    """The default group's backend per device type, e.g. ``{"cpu": "gloo", "cuda": "nccl"}``."""
     dist = torch.distributed
-    if dist.get_backend() == "nccl":
+    config = str(dist.get_backend_config())
+    if ":" not in config:  # one backend named for the device types it serves
+        name = str(dist.get_backend())
+        return {"cuda": name} if name == "nccl" else {"cpu": name, "cuda": name}
+    pairs = (part.split(":", 1) for part in config.split(","))
+    return {device.strip(): backend.strip() for device, backend in pairs}
+
+
+def _comm_device(near: torch.device | None = None) -> torch.device:
+    """Where this fit's collectives take their tensors.
+
+    The CPU when one of the group's backends serves it (gloo, mpi; also a group
+    of gloo for the CPU and NCCL for CUDA), else CUDA: the GPU of ``near`` (the
+    device of this rank's rows) when they are on one, else the current GPU. A
+    group initialised without a backend on a GPU machine may hold NCCL only,
+    for CUDA: ``get_backend()`` then names no backend, and CPU tensors had no
+    backend to go to. With the rows' GPU, ranks whose models are on
+    ``cuda:LOCAL_RANK`` need no ``torch.cuda.set_device``.
+
+    Raises:
+        RuntimeError: no backend of the group serves the CPU or CUDA.
+    """
+    served = _backends()
+    if "cpu" in served:
+        return torch.device("cpu")
+    if "cuda" in served:
+        if near is not None and near.type == "cuda" and near.index is not None:
+            return near
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    raise RuntimeError(
+        f"The process group's backends ({torch.distributed.get_backend_config()}) serve "
+        "neither the CPU nor CUDA; initialise it with backend='gloo' (CPU) or 'nccl' (CUDA)."
+    )
 
 
-def _share_start(solver: NMF, src: int, rank: int, device: torch.device, n_components: int) -> None:
+def _share_start(
+    solver: NMF, src: int, rank: int, device: torch.device, n_components: int, comm: torch.device
+) -> None:
     """Broadcast ``H0`` from rank ``src``; the other ranks start their stream from it."""
     dist = torch.distributed
-    comm = _comm_device()
     header = torch.zeros(3, dtype=torch.float64, device=comm)
     h = solver.components if rank == src else None
     if h is not None:
@@ -89,29 +120,29 @@ def _share_start(solver: NMF, src: int, rank: int, device: torch.device, n_compo
         solver.n_iter_ = n_iter
 
 
-def _reduce_update(solver: NMF, stats: NMFStatistics, n_components: int) -> None:
+def _reduce_update(
+    solver: NMF, stats: NMFStatistics, n_components: int, comm: torch.device
+) -> None:
     """Sum ``stats`` over the ranks (re-seeding candidates gathered too) and apply them."""
     dist = torch.distributed
-    comm = _comm_device()
     k, c = n_components, int(solver.n_features_in_)
     seeded = torch.tensor([float(stats.seeds is not None)], dtype=torch.float64, device=comm)
     flat = torch.cat([stats.flatten().to(comm), seeded])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     total = NMFStatistics.unflatten(flat[:-1], k, c)
     if float(flat[-1]) > 0:  # a concept is dead: every rank's rows of largest residual
-        total = total + _gathered_seeds(stats, k, c)
+        total = total + _gathered_seeds(stats, k, c, comm)
     if total.n_samples > 0:
         solver.update(total)
 
 
-def _gathered_seeds(stats: NMFStatistics, k: int, c: int) -> NMFStatistics:
+def _gathered_seeds(stats: NMFStatistics, k: int, c: int, comm: torch.device) -> NMFStatistics:
     """Zero statistics holding the re-seeding candidates of every rank (the K best are kept).
 
     Each rank's candidates (padded to K, score -1 where there are fewer) are
     gathered, and added up in rank order as statistics add: keeping the K best.
     """
     dist = torch.distributed
-    comm = _comm_device()
     seeds = torch.zeros(k, c, dtype=torch.float64, device=comm)
     scores = torch.full((k,), -1.0, dtype=torch.float64, device=comm)  # -1: no candidate
     if stats.seeds is not None and stats.seed_scores is not None:
@@ -134,7 +165,9 @@ def _gathered_seeds(stats: NMFStatistics, k: int, c: int) -> NMFStatistics:
     return total
 
 
-def _start_from_held(solver: NMF, held: HeldChunks, src: int, n_components: int) -> None:
+def _start_from_held(
+    solver: NMF, held: HeldChunks, src: int, n_components: int, comm: torch.device
+) -> None:
     """Rank ``src`` fits its held rows in memory for ``H0``; every rank then replays its chunks.
 
     As :meth:`NMF.partial_fit` does once it holds enough: each step's chunks
@@ -144,12 +177,12 @@ def _start_from_held(solver: NMF, held: HeldChunks, src: int, n_components: int)
     mine = held.rows()
     if rank == src and mine is not None:
         solver.initialise_stream(mine)
-    device = mine.device if mine is not None else _comm_device()
-    _share_start(solver, src, rank, device, n_components)
+    device = mine.device if mine is not None else comm
+    _share_start(solver, src, rank, device, n_components, comm)
     k, c = n_components, int(solver.n_features_in_)
     for step in range(len(held.steps)):
         stats = held.statistics(solver, step)
-        _reduce_update(solver, stats if stats is not None else NMFStatistics.zeros(k, c), k)
+        _reduce_update(solver, stats if stats is not None else NMFStatistics.zeros(k, c), k, comm)
 
 
 def fit_torch_distributed(solver: NMF, rows: Iterable[Tensor], *, n_components: int) -> NMF:
@@ -179,12 +212,14 @@ def fit_torch_distributed(solver: NMF, rows: Iterable[Tensor], *, n_components: 
     """
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = _comm_device()
     chunks = iter(rows)
     held = HeldChunks()
     started = False
+    comm: torch.device | None = None
     while True:
         v = next(chunks, None)
+        if comm is None:  # chosen once, by the first rows' device
+            comm = _comm_device(None if v is None else v.device)
         ready = False
         if not started and v is not None:
             candidate = held.rows(then=v)
@@ -201,19 +236,19 @@ def fit_torch_distributed(solver: NMF, rows: Iterable[Tensor], *, n_components: 
         if started:
             k, c = n_components, int(solver.n_features_in_)
             stats = solver.statistics(v) if v is not None else NMFStatistics.zeros(k, c)
-            _reduce_update(solver, stats, k)
+            _reduce_update(solver, stats, k, comm)
             continue
         held.add(v)
         src = int(-float(flags[1]))
         if src < world:
-            _start_from_held(solver, held, src, n_components)
+            _start_from_held(solver, held, src, n_components, comm)
             held, started = HeldChunks(), True
     if not started:
-        _start_at_the_end(solver, held, n_components)
+        _start_at_the_end(solver, held, n_components, comm)
     return solver
 
 
-def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int) -> None:
+def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int, comm: torch.device) -> None:
     """No rank held enough to start as ``partial_fit`` does: the rank holding most rows starts.
 
     Raises:
@@ -228,7 +263,7 @@ def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int) -> None:
     code = torch.tensor(
         [float(count if possible else -1) * world + (world - 1 - rank)],
         dtype=torch.float64,
-        device=_comm_device(),
+        device=comm,
     )
     dist.all_reduce(code, op=dist.ReduceOp.MAX)
     best = int(code[0])
@@ -236,7 +271,7 @@ def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int) -> None:
         seen = torch.tensor(
             [float(held.n_rows)],
             dtype=torch.float64,
-            device=_comm_device(),
+            device=comm,
         )
         dist.all_reduce(seen, op=dist.ReduceOp.SUM)
         raise ValueError(
@@ -247,4 +282,4 @@ def _start_at_the_end(solver: NMF, held: HeldChunks, n_components: int) -> None:
             f"({int(seen[0])} rows in all; the layer's activations were 0 almost everywhere: "
             "blank tiles?); pass tiles with content."
         )
-    _start_from_held(solver, held, world - 1 - best % world, n_components)
+    _start_from_held(solver, held, world - 1 - best % world, n_components, comm)

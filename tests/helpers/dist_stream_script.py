@@ -64,7 +64,9 @@ def main(out: Path) -> None:
         f64 = torch.float64
         model = NMF(2).start_stream(torch.tensor([[1.0, 0, 0], [0, 0, 0]], dtype=f64))
         row = [[0.0, 1, 0]] if rank == 0 else [[0.0, 0, 3]]
-        _reduce_update(model, model.statistics(torch.tensor(row, dtype=f64)), 2)
+        _reduce_update(
+            model, model.statistics(torch.tensor(row, dtype=f64)), 2, torch.device("cpu")
+        )
         result["reseed"] = model.components_.clone()
         torch.save(result, out / f"rank{rank}.pt")
     finally:
