@@ -318,3 +318,34 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
     assert [p["device"][:4] for p in resumed.config["parts"]] == ["cuda", "cuda"]
     reference = explain_slide(cpu, slide, **kwargs)
     np.testing.assert_allclose(resumed.concept_maps, reference.concept_maps, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_tile", [False, True])
+def test_the_slide_loop_uploads_nothing_that_waits_for_the_device(
+    pair: tuple[NMFConceptAttribution, ...],
+    slide: Path,
+    device: EmulatedCuda | None,
+    per_tile: bool,
+) -> None:
+    """A blocking host-to-device copy (or a non_blocking one from pageable memory) makes the
+    host wait for the device's queued work. The stitcher's row indices and divisors went up
+    so at every batch that finished rows (20 per run here), and the per-tile transform's
+    batches came from pageable memory (41 at batch 4). Counted on the emulated device."""
+    if device is None:
+        pytest.skip("counted on the emulated device only")
+    _, gpu = pair
+    kwargs: dict[str, Any] = {
+        "tile_size": 64,
+        "stride": 32,
+        "tissue_mask": None,
+        "progress": False,
+        "transform": (lambda t: t * 1.0) if per_tile else None,
+    }
+    explain_slide(gpu, slide, batch_size=4, **kwargs)  # caches filled (the probe, factors)
+    seen = {}
+    for batch in (4, 12):
+        device.waiting_uploads.clear()
+        explain_slide(gpu, slide, batch_size=batch, **kwargs)
+        seen[batch] = list(device.waiting_uploads)
+    assert seen[4] == seen[12]  # what a run uploads so does not depend on its batches
+    assert all(shape[0] not in (4, 12) for _, shape in seen[4])

@@ -545,7 +545,11 @@ class TileBatches:
             return torch.empty(0), idx, lost
         transform = self.transform
         if transform is not None:
-            return torch.stack([transform(_to_tensor(p)) for p in pixels]), idx, lost
+            stacked = torch.stack([transform(_to_tensor(p)) for p in pixels])
+            # pinned here, in the reading thread: a non_blocking copy from pageable memory
+            # would wait for the device's queued work (the previous batch's forward)
+            pin = self.pin_memory and stacked.device.type == "cpu"
+            return (stacked.pin_memory() if pin else stacked), idx, lost
         batch = cast(Tensor, images)[: len(good)]  # the tiles that failed left no slot behind
         return (_to_float(batch, self._buffers) if self.convert else batch), idx, lost
 

@@ -33,6 +33,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from captum_nmf._utils.transfer import upload
 from captum_nmf._utils.validation import check_device, check_int
 
 __all__ = ["FeatureStitcher", "StitchedBand", "StitchedRows", "cell_coverage"]
@@ -454,9 +455,9 @@ class FeatureStitcher:
         if mask is None:
             if len(self._masks) >= 256:  # bounded: oddly shaped edges would not repeat
                 self._masks.clear()
-            mask = self._masks[key] = (
-                torch.from_numpy(keep.copy()).unsqueeze(1).to(self._compute_device)
-            )
+            mask = self._masks[key] = upload(
+                torch.from_numpy(keep.copy()), self._compute_device
+            ).unsqueeze(1)
         return mask
 
     # ------------------------------------------------------------ bands of rows
@@ -501,9 +502,11 @@ class FeatureStitcher:
             local = [r - band * _BAND for r in rows if r // _BAND == band]
             sums = self._sums[band]
             if len(local) < _BAND or (band + 1) * _BAND > freed_below:
-                sums = sums.index_select(
-                    0, torch.tensor(local, dtype=torch.long, device=sums.device)
-                )
+                if local == list(range(local[0], local[-1] + 1)):  # a run of rows: no indices
+                    sums = sums[local[0] : local[-1] + 1].clone()
+                else:
+                    index = upload(torch.tensor(local, dtype=torch.long), sums.device)
+                    sums = sums.index_select(0, index)
             parts.append((sums, self._counts[band][local]))
         return parts
 
@@ -522,7 +525,7 @@ class FeatureStitcher:
             parts, held = [], []
             for sums, count in self._parts(rows, freed_below=final):  # a whole band: in place
                 divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32))
-                parts.append(sums.div_(divisor.to(device).unsqueeze(1)))
+                parts.append(sums.div_(upload(divisor, sums.device).unsqueeze(1)))
                 held.append(count)
             means = parts[0] if len(parts) == 1 else torch.cat(parts)
             counts = np.concatenate(held)

@@ -50,6 +50,9 @@ from torch.overrides import TorchFunctionMode
 
 CUDA0 = torch.device("cuda", 0)
 
+# factories that copy host data (a sequence, an array, a tensor) to the device they are given
+_FROM_DATA = frozenset({"tensor", "as_tensor", "asarray"})
+
 _MATMULS = frozenset(
     {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "addmv", "mv", "dot", "einsum"}
     | {"baddbmm", "addbmm", "tensordot", "linear", "inner", "outer", "chain_matmul"}
@@ -138,6 +141,10 @@ class EmulatedCuda(TorchFunctionMode):
         self._empty: dict[int, Any] = {}  # id -> weakref of marked tensors without memory
         self._lock = threading.RLock()
         self.calls = 0
+        self._pinned: dict[int, bool] = {}  # data_ptrs of live pinned host storages
+        # host-to-device copies that make CUDA's host wait for the device: blocking ones,
+        # and non_blocking ones from pageable memory (name, shape)
+        self.waiting_uploads: list[tuple[str, tuple[int, ...]]] = []
 
     # ------------------------------------------------------------------ marks
     def on_device(self, t: Tensor) -> bool:
@@ -160,6 +167,24 @@ class EmulatedCuda(TorchFunctionMode):
                     # the storage's Python object lives as long as its memory: forget the
                     # address when that is freed (the allocator may reuse it for the host)
                     weakref.finalize(storage, self._storages.pop, ptr, None)
+
+    def _pin(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        with self._lock:
+            ptr = storage.data_ptr()
+            if ptr and ptr not in self._pinned:
+                self._pinned[ptr] = True
+                weakref.finalize(storage, self._pinned.pop, ptr, None)
+        return t
+
+    def is_pinned(self, t: Tensor) -> bool:
+        """Whether ``t`` is (emulated) pinned host memory."""
+        return t.untyped_storage().data_ptr() in self._pinned
+
+    def _upload(self, name: str, t: Tensor, non_blocking: bool) -> None:
+        if t.numel() and not (non_blocking and self.is_pinned(t)):
+            with self._lock:
+                self.waiting_uploads.append((name, tuple(t.shape)))
 
     def _forget(self, key: int, _: Any) -> None:
         self._empty.pop(key, None)
@@ -190,9 +215,9 @@ class EmulatedCuda(TorchFunctionMode):
         if name == "pin_memory":
             if marked:
                 raise RuntimeError("cannot pin 'torch.cuda.FloatTensor' only dense CPU tensors")
-            return args[0].clone()
+            return self._pin(args[0].clone())
         if name == "is_pinned":
-            return False
+            return self.is_pinned(args[0])
         if name == "get_device":
             return 0 if marked else -1
         target = _device_of(kwargs.get("device"))
@@ -200,7 +225,8 @@ class EmulatedCuda(TorchFunctionMode):
         if target is not None and target.type == "cuda":
             self._check_ordinal(target)
             kwargs["device"], to_device = "cpu", True
-        if kwargs.get("pin_memory"):
+        pinned = bool(kwargs.get("pin_memory"))
+        if pinned:
             kwargs["pin_memory"] = False
         generator = kwargs.get("generator")
         # `is not None` first: most calls have no generator, and isinstance of torch.Generator
@@ -227,6 +253,11 @@ class EmulatedCuda(TorchFunctionMode):
             elif name not in _CROSS_DEVICE:
                 self._check_same_device(name, args, kwargs, tensors)
         out = func(*args, **kwargs)
+        if pinned and isinstance(out, Tensor):
+            self._pin(out)
+        if to_device and name in _FROM_DATA and args and not marked:
+            data = args[0]  # host data copied to the device: a blocking copy on CUDA
+            self._upload(name, data if isinstance(data, Tensor) else out, False)
         if name == "grad" and marked:  # torch.autograd.grad: gradients live where their inputs do
             return self._grads_like(out, kwargs.get("inputs", args[1] if len(args) > 1 else ()))
         if to_device:  # a copy on the device, never memory shared with a host array or tensor
@@ -332,6 +363,7 @@ class EmulatedCuda(TorchFunctionMode):
         fmt = kwargs.get("memory_format")
         target: torch.device | None
         dtype: torch.dtype | None = None
+        non_blocking = bool(kwargs.get("non_blocking", False))
         if name == "cpu":
             target = torch.device("cpu")
         elif name == "type_as":
@@ -347,13 +379,15 @@ class EmulatedCuda(TorchFunctionMode):
                 target = CUDA0 if self.on_device(other) else torch.device("cpu")
                 dtype = other.dtype
             else:
-                target, dtype, _, fmt = torch._C._nn._parse_to(*rest, **kwargs)
+                target, dtype, non_blocking, fmt = torch._C._nn._parse_to(*rest, **kwargs)
         if target is None or target.type not in ("cuda", "cpu"):
             out = func(*args, **kwargs)
             if source_on_device:
                 self._mark(out)
             return out
         crossing = source_on_device != (target.type == "cuda")
+        if crossing and target.type == "cuda":
+            self._upload(name, t, non_blocking)
         if target.type == "cuda":
             self._check_ordinal(target)
         out = t.to(
