@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from captum_nmf import NMFConceptAttribution
+from captum_nmf.compare import selection, stability
 from captum_nmf.compare.selection import (
     ConceptStability,
     KSelection,
@@ -104,7 +105,7 @@ def test_stability_from_runs_numbers_and_metadata() -> None:
     [
         ({"runs": []}, ValueError, "runs is empty"),
         ({"runs": [np.eye(2)]}, ValueError, r"same K x C shape, got \(3, 3\) and \(2, 2\)"),
-        ({"runs": [np.eye(3)], "stable_cosine": 0.0}, ValueError, r"stable_cosine must be in"),
+        ({"runs": [np.eye(3)], "stable_cosine": 0.0}, ValueError, r"must be in \(0, 1\], got 0"),
         ({"runs": [np.eye(3)], "stable_cosine": "high"}, TypeError, "stable_cosine must be a"),
         ({"runs": [np.full((3, 3), np.nan)]}, ValueError, "must be finite"),
     ],
@@ -335,7 +336,7 @@ def _never_twice(x: Tensor) -> Iterator[Tensor]:
         ({"holdout": "20%"}, TypeError, r"holdout must be a float"),
         ({"n_seeds": 1}, ValueError, r"n_seeds must be >= 2"),
         ({"gain_threshold": -0.1}, ValueError, r"gain_threshold must be >= 0"),
-        ({"stable_cosine": 1.5}, ValueError, r"stable_cosine must be in"),
+        ({"stable_cosine": 1.5}, ValueError, r"stable_cosine must be in \(0, 1\], got 1.5"),
         ({"perturbation": "bootstrap"}, ValueError, r"perturbation must be one of"),
         ({"max_rows": 0}, ValueError, r"max_rows must be >= 1"),
         ({"locations_per_tile": 0}, ValueError, r"locations_per_tile must be >= 1"),
@@ -370,7 +371,7 @@ def test_empty_or_too_small_sources(planted: tuple[PlantedConceptNet, Tensor]) -
         select_k((net, net.relu), [], progress=False)
     with pytest.raises(ValueError, match="source holds no tiles"):
         select_k((net, net.relu), iter([x[:0]]), progress=False)
-    with pytest.raises(ValueError, match="needs at least 2 tiles"):
+    with pytest.raises(ValueError, match=r"needs at least 3 tiles \(1 held out, 2 to train on\)"):
         select_k((net, net.relu), x[:1], ks=[2], progress=False)
     with pytest.raises(ValueError, match="only 9 training rows; raise max_rows"):
         select_k((net, net.relu), x[:4], ks=[10], locations_per_tile=3, progress=False)
@@ -472,3 +473,136 @@ def test_a_tile_never_exceeds_max_rows_on_its_own(
         sample_rows((net, net.relu), x, max_rows=30, locations_per_tile=40, progress=False)
     with pytest.raises(ValueError, match=r"1 tile \(of 40 seen, 30 locations each\).*smaller "):
         select_k((net, net.relu), iter([x]), ks=[2], max_rows=30, progress=False)
+
+
+# ------------------------------------------- review of choosing K (fourth session)
+def _rows(
+    n_tiles: int, per_tile: int = 3, groups: list[int] | None = None, seed: int = 0
+) -> RowSample:
+    """A hand-made sample: ``per_tile`` random rows (C = 10) of each of ``n_tiles`` tiles."""
+    tiles = np.repeat(np.arange(n_tiles, dtype=np.int64), per_tile)
+    g = np.full(n_tiles, -1) if groups is None else np.asarray(groups)
+    return RowSample(
+        rows=torch.rand(len(tiles), 10, generator=torch.Generator().manual_seed(seed)),
+        tiles=tiles,
+        groups=np.repeat(g, per_tile).astype(np.int64),
+        n_tiles_seen=n_tiles,
+        locations_per_tile=per_tile,
+    )
+
+
+def _no_fit(*args: object, **kwargs: object) -> None:
+    raise AssertionError("refused input must be refused before any NMF fit")
+
+
+def test_resample_of_a_single_tile_is_refused_before_any_fit(
+    planted: tuple[PlantedConceptNet, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before: the "half" of one tile was the whole tile, so every reseeded fit repeated the
+    # reference fit and every concept, even of pure noise, had cosine 1.0 ("stable")
+    net, x = planted
+    attr = NMFConceptAttribution(net, net.relu, 4, random_state=0).fit(x[:1], progress=False)
+    init = concept_stability(attr, x[:1], n_seeds=2, perturbation="init", progress=False)
+    assert init.matched_cosine.shape == (4, 1)  # another start on the same tile: still allowed
+    monkeypatch.setattr(stability, "_solver", _no_fit)
+    with pytest.raises(
+        ValueError, match=r"perturbation='resample' .* only 1 tile .*perturbation='init'"
+    ):
+        concept_stability(attr, x[:1], progress=False)
+    # select_k: the split now leaves at least 2 training tiles, so 2 tiles are refused there
+    monkeypatch.setattr(selection, "_solver", _no_fit)
+    for perturbation in ("resample", "init"):
+        with pytest.raises(ValueError, match=r"2 tiles \(of 2 seen.*needs at least 3 tiles"):
+            select_k((net, net.relu), x[:2], ks=[2], perturbation=perturbation, progress=False)
+
+
+def test_slide_split_holds_out_the_slides_closest_to_holdout() -> None:
+    # before: the first slide of the seeded order was held out even when it alone far
+    # overshot holdout: a 48-tile slide held out, a 1-tile slide the whole training set
+    sample = _rows(49, groups=[0] * 48 + [1])
+    for seed in range(6):
+        held, unit, held_tiles, train_tiles = _split(sample, 0.2, seed)
+        assert unit == "slide"
+        assert held_tiles.tolist() == [48]  # 1 tile (|1 - 10| < |48 - 10|)
+        assert len(train_tiles) == 48
+        assert held.sum() == 3
+    # closest, not greedy: slides of 6, 5 and 5 tiles, ceil(0.6 x 16) = 10 -> the two 5s
+    three = _rows(16, groups=[0] * 6 + [1] * 5 + [2] * 5)
+    for seed in range(6):
+        _held, _unit, held_tiles, _train = _split(three, 0.6, seed)
+        assert held_tiles.tolist() == list(range(6, 16))
+    # never fewer than 2 training tiles: a 1-tile slide is all there is to hold out
+    small = _rows(3, groups=[0, 0, 1])
+    for holdout in (0.2, 0.9):
+        _held, _unit, held_tiles, train_tiles = _split(small, holdout, 0)
+        assert (held_tiles.tolist(), train_tiles.tolist()) == ([2], [0, 1])
+    with pytest.raises(ValueError, match=r"2 tiles \(of 2 seen.*needs at least 3 tiles"):
+        _split(_rows(2, groups=[0, 1]), 0.5, 0)
+
+
+def test_split_keeps_the_seeded_order_for_tiles_and_equal_slides() -> None:
+    # units of one tile: the first ceil(holdout x tiles) tiles of the seeded order, as before
+    sample = _rows(40)
+    for seed in range(4):
+        _held, _unit, held_tiles, _train = _split(sample, 0.3, seed)
+        first = np.random.default_rng(seed).permutation(np.arange(40))[:12]
+        assert held_tiles.tolist() == sorted(first.tolist())
+    # equal slides: the first slides of the seeded order (3 x 8 = 24 is closest to 0.6 x 40)
+    slides = _rows(40, groups=list(np.arange(40) // 8))
+    for seed in range(4):
+        _held, _unit, held_tiles, _train = _split(slides, 0.6, seed)
+        first = np.random.default_rng(seed).permutation(np.arange(5))[:3]
+        assert sorted(set((held_tiles // 8).tolist())) == sorted(first.tolist())
+
+
+@pytest.mark.parametrize("side", ["held-out", "training"])
+def test_blank_tiles_on_one_side_are_refused_before_any_fit(
+    planted: tuple[PlantedConceptNet, Tensor], monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    # before: blank held-out tiles gave a held-out error of 0 for every K, so K = 1 was
+    # recommended; blank training tiles gave zero concepts and a sweep of nothing
+    net, _ = planted
+    sample = _rows(20)
+    held, _, held_tiles, train_tiles = _split(sample, 0.2, 0)
+    blank = held if side == "held-out" else ~held
+    sample.rows[torch.from_numpy(blank)] = 0.0
+    n = len(held_tiles) if side == "held-out" else len(train_tiles)
+    monkeypatch.setattr(selection, "_solver", _no_fit)
+    with pytest.raises(
+        ValueError,
+        match=rf"the {n} {side} tiles .*random_state=0\) have only zero activations .*glass",
+    ):
+        select_k((net, net.relu), sample, ks=[1, 2], progress=False)
+
+
+def _untouched() -> Iterator[Tensor]:
+    raise AssertionError("a bad argument must be refused before the source is streamed")
+    yield  # a generator
+
+
+@pytest.mark.parametrize("value", [1.5, 0.0, float("nan")])
+def test_stable_cosine_is_checked_before_streaming(
+    planted: tuple[PlantedConceptNet, Tensor], value: float
+) -> None:
+    # before: concept_stability streamed every batch and ran every refit, then said
+    # "must be in (0, 1)" although 1.0 is accepted
+    net, x = planted
+    attr = NMFConceptAttribution(net, net.relu, 4, random_state=0).fit(x, progress=False)
+    match = r"stable_cosine must be in \(0, 1\], got"
+    with pytest.raises(ValueError, match=match):
+        concept_stability(attr, _untouched(), stable_cosine=value, progress=False)
+    with pytest.raises(ValueError, match=match):
+        select_k((net, net.relu), _untouched(), stable_cosine=value, progress=False)
+    with pytest.raises(ValueError, match=match):
+        stability_from_runs(np.eye(3), [np.eye(3)], stable_cosine=value)
+
+
+def test_stable_cosine_one_accepts_concepts_found_again_exactly() -> None:
+    # before: identical float64 concepts matched at 1 - 1.1e-16 and were called unstable
+    a = np.random.default_rng(0).random((6, 1280))
+    stab = stability_from_runs(a, [a.copy(), a[::-1].copy()], stable_cosine=1.0)
+    assert (stab.min_cosine < 1.0).any()  # the rounding this is about
+    assert stab.stable.all()
+    assert stab.threshold == 1.0
+    off = stability_from_runs(a, [a + 1e-3 * np.eye(6, 1280)], stable_cosine=1.0)
+    assert not off.stable.any()  # the tolerance (1e-9) is rounding, not a real difference

@@ -42,6 +42,7 @@ from captum_nmf.compare.stability import (
     _check_fraction,
     _check_perturbation,
     _check_resample,
+    _check_stable_cosine,
     _refits,
     _solver,
     concept_stability,
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 _ROW_CHUNK = 8192  # rows per chunk of the float64 held-out residual
+_MIN_TRAIN_TILES = 2  # one training tile leaves "resample" nothing to resample, and little to fit
 
 
 def _check_ks(ks: object) -> list[int]:
@@ -79,22 +81,59 @@ def _check_ks(ks: object) -> list[int]:
     return sorted(set(values))
 
 
+def _closest_sum(sizes: list[int], target: int, most: int) -> list[int]:
+    """Positions in ``sizes`` whose sum, in [1, ``most``], is closest to ``target``.
+
+    Exact (subset sums as bits of a Python int, O(len(sizes) x most) bit
+    operations). Ties go to the larger sum; among the subsets of the chosen
+    sum, each position is taken when the rest can still reach it, so units of
+    one tile give the first ``target`` positions. ``most`` >= the smallest size.
+    """
+    suffix = [1] * (len(sizes) + 1)  # suffix[i]: the sums reachable from sizes[i:]
+    mask = (1 << (most + 1)) - 1
+    for i in range(len(sizes) - 1, -1, -1):
+        suffix[i] = (suffix[i + 1] | (suffix[i + 1] << sizes[i])) & mask
+    best = min(
+        (t for t in range(1, most + 1) if suffix[0] >> t & 1),
+        key=lambda t: (abs(t - target), -t),
+    )
+    chosen, left = [], best
+    for i, size in enumerate(sizes):
+        if left == 0:
+            break
+        if size <= left and suffix[i + 1] >> (left - size) & 1:
+            chosen.append(i)
+            left -= size
+    return chosen
+
+
 def _split(
     sample: RowSample, holdout: float, random_state: int
 ) -> tuple[NDArray[np.bool_], str, NDArray[np.int64], NDArray[np.int64]]:
     """Held-out rows by whole tiles, or whole groups when there are several.
 
+    The units (tiles or groups) are put in a seeded random order; the held-out
+    units are those whose tile count is closest to ``ceil(holdout x tiles)``
+    (ties: the larger count; among equal counts, the earliest units of the order)
+    while leaving at least 2 tiles to train on. Units of one tile each give the
+    first ``ceil(holdout x tiles)`` tiles of the order.
+
     Returns:
         *tuple*: a held-out mask over the rows, the unit (``"slide"`` or
         ``"tile"``), and the held-out and training tile ids.
+
+    Raises:
+        ValueError: the sample holds rows of fewer than 3 tiles.
     """
     tiles = np.unique(sample.tiles)
-    if len(tiles) < 2:
+    if len(tiles) < _MIN_TRAIN_TILES + 1:
         raise ValueError(
-            f"the sample holds rows of {len(tiles)} tile (of {sample.n_tiles_seen} seen, "
+            f"the sample holds rows of {len(tiles)} tile{'' if len(tiles) == 1 else 's'} (of "
+            f"{sample.n_tiles_seen} seen, "
             f"{sample.locations_per_tile or 'all'} locations each); holding out part of it needs "
-            "at least 2 tiles. Pass more tiles, or a smaller locations_per_tile or a larger "
-            "max_rows so that more tiles fit."
+            f"at least {_MIN_TRAIN_TILES + 1} tiles (1 held out, {_MIN_TRAIN_TILES} to train on). "
+            "Pass more tiles, or a smaller locations_per_tile or a larger max_rows so that more "
+            "tiles fit."
         )
     known = sample.groups[sample.groups >= 0]
     by_group = len(known) == len(sample.groups) and len(np.unique(known)) >= 2
@@ -105,24 +144,29 @@ def _split(
     for u in tile_unit.values():
         tiles_per_unit[u] += 1
     order = np.random.default_rng(random_state).permutation(unit_ids)
-    goal = holdout * len(tiles)
-    held: set[int] = set()
-    count = 0
-    for u in order[:-1]:  # the last unit always trains
-        if count >= goal:
-            break
-        held.add(int(u))
-        count += tiles_per_unit[int(u)]
-    mask = np.isin(units, np.fromiter(held, np.int64, len(held)))
+    # at least 3 tiles in at least 2 units: the smallest unit leaves >= 2 tiles to train on
+    chosen = _closest_sum(
+        [tiles_per_unit[int(u)] for u in order],
+        math.ceil(holdout * len(tiles)),
+        len(tiles) - _MIN_TRAIN_TILES,
+    )
+    held = order[chosen].astype(np.int64)
+    mask = np.isin(units, held)
     held_tiles = np.unique(sample.tiles[mask])
     train_tiles = np.unique(sample.tiles[~mask])
     return mask, "slide" if by_group else "tile", held_tiles, train_tiles
 
 
 def _train_and_held_rows(
-    sample: RowSample, held: NDArray[np.bool_], max_k: int
+    sample: RowSample, held: NDArray[np.bool_], max_k: int, split_by: str, random_state: int
 ) -> tuple[Tensor, Tensor]:
-    """The training and held-out rows of ``sample``; refuse fewer training rows than K."""
+    """The training and held-out rows of ``sample``.
+
+    Raises:
+        ValueError: fewer training rows than the largest K, or a side whose rows
+                    are all zero (blank tiles: the held-out error would be 0,
+                    or every concept zero, for every K).
+    """
     mask = torch.from_numpy(held).to(sample.rows.device)
     v_train, v_held = sample.rows[~mask], sample.rows[mask]
     if max_k > v_train.shape[0]:
@@ -130,6 +174,19 @@ def _train_and_held_rows(
             f"ks includes K={max_k} but the sample has only {v_train.shape[0]} "
             "training rows; raise max_rows or locations_per_tile, or pass more tiles."
         )
+    for side, rows, tiles, consequence in (
+        ("held-out", v_held, sample.tiles[held], "the held-out error would be 0 for every K"),
+        ("training", v_train, sample.tiles[~held], "every concept would be zero"),
+    ):
+        if _sq(rows) == 0:
+            n = len(np.unique(tiles))
+            raise ValueError(
+                f"the {n} {side} tile{'' if n == 1 else 's'} ({rows.shape[0]} rows; split by "
+                f"{split_by}, random_state={random_state}) {'has' if n == 1 else 'have'} only "
+                "zero activations at this layer (blank tiles, e.g. glass or background), so "
+                f"{consequence}. Pass other tiles (for slides, a tissue mask), another "
+                "random_state, or another holdout."
+            )
     return v_train, v_held
 
 
@@ -142,7 +199,7 @@ def _relative_error(solver: NMF, v: Tensor, sq: float) -> float:
         w = cast("Tensor", solver.transform(chunk))  # tensors in, tensors out
         res = chunk.double() - w.double() @ h.to(chunk.device)
         total += float((res * res).sum())
-    return total / sq if sq > 0 else 0.0
+    return total / sq if sq > 0 else math.nan  # select_k refuses blank held-out rows
 
 
 def _sq(v: Tensor) -> float:
@@ -204,9 +261,7 @@ def _check_sweep(
     n_seeds = check_int("n_seeds", n_seeds, minimum=2, hint="pass e.g. n_seeds=5.")
     _check_perturbation(perturbation)
     threshold = _check_gain_threshold(gain_threshold)
-    stable = _check_fraction(
-        "stable_cosine", stable_cosine, low=0.0, high=1.0 + 1e-12, hint="pass e.g. 0.9."
-    )
+    stable = _check_stable_cosine(stable_cosine)
     seed = check_int("random_state", random_state, minimum=0, hint="pass e.g. random_state=0.")
     return k_values, holdout, n_seeds, threshold, stable, seed
 
@@ -330,7 +385,11 @@ def select_k(
                     drawn by :func:`sample_rows`.
         ks (iterable of int, optional): the K values, each in [1, C].
                     Default: ``range(2, 13)``
-        holdout (float, optional): share of the tiles (or slides) held out, in (0, 1).
+        holdout (float, optional): share of the tiles held out, in (0, 1):
+                    ``ceil(holdout x tiles)`` whole tiles, or the whole slides
+                    (groups) whose tile count comes closest to it while at least
+                    2 tiles are left to train on (the share held out is in the
+                    result's description).
                     Default: 0.2
         n_seeds (int, optional): fits compared per K, the reference included (>= 2).
                     Default: 5
@@ -346,7 +405,8 @@ def select_k(
                     (a share of ``||V_h||^2``), >= 0.
                     Default: 0.01
         stable_cosine (float, optional): minimum matched cosine of a stable
-                    concept, in (0, 1].
+                    concept, in (0, 1]; a cosine 1e-9 below it still counts
+                    (float rounding), so 1.0 accepts concepts found again exactly.
                     Default: 0.9
         max_rows (int, optional): most rows in the sample (see :func:`sample_rows`).
                     Default: 10000
@@ -375,10 +435,13 @@ def select_k(
         TypeError: a bad argument type.
         ValueError: an empty ``ks``, a K < 1 or > C (checked after the first
                     batch, before any fit), ``holdout`` outside (0, 1),
-                    ``n_seeds`` < 2, a sample of fewer than 2 tiles or fewer
-                    training rows than the largest K (with ``"resample"``: a
-                    reseeded share of the training tiles with fewer rows than
-                    it), or an empty source.
+                    ``n_seeds`` < 2, ``stable_cosine`` outside (0, 1], a
+                    sample of fewer than 3 tiles (1 held out, 2 to train on)
+                    or fewer training rows than the largest K (with
+                    ``"resample"``: a reseeded share of the training tiles with
+                    fewer rows than it), held-out or training tiles whose
+                    activations are all zero (blank tiles), or an empty source
+                    (each before any fit).
         NoTissueError: a ``SlideTiles`` source none of whose slides has tissue.
         NegativeActivationError, NonFiniteActivationError, LayerError: as
                     :meth:`NMFConceptAttribution.fit`.
@@ -401,7 +464,7 @@ def select_k(
         progress=progress,
     )
     held, split_by, held_tiles, train_tiles = _split(sample, holdout, seed)
-    v_train, v_held = _train_and_held_rows(sample, held, k_values[-1])
+    v_train, v_held = _train_and_held_rows(sample, held, k_values[-1], split_by, seed)
     if perturbation == "resample":  # before any fit: every reseeded share fits the largest K
         _check_resample(sample.tiles[~held], k_values[-1], n_seeds - 1, seed)
     per_k = _sweep(

@@ -34,16 +34,30 @@ __all__ = [
 Perturbation = Literal["resample", "init"]
 _PERTURBATIONS = ("resample", "init")
 RESAMPLE_SHARE = 0.5  # share of the training tiles each reseeded fit sees (perturbation="resample")
+# A matched cosine this far below ``stable_cosine`` still counts as stable: the cosine of two
+# identical float64 concepts can come out 1 - 1.1e-16, and stable_cosine=1.0 must accept it.
+_COSINE_TOLERANCE = 1e-9
 
 
-def _check_fraction(name: str, value: object, *, low: float, high: float, hint: str) -> float:
-    """A real number in ``(low, high)`` (``high`` included when it is 1 for cosines)."""
+def _check_fraction(
+    name: str, value: object, *, low: float, high: float, hint: str, high_included: bool = False
+) -> float:
+    """A real number in ``(low, high)``, or ``(low, high]`` with ``high_included``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__}); {hint}")
     v = float(value)
-    if not (math.isfinite(v) and low < v < high):
-        raise ValueError(f"{name} must be in ({low:g}, {high:g}), got {value!r}; {hint}")
+    inside = low < v <= high if high_included else low < v < high
+    if not (math.isfinite(v) and inside):
+        bracket = "]" if high_included else ")"
+        raise ValueError(f"{name} must be in ({low:g}, {high:g}{bracket}, got {value!r}; {hint}")
     return v
+
+
+def _check_stable_cosine(stable_cosine: object) -> float:
+    """``stable_cosine`` as a float in (0, 1]."""
+    return _check_fraction(
+        "stable_cosine", stable_cosine, low=0.0, high=1.0, hint="pass e.g. 0.9.", high_included=True
+    )
 
 
 def _check_perturbation(perturbation: object) -> None:
@@ -101,7 +115,9 @@ class ConceptStability:
         matched_index (ndarray): K x R index of that match in each fit.
         mean_cosine (ndarray): K, mean over the R fits.
         min_cosine (ndarray): K, minimum over the R fits.
-        threshold (float): a concept is stable when its minimum is >= this.
+        threshold (float): a concept is stable when its minimum is >= this
+                    (less 1e-9, so that rounding does not make a concept
+                    found again exactly unstable at ``threshold=1.0``).
     """
 
     matched_cosine: NDArray[np.float64]
@@ -125,8 +141,8 @@ class ConceptStability:
 
     @property
     def stable(self) -> NDArray[np.bool_]:
-        """Per concept, whether its minimum matched cosine is >= ``threshold``."""
-        return np.asarray(self.min_cosine >= self.threshold)
+        """Per concept, whether its minimum matched cosine is >= ``threshold`` (less 1e-9)."""
+        return np.asarray(self.min_cosine >= self.threshold - _COSINE_TOLERANCE)
 
     @property
     def share_stable(self) -> float:
@@ -217,7 +233,9 @@ def stability_from_runs(
         reference (Tensor or ndarray): K x C concepts of the reference fit.
         runs (sequence of Tensor or ndarray): K x C concepts of other fits
                     (other seeds) of the same data.
-        stable_cosine (float, optional): minimum matched cosine of a stable concept.
+        stable_cosine (float, optional): minimum matched cosine of a stable
+                    concept, in (0, 1]; a cosine 1e-9 below it still counts
+                    (float rounding), so 1.0 accepts concepts found again exactly.
                     Default: 0.9
 
     Returns:
@@ -227,9 +245,7 @@ def stability_from_runs(
         ValueError: no runs, shapes that differ, or ``stable_cosine`` not in (0, 1].
         TypeError: ``stable_cosine`` is not a number.
     """
-    threshold = _check_fraction(
-        "stable_cosine", stable_cosine, low=0.0, high=1.0 + 1e-12, hint="pass e.g. 0.9."
-    )
+    threshold = _check_stable_cosine(stable_cosine)
     if len(runs) == 0:
         raise ValueError("runs is empty; pass the concepts of at least one other fit.")
     matches = [match_concepts(reference, run) for run in runs]
@@ -280,15 +296,26 @@ def _resampled(tiles: NDArray[np.int64], seed: int) -> NDArray[np.bool_]:
 
 
 def _check_resample(tiles: NDArray[np.int64], k: int, n_runs: int, random_state: int) -> None:
-    """Refuse ``perturbation="resample"`` when a reseeded share of the tiles has fewer than K rows.
+    """Refuse ``perturbation="resample"`` when a reseeded share is every tile, or under K rows.
 
-    Such a fit cannot be run on the share; fitting all rows instead would, with a
-    deterministic initialisation, repeat the reference fit and call every concept
-    stable. Checked before any fit.
+    With fewer than 2 tiles the share is every tile; a share with fewer than
+    K rows cannot be fitted, and fitting all rows instead would do the same. Either
+    way, with a deterministic initialisation, each reseeded fit would repeat the
+    reference fit and call every concept stable (cosine 1.0, even on noise).
+    Checked before any fit.
 
     Raises:
-        ValueError: naming the share's rows, K and the ways out.
+        ValueError: naming the tiles or the share's rows, K and the ways out.
     """
+    n_tiles = len(np.unique(tiles))
+    if n_tiles < 2:
+        raise ValueError(
+            f"perturbation='resample' fits each reseeded run on a seeded {RESAMPLE_SHARE:.0%} "
+            f"of the tiles, but there are rows of only {n_tiles} tile to draw from: the share "
+            "would be every row, so each reseeded fit would repeat the reference fit and call "
+            "every concept stable. Pass more tiles (at least 2; raise max_rows or lower "
+            "locations_per_tile so that more fit), or use perturbation='init'."
+        )
     for r in range(1, n_runs + 1):
         rows = int(_resampled(tiles, random_state + r).sum())
         if rows < k:
@@ -334,7 +361,8 @@ def concept_stability(
         perturbation (str, optional): ``"resample"`` or ``"init"``, as in
                     :func:`select_k`.
                     Default: ``"resample"``
-        stable_cosine (float, optional): minimum matched cosine of a stable concept.
+        stable_cosine (float, optional): minimum matched cosine of a stable
+                    concept, in (0, 1] (see :func:`stability_from_runs`).
                     Default: 0.9
         max_rows (int, optional): see :func:`sample_rows`.
                     Default: 10000
@@ -359,10 +387,12 @@ def concept_stability(
     Raises:
         NotFittedError: ``attr`` is not fitted.
         TypeError: ``attr`` is not an NMFConceptAttribution, or a bad argument type.
-        ValueError: ``n_seeds`` < 2, a sample with other channels than the
-                    concepts or fewer rows than K (with ``"resample"``: a
-                    reseeded share of its tiles with fewer rows than K), or an
-                    empty source.
+        ValueError: ``n_seeds`` < 2, ``stable_cosine`` outside (0, 1]
+                    (checked before anything is streamed), a sample with other
+                    channels than the concepts or fewer rows than K (with
+                    ``"resample"``: rows of fewer than 2 tiles, or a reseeded
+                    share of its tiles with fewer rows than K), or an empty
+                    source.
         NoTissueError: a ``SlideTiles`` source without tissue.
     """
     if not isinstance(attr, NMFConceptAttribution):
@@ -370,6 +400,7 @@ def concept_stability(
     attr.check_fitted("concept_stability")
     n_seeds = check_int("n_seeds", n_seeds, minimum=2, hint="pass e.g. n_seeds=5.")
     _check_perturbation(perturbation)
+    threshold = _check_stable_cosine(stable_cosine)
     seed = check_int("random_state", random_state, minimum=0, hint="pass e.g. random_state=0.")
     reference = attr.concepts_
     k = int(reference.shape[0])
@@ -398,4 +429,4 @@ def concept_stability(
             "or pass more tiles."
         )
     runs = _refits(sample.rows, sample.tiles, k, attr, n_seeds - 1, seed, perturbation)
-    return stability_from_runs(reference, runs, stable_cosine=stable_cosine)
+    return stability_from_runs(reference, runs, stable_cosine=threshold)
