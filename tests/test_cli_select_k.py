@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from captum_nmf import cli
+from captum_nmf.cli.parser import build_parser
 from captum_nmf.wsi import write_pyramid
 from tests.helpers.synthetic_slides import he_image
 
@@ -56,9 +57,14 @@ def test_select_k_writes_tables_and_the_figure(
     ("extra", "match"),
     [
         (["--ks", "two"], "is not a range of K"),
+        (["--ks", "3-1"], "'3-1' in '3-1' runs backwards; write 1-3"),  # was "--ks is empty"
         (["--ks", "0-3"], "K"),
         (["--ks", "2-9"], "K"),  # PoolNet's layer has 4 channels
-        (["--holdout", "1.5"], "holdout"),
+        (["--holdout", "1.5"], "--holdout must be in (0, 1), got 1.5; pass e.g. 0.2."),
+        (["--n-seeds", "1"], "--n-seeds must be >= 2, got 1; pass e.g. --n-seeds 5."),  # n_seeds
+        (["--stable-cosine", "1.5"], "--stable-cosine must be in (0, 1], got 1.5"),
+        (["--gain-threshold", "-1"], "--gain-threshold must be >= 0"),
+        (["--perturbation", "other"], "invalid choice: 'other'"),
     ],
 )
 def test_bad_input(
@@ -69,7 +75,7 @@ def test_bad_input(
     match: str,
 ) -> None:
     argv = ["select-k", *MODEL, *TILING, "--n-seeds", "2", "--out", str(tmp_path / "o"), *extra]
-    if extra[1] == "two":
+    if extra[1] in ("two", "3-1", "other"):  # refused by the parser: usage, exit code 2
         with pytest.raises(SystemExit):
             cli.main([*argv, *map(str, slides)])
         assert match in capsys.readouterr().err
@@ -90,3 +96,20 @@ def test_slides_without_tissue_are_named(
     assert code == 1
     assert re.search(r"captum-nmf: warning: .*blank\.svs", err)
     assert "captum-nmf: error: " in err
+
+
+def test_the_advice_of_select_k_names_flags_it_has(
+    tmp_path: Path, slides: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its messages said n_seeds=5, max_rows, locations_per_tile and perturbation='init':
+    Python names, and the last two were options the command did not have."""
+    argv = ["select-k", *MODEL, *TILING, "--ks", "1-2", "--n-seeds", "2", "--max-rows", "40"]
+    argv += ["--locations-per-tile", "40", "--out", str(tmp_path / "o"), str(slides[0])]
+    code, _, err = _run(argv, capsys)  # 40 rows: one tile of 40 locations, or so
+    assert code == 1
+    assert "--max-rows" in err
+    assert "--locations-per-tile" in err
+    for python in ("max_rows", "locations_per_tile", "n_seeds", "perturbation=", "random_state"):
+        assert python not in err
+    parsed = build_parser().parse_args([*argv[:-3], "--perturbation", "init", "--out", "o", "s"])
+    assert (parsed.perturbation, parsed.locations_per_tile) == ("init", 40)

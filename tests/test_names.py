@@ -123,6 +123,12 @@ def test_name_command(
     assert "no concept 5" in capsys.readouterr().err
     assert cli.main(["name", str(path), "stroma"]) == 1
     assert "is not INDEX=NAME" in capsys.readouterr().err
+    assert cli.main(["name", str(path), "1=a", "1=b"]) == 1  # was: "b", silently
+    assert "concept 1 is named twice (1='a' and '1=b'); give each concept one" in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["name", str(path), "\u0661=x"]) == 1  # an Arabic-Indic 1 was concept 1
+    assert "is not INDEX=NAME" in capsys.readouterr().err
     assert path.read_bytes() == before
     assert cli.main(["name", str(path)]) == 0
     assert json.dumps(capsys.readouterr().out.splitlines()[0]) == '"0: stroma"'
@@ -188,3 +194,19 @@ def test_an_empty_renaming_only_reads(tmp_path: Path, attr: NMFConceptAttributio
     assert rename_concept_file(path, {}) == ["concept 0", "lymphocytes", "concept 2"]
     assert path.read_bytes() == before
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_names_that_look_the_same_are_one_name(attr: NMFConceptAttribution) -> None:
+    """Composed and decomposed accents, a no-break space, a ligature: each pair looked the same
+    in legends and QuPath, and was accepted as two names."""
+    composed, decomposed = "\u00e9pith\u00e9lium", "e\u0301pithe\u0301lium"
+    with pytest.raises(ValueError, match="unique: '\u00e9pith\u00e9lium' names concepts 0 and 1"):
+        attr.concept_names = [composed, decomposed, "x"]
+    with pytest.raises(ValueError, match="which look the same, names concepts 0 and 2"):
+        attr.concept_names = ["fibrosis", "y", "\ufb01brosis"]
+    attr.concept_names = [decomposed, "tumour\u00a0epithelium", "x"]
+    assert attr.concept_names[:2] == [composed, "tumour epithelium"]  # one spelling each
+    with pytest.raises(ValueError, match="holds only combining marks"):
+        attr.concept_names = ["\u0301", "y", "x"]
+    attr.rename({np.int64(2): "stroma"})  # a NumPy index, as from np.argmax
+    assert attr.concept_names[2] == "stroma"

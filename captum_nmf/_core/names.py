@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -36,14 +37,20 @@ def default_concept_names(k: int) -> list[str]:
 def check_concept_names(names: Sequence[str], k: int) -> list[str]:
     """Validate a full list of names: K of them, strings, non-empty, printable, short, unique.
 
+    Each name is put in one spelling for what looks the same: accents composed
+    (Unicode NFC) and every space character (a no-break space, ...) a plain
+    space. Names that still look alike (equal under NFKC, e.g. a ligature and
+    its letters) are duplicates.
+
     Returns:
-        *list[str]*: the names, stripped of surrounding white space.
+        *list[str]*: the names, so normalised and stripped of surrounding white space.
 
     Raises:
         TypeError: ``names`` is not a sequence of strings.
-        ValueError: a wrong count, an empty name, a control character, a lone
-                    surrogate (not encodable as UTF-8), a name longer than
-                    :data:`MAX_NAME_LENGTH`, or a duplicate.
+        ValueError: a wrong count, an empty name or one of combining marks only,
+                    a control character, a lone surrogate (not encodable as
+                    UTF-8), a name longer than :data:`MAX_NAME_LENGTH`, or a
+                    duplicate.
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(f"concept names must be a list of {k} strings, got {names!r}.")
@@ -53,9 +60,18 @@ def check_concept_names(names: Sequence[str], k: int) -> list[str]:
     for j, name in enumerate(names):
         if not isinstance(name, str):
             raise TypeError(f"concept name {j} must be a str, got {name!r}.")
-        text = name.strip()
+        # one spelling for what looks the same: composed accents (NFC), plain spaces
+        text = "".join(
+            " " if unicodedata.category(ch) == "Zs" else ch
+            for ch in unicodedata.normalize("NFC", name)
+        ).strip()
         if not text:
             raise ValueError(f"concept name {j} is empty; give each concept a visible name.")
+        if all(unicodedata.category(ch) in ("Mn", "Me", "Zs") for ch in text):
+            raise ValueError(
+                f"concept name {j} ({text!r}) holds only combining marks; give each concept a "
+                "visible name."
+            )
         if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
             raise ValueError(
                 f"concept name {j} ({text!r}) holds a control character; use printable text."
@@ -74,11 +90,14 @@ def check_concept_names(names: Sequence[str], k: int) -> list[str]:
         out.append(text)
     seen: dict[str, int] = {}
     for j, text in enumerate(out):
-        if text in seen:
+        key = unicodedata.normalize("NFKC", text)  # e.g. a ligature and its letters
+        if key in seen:
+            first = out[seen[key]]
+            alike = "" if first == text else f" and {first!r}, which look the same,"
             raise ValueError(
-                f"concept names must be unique: {text!r} names concepts {seen[text]} and {j}."
+                f"concept names must be unique: {text!r}{alike} names concepts {seen[key]} and {j}."
             )
-        seen[text] = j
+        seen[key] = j
     return out
 
 
@@ -94,9 +113,10 @@ def renamed(names: Sequence[str], mapping: Mapping[int, str]) -> list[str]:
         ValueError: an invalid result (see :func:`check_concept_names`).
     """
     new = list(names)
-    for index, name in mapping.items():
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"concept indices must be ints, got {index!r}.")
+    for key, name in mapping.items():
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+            raise TypeError(f"concept indices must be ints, got {key!r}.")
+        index = int(key)  # a NumPy integer too
         if not 0 <= index < len(new):
             raise IndexError(
                 f"there is no concept {index}: the concepts are numbered 0 to {len(new) - 1}."

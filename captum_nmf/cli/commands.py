@@ -462,10 +462,15 @@ def name(args: argparse.Namespace) -> int:
     mapping: dict[int, str] = {}
     for item in args.names:
         index, sep, text = item.partition("=")
-        if not sep or not index.strip().lstrip("-").isdigit():
+        if not sep or re.fullmatch(r"-?[0-9]+", index.strip()) is None:  # ASCII digits only
             raise CLIError(
                 f'{item!r} is not INDEX=NAME; write e.g. 3="tumour epithelium" (concepts are '
                 "numbered from 0)."
+            )
+        if int(index) in mapping:
+            raise CLIError(
+                f"concept {int(index)} is named twice ({int(index)}={mapping[int(index)]!r} and "
+                f"{item!r}); give each concept one name."
             )
         mapping[int(index)] = text
     for j, text in enumerate(rename_concept_file(args.concepts, mapping)):  # {}: only reads
@@ -492,6 +497,8 @@ def select_k(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         n_seeds=args.n_seeds,
         max_rows=args.max_rows,
+        locations_per_tile=args.locations_per_tile,
+        perturbation=args.perturbation,
         gain_threshold=args.gain_threshold,
         stable_cosine=args.stable_cosine,
         batch_size=args.batch_size,

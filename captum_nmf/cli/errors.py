@@ -26,6 +26,7 @@ _SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] 
     (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
     (r"\bslide_mpp=", "--slide-mpp "),
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
+    (r"\bperturbation=['\"](resample|init)['\"]", r"--perturbation \1"),
     (r"\bpass level= or mpp=", "pass --level or --mpp"),
     (r"\bn_concepts(?=: recorded)", "K (of --concepts)"),  # explain's K is its concepts'
     (r"\bn_concepts=(?=\S)", "--k "),
@@ -41,12 +42,14 @@ _SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] 
     (r"\bslide=(?=['\"])", "--slide "),
     (
         r"\b(tile_size|stride|border|region_size|region_margin|min_tissue|batch_size|top_n|level"
-        r"|mpp)=(?=[^\s,])",
+        r"|mpp|n_seeds|holdout|max_rows|locations_per_tile|gain_threshold|stable_cosine)"
+        r"=(?=[^\s,])",
         None,
     ),
     (
         r"\b(min_tissue|batch_size|num_workers|tile_size|region_size|region_margin|top_n"
-        r"|intensity_scale)\b",
+        r"|intensity_scale|n_seeds|holdout|max_rows|locations_per_tile|gain_threshold"
+        r"|stable_cosine)\b",
         None,
     ),
     (r"\bout_dir\b", "--out"),

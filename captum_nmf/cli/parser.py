@@ -146,6 +146,10 @@ def _ks(text: str) -> list[int]:
     try:
         for part in text.split(","):
             low, sep, high = part.strip().partition("-")
+            if sep and int(high) < int(low):
+                raise argparse.ArgumentTypeError(
+                    f"{part.strip()!r} in {text!r} runs backwards; write {int(high)}-{int(low)}"
+                )
             ks.extend(range(int(low), int(high) + 1) if sep else [int(low)])
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -162,6 +166,19 @@ def _select_k_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="share of tiles held out")
     p.add_argument("--n-seeds", type=int, default=5, help="fits per K for stability")
     p.add_argument("--max-rows", type=int, default=10_000, help="feature rows sampled")
+    p.add_argument(
+        "--locations-per-tile",
+        type=int,
+        default=None,
+        help="locations sampled per tile (default: all), so that more tiles fit in --max-rows",
+    )
+    p.add_argument(
+        "--perturbation",
+        choices=("resample", "init"),
+        default="resample",
+        help="what changes between fits for stability: the training tiles (a seeded half) or "
+        "the initialisation (default: resample)",
+    )
     p.add_argument("--gain-threshold", type=float, default=0.01)
     p.add_argument("--stable-cosine", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
