@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import model_device
 from captum_nmf._utils.validation import check_int
+from captum_nmf._version import __version__
 from captum_nmf.engines.batches import (
     batch_dataset,
     check_batch_inputs,
@@ -27,20 +30,29 @@ from captum_nmf.engines.batches import (
     one_pass,
     tile_dataset,
 )
-from captum_nmf.io import atomic_write
+from captum_nmf.exceptions import CaptumNMFWarning
+from captum_nmf.io import claim_outputs, write_owned_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from captum_nmf import NMFConceptAttribution
 
-__all__ = ["ConceptGallery", "concept_gallery"]
+__all__ = ["MIN_SCORE_FRACTION", "RECORD", "ConceptGallery", "concept_gallery"]
 
 _FIELDS = ["concept", "name", "rank", "tile", "mean_intensity", "x", "y", "slide"]
 
+#: The record of a gallery folder: written last, it lists the files saved with it (SHA-256).
+RECORD = "gallery.json"
+_FORMAT = "captum-nmf/gallery"
+
+#: A tile scoring at most this fraction of the best score of any concept (concepts are unit
+#: vectors, so their scores compare) shows none of its concept: it is left out of the gallery.
+MIN_SCORE_FRACTION = 1e-3
+
 
 def _our_gallery(path: Path) -> bool:
-    """Whether ``path`` is a ``gallery.csv`` this module wrote (its header is ours)."""
+    """Whether ``path`` is a ``gallery.csv`` of this module's layout (its header is ours)."""
     try:
         with path.open(newline="") as fh:
             return next(csv.reader(fh), None) == _FIELDS
@@ -69,11 +81,14 @@ class ConceptGallery:
     Attributes:
         names (list[str]): the concepts' names.
         entries (list[list]): per concept, its tiles from the strongest down:
-                    ``(score, tile index, image, intensity map, level-0 location or None)``.
+                    ``(score, tile index, image, intensity map, level-0 location or None)``;
+                    empty for a concept no tile shows (see ``min_score``).
+        min_score (float): tiles scoring at most this were left out.
     """
 
     names: list[str]
     entries: list[list[_Entry]] = field(default_factory=list)
+    min_score: float = 0.0
 
     def table(self) -> list[dict[str, Any]]:
         """One row per shown tile: concept, name, rank, tile, slide, mean intensity, location.
@@ -102,8 +117,12 @@ class ConceptGallery:
     def figure(self, concept: int) -> Figure:
         """Concept ``concept``'s tiles, each with its intensity over it beside the tile.
 
+        Args:
+            concept (int): the concept's index.
+
         Returns:
-            *Figure*: a matplotlib figure (not attached to pyplot).
+            *Figure*: a matplotlib figure (not attached to pyplot); for a
+            concept without tiles, its name and a line saying so.
 
         Raises:
             IndexError: no such concept.
@@ -128,39 +147,103 @@ class ConceptGallery:
             where += "" if e.location is None else f" at {e.location[0]}, {e.location[1]}"
             axes[row][0].set_title(f"tile {e.tile}{where}", fontsize="small")
             axes[row][1].set_title(f"mean intensity {e.score:.3g}", fontsize="small")
+        if not entries:
+            fig.text(
+                0.5,
+                0.5,
+                f"no tile scores above {self.min_score:.3g}",
+                ha="center",
+                va="center",
+                fontsize="small",
+            )
         for ax in axes.ravel():
             ax.set_axis_off()
         fig.suptitle(self.names[concept])
         return fig
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``gallery_concept_<k>.png`` per concept and ``gallery.csv``, atomically.
-
-        Saving over an earlier gallery of more concepts removes its extra
-        ``gallery_concept_<k>.png`` files (only when the folder's ``gallery.csv``
-        is one of ours), so the folder never shows concepts the CSV does not list.
+    def to_csv(self) -> str:
+        """:meth:`table` as CSV text (the ``gallery.csv`` that :meth:`save` writes).
 
         Returns:
-            *Path*: the directory.
+            *str*: the header and one line per shown tile.
         """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        ours = _our_gallery(out / "gallery.csv")  # before it is replaced
-        for j in range(len(self.entries)):
-            with atomic_write(out / f"gallery_concept_{j}.png", "wb") as fh:
-                self.figure(j).savefig(fh, format="png", dpi=100)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=_FIELDS)
         writer.writeheader()
         writer.writerows(self.table())
-        with atomic_write(out / "gallery.csv", newline="") as fh:
-            fh.write(text.getvalue())
-        if ours:  # a gallery of more concepts was saved here: its extra figures go
-            for path in out.glob("gallery_concept_*.png"):
-                index = path.stem.removeprefix("gallery_concept_")
-                if index.isdigit() and int(index) >= len(self.entries):
-                    path.unlink(missing_ok=True)
-        return out
+        return text.getvalue()
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``gallery_concept_<k>.png`` per concept, ``gallery.csv`` and ``gallery.json``.
+
+        All are written atomically and together: every figure is drawn and
+        every file written in full before any file of the folder is replaced,
+        so an error (a figure that fails, a full disk) leaves the folder as it
+        was. The record ``gallery.json``, written last, lists each file with
+        its SHA-256. Saving again into the folder replaces only files that
+        record lists and that are unchanged since, and removes the files of
+        the last save that this one does not write (the figures of concepts
+        beyond a smaller gallery's). A file the record lists that was edited
+        since is neither replaced nor removed: the save is refused. Files the
+        record does not list (a user's own) are left alone.
+
+        A folder holding a gallery saved by an earlier captum-nmf, before the
+        record existed (a ``gallery.csv`` without ``gallery.json``) is refused: its
+        files cannot be told from ones edited or added since, so none is
+        replaced or removed. Move its ``gallery.csv`` and ``gallery_concept_*.png``
+        away (or delete them), or save into another folder.
+
+        Args:
+            directory (str or PathLike): the folder, created if missing.
+
+        Returns:
+            *Path*: the directory.
+
+        Raises:
+            FileExistsError: the folder holds a file of one of these names
+                        that captum-nmf did not write (or wrote before the
+                        record existed), a file the record lists that was
+                        edited since, or a ``gallery.json`` that is not a
+                        gallery record (nothing is written).
+        """
+        out = Path(directory)
+        names = [f"gallery_concept_{j}.png" for j in range(len(self.entries))]
+        _refuse_unrecorded_gallery(out)
+        claim_outputs(out, RECORD, [*names, "gallery.csv", RECORD], _no_legacy)  # before drawing
+        files: dict[str, bytes] = {}
+        for j, name in enumerate(names):
+            buffer = io.BytesIO()
+            self.figure(j).savefig(buffer, format="png", dpi=100)
+            files[name] = buffer.getvalue()
+        files["gallery.csv"] = self.to_csv().encode("utf-8")
+        content = {
+            "format": _FORMAT,
+            "captum_nmf_version": __version__,
+            "names": list(self.names),
+            "min_score": self.min_score,
+        }
+        return write_owned_files(out, RECORD, files, content, _no_legacy)
+
+
+def _refuse_unrecorded_gallery(out: Path) -> None:
+    """Refuse a folder holding a gallery saved before the record: its files are not provably ours.
+
+    Raises:
+        FileExistsError: ``out`` has our ``gallery.csv`` but no ``gallery.json``.
+    """
+    if (out / RECORD).exists() or not _our_gallery(out / "gallery.csv"):
+        return
+    raise FileExistsError(
+        f"{out} holds a gallery saved by an earlier captum-nmf (gallery.csv without a "
+        f"{RECORD} record): its files cannot be told from ones edited or added since, so none "
+        "is replaced. Move its gallery.csv and gallery_concept_*.png files away (or delete "
+        "them), or save into another folder."
+    )
+
+
+def _no_legacy(record: dict[str, Any]) -> Sequence[str]:
+    """A gallery record always lists its files: one without that list is not ours."""
+    raise ValueError(f"it lists no files (keys {sorted(record)})")
 
 
 def concept_gallery(
@@ -173,6 +256,7 @@ def concept_gallery(
     images: Tensor | None = None,
     additional_forward_args: Any = None,
     batch_inputs: Callable[[Any], Any] | None = None,
+    min_score_fraction: float = MIN_SCORE_FRACTION,
     progress: bool = True,
 ) -> ConceptGallery:
     r"""The ``top_n`` tiles of every concept by mean intensity, near-duplicates left out.
@@ -181,10 +265,20 @@ def concept_gallery(
     A tile's score for a concept is the mean of the concept's intensity over
     the tile. A tile is left out of a concept's gallery when it nearly repeats
     a better-ranked one: for :class:`~captum_nmf.wsi.SlideTiles`, when the two
-    overlap by more than half a tile; otherwise when their 16 x 16 grey
-    thumbnails correlate above 0.95. Tiles of a ``SlideTiles`` are shown as
-    read from the slide (before its ``transform``); other tiles as given,
-    rescaled to [0, 1] when they are not in that range.
+    are tiles of one slide less than half a tile apart along both axes (half
+    of that slide's level-0 tile size, so slides scanned at different
+    resolutions are each judged by their own tile); otherwise when their
+    16 x 16 grey thumbnails correlate above 0.95. Tiles of a ``SlideTiles``
+    are shown as read from the slide (before its ``transform``); other tiles
+    as given, rescaled to [0, 1] when they are not in that range.
+
+    A tile whose score is at most ``min_score_fraction`` of the best score
+    of any concept on these tiles shows none of the concept and is left out
+    (the concepts are unit vectors, so their scores compare): a concept
+    absent from the tiles gets an empty gallery rather than its six
+    least-empty tiles, and a concept present in fewer than ``top_n`` tiles
+    shows only those. A :class:`~captum_nmf.exceptions.CaptumNMFWarning`
+    names each concept that lost tiles this way.
 
     Args:
         attr (NMFConceptAttribution): fitted concepts.
@@ -207,6 +301,10 @@ def concept_gallery(
                     inputs, as for :meth:`NMFConceptAttribution.fit`; the
                     first input is the one shown.
                     Default: None (the batch, or its first element)
+        min_score_fraction (float, optional): tiles scoring at most this
+                    fraction of the best score over all concepts are left
+                    out; 0 keeps every tile with a score above 0.
+                    Default: 1e-3 (:data:`MIN_SCORE_FRACTION`)
         progress (bool, optional): show a tqdm progress bar.
                     Default: True
 
@@ -215,14 +313,20 @@ def concept_gallery(
 
     Raises:
         NotFittedError: ``attr`` is not fitted.
-        TypeError, ValueError: a bad ``top_n`` or ``batch_size``, an empty
-                    source, or a bad ``batch_inputs`` (see
-                    :meth:`NMFConceptAttribution.fit`).
+        TypeError, ValueError: a bad ``top_n``, ``batch_size`` or
+                    ``min_score_fraction``, an empty source, or a bad
+                    ``batch_inputs`` (see :meth:`NMFConceptAttribution.fit`).
+
+    Warns:
+        CaptumNMFWarning: a concept lost tiles to ``min_score_fraction``
+                    (named, with its best score): it is absent from, or
+                    rare in, these tiles.
     """
     attr.check_fitted("concept_gallery")
     top_n = check_int("top_n", top_n, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     batch_inputs = check_batch_inputs(batch_inputs)
+    min_score_fraction = _check_fraction("min_score_fraction", min_score_fraction)
     k = int(attr.concepts_.shape[0])
     names = list(labels) if labels is not None else attr.concept_names
     if len(names) != k:
@@ -233,7 +337,6 @@ def concept_gallery(
             "images= is for tensor or batch sources; the tiles of a SlideTiles are shown as "
             "read from the slide. Pass images=None."
         )
-    side = _tile_side(dataset)
     pools: list[list[_Candidate]] = [[] for _ in range(k)]
     seen = 0
     device = model_device(attr.forward_func, attr.layer)
@@ -262,11 +365,12 @@ def concept_gallery(
                     maps64[i, j].numpy(),
                     _location(here, ids[i]),
                     _slide(here, ids[i]),
+                    _tile_side(here, ids[i]),
                     None if here is not None else (x[i] if images is None else images[ids[i]]),
                 )
                 for i in range(len(ids))
             ]
-            pools[j] = _unique(sorted(pools[j] + new, key=lambda e: -e.score), top_n, side)
+            pools[j] = _unique(sorted(pools[j] + new, key=lambda e: -e.score), top_n)
         kept: dict[int, Tensor] = {}  # each kept tile copied once: a view would hold the batch
         for pool in pools:
             for c in pool:
@@ -281,8 +385,59 @@ def concept_gallery(
             f"images holds {images.shape[0]} images for {seen} tiles; pass one image per tile, "
             "in stream order."
         )
+    min_score = _drop_absent(pools, names, min_score_fraction, top_n)
     entries = [[c.entry(dataset) for c in pool] for pool in pools]
-    return ConceptGallery(names, entries)
+    return ConceptGallery(names, entries, min_score)
+
+
+def _check_fraction(name: str, value: object) -> float:
+    """A number in [0, 1).
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside [0, 1).
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}; e.g. 1e-3.")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"{name} must be in [0, 1), got {value!r}; pass e.g. 1e-3 (0 keeps every tile "
+            "with a score above 0)."
+        )
+    return float(value)
+
+
+def _drop_absent(
+    pools: list[list[_Candidate]], names: Sequence[str], fraction: float, top_n: int
+) -> float:
+    """Leave out the tiles scoring at most ``fraction`` of the best score; warn of each concept.
+
+    Returns:
+        *float*: the score at or under which tiles were left out.
+    """
+    best = max((pool[0].score for pool in pools if pool), default=0.0)
+    floor = max(fraction * best, 0.0)
+    lost = []
+    for j, pool in enumerate(pools):
+        kept = [c for c in pool if c.score > floor]
+        if len(kept) < len(pool):
+            lost.append(
+                f"concept {j} ({names[j]!r}): {len(kept)} of {len(pool)} tiles kept, best "
+                f"score {pool[0].score:.3g}"
+            )
+        pool[:] = kept
+    if lost:
+        warnings.warn(
+            f"concept_gallery left out tiles scoring at most {floor:.3g} "
+            f"(min_score_fraction={fraction:g} of the best score of any concept, {best:.3g}): "
+            f"they show none of their concept. {'; '.join(lost)}. A concept with fewer than "
+            f"top_n={top_n} tiles left is absent from, or rare in, these tiles: pass tiles "
+            "where it appears, fit fewer concepts, or pass min_score_fraction=0 to show every "
+            "tile.",
+            CaptumNMFWarning,
+            stacklevel=3,
+        )
+    return floor
 
 
 @dataclass
@@ -294,6 +449,7 @@ class _Candidate:
     intensity: NDArray[np.float64]
     location: tuple[int, int] | None
     slide: str | None
+    side: float | None  # the level-0 tile size of its slide's grid (None: not a slide tile)
     raw: Tensor | None  # the tile of a tensor or batch source (None: read from the slide)
     fresh: bool = True  # from the batch in hand (its raw still a view of that batch)
     _image: NDArray[np.float64] | None = None
@@ -341,10 +497,11 @@ def _slide(dataset: Any, index: int) -> str | None:
     return str(dataset.grids[dataset.locate(index)[0]].path)
 
 
-def _tile_side(dataset: Any) -> float | None:
+def _tile_side(dataset: Any, index: int) -> float | None:
+    """The level-0 size of item ``index``'s tile: its own slide's grid (slides differ in mpp)."""
     if dataset is None or not getattr(dataset, "grids", None):
         return None
-    return float(dataset.grids[0].tile_size_level0)
+    return float(dataset.grids[dataset.locate(index)[0]].tile_size_level0)
 
 
 def _thumb(image: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -359,7 +516,7 @@ def _thumb(image: NDArray[np.float64]) -> NDArray[np.float64]:
     return out
 
 
-def _unique(candidates: list[_Candidate], top_n: int, side: float | None) -> list[_Candidate]:
+def _unique(candidates: list[_Candidate], top_n: int) -> list[_Candidate]:
     """The best ``top_n`` candidates, skipping those that nearly repeat a better one.
 
     Applied to the running pool and each batch's tiles, so a concept whose
@@ -371,12 +528,13 @@ def _unique(candidates: list[_Candidate], top_n: int, side: float | None) -> lis
             break
         if any(c.tile == e.tile for c in chosen):
             continue
-        if side is not None and e.location is not None:
+        if e.side is not None and e.location is not None:
+            half = e.side / 2  # of this slide's tile: another slide's may be another size
             if any(  # a near repeat is on the same slide
                 c.location is not None
                 and c.slide == e.slide
-                and abs(c.location[0] - e.location[0]) < side / 2
-                and abs(c.location[1] - e.location[1]) < side / 2
+                and abs(c.location[0] - e.location[0]) < half
+                and abs(c.location[1] - e.location[1]) < half
                 for c in chosen
             ):
                 continue

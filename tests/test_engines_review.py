@@ -148,6 +148,7 @@ def test_saving_a_smaller_gallery_removes_only_our_extra_figures(tmp_path: Path)
         concept_gallery(attr.fit(x, progress=False), x, top_n=2, progress=False).save(out)
     assert sorted(p.name for p in out.iterdir()) == [
         "gallery.csv",
+        "gallery.json",
         "gallery_concept_0.png",
         "gallery_concept_1.png",
     ]
