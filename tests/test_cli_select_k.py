@@ -113,3 +113,20 @@ def test_the_advice_of_select_k_names_flags_it_has(
         assert python not in err
     parsed = build_parser().parse_args([*argv[:-3], "--perturbation", "init", "--out", "o", "s"])
     assert (parsed.perturbation, parsed.locations_per_tile) == ("init", 40)
+
+
+def test_select_k_tiles_do_not_overlap_by_default(
+    tmp_path: Path, slides: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The other commands' default stride (half a tile) made every held-out tile share half
+    its pixels with training tiles; select-k's default is a whole tile (the suite makes the
+    overlap warning an error)."""
+    tiling = ["--tile-size", "64", "--batch-size", "32", "--no-progress"]
+    argv = ["select-k", *MODEL, *tiling, "--ks", "1-2", "--n-seeds", "2"]
+    code, _, err = _run([*argv, "--out", str(tmp_path / "o"), str(slides[0])], capsys)
+    assert code == 0, err
+    code, _, err = _run(
+        [*argv, "--stride", "32", "--out", str(tmp_path / "p"), str(slides[0])], capsys
+    )
+    assert code == 1
+    assert "the tiles overlap (--stride 32 < --tile-size 64 on s0.svs)" in err

@@ -26,7 +26,12 @@ from captum_nmf.compare.selection import (
     select_k,
     stability_from_runs,
 )
-from captum_nmf.exceptions import EmptyTileGridWarning, NotFittedError, NoTissueError
+from captum_nmf.exceptions import (
+    CaptumNMFWarning,
+    EmptyTileGridWarning,
+    NotFittedError,
+    NoTissueError,
+)
 from tests.helpers.basic_models import PlantedConceptNet, planted_maps
 
 # Four planted non-negative concepts over C = 10 channels (fixed seed, each with its own
@@ -606,3 +611,23 @@ def test_stable_cosine_one_accepts_concepts_found_again_exactly() -> None:
     assert stab.threshold == 1.0
     off = stability_from_runs(a, [a + 1e-3 * np.eye(6, 1280)], stable_cosine=1.0)
     assert not off.stable.any()  # the tolerance (1e-9) is rounding, not a real difference
+
+
+def test_tiles_held_out_of_overlapping_tiles_are_warned_about(tmp_path: Path) -> None:
+    """At stride = tile / 2 every held-out tile shared half its pixels with training tiles
+    (the command line's default stride, and the tutorial's), without a word."""
+    pytest.importorskip("openslide")
+    from captum_nmf.wsi import SlideTiles
+    from tests.helpers.synthetic_slides import tissue_on_white
+    from tests.helpers.wsi_models import PoolNet
+
+    net = PoolNet()
+    a = tissue_on_white(tmp_path / "a.svs", (448, 384), (0, 0, 448, 384))
+    b = tissue_on_white(tmp_path / "b.svs", (448, 384), (0, 0, 448, 384))
+    kwargs: dict = {"ks": [2], "n_seeds": 2, "progress": False}
+    with pytest.warns(CaptumNMFWarning, match=r"overlap \(stride=32 < tile_size=64 on a\.svs\)"):
+        select_k((net, net.relu), SlideTiles(a, tile_size=64, stride=32), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overlap, or whole slides held out: nothing to say
+        select_k((net, net.relu), SlideTiles(a, tile_size=64, stride=64), **kwargs)
+        select_k((net, net.relu), SlideTiles([a, b], tile_size=64, stride=32), **kwargs)

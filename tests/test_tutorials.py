@@ -116,7 +116,9 @@ def test_choose_k_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wher
     assert values["k"] in (2, 3, 4)
     assert values["recommended"] in (None, 2, 3, 4)
     assert 0.0 <= values["share_stable"] <= 1.0
-    assert "tumour nest" in values["names"]
+    named = [j for j, name in enumerate(values["names"]) if name != f"concept {j}"]
+    assert all(values["stable"][j] for j in named)  # only stable concepts get a name
+    assert ("tumour nest" in values["names"]) == any(values["stable"])
     assert set(values["qupath_classes"]) <= set(values["names"])
     assert values["stability_saved"] is True
     assert "gallery.csv" in values["gallery_files"]

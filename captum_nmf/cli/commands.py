@@ -490,6 +490,8 @@ def select_k(args: argparse.Namespace) -> int:
     device = _device(args)
     normalisation(args.model, args.normalize)  # checked before the model loads
     model, layer = _model(args, device)
+    if args.stride is None:  # held-out tiles must not share pixels with training ones
+        args.stride = args.tile_size
     result = sweep(
         (model, layer),
         _slide_tiles(args, args.slides),

@@ -49,10 +49,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tile_args(p: argparse.ArgumentParser) -> None:
+def _tile_args(p: argparse.ArgumentParser, stride: str = "half a tile") -> None:
     p.add_argument("--tile-size", type=int, default=512)
     p.add_argument(
-        "--stride", type=int, default=None, help="pixels between tiles (default: half a tile)"
+        "--stride", type=int, default=None, help=f"pixels between tiles (default: {stride})"
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--level", type=int, default=None)
@@ -160,7 +160,7 @@ def _ks(text: str) -> list[int]:
 
 def _select_k_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    _tile_args(p)
+    _tile_args(p, stride="a tile: held-out tiles share no pixels with training ones")
     p.add_argument("slides", nargs="+")
     p.add_argument("--ks", type=_ks, default=list(range(2, 13)), help="K to try (default 2-12)")
     p.add_argument("--holdout", type=float, default=0.2, help="share of tiles held out")

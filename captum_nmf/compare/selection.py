@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -49,6 +51,7 @@ from captum_nmf.compare.stability import (
     match_concepts,
     stability_from_runs,
 )
+from captum_nmf.exceptions import CaptumNMFWarning
 
 __all__ = [
     "RESAMPLE_SHARE",
@@ -155,6 +158,23 @@ def _split(
     held_tiles = np.unique(sample.tiles[mask])
     train_tiles = np.unique(sample.tiles[~mask])
     return mask, "slide" if by_group else "tile", held_tiles, train_tiles
+
+
+def _warn_overlapping(source: object) -> None:
+    """Warn when whole tiles are held out of tiles that overlap: they share pixels."""
+    grids = getattr(source, "grids", None) or ()
+    overlapping = [g for g in grids if g.stride < g.tile_size]
+    if overlapping:
+        g = overlapping[0]
+        warnings.warn(
+            f"select_k holds out whole tiles, but the tiles overlap (stride={g.stride} < "
+            f"tile_size={g.tile_size} on {Path(str(g.path)).name}): a held-out tile shares "
+            "pixels with the training tiles beside it, so the held-out error is optimistic. "
+            f"Pass tiles that do not overlap (stride={g.tile_size}), or several slides (held "
+            "out whole).",
+            CaptumNMFWarning,
+            stacklevel=3,
+        )
 
 
 def _train_and_held_rows(
@@ -464,6 +484,8 @@ def select_k(
         progress=progress,
     )
     held, split_by, held_tiles, train_tiles = _split(sample, holdout, seed)
+    if split_by == "tile":
+        _warn_overlapping(source)
     v_train, v_held = _train_and_held_rows(sample, held, k_values[-1], split_by, seed)
     if perturbation == "resample":  # before any fit: every reseeded share fits the largest K
         _check_resample(sample.tiles[~held], k_values[-1], n_seeds - 1, seed)
