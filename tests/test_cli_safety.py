@@ -9,6 +9,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -703,3 +704,18 @@ def test_the_non_square_pixel_advice_is_no_flag_that_would_not_apply() -> None:
         "to use instead)."
     )
     assert flag_spelling(said) == "Resample the slide to square pixels."
+
+
+def test_the_greyscale_hint_on_the_command_line_names_a_flag() -> None:
+    """It advised tissue_mask=detect_tissue(slide, saturation_threshold=0): a Python call no
+    flag gives."""
+    from captum_nmf.cli.errors import flag_spelling
+    from captum_nmf.wsi.tissue import TissueMask, greyscale_hint
+
+    mask = TissueMask(np.zeros((4, 4), bool), (1.0, 1.0), 1.0, 0.07, greyscale=True)
+    said = flag_spelling("No tile has enough tissue." + greyscale_hint(mask))
+    assert said.endswith(
+        "(no colour to detect tissue by): the command line detects tissue by colour only: "
+        "pass --no-tissue-mask to use every tile."
+    )
+    assert "detect_tissue" not in said

@@ -514,3 +514,17 @@ def test_all_tissue_and_stain_tinted_glass_are_taken_as_they_are(tmp_path: Path)
         assert mask.glass is None, name
         if name != "pink_glass":  # the smooth region was tissue before, and stays tissue
             assert mask.tissue_share > 0.95, name
+
+
+def test_the_readme_rows_of_boxes_tiff() -> None:
+    """The README's tissue table: boxes.tiff at its 72-dpi scale and as it opens (no scale)."""
+    boxes = Path(__file__).parent / "data" / "boxes.tiff"
+    with Slide(boxes, mpp=352.778) as slide:
+        at_dpi = detect_tissue(slide)
+    with Slide(boxes, fallback_mpp=None) as slide, warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptumNMFWarning)  # 72 dpi taken as no scale
+        opened = detect_tissue(slide)
+    assert round(100 * float(at_dpi.mask.mean()), 1) == 11.3
+    assert (at_dpi.threshold, at_dpi.saturation_threshold) == pytest.approx((0.8, 0.07))
+    assert round(100 * float(opened.mask.mean()), 1) == 70.3
+    assert (opened.threshold, opened.saturation_threshold) == pytest.approx((0.8, 0.15))

@@ -19,6 +19,11 @@ _SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] 
     (r"\bresume=False\b", "no --resume"),
     (r"\boverwrite=True\b", "--overwrite"),
     (r"\bon_tile_error=['\"](skip|raise)['\"]", r"--on-tile-error \1"),
+    (  # no flag detects tissue by brightness: the command line's way is every tile
+        r"detect it by brightness, tissue_mask=detect_tissue\(slide, saturation_threshold=0\), "
+        r"or pass tissue_mask=None\.",
+        "the command line detects tissue by colour only: pass --no-tissue-mask to use every tile.",
+    ),
     (r"\btissue_mask=None\b", "--no-tissue-mask"),
     (r" \(or Slide\(path, mpp=MPP\)\)", ""),
     # a scale the slide records wins over --slide-mpp: only Python's Slide(path, mpp=) overrides it

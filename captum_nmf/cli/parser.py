@@ -29,7 +29,7 @@ EXAMPLES = {
 }
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, ray: bool = False) -> None:
     p.add_argument("--model", required=True, help="torchvision:NAME, zoo:NAME or module:factory")
     p.add_argument("--weights", help="a .safetensors file or a state dict (weights_only=True)")
     p.add_argument("--layer", required=True, help="dotted module path, e.g. features.29")
@@ -44,8 +44,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--device",
         default="auto",
         help="where the model runs: auto (CUDA when available, else the CPU), cpu, cuda, "
-        "cuda:N (not mps: no float64 there); with --ray each actor uses the GPU Ray gives it "
-        "(default auto)",
+        "cuda:N (not mps: no float64 there)"
+        + ("; with --ray each actor uses the GPU Ray gives it" if ray else "")
+        + " (default auto)",
     )
 
 
@@ -93,7 +94,7 @@ def _forward_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    _model_args(p, ray=True)
     _tile_args(p)
     p.add_argument("slide", nargs="*", help="one or more slides")
     p.add_argument("--k", type=int, default=6, help="number of concepts (default 6)")
@@ -107,7 +108,7 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    _model_args(p, ray=True)
     _tile_args(p)
     p.add_argument("slide", nargs="*", help="one or more slides")
     p.add_argument("--concepts", required=True, help="a .safetensors file from 'fit'")
