@@ -337,3 +337,22 @@ def test_activations_of_any_layout_are_checked(
     act[1, 4, 3, 2] = value
     with pytest.raises(getattr(exceptions, error), match=match):
         acts.check_activations(act, negative="raise", name="x")
+
+
+def test_bf16_on_a_gpu_without_it_is_a_value_error_naming_float16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch raises RuntimeError ("Current CUDA Device does not support bfloat16") for bf16
+    autocast on a GPU older than Ampere, where the check only caught its warnings."""
+
+    def autocast(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Current CUDA Device does not support bfloat16. Please switch dtype")
+
+    acts._autocast_supported.cache_clear()
+    monkeypatch.setattr(torch, "autocast", autocast)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: True)
+    try:
+        with pytest.raises(ValueError, match=r"older than Ampere\); pass autocast=torch.float16"):
+            acts.check_device_options(torch.bfloat16, False, device_type="cuda")
+    finally:
+        acts._autocast_supported.cache_clear()

@@ -284,9 +284,12 @@ def test_plots_and_exports_take_device_tensors(
     assert (tmp_path / "export" / "concepts.geojson").is_file()
 
 
+@pytest.mark.parametrize("where", ["forward", "solve"])
 def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
-    tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...]
+    tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...], where: str
 ) -> None:
+    """Also in the stitching and solve, which hold device memory too: before, an out of
+    memory there was torch's bare error, without the batch size to lower."""
     cpu, gpu = pair
     kwargs: dict[str, Any] = {
         "tile_size": 64,
@@ -306,9 +309,20 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, *args, **options)
 
+    solve = NMF._transform_products
+
+    def solved(self: NMF, *args: Any, **options: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 8:  # a solve after the first chunk is in
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return solve(self, *args, **options)
+
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(NMFConceptAttribution, "_activations", forward)
+        if where == "forward":
+            mp.setattr(NMFConceptAttribution, "_activations", forward)
+        else:
+            mp.setattr(NMF, "_transform_products", solved)
         with pytest.raises(
             torch.OutOfMemoryError, match=r"cuda ran out of memory on a batch of 8 tile\(s\)"
         ):

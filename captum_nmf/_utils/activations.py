@@ -638,9 +638,11 @@ def check_device_options(
             f"{device_type!r}; pass autocast=None."
         )
     if not _autocast_supported(device_type, autocast):
+        other = "torch.float16" if autocast == torch.bfloat16 else "torch.bfloat16"
         raise ValueError(
             f"autocast={autocast} is not supported on {device_type!r} by this PyTorch "
-            f"{torch.__version__}; pass autocast=torch.bfloat16, or None."
+            f"{torch.__version__} and device (e.g. bfloat16 on a GPU older than Ampere); "
+            f"pass autocast={other}, or None."
         )
 
 
@@ -648,13 +650,18 @@ def check_device_options(
 def _autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.autocast`` takes ``dtype`` on ``device_type`` (asked once per pair).
 
-    torch only warns about an unsupported pair, so the warning is caught; the
+    torch warns about an unsupported pair, so the warning is caught; the
     filters that ``warnings.catch_warnings`` swaps are process-wide, which is
-    why the answer is cached instead of asked on every forward.
+    why the answer is cached instead of asked on every forward. For bfloat16
+    on a GPU without it (older than Ampere) torch raises ``RuntimeError``
+    instead: that is an unsupported pair too.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.autocast(device_type=device_type, dtype=dtype)  # warns when unsupported
+        try:
+            torch.autocast(device_type=device_type, dtype=dtype)  # warns when unsupported
+        except RuntimeError:  # "Current CUDA Device does not support bfloat16"
+            return False
     return not any("not supported" in str(w.message) for w in caught)
 
 

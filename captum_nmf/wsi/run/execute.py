@@ -142,7 +142,10 @@ def _process(
                     act, output, pending = _forward(assembler, images, device, options)
                 else:
                     act, output, pending = torch.empty(0, 0, 0, 0), None, None
-                assembler.add(act, output, ids, lost, pending)
+                try:  # the stitching and the solve hold memory on the device too
+                    assembler.add(act, output, ids, lost, pending)
+                except torch.OutOfMemoryError as exc:
+                    raise _out_of_memory(exc, assembler, options, device) from exc
                 # dropped before the next forward: two batches' activations are never alive at once
                 del act, output, pending
             bar.update(len(ids) + len(lost))
@@ -212,22 +215,29 @@ def _forward(
             **options.forward,
         )
     except torch.OutOfMemoryError as exc:
-        size = assembler.plan.grid.tile_size
-        if assembler.plan.regions is None:  # the batch size is not part of the run's hash
-            advice = (
-                f"on a batch of {options.batch_size} tile(s) of {size} px ({exc}); finished "
-                f"chunks are kept: lower batch_size (now {options.batch_size}) and run again "
-                "with resume=True."
-            )
-        else:  # one region per forward: a smaller region is another plan
-            advice = (
-                f"on a batch of one region of {size} px ({exc}); finished chunks are kept "
-                "for resume=True once the device has more free memory. Otherwise lower "
-                f"region_size (now {options.region_size}) and run again with overwrite=True "
-                "(regions of another size are another plan), or use mode='tile'."
-            )
-        raise torch.OutOfMemoryError(f"{device.type} ran out of memory {advice}") from exc
+        raise _out_of_memory(exc, assembler, options, device) from exc
     return cast(tuple[Tensor, Any, PendingCheck | None], result)
+
+
+def _out_of_memory(
+    exc: torch.OutOfMemoryError, assembler: Assembler, options: RunOptions, device: torch.device
+) -> torch.OutOfMemoryError:
+    """The device's out-of-memory error of a batch, naming what to lower and how to go on."""
+    size = assembler.plan.grid.tile_size
+    if assembler.plan.regions is None:  # the batch size is not part of the run's hash
+        advice = (
+            f"on a batch of {options.batch_size} tile(s) of {size} px ({exc}); finished "
+            f"chunks are kept: lower batch_size (now {options.batch_size}) and run again "
+            "with resume=True."
+        )
+    else:  # one region per forward: a smaller region is another plan
+        advice = (
+            f"on a batch of one region of {size} px ({exc}); finished chunks are kept "
+            "for resume=True once the device has more free memory. Otherwise lower "
+            f"region_size (now {options.region_size}) and run again with overwrite=True "
+            "(regions of another size are another plan), or use mode='tile'."
+        )
+    return torch.OutOfMemoryError(f"{device.type} ran out of memory {advice}")
 
 
 def _ahead(
