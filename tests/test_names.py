@@ -158,6 +158,15 @@ def test_stability_is_stored_with_the_concepts(
         result.attach(other)
     attr.fit(torch.rand(2, 3, 64, 64), progress=False)
     assert attr.stability_ is None  # new concepts: the old record no longer applies
+    # nor can it be attached again: it was measured on the concepts before the refit (it
+    # checked only K, so the old stable / unstable marks labelled the new concepts)
+    assert again.reference == result.reference is not None
+    with pytest.raises(ValueError, match="measured on other concepts than attr's"):
+        result.attach(attr)
+    legacy = ConceptStability.from_dict(
+        {k: v for k, v in result.to_dict().items() if k != "reference_sha256"}
+    )
+    assert legacy.attach(attr) is attr  # records made before the digest: K is all there is
 
 
 def test_legends_show_names_and_mark_unstable_concepts(attr: NMFConceptAttribution) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -118,11 +119,15 @@ class ConceptStability:
         threshold (float): a concept is stable when its minimum is >= this
                     (less 1e-9, so that rounding does not make a concept
                     found again exactly unstable at ``threshold=1.0``).
+        reference (str or None): SHA-256 of the reference concepts (as float64),
+                    so that :meth:`attach` refuses other concepts; None in
+                    records made before it existed.
     """
 
     matched_cosine: NDArray[np.float64]
     matched_index: NDArray[np.int64]
     threshold: float = 0.9
+    reference: str | None = None
 
     @property
     def n_concepts(self) -> int:
@@ -173,6 +178,7 @@ class ConceptStability:
             "min_cosine": self.min_cosine.tolist(),
             "stable": self.stable.tolist(),
             "share_stable": self.share_stable,
+            **({} if self.reference is None else {"reference_sha256": self.reference}),
         }
 
     def to_metadata(self) -> dict[str, str]:
@@ -186,12 +192,20 @@ class ConceptStability:
             *NMFConceptAttribution*: ``attr``.
 
         Raises:
-            ValueError: ``attr`` has another number of concepts.
+            ValueError: ``attr`` has another number of concepts, or other
+                        concepts than the ones this stability was measured on
+                        (a refit since, or another model's concepts).
         """
         k = int(attr.concepts_.shape[0])
         if self.matched_cosine.shape[0] != k:
             raise ValueError(
                 f"this stability is of {self.matched_cosine.shape[0]} concepts, attr has {k}."
+            )
+        if self.reference is not None and concepts_digest(attr.concepts_) != self.reference:
+            raise ValueError(
+                "this stability was measured on other concepts than attr's (refitted since, "
+                "or another fit's): its stable and unstable concepts would label the wrong "
+                "ones. Measure it again: concept_stability(attr, tiles).attach(attr)."
             )
         attr.stability_ = self.to_dict()
         return attr
@@ -221,7 +235,20 @@ class ConceptStability:
             raise ValueError(f"not a ConceptStability record: {exc}") from exc
         if cos.ndim != 2 or cos.shape != idx.shape:
             raise ValueError(f"matched_cosine {cos.shape} and matched_index {idx.shape} differ.")
-        return cls(cos, idx, threshold)
+        reference = data.get("reference_sha256")
+        return cls(cos, idx, threshold, None if reference is None else str(reference))
+
+
+def concepts_digest(concepts: Any) -> str:
+    """SHA-256 of K x C concepts as float64 (a tensor on any device, or an array).
+
+    Returns:
+        *str*: the hex digest.
+    """
+    if isinstance(concepts, Tensor):
+        concepts = concepts.detach().to("cpu", torch.float64).numpy()
+    array = np.ascontiguousarray(np.asarray(concepts, dtype=np.float64))
+    return hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
 
 
 def stability_from_runs(
@@ -251,7 +278,7 @@ def stability_from_runs(
     matches = [match_concepts(reference, run) for run in runs]
     index = np.stack([m[0] for m in matches], axis=1)
     cosine = np.stack([m[1] for m in matches], axis=1)
-    return ConceptStability(cosine, index, threshold)
+    return ConceptStability(cosine, index, threshold, concepts_digest(reference))
 
 
 def _solver(k: int, attr: NMFConceptAttribution, init: InitName, seed: int) -> NMF:
