@@ -35,6 +35,8 @@ MODE = os.environ.get(
     "CAPTUM_NMF_PARITY_DEVICE", "cuda" if torch.cuda.is_available() else "emulated"
 )
 CUDA = torch.device("cpu" if MODE == "cpu" else "cuda")
+#: the slide runs' tiling: 64 px tiles every 32 px of the whole slide, no progress bar
+TILING: dict[str, Any] = {"tile_size": 64, "stride": 32, "tissue_mask": None, "progress": False}
 pytestmark = pytest.mark.skipif(
     MODE == "cuda" and not torch.cuda.is_available(), reason="CAPTUM_NMF_PARITY_DEVICE=cuda"
 )
@@ -117,13 +119,7 @@ def test_explain_slide_and_resume(
     tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...], mode: str
 ) -> None:
     cpu, gpu = pair
-    kwargs = {
-        "tile_size": 64,
-        "stride": 32,
-        "tissue_mask": None,
-        "progress": False,
-        "chunk_tiles": 32,
-    }
+    kwargs: dict[str, Any] = {**TILING, "chunk_tiles": 32}
     if mode == "region":
         kwargs = {"mode": "region", "region_size": 128, "region_margin": 16, **kwargs}
     a = explain_slide(cpu, slide, **kwargs)  # type: ignore[arg-type]
@@ -225,7 +221,7 @@ def test_explain_slide_with_workers_device_options_and_two_slides(
     tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...]
 ) -> None:
     cpu, gpu = pair
-    kwargs: dict[str, Any] = {"tile_size": 64, "stride": 32, "tissue_mask": None, "progress": False}
+    kwargs: dict[str, Any] = dict(TILING)
     reference = explain_slide(cpu, slide, **kwargs).concept_maps
     workers = explain_slide(gpu, slide, num_workers=2, batch_size=8, **kwargs)
     np.testing.assert_allclose(workers.concept_maps, reference, rtol=1e-4, atol=1e-5)
@@ -291,14 +287,7 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
     """Also in the stitching and solve, which hold device memory too: before, an out of
     memory there was torch's bare error, without the batch size to lower."""
     cpu, gpu = pair
-    kwargs: dict[str, Any] = {
-        "tile_size": 64,
-        "stride": 32,
-        "tissue_mask": None,
-        "progress": False,
-        "chunk_tiles": 32,
-        "batch_size": 8,
-    }
+    kwargs: dict[str, Any] = {**TILING, "chunk_tiles": 32, "batch_size": 8}
     original = NMFConceptAttribution._activations  # the slide run's forward
     calls = {"n": 0}
 
@@ -348,13 +337,7 @@ def test_the_slide_loop_uploads_nothing_that_waits_for_the_device(
     if device is None:
         pytest.skip("counted on the emulated device only")
     _, gpu = pair
-    kwargs: dict[str, Any] = {
-        "tile_size": 64,
-        "stride": 32,
-        "tissue_mask": None,
-        "progress": False,
-        "transform": (lambda t: t * 1.0) if per_tile else None,
-    }
+    kwargs: dict[str, Any] = {**TILING, "transform": (lambda t: t * 1.0) if per_tile else None}
     explain_slide(gpu, slide, batch_size=4, **kwargs)  # caches filled (the probe, factors)
     seen = {}
     for batch in (4, 12):

@@ -140,3 +140,22 @@ def test_suggest_border_needs_a_deep_enough_measurement() -> None:
         shallow.suggest_border(0.01)
     with pytest.raises(ValueError, match="tolerance must be a positive fraction"):
         effect.suggest_border(0)
+
+
+def test_suggest_border_does_not_pass_features_the_context_lacks() -> None:
+    """The lone tile's padding makes features where its context has none: the change was NaN
+    there, NaN > tolerance is False, and suggest_border said 0."""
+    conv = nn.Conv2d(3, 1, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(-1.0)
+        conv.bias.fill_(20.0)  # 0 wherever the 3 x 3 neighbourhood is image, > 0 at padding
+    net = nn.Sequential(nn.AvgPool2d(8), conv, nn.ReLU())
+    effect = border_effect(net, torch.ones(2, 3, 128, 128), tile_size=64, layer=net[2])
+    assert np.isinf(effect.change[0])
+    assert np.isnan(effect.change[1:]).all()  # no features in tile nor context
+    assert effect.suggest_border(0.05) == 1  # was 0
+    table = effect.to_markdown()
+    assert "| 0 | 0-8 | new features (context 0) | new features (context 0) |" in table
+    assert "| 1 | 8-16 | no features | - |" in table
+    with pytest.raises(TypeError, match="tolerance must be a positive fraction, got True"):
+        effect.suggest_border(True)  # type: ignore[arg-type]

@@ -141,3 +141,43 @@ def test_cells_only_failed_tiles_reached_are_nan_at_the_edge_too(
     assert np.isnan(ex.concept_maps[:, empty]).all()  # never silently zero
     assert (ex.assignment[empty] == -1).all()
     assert np.isfinite(ex.concept_maps[:, ~empty]).all()
+
+
+def test_a_stride_beyond_the_tiles_interiors_is_refused(
+    tmp_path: Path, nest: Path, attr: NMFConceptAttribution
+) -> None:
+    """The cells between interiors that do not meet got the border rings the run was asked to
+    drop, all over the slide: at 64/48, border 2, 75 % of mid-slide cells, without a word.
+    (PoolNet: 8 px cells; 64 px tiles less 2 cells on each side leave 32 px interiors.)"""
+    said = r"stride=48 leaves gaps .* is 32 px\. Pass stride <= 32, a larger tile_size \(>= 80\)"
+    with pytest.raises(ValueError, match=said):
+        explain_slide(
+            attr, nest, tile_size=64, stride=48, border=2, out_dir=tmp_path / "run", progress=False
+        )
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    explain_slide(attr, nest, tile_size=80, stride=48, border=2, progress=False)  # the fixes
+    explain_slide(attr, nest, tile_size=64, stride=48, border=1, progress=False)
+    # tiles that do not overlap keep their borders (no other tile covers them), as before
+    explain_slide(attr, nest, tile_size=64, stride=64, border=2, progress=False)
+
+
+def test_numpy_sizes_are_checked_and_recorded_as_python_ints(
+    tmp_path: Path, nest: Path, attr: NMFConceptAttribution
+) -> None:
+    """np.int64 tile_size/stride skipped the stride > tile_size check (72 % of cells without a
+    map); np.int64 border crashed the run's hash (or the save after a whole run)."""
+    with pytest.raises(ValueError, match="stride=128 is larger than tile_size=64"):
+        explain_slide(attr, nest, tile_size=np.int64(64), stride=np.int64(128), progress=False)
+    ex = explain_slide(
+        attr,
+        nest,
+        tile_size=np.int64(64),
+        stride=np.int64(32),
+        border=np.int64(2),
+        batch_size=np.int64(64),
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
+    assert type(ex.config["border"]) is int
+    reference = explain_slide(attr, nest, tile_size=64, stride=32, border=2, progress=False)
+    np.testing.assert_array_equal(ex.concept_maps, reference.concept_maps)

@@ -13,6 +13,7 @@ of the same cells are compared, grouped by their depth from the tile's edge
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ class BorderEffect:
 
     Attributes:
         depths (ndarray): depths 0 .. ``max_depth`` (int64).
-        change (ndarray): relative change at each depth (float64; NaN where
-                    the context's features of every cell at that depth are 0).
+        change (ndarray): relative change at each depth (float64; infinite
+                    where the context's features of every cell at that depth
+                    are 0 but the lone tile's are not; NaN where both are 0).
         per_image (ndarray): N x (max_depth + 1), the same ratio per image.
         cells (ndarray): cells at each depth per image (int64).
         cell (int): cell size in input pixels.
@@ -80,11 +82,18 @@ class BorderEffect:
             *int*: a ``border`` for :func:`~captum_nmf.wsi.explain_slide`.
 
         Raises:
+            TypeError: ``tolerance`` is not a number.
             ValueError: ``tolerance`` is not positive, or even the deepest
                         measured cells change more (measure deeper or accept more).
         """
-        if not isinstance(tolerance, numbers.Real) or not float(tolerance) > 0:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+            raise TypeError(
+                f"tolerance must be a positive fraction, got {tolerance!r}; pass e.g. 0.05."
+            )
+        if not float(tolerance) > 0:
             raise ValueError(f"tolerance must be a positive fraction, got {tolerance!r}.")
+        # a depth where neither the tile nor its context has any feature (NaN) tells
+        # nothing: it neither needs a border nor vouches for one
         above = np.flatnonzero(self.change > float(tolerance))
         if above.size and above[-1] == len(self.change) - 1:
             raise ValueError(
@@ -106,11 +115,29 @@ class BorderEffect:
             "| ---: | ---: | ---: | ---: |",
         ]
         for d, value in zip(self.depths.tolist(), self.change.tolist(), strict=True):
-            lo, hi = self.per_image[:, d].min(), self.per_image[:, d].max()
+            column = self.per_image[:, d]
+            measured = column[~np.isnan(column)]
+            low, high = (measured.min(), measured.max()) if measured.size else (0.0, 0.0)
+            spread = (
+                "-"
+                if not measured.size
+                else _percent(low)
+                if low == high and math.isinf(low)
+                else f"{_percent(low)}-{_percent(high)}"
+            )
             lines.append(
-                f"| {d} | {d * self.cell}-{(d + 1) * self.cell} | {value:.1%} | {lo:.1%}-{hi:.1%} |"
+                f"| {d} | {d * self.cell}-{(d + 1) * self.cell} | {_percent(value)} | {spread} |"
             )
         return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    """A change as a percentage; infinite: features where the context has none; NaN: none."""
+    if math.isnan(value):
+        return "no features"
+    if math.isinf(value):
+        return "new features (context 0)"
+    return f"{value:.1%}"
 
 
 def _model_and_layer(
@@ -253,10 +280,12 @@ def _ratios(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per image and overall, the summed change over the summed reference, at each depth."""
     num, den = np.stack(sums), np.stack(refs)
-    with np.errstate(invalid="ignore", divide="ignore"):  # NaN where the reference is all 0
-        per_image = np.where(den > 0, num / den, np.nan)
-        total = den.sum(axis=0)
-        change = np.where(total > 0, num.sum(axis=0) / total, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # a reference of 0 where the lone tile is not: an infinite change, never "within
+        # tolerance" (NaN compared False and passed); NaN only where both are 0
+        per_image = np.where(den > 0, num / den, np.where(num > 0, np.inf, np.nan))
+        total, changed = den.sum(axis=0), num.sum(axis=0)
+        change = np.where(total > 0, changed / total, np.where(changed > 0, np.inf, np.nan))
     return per_image.astype(np.float64), change.astype(np.float64)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,8 +79,9 @@ def check_run_options(
     check_int("border", border, minimum=0)
     if mode not in ("tile", "region"):
         raise ValueError(f"mode must be 'tile' or 'region', got {mode!r}.")
-    sizes = all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (tile_size, stride)
+    sizes = all(  # NumPy integers too: np.int64 sizes skipped this check
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+        for v in (tile_size, stride)
     )
     if mode == "tile" and sizes and stride > tile_size:  # tile_grid checks the values themselves
         raise ValueError(

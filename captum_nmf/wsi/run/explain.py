@@ -13,6 +13,7 @@ and gives the same bits as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -94,7 +95,13 @@ def explain_slide(
                     Default: None (level 0 unless ``mpp`` is given)
         mpp (float, optional): target microns per pixel instead of ``level``.
                     Default: None
-        border (int, optional): feature-map cells dropped on each tile side.
+        border (int, optional): feature-map cells dropped on each tile side
+                    where another tile covers them (at the slide's edges, and
+                    beside tiles left out, the tile nearest its centre gives
+                    the value). Overlapping tiles must leave interiors that
+                    meet (``stride <= tile_size - 2 * border * cell``); tiles
+                    that do not overlap (``stride = tile_size``) keep their
+                    borders, which no other tile covers. Unused in region mode.
                     Default: 2
         mode (str, optional): ``"tile"`` (the paper's overlapping tiles, the
                     default the analyses assume) or ``"region"``: the fast mode
@@ -195,7 +202,8 @@ def explain_slide(
         FileExistsError: ``out_dir`` holds files and neither ``resume`` nor ``overwrite``.
         RunStateError: ``resume`` with a different configuration or slide.
         ValueError: bad tiling arguments, a level or mpp the slide does not
-                    have, tile and stride that do not fit the layer's cells, or a
+                    have, tile and stride that do not fit the layer's cells
+                    (or overlap too little for ``border``), or a
                     ``LOKY_MAX_CPU_COUNT`` that is not a whole number.
         TypeError: a non-int size, level or count.
     """
@@ -220,20 +228,20 @@ def explain_slide(
     )
     if out_dir is None and (resume or overwrite):
         raise ValueError("resume=True and overwrite=True need out_dir=...; pass the run directory.")
-    options = RunOptions(
-        border=border,
+    options = RunOptions(  # checked counts as Python ints: a NumPy int is not JSON (the hash)
+        border=_plain(border),
         mode=mode,
-        region_size=region_size,
-        region_margin=region_margin,
+        region_size=_plain(region_size),
+        region_margin=_plain(region_margin),
         edge="pad" if mode == "region" else edge,
         min_tissue=0.0 if mode == "region" else min_tissue,
         transform=transform,
         batch_transform=batch_transform,
         slide_mpp=slide_mpp,
-        batch_size=batch_size,
-        num_workers=num_workers,
+        batch_size=_plain(batch_size),
+        num_workers=_plain(num_workers),
         on_tile_error=on_tile_error,
-        chunk_tiles=chunk_tiles,
+        chunk_tiles=_plain(chunk_tiles),
         autocast=autocast,
         channels_last=channels_last,
     )
@@ -472,3 +480,10 @@ def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanati
         },
         tissue=grid.tissue_mask,
     )
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy (or other) integer as a Python int; anything else as it is."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value

@@ -227,6 +227,17 @@ def _probe(
             f"(tile_size {grid.tile_size} / {h} cells); use e.g. "
             f"stride={cell * max(1, round(grid.stride / cell))}."
         )
+    interior = side - 2 * options.border * cell
+    if mode == "tile" and interior < grid.stride < side:
+        # overlapping tiles whose interiors do not meet: the cells between them could only be
+        # given the border rings the run was asked to drop, across the whole slide. (Tiles
+        # that do not overlap keep their borders: no other tile covers those cells.)
+        raise ValueError(
+            f"stride={grid.stride} leaves gaps between the tiles' interiors: tile_size={side} "
+            f"less border={options.border} cells of {cell} px on each side is {interior} px. "
+            f"Pass stride <= {interior}, a larger tile_size (>= "
+            f"{grid.stride + 2 * options.border * cell}), or a smaller border."
+        )
     ext_w, ext_h = grid.extent
     shape = (max(1, math.ceil(ext_h / cell - 1e-9)), max(1, math.ceil(ext_w / cell - 1e-9)))
     return cell, shape
