@@ -219,3 +219,38 @@ def test_names_that_look_the_same_are_one_name(attr: NMFConceptAttribution) -> N
         attr.concept_names = ["\u0301", "y", "x"]
     attr.rename({np.int64(2): "stroma"})  # a NumPy index, as from np.argmax
     assert attr.concept_names[2] == "stroma"
+
+
+def test_files_of_earlier_versions_load_and_can_be_renamed(
+    tmp_path: Path, attr: NMFConceptAttribution
+) -> None:
+    """Names an earlier version saved (a combining accent alone; a ligature beside its
+    letters) made the file unloadable and unrenamable once the look-alike rules came."""
+    from captum_nmf.io import load_tensors, save_tensors
+
+    path = attr.save(tmp_path / "c.safetensors")
+    tensors, meta = load_tensors(path, required=("concepts",))
+    meta = {k: v for k, v in meta.items() if k not in ("content_sha256", "integrity")}
+    meta["concept_names"] = json.dumps(["\u0301", "\ufb01brosis", "fibrosis"])
+    save_tensors(path, tensors, meta)  # as an earlier version wrote it
+    net = PoolNet().eval()
+    assert NMFConceptAttribution.load(path, net, net.relu).concept_names[1] == "\ufb01brosis"
+    with pytest.raises(ValueError, match="which look the same, names concepts 1 and 2"):
+        rename_concept_file(path, {0: "stroma"})  # the pair the file holds is named
+    assert rename_concept_file(path, {1: "fibrosis, dense"}) == [
+        "\u0301",
+        "fibrosis, dense",
+        "fibrosis",
+    ]
+    assert rename_concept_file(path, {0: "stroma"})[0] == "stroma"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [("x\u00b2", "x2"), ("CD4\u207a", "CD4+"), ("\u24b6", "A"), ("H\u2082O", "H2O")],
+)
+def test_superscripts_subscripts_and_circled_letters_are_other_names(
+    attr: NMFConceptAttribution, a: str, b: str
+) -> None:
+    attr.concept_names = [a, b, "x"]  # they look different: NFKC alone made them duplicates
+    assert attr.concept_names[:2] == [a, b]

@@ -6,7 +6,7 @@ import json
 import numbers
 import os
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from captum_nmf.exceptions import ConceptModelFormatError
@@ -34,13 +34,23 @@ def default_concept_names(k: int) -> list[str]:
     return [f"concept {j}" for j in range(k)]
 
 
-def check_concept_names(names: Sequence[str], k: int) -> list[str]:
+def check_concept_names(names: Sequence[str], k: int, *, recorded: bool = False) -> list[str]:
     """Validate a full list of names: K of them, strings, non-empty, printable, short, unique.
 
     Each name is put in one spelling for what looks the same: accents composed
     (Unicode NFC) and every space character (a no-break space, ...) a plain
-    space. Names that still look alike (equal under NFKC, e.g. a ligature and
-    its letters) are duplicates.
+    space. Names that still look alike are duplicates: equal once ligatures,
+    no-break, full- and half-width forms are replaced by their letters
+    (superscripts, subscripts and circled letters look different, and stay so).
+
+    Args:
+        names (Sequence[str]): one name per concept.
+        k (int): the number of concepts.
+        recorded (bool, optional): names read from a saved file: checked by
+                    the rules they were saved under (no normalisation, exact
+                    duplicates only), so a file an earlier version wrote
+                    still loads and can be renamed.
+                    Default: False
 
     Returns:
         *list[str]*: the names, so normalised and stripped of surrounding white space.
@@ -56,49 +66,78 @@ def check_concept_names(names: Sequence[str], k: int) -> list[str]:
         raise TypeError(f"concept names must be a list of {k} strings, got {names!r}.")
     if len(names) != k:
         raise ValueError(f"concept names must hold {k} names (one per concept), got {len(names)}.")
-    out = []
-    for j, name in enumerate(names):
-        if not isinstance(name, str):
-            raise TypeError(f"concept name {j} must be a str, got {name!r}.")
-        # one spelling for what looks the same: composed accents (NFC), plain spaces
+    out = [_checked_name(name, j, recorded) for j, name in enumerate(names)]
+    _check_unique(out, (lambda text: text) if recorded else _look_alike)
+    return out
+
+
+def _checked_name(name: object, j: int, recorded: bool) -> str:
+    """One name, stripped (and, unless ``recorded``, put in one spelling), or ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"concept name {j} must be a str, got {name!r}.")
+    if recorded:
+        text = name.strip()
+    else:  # one spelling for what looks the same: composed accents (NFC), plain spaces
         text = "".join(
             " " if unicodedata.category(ch) == "Zs" else ch
             for ch in unicodedata.normalize("NFC", name)
         ).strip()
-        if not text:
-            raise ValueError(f"concept name {j} is empty; give each concept a visible name.")
-        if all(unicodedata.category(ch) in ("Mn", "Me", "Zs") for ch in text):
-            raise ValueError(
-                f"concept name {j} ({text!r}) holds only combining marks; give each concept a "
-                "visible name."
-            )
-        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
-            raise ValueError(
-                f"concept name {j} ({text!r}) holds a control character; use printable text."
-            )
-        surrogates = [ch for ch in text if unicodedata.category(ch) == "Cs"]
-        if surrogates:
-            raise ValueError(
-                f"concept name {j} ({text!r}) holds a lone surrogate ({surrogates[0]!r}), which "
-                "cannot be written as UTF-8 (e.g. text decoded with errors='surrogateescape'); "
-                "use valid Unicode text."
-            )
-        if len(text) > MAX_NAME_LENGTH:
-            raise ValueError(
-                f"concept name {j} is {len(text)} characters long; at most {MAX_NAME_LENGTH}."
-            )
-        out.append(text)
+    if not text:
+        raise ValueError(f"concept name {j} is empty; give each concept a visible name.")
+    if not recorded and all(unicodedata.category(ch) in ("Mn", "Me", "Zs") for ch in text):
+        raise ValueError(
+            f"concept name {j} ({text!r}) holds only combining marks; give each concept a "
+            "visible name."
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text):
+        raise ValueError(
+            f"concept name {j} ({text!r}) holds a control character; use printable text."
+        )
+    surrogates = [ch for ch in text if unicodedata.category(ch) == "Cs"]
+    if surrogates:
+        raise ValueError(
+            f"concept name {j} ({text!r}) holds a lone surrogate ({surrogates[0]!r}), which "
+            "cannot be written as UTF-8 (e.g. text decoded with errors='surrogateescape'); "
+            "use valid Unicode text."
+        )
+    if len(text) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"concept name {j} is {len(text)} characters long; at most {MAX_NAME_LENGTH}."
+        )
+    return text
+
+
+#: Unicode compatibility forms that look like their letters (``unicodedata.decomposition``
+#: tags): ligatures and other <compat> forms, no-break, full- and half-width characters.
+_LOOK_ALIKE_TAGS = ("<compat>", "<noBreak>", "<wide>", "<narrow>")
+
+
+def _look_alike(text: str) -> str:
+    """``text`` with the characters that look like other ones replaced by those (NFC)."""
+    return unicodedata.normalize(
+        "NFC",
+        "".join(
+            unicodedata.normalize("NFKC", ch)
+            if unicodedata.decomposition(ch).startswith(_LOOK_ALIKE_TAGS)
+            else ch
+            for ch in text
+        ),
+    )
+
+
+def _check_unique(names: Sequence[str], key: Callable[[str], str]) -> None:
+    """Refuse two names with the same ``key``, naming both."""
     seen: dict[str, int] = {}
-    for j, text in enumerate(out):
-        key = unicodedata.normalize("NFKC", text)  # e.g. a ligature and its letters
-        if key in seen:
-            first = out[seen[key]]
+    for j, text in enumerate(names):
+        same = key(text)
+        if same in seen:
+            first = names[seen[same]]
             alike = "" if first == text else f" and {first!r}, which look the same,"
             raise ValueError(
-                f"concept names must be unique: {text!r}{alike} names concepts {seen[key]} and {j}."
+                f"concept names must be unique: {text!r}{alike} names concepts {seen[same]} "
+                f"and {j}."
             )
-        seen[key] = j
-    return out
+        seen[same] = j
 
 
 def renamed(names: Sequence[str], mapping: Mapping[int, str]) -> list[str]:
@@ -121,8 +160,15 @@ def renamed(names: Sequence[str], mapping: Mapping[int, str]) -> list[str]:
             raise IndexError(
                 f"there is no concept {index}: the concepts are numbered 0 to {len(new) - 1}."
             )
-        new[index] = name
-    return check_concept_names(new, len(new))
+        new[index] = _checked_name(name, index, recorded=False)
+    # the names kept as they were (an earlier version's file) by the rules they were saved
+    # under; the look-alike rule over all of them
+    out = [
+        text if j in mapping else _checked_name(text, j, recorded=True)
+        for j, text in enumerate(new)
+    ]
+    _check_unique(out, _look_alike)
+    return out
 
 
 def names_from_metadata(meta: Mapping[str, str], k: int, where: str) -> list[str] | None:
@@ -134,8 +180,8 @@ def names_from_metadata(meta: Mapping[str, str], k: int, where: str) -> list[str
     text = meta.get(_META_KEY)
     if text is None:
         return None
-    try:
-        return check_concept_names(json.loads(text), k)
+    try:  # by the rules it was saved under: an earlier version's file still loads
+        return check_concept_names(json.loads(text), k, recorded=True)
     except (ValueError, TypeError) as exc:
         raise ConceptModelFormatError(f"{where} has invalid concept names ({exc}).") from exc
 
