@@ -188,10 +188,11 @@ class ConceptGallery:
         record does not list (a user's own) are left alone.
 
         A folder holding a gallery saved by an earlier captum-nmf, before the
-        record existed (a ``gallery.csv`` without ``gallery.json``) is refused: its
-        files cannot be told from ones edited or added since, so none is
-        replaced or removed. Move its ``gallery.csv`` and ``gallery_concept_*.png``
-        away (or delete them), or save into another folder.
+        record existed (our ``gallery.csv`` without ``gallery.json``), is taken
+        over as the earlier version did: its ``gallery.csv`` and
+        ``gallery_concept_<k>.png`` are replaced, and none of its files is
+        removed (figures of concepts beyond this gallery's stay, unlisted in
+        the new record: they cannot be told from a user's).
 
         Args:
             directory (str or PathLike): the folder, created if missing.
@@ -201,15 +202,15 @@ class ConceptGallery:
 
         Raises:
             FileExistsError: the folder holds a file of one of these names
-                        that captum-nmf did not write (or wrote before the
-                        record existed), a file the record lists that was
-                        edited since, or a ``gallery.json`` that is not a
-                        gallery record (nothing is written).
+                        that captum-nmf did not write, a file the record
+                        lists that was edited since, or a ``gallery.json``
+                        that is not a gallery record (nothing is written).
         """
         out = Path(directory)
         names = [f"gallery_concept_{j}.png" for j in range(len(self.entries))]
-        _refuse_unrecorded_gallery(out)
-        claim_outputs(out, RECORD, [*names, "gallery.csv", RECORD], _no_legacy)  # before drawing
+        adopted = _earlier_gallery(out)
+        # the folder checked before any figure is drawn
+        claim_outputs(out, RECORD, [*names, "gallery.csv", RECORD], _no_legacy, adopted)
         files: dict[str, bytes] = {}
         for j, name in enumerate(names):
             buffer = io.BytesIO()
@@ -222,23 +223,23 @@ class ConceptGallery:
             "names": list(self.names),
             "min_score": self.min_score,
         }
-        return write_owned_files(out, RECORD, files, content, _no_legacy)
+        return write_owned_files(out, RECORD, files, content, _no_legacy, adopted)
 
 
-def _refuse_unrecorded_gallery(out: Path) -> None:
-    """Refuse a folder holding a gallery saved before the record: its files are not provably ours.
+def _earlier_gallery(out: Path) -> list[str]:
+    """The files of a gallery an earlier version saved in ``out`` (before the record), if any.
 
-    Raises:
-        FileExistsError: ``out`` has our ``gallery.csv`` but no ``gallery.json``.
+    Recognised by our ``gallery.csv`` header without a ``gallery.json``; its
+    figures are the ``gallery_concept_<k>.png`` beside it, as it wrote them.
     """
     if (out / RECORD).exists() or not _our_gallery(out / "gallery.csv"):
-        return
-    raise FileExistsError(
-        f"{out} holds a gallery saved by an earlier captum-nmf (gallery.csv without a "
-        f"{RECORD} record): its files cannot be told from ones edited or added since, so none "
-        "is replaced. Move its gallery.csv and gallery_concept_*.png files away (or delete "
-        "them), or save into another folder."
-    )
+        return []
+    figures = [
+        p.name
+        for p in out.glob("gallery_concept_*.png")
+        if p.stem.removeprefix("gallery_concept_").isdigit()
+    ]
+    return ["gallery.csv", *sorted(figures)]
 
 
 def _no_legacy(record: dict[str, Any]) -> Sequence[str]:

@@ -239,6 +239,7 @@ def claim_outputs(
     record: str,
     names: Sequence[str],
     legacy: Callable[[dict[str, Any]], Sequence[str]],
+    adopted: Sequence[str] = (),
 ) -> list[Path]:
     """Check that writing ``names`` into ``directory`` replaces only files captum-nmf wrote.
 
@@ -252,6 +253,10 @@ def claim_outputs(
         record (str): the record's file name, e.g. ``"analysis.json"``.
         names (Sequence[str]): the files about to be written (the record among them).
         legacy (Callable): the files a record without ``"files"`` names.
+        adopted (Sequence[str], optional): when there is no record yet, files
+                    taken as ours without a digest (an earlier version's
+                    outputs, recognised by the caller): replaced, never removed.
+                    Default: ``()``
 
     Returns:
         *list[Path]*: files of the previous write that this one does not
@@ -268,7 +273,9 @@ def claim_outputs(
     out = Path(directory)
     path = out / record
     recorded: dict[str, str | None] = {}
-    if path.exists():
+    if not path.exists():
+        recorded = {str(n): None for n in adopted}
+    else:
         try:
             recorded = _recorded_files(path, legacy)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -306,10 +313,12 @@ def write_owned_files(
     files: Mapping[str, bytes],
     content: dict[str, Any],
     legacy: Callable[[dict[str, Any]], Sequence[str]],
+    adopted: Sequence[str] = (),
 ) -> Path:
     """Write ``files`` and their JSON ``record`` into ``directory``, replacing only our own.
 
-    :func:`claim_outputs` checks the folder first; ``content`` is written as
+    :func:`claim_outputs` checks the folder first (``adopted``: as there);
+    ``content`` is written as
     ``record`` with ``"files"`` (each file's SHA-256) added, last, all of them
     atomically and together (:func:`atomic_write_all`); then the files of the
     previous write that this one has not are removed.
@@ -321,7 +330,7 @@ def write_owned_files(
         FileExistsError: as :func:`claim_outputs` (nothing is written).
     """
     out = Path(directory)
-    stale = claim_outputs(out, record, [*files, record], legacy)
+    stale = claim_outputs(out, record, [*files, record], legacy, adopted)
     blobs = dict(files)
     blobs[record] = json.dumps(
         {**content, "files": {n: sha256_bytes(b) for n, b in files.items()}}, indent=2

@@ -193,23 +193,28 @@ def test_a_smaller_gallery_removes_only_our_unchanged_figures(
     assert runs.tree(out) == before
 
 
-def test_a_gallery_saved_before_the_record_is_refused_with_the_fix(
+def test_a_gallery_an_earlier_version_saved_is_taken_over_and_nothing_removed(
     tmp_path: Path, attr: NMFConceptAttribution
 ) -> None:
+    """A first version of the record refused such a folder: rerunning the demo (which saves
+    its gallery last) into an earlier version's output folder failed after all its work."""
     out = _small(attr).save(tmp_path / "g")
-    (out / RECORD).unlink(missing_ok=True)  # as an earlier captum-nmf saved it: no record
-    before = runs.tree(out)
-    with pytest.raises(
-        FileExistsError,
-        match=r"saved by an earlier captum-nmf .*Move its gallery\.csv and "
-        r"gallery_concept_\*\.png files away",
-    ):
+    (out / RECORD).unlink()  # as an earlier captum-nmf saved it: no record
+    kept = runs.tree(out)["gallery_concept_2.png"]
+    (out / "notes.txt").write_text("mine")
+    _small(attr, 2).save(out)  # replaced as the earlier version did
+    record = json.loads((out / RECORD).read_text())
+    assert sorted(record["files"]) == [
+        "gallery.csv",
+        "gallery_concept_0.png",
+        "gallery_concept_1.png",
+    ]
+    assert runs.tree(out)["gallery_concept_2.png"] == kept  # not ours to prove: never removed
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / RECORD).unlink()
+    (out / "gallery.csv").write_text("patient,diagnosis\n")  # not our CSV: nothing adopted
+    with pytest.raises(FileExistsError, match=r"gallery_concept_0\.png was not written by captum"):
         _small(attr, 2).save(out)
-    assert runs.tree(out) == before  # its figures may have been edited: none replaced or removed
-    for path in out.glob("gallery*"):  # the fix the message names
-        path.unlink()
-    _small(attr, 2).save(out)
-    assert (out / RECORD).is_file()
 
 
 def test_save_is_all_or_nothing(
