@@ -719,3 +719,6 @@ def test_the_greyscale_hint_on_the_command_line_names_a_flag() -> None:
         "pass --no-tissue-mask to use every tile."
     )
     assert "detect_tissue" not in said
+    assert flag_spelling("fallback_mpp must be a positive number") == (
+        "--slide-mpp must be a positive number"  # info --slide-mpp 0: Slide's own name for it
+    )

@@ -27,6 +27,7 @@ import torch
 
 from captum_nmf import NMF, NMFConceptAttribution
 from captum_nmf.wsi import SlideTiles, explain_cohort, explain_slide, write_pyramid
+from captum_nmf.wsi.run.assemble import TileAssembler
 from tests.helpers.emulated_cuda import EmulatedCuda, emulated_cuda
 from tests.helpers.synthetic_slides import he_image
 from tests.helpers.wsi_models import PoolNet
@@ -280,7 +281,7 @@ def test_plots_and_exports_take_device_tensors(
     assert (tmp_path / "export" / "concepts.geojson").is_file()
 
 
-@pytest.mark.parametrize("where", ["forward", "solve"])
+@pytest.mark.parametrize("where", ["forward", "solve", "last rows"])
 def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
     tmp_path: Path, slide: Path, pair: tuple[NMFConceptAttribution, ...], where: str
 ) -> None:
@@ -306,15 +307,20 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return solve(self, *args, **options)
 
+    def finish(self: TileAssembler) -> None:  # the last rows' solve, after every chunk
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    said = r"cuda ran out of memory on a batch of 8 tile\(s\)"
     out = tmp_path / "run"
     with pytest.MonkeyPatch.context() as mp:
         if where == "forward":
             mp.setattr(NMFConceptAttribution, "_activations", forward)
-        else:
+        elif where == "solve":
             mp.setattr(NMF, "_transform_products", solved)
-        with pytest.raises(
-            torch.OutOfMemoryError, match=r"cuda ran out of memory on a batch of 8 tile\(s\)"
-        ):
+        else:
+            mp.setattr(TileAssembler, "finish", finish)
+            said = r"out of memory solving the slide's last rows .* every chunk is kept"
+        with pytest.raises(torch.OutOfMemoryError, match=said):
             explain_slide(gpu, slide, out_dir=out, **kwargs)
     assert json.loads((out / "manifest.json").read_text())["done"] >= 1
     resumed = explain_slide(gpu, slide, out_dir=out, resume=True, **kwargs)
@@ -324,7 +330,7 @@ def test_out_of_memory_on_the_device_keeps_chunks_and_resume_finishes(
 
 
 @pytest.mark.parametrize("per_tile", [False, True])
-def test_the_slide_loop_uploads_nothing_that_waits_for_the_device(
+def test_the_slide_loop_uploads_nothing_per_batch_that_waits_for_the_device(
     pair: tuple[NMFConceptAttribution, ...],
     slide: Path,
     device: EmulatedCuda | None,

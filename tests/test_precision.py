@@ -56,6 +56,7 @@ def test_fit_and_the_stream_under_the_callers_autocast_are_exact() -> None:
             streamed_ac.partial_fit(part)
         stats_ac = streamed.statistics(x)
         updated_ac = copy.deepcopy(streamed).update(stats)
+        assert NMF(10, random_state=0).stream_readiness(x[:150]) == "ready"
     updated = copy.deepcopy(streamed).update(stats)
     torch.testing.assert_close(fitted_ac.components_, fitted.components_, rtol=0, atol=0)
     torch.testing.assert_close(streamed_ac.components_, streamed.components_, rtol=0, atol=0)

@@ -543,6 +543,19 @@ def test_slide_split_holds_out_the_slides_closest_to_holdout() -> None:
         assert (held_tiles.tolist(), train_tiles.tolist()) == ([2], [0, 1])
     with pytest.raises(ValueError, match=r"2 tiles \(of 2 seen.*needs at least 3 tiles"):
         _split(_rows(2, groups=[0, 1]), 0.5, 0)
+    # never more than half of the tiles: a 50-tile slide beside three of 1 tile was "closest"
+    # to ceil(0.5 x 53) = 27 (|50 - 27| < |3 - 27|), and 3 tiles trained
+    uneven = _rows(53, groups=[0] * 50 + [1, 2, 3])
+    for seed in range(6):
+        _held, _unit, held_tiles, train_tiles = _split(uneven, 0.5, seed)
+        assert (held_tiles.tolist(), len(train_tiles)) == ([50, 51, 52], 50)
+
+
+def test_many_single_tiles_split_without_quadratic_memory() -> None:
+    from captum_nmf.compare.selection import _closest_sum
+
+    # one n-bit set per tile was ~5 GB at 200,000 tiles; single tiles need none
+    assert _closest_sum([1] * 200_000, 40_000, 199_998) == list(range(40_000))
 
 
 def test_split_keeps_the_seeded_order_for_tiles_and_equal_slides() -> None:

@@ -329,6 +329,7 @@ class StreamMixin:
         del self.__dict__["_start_buffer"]  # started: from now on statistics only
 
     # --------------------------------------------------------- stream pieces
+    @without_autocast
     def stream_readiness(self: _Solver, X: Tensor) -> Literal["ready", "possible", "too few"]:
         """Whether the non-zero rows of ``X`` suffice to start a stream as :meth:`partial_fit` does.
 

@@ -30,6 +30,7 @@ _SPELLINGS: tuple[tuple[str, str | Callable[[re.Match[str]], str] | None], ...] 
     (r" \(in Python, Slide\(path, mpp=\.\.\.\) states the scale to use instead\)", ""),
     (r"\bSlide\(path, mpp=\.\.\.\)", "--slide-mpp MPP"),
     (r"\bslide_mpp=", "--slide-mpp "),
+    (r"\bfallback_mpp\b", "--slide-mpp"),  # Slide's name for it (info --slide-mpp 0)
     (r"\bmode=['\"](tile|region)['\"]", r"--mode \1"),
     (r"\bperturbation=['\"](resample|init)['\"]", r"--perturbation \1"),
     (r"\bpass level= or mpp=", "pass --level or --mpp"),

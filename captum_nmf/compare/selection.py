@@ -92,6 +92,8 @@ def _closest_sum(sizes: list[int], target: int, most: int) -> list[int]:
     sum, each position is taken when the rest can still reach it, so units of
     one tile give the first ``target`` positions. ``most`` >= the smallest size.
     """
+    if all(size == 1 for size in sizes):  # single tiles: the first ones (no n^2 bit sets)
+        return list(range(max(1, min(target, most))))
     suffix = [1] * (len(sizes) + 1)  # suffix[i]: the sums reachable from sizes[i:]
     mask = (1 << (most + 1)) - 1
     for i in range(len(sizes) - 1, -1, -1):
@@ -118,7 +120,8 @@ def _split(
     The units (tiles or groups) are put in a seeded random order; the held-out
     units are those whose tile count is closest to ``ceil(holdout x tiles)``
     (ties: the larger count; among equal counts, the earliest units of the order)
-    while leaving at least 2 tiles to train on. Units of one tile each give the
+    while leaving at least 2 tiles to train on and holding out at most half of
+    the tiles (or the goal, when that is more). Units of one tile each give the
     first ``ceil(holdout x tiles)`` tiles of the order.
 
     Returns:
@@ -148,11 +151,11 @@ def _split(
         tiles_per_unit[u] += 1
     order = np.random.default_rng(random_state).permutation(unit_ids)
     # at least 3 tiles in at least 2 units: the smallest unit leaves >= 2 tiles to train on
-    chosen = _closest_sum(
-        [tiles_per_unit[int(u)] for u in order],
-        math.ceil(holdout * len(tiles)),
-        len(tiles) - _MIN_TRAIN_TILES,
-    )
+    goal = math.ceil(holdout * len(tiles))
+    # never more than half of the tiles (or the goal, when that is more): holding out one big
+    # slide of 50 beside three of 1 tile was "closest" to a goal of 27 and trained on 3 tiles
+    most = min(len(tiles) - _MIN_TRAIN_TILES, max(goal, math.ceil(len(tiles) / 2)))
+    chosen = _closest_sum([tiles_per_unit[int(u)] for u in order], goal, most)
     held = order[chosen].astype(np.int64)
     mask = np.isin(units, held)
     held_tiles = np.unique(sample.tiles[mask])

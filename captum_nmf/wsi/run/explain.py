@@ -432,7 +432,13 @@ def _explanation(assembler: Assembler, config: dict[str, Any]) -> SlideExplanati
             f"No tile of {Path(grid.path).name} could be read ({len(assembler.failed)} of "
             f"{assembler.n_units} failed); nothing to explain."
         )
-    assembler.finish()
+    try:  # the last rows' solve, on the model's device
+        assembler.finish()
+    except torch.OutOfMemoryError as exc:
+        raise torch.OutOfMemoryError(
+            f"the device ran out of memory solving the slide's last rows ({exc}); every chunk "
+            "is kept: run again with resume=True once the device has more free memory."
+        ) from exc
     maps, counts, tissue = assembler.maps, assembler.counts, plan.tissue
     assignment = np.full(counts.shape, -1, dtype=np.int16)
     for r in np.flatnonzero(counts.any(axis=1)):  # row by row: no slide-sized temporaries
