@@ -169,6 +169,11 @@ def _check_images(images: object) -> Tensor:
         raise TypeError(f"images must be an N x 3 x H x W tensor, got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be N x 3 x H x W with N >= 1, got {tuple(images.shape)}.")
+    if not images.is_floating_point():  # uint8 0-255 ran, at another scale than the slides'
+        raise TypeError(
+            f"images must be floating point in [0, 1] (as slide tiles reach the model), got "
+            f"{images.dtype}; pass e.g. images.float() / 255."
+        )
     return images
 
 
