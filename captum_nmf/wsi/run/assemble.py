@@ -26,6 +26,7 @@ from torch import Tensor
 
 from captum_nmf._core.nmf_concept import NMFConceptAttribution
 from captum_nmf._utils.activations import PendingCheck, reported_first
+from captum_nmf._utils.transfer import upload
 from captum_nmf.exceptions import RunStateError
 from captum_nmf.io import load_tensors, save_tensors
 from captum_nmf.wsi.run.config import model_device
@@ -238,18 +239,24 @@ class TileAssembler(Assembler):
         """
         weights = None
         if taken.counts.any():
-            # a cell without data has products 0 and gets weights 0. The products are
-            # averages of checked activations' products: no second value check.
+            # only the cells with data are solved: one without (glass, or no tile reached
+            # it) has products 0 and keeps weights 0. The products are averages of checked
+            # activations' products: no second value check.
             n, wc, k = taken.features.shape
             cross = taken.features.reshape(n * wc, k)  # (n Wc) x K
-            weights = self.attr.nmf_._transform_products(cross, pending).reshape(n, wc, k)
+            held = np.flatnonzero(taken.counts.reshape(-1))
+            if held.size < cross.shape[0]:  # indices uploaded without waiting for the device
+                cross = cross.index_select(0, upload(torch.from_numpy(held), cross.device))
+            solved = self.attr.nmf_._transform_products(cross, pending).cpu().numpy()
+            weights = np.zeros((n * wc, k), dtype=np.float32)
+            weights[held] = solved
         elif pending is not None:
             pending.finish()
         rows = taken.rows  # recorded only once the batch's values passed
         self.counts[rows] = taken.counts
         self.chunk_rows.extend(int(r) for r in rows)
         if weights is not None:  # rows without data keep weights 0
-            self.maps[:, rows, :] = weights.cpu().numpy().transpose(2, 0, 1)
+            self.maps[:, rows, :] = weights.reshape(len(rows), -1, self.k).transpose(2, 0, 1)
 
     def write_chunk(self, i: int) -> None:
         """Chunk ``i``: its finished rows, tile outputs and failures, and the stitcher's carry."""
