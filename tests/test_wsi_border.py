@@ -105,6 +105,11 @@ def test_lite0_head_effect_decreases_with_depth(lite0: nn.Module) -> None:
         ({"tile_size": 64.0}, TypeError, "tile_size must be an int"),
         ({"tile_size": 60, "context": 34}, ValueError, "not a whole number of square cells"),
         ({"context": 12}, ValueError, "context=12 is not a whole number of 8 px cells"),
+        (  # a value the caller did not pass was named as if given
+            {"tile_size": 72, "images": torch.ones(1, 3, 160, 160)},
+            ValueError,
+            r"context=36 \(the default, half of tile_size=72\) is not a whole number of 8 px",
+        ),
         ({"context": 16, "max_depth": 3}, ValueError, "context=16 px is 2 cells, not deeper"),
         ({"max_depth": 4}, ValueError, r"max_depth=4 is deeper than the middle"),
         ({"max_depth": -1}, ValueError, "max_depth must be >= 0"),

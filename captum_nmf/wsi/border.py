@@ -221,7 +221,12 @@ class _Cells:
 
 
 def _cells(
-    tile: int, ctx: int, feature_size: tuple[int, int], max_depth: int | None, name: str
+    tile: int,
+    ctx: int,
+    feature_size: tuple[int, int],
+    max_depth: int | None,
+    name: str,
+    default_context: bool = False,
 ) -> _Cells:
     """The cell size from the tile's feature map, and the depths to report, checked."""
     h, w = feature_size
@@ -232,8 +237,9 @@ def _cells(
         )
     cell = tile // h
     if ctx % cell:
+        which = f" (the default, half of tile_size={tile})" if default_context else ""
         raise ValueError(
-            f"context={ctx} is not a whole number of {cell} px cells; use e.g. "
+            f"context={ctx}{which} is not a whole number of {cell} px cells; pass e.g. "
             f"context={cell * max(1, round(ctx / cell))}."
         )
     deepest = (min(h, w) - 1) // 2
@@ -385,7 +391,7 @@ def border_effect(
     batches = [windows[start : start + size] for start in range(0, windows.shape[0], size)]
     first = probe.features(batches[0][:, :, ctx : ctx + tile, ctx : ctx + tile])
     feature_size = (int(first.shape[2]), int(first.shape[3]))
-    cells = _cells(tile, ctx, feature_size, max_depth, name)
+    cells = _cells(tile, ctx, feature_size, max_depth, name, default_context=context is None)
     sums: list[NDArray[np.float64]] = []
     refs: list[NDArray[np.float64]] = []
     for i, big in enumerate(batches):
