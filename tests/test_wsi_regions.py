@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from captum_nmf import NMFConceptAttribution
-from captum_nmf.exceptions import SlideReadError, UnreadableRegionWarning
+from captum_nmf.exceptions import RunStateError, SlideReadError, UnreadableRegionWarning
 from captum_nmf.wsi import Slide, SlideTiles, detect_tissue, explain_slide, write_pyramid
 from captum_nmf.wsi.regions import plan_regions, tissue_cells
 from tests.helpers.cohort_faults import InterruptAfter
@@ -141,6 +141,63 @@ def test_region_run_resumes_bit_identical(
     assert counter.seen == 1 + n - 2  # the probe; the two finished regions were not read again
     for name in ("concept_maps", "assignment", "counts"):
         assert np.array_equal(getattr(resumed, name), getattr(reference, name)), name
+
+
+def test_region_runs_resume_whatever_the_border_and_name_region_size(
+    tmp_path: Path,
+    islands: Path,
+    attr: NMFConceptAttribution,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``border`` is unused in region mode, yet a resume with another one was refused;
+    a changed ``region_size`` was named only by the regions, ``tile_size`` and ``stride``
+    it gives (the caller passed none of them), with a hint about transforms."""
+    from captum_nmf.wsi.run import explain as explain_module
+
+    reference = _regions(attr, islands, chunk_tiles=16)
+    go = InterruptAfter(10**9)  # described as the interrupting one is: "identity"
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _regions(attr, islands, chunk_tiles=16, out_dir=out, transform=InterruptAfter(4))
+    resumed = _regions(
+        attr, islands, chunk_tiles=16, out_dir=out, resume=True, border=5, transform=go
+    )
+    assert np.array_equal(resumed.concept_maps, reference.concept_maps)
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert (config["border"], config["region_size"]) == (None, 256)
+    with pytest.raises(
+        RunStateError, match=r"\(n_tiles: .*; region_size: recorded 256, now 128;"
+    ) as e:
+        _regions(
+            attr, islands, chunk_tiles=16, out_dir=out, resume=True, region_size=128, transform=go
+        )
+    assert "__captum_nmf_description__" not in str(e.value)  # no transform changed
+
+    real = explain_module.run_config
+
+    def before(*args: object, **kwargs: object) -> dict[str, object]:  # as runs recorded it
+        config = real(*args, **kwargs)  # type: ignore[arg-type]
+        config.pop("region_size")
+        return {**config, "border": 2}
+
+    for finished in (True, False):
+        old = tmp_path / f"old{finished}"
+        with monkeypatch.context() as patch:
+            patch.setattr(explain_module, "run_config", before)
+            if finished:
+                _regions(attr, islands, chunk_tiles=16, out_dir=old, transform=go)
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    _regions(
+                        attr, islands, chunk_tiles=16, out_dir=old, transform=InterruptAfter(4)
+                    )
+        again = _regions(
+            attr, islands, chunk_tiles=16, out_dir=old, resume=True, border=0, transform=go
+        )
+        assert np.array_equal(again.concept_maps, reference.concept_maps)
+        with pytest.raises(RunStateError, match=r"\(region_margin: recorded 16, now 8; ti") as e:
+            _regions(attr, islands, out_dir=old, resume=True, region_margin=8, transform=go)
+        assert "region_size" not in str(e.value)  # not recorded, and not what differs
 
 
 def test_unreadable_region_raises_or_becomes_nan(

@@ -162,7 +162,8 @@ def run_config(
         "mpp": grid.resolution.mpp,
         "slide_mpp": slide_mpp,
         "resample": grid.resolution.resample,
-        "border": options.border,
+        # unused in region mode: None there (explain_slide keeps what an older run recorded)
+        "border": options.border if options.mode == "tile" else None,
         "edges": "best-tile",  # border cells no interior covers: the tiles that see them best
         # tile mode: per cell the mean of the tiles' x H^T (the carry: K channels); region
         # mode averages nothing
@@ -184,6 +185,7 @@ def run_config(
     }
     if regions_list is not None:
         config["regions"] = regions_list  # (row, col, height, width) in cells
+        config["region_size"] = options.region_size  # to name it: the regions are hashed
         config["batch_size"] = None  # one region per forward
         config["n_tiles"] = len(regions_list)
     return config
@@ -215,16 +217,20 @@ def mask_digest(mask: TissueMask | None) -> str | None:
 #: depend on it; a tile's features may differ in their last bits between batch sizes)
 UNHASHED = ("batch_size",)
 
+#: recorded to name what changed, not hashed: what they decide is (``region_size`` gives
+#: the regions), and runs recorded before them resume
+DERIVED = ("region_size",)
+
 
 def config_hash(
     attr: NMFConceptAttribution, config: dict[str, Any], grid: TileGrid, *, cached: bool = True
 ) -> str:
-    """SHA-256 of the configuration (less :data:`UNHASHED`), the model and the tile positions.
+    """SHA-256 of the configuration (less :data:`UNHASHED` and :data:`DERIVED`), model and tiles.
 
     ``cached=False`` hashes the weights again (see :func:`model_fingerprint`): for a
     call that computes chunks, fresh or resumed.
     """
-    hashed = {k: v for k, v in config.items() if k not in UNHASHED}
+    hashed = {k: v for k, v in config.items() if k not in UNHASHED + DERIVED}
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())
     digest.update(model_fingerprint(attr, cached=cached).encode())
     digest.update(grid.rows.tobytes() + grid.cols.tobytes())

@@ -29,6 +29,7 @@ from captum_nmf.exceptions import NoTissueError, RunStateError, UnreadableRegion
 from captum_nmf.wsi.explanation import EXPLANATION_FILE, SlideExplanation
 from captum_nmf.wsi.run.assemble import Assembler, assembler_for
 from captum_nmf.wsi.run.config import (
+    DERIVED,
     UNHASHED,
     RunOptions,
     check_run_options,
@@ -101,7 +102,8 @@ def explain_slide(
                     the value). Overlapping tiles must leave interiors that
                     meet (``stride <= tile_size - 2 * border * cell``); tiles
                     that do not overlap (``stride = tile_size``) keep their
-                    borders, which no other tile covers. Unused in region mode.
+                    borders, which no other tile covers. Unused in region mode
+                    (a region run resumes with any).
                     Default: 2
         mode (str, optional): ``"tile"`` (the paper's overlapping tiles, the
                     default the analyses assume) or ``"region"``: the fast mode
@@ -267,6 +269,9 @@ def explain_slide(
         # through .data); one of a complete run only loads it, as a restarted cohort does
         computes = manifest is None or manifest.get("status") != "complete"
         recorded = (manifest or {}).get("config") or {}
+        if options.mode == "region" and recorded.get("mode") == "region":
+            # border is unused there: any one resumes (runs before 2026-12-08 recorded it)
+            config = {**config, "border": recorded.get("border")}
         if not computes and "chunk_tiles" in recorded:  # how a finished run was cut into
             config = {**config, "chunk_tiles": recorded["chunk_tiles"]}  # chunks: same maps
         # a run from before the tissue mask was recorded: its hash lacks the mask
@@ -373,16 +378,20 @@ def _check_resumable(
             if key in recorded
             else f"{key}: not recorded (an older captum-nmf), now {_short(config.get(key))}"
             for key in sorted(set(recorded) | set(config))
-            if key not in UNHASHED and (key not in recorded or recorded[key] != config.get(key))
+            if key not in UNHASHED
+            and (key not in recorded or recorded[key] != config.get(key))
+            and (key in recorded or key not in DERIVED)  # not what changes an older run's hash
         ]
         what = "; ".join(changed) or "the model's weights, the concepts or the tile positions"
-        raise _different(
-            store,
-            what,
+        described = ("transform", "batch_transform", "forward_func", "reshape_transform")
+        more = (
             " A transform is compared by its code, arguments and attributes: a class whose "
             "attributes also count calls or cache results can state what decides its result in "
-            "a class attribute __captum_nmf_description__.",
+            "a class attribute __captum_nmf_description__."
+            if any(f"{key}: " in what for key in described)
+            else ""
         )
+        raise _different(store, what, more)
     if manifest.get("slide_fingerprint") != fingerprint:
         raise RunStateError(
             f"out_dir {store.work_dir} was produced from another slide (fingerprint "
