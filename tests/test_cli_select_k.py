@@ -44,7 +44,14 @@ def test_select_k_writes_tables_and_the_figure(
     assert "recommended" in printed.lower()
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        ["select_k.csv", "select_k.json", "select_k.md", "select_k.png", "select_k_concepts.csv"]
+        [
+            "select_k.csv",
+            "select_k.json",
+            "select_k.md",
+            "select_k.png",
+            "select_k_concepts.csv",
+            "select_k_concepts.safetensors",
+        ]
     )
     record = json.loads((out / "select_k.json").read_text())
     assert record["ks"] == [1, 2, 3]

@@ -276,9 +276,68 @@ def test_outputs_markdown_csv_json_figure_and_save(
     assert not fig["unstable"][3].any()
     out = r.save(tmp_path / "sk")
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["select_k.csv", "select_k.json", "select_k.md", "select_k_concepts.csv"]
+    assert names == [
+        "select_k.csv",
+        "select_k.json",
+        "select_k.md",
+        "select_k_concepts.csv",
+        "select_k_concepts.safetensors",
+    ]
     assert json.loads((out / "select_k.json").read_text())["ks"] == r.ks
     assert (out / "select_k_concepts.csv").read_text().count("\n") == 1 + sum(r.ks)
+
+
+def test_a_saved_sweep_loads_whole_and_refuses_changed_files(
+    planted_result: KSelection, tmp_path: Path
+) -> None:
+    """A sweep could be saved but not read back: a notebook had to run select_k again to
+    plot or compare it, and the concepts of each K were not saved at all."""
+    r = planted_result
+    out = r.save(tmp_path / "sk", figure=b"png")
+    back = KSelection.load(out)
+    assert back.to_dict() == r.to_dict()
+    assert back.to_markdown() == r.to_markdown()
+    assert sorted(back.concepts) == r.ks
+    for k in r.ks:
+        assert back.concepts[k].dtype == np.float32
+        np.testing.assert_array_equal(back.concepts[k], r.concepts[k])
+        assert back.stability[k].reference == r.stability[k].reference is not None
+    fig, again = back.figure_data(), r.figure_data()
+    for key in ("ks", "heldout_error", "train_error", "gain", "share_stable"):
+        np.testing.assert_array_equal(fig[key], again[key])
+    assert KSelection.load(out / "select_k.json").recommended == r.recommended == 4
+    again_out = back.save(tmp_path / "again")  # what was loaded saves the same sweep
+    for name in ("select_k.csv", "select_k_concepts.csv", "select_k.md"):
+        assert (again_out / name).read_bytes() == (out / name).read_bytes()
+    for k in r.ks:
+        np.testing.assert_array_equal(KSelection.load(again_out).concepts[k], r.concepts[k])
+
+    concepts = out / "select_k_concepts.safetensors"
+    blob = bytearray(concepts.read_bytes())
+    blob[-3] ^= 0x01  # one bit of one concept
+    concepts.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=r"select_k_concepts\.safetensors changed since"):
+        KSelection.load(out)
+    concepts.unlink()
+    with pytest.raises(FileNotFoundError, match=r"select_k_concepts\.safetensors is listed"):
+        KSelection.load(out)
+    with pytest.raises(FileNotFoundError, match=r"no select_k\.json in .*select-k --out"):
+        KSelection.load(tmp_path / "nowhere")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "select_k.json").write_text('{"ks": [2, 3]}')
+    with pytest.raises(ValueError, match=r"not a select_k record captum-nmf can read"):
+        KSelection.load(tmp_path / "bad")
+
+    older = tmp_path / "older"  # a record written before the concepts were saved
+    r.save(older)
+    record = json.loads((older / "select_k.json").read_text())
+    del record["files"]["select_k_concepts.safetensors"]
+    (older / "select_k.json").write_text(json.dumps(record))
+    (older / "select_k_concepts.safetensors").unlink()
+    loaded = KSelection.load(older)
+    assert loaded.concepts == {}
+    assert "were not saved with this record" in loaded.notes[-1]
+    assert loaded.to_dict()["ks"] == r.ks
 
 
 def test_saving_again_replaces_only_its_own_files(
@@ -292,6 +351,7 @@ def test_saving_again_replaces_only_its_own_files(
     assert set(json.loads((out / "select_k.json").read_text())["files"]) == {
         "select_k.csv",
         "select_k_concepts.csv",
+        "select_k_concepts.safetensors",
         "select_k.md",
         "select_k.png",
     }
@@ -312,6 +372,7 @@ def test_saving_again_replaces_only_its_own_files(
     record = json.loads((legacy / "select_k.json").read_text())
     del record["files"]
     (legacy / "select_k.json").write_text(json.dumps(record))
+    (legacy / "select_k_concepts.safetensors").unlink()  # not written before the file list
     (legacy / "select_k.png").write_bytes(b"a user's figure")
     r.save(legacy)  # no figure now: the png is not listed with a digest, so it is kept
     assert (legacy / "select_k.png").read_bytes() == b"a user's figure"

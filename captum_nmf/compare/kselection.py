@@ -10,16 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-from captum_nmf.compare.stability import ConceptStability
+from captum_nmf.compare.stability import ConceptStability, concepts_digest
 from captum_nmf.compare.tables import Table
-from captum_nmf.io import write_owned_files
+from captum_nmf.io import load_tensors, sha256_file, tensor_file_bytes, write_owned_files
 
 __all__ = ["KSelection"]
 
 #: The record of a K sweep's folder: written last, it lists the files written with it.
 RECORD = "select_k.json"
+#: Each K's reference concepts (K x C float32, tensor ``k<K>``), written with the record.
+CONCEPTS_FILE = "select_k_concepts.safetensors"
+CONCEPTS_FORMAT = "captum-nmf/select-k-concepts"
 
 
 def legacy_files(record: dict[str, Any]) -> list[str]:
@@ -252,9 +256,11 @@ class KSelection:
     def save(self, directory: str | os.PathLike[str], *, figure: bytes | None = None) -> Path:
         """Write ``select_k.csv``, ``select_k_concepts.csv``, ``select_k.md`` and ``select_k.json``.
 
-        All are written atomically and together (the JSON record last, listing
-        the other files with their SHA-256): an error leaves every file as it
-        was. Writing again into the folder replaces only the files it lists.
+        And ``select_k_concepts.safetensors``: each K's reference concepts, so
+        that :meth:`load` gives the whole result back. All are written
+        atomically and together (the JSON record last, listing the other files
+        with their SHA-256): an error leaves every file as it was. Writing
+        again into the folder replaces only the files it lists.
 
         Args:
             directory (str or PathLike): created if missing.
@@ -276,7 +282,150 @@ class KSelection:
             "select_k_concepts.csv": self.concept_table().to_csv().encode("utf-8"),
             "select_k.md": self.to_markdown().encode("utf-8"),
         }
+        if self.concepts:  # a result loaded from a record without them has none
+            files[CONCEPTS_FILE] = tensor_file_bytes(
+                {
+                    f"k{k}": torch.from_numpy(np.ascontiguousarray(v))
+                    for k, v in self.concepts.items()
+                },
+                {"ks": json.dumps(sorted(self.concepts))},
+                format_name=CONCEPTS_FORMAT,
+            )
         if figure is not None:
             files["select_k.png"] = bytes(figure)
         # an earlier sweep's figure, when this one has none, is removed
         return write_owned_files(directory, RECORD, files, self.to_dict(), legacy_files)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> KSelection:
+        """The result :meth:`save` (or ``captum-nmf select-k``) wrote into ``directory``.
+
+        Every number comes back as it was saved, and each K's concepts from
+        ``select_k_concepts.safetensors`` (checked against the SHA-256 the
+        record lists and its own content digest, and tied to the stability
+        measured on them). A record written before that file existed gives
+        ``concepts`` empty, with a note saying so.
+
+        Args:
+            directory (str or PathLike): the folder, or its ``select_k.json``.
+
+        Returns:
+            *KSelection*: the sweep; :meth:`figure_data`, :meth:`to_markdown` and
+            :func:`~captum_nmf.viz.plot_select_k` work on it as on a fresh one.
+
+        Raises:
+            FileNotFoundError: no ``select_k.json`` there, or a concepts file it lists is gone.
+            ValueError: the record is not one ``select_k`` wrote, or its concepts file
+                        was changed since (a flipped byte, or another sweep's) or does not
+                        match the record's K, C and stability.
+            ConceptModelFormatError: the concepts file is not a valid file of its format.
+        """
+        path = Path(directory)
+        folder = path.parent if path.name == RECORD and path.is_file() else path
+        record_path = folder / RECORD
+        if not record_path.is_file():
+            raise FileNotFoundError(
+                f"no {RECORD} in {folder}: pass the folder KSelection.save or "
+                "`captum-nmf select-k --out` wrote."
+            )
+        try:
+            data = json.loads(record_path.read_text(encoding="utf-8"))
+            result = cls._from_record(data)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(
+                f"{record_path} is not a select_k record captum-nmf can read ({exc!r}); "
+                "run select_k again and save it."
+            ) from exc
+        files = data.get("files") or {}
+        if CONCEPTS_FILE not in files:
+            result.notes.append(
+                f"the concepts of each K were not saved with this record (no {CONCEPTS_FILE}: "
+                "an earlier captum-nmf); fit the chosen K again to get them."
+            )
+            return result
+        result.concepts = _load_concepts(folder / CONCEPTS_FILE, str(files[CONCEPTS_FILE]), result)
+        return result
+
+    @classmethod
+    def _from_record(cls, data: dict[str, Any]) -> KSelection:
+        """The result of :meth:`to_dict`'s record, without its concepts."""
+        ks = [int(k) for k in data["ks"]]
+        sample = data["sample"]
+
+        def floats(name: str) -> NDArray[np.float64]:
+            values = np.asarray([np.nan if v is None else v for v in data[name]], np.float64)
+            if values.shape != (len(ks),):
+                raise ValueError(f"{name} has {values.size} values for {len(ks)} K")
+            return values
+
+        stability = {k: ConceptStability.from_dict(data["stability"][str(k)]) for k in ks}
+        for k in ks:
+            if stability[k].n_concepts != k:
+                raise ValueError(f"the stability of K = {k} has {stability[k].n_concepts} rows")
+        recommended = data["recommended"]
+        return cls(
+            ks=ks,
+            heldout_error=floats("heldout_error"),
+            train_error=floats("train_error"),
+            gain=floats("gain"),
+            stability=stability,
+            concepts={},
+            fit_seconds=floats("fit_seconds"),
+            stability_seconds=floats("stability_seconds"),
+            recommended=None if recommended is None else int(recommended),
+            rule=str(data["rule"]),
+            gain_threshold=float(data["gain_threshold"]),
+            stable_cosine=float(data["stable_cosine"]),
+            n_seeds=int(sample["n_seeds"]),
+            holdout=float(sample["holdout"]),
+            split_by=str(sample["split_by"]),
+            heldout_tiles=np.asarray(sample["heldout_tiles"], np.int64).reshape(-1),
+            train_tiles=np.asarray(sample["train_tiles"], np.int64).reshape(-1),
+            n_train_rows=int(sample["n_train_rows"]),
+            n_heldout_rows=int(sample["n_heldout_rows"]),
+            n_tiles_seen=int(sample["n_tiles_seen"]),
+            locations_per_tile=int(sample["locations_per_tile"]),
+            n_channels=int(sample["n_channels"]),
+            layer_name=sample.get("layer_name"),
+            perturbation=str(sample.get("perturbation", "resample")),
+            sample_seconds=float(sample.get("sample_seconds", 0.0)),
+            notes=[str(n) for n in data.get("notes", [])],
+        )
+
+
+def _load_concepts(path: Path, recorded: str, result: KSelection) -> dict[int, NDArray[np.float32]]:
+    """Each K's concepts from ``path``, checked against the record and ``result``.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        ValueError: changed since the record was written, or not the record's concepts.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is listed in {RECORD} but missing; save the sweep again (or load a copy)."
+        )
+    if sha256_file(path) != recorded:
+        raise ValueError(
+            f"{path} changed since {RECORD} was written (its SHA-256 differs from the one "
+            "recorded): it is damaged or another sweep's. Restore it from a copy or save the "
+            "sweep again."
+        )
+    tensors, _ = load_tensors(path, format_name=CONCEPTS_FORMAT)
+    concepts: dict[int, NDArray[np.float32]] = {}
+    for k in result.ks:
+        tensor = tensors.get(f"k{k}")
+        if tensor is None or tuple(tensor.shape) != (k, result.n_channels):
+            got = None if tensor is None else tuple(tensor.shape)
+            raise ValueError(
+                f"{path} does not hold the {k} x {result.n_channels} concepts of K = {k} "
+                f"(got {got}); save the sweep again."
+            )
+        values = tensor.numpy().astype(np.float32, copy=False)
+        reference = result.stability[k].reference
+        if reference is not None and concepts_digest(values) != reference:
+            raise ValueError(
+                f"{path}: the concepts of K = {k} are not the ones their stability was "
+                "measured on; save the sweep again."
+            )
+        concepts[k] = values
+    return concepts

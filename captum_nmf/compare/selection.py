@@ -348,9 +348,10 @@ def _sweep(
         out.fit_seconds[i] = time.perf_counter() - start
         start = time.perf_counter()
         runs = _refits(v_train, train_row_tiles, k, model, n_seeds - 1, seed, perturbation)
-        out.stability[k] = stability_from_runs(reference.components, runs, stable_cosine=stable)
-        out.stability_seconds[i] = time.perf_counter() - start
+        # the concepts as kept (float32): the stability's reference digest is of these
         out.concepts[k] = reference.components.detach().cpu().float().numpy()
+        out.stability[k] = stability_from_runs(out.concepts[k], runs, stable_cosine=stable)
+        out.stability_seconds[i] = time.perf_counter() - start
     return out
 
 
