@@ -261,7 +261,27 @@ def explain_slide(
     config = run_config(attr, options, plan.grid, plan.slide_mpp, regions)
     if out_dir is None:
         return _run(attr, plan, options, config, None, None, progress)
-    target = Path(out_dir)
+    return _stored_run(
+        attr, path, plan, options, config, Path(out_dir), resume, overwrite, progress
+    )
+
+
+def _stored_run(
+    attr: NMFConceptAttribution,
+    path: str | os.PathLike[str],
+    plan: Plan,
+    options: RunOptions,
+    config: dict[str, Any],
+    target: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> SlideExplanation:
+    """The run in its folder ``target``: started, resumed, or loaded when complete.
+
+    Raises:
+        FileExistsError, RunStateError, OSError: as :func:`explain_slide`.
+    """
     check_output_location(target, plan.first_chunk_bytes(attr))
     store, manifest = RunStore.open(target, resume=resume, overwrite=overwrite)
     try:
@@ -269,11 +289,7 @@ def explain_slide(
         # through .data); one of a complete run only loads it, as a restarted cohort does
         computes = manifest is None or manifest.get("status") != "complete"
         recorded = (manifest or {}).get("config") or {}
-        if options.mode == "region" and recorded.get("mode") == "region":
-            # border is unused there: any one resumes (runs before 2026-12-08 recorded it)
-            config = {**config, "border": recorded.get("border")}
-        if not computes and "chunk_tiles" in recorded:  # how a finished run was cut into
-            config = {**config, "chunk_tiles": recorded["chunk_tiles"]}  # chunks: same maps
+        config = _as_recorded(config, recorded, computes=computes)
         # a run from before the tissue mask was recorded: its hash lacks the mask
         legacy = "tissue_mask" not in (recorded or {"tissue_mask": None})
         hashed = {k: v for k, v in config.items() if k != "tissue_mask"} if legacy else config
@@ -318,6 +334,22 @@ def explain_slide(
         raise
     store.close()
     return result
+
+
+def _as_recorded(
+    config: dict[str, Any], recorded: dict[str, Any], *, computes: bool
+) -> dict[str, Any]:
+    """``config`` with what a recorded run may differ in without being another run.
+
+    A region run's ``border`` (unused there: any one resumes; runs before 2026-12-08
+    recorded the one passed), and a finished run's ``chunk_tiles`` (how it was cut into
+    chunks: the same maps).
+    """
+    if config["mode"] == "region" and recorded.get("mode") == "region":
+        config = {**config, "border": recorded.get("border")}
+    if not computes and "chunk_tiles" in recorded:
+        config = {**config, "chunk_tiles": recorded["chunk_tiles"]}
+    return config
 
 
 def _run(
