@@ -14,7 +14,7 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from captum_nmf import NMF
 from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._utils import solvers
-from captum_nmf.exceptions import NotFittedError
+from captum_nmf.exceptions import CaptumNMFWarning, NotFittedError
 from tests.helpers.emulated_cuda import EmulatedCuda
 
 
@@ -240,7 +240,7 @@ def test_inputs_are_never_modified() -> None:
     x = low_rank(300, 12, 3)
     before = x.clone()
     model = NMF(3, random_state=0).fit(x)
-    model.partial_fit(x)
+    NMF(3, random_state=0).partial_fit(x).partial_fit(x)
     model.transform(x)
     assert torch.equal(x, before)
     arr = x.numpy().copy()
@@ -733,3 +733,48 @@ def test_stream_readiness_says_when_partial_fit_would_start() -> None:
     assert NMF(2, init="random").stream_readiness(e0) == "possible"
     with pytest.raises(ValueError, match="negative"):
         model.stream_readiness(-torch.ones(3, 3))
+
+
+def test_tensors_that_require_grad_fit_like_detached_ones() -> None:
+    """Activations taken outside ``torch.no_grad()`` require grad: ``fit`` and
+    ``fit_transform`` raised "bmm(): functions with out=... arguments don't support
+    automatic differentiation" (``partial_fit`` and ``transform`` took them)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 3, generator=gen, requires_grad=True)
+    x = torch.relu(torch.rand(200, 3, generator=gen) @ weight.T)  # a graph behind it
+    assert x.requires_grad
+    plain = NMF(3, random_state=0).fit(x.detach())
+    fitted = NMF(3, random_state=0).fit(x)
+    assert torch.equal(fitted.components_, plain.components_)
+    w = NMF(3, random_state=0).fit_transform(x)
+    assert torch.equal(w, NMF(3, random_state=0).fit_transform(x.detach()))
+    assert not w.requires_grad
+    assert not fitted.transform(x).requires_grad
+    assert weight.grad is None  # nothing flowed back into the caller's graph
+    streamed = NMF(3, random_state=0).partial_fit(x)
+    assert torch.equal(
+        streamed.components_, NMF(3, random_state=0).partial_fit(x.detach()).components_
+    )
+
+
+def test_partial_fit_after_fit_warns_and_start_stream_refines() -> None:
+    """``partial_fit`` after ``fit``, ``from_components`` or a load started a new stream
+    without a word: "load the concepts, refine them on new slides" replaced them."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(600, 8, generator=gen)
+    fitted = NMF(3, random_state=0).fit(x)
+    h = fitted.components_.clone()
+    for start in (fitted, NMF.from_components(h)):
+        with pytest.warns(
+            CaptumNMFWarning, match=r"new stream: the 3 concepts .* start_stream"
+        ) as w:
+            start.partial_fit(x[:300])
+        assert w[0].filename == __file__  # the caller's line
+        fresh = NMF(3, random_state=0).partial_fit(x[:300])
+        assert torch.equal(start.components_, fresh.components_)  # as the warning says
+    refined = NMF(3, random_state=0).fit(x).start_stream(h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        refined.partial_fit(x[:300]).partial_fit(x[300:])
+    cosine = torch.nn.functional.cosine_similarity(refined.components_, h)
+    assert bool((cosine > 0.999).all()), cosine  # the same data: the concepts stay

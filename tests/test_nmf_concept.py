@@ -128,6 +128,35 @@ def test_fit_from_list_and_generator_and_subsampling(
     assert attr.n_samples_seen_ == 2 * 6 * 8 * 8
 
 
+def test_a_tensor_is_one_full_batch_for_max_locations(
+    planted: tuple[nn.Module, torch.Tensor],
+) -> None:
+    """A tensor of fewer than 32 tiles kept ``max_locations_per_batch * N / 32`` rows: its
+    quota was scaled against the unused ``batch_size``, so 6 tiles kept 19 of 200 rows
+    asked for (and a 2-tile tensor with K = 6 and 50 rows failed in the initialisation)."""
+    net, maps = planted  # 6 tiles of 8 x 8 locations
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit(maps, max_locations_per_batch=200, progress=False)
+    assert attr.n_samples_seen_ == 200
+    attr.fit(maps[:2], max_locations_per_batch=50, progress=False)
+    assert attr.n_samples_seen_ == 50
+    attr.fit(maps, max_locations_per_batch=1000, progress=False)  # more than there are
+    assert attr.n_samples_seen_ == 6 * 8 * 8
+
+
+def test_an_empty_batch_gives_empty_maps(planted: tuple[nn.Module, torch.Tensor]) -> None:
+    """``attribute`` and ``assign`` of a batch of 0 tiles (an empty last chunk) raised
+    "cannot reshape tensor of 0 elements into shape [0, -1, 8, 8]"; the model, Captum's
+    ``LayerActivation`` and ``features`` return empty tensors."""
+    net, maps = planted
+    attr = NMFConceptAttribution(net, net.relu, n_concepts=3, random_state=0)
+    attr.fit(maps, progress=False)
+    empty = maps[:0]
+    assert tuple(attr.attribute(empty).shape) == (0, 3, 8, 8)
+    assert tuple(attr.assign(empty).shape) == (0, 8, 8)
+    assert tuple(attr.features(empty).shape) == (0, 5, 8, 8)
+
+
 def test_interpolate_and_assign_minus_one_on_empty_locations(
     planted: tuple[nn.Module, torch.Tensor],
 ) -> None:

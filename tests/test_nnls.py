@@ -16,6 +16,7 @@ from scipy.optimize import nnls as scipy_nnls
 
 from captum_nmf import NMF
 from captum_nmf._utils import solvers
+from captum_nmf.exceptions import CaptumNMFWarning
 from tests.helpers.calls import CallRecorder
 from tests.helpers.emulated_cuda import EmulatedCuda
 
@@ -527,7 +528,8 @@ def test_cache_invalidated_by_fit_partial_fit_update_and_assignments(
     assert_fresh(model, y)
     assert not torch.allclose(model.transform(y), stale)
 
-    model.partial_fit(x)  # first chunk of a stream
+    with pytest.warns(CaptumNMFWarning, match="starts a new stream"):
+        model.partial_fit(x)  # first chunk of a new stream, after the fit
     assert_fresh(model, x)
     before = counting.built
     model.statistics(y)

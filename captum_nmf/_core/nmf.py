@@ -302,8 +302,8 @@ class NMF(
         ``device`` when set; else, with ``stay``, a tensor's own device (``H`` is
         cast there, cached), else ``H``'s device.
         """
-        if isinstance(x, Tensor):
-            t = self._check_tensor(x, reset=reset, values=values)
+        if isinstance(x, Tensor):  # the solver is not differentiable: no autograd history
+            t = self._check_tensor(x.detach(), reset=reset, values=values)
             if reset:
                 self._record_features(int(t.shape[1]))
             kind = _Kind(False, t.dtype, x.device)

@@ -700,10 +700,12 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
 
 
 def _full_batch(inputs: Any, batch_size: int) -> int | None:
-    """Tiles of a full batch of ``inputs`` when known: a loader's, or ``batch_size`` for ours."""
+    """Tiles of a full batch of ``inputs`` when known: a loader's, a tensor's, or ``batch_size``."""
     if isinstance(inputs, DataLoader):
         return inputs.batch_size
-    if isinstance(inputs, Tensor) or is_map_dataset(inputs):
+    if isinstance(inputs, Tensor):  # one batch, in memory: all of it is the full batch
+        return int(inputs.shape[0]) if inputs.ndim else None
+    if is_map_dataset(inputs):
         return int(batch_size) if isinstance(batch_size, int) else None
     return None
 

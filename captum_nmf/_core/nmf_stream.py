@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -22,7 +23,7 @@ from captum_nmf._core.nmf_statistics import NMFStatistics
 from captum_nmf._utils import solvers
 from captum_nmf._utils.precision import without_autocast
 from captum_nmf._utils.validation import check_device
-from captum_nmf.exceptions import NotFittedError
+from captum_nmf.exceptions import CaptumNMFWarning, NotFittedError
 
 __all__ = ["StreamMixin", "canonical"]
 
@@ -225,6 +226,12 @@ class StreamMixin:
         blank tiles starts from the first real ones. A first chunk with enough
         rows (of full rank) starts the stream at once, exactly as before.
 
+        After :meth:`fit`, :meth:`from_components` or a load (concepts without
+        a stream's statistics) ``partial_fit`` starts a new stream and warns
+        (``CaptumNMFWarning``): those concepts are replaced, not refined. To
+        refine them, call ``start_stream(components_)`` first: the stream then
+        starts from them with zero statistics.
+
         **Later chunks.** Each gets its exact weights ``W_t`` for the current
         ``H``; ``W_t^T W_t`` and ``W_t^T X_t`` are added to the running
         statistics and ``H`` is updated from them by HALS. Nothing else is kept.
@@ -267,6 +274,16 @@ class StreamMixin:
         saved = dict(self.__dict__)
         try:
             if buffer is None:  # a new stream (after a fit, too): nothing of the old state
+                if "components_" in saved:
+                    warnings.warn(
+                        f"partial_fit starts a new stream: the {saved.get('n_components_', '?')} "
+                        "concepts of the earlier fit (or from_components, or a load) are not "
+                        "continued and will be replaced by those of the chunks given from now "
+                        "on; fit() keeps no stream statistics to continue from. To refine those "
+                        "concepts with new chunks, call start_stream(components_) first.",
+                        CaptumNMFWarning,
+                        stacklevel=3,  # the caller's line, past without_autocast
+                    )
                 self._check_params()
                 v, kind = self._input(X, reset=True)
                 self._rows_to_begin(int(v.shape[1]))  # K <= C, refused at once

@@ -762,7 +762,8 @@ def products_maps(act: Tensor, h: Tensor) -> Tensor:
     """
     act, h = act.detach(), h.detach()
     n, c, height, width = act.shape
-    return torch.matmul(h, act.reshape(n, c, height * width)).view(n, -1, height, width)
+    k = h.shape[0]  # named: an empty batch (n = 0) leaves -1 undetermined
+    return torch.matmul(h, act.reshape(n, c, height * width)).view(n, k, height, width)
 
 
 def solve_products(cross: Tensor, pinv: Tensor, factors: NNLSFactors) -> Tensor:
