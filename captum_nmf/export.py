@@ -37,6 +37,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from captum_nmf._core.names import check_concept_names
+from captum_nmf._utils.spreadsheet import safe_row
 from captum_nmf._utils.validation import check_int, is_positive_number
 from captum_nmf.io import atomic_write, sha256_file
 from captum_nmf.viz import concept_colors
@@ -57,16 +59,22 @@ _EXTRA = "the 'export' extra: pip install 'captum-nmf[export]'"
 
 
 def _names(explanation: Any, names: Sequence[str] | None) -> list[str]:
-    """``names``, else the concept names the explanation recorded, else ``concept j``."""
+    """``names`` (checked as concept names), else the recorded ones, else ``concept j``.
+
+    Raises:
+        TypeError, ValueError: as :func:`~captum_nmf._core.names.check_concept_names`.
+    """
     k = explanation.n_concepts
     if names is None:
         recorded = explanation.config.get("concept_names")
         if isinstance(recorded, list) and len(recorded) == k:
             return [str(n) for n in recorded]
         return [f"concept {j}" for j in range(k)]
-    if len(names) != k:
+    if isinstance(names, Sequence) and not isinstance(names, str) and len(names) != k:
         raise ValueError(f"names must hold {k} names (one per concept), got {len(names)}.")
-    return list(names)
+    # the rules of NMFConceptAttribution.rename: QuPath keys classes by name, so two
+    # concepts of one name would become one class
+    return check_concept_names(names, k)
 
 
 def _rgb255(k: int) -> list[list[int]]:
@@ -373,19 +381,24 @@ def _candidate_tiles(
     """Level-0 corners, per-concept mean weights (n x K) and level-0 side of candidate tiles.
 
     Tile mode: the run's own tiles. Region mode (regions of different sizes): windows
-    of 512 output px every 256 px whose cells are at least half tissue.
+    of 512 output px every 256 px whose cells are at least half tissue. Tiles that
+    could not be read (``on_tile_error="skip"``), and windows over cells only such
+    tiles or regions covered, are no candidates: their crops cannot be read either.
     """
     k = explanation.n_concepts
+    failed = np.asarray(explanation.failed_tiles, np.int64).reshape(-1, 2)
     if explanation.config.get("mode") != "region":
-        locations = np.asarray(explanation.tile_locations)
+        every = np.asarray(explanation.tile_locations)
+        read = np.ones(len(every), bool)
+        if len(failed) and len(every):
+            read = ~(every[:, None, :] == failed[None]).all(2).any(1)
+        tiles = np.flatnonzero(read)  # the tiles' own indices: tile_window takes those
         scores = (
-            np.stack(
-                [explanation.tile_window(t).reshape(k, -1).mean(1) for t in range(len(locations))]
-            )
-            if len(locations)
+            np.stack([explanation.tile_window(int(i)).reshape(k, -1).mean(1) for i in tiles])
+            if len(tiles)
             else np.zeros((0, k))
         )
-        return locations, scores, explanation.tile_cells * explanation.cell_size
+        return every[tiles], scores, explanation.tile_cells * explanation.cell_size
     t = max(1, round(_REGION_WINDOW_PX / max(int(explanation.config.get("cell_px", 1)), 1)))
     step = max(1, t // 2)
     hc, wc = explanation.grid_shape
@@ -394,12 +407,15 @@ def _candidate_tiles(
     integral = np.zeros((k + 1, hc + 1, wc + 1))
     integral[:k, 1:, 1:] = maps.cumsum(1).cumsum(2)
     integral[k, 1:, 1:] = tissue.cumsum(0).cumsum(1)
+    unread = np.zeros((hc + 1, wc + 1))  # cells of regions that could not be read (NaN)
+    unread[1:, 1:] = np.isnan(np.asarray(explanation.concept_maps)).any(0).cumsum(0).cumsum(1)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     r, c = rr.ravel(), cc.ravel()
     r1, c1 = np.minimum(r + t, hc), np.minimum(c + t, wc)
     sums = integral[:, r1, c1] - integral[:, r, c1] - integral[:, r1, c] + integral[:, r, c]
+    lost = unread[r1, c1] - unread[r, c1] - unread[r1, c] + unread[r, c]
     area = (r1 - r) * (c1 - c)
-    keep = sums[k] >= 0.5 * area
+    keep = (sums[k] >= 0.5 * area) & (lost == 0)
     ox, oy = explanation.origin
     locations = (
         np.stack(
@@ -530,7 +546,9 @@ def slide_summary(
         writer = csv.writer(concepts)
         writer.writerow(["concept", "name", "area_fraction", "mean_intensity"])
         for e in summary["concepts"]:
-            writer.writerow([e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]])
+            # a name such as "=HYPERLINK(...)" or "-ve stroma" stays text in a spreadsheet
+            row = [e["concept"], e["name"], e["area_fraction"], e["mean_intensity"]]
+            writer.writerow(safe_row(row))
         tops = io.StringIO()
         writer = csv.writer(tops)
         writer.writerow(["concept", "rank", "x", "y", "mean_weight", "crop"])
@@ -692,6 +710,8 @@ def export_explanation(
             )
         slide_summary(explanation, tmp / "summary", top_n=top_n, names=names, slide=slide)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        if previous is not None:  # a file this export writes, which the last one did not
+            _check_foreign(out, files, previous)
         digests = {rel: sha256_file(tmp / rel) for rel in files}
         _move_in(tmp, out, files, digests, [] if previous is None else previous["files"])
     finally:
@@ -737,6 +757,25 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, k: int) -> None:
             f"export folder {out}: {edited} changed since captum-nmf exported them (edited, "
             "e.g. in QuPath or a spreadsheet?); they are kept. Move them away (or delete "
             "them) and export again, or choose another folder."
+        )
+
+
+def _check_foreign(out: Path, files: list[str], previous: dict[str, Any]) -> None:
+    """Refuse files this export would replace that the previous export did not write.
+
+    A second export into a folder may write more files than the first (more
+    concepts, more prototypes): a user's file under one of those names is kept.
+
+    Raises:
+        FileExistsError: naming the files (nothing is changed).
+    """
+    listed = {str(rel) for rel in previous.get("files", [])}
+    foreign = [rel for rel in files if rel not in listed and (out / rel).exists()]
+    if foreign:
+        raise FileExistsError(
+            f"export folder {out} holds {foreign}, which the previous export of captum-nmf "
+            "did not write (yours?) and this one would replace; they are kept. Move them "
+            "away and export again, or choose another folder."
         )
 
 

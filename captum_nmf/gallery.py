@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from captum_nmf._utils.activations import model_device
+from captum_nmf._utils.spreadsheet import safe_cell
 from captum_nmf._utils.validation import check_int
 from captum_nmf._version import __version__
 from captum_nmf.engines.batches import (
@@ -170,7 +171,8 @@ class ConceptGallery:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=_FIELDS)
         writer.writeheader()
-        writer.writerows(self.table())
+        # a concept name or slide path never a formula in a spreadsheet
+        writer.writerows({k: safe_cell(v) for k, v in row.items()} for row in self.table())
         return text.getvalue()
 
     def save(self, directory: str | os.PathLike[str]) -> Path:

@@ -349,14 +349,32 @@ def plot_comparison(
     axes: Sequence[Axes] | None = None,
     cam_name: str = "GradCAM",
     alpha: float = 0.6,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
     """Image, signed CAM, concept intensities and clusters side by side (the paper's Fig. 3).
 
     The CAM is shown signed (blue < 0 < red, symmetric scale); clusters are the
     argmax concept of every cell (white where all weights are 0).
 
+    Args:
+        image (Tensor or ndarray): the tile, 3 x H x W or H x W x 3.
+        cam (Tensor or ndarray): the CAM over the tile, h x w.
+        maps (Tensor or ndarray): K x h x w concept intensities.
+        axes (sequence of Axes, optional): four axes to draw into.
+                    Default: None (a new figure)
+        cam_name (str, optional): the CAM's name in its panel's title.
+                    Default: ``"GradCAM"``
+        alpha (float, optional): overlay opacity.
+                    Default: 0.6
+        labels (sequence of str, optional): concept names for the legend.
+                    Default: None (``concept 0``, ...)
+
     Returns:
         *Figure*: the figure drawn into.
+
+    Raises:
+        ValueError: ``cam`` is not h x w, ``axes`` does not hold 4 axes, or
+                    ``labels`` has another length than K.
     """
     m = _maps(maps)
     k = m.shape[0]
@@ -384,7 +402,7 @@ def plot_comparison(
     panels[3].set_title("clusters")
     for axis in panels:
         axis.set_axis_off()
-    _legend(panels[3], k, None)
+    _legend(panels[3], k, labels)
     return fig  # type: ignore[return-value]
 
 
@@ -446,6 +464,7 @@ def plot_slide(
     clusters: bool = False,
     per_concept: bool = False,
     labels: Sequence[str] | None = None,
+    on_tile_error: str | None = None,
 ) -> Figure:
     """A :class:`~captum_nmf.wsi.SlideExplanation` over its slide's thumbnail.
 
@@ -463,9 +482,18 @@ def plot_slide(
                     Default: False
         labels (sequence of str, optional): concept names for the legend.
                     Default: None (the names the explanation recorded)
+        on_tile_error (str, optional): ``"raise"`` or ``"skip"``: parts of the
+                    slide that cannot be read are drawn as background
+                    (:meth:`~captum_nmf.wsi.Slide.thumbnail`).
+                    Default: None (``"skip"`` for an explanation with unreadable
+                    tiles, whose cells are not drawn anyway; else ``"raise"``)
 
     Returns:
         *Figure*: the figure drawn into.
+
+    Raises:
+        SlideReadError: the thumbnail cannot be read and ``on_tile_error="raise"``.
+        ValueError: an unknown ``on_tile_error``.
     """
     from captum_nmf.wsi import Slide
 
@@ -473,8 +501,10 @@ def plot_slide(
         recorded = explanation.config.get("concept_names")
         labels = recorded if isinstance(recorded, list) else None
 
+    if on_tile_error is None:  # the run skipped unreadable tiles: so does its figure
+        on_tile_error = "skip" if len(explanation.failed_tiles) else "raise"
     with Slide(explanation.slide_path) as slide:
-        thumb, (dx, dy) = slide.thumbnail(max_size)
+        thumb, (dx, dy) = slide.thumbnail(max_size, on_tile_error=on_tile_error)
     h, w = thumb.shape[:2]
     # the cell grid in thumbnail pixels: cell (i, j) covers x in [j * cs, (j + 1) * cs) / dx
     cs = explanation.cell_size

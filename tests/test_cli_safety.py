@@ -269,6 +269,20 @@ def test_on_tile_error_on_the_command_line(
     assert "pass on_tile_error" not in err
     ex = SlideExplanation.load(tmp_path / "run")
     assert len(ex.failed_tiles) > 0
+    # found by a hostile review (2026-12-08, exports): unreadable tiles were prototype
+    # candidates whose crops failed the whole summary; the slide figure could not be drawn
+    summary = export_module.slide_summary(ex, top_n=10_000)  # all candidates (no crops)
+    failed = {(int(x), int(y)) for x, y in ex.failed_tiles}
+    chosen = [(t["x"], t["y"]) for e in summary["concepts"] for t in e["top_tiles"]]
+    assert len(chosen) > 100  # every tile with some weight, but none of the unreadable ones
+    assert not failed & set(chosen)
+    from captum_nmf.exceptions import SlideReadError, UnreadableRegionWarning
+    from captum_nmf.viz import plot_slide
+
+    with pytest.warns(UnreadableRegionWarning, match=r"2 region\(s\) of zeroed\.svs"):
+        plot_slide(ex, clusters=True)  # the run skipped them: so does its figure
+    with pytest.raises(SlideReadError, match=r"zeroed\.svs"):
+        plot_slide(ex, on_tile_error="raise")
 
 
 # ------------------------------------------ found by a hostile review (2026-12-07, exports)
@@ -354,6 +368,28 @@ def test_a_file_changed_since_the_last_export_is_never_replaced(
     corrected.rename(tmp_path / "reviewed.geojson")  # as the message says: moved away
     export_module.export_explanation(ex, out, top_n=2)
     assert _marker(out)["status"] == "complete"
+
+
+def test_a_users_file_under_a_name_only_the_new_export_writes_is_kept(
+    tmp_path: Path, explained: Path
+) -> None:
+    """After an export, a user's file under a name the next export writes and the last one
+    did not (more prototypes, more concepts) was replaced without a word; in a fresh folder
+    the same file is refused."""
+    ex = SlideExplanation.load(explained)
+    out = export_module.export_explanation(ex, tmp_path / "export", top_n=1)
+    listed = set(_marker(out)["files"])  # type: ignore[arg-type]
+    assert "summary/prototypes/concept_0/rank_0.png" in listed
+    assert "summary/prototypes/concept_0/rank_1.png" not in listed
+    mine = out / "summary" / "prototypes" / "concept_0" / "rank_1.png"
+    mine.write_bytes(b"my own crop")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"\['summary/prototypes/concept_0/rank_1\.png'\]"):
+        export_module.export_explanation(ex, out, top_n=2)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    mine.rename(tmp_path / "mine.png")  # as the message says: moved away
+    export_module.export_explanation(ex, out, top_n=2)
+    assert "summary/prototypes/concept_0/rank_1.png" in _marker(out)["files"]  # type: ignore[operator]
 
 
 def test_an_export_through_a_link_is_built_beside_its_target(

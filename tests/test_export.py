@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,37 @@ def test_slide_summary(tmp_path: Path, slide_path: Path) -> None:
     assert len(csv_text) == 3
     with pytest.raises(ValueError, match="top_n must be >= 1"):
         slide_summary(ex, top_n=0)
+
+
+def test_names_are_checked_and_stay_text_in_spreadsheets_and_markdown(
+    tmp_path: Path, slide_path: Path
+) -> None:
+    """Found by a hostile review (2026-12-08): ``names=`` in the export API was not
+    checked (two concepts of one name become one QuPath class); a name such as
+    ``=HYPERLINK(...)`` or ``-ve stroma`` ran as a formula in summary.csv; a ``|`` in a
+    name broke the markdown tables (5 cells in the header, 4 in the separator)."""
+    import csv
+
+    from captum_nmf.compare.tables import Table
+
+    ex = _hand_made(slide_path)
+    with pytest.raises(ValueError, match=r"must be unique: 'tumour' names concepts 0 and 1"):
+        to_geojson(ex, names=["tumour", "tumour"])
+    with pytest.raises(ValueError, match=r"concept name 0 is empty"):
+        slide_summary(ex, names=["", "x"])
+    formula = '=HYPERLINK("http://evil.example","click")'
+    summary = slide_summary(ex, tmp_path / "s", top_n=1, crop_size=32, names=[formula, "-ve"])
+    assert [e["name"] for e in summary["concepts"]] == [formula, "-ve"]  # JSON: as given
+    with (tmp_path / "s" / "summary.csv").open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert [r[1] for r in rows[1:]] == ["'" + formula, "'-ve"]  # text in a spreadsheet
+    assert float(rows[1][2]) == pytest.approx(16 / 24)  # numbers unchanged
+    table = Table(["concept", "ER+|PR+", "n"], [["@SUM(1)", -0.5, "-"]], "t")
+    assert table.to_csv().splitlines() == ["concept,ER+|PR+,n", "'@SUM(1),-0.5,-"]
+    header, separator, row = table.to_markdown().splitlines()[2:]
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in (header, separator, row)]
+    assert cells == [5, 5, 5]  # 3 cells each, between the outer pipes
+    assert "ER+\\|PR+" in header
 
 
 def test_slide_summary_of_a_region_mode_explanation(tmp_path: Path, slide_path: Path) -> None:

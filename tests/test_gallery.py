@@ -79,6 +79,8 @@ def test_slide_tiles_source_locations_and_save(
         "gallery_concept_2.png",
     ]
     assert "stroma" in (out / "gallery.csv").read_text()
+    gallery.names[1] = "-ve stroma"  # a spreadsheet ran it as a formula (#NAME?)
+    assert ",'-ve stroma," in gallery.to_csv()
 
 
 def test_bad_input(attr: NMFConceptAttribution) -> None:

@@ -200,6 +200,11 @@ def test_plot_comparison_shows_signed_cam_and_clusters() -> None:
     np.testing.assert_allclose(shown[3], cluster_image(np.argmax(maps, axis=0), 3))
     with pytest.raises(ValueError, match="cam must be h x w"):
         plot_comparison(image, np.ones((2, 3, 4)), maps)
+    legend = fig.axes[3].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["concept 0", "concept 1", "concept 2"]
+    named = plot_comparison(image, cam, maps, labels=["tumour", "stroma", "lymphocytes"])
+    texts = [t.get_text() for t in named.axes[3].get_legend().get_texts()]
+    assert texts == ["tumour", "stroma", "lymphocytes"]  # before: always "concept j" (Fig. 3)
 
 
 def test_plot_structure_heatmaps() -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from captum_nmf._utils.spreadsheet import safe_row
+
 __all__ = [
     "MeanStd",
     "Table",
@@ -106,9 +108,9 @@ class Table:
     def to_markdown(self) -> str:
         """The table as GitHub-flavoured markdown (numbers to 3 decimals)."""
         lines = [f"**{self.title}**", ""] if self.title else []
-        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in self.columns) + " |")
         lines.append("|" + "|".join(" --- " for _ in self.columns) + "|")
-        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(_cell(_fmt(v)) for v in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
     def to_html(self) -> str:
@@ -135,7 +137,7 @@ class Table:
             header += [f"{column} mean", f"{column} std", f"{column} n"] if wide else [column]
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(header)
+        writer.writerow(safe_row(header))
         for row in self.rows:
             cells: list[Any] = []
             for value, wide in zip(row, spread, strict=True):
@@ -143,7 +145,7 @@ class Table:
                     cells += [repr(float(value.mean)), repr(float(value.std)), value.n]
                 else:
                     cells += [value, "", ""] if wide else [value]
-            writer.writerow(cells)
+            writer.writerow(safe_row(cells))  # a concept name is never a formula
         return buffer.getvalue()
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,3 +291,8 @@ def agreement_table(
         ]
         rows.append(row)
     return Table(columns, rows, f"Agreement of concepts with {name} (mean ± std over tiles)")
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a ``|`` in a concept name would end the cell."""
+    return str(text).replace("|", "\\|")

@@ -234,7 +234,9 @@ def _figures(
             out_dir / "fig1_overlay.png",
         ),
         "fig2": _save(plot_concepts(image, maps, labels=names), out_dir / "fig2_concepts.png"),
-        "fig3": _save(plot_comparison(image, gradcam, maps), out_dir / "fig3_comparison.png"),
+        "fig3": _save(
+            plot_comparison(image, gradcam, maps, labels=names), out_dir / "fig3_comparison.png"
+        ),
         "fig4": _save(
             plot_structure(result.similarity, result.correlation), out_dir / "fig4_structure.png"
         ),
