@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from captum_nmf import NMFConceptAttribution
 from captum_nmf._utils import activations as acts
 from captum_nmf.exceptions import (
+    CaptumNMFWarning,
     ConceptModelMismatchError,
     LayerError,
     NegativeActivationError,
@@ -717,3 +718,48 @@ def test_channels_last_needs_a_4d_input() -> None:
     attr = NMFConceptAttribution(net, net.relu, n_concepts=2)
     with pytest.raises(ValueError, match=r"channels_last=True needs 4-D N x C x H x W inputs"):
         attr.features(torch.rand(2, 16, 3), channels_last=True)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self, ref_required: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.ref_required = ref_required
+
+    def forward(self, x: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        if ref is None and self.ref_required:
+            raise TypeError("forward() missing 1 required positional argument: 'ref'")
+        h = self.conv(x) if ref is None else self.conv(x) - self.conv(ref)
+        return self.relu(h).mean((1, 2, 3))
+
+
+def test_a_tuple_of_tensors_is_batches_and_fit_says_so_to_a_captum_user() -> None:
+    """``attribute((x, ref))`` is one batch of two inputs (Captum); ``fit((x, ref))`` read it
+    as two batches without a word, fitting ``ref`` as if it were images."""
+    gen = torch.Generator().manual_seed(0)
+    x, ref = torch.rand(2, 4, 3, 4, 4, generator=gen)
+    optional = _TwoInputs(ref_required=False)
+    with pytest.warns(CaptumNMFWarning, match=r"tuple of 2 tensors as that many batches"):
+        NMFConceptAttribution(optional, optional.relu, 2, random_state=0).fit(
+            (x, ref), progress=False
+        )
+    one = NMFConceptAttribution(optional, optional.relu, 2, random_state=0)
+    one.fit([(x, ref)], batch_inputs=lambda b: (b[0], b[1]), progress=False)
+    assert one.n_samples_seen_ == 4 * 4 * 4  # one batch of 4 tiles
+    NMFConceptAttribution(optional, optional.relu, 2, random_state=0).fit(
+        [x, ref], progress=False
+    )  # a list says batches: no warning
+    single = PlantedConceptNet()  # one input: a tuple of tensors can only be batches
+    maps = planted_maps(5, 4, 4)
+    NMFConceptAttribution(single, single.relu, 2, random_state=0).fit(
+        (maps[:3], maps[3:]), progress=False
+    )
+    required = _TwoInputs(ref_required=True)
+    with (
+        pytest.warns(CaptumNMFWarning, match="as that many batches"),
+        pytest.raises(TypeError, match=r"missing .*'ref' \(fit reads a tuple of 2 tensors as 2 "),
+    ):
+        NMFConceptAttribution(required, required.relu, 2, random_state=0).fit(
+            (x, ref), progress=False
+        )

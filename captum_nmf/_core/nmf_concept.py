@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -377,7 +378,11 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                         batches that are tensors or ``(tensor, ...)`` tuples
                         (only the first element is fed to the model, so a
                         ``DataLoader`` of ``(image, label)`` works as is;
-                        see ``batch_inputs`` for other batches).
+                        see ``batch_inputs`` for other batches). Unlike
+                        ``attribute``'s ``inputs`` (Captum's convention), a
+                        tuple of tensors is a sequence of batches here: one
+                        batch of a model with two inputs is ``[(x, ref)]``
+                        with ``batch_inputs=lambda b: (b[0], b[1])``.
             additional_forward_args (Any, optional): extra arguments passed to
                         ``forward_func`` after the inputs, as in Captum.
                         Default: None
@@ -468,6 +473,16 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
             )
         check_int("n_epochs", n_epochs, hint="pass e.g. n_epochs=1.")
         _warn_padded_shards(inputs)
+        if batch_inputs is None and _tensor_tuple(inputs) and _takes_several(self.forward_func):
+            warnings.warn(
+                f"fit reads a tuple of {len(cast(tuple[Tensor, ...], inputs))} tensors as that "
+                "many batches, each given to the model alone, not as one batch of several "
+                "inputs as attribute((x, ref)) would (Captum's convention); for that, pass "
+                "[(x, ref)] with batch_inputs=lambda b: (b[0], b[1]). A list of batches "
+                "says batches without this warning.",
+                CaptumNMFWarning,
+                stacklevel=2,
+            )
         runner = select_engine(engine, workers=workers, address=address, distributed=distributed)
         device = acts.model_device(self.forward_func, self.layer)
         acts.check_device_options(
@@ -494,7 +509,18 @@ class NMFConceptAttribution(ConceptSetMixin, LayerAttribution):  # type: ignore[
                 progress=progress,
                 pin_memory=device is not None and device.type == "cuda",
             )
-            solver = runner.fit(self._new_solver(), rows, inputs, options)
+            try:
+                solver = runner.fit(self._new_solver(), rows, inputs, options)
+            except TypeError as exc:
+                if batch_inputs is not None or not _tensor_tuple(inputs):
+                    raise
+                n = len(cast(tuple[Tensor, ...], inputs))
+                raise TypeError(  # Captum's attribute reads a tuple as one multi-input batch
+                    f"{exc} (fit reads a tuple of {n} tensors as {n} "
+                    "batches, each a tensor given to the model alone; for one batch of a "
+                    "model with several inputs, as attribute((x, ref)) reads it, pass "
+                    "[(x, ref)] with batch_inputs=lambda b: (b[0], b[1]))"
+                ) from exc
             try:
                 concepts = solver.components
             except NotFittedError as exc:
@@ -708,6 +734,25 @@ def _full_batch(inputs: Any, batch_size: int) -> int | None:
     if is_map_dataset(inputs):
         return int(batch_size) if isinstance(batch_size, int) else None
     return None
+
+
+def _tensor_tuple(inputs: Any) -> bool:
+    """Whether ``inputs`` is a tuple of two or more tensors (Captum: one multi-input batch)."""
+    return (
+        isinstance(inputs, tuple) and len(inputs) > 1 and all(isinstance(x, Tensor) for x in inputs)
+    )
+
+
+def _takes_several(forward_func: Any) -> bool:
+    """Whether ``forward_func`` takes more than one positional input (``forward(x, ref=None)``)."""
+    target = forward_func.forward if isinstance(forward_func, nn.Module) else forward_func
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: nothing to tell
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    kinds = [p.kind for p in params]
+    return sum(k in positional for k in kinds) > 1 or inspect.Parameter.VAR_POSITIONAL in kinds
 
 
 def _seed(random_state: Any) -> int:
