@@ -368,7 +368,12 @@ def write_overlay_tiff(
         for h, w in levels
     ]
     return write_tiled_levels(
-        path, sources, tile=tile, description=description, extrasamples=["unassalpha"]
+        path,
+        sources,
+        tile=tile,
+        description=description,
+        extrasamples=["unassalpha"],
+        mpp=None if mpp is None else float(mpp) * down,
     )
 
 

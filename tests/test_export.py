@@ -151,6 +151,20 @@ def test_overlay_tiff_reopens_in_openslide(tmp_path: Path, slide_path: Path) -> 
     with openslide.OpenSlide(str(small)) as osr:
         assert osr.dimensions == (6, 5)
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(8.0)
+    # the TIFF resolution tags too, per level (readers that ignore the Aperio description,
+    # such as Bio-Formats, said 1 pixel per unit of no unit: found by a review, 2026-12-08)
+    import tifffile
+
+    with tifffile.TiffFile(full) as tif:
+        for page in tif.pages:
+            width = page.shape[1]
+            per_cm = 1e4 / (0.5 * 96 / width)  # 0.5 um at level 0
+            assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            x, y = page.get_resolution(tifffile.RESUNIT.CENTIMETER)
+            assert x == pytest.approx(per_cm, rel=1e-6)
+            assert y == pytest.approx(per_cm, rel=1e-6)
+    with tifffile.TiffFile(small) as tif:
+        assert tif.pages[0].get_resolution(tifffile.RESUNIT.CENTIMETER)[0] == pytest.approx(1250)
     # a slide without a scale (a plain JPEG): none written (it was a made-up MPP = 1)
     import dataclasses
 
@@ -159,6 +173,8 @@ def test_overlay_tiff_reopens_in_openslide(tmp_path: Path, slide_path: Path) -> 
     with openslide.OpenSlide(str(plain)) as osr:
         assert osr.properties["openslide.vendor"] == "aperio"
         assert "openslide.mpp-x" not in osr.properties
+    with tifffile.TiffFile(plain) as tif:  # no scale made up in the tags either
+        assert tif.pages[0].tags["ResolutionUnit"].value == tifffile.RESUNIT.NONE
     intensity = write_overlay_tiff(
         ex, tmp_path / "c0.tif", kind="intensity", concept=0, downsample=16
     )

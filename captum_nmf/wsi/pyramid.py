@@ -107,6 +107,7 @@ def write_pyramid(
         tile=tile,
         description=description,
         compression=compression,
+        mpp=float(mpp),
     )
 
 
@@ -118,13 +119,18 @@ def write_tiled_levels(
     description: str,
     compression: str = "zlib",
     extrasamples: Sequence[str] | None = None,
+    mpp: float | None = None,
 ) -> Path:
     """Write ``uint8`` RGB(A) levels as one tiled TIFF, atomically (temporary file + rename).
 
     Level 0 is a full-resolution subfile carrying ``description``; later ones
     are reduced-resolution subfiles. Each level is an array, or an iterator of
     tiles in TIFF order with its ``(height, width, samples)`` shape, so large
-    images are written without holding them in memory.
+    images are written without holding them in memory. With ``mpp`` (microns
+    per level-0 pixel) every level also records its pixel size in the TIFF
+    resolution tags (pixels per centimetre), which readers that ignore the
+    Aperio description (Bio-Formats, tifffile, image viewers) use; without
+    it they say 1 pixel per unit of no unit, as before.
 
     Returns:
         *Path*: the file written.
@@ -135,8 +141,11 @@ def write_tiled_levels(
     codec = None if compression == "none" else compression
     try:
         with tifffile.TiffWriter(tmp, bigtiff=math.prod(levels[0][1]) > 2**31) as tif:
+            width0 = levels[0][1][1]
             for i, (data, shape) in enumerate(levels):
                 array = isinstance(data, np.ndarray)
+                # pixels per cm of this level: 10^4 um / (its microns per pixel)
+                per_cm = None if mpp is None else 1e4 * shape[1] / (mpp * width0)
                 tif.write(
                     data,
                     shape=None if array else shape,
@@ -148,6 +157,8 @@ def write_tiled_levels(
                     subfiletype=1 if i else 0,
                     description=description if i == 0 else None,
                     metadata=None,
+                    resolution=None if per_cm is None else (per_cm, per_cm),
+                    resolutionunit=None if per_cm is None else "CENTIMETER",
                 )
         tmp.chmod(default_file_mode())
         fd = os.open(tmp, os.O_RDONLY)  # on disk before it takes the name (a power cut)
