@@ -752,9 +752,10 @@ def test_a_tuple_of_tensors_is_batches_and_fit_says_so_to_a_captum_user() -> Non
     )  # a list says batches: no warning
     single = PlantedConceptNet()  # one input: a tuple of tensors can only be batches
     maps = planted_maps(5, 4, 4)
-    NMFConceptAttribution(single, single.relu, 2, random_state=0).fit(
-        (maps[:3], maps[3:]), progress=False
-    )
+    for model in (single, nn.DataParallel(single)):  # DataParallel's forward takes *inputs
+        NMFConceptAttribution(model, single.relu, 2, random_state=0).fit(
+            (maps[:3], maps[3:]), progress=False
+        )
     required = _TwoInputs(ref_required=True)
     with (
         pytest.warns(CaptumNMFWarning, match="as that many batches"),

@@ -745,6 +745,8 @@ def _tensor_tuple(inputs: Any) -> bool:
 
 def _takes_several(forward_func: Any) -> bool:
     """Whether ``forward_func`` takes more than one positional input (``forward(x, ref=None)``)."""
+    while isinstance(forward_func, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        forward_func = forward_func.module  # their forward takes *inputs: the model's does not
     target = forward_func.forward if isinstance(forward_func, nn.Module) else forward_func
     try:
         params = inspect.signature(target).parameters.values()

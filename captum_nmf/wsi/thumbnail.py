@@ -311,7 +311,8 @@ def _warn_unreadable(
     more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
     warnings.warn(
         f"{len(failed)} region(s) of {path.name} ({100 * area:.2g} % of the slide) could not be "
-        f"read for its thumbnail and count as background, i.e. no tissue (on_tile_error='skip'). "
+        f"read for its thumbnail and are background there (no tissue to tissue detection, "
+        "blank in a slide figure; on_tile_error='skip'). "
         f"Level-0 (x, y, width, height): {shown}{more}.",
         UnreadableRegionWarning,
         stacklevel=4,
