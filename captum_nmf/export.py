@@ -391,12 +391,11 @@ def _candidate_tiles(
     tiles or regions covered, are no candidates: their crops cannot be read either.
     """
     k = explanation.n_concepts
-    failed = np.asarray(explanation.failed_tiles, np.int64).reshape(-1, 2)
     if explanation.config.get("mode") != "region":
         every = np.asarray(explanation.tile_locations)
-        read = np.ones(len(every), bool)
-        if len(failed) and len(every):
-            read = ~(every[:, None, :] == failed[None]).all(2).any(1)
+        failed = np.asarray(explanation.failed_tiles, np.int64).reshape(-1, 2)
+        lost = {(int(x), int(y)) for x, y in failed}  # a set: no tiles x failed matrix
+        read = np.array([(int(x), int(y)) not in lost for x, y in every], bool).reshape(-1)
         tiles = np.flatnonzero(read)  # the tiles' own indices: tile_window takes those
         scores = (
             np.stack([explanation.tile_window(int(i)).reshape(k, -1).mean(1) for i in tiles])
